@@ -1,0 +1,1 @@
+"""motion_data: formats, label maps, numba kernels, Zarr store, shards, sampler, loader."""

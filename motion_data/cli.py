@@ -1,0 +1,27 @@
+"""Shared command dispatch for ``python -m preprocess`` and ``python -m tokenizer_train``.
+
+Each command is a module with ``add_arguments(parser)`` and ``run(args) -> int``; its
+docstring is the command's ``--help`` text.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+
+def dispatch(prog: str, description: str, commands: dict[str, tuple[str, str]], argv=None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    modules = {}
+    for name, (mod, help_) in commands.items():
+        try:
+            modules[name] = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:  # a real missing dependency inside the module must surface
+                raise
+            continue
+        p = sub.add_parser(name, help=help_, description=(modules[name].__doc__ or help_).strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        modules[name].add_arguments(p)
+    args = parser.parse_args(argv)
+    return int(modules[args.command].run(args) or 0)

@@ -1,0 +1,132 @@
+"""Webdataset tar shards: the sample layout, atomic shard writing, random access by offset.
+
+A sample (key = clip id) holds
+  ``vel.npy``    (S, N, 2) float32 displacements in reference pixels (S = T-1),
+  ``valid.npy``  (S, N) bool, point visible at both ends of the step,
+  ``stats.npy``  (3, N) float32 per-point mean, p95, max of ``||v_norm||`` (stats.METRICS order),
+  ``json``       small metadata (source, sequence, start frame, ref_size, W).
+Any webdataset reader can read the shards. For exact random access the writer returns, per
+sample, the byte offset of its first tar header and the byte length up to the end of its
+last member; ``read_sample`` parses just that range.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+
+SAMPLE_EXTS = ("vel.npy", "valid.npy", "stats.npy", "json")
+
+
+class ShardError(RuntimeError):
+    """A shard (or a sample in it) is missing, truncated or malformed; the message names it."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def encode_sample(clip_id: str, vel: np.ndarray, valid: np.ndarray, stats: np.ndarray, meta: dict) -> dict:
+    return {
+        "__key__": clip_id,
+        "vel.npy": np.ascontiguousarray(vel, dtype=np.float32),
+        "valid.npy": np.ascontiguousarray(valid, dtype=np.bool_),
+        "stats.npy": np.ascontiguousarray(stats, dtype=np.float32),
+        "json": meta,
+    }
+
+
+def write_shard(path: str | os.PathLike, samples: list[dict]) -> list[tuple[str, int, int]]:
+    """Write ``samples`` (from ``encode_sample``) to ``path`` atomically.
+
+    Returns ``[(key, offset, size), ...]`` in sample order. The tar is written under a
+    temporary name and renamed only when complete, so a final name never holds a partial
+    shard.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        with wds.TarWriter(f) as sink:
+            for s in samples:
+                sink.write(s)
+        f.flush()
+        os.fsync(f.fileno())
+    index = index_shard(tmp)
+    keys = [s["__key__"] for s in samples]
+    if [k for k, _, _ in index] != keys:
+        tmp.unlink(missing_ok=True)
+        raise ShardError(f"{path}: written members do not match the samples (duplicate clip id?)")
+    os.replace(tmp, path)
+    return index
+
+
+def index_shard(path: str | os.PathLike) -> list[tuple[str, int, int]]:
+    """``(key, offset, size)`` for each sample of a shard, by scanning its tar headers."""
+    out: list[list] = []
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for m in tf:
+                key, _, ext = m.name.partition(".")
+                end = m.offset_data + ((m.size + 511) // 512) * 512
+                if out and out[-1][0] == key:
+                    out[-1][2] = end - out[-1][1]
+                else:
+                    out.append([key, m.offset, end - m.offset])
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ShardError(f"{path}: cannot read shard ({e})") from None
+    return [tuple(x) for x in out]
+
+
+def decode_members(members: dict[str, bytes], where: str) -> dict:
+    """Bytes of one sample's members -> arrays; never unpickles."""
+    missing = [e for e in SAMPLE_EXTS if e not in members]
+    if missing:
+        raise ShardError(f"{where}: sample lacks {missing}")
+    try:
+        out = {e[:-4]: np.load(io.BytesIO(members[e]), allow_pickle=False) for e in SAMPLE_EXTS if e.endswith(".npy")}
+        out["meta"] = json.loads(members["json"])
+    except (ValueError, OSError, json.JSONDecodeError) as e:
+        raise ShardError(f"{where}: malformed sample ({e})") from None
+    vel, valid = out["vel"], out["valid"]
+    if vel.ndim != 3 or vel.shape[-1] != 2 or valid.shape != vel.shape[:2] or out["stats"].shape != (3, vel.shape[1]):
+        raise ShardError(f"{where}: inconsistent shapes vel {vel.shape} valid {valid.shape} stats {out['stats'].shape}")
+    return out
+
+
+def read_sample(shard: str | os.PathLike, offset: int, size: int, key: str | None = None) -> dict:
+    """Read one sample by its byte range (from the manifest); errors name the shard."""
+    where = f"{shard}@{offset}" + (f" ({key})" if key else "")
+    try:
+        with open(shard, "rb") as f:
+            f.seek(offset)
+            blob = f.read(size)
+    except OSError as e:
+        raise ShardError(f"{where}: {e}") from None
+    if len(blob) != size:
+        raise ShardError(f"{where}: truncated shard (wanted {size} bytes, got {len(blob)})")
+    members = {}
+    seen_key = key
+    try:
+        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:") as tf:
+            for m in tf:
+                name = m.name
+                if name.startswith("/") or ".." in name.split("/"):
+                    raise ShardError(f"{where}: unsafe member name {name!r}")
+                k, _, ext = name.partition(".")
+                if key is not None and k != key:
+                    raise ShardError(f"{where}: member {name!r} does not belong to sample {key!r}")
+                fo = tf.extractfile(m)
+                if fo is None:
+                    raise ShardError(f"{where}: member {name!r} is not a regular file")
+                members[ext] = fo.read()
+                seen_key = k
+    except (tarfile.TarError, EOFError) as e:
+        raise ShardError(f"{where}: corrupt tar data ({e})") from None
+    out = decode_members(members, where)
+    out["key"] = seen_key
+    return out

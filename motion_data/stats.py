@@ -1,0 +1,275 @@
+"""Per-point statistics, the static filter and the score-binned class histograms.
+
+Hot loops are numba kernels (``cache=True`` so a second process starts fast); each has a
+plain numpy reference in ``tests/test_stats.py``. Definitions follow DESIGN.md:
+speed = ``||v_norm||``; per-point ``mean``/``p95``/``max`` over valid steps (0 when a point
+has none); a point is dynamic when ``score >= threshold``; when fewer than ``min_keep``
+points of a clip are dynamic, the ``min_keep`` highest-scoring points among those with a
+valid step are kept instead (ties: lower point index first).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from .labels import DEFAULT_W
+
+METRICS = ("mean", "p95", "max")
+
+# Score histograms: uniform bins of HIST_BIN_WIDTH over [0, HIST_TOP) plus one overflow
+# bin. Thresholds that are multiples of the bin width are answered exactly.
+HIST_BIN_WIDTH = 0.0025
+HIST_TOP = 0.5
+HIST_NBINS = int(round(HIST_TOP / HIST_BIN_WIDTH)) + 1
+# Ranks (within a clip) recorded for the min_keep correction; min_keep above this needs
+# an exact pass.
+HIST_RANK_MAX = 32
+
+
+@dataclass
+class StaticFilter:
+    """``data.static_filter`` in the YAML; the seed's working setting is p95@0.04, 16."""
+
+    enable: bool = False
+    metric: str = "p95"
+    threshold: float = 0.04
+    min_keep: int = 16
+
+    def __post_init__(self):
+        if self.metric not in METRICS:
+            raise ValueError(f"static_filter.metric must be one of {METRICS}, got {self.metric!r}")
+        if self.min_keep < 0:
+            raise ValueError(f"static_filter.min_keep must be >= 0, got {self.min_keep}")
+
+    @classmethod
+    def parse(cls, spec: str, min_keep: int = 16) -> "StaticFilter":
+        """``"p95@0.04"`` -> StaticFilter(enable=True, metric="p95", threshold=0.04)."""
+        try:
+            metric, thr = spec.split("@")
+            return cls(enable=True, metric=metric.strip(), threshold=float(thr), min_keep=min_keep)
+        except ValueError as e:
+            raise ValueError(f"filter spec {spec!r} must look like 'p95@0.04' ({e})") from None
+
+    def __str__(self):
+        return f"{self.metric}@{self.threshold:g},min_keep={self.min_keep}" if self.enable else "off"
+
+
+@numba.njit(cache=True, inline="always")
+def _round_half_even(x):
+    r = math.floor(x)
+    d = x - r
+    if d > 0.5 or (d == 0.5 and r % 2 != 0):
+        r += 1.0
+    return r
+
+
+@numba.njit(cache=True, inline="always")
+def _label(vx, vy, W):
+    c = W // 2
+    col = min(max(_round_half_even(vx) + c, 0.0), W - 1.0)
+    row = min(max(_round_half_even(vy) + c, 0.0), W - 1.0)
+    return int(row) * W + int(col)
+
+
+@numba.njit(cache=True, parallel=True)
+def _point_stats_kernel(vel, valid, W, mean, p95, mx, center_count, valid_count):
+    C, S, N = valid.shape
+    h = (W - 1) / 2.0
+    centre = (W // 2) * W + W // 2
+    for ci in numba.prange(C):
+        buf = np.empty(S, np.float64)
+        for n in range(N):
+            k = 0
+            s = 0.0
+            cc = 0
+            for t in range(S):
+                if valid[ci, t, n]:
+                    vx = vel[ci, t, n, 0]
+                    vy = vel[ci, t, n, 1]
+                    nx = min(max(vx / h, -1.0), 1.0)
+                    ny = min(max(vy / h, -1.0), 1.0)
+                    sp = math.sqrt(nx * nx + ny * ny)
+                    # insertion sort: S is tiny (15)
+                    j = k
+                    while j > 0 and buf[j - 1] > sp:
+                        buf[j] = buf[j - 1]
+                        j -= 1
+                    buf[j] = sp
+                    k += 1
+                    s += sp
+                    if _label(vx, vy, W) == centre:
+                        cc += 1
+            valid_count[ci, n] = k
+            center_count[ci, n] = cc
+            if k == 0:
+                mean[ci, n] = 0.0
+                p95[ci, n] = 0.0
+                mx[ci, n] = 0.0
+            else:
+                mean[ci, n] = s / k
+                mx[ci, n] = buf[k - 1]
+                pos = 0.95 * (k - 1)
+                lo = int(math.floor(pos))
+                hi = min(lo + 1, k - 1)
+                frac = pos - lo
+                p95[ci, n] = buf[lo] + frac * (buf[hi] - buf[lo])
+
+
+def point_stats(vel_px: np.ndarray, valid: np.ndarray, W: int = DEFAULT_W) -> dict:
+    """Per-point statistics of clips.
+
+    vel_px ``(C, S, N, 2)`` float displacements in reference pixels, valid ``(C, S, N)``
+    bool. Returns ``mean``, ``p95``, ``max`` ``(C, N)`` float32 and ``center_count``,
+    ``valid_count`` ``(C, N)`` uint8 (S <= 255).
+    """
+    vel_px = np.ascontiguousarray(vel_px, dtype=np.float32)
+    valid = np.ascontiguousarray(valid, dtype=np.bool_)
+    if vel_px.ndim != 4 or vel_px.shape[-1] != 2 or valid.shape != vel_px.shape[:3]:
+        raise ValueError(f"point_stats: expected vel (C,S,N,2) and valid (C,S,N), got {vel_px.shape} and {valid.shape}")
+    if vel_px.shape[1] > 255:
+        raise ValueError(f"point_stats: at most 255 steps per clip, got {vel_px.shape[1]}")
+    C, S, N = valid.shape
+    out = {m: np.empty((C, N), np.float32) for m in METRICS}
+    out["center_count"] = np.empty((C, N), np.uint8)
+    out["valid_count"] = np.empty((C, N), np.uint8)
+    _point_stats_kernel(vel_px, valid, W, out["mean"], out["p95"], out["max"], out["center_count"], out["valid_count"])
+    return out
+
+
+@numba.njit(cache=True, inline="always")
+def _clip_order(scores_row, vc_row):
+    """Indices of points with a valid step, by score descending, ties lower index first."""
+    N = scores_row.shape[0]
+    idx = np.empty(N, np.int64)
+    m = 0
+    for n in range(N):
+        if vc_row[n] > 0:
+            idx[m] = n
+            m += 1
+    idx = idx[:m]
+    # stable sort on -score keeps lower index first among ties
+    order = np.argsort(-scores_row[idx].astype(np.float64), kind="mergesort")
+    return idx[order]
+
+
+@numba.njit(cache=True, parallel=True)
+def _keep_mask_kernel(scores, valid_count, threshold, min_keep, out):
+    C, N = scores.shape
+    for ci in numba.prange(C):
+        nd = 0
+        for n in range(N):
+            d = scores[ci, n] >= threshold
+            out[ci, n] = d
+            nd += d
+        if nd < min_keep:
+            for n in range(N):
+                out[ci, n] = False
+            order = _clip_order(scores[ci], valid_count[ci])
+            for j in range(min(min_keep, order.shape[0])):
+                out[ci, order[j]] = True
+
+
+def keep_mask(scores: np.ndarray, valid_count: np.ndarray, threshold: float, min_keep: int) -> np.ndarray:
+    """``(C, N)`` bool: the static filter's kept points (DESIGN.md)."""
+    scores = np.ascontiguousarray(scores, dtype=np.float32)
+    valid_count = np.ascontiguousarray(valid_count)
+    out = np.empty(scores.shape, np.bool_)
+    _keep_mask_kernel(scores, valid_count, np.float32(threshold), int(min_keep), out)
+    return out
+
+
+@numba.njit(cache=True, parallel=True)
+def _kept_count_kernel(scores, valid_count, threshold, min_keep, out):
+    C, N = scores.shape
+    for ci in numba.prange(C):
+        nd = 0
+        nv = 0
+        for n in range(N):
+            if scores[ci, n] >= threshold:
+                nd += 1
+            if valid_count[ci, n] > 0:
+                nv += 1
+        out[ci] = nd if nd >= min_keep else min(min_keep, nv)
+
+
+def kept_counts(scores: np.ndarray, valid_count: np.ndarray, threshold: float, min_keep: int) -> np.ndarray:
+    """``(C,)`` int32 number of kept points per clip, without forming the mask."""
+    scores = np.ascontiguousarray(scores, dtype=np.float32)
+    valid_count = np.ascontiguousarray(valid_count)
+    out = np.empty(scores.shape[0], np.int32)
+    _kept_count_kernel(scores, valid_count, np.float32(threshold), int(min_keep), out)
+    return out
+
+
+def dynamic_ratio(scores, valid_count, flt: StaticFilter) -> np.ndarray:
+    """``(C,)`` float32 kept share per clip under ``flt`` (1 when the filter is off)."""
+    if not flt.enable:
+        return np.ones(scores.shape[0], np.float32)
+    return (kept_counts(scores, valid_count, flt.threshold, flt.min_keep) / scores.shape[1]).astype(np.float32)
+
+
+def score_bin(scores: np.ndarray) -> np.ndarray:
+    """Histogram bin of each score (last bin = overflow)."""
+    b = np.floor(np.asarray(scores, np.float64) / HIST_BIN_WIDTH + 1e-6).astype(np.int64)
+    return np.clip(b, 0, HIST_NBINS - 1)
+
+
+def threshold_bin(threshold: float) -> int:
+    """First bin counted as dynamic at ``threshold`` (exact for multiples of the width)."""
+    return int(min(max(math.floor(threshold / HIST_BIN_WIDTH + 1e-6), 0), HIST_NBINS - 1)) if threshold > 0 else 0
+
+
+@numba.njit(cache=True)
+def _class_hist_kernel(vel, valid, scores, valid_count, W, bw, nbins, rank_max, points, topk):
+    C, S, N = valid.shape
+    K = W * W
+    for ci in range(C):
+        order = _clip_order(scores[ci], valid_count[ci])
+        rank = np.full(N, -1, np.int64)
+        for j in range(min(rank_max, order.shape[0])):
+            rank[order[j]] = j
+        for n in range(N):
+            b = int(math.floor(scores[ci, n] / bw + 1e-6))
+            b = min(max(b, 0), nbins - 1)
+            points[b, K] += 1
+            r = rank[n]
+            if r >= 0:
+                topk[b, r, K] += 1
+            for t in range(S):
+                if valid[ci, t, n]:
+                    lab = _label(vel[ci, t, n, 0], vel[ci, t, n, 1], W)
+                    points[b, lab] += 1
+                    if r >= 0:
+                        topk[b, r, lab] += 1
+
+
+def class_histograms(vel_px, valid, scores, valid_count, W: int = DEFAULT_W):
+    """Score-binned label counts for instant threshold tuning.
+
+    Returns ``points`` ``(HIST_NBINS, W*W+1)`` int64: per score bin, valid-step label counts
+    of all points in that bin, last column = number of points; and ``topk``
+    ``(HIST_NBINS, HIST_RANK_MAX, W*W+1)``: the same restricted to the point of each rank
+    (by score within its clip, among points with a valid step). With them, the kept labels
+    at threshold t and min_keep k are ``sum(points[b >= bt]) + sum(topk[b < bt, :k])``:
+    a clip with fewer than k dynamic points keeps its top k, whose scores below t are
+    exactly the second term.
+    """
+    vel_px = np.ascontiguousarray(vel_px, dtype=np.float32)
+    valid = np.ascontiguousarray(valid, dtype=np.bool_)
+    points = np.zeros((HIST_NBINS, W * W + 1), np.int64)
+    topk = np.zeros((HIST_NBINS, HIST_RANK_MAX, W * W + 1), np.int64)
+    _class_hist_kernel(vel_px, valid, np.ascontiguousarray(scores, np.float32), np.ascontiguousarray(valid_count),
+                       W, HIST_BIN_WIDTH, HIST_NBINS, HIST_RANK_MAX, points, topk)
+    return points, topk
+
+
+def filtered_counts_from_hist(points: np.ndarray, topk: np.ndarray, threshold: float, min_keep: int):
+    """(class_counts ``(W*W,)``, kept point count) at a threshold, from the histograms."""
+    if min_keep > topk.shape[1]:
+        raise ValueError(f"min_keep={min_keep} exceeds the {topk.shape[1]} ranks stored in the histograms; use --exact")
+    bt = threshold_bin(threshold)
+    tot = points[bt:].sum(axis=0) + topk[:bt, :min_keep].sum(axis=(0, 1))
+    return tot[:-1], int(tot[-1])

@@ -1,0 +1,1 @@
+"""The lean FSQ motion-tokenizer trainer (``python -m tokenizer_train``)."""

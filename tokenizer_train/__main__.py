@@ -1,0 +1,20 @@
+"""``python -m tokenizer_train COMMAND ...``: train, tokenize, ablate, check, demo."""
+import sys
+
+from motion_data.cli import dispatch
+
+COMMANDS = {
+    "train": ("tokenizer_train.train", "train a motion tokenizer (also under torchrun)"),
+    "tokenize": ("tokenizer_train.tokenize", "write each clip's code ids to Parquet"),
+    "ablate": ("tokenizer_train.ablate", "train the baseline and each mitigation; results table"),
+    "check": ("tokenizer_train.check", "evaluate the seed's acceptance gates on a run"),
+    "demo": ("tokenizer_train.demo", "end-to-end demo: data, filter tuning, baseline vs recommended"),
+}
+
+
+def main(argv=None) -> int:
+    return dispatch("python -m tokenizer_train", __doc__, COMMANDS, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
