@@ -1,0 +1,70 @@
+"""Acceptance gates: definitions evaluated on hand-made metrics."""
+import json
+
+import numpy as np
+import pytest
+
+from tokenizer_train import check
+
+
+def _run(tmp_path, name, unique, ent, ppl, acc, nc, epochs=30, steps_per_epoch=5, usage=None):
+    rows = []
+    step = 0
+    for e in range(epochs):
+        for _ in range(steps_per_epoch):
+            f = (step + 1) / (epochs * steps_per_epoch)
+            rows.append({"step": step, "epoch": e, "train/unique_codes_step": unique(f),
+                         "train/entropy_norm_step": ent(f), "train/perplexity_step": ppl(f)})
+            step += 1
+        rows.append({"step": step, "epoch": e, "train/acc_epoch": acc, "val/acc_epoch": acc,
+                     "val/epe_px_epoch": 1.0 - nc, "val/acc_noncenter_epoch": nc})
+    rows.append({"step": step, "epoch": epochs - 1, "train/code_usage_counts": usage or [100] + [0] * 9})
+    d = tmp_path / name
+    d.mkdir()
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return d
+
+
+def test_multimodal_definition():
+    assert check.is_multimodal([30, 30, 30, 10])[0]
+    assert not check.is_multimodal([97, 1, 1, 1])[0]  # collapsed
+    assert not check.is_multimodal([60, 20, 20])[0]  # top code above 50%
+    assert not check.is_multimodal([50, 50, 0, 0])[0]  # only two modes
+    assert not check.is_multimodal([0, 0])[0]
+
+
+def test_collapsed_run_fails_and_healthy_run_passes(tmp_path, capsys):
+    base = _run(tmp_path, "base", lambda f: 1, lambda f: 0.0, lambda f: 1.0, 0.60, 0.0)
+    good = _run(tmp_path, "good", lambda f: 4 + 60 * f, lambda f: 0.1 + 0.5 * f, lambda f: 2 + 40 * f, 0.59, 0.4,
+                usage=[20, 20, 20, 20, 20])
+    gb = check.evaluate(check.read_metrics(base), check.read_metrics(base))
+    assert not any(g.passed for g in gb if g.name.startswith(("unique", "entropy", "code usage", "val non")))
+    gg = check.evaluate(check.read_metrics(good), check.read_metrics(base))
+    assert all(g.passed for g in gg), check.format_table(gg)
+
+    class A:
+        run, baseline, json = str(good), str(base), str(tmp_path / "g.json")
+    assert check.run(A) == 0
+    assert json.loads((tmp_path / "g.json").read_text())["passed"] is True
+    A.run = str(base)
+    assert check.run(A) == 1
+
+
+def test_accuracy_drop_fails_gate(tmp_path):
+    base = _run(tmp_path, "base", lambda f: 1, lambda f: 0.0, lambda f: 1.0, 0.60, 0.0)
+    worse = _run(tmp_path, "worse", lambda f: 40, lambda f: 0.5, lambda f: 30, 0.55, 0.4, usage=[1] * 10)
+    g = {x.name: x for x in check.evaluate(check.read_metrics(worse), check.read_metrics(base))}
+    assert not g["acc_epoch vs baseline@10"].passed
+    assert not g["unique_codes rising"].passed  # flat at 40
+
+
+def test_short_run_is_marked_on_30_epoch_gates(tmp_path):
+    r = _run(tmp_path, "short", lambda f: 4 + 60 * f, lambda f: 0.1 + 0.5 * f, lambda f: 2 + 40 * f, 0.6, 0.4, epochs=5,
+             usage=[1] * 10)
+    g = {x.name: x for x in check.evaluate(check.read_metrics(r))}
+    assert "run has 5 epochs < 30" in g["unique_codes@30"].note
+
+
+def test_missing_metrics_names_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+        check.read_metrics(tmp_path)

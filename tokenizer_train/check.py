@@ -1,0 +1,191 @@
+"""Evaluate the seed's acceptance gates on a run's metrics.jsonl.
+
+Gates (seed section 7, plus this project's own non-centre gate):
+
+  within 10 epochs   train/unique_codes_step >= 8 and rising
+                     train/entropy_norm_step >= 0.2
+                     train/perplexity_step clearly up
+                     train/acc_epoch at most 0.02 below the baseline's   (needs --baseline)
+  within 30 epochs   train/unique_codes_step >= 32
+                     train/entropy_norm_step >= 0.35
+                     code-usage histogram multi-modal
+                     validation metrics not worse than the baseline's     (needs --baseline)
+  project            val/acc_noncenter_epoch at least 0.25 above the baseline's (needs --baseline)
+
+Definitions (so that a gate is a number, not a judgement):
+- A step metric "at epoch E" is the mean of its values logged during the last 20% of the
+  steps of epochs < E (robust to one noisy log interval).
+- "rising": that late mean is above the mean of the first 20% of the steps logged.
+- "clearly up": late perplexity >= 1.5x the baseline's late perplexity (with --baseline),
+  else >= 1.5x the run's own first logged value.
+- multi-modal: the last logged code-usage counts have at least 3 codes that each hold
+  >= 2% of the tokens and no code holds more than 50% -- a collapsed tokenizer has one
+  code with ~100%.
+- validation not worse: val/acc_epoch >= baseline - 0.02 and val/epe_px_epoch <= baseline's
+  (best epoch of each run).
+A gate whose horizon the run did not reach (fewer epochs) is evaluated on what was run and
+marked as such: meeting a 30-epoch target after 5 epochs is within 30 epochs. A gate with
+no data fails.
+Exit code 0 only when every evaluated gate passes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+MODE_SHARE = 0.02
+MODE_COUNT = 3
+MAX_TOP_SHARE = 0.5
+PERPLEXITY_FACTOR = 1.5
+
+
+@dataclass
+class Gate:
+    name: str
+    value: float | None
+    target: str
+    passed: bool
+    note: str = ""
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no metrics.jsonl (is {run_dir} a training run folder?)")
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                # a run killed mid-write leaves at most one torn last line
+                raise ValueError(f"{path}:{i}: malformed JSON line") from None
+    return rows
+
+
+def series(rows: list[dict], tag: str, max_epoch: float | None = None) -> list[tuple[int, float, object]]:
+    """``[(step, epoch, value), ...]`` of a tag, keeping the last value logged per step."""
+    by_step = {}
+    for r in rows:
+        if tag in r and (max_epoch is None or r.get("epoch", 0) < max_epoch):
+            by_step[r.get("step", 0)] = (r.get("step", 0), r.get("epoch", 0), r[tag])
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def late_mean(rows, tag, max_epoch=None, frac=0.2) -> float | None:
+    s = series(rows, tag, max_epoch)
+    if not s:
+        return None
+    k = max(1, int(math.ceil(len(s) * frac)))
+    return float(np.mean([v for _, _, v in s[-k:]]))
+
+
+def early_mean(rows, tag, frac=0.2) -> float | None:
+    s = series(rows, tag)
+    if not s:
+        return None
+    k = max(1, int(math.ceil(len(s) * frac)))
+    return float(np.mean([v for _, _, v in s[:k]]))
+
+
+def epochs_run(rows) -> int:
+    ep = [r["epoch"] for r in rows if "epoch" in r]
+    return int(max(ep)) + 1 if ep else 0
+
+
+def is_multimodal(counts) -> tuple[bool, int, float]:
+    """(multi-modal?, number of codes holding >= MODE_SHARE, top-code share)."""
+    c = np.asarray(counts, dtype=np.float64)
+    total = c.sum()
+    if total <= 0:
+        return False, 0, 1.0
+    share = c / total
+    modes = int((share >= MODE_SHARE).sum())
+    top = float(share.max())
+    return modes >= MODE_COUNT and top <= MAX_TOP_SHARE, modes, top
+
+
+def _best(rows, tag, better=max):
+    vals = [v for _, _, v in series(rows, tag)]
+    return better(vals) if vals else None
+
+
+def evaluate(rows: list[dict], base: list[dict] | None = None) -> list[Gate]:
+    gates: list[Gate] = []
+    n_ep = epochs_run(rows)
+
+    def horizon(E):
+        return "" if n_ep >= E else f"run has {n_ep} epochs < {E}"
+
+    def ge(name, tag, E, thr):
+        v = late_mean(rows, tag, E)
+        gates.append(Gate(name, v, f">= {thr}", v is not None and v >= thr, horizon(E)))
+
+    ge("unique_codes@10", "train/unique_codes_step", 10, 8)
+    late, early = late_mean(rows, "train/unique_codes_step", 10), early_mean(rows, "train/unique_codes_step")
+    gates.append(Gate("unique_codes rising", late, f"> first {early}", late is not None and early is not None and late > early,
+                      horizon(10)))
+    ge("entropy_norm@10", "train/entropy_norm_step", 10, 0.2)
+    ppl = late_mean(rows, "train/perplexity_step", 10)
+    ref = late_mean(base, "train/perplexity_step", 10) if base else early_mean(rows, "train/perplexity_step")
+    gates.append(Gate("perplexity clearly up", ppl, f">= {PERPLEXITY_FACTOR} x {ref}",
+                      ppl is not None and ref is not None and ppl >= PERPLEXITY_FACTOR * ref, horizon(10)))
+    if base is not None:
+        a = [v for _, _, v in series(rows, "train/acc_epoch", 10)]
+        b = [v for _, _, v in series(base, "train/acc_epoch", 10)]
+        ok = bool(a and b and a[-1] >= b[-1] - 0.02)
+        gates.append(Gate("acc_epoch vs baseline@10", a[-1] if a else None, f">= {b[-1] - 0.02:.4f}" if b else "baseline",
+                          ok, horizon(10)))
+    ge("unique_codes@30", "train/unique_codes_step", 30, 32)
+    ge("entropy_norm@30", "train/entropy_norm_step", 30, 0.35)
+    hist = series(rows, "train/code_usage_counts") or series(rows, "train/code_usage_hist")
+    if hist and isinstance(hist[-1][2], list):
+        ok, modes, top = is_multimodal(hist[-1][2])
+        gates.append(Gate("code usage multi-modal", float(modes), f">= {MODE_COUNT} codes >= {MODE_SHARE:.0%}, top <= {MAX_TOP_SHARE:.0%}",
+                          ok, f"top code share {top:.2f}; " + horizon(30)))
+    else:
+        gates.append(Gate("code usage multi-modal", None, "code usage counts logged", False, "no code usage counts in metrics.jsonl"))
+    if base is not None:
+        va, vb = _best(rows, "val/acc_epoch"), _best(base, "val/acc_epoch")
+        ea, eb = _best(rows, "val/epe_px_epoch", min), _best(base, "val/epe_px_epoch", min)
+        ok = None not in (va, vb, ea, eb) and va >= vb - 0.02 and ea <= eb
+        gates.append(Gate("val not worse than baseline", va, f"acc >= {vb} - 0.02 and epe {ea} <= {eb}", bool(ok)))
+        na, nb = _best(rows, "val/acc_noncenter_epoch"), _best(base, "val/acc_noncenter_epoch")
+        ok = na is not None and nb is not None and na >= nb + 0.25
+        gates.append(Gate("val non-centre acc >= baseline + 0.25", na, f">= {nb} + 0.25" if nb is not None else "baseline", ok))
+    return gates
+
+
+def format_table(gates: list[Gate]) -> str:
+    lines = [f"{'gate':42s} {'value':>10s}  {'target':40s} result"]
+    for g in gates:
+        v = "-" if g.value is None else f"{g.value:.4g}"
+        lines.append(f"{g.name:42s} {v:>10s}  {g.target[:40]:40s} {'PASS' if g.passed else 'FAIL'}"
+                     + (f"  ({g.note})" if g.note else ""))
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    p.add_argument("run", help="training run folder (holds metrics.jsonl)")
+    p.add_argument("--baseline", help="run folder of the baseline to compare against (enables the relative gates)")
+    p.add_argument("--json", help="also write the gate results to this JSON file")
+
+
+def run(args) -> int:
+    rows = read_metrics(args.run)
+    base = read_metrics(args.baseline) if args.baseline else None
+    gates = evaluate(rows, base)
+    print(format_table(gates))
+    ok = all(g.passed for g in gates)
+    print(f"\n{'ALL GATES PASS' if ok else 'SOME GATES FAIL'} ({sum(g.passed for g in gates)}/{len(gates)})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"passed": ok, "gates": [asdict(g) for g in gates]}, indent=2))
+    return 0 if ok else 1
