@@ -46,6 +46,7 @@ file yields nothing.
 from __future__ import annotations
 
 import os
+import re
 import zipfile
 from pathlib import Path
 from typing import Iterator
@@ -211,8 +212,20 @@ def _torch_load(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types (UnpicklingError, RuntimeError, EOFError)
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise InputError(f"{path}: cannot load with torch.load(weights_only=True): {msg}") from None
+        raise InputError(f"{path}: {_torch_load_problem(e)}") from None
+
+
+def _torch_load_problem(e: Exception) -> str:
+    """One line out of torch's multi-paragraph load errors (which advise unsafe loading)."""
+    text = str(e)
+    m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if m:
+        return f"holds a pickled object ({m.group(1)}); refused (only tensors and plain containers are loaded)"
+    if "Weights only load failed" in text or "invalid load key" in text:
+        return "not a torch tensor file, or truncated (torch.load(weights_only=True) failed)"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    first = re.split(r"(?<=\.)\s", first)[0]
+    return f"cannot load with torch.load(weights_only=True): {type(e).__name__}: {first}"
 
 
 def _to_numpy(path, key, value) -> np.ndarray:
