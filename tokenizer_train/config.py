@@ -198,6 +198,12 @@ def _check_scalar(path: str, hint, value):
                 errs.append(str(e))
         raise ConfigError(f"{path}: {value!r} does not match {hint}")
     if hint is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-3" (no dot, no sign) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path} must be a number, got {value!r}")
         return float(value)

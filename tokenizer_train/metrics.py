@@ -1,0 +1,118 @@
+"""Stage-0 observability: code statistics and prediction quality, as pure functions.
+
+Code statistics take hard FSQ indices (numpy ints, any shape) and are logged, never used
+as a loss. Quality metrics take torch tensors and return ``(sum, count)`` pairs so that
+steps, epochs and ranks can be aggregated exactly before dividing.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from motion_data.labels import class_offsets, half_window
+
+
+# ------------------------------------------------------------------ code statistics
+def code_counts(codes, codebook_size: int) -> np.ndarray:
+    """``(K,)`` int64 usage count of every code id."""
+    c = np.asarray(codes).reshape(-1).astype(np.int64)
+    if c.size and (c.min() < 0 or c.max() >= codebook_size):
+        raise ValueError(f"code ids must lie in [0, {codebook_size}), got [{c.min()}, {c.max()}]")
+    return np.bincount(c, minlength=codebook_size)
+
+
+def entropy(counts) -> float:
+    """Entropy in nats of the distribution given by counts (0 for no counts)."""
+    c = np.asarray(counts, dtype=np.float64)
+    total = c.sum()
+    if total <= 0:
+        return 0.0
+    p = c[c > 0] / total
+    return float(-(p * np.log(p)).sum())
+
+
+def level_indices(codes, levels: list[int]) -> np.ndarray:
+    """``(..., d)`` per-channel level index of each code id (FSQ's mixed-radix order)."""
+    basis = np.cumprod([1] + list(levels[:-1])).astype(np.int64)
+    c = np.asarray(codes, dtype=np.int64)[..., None]
+    return (c // basis) % np.asarray(levels, dtype=np.int64)
+
+
+def unique_raw_levels(codes, levels: list[int]) -> int:
+    """Distinct levels used per FSQ channel, summed over channels."""
+    li = level_indices(np.asarray(codes).reshape(-1), levels)
+    return int(sum(len(np.unique(li[:, j])) for j in range(len(levels))))
+
+
+def code_stats(codes, levels: list[int]) -> dict:
+    """unique_codes, unique_codes_raw, entropy (nats), entropy_norm (H / log K), perplexity."""
+    K = math.prod(levels)
+    counts = code_counts(codes, K)
+    H = entropy(counts)
+    return {
+        "unique_codes": int((counts > 0).sum()),
+        "unique_codes_raw": unique_raw_levels(codes, levels),
+        "entropy": H,
+        "entropy_norm": H / math.log(K),
+        "perplexity": math.exp(H),
+        "counts": counts,
+    }
+
+
+def update_seen(seen: np.ndarray, codes) -> int:
+    """Mark codes as seen (``seen`` is a ``(K,)`` bool array, updated in place); return
+    the number of distinct codes seen so far (not the largest id)."""
+    seen[np.asarray(codes, dtype=np.int64).reshape(-1)] = True
+    return int(seen.sum())
+
+
+def zero_code_frac(codes, zero_codes) -> float:
+    """Share of tokens ``(..., S)`` whose id equals the zero-motion code of their step ``(S,)``."""
+    c = np.asarray(codes)
+    if c.size == 0:
+        return 0.0
+    return float((c == np.asarray(zero_codes)).mean())
+
+
+# ------------------------------------------------------------------ prediction quality
+def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
+    """(correct, count) of argmax predictions over the mask."""
+    pred = logits.argmax(-1)
+    m = mask.bool()
+    return float(((pred == labels) & m).sum()), int(m.sum())
+
+
+def noncenter_counts(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, center: int) -> tuple[float, int]:
+    """(correct, count) over kept points whose label is not the centre class."""
+    return accuracy_counts(logits, labels, mask.bool() & (labels != center))
+
+
+def expected_displacement_px(logits: torch.Tensor, W: int) -> torch.Tensor:
+    """``(..., 2)`` softmax-weighted class offsets in pixels (x, y)."""
+    off = torch.as_tensor(class_offsets(W), device=logits.device)
+    return torch.softmax(logits.float(), dim=-1) @ off
+
+
+def epe_px_counts(logits: torch.Tensor, velocities: torch.Tensor, mask: torch.Tensor, W: int) -> tuple[float, int]:
+    """(sum, count) of the end-point error in px between the expected displacement and the
+    true displacement (``velocities`` are normalised; px = v_norm * (W-1)/2) over the mask
+    (the loss mask already implies valid)."""
+    m = mask.bool()
+    if not m.any():
+        return 0.0, 0
+    err = torch.linalg.vector_norm(expected_displacement_px(logits[m], W) - velocities[m].float() * half_window(W), dim=-1)
+    return float(err.sum()), int(m.sum())
+
+
+def dynamic_point_counts(mask: torch.Tensor) -> tuple[int, int]:
+    """(kept points, all points) of a batch ``(B, S, N)``: a point is kept when any of its
+    steps is in the loss mask (DESIGN: dynamic_point_ratio = kept points / all points)."""
+    B, S, N = mask.shape
+    return int(mask.bool().any(dim=1).sum()), B * N
+
+
+def ratio(num_den) -> float:
+    num, den = num_den
+    return float(num) / den if den else 0.0
