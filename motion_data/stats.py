@@ -24,6 +24,10 @@ METRICS = ("mean", "p95", "max")
 HIST_BIN_WIDTH = 0.0025
 HIST_TOP = 0.5
 HIST_NBINS = int(round(HIST_TOP / HIST_BIN_WIDTH)) + 1
+# Lower bin edges as the float32 values keep_mask compares against: binning by these (not by
+# floor(score / width)) makes "bin >= threshold_bin(t)" identical to "score >= float32(t)" at
+# every edge, also for scores a few ulps either side of it.
+HIST_EDGES = (np.arange(HIST_NBINS) * HIST_BIN_WIDTH).astype(np.float32)
 # Ranks (within a clip) recorded for the min_keep correction; min_keep above this needs
 # an exact pass.
 HIST_RANK_MAX = 32
@@ -213,8 +217,8 @@ def dynamic_ratio(scores, valid_count, flt: StaticFilter) -> np.ndarray:
 
 def score_bin(scores: np.ndarray) -> np.ndarray:
     """Histogram bin of each score (last bin = overflow)."""
-    b = np.floor(np.asarray(scores, np.float64) / HIST_BIN_WIDTH + 1e-6).astype(np.int64)
-    return np.clip(b, 0, HIST_NBINS - 1)
+    b = np.searchsorted(HIST_EDGES, np.asarray(scores, np.float32), side="right") - 1
+    return np.clip(b, 0, HIST_NBINS - 1).astype(np.int64)
 
 
 def threshold_bin(threshold: float) -> int:
@@ -222,8 +226,19 @@ def threshold_bin(threshold: float) -> int:
     return int(min(max(math.floor(threshold / HIST_BIN_WIDTH + 1e-6), 0), HIST_NBINS - 1)) if threshold > 0 else 0
 
 
+@numba.njit(cache=True, inline="always")
+def _edge_bin(s, edges, bw):
+    nbins = edges.shape[0]
+    b = min(max(int(math.floor(s / bw)), 0), nbins - 1)
+    while b + 1 < nbins and s >= edges[b + 1]:
+        b += 1
+    while b > 0 and s < edges[b]:
+        b -= 1
+    return b
+
+
 @numba.njit(cache=True)
-def _class_hist_kernel(vel, valid, scores, valid_count, W, bw, nbins, rank_max, points, topk):
+def _class_hist_kernel(vel, valid, scores, valid_count, W, edges, bw, rank_max, points, topk):
     C, S, N = valid.shape
     K = W * W
     for ci in range(C):
@@ -232,8 +247,7 @@ def _class_hist_kernel(vel, valid, scores, valid_count, W, bw, nbins, rank_max, 
         for j in range(min(rank_max, order.shape[0])):
             rank[order[j]] = j
         for n in range(N):
-            b = int(math.floor(scores[ci, n] / bw + 1e-6))
-            b = min(max(b, 0), nbins - 1)
+            b = _edge_bin(scores[ci, n], edges, bw)
             points[b, K] += 1
             r = rank[n]
             if r >= 0:
@@ -262,7 +276,7 @@ def class_histograms(vel_px, valid, scores, valid_count, W: int = DEFAULT_W):
     points = np.zeros((HIST_NBINS, W * W + 1), np.int64)
     topk = np.zeros((HIST_NBINS, HIST_RANK_MAX, W * W + 1), np.int64)
     _class_hist_kernel(vel_px, valid, np.ascontiguousarray(scores, np.float32), np.ascontiguousarray(valid_count),
-                       W, HIST_BIN_WIDTH, HIST_NBINS, HIST_RANK_MAX, points, topk)
+                       W, HIST_EDGES, HIST_BIN_WIDTH, HIST_RANK_MAX, points, topk)
     return points, topk
 
 

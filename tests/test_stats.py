@@ -1,0 +1,270 @@
+"""numba kernels of motion_data/stats.py against plain numpy references, plus properties."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from motion_data import labels as L
+from motion_data import stats as S
+
+W = 15
+K = W * W
+
+
+# ---------------------------------------------------------------- numpy references
+def ref_point_stats(vel, valid, W=W):
+    C, T, N = valid.shape
+    speed = np.linalg.norm(L.normalize(vel.astype(np.float64), W), axis=-1)
+    lab = L.labels_from_px(vel, W)
+    out = {m: np.zeros((C, N), np.float64) for m in S.METRICS}
+    out["center_count"] = ((lab == L.center_class(W)) & valid).sum(axis=1)
+    out["valid_count"] = valid.sum(axis=1)
+    for c in range(C):
+        for n in range(N):
+            sp = speed[c, valid[c, :, n], n]
+            if sp.size:
+                out["mean"][c, n] = sp.mean()
+                out["p95"][c, n] = np.quantile(sp, 0.95)
+                out["max"][c, n] = sp.max()
+    return out
+
+
+def ref_keep_mask(scores, valid_count, threshold, min_keep):
+    scores = scores.astype(np.float32)
+    out = scores >= np.float32(threshold)
+    for c in range(scores.shape[0]):
+        if out[c].sum() < min_keep:
+            cand = [n for n in range(scores.shape[1]) if valid_count[c, n] > 0]
+            cand.sort(key=lambda n: (-float(scores[c, n]), n))
+            out[c] = False
+            out[c, cand[:min_keep]] = True
+    return out
+
+
+def ref_kept_class_counts(vel, valid, keep, W=W):
+    lab = L.labels_from_px(vel, W)
+    sel = valid & keep[:, None, :]
+    return np.bincount(lab[sel], minlength=W * W), int(keep.sum())
+
+
+def ref_class_histograms(vel, valid, scores, valid_count, W=W):
+    points = np.zeros((S.HIST_NBINS, W * W + 1), np.int64)
+    topk = np.zeros((S.HIST_NBINS, S.HIST_RANK_MAX, W * W + 1), np.int64)
+    lab = L.labels_from_px(vel, W)
+    # the bin of a score: the last float32 edge it reaches, by a linear scan
+    edges = np.array([np.float32(k * S.HIST_BIN_WIDTH) for k in range(S.HIST_NBINS)], np.float32)
+    for c in range(scores.shape[0]):
+        cand = [n for n in range(scores.shape[1]) if valid_count[c, n] > 0]
+        cand.sort(key=lambda n: (-float(scores[c, n]), n))
+        rank = {n: r for r, n in enumerate(cand[: S.HIST_RANK_MAX])}
+        for n in range(scores.shape[1]):
+            b = int(np.nonzero(edges <= np.float32(scores[c, n]))[0].max())
+            cnt = np.bincount(lab[c, valid[c, :, n], n], minlength=W * W)
+            points[b, :-1] += cnt
+            points[b, -1] += 1
+            if n in rank:
+                topk[b, rank[n], :-1] += cnt
+                topk[b, rank[n], -1] += 1
+    return points, topk
+
+
+# ---------------------------------------------------------------- random data
+def random_clips(rng, C=12, T=15, N=40, p_valid=0.8):
+    kind = rng.integers(0, 4, size=(C, 1, N, 1))
+    scale = np.choose(kind, [0.05, 0.3, 2.0, 12.0])  # static / jitter / moving / clamped
+    vel = (rng.standard_normal((C, T, N, 2)) * scale).astype(np.float32)
+    # exact half-pixel steps exercise round-half-even in the labels
+    halves = rng.random((C, T, N, 2)) < 0.05
+    vel[halves] = rng.integers(-4, 4, size=halves.sum()) + 0.5
+    valid = rng.random((C, T, N)) < p_valid
+    valid[:, :, :3] = False  # all-invisible points
+    valid[0, :, 5:9] = False
+    valid[1, :, :] = False  # an all-invisible clip
+    valid[2, 1:, 10] = False  # a single valid step
+    return vel, valid
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    vel, valid = random_clips(rng)
+    return vel, valid, S.point_stats(vel, valid, W)
+
+
+# ---------------------------------------------------------------- kernels vs references
+def test_point_stats_matches_numpy(data):
+    vel, valid, got = data
+    ref = ref_point_stats(vel, valid)
+    for m in S.METRICS:
+        assert got[m].dtype == np.float32
+        np.testing.assert_allclose(got[m], ref[m], atol=1e-5, rtol=1e-5, err_msg=m)
+    np.testing.assert_array_equal(got["center_count"], ref["center_count"])
+    np.testing.assert_array_equal(got["valid_count"], ref["valid_count"])
+    # all-invisible points score 0 on every metric
+    for m in S.METRICS:
+        assert (got[m][:, :3] == 0).all() and (got[m][1] == 0).all()
+
+
+def test_point_stats_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="expected vel"):
+        S.point_stats(np.zeros((2, 3, 4, 3)), np.zeros((2, 3, 4), bool))
+    with pytest.raises(ValueError, match="expected vel"):
+        S.point_stats(np.zeros((2, 3, 4, 2)), np.zeros((2, 3, 5), bool))
+
+
+@pytest.mark.parametrize("metric", S.METRICS)
+@pytest.mark.parametrize("threshold,min_keep", [(0.0, 16), (0.04, 16), (0.1, 5), (0.3, 0), (0.05, 50), (9.0, 16)])
+def test_keep_mask_matches_numpy(data, metric, threshold, min_keep):
+    _, _, st_ = data
+    got = S.keep_mask(st_[metric], st_["valid_count"], threshold, min_keep)
+    ref = ref_keep_mask(st_[metric], st_["valid_count"], threshold, min_keep)
+    np.testing.assert_array_equal(got, ref)
+    np.testing.assert_array_equal(S.kept_counts(st_[metric], st_["valid_count"], threshold, min_keep), ref.sum(1))
+    flt = S.StaticFilter(enable=True, metric=metric, threshold=threshold, min_keep=min_keep)
+    np.testing.assert_allclose(S.dynamic_ratio(st_[metric], st_["valid_count"], flt), ref.mean(1), rtol=1e-6)
+
+
+def test_keep_mask_ties_prefer_lower_index():
+    scores = np.array([[0.01, 0.02, 0.02, 0.02, 0.0]], np.float32)
+    vc = np.array([[3, 3, 3, 3, 3]], np.uint8)
+    np.testing.assert_array_equal(S.keep_mask(scores, vc, 0.5, 2), [[False, True, True, False, False]])
+    # a point without a valid step is never kept by the min_keep rule
+    vc[0, 1] = 0
+    np.testing.assert_array_equal(S.keep_mask(scores, vc, 0.5, 2), [[False, False, True, True, False]])
+
+
+def test_class_histograms_match_numpy(data):
+    vel, valid, st_ = data
+    for m in S.METRICS:
+        points, topk = S.class_histograms(vel, valid, st_[m], st_["valid_count"], W)
+        rp, rt = ref_class_histograms(vel, valid, st_[m], st_["valid_count"])
+        np.testing.assert_array_equal(points, rp)
+        np.testing.assert_array_equal(topk, rt)
+        assert points[:, -1].sum() == vel.shape[0] * vel.shape[2]
+
+
+@pytest.mark.parametrize("metric", S.METRICS)
+def test_filtered_counts_from_hist_exact_at_bin_edges(data, metric):
+    vel, valid, st_ = data
+    points, topk = S.class_histograms(vel, valid, st_[metric], st_["valid_count"], W)
+    for k in (0, 1, 16, S.HIST_RANK_MAX):
+        for b in (0, 1, 4, 16, 37, 80, S.HIST_NBINS - 1):
+            t = round(b * S.HIST_BIN_WIDTH, 10)
+            keep = S.keep_mask(st_[metric], st_["valid_count"], t, k)
+            ref_counts, ref_kept = ref_kept_class_counts(vel, valid, keep)
+            counts, kept = S.filtered_counts_from_hist(points, topk, t, k)
+            np.testing.assert_array_equal(counts, ref_counts, err_msg=f"t={t} k={k}")
+            assert kept == ref_kept
+
+
+def test_filtered_counts_rejects_min_keep_above_ranks(data):
+    vel, valid, st_ = data
+    points, topk = S.class_histograms(vel, valid, st_["p95"], st_["valid_count"], W)
+    with pytest.raises(ValueError, match="--exact"):
+        S.filtered_counts_from_hist(points, topk, 0.04, S.HIST_RANK_MAX + 1)
+
+
+def test_bins_agree_with_float32_threshold_a_few_ulps_from_each_edge():
+    """The histogram's 'dynamic' set equals keep_mask's ``score >= float32(t)`` at edges."""
+    for b in range(1, S.HIST_NBINS):
+        t = round(b * S.HIST_BIN_WIDTH, 10)
+        edge = np.float32(t)
+        near = [edge]
+        lo = hi = edge
+        for _ in range(4):
+            lo, hi = np.nextafter(lo, np.float32(0)), np.nextafter(hi, np.float32(1))
+            near += [lo, hi]
+        near = np.array(near, np.float32)
+        assert S.threshold_bin(t) == b
+        np.testing.assert_array_equal(S.score_bin(near) >= b, near >= edge, err_msg=f"edge {t}")
+
+
+# ---------------------------------------------------------------- properties
+scores_st = hnp.arrays(np.float32, st.tuples(st.integers(1, 5), st.integers(1, 24)),
+                       elements=st.floats(0, 0.5, width=32) | st.sampled_from([0.0, 0.01, 0.04, 0.0425]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(scores=scores_st, thr=st.floats(0, 0.6), k=st.integers(0, 30), seed=st.integers(0, 2**16))
+def test_min_keep_is_always_honoured(scores, thr, k, seed):
+    vc = np.random.default_rng(seed).integers(0, 3, size=scores.shape).astype(np.uint8)
+    scores = np.where(vc > 0, scores, 0).astype(np.float32)
+    keep = S.keep_mask(scores, vc, thr, k)
+    nv = (vc > 0).sum(1)
+    dyn = scores >= np.float32(thr)
+    kept = keep.sum(1)
+    assert (kept >= np.minimum(k, nv)).all()
+    for c in range(scores.shape[0]):
+        if dyn[c].sum() >= k:
+            np.testing.assert_array_equal(keep[c], dyn[c])
+        else:
+            assert kept[c] == min(k, nv[c])
+            assert (vc[c][keep[c]] > 0).all()
+            # kept points outscore every dropped point with a valid step
+            dropped = ~keep[c] & (vc[c] > 0)
+            if keep[c].any() and dropped.any():
+                assert scores[c][keep[c]].min() >= scores[c][dropped].max()
+
+
+@settings(max_examples=60, deadline=None)
+@given(scores=scores_st, ts=st.lists(st.floats(0, 0.6), min_size=2, max_size=6), k=st.integers(0, 30))
+def test_kept_count_monotone_in_threshold(scores, ts, k):
+    vc = np.ones(scores.shape, np.uint8)
+    ts = sorted(ts)
+    counts = [S.kept_counts(scores, vc, t, k) for t in ts]
+    for a, b in zip(counts, counts[1:]):
+        assert (a >= b).all()
+    # the kept sets are nested too (what makes the histogram answer monotone per class)
+    masks = [S.keep_mask(scores, vc, t, k) for t in ts]
+    for a, b in zip(masks, masks[1:]):
+        assert not (b & ~a).any()
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), k=st.integers(0, S.HIST_RANK_MAX))
+def test_hist_kept_count_monotone_in_threshold(seed, k):
+    rng = np.random.default_rng(seed)
+    vel, valid = random_clips(rng, C=3, T=4, N=20)
+    st_ = S.point_stats(vel, valid, W)
+    points, topk = S.class_histograms(vel, valid, st_["max"], st_["valid_count"], W)
+    kept = [S.filtered_counts_from_hist(points, topk, b * S.HIST_BIN_WIDTH, k)[1] for b in range(S.HIST_NBINS)]
+    assert all(a >= b for a, b in zip(kept, kept[1:]))
+
+
+def test_label_round_trip_of_class_centres():
+    for w in (3, 5, 15):
+        off = L.class_offsets(w)
+        np.testing.assert_array_equal(L.labels_from_px(off, w), np.arange(w * w))
+        # the numba label used by the kernels agrees
+        assert [S._label(float(x), float(y), w) for x, y in off] == list(range(w * w))
+        np.testing.assert_array_equal(L.labels_from_norm(L.normalize(off, w), w), np.arange(w * w))
+        assert L.center_class(w) == int(L.labels_from_px(np.zeros(2, np.float32), w))
+
+
+@settings(max_examples=200, deadline=None)
+@given(vx=st.floats(-40, 40, width=32) | st.sampled_from([-7.5, -0.5, 0.5, 1.5, 2.5, 6.5, 7.5]),
+       vy=st.floats(-40, 40, width=32) | st.sampled_from([-6.5, -0.5, 0.5, 7.49]))
+def test_labels_clamp_and_ring(vx, vy):
+    v = np.array([vx, vy], np.float32)
+    lab = int(L.labels_from_px(v, W))
+    assert lab == S._label(float(v[0]), float(v[1]), W)
+    row, col = divmod(lab, W)
+    c = W // 2
+    assert col == min(max(int(np.rint(v[0])) + c, 0), W - 1)
+    assert row == min(max(int(np.rint(v[1])) + c, 0), W - 1)
+    ring = L.ring_map(W)[lab]
+    assert ring == max(abs(row - c), abs(col - c))
+    assert ring == min(max(abs(int(np.rint(v[0]))), abs(int(np.rint(v[1])))), c)
+    if max(abs(vx), abs(vy)) > c + 0.5:
+        assert ring == c  # clamped onto the border
+
+
+def test_ring_map_shape_and_counts():
+    r = L.ring_map(W)
+    assert r.shape == (K,) and r.dtype == np.int64
+    assert r[L.center_class(W)] == 0
+    # ring d holds 8d classes
+    np.testing.assert_array_equal(np.bincount(r), [1] + [8 * d for d in range(1, W // 2 + 1)])
