@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+
+from motion_data.split import MIN_SOURCES_FOR_FILE_SPLIT, split_clips
+
+
+def _frames_overlap(train, val, source, start, T):
+    for s in set(source):
+        tr = [start[i] for i in train if source[i] == s]
+        va = [start[i] for i in val if source[i] == s]
+        for a in tr:
+            for b in va:
+                if a < b + T and b < a + T:
+                    return True
+    return False
+
+
+@pytest.mark.parametrize("stride", [1, 4, 16, 20])
+def test_time_block_split_has_no_shared_frames(stride):
+    T = 16
+    source = ["a.h5"] * 40 + ["b.h5"] * 25 + ["c.h5"] * 1
+    start = list(np.arange(40) * stride) + list(np.arange(25) * stride + 7) + [0]
+    # shuffle the row order: the split must not depend on it
+    perm = np.random.default_rng(0).permutation(len(source))
+    source = [source[i] for i in perm]
+    start = [start[i] for i in perm]
+    train, val = split_clips(source, start, 0.2, T)
+    assert len(set(train) & set(val)) == 0
+    assert not _frames_overlap(train, val, source, start, T)
+    # each multi-clip source gives its last 20% of clips; one-clip sources stay in training
+    assert sum(source[i] == "a.h5" for i in val) == 8
+    assert sum(source[i] == "b.h5" for i in val) == 5
+    assert [source[i] for i in train].count("c.h5") == 1
+    # the gap drops exactly the windows overlapping the block
+    dropped = set(range(len(source))) - set(train) - set(val)
+    assert len(dropped) == 2 * (int(np.ceil(T / stride)) - 1)
+
+
+def test_split_is_deterministic_and_order_free():
+    source = [f"s{i % 3}" for i in range(30)]
+    start = [i // 3 * 16 for i in range(30)]
+    a = split_clips(source, start, 0.1, 16)
+    perm = np.random.default_rng(1).permutation(30)
+    b = split_clips([source[i] for i in perm], [start[i] for i in perm], 0.1, 16)
+    assert sorted(np.array(a[1]).tolist()) == sorted(perm[b[1]].tolist())
+
+
+def test_file_split_holds_out_whole_sources():
+    n_src = MIN_SOURCES_FOR_FILE_SPLIT + 5
+    source = [f"v{i % n_src}.mp4" for i in range(200)]
+    start = [(i // n_src) * 4 for i in range(200)]
+    train, val = split_clips(source, start, 0.2, 16)
+    tr_src = {source[i] for i in train}
+    va_src = {source[i] for i in val}
+    assert tr_src.isdisjoint(va_src) and va_src
+    assert len(train) + len(val) == 200
+    assert 0.2 <= len(val) / 200 < 0.2 + 1 / n_src + 1e-9
+
+
+def test_zero_split_and_bad_fraction():
+    train, val = split_clips(["a"] * 5, range(5), 0.0, 16)
+    assert len(train) == 5 and len(val) == 0
+    with pytest.raises(ValueError):
+        split_clips(["a"], [0], 1.0, 16)
