@@ -1,0 +1,104 @@
+"""Small DDP helpers: init from the torchrun environment, gathers and reductions, rank 0.
+
+A plain ``python -m tokenizer_train train`` is world size 1 and every helper is then a
+no-op on local data, so the loop has a single code path.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(pref: str, local_rank: int = 0) -> torch.device:
+    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("training.device is cuda but no CUDA device is available")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init(device_pref: str = "auto") -> Dist:
+    """Join the process group that torchrun describes (WORLD_SIZE > 1), else a single process.
+
+    Backend: nccl on CUDA, gloo on CPU.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_pref, local_rank)
+    if world <= 1:
+        return Dist(device=device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
+
+
+def cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_gather_1d(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate a 1-D tensor over ranks (rank order); lengths may differ between ranks."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    x = x.reshape(-1).contiguous()
+    n = torch.tensor([x.numel()], device=x.device, dtype=torch.int64)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    m = max(sizes)
+    padded = torch.zeros(m, dtype=x.dtype, device=x.device)
+    padded[: x.numel()] = x
+    out = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return torch.cat([o[:s] for o, s in zip(out, sizes)])
+
+
+def gather_codes(codes: torch.Tensor) -> np.ndarray:
+    """All ranks' code ids (flattened, rank order) as int64 numpy."""
+    return all_gather_1d(codes.reshape(-1).long()).cpu().numpy()
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    """Sum a few floats over ranks (exact aggregation of (sum, count) metric pairs)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_reduce_any(mask: np.ndarray, device) -> np.ndarray:
+    """Element-wise OR of a bool array over ranks (e.g. the codes seen so far)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return mask
+    t = torch.from_numpy(mask.astype(np.int32)).to(device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.cpu().numpy().astype(bool)
+
+
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,63 @@
+"""Run logging: TensorBoard event files in ``RUN/tensorboard`` and ``RUN/metrics.jsonl``.
+
+Every log event is one JSON object per line, ``{"step": .., "epoch": .., tag: value, ...}``
+(``epoch`` is the 0-based epoch index), carrying the same numbers as the TensorBoard
+scalars; a code-usage histogram is written as the list of per-code counts. Only rank 0
+writes; other ranks get a logger whose methods do nothing.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def _jsonable(v):
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        v = float(v)
+        return v if math.isfinite(v) else None
+    return v
+
+
+class RunLogger:
+    def __init__(self, run_dir, enabled: bool = True):
+        self.enabled = enabled
+        self.writer = None
+        self._jsonl = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            run_dir = Path(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            # append: a resumed run continues the same file
+            self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+
+    def log(self, step: int, epoch: int, scalars: dict, hists: dict | None = None):
+        """Scalars ``{tag: number}``; hists ``{tag: per-code counts array}``."""
+        if not self.enabled:
+            return
+        row = {"step": int(step), "epoch": int(epoch)}
+        for tag, v in scalars.items():
+            if v is None:
+                continue
+            self.writer.add_scalar(tag, float(v), step)
+            row[tag] = _jsonable(v)
+        for tag, counts in (hists or {}).items():
+            counts = np.asarray(counts, dtype=np.int64)
+            if counts.sum() > 0:
+                ids = np.repeat(np.arange(counts.size), counts)
+                self.writer.add_histogram(tag, ids, step, bins=np.arange(counts.size + 1) - 0.5)
+            row[tag] = counts.tolist()
+        self._jsonl.write(json.dumps(row) + "\n")
+
+    def close(self):
+        if self.enabled:
+            self.writer.close()
+            self._jsonl.close()
