@@ -1,0 +1,90 @@
+"""Label statistics of a build before and after a static filter.
+
+Prints the seed's dataset figures -- dynamic_point_ratio, center_prop, perplexity_ratio and
+the W*W class counts -- for every point kept ("before") and under the filter ("after"),
+answered from the histograms in OUT/stats.zarr (no pass over the shards; exact at thresholds
+that are multiples of the histogram bin width, 0.0025). --exact recomputes from the per-clip
+scores and the shards' labels instead. --json writes {"filter", "before", "after"}; --plot
+writes a PNG with the label heatmap on the W x W window and the per-point speed histogram,
+before and after.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from motion_data import analysis as A
+from motion_data import stats as S
+
+
+def add_arguments(p):
+    p.add_argument("out", metavar="OUT", help="build folder written by build-shards (holds stats.zarr)")
+    p.add_argument("--filter", default="p95@0.04",
+                   help="static filter METRIC@THRESHOLD, METRIC one of mean|p95|max (default: %(default)s)")
+    p.add_argument("--min-keep", type=int, default=16,
+                   help="points kept per clip when fewer pass the threshold (default: %(default)s; above "
+                        f"{S.HIST_RANK_MAX} needs --exact)")
+    p.add_argument("--json", metavar="F", help="write the figures as JSON to F ('-' = stdout instead of the table)")
+    p.add_argument("--plot", metavar="P", help="write the before/after PNG (label heatmap, speed histogram) to P")
+    p.add_argument("--exact", action="store_true",
+                   help="recompute from per-clip scores and the shards' labels (one pass over the shards)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar of --exact")
+
+
+def _write_json(path, obj):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def run(args) -> int:
+    try:
+        flt = S.StaticFilter.parse(args.filter, min_keep=args.min_keep)
+        if not args.exact and flt.min_keep > S.HIST_RANK_MAX:
+            raise ValueError(f"--min-keep {flt.min_keep} exceeds the {S.HIST_RANK_MAX} ranks stored in the "
+                             f"histograms; use --exact")
+        g, attrs = A.open_stats(args.out)
+        W = int(attrs["W"])
+        (points, topk), = A.load_histograms(g, [flt.metric]).values()
+        if args.exact:
+            acc = A.exact_from_build(args.out, [flt.metric], [0.0, flt.threshold], flt.min_keep,
+                                     progress=not args.no_progress)
+            c = acc.counts(flt.metric)
+            total = acc.total_points
+            before = A.figures(c[0, :-1], total, total, W)  # threshold 0 keeps every point
+            result = {"before": before, "after": A.figures(c[1, :-1], int(c[1, -1]), total, W)}
+        else:
+            result = A.before_after(points, topk, flt.threshold, flt.min_keep, W)
+        result = {"filter": str(flt), "source": "exact" if args.exact else "histograms", **result}
+        if args.plot:
+            from motion_data.plots import plot_analysis
+
+            k = min(flt.min_keep, S.HIST_RANK_MAX)
+            sb, sa = A.score_hist_before_after(points, topk, flt.threshold, k)
+            plot_analysis(result, sb, sa, flt.metric, flt.threshold, W, args.plot,
+                          title=f"{args.out}: {flt} ({attrs['n_clips']} clips)")
+    except (ValueError, A.BuildError, OSError, RuntimeError) as e:
+        print(f"analyze: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        if args.json == "-":
+            print(json.dumps(result))
+        else:
+            _write_json(args.json, result)
+    if args.json != "-":
+        print(f"{args.out}: {attrs['n_clips']} clips, filter {flt} ({result['source']})")
+        print(f"{'':8s} {'dynamic_point_ratio':>20s} {'center_prop':>12s} {'perplexity_ratio':>17s}")
+        for key in ("before", "after"):
+            f = result[key]
+            print(f"{key:8s} {f['dynamic_point_ratio']:20.4f} {f['center_prop']:12.4f} {f['perplexity_ratio']:17.4f}")
+        for key in ("before", "after"):
+            print(f"class_counts {key}: {json.dumps(result[key]['class_counts'])}")
+        if args.json:
+            print(f"wrote {args.json}")
+        if args.plot:
+            print(f"wrote {args.plot}")
+    return 0
