@@ -1,0 +1,90 @@
+"""Build a dataset from track files: OUT/stats.zarr (per-point statistics and score
+histograms), OUT/shards/shard-NNNNNN.tar (webdataset samples), OUT/manifest.parquet (one
+row per clip) and OUT/build.json (command, config, counts, skipped inputs, timings).
+
+Re-running the same command after an interruption resumes where it stopped; re-running it
+on a finished build does nothing. Another command on an existing OUT is an error.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from motion_data.build import DEFAULT_MAXCOUNT, BuildError, build, format_summary
+from motion_data.importers import FORMATS
+from motion_data.labels import DEFAULT_REF_SIZE, DEFAULT_W
+from motion_data.stats import StaticFilter
+
+
+def _image_size(s: str):
+    try:
+        h, w = (int(x) for x in s.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected H,W (e.g. 480,640), got {s!r}") from None
+    if h <= 0 or w <= 0:
+        raise argparse.ArgumentTypeError(f"image size must be positive, got {s!r}")
+    return (h, w)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="track files or folders (searched recursively for .npz .npy .pt .h5 .hdf5)")
+    p.add_argument("--out", required=True, help="output build folder")
+    p.add_argument("--format", default="auto", choices=("auto",) + tuple(FORMATS),
+                   help="input format (default: auto-detect per file)")
+    p.add_argument("--window", type=int, default=16, help="frames per clip (default 16)")
+    p.add_argument("--stride", type=int, default=8, help="frames between clip starts (default 8)")
+    p.add_argument("--ref-size", type=int, default=DEFAULT_REF_SIZE,
+                   help="velocities are stored in pixels of a REF x REF frame (default %(default)s)")
+    p.add_argument("--window-size", type=int, default=DEFAULT_W, dest="W",
+                   help="label window W (odd; default %(default)s): labels are W*W classes")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes loading input files in parallel (output does not depend on it)")
+    p.add_argument("--maxcount", type=int, default=DEFAULT_MAXCOUNT,
+                   help="clips per shard (the last shard may hold fewer; default %(default)s)")
+    p.add_argument("--part", default=None, metavar="I/N",
+                   help="build only every N-th input starting at I (0-based) of the sorted input list; "
+                        "join the parts with `merge`")
+    p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                   help="bad input file: stop with an error (fail, default) or skip it and report it (skip)")
+    p.add_argument("--image-size", type=_image_size, default=None, metavar="H,W",
+                   help="frame size for files that do not store one (.npy, bare .pt, ATM without video)")
+    p.add_argument("--views", nargs="+", default=None, help="HDF5 views to read (default: all)")
+    p.add_argument("--filter", default="p95@0.04", metavar="METRIC@THR",
+                   help="build filter for the manifest's dynamic_ratio/center_share (default p95@0.04); "
+                        "the stored statistics do not depend on it")
+    p.add_argument("--min-keep", type=int, default=16,
+                   help="points kept per clip at least, by score, under the build filter (default 16)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar and no summary")
+
+
+def command_line(args) -> list[str]:
+    """The command with every option spelled out (defaults included), for build.json."""
+    cmd = ["python", "-m", "preprocess", "build-shards", "--input", *map(str, args.input), "--out", str(args.out),
+           "--format", args.format, "--window", str(args.window), "--stride", str(args.stride),
+           "--ref-size", str(args.ref_size), "--window-size", str(args.W), "--workers", str(args.workers),
+           "--maxcount", str(args.maxcount), "--on-error", args.on_error, "--filter", args.filter,
+           "--min-keep", str(args.min_keep)]
+    if args.part:
+        cmd += ["--part", args.part]
+    if args.image_size:
+        cmd += ["--image-size", f"{args.image_size[0]},{args.image_size[1]}"]
+    if args.views:
+        cmd += ["--views", *args.views]
+    if args.no_progress:
+        cmd.append("--no-progress")
+    return cmd
+
+
+def run(args) -> int:
+    try:
+        flt = StaticFilter.parse(args.filter, min_keep=args.min_keep)
+        summary = build(args.input, args.out, fmt=args.format, window=args.window, stride=args.stride,
+                        ref_size=args.ref_size, W=args.W, workers=args.workers, maxcount=args.maxcount,
+                        part=args.part, on_error=args.on_error, image_size=args.image_size, views=args.views,
+                        build_filter=flt, progress=not args.no_progress, command=command_line(args))
+    except (BuildError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(format_summary(summary))
+    return 0
