@@ -1,0 +1,322 @@
+"""build-shards end to end: layout, readers, statistics, bad input, resume, workers."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+import zarr
+
+from conftest import TINY_FILES, TINY_MAXCOUNT, TINY_T, make_track_file
+from motion_data import build as bld
+from motion_data.clips import Sequence, cut_windows
+from motion_data.labels import labels_from_px, normalize, ring_map
+from motion_data.manifest import COLUMNS, SCHEMA, read_manifest
+from motion_data.shards import read_sample
+from motion_data.stats import METRICS, StaticFilter, class_histograms, point_stats
+from preprocess.__main__ import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def samples(build_dir):
+    t = read_manifest(build_dir)
+    rows = t.to_pylist()
+    return rows, [read_sample(Path(build_dir) / r["shard"], r["offset"], r["size"], r["clip_id"]) for r in rows]
+
+
+def content_hashes(build_dir):
+    _, ss = samples(build_dir)
+    out = []
+    for s in ss:
+        h = hashlib.sha1()
+        for k in ("vel", "valid", "stats"):
+            h.update(np.ascontiguousarray(s[k]).tobytes())
+        h.update(json.dumps(s["meta"], sort_keys=True).encode())
+        out.append((s["key"], h.hexdigest()))
+    return out
+
+
+def zarr_arrays(build_dir):
+    g = zarr.open_group(str(Path(build_dir) / "stats.zarr"), mode="r")
+    names = [f"stats/{m}" for m in (*METRICS, "center_count", "valid_count")] + ["label_ring"]
+    names += [f"hist/{m}/{h}" for m in METRICS for h in ("points", "topk")]
+    return {n: g[n][:] for n in names}, dict(g.attrs)
+
+
+def assert_same_content(a, b, offsets=True):
+    ta, tb = read_manifest(a), read_manifest(b)
+    cols = [c for c in COLUMNS if offsets or c not in ("shard", "offset", "size")]
+    assert ta.select(cols).equals(tb.select(cols))
+    assert content_hashes(a) == content_hashes(b)
+    za, aa = zarr_arrays(a)
+    zb, ab = zarr_arrays(b)
+    assert aa == ab
+    for k in za:
+        np.testing.assert_array_equal(za[k], zb[k], err_msg=k)
+
+
+def run_cli(*argv):
+    return main(["build-shards", *map(str, argv)])
+
+
+# ---------------------------------------------------------------- layout and readers
+
+
+def test_tiny_build_layout(tiny_build):
+    files = sorted(p.name for p in tiny_build.iterdir())
+    assert files == ["build.json", "manifest.parquet", "shards", "stats.zarr"]  # no .work, no temp files
+    assert sorted(p.name for p in (tiny_build / "shards").iterdir()) == [f"shard-{i:06d}.tar" for i in range(3)]
+    t = pq.read_table(tiny_build / "manifest.parquet")
+    assert t.schema.equals(SCHEMA)
+    assert t.num_rows == 60
+    assert [t.column("shard").to_pylist().count(f"shards/shard-{i:06d}.tar") for i in range(3)] == [25, 25, 10]
+    z, attrs = zarr_arrays(tiny_build)
+    assert attrs["format_version"] == 1 and attrs["n_clips"] == 60 and attrs["N"] == 100 and attrs["T"] == 16
+    assert attrs["W"] == 15 and attrs["ref_size"] == 128 and attrs["metrics"] == list(METRICS)
+    assert attrs["build_filter"] == {"metric": "p95", "threshold": 0.04, "min_keep": 16}
+    for m in METRICS:
+        assert z[f"stats/{m}"].shape == (60, 100) and z[f"stats/{m}"].dtype == np.float32
+        assert z[f"hist/{m}/points"].dtype == np.int64
+        assert z[f"hist/{m}/points"][:, -1].sum() == 60 * 100  # every point counted once per metric
+    assert z["stats/center_count"].dtype == np.uint8
+    np.testing.assert_array_equal(z["label_ring"], ring_map(15))
+    doc = json.loads((tiny_build / "build.json").read_text())
+    assert doc["summary"]["clips"] == 60 and doc["summary"]["shards"] == 3 and doc["summary"]["skipped"] == []
+    assert [i["clips"] for i in doc["inputs"]] == [18, 18, 18, 6]
+    assert doc["config"]["maxcount"] == TINY_MAXCOUNT and "total_s" in doc["timings"]
+
+
+def test_plain_webdataset_reads_the_shards_in_manifest_order(tiny_build):
+    t = read_manifest(tiny_build)
+    urls = [str(tiny_build / "shards" / f"shard-{i:06d}.tar") for i in range(3)]
+    got = list(wds.WebDataset(urls, shardshuffle=False).decode())
+    assert [s["__key__"] for s in got] == t.column("clip_id").to_pylist()
+    s = got[0]
+    assert s["vel.npy"].shape == (15, 100, 2) and s["valid.npy"].shape == (15, 100)
+    assert s["stats.npy"].shape == (3, 100) and s["json"]["sequence"] == 0
+
+
+def test_manifest_offsets_and_stats_match_the_shard_data(tiny_build):
+    rows, ss = samples(tiny_build)
+    vel = np.stack([s["vel"] for s in ss])
+    valid = np.stack([s["valid"] for s in ss])
+    assert [s["key"] for s in ss] == [r["clip_id"] for r in rows]
+    z, _ = zarr_arrays(tiny_build)
+    ref = point_stats(vel, valid)
+    for k in ref:
+        np.testing.assert_array_equal(z[f"stats/{k}"], ref[k], err_msg=k)
+    np.testing.assert_array_equal(np.stack([s["stats"] for s in ss]), np.stack([ref[m] for m in METRICS], 1))
+    for m in METRICS:
+        points, topk = class_histograms(vel, valid, ref[m], ref["valid_count"])
+        np.testing.assert_array_equal(z[f"hist/{m}/points"], points)
+        np.testing.assert_array_equal(z[f"hist/{m}/topk"], topk)
+    # manifest figures from plain numpy (not the build's own helper)
+    speed = np.linalg.norm(normalize(vel), axis=-1)
+    np.testing.assert_allclose([r["mean_speed"] for r in rows],
+                               (speed * valid).sum((1, 2)) / valid.sum((1, 2)), rtol=1e-5)
+    np.testing.assert_allclose([r["visible_fraction"] for r in rows], valid.mean((1, 2)), rtol=1e-6)
+    score, vc = ref["p95"], ref["valid_count"]
+    labels = labels_from_px(vel)
+    for i, r in enumerate(rows):
+        keep = score[i] >= np.float32(0.04)
+        if keep.sum() < 16:
+            cand = np.flatnonzero(vc[i] > 0)
+            keep = np.zeros(100, bool)
+            keep[cand[np.argsort(-score[i][cand], kind="stable")[:16]]] = True
+        assert r["dynamic_ratio"] == pytest.approx(keep.mean())
+        lab = labels[i][valid[i] & keep[None]]
+        assert r["center_share"] == pytest.approx((lab == 112).mean() if lab.size else 0.0, abs=1e-6)
+
+
+def test_clips_are_the_windows_of_the_track_files(tiny_build, tiny_tracks):
+    rows, ss = samples(tiny_build)
+    expect = []
+    for name, B, _ in TINY_FILES:
+        with np.load(tiny_tracks / name) as f:
+            tracks, vis, (H, W) = f["tracks"], f["visibility"], f["image_size"]
+        for b in range(B):
+            for s0 in range(0, TINY_T - 16 + 1, 8):
+                tr = tracks[b, s0:s0 + 16].astype(np.float64)
+                v = (np.diff(tr, axis=0) * [128 / W, 128 / H]).astype(np.float32)
+                expect.append((str(tiny_tracks / name), b, s0, v, vis[b, s0:s0 + 15] & vis[b, s0 + 1:s0 + 16]))
+    assert len(expect) == len(rows)
+    for r, s, (src, b, s0, v, m) in zip(rows, ss, expect):
+        h8 = hashlib.sha1(src.encode()).hexdigest()[:8]
+        assert r["clip_id"] == f"{Path(src).stem}-{h8}-s{b:04d}-f{s0:06d}"
+        assert (r["source"], r["sequence"], r["start_frame"]) == (src, b, s0)
+        np.testing.assert_allclose(s["vel"], v, atol=1e-5)
+        np.testing.assert_array_equal(s["valid"], m)
+
+
+def test_window_starts_agree_with_cut_windows():
+    rng = np.random.default_rng(0)
+    for S in (3, 14, 15, 16, 23, 40):
+        for window, stride in ((16, 8), (4, 3), (2, 1)):
+            seq = Sequence("x", 0, rng.normal(size=(S, 2, 2)).astype(np.float32), np.ones((S, 2), bool), 5)
+            ref = [sf for sf, _, _ in cut_windows(seq, window, stride)]
+            assert list(5 + bld.window_starts(S, window, stride)) == ref
+
+
+# ---------------------------------------------------------------- CLI, reruns, arguments
+
+
+def test_cli_build_rerun_is_noop_and_other_args_are_refused(tmp_path, tiny_tracks, capsys):
+    out = tmp_path / "b"
+    assert run_cli("--input", tiny_tracks, "--out", out, "--maxcount", 25, "--no-progress") == 0
+    text = capsys.readouterr().out
+    assert "60 clips" in text and "3 shards" in text
+    doc = json.loads((out / "build.json").read_text())
+    assert doc["command"][:4] == ["python", "-m", "preprocess", "build-shards"] and "--maxcount" in doc["command"]
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
+    assert run_cli("--input", tiny_tracks, "--out", out, "--maxcount", 25, "--no-progress") == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()} == before
+    assert run_cli("--input", tiny_tracks, "--out", out, "--maxcount", 25, "--stride", 4, "--no-progress") == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "stride" in err and str(out) in err
+
+
+def test_cli_help_documents_every_option():
+    r = subprocess.run([sys.executable, "-m", "preprocess", "build-shards", "--help"], capture_output=True, text=True,
+                       cwd=REPO)
+    assert r.returncode == 0
+    for opt in ("--input", "--out", "--format", "--window", "--stride", "--ref-size", "--window-size", "--workers",
+                "--maxcount", "--part", "--on-error", "--image-size", "--views", "--filter", "--min-keep",
+                "--no-progress"):
+        assert opt in r.stdout
+    import argparse
+    from preprocess import build_cmd
+    p = argparse.ArgumentParser()
+    build_cmd.add_arguments(p)
+    assert all(a.help for a in p._actions)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def bad_inputs(tmp_path):
+    d = tmp_path / "in"
+    make_track_file(d / "a_good.npz", B=1, T=32, seed=1)
+    (d / "b_corrupt.npz").write_bytes(b"PK\x03\x04 this is not a zip file at all")
+    (d / "c_empty.npz").write_bytes(b"")
+    tr, vis = make_track_file(d / "tmp.npz", B=1, T=32, seed=2), None
+    with np.load(tr) as f:
+        tracks, vis, size = f["tracks"].copy(), f["visibility"], f["image_size"]
+    tr.unlink()
+    tracks[0, 5, 3] = np.nan
+    np.savez(d / "d_nan.npz", tracks=tracks, visibility=np.ones_like(vis), image_size=size)
+    make_track_file(d / "e_short.npz", B=2, T=10, seed=3)
+    make_track_file(d / "f_good.npz", B=1, T=24, seed=4)
+    return d
+
+
+def test_on_error_fail_names_the_file_in_one_line(bad_inputs, tmp_path, capsys):
+    rc = run_cli("--input", bad_inputs, "--out", tmp_path / "o", "--no-progress")
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and "\n" not in err
+    assert "b_corrupt.npz" in err
+    for name in ("c_empty.npz", "d_nan.npz", "e_short.npz"):
+        rc = run_cli("--input", bad_inputs / "a_good.npz", bad_inputs / name, "--out", tmp_path / name,
+                     "--no-progress")
+        err = capsys.readouterr().err.strip()
+        assert rc == 1 and "\n" not in err and name in err, err
+    assert "shorter than the window" in err  # the last one: T=10 < 16
+
+
+def test_on_error_skip_reports_and_keeps_good_clips(bad_inputs, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert run_cli("--input", bad_inputs, "--out", out, "--on-error", "skip", "--maxcount", 2, "--no-progress") == 0
+    text = capsys.readouterr().out
+    doc = json.loads((out / "build.json").read_text())
+    skipped = {Path(s["path"]).name: s["reason"] for s in doc["summary"]["skipped"]}
+    assert set(skipped) == {"b_corrupt.npz", "c_empty.npz", "d_nan.npz", "e_short.npz"}
+    assert "non-finite" in skipped["d_nan.npz"] or "nan" in skipped["d_nan.npz"].lower()
+    for name in skipped:
+        assert name in text
+    t = read_manifest(out)
+    # a_good: T=32 -> 3 windows; f_good: T=24 -> 2 windows
+    assert [Path(s).name for s in t.column("source").to_pylist()] == ["a_good.npz"] * 3 + ["f_good.npz"] * 2
+    assert doc["summary"]["clips"] == 5 and doc["summary"]["inputs_used"] == 2
+
+
+def test_point_count_mismatch_is_an_error_naming_the_file(tmp_path, capsys):
+    make_track_file(tmp_path / "in" / "a.npz", B=1, T=20, grid=10)
+    make_track_file(tmp_path / "in" / "b.npz", B=1, T=20, grid=8)
+    assert run_cli("--input", tmp_path / "in", "--out", tmp_path / "o", "--no-progress") == 1
+    err = capsys.readouterr().err
+    assert "b.npz" in err and "N=64" in err and "N=100" in err
+
+
+# ---------------------------------------------------------------- determinism, resume
+
+
+def test_workers_do_not_change_the_output(tiny_tracks, tiny_build, tmp_path):
+    out = tmp_path / "w2"
+    s = bld.build([str(tiny_tracks)], out, maxcount=TINY_MAXCOUNT, workers=2, progress=False)
+    assert s["clips"] == 60
+    assert_same_content(out, tiny_build)
+
+
+def test_resume_after_an_exception_mid_build(tiny_tracks, tiny_build, tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    real = bld.write_shard_and_record
+    calls = []
+
+    def crash_on_second(ctx, k, *a, **kw):
+        calls.append(k)
+        if k == 1:
+            raise KeyboardInterrupt
+        return real(ctx, k, *a, **kw)
+
+    monkeypatch.setattr(bld, "write_shard_and_record", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        bld.build([str(tiny_tracks)], out, maxcount=TINY_MAXCOUNT, progress=False)
+    monkeypatch.setattr(bld, "write_shard_and_record", lambda ctx, k, *a, **kw: calls.append(k) or real(ctx, k, *a, **kw))
+    assert not (out / "build.json").exists() and (out / ".work" / "rec-000000.npz").exists()
+    s = bld.build([str(tiny_tracks)], out, maxcount=TINY_MAXCOUNT, progress=False)
+    assert calls == [0, 1, 1, 2]  # shard 0 was not redone
+    assert s["status"] == "resumed" and s["resumed_shards"] == 1 and s["clips_this_run"] == 35
+    assert_same_content(out, tiny_build)
+
+
+def test_resume_after_sigkill_and_a_lost_shard(tmp_path):
+    """Kill a CLI build mid-way with SIGKILL, also lose a finished shard; re-running the
+    same command gives the same content as an uninterrupted build, without duplicates."""
+    inp = tmp_path / "in"
+    for i in range(6):
+        make_track_file(inp / f"v{i}.npz", B=2, T=40, seed=10 + i)
+    args = ["--input", str(inp), "--maxcount", "5", "--no-progress"]
+    slow = ("import sys, time; from motion_data import build as b; real = b.write_shard_and_record\n"
+            "def slow(*a, **k):\n    n = real(*a, **k); time.sleep(0.3); return n\n"
+            "b.write_shard_and_record = slow\nfrom preprocess.__main__ import main\nsys.exit(main(sys.argv[1:]))")
+    out = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, "-c", slow, "build-shards", *args, "--out", str(out)], cwd=REPO,
+                         start_new_session=True)
+    deadline = time.time() + 60
+    while not (out / ".work" / "rec-000002.npz").exists():
+        assert p.poll() is None and time.time() < deadline, "build ended before it could be interrupted"
+        time.sleep(0.02)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (out / "build.json").exists()
+    (out / "shards" / "shard-000001.tar").unlink()  # lost shard: it and everything after are redone
+    r = subprocess.run([sys.executable, "-m", "preprocess", "build-shards", *args, "--out", str(out)], cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "resumed after 1 finished shards" in r.stdout
+    ref = tmp_path / "ref"
+    assert run_cli(*args, "--out", ref) == 0
+    assert_same_content(out, ref)
+    t = read_manifest(out)
+    assert t.num_rows == 6 * 2 * 4 and len(set(t.column("clip_id").to_pylist())) == t.num_rows
