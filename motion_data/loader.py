@@ -1,0 +1,533 @@
+"""The training/validation data loader over a build folder (one entry point: ``make_loader``).
+
+Batches follow the binding contract (DESIGN.md, "Batch contract"): ``velocities``
+``(B, S, N, 2)`` float32 normalised, ``labels`` ``(B, S, N)`` int64, ``mask`` ``(B, S, N)``
+bool (static filter AND valid), ``valid``, ``clip_id`` list and ``dynamic_ratio`` ``(B,)``.
+
+Per sample only raw arrays are read (``vel``, ``valid``, the stored per-point ``stats``);
+the static-filter mask (``stats.keep_mask`` on the batch rows, current filter config),
+normalisation, augmentation and labels are computed once per batch, vectorised, in
+``make_batch``.
+
+Exact mode (default) reads samples by the byte ranges recorded in the manifest. Its hot path
+reads a whole batch with ``os.pread`` on cached shard descriptors and parses the plain
+ustar members in place; anything unusual (a PAX header, a bad checksum, a short read)
+falls back to ``shards.read_sample``, the reference reader, which either reads it or raises
+the ``ShardError`` naming the shard. Streaming mode is a webdataset pipeline (see
+``_streaming_pipeline``).
+
+Errors: ``on_error="fail"`` raises ``ShardError`` naming the shard; ``"skip"`` drops the
+sample from its batch (so the batch is smaller), counts it in ``loader.skipped`` and logs
+one warning per sample.
+"""
+from __future__ import annotations
+
+import ast
+import logging
+import math
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import numba
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import zarr
+
+from . import shards
+from .augment import AugmentConfig, augment_batch
+from .labels import labels_from_norm, normalize
+from .sampler import (IndexBatch, SamplerConfig, SequentialBatchSampler, WeightedBatchSampler, clip_weights,
+                      epoch_rng, load_dynamic_ratio)
+from .split import split_clips
+from .stats import METRICS, StaticFilter, keep_mask
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "all")
+ON_ERROR = ("fail", "skip")
+
+
+# ----------------------------------------------------------------------------- batch maths
+
+@contextmanager
+def _numba_threads(n: int):
+    prev = numba.get_num_threads()
+    numba.set_num_threads(min(n, prev))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(prev)
+
+
+@numba.njit(cache=True)
+def _batch_kernel(vel, valid, keep, W, v_out, lab_out, mask_out):
+    """One pass of ``labels.normalize``, ``labels.labels_from_px`` (np.rint: half to even,
+    like numpy) and the loss mask; tests/test_loader.py checks it against those functions."""
+    B, S, N = valid.shape
+    h = np.float32((W - 1) / 2.0)
+    c = W // 2
+    one = np.float32(1.0)
+    for b in range(B):
+        for t in range(S):
+            for n in range(N):
+                vx = vel[b, t, n, 0]
+                vy = vel[b, t, n, 1]
+                v_out[b, t, n, 0] = min(max(vx / h, -one), one)
+                v_out[b, t, n, 1] = min(max(vy / h, -one), one)
+                col = min(max(np.rint(vx) + c, 0.0), W - 1.0)
+                row = min(max(np.rint(vy) + c, 0.0), W - 1.0)
+                lab_out[b, t, n] = int(row) * W + int(col)
+                mask_out[b, t, n] = keep[b, n] and valid[b, t, n]
+
+
+def make_batch(vel_px: np.ndarray, valid: np.ndarray, stats: np.ndarray, clip_ids: list, flt: StaticFilter,
+               W: int, augment: AugmentConfig | None = None, rng: np.random.Generator | None = None) -> dict:
+    """Raw arrays of B clips -> the batch dict.
+
+    vel_px ``(B, S, N, 2)`` reference pixels, valid ``(B, S, N)``, stats ``(B, 3, N)`` the
+    stored per-point ``METRICS`` scores. Labels come from the velocities the model gets: from
+    the pixels when unaugmented (exactly the build's labels, one fused numba pass), else
+    ``labels_from_norm`` of the augmented normalised velocities. numpy/numba, not torch:
+    torch's intra-op threads only slow small element-wise work down in a loader process.
+    """
+    B, S, N = valid.shape
+    vel_px = np.ascontiguousarray(vel_px, np.float32)
+    valid = np.ascontiguousarray(valid, np.bool_)
+    if flt.enable and B:
+        vc = valid.sum(axis=1, dtype=np.uint8)
+        with _numba_threads(1):  # thread start-up costs more than a batch's keep mask
+            keep = keep_mask(stats[:, METRICS.index(flt.metric)], vc, flt.threshold, flt.min_keep)
+    else:
+        keep = np.ones((B, N), bool)
+    if augment is not None and augment.enabled:
+        v = augment_batch(normalize(vel_px, W), keep, valid, augment, rng)
+        labels = labels_from_norm(v, W)
+        mask = keep[:, None, :] & valid
+    else:
+        v = np.empty(vel_px.shape, np.float32)
+        labels = np.empty(valid.shape, np.int64)
+        mask = np.empty(valid.shape, np.bool_)
+        _batch_kernel(vel_px, valid, keep, W, v, labels, mask)
+    return {
+        "velocities": torch.from_numpy(np.ascontiguousarray(v, np.float32)),
+        "labels": torch.from_numpy(labels),
+        "mask": torch.from_numpy(mask),
+        "valid": torch.from_numpy(valid),
+        "clip_id": list(clip_ids),
+        "dynamic_ratio": torch.from_numpy(keep.mean(axis=1, dtype=np.float32)),
+    }
+
+
+# ----------------------------------------------------------------------------- fast reader
+
+class _Unusual(Exception):
+    """The fast parser met something it does not handle; use the reference reader."""
+
+
+_NPY_HEADERS: dict = {}
+
+
+def _npy(blob: bytes, start: int, end: int) -> np.ndarray:
+    if blob[start:start + 6] != b"\x93NUMPY":
+        raise _Unusual
+    major = blob[start + 6]
+    if major == 1:
+        hlen, hstart = int.from_bytes(blob[start + 8:start + 10], "little"), start + 10
+    elif major in (2, 3):
+        hlen, hstart = int.from_bytes(blob[start + 8:start + 12], "little"), start + 12
+    else:
+        raise _Unusual
+    header = blob[hstart:hstart + hlen]
+    spec = _NPY_HEADERS.get(header)
+    if spec is None:
+        try:
+            d = ast.literal_eval(header.decode("latin1"))
+            dtype = np.dtype(d["descr"])
+            shape = tuple(int(x) for x in d["shape"])
+        except (ValueError, SyntaxError, KeyError, TypeError):
+            raise _Unusual from None
+        if dtype.hasobject or d.get("fortran_order"):
+            raise _Unusual
+        spec = (dtype, shape, math.prod(shape))
+        if len(_NPY_HEADERS) < 64:
+            _NPY_HEADERS[header] = spec
+    dtype, shape, count = spec
+    data = hstart + hlen
+    if data + count * dtype.itemsize > end:
+        raise _Unusual
+    return np.frombuffer(blob, dtype, count, data).reshape(shape)
+
+
+def _pax_overrides(data: bytes) -> dict:
+    """``path``/``size`` records of a PAX header (TarWriter's carry only ``mtime``)."""
+    if b"path=" not in data and b"size=" not in data:
+        return {}
+    out, i = {}, 0
+    try:
+        while i < len(data) and data[i] != 0:
+            sp = data.index(b" ", i)
+            length = int(data[i:sp])
+            k, _, v = data[sp + 1:i + length - 1].decode("utf-8").partition("=")
+            out[k] = v
+            i += length
+    except (ValueError, UnicodeDecodeError):
+        raise _Unusual from None
+    return out
+
+
+_CHK_FIELD = np.zeros(512, bool)
+_CHK_FIELD[148:156] = True
+
+
+def parse_sample(blob: bytes, key: str) -> dict:
+    """``vel``, ``valid``, ``stats`` of one sample's byte range (ustar members, PAX allowed)."""
+    n = len(blob)
+    if n % 512:
+        raise _Unusual
+    members = {}
+    pax: dict = {}
+    heads, chks = [], []
+    pos = 0
+    while pos < n:
+        hdr = blob[pos:pos + 512]
+        try:
+            chks.append(int(hdr[148:156].rstrip(b"\0 ")[-7:], 8))
+            size = int(hdr[124:136].rstrip(b"\0 "), 8)
+        except ValueError:
+            raise _Unusual from None
+        heads.append(pos >> 9)
+        typ = hdr[156]
+        data = pos + 512
+        pos = data + (size + 511) // 512 * 512
+        if typ == 120:  # PAX extended header (TarWriter writes one per member for mtime)
+            pax = _pax_overrides(blob[data:data + size])
+            continue
+        if typ not in (48, 0) or hdr[345] != 0:  # regular file, no ustar prefix
+            raise _Unusual
+        name = pax.get("path") or hdr[:100].rstrip(b"\0").decode("utf-8", "replace")
+        if "size" in pax:
+            size = int(pax["size"])
+            pos = data + (size + 511) // 512 * 512
+        pax = {}
+        k, _, ext = name.partition(".")
+        if k != key:
+            raise _Unusual
+        members[ext] = (data, data + size)
+    if pos != n or not all(e in members for e in shards.SAMPLE_EXTS):
+        raise _Unusual
+    # header checksums, all at once: byte sum with the checksum field counted as spaces
+    blocks = np.frombuffer(blob, np.uint8).reshape(-1, 512)[heads]
+    sums = np.where(_CHK_FIELD, 32, blocks).sum(axis=1)
+    if not np.array_equal(sums, chks):
+        raise _Unusual
+    vel = _npy(blob, *members["vel.npy"])
+    valid = _npy(blob, *members["valid.npy"])
+    st = _npy(blob, *members["stats.npy"])
+    if vel.ndim != 3 or vel.shape[-1] != 2 or valid.shape != vel.shape[:2] or st.shape != (3, vel.shape[1]):
+        raise _Unusual
+    if vel.dtype != np.float32 or valid.dtype != np.bool_ or st.dtype != np.float32:
+        raise _Unusual
+    return {"vel": vel, "valid": valid, "stats": st}
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Map-style dataset over manifest rows; ``__getitems__`` returns a whole batch dict."""
+
+    def __init__(self, build_dir, manifest: dict, flt: StaticFilter, W: int, S: int, N: int,
+                 augment: AugmentConfig | None = None, seed: int = 0, on_error: str = "fail"):
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        self.root = Path(build_dir)
+        self.shard_paths = sorted(set(manifest["shard"]))
+        code = {s: i for i, s in enumerate(self.shard_paths)}
+        self.shard_of = np.fromiter((code[s] for s in manifest["shard"]), np.int32, len(manifest["shard"]))
+        self.offset = np.asarray(manifest["offset"], np.int64)
+        self.size = np.asarray(manifest["size"], np.int64)
+        self.clip_id = list(manifest["clip_id"])
+        self.flt, self.W, self.S, self.N = flt, W, S, N
+        self.augment, self.seed, self.on_error = augment, seed, on_error
+        self._fds: dict = {}
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_fds"] = {}  # descriptors are per process
+        return d
+
+    def __len__(self):
+        return len(self.clip_id)
+
+    def __del__(self):
+        for fd in getattr(self, "_fds", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _path(self, row) -> Path:
+        return self.root / self.shard_paths[self.shard_of[row]]
+
+    def read(self, row: int) -> dict:
+        """Raw arrays of one clip; ``ShardError`` naming the shard when it cannot be read."""
+        row = int(row)
+        sid = int(self.shard_of[row])
+        off, size, key = int(self.offset[row]), int(self.size[row]), self.clip_id[row]
+        try:
+            fd = self._fds.get(sid)
+            if fd is None:
+                fd = self._fds[sid] = os.open(self._path(row), os.O_RDONLY)
+            blob = os.pread(fd, size, off)
+            if len(blob) != size:
+                raise _Unusual
+            out = parse_sample(blob, key)
+        except (_Unusual, OSError):
+            out = shards.read_sample(self._path(row), off, size, key)
+        if out["vel"].shape != (self.S, self.N, 2):
+            raise shards.ShardError(f"{self._path(row)}@{off} ({key}): clip shape {out['vel'].shape[:2]}, "
+                                    f"build says {(self.S, self.N)}")
+        return out
+
+    def __getitem__(self, row):
+        return self.read(row)
+
+    def __getitems__(self, rows) -> dict:
+        rows = list(rows)
+        B = len(rows)
+        vel = np.empty((B, self.S, self.N, 2), np.float32)
+        valid = np.empty((B, self.S, self.N), bool)
+        st = np.empty((B, 3, self.N), np.float32)
+        ok = np.ones(B, bool)
+        errors = []
+        # read in file order: sequential access within each shard
+        for j in sorted(range(B), key=lambda j: (self.shard_of[rows[j]], self.offset[rows[j]])):
+            try:
+                s = self.read(rows[j])
+            except shards.ShardError as e:
+                if self.on_error == "fail":
+                    raise
+                ok[j] = False
+                errors.append(str(e))
+                continue
+            vel[j], valid[j], st[j] = s["vel"], s["valid"], s["stats"]
+        ids = [self.clip_id[r] for r, g in zip(rows, ok) if g]
+        if not ok.all():
+            vel, valid, st = vel[ok], valid[ok], st[ok]
+        rng = epoch_rng(self.seed, *getattr(rows, "key", (0, 0, 0)), 1)
+        batch = make_batch(vel, valid, st, ids, self.flt, self.W, self.augment, rng)
+        batch["skipped"] = errors
+        return batch
+
+
+def _identity(batch):
+    return batch
+
+
+# ----------------------------------------------------------------------------- streaming
+
+class _StreamState:
+    """Streaming-mode stages and their shared epoch (a shared-memory tensor, so persistent
+    workers see ``set_epoch``); per-worker errors are carried out inside the batches."""
+
+    def __init__(self, root, rel_weight: dict, flt, W, S, N, augment, seed, rank, on_error):
+        self.root, self.rel_weight, self.flt, self.W, self.S, self.N = root, rel_weight, flt, W, S, N
+        self.augment, self.seed, self.rank, self.on_error = augment, seed, rank, on_error
+        self.epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.errors: list = []
+        self._rng = None
+
+    def worker_seed(self):
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info is not None else 0
+        return int(epoch_rng(self.seed, int(self.epoch[0]), self.rank, wid).integers(2 ** 62))
+
+    def handler(self, exn):
+        if self.on_error == "fail":
+            raise shards.ShardError(str(exn)) from exn
+        self.errors.append(str(exn))
+        return True
+
+    def weighted(self, src):
+        """Emit each sample ``floor(m) + Bernoulli(frac(m))`` times, ``m = w / mean(w)``.
+
+        Shards are resampled uniformly, so every clip is visited at the same rate whatever
+        its shard's size; the repetition makes its expected frequency proportional to w.
+        """
+        rng = np.random.default_rng(self.worker_seed())
+        self._rng = None  # the augmentation stream restarts with each epoch too
+        for sample in src:
+            m = self.rel_weight.get(sample["__key__"])
+            if m is None:  # not in this split
+                continue
+            reps = int(m) + (rng.random() < m - int(m))
+            if reps == 0:
+                continue
+            where = f"{sample.get('__url__', '?')} ({sample['__key__']})"
+            try:
+                d = shards.decode_members({k: v for k, v in sample.items() if not k.startswith("__")}, where)
+                if d["vel"].shape != (self.S, self.N, 2):
+                    raise shards.ShardError(f"{where}: clip shape {d['vel'].shape[:2]}, build says {(self.S, self.N)}")
+            except shards.ShardError as e:
+                if self.on_error == "fail":
+                    raise
+                self.errors.append(str(e))
+                continue
+            for _ in range(reps):
+                yield sample["__key__"], d
+
+    def collate(self, items):
+        vel = np.stack([d["vel"] for _, d in items])
+        valid = np.stack([d["valid"] for _, d in items])
+        st = np.stack([d["stats"] for _, d in items])
+        if self._rng is None:
+            self._rng = np.random.default_rng(self.worker_seed() + 1)
+        batch = make_batch(vel, valid, st, [k for k, _ in items], self.flt, self.W, self.augment, self._rng)
+        batch["skipped"], self.errors = self.errors, []
+        return batch
+
+
+def _streaming_pipeline(state: _StreamState, urls: list, batch_size: int, shuffle_buffer: int):
+    import webdataset as wds
+
+    return wds.DataPipeline(
+        wds.ResampledShards(urls, seed=state.seed, worker_seed=state.worker_seed, deterministic=True),
+        wds.tarfile_to_samples(handler=state.handler),
+        state.weighted,
+        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 4 * batch_size)),
+        wds.batched(batch_size, collation_fn=state.collate, partial=False),
+    )
+
+
+# ----------------------------------------------------------------------------- the loader
+
+class MotionLoader:
+    """Iterable of batches; ``len`` = batches per epoch on this rank.
+
+    Call ``set_epoch(e)`` before each epoch (a new epoch restarts at batch 0; setting the
+    current epoch again keeps a resumed position). ``state_dict()`` records the epoch and
+    the batches already *delivered* (not merely prefetched by workers);
+    ``load_state_dict()`` makes the next iteration continue with the identical remaining
+    batches (exact mode and validation). ``skipped`` counts samples dropped by
+    ``on_error="skip"``.
+    """
+
+    def __init__(self, dataloader, batch_sampler=None, stream_state=None, n_batches: int = 0):
+        self.dataloader = dataloader
+        self.batch_sampler = batch_sampler
+        self.stream_state = stream_state
+        self._n_batches = n_batches
+        self.epoch = 0
+        self.batches_done = 0
+        self.skipped = 0
+        self.skipped_messages: list[str] = []
+
+    @property
+    def dataset(self):
+        return self.dataloader.dataset
+
+    def __len__(self):
+        return len(self.batch_sampler) if self.batch_sampler is not None else self._n_batches
+
+    def set_epoch(self, epoch: int):
+        if int(epoch) != self.epoch:
+            self.epoch, self.batches_done = int(epoch), 0
+        if self.batch_sampler is not None:
+            self.batch_sampler.set_epoch(self.epoch)
+        if self.stream_state is not None:
+            self.stream_state.epoch[0] = self.epoch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict):
+        self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
+        self.skipped = int(state.get("skipped", 0))
+        self.set_epoch(self.epoch)
+
+    def __iter__(self):
+        if self.batch_sampler is not None:
+            self.batch_sampler.start_batch = self.batches_done
+        if self.batches_done >= len(self):
+            return
+        for batch in self.dataloader:
+            errors = batch.pop("skipped", [])
+            if errors:
+                self.skipped += len(errors)
+                self.skipped_messages.extend(errors[:100])
+                for e in errors:
+                    log.warning("skipped unreadable sample: %s", e)
+            self.batches_done += 1
+            yield batch
+            if self.batches_done >= len(self):
+                break
+
+
+def read_build_info(build_dir) -> dict:
+    g = zarr.open_group(str(Path(build_dir) / "stats.zarr"), mode="r")
+    a = dict(g.attrs)
+    return {"W": int(a["W"]), "T": int(a["T"]), "N": int(a["N"]), "n_clips": int(a["n_clips"])}
+
+
+def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter | None = None,
+                sampler: SamplerConfig | None = None, augment: AugmentConfig | None = None, batch_size: int = 32,
+                num_workers: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1,
+                epoch_size: int | None = None, val_split: float = 0.1, pin_memory: bool = False,
+                persistent_workers: bool = False, on_error: str = "fail", shuffle_buffer: int = 1000,
+                prefetch_factor: int | None = None) -> MotionLoader:
+    """The data loader of a build folder.
+
+    split: ``train`` (weighted sampler, augmentation), ``val`` (every held-out clip once, in
+    order, no weighting or augmentation) or ``all`` (every clip, weighted like train).
+    ``epoch_size`` (clips per epoch over all ranks; default ``sampler.epoch_size``, else the
+    split's clip count) sets ``len(loader) = max(1, epoch_size // (batch_size * world_size))``.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    flt = static_filter or StaticFilter()
+    sampler = sampler or SamplerConfig()
+    root = Path(build_dir)
+    info = read_build_info(root)
+    W, T, N = info["W"], info["T"], info["N"]
+    man = pq.read_table(root / "manifest.parquet",
+                        columns=["clip_id", "source", "start_frame", "shard", "offset", "size"]).to_pydict()
+    if len(man["clip_id"]) != info["n_clips"]:
+        raise ValueError(f"{root}: manifest has {len(man['clip_id'])} clips, stats.zarr {info['n_clips']}")
+    train_rows, val_rows = split_clips(man["source"], man["start_frame"], val_split, T)
+    rows = {"train": train_rows, "val": val_rows, "all": np.arange(len(man["clip_id"]))}[split]
+    if len(rows) == 0:
+        raise ValueError(f"{root}: the {split!r} split is empty (val_split={val_split})")
+    training = split != "val"
+    aug = augment if (training and augment is not None and augment.enabled) else None
+    epoch_size = epoch_size if epoch_size is not None else sampler.epoch_size
+    worker_kw = {}
+    if num_workers > 0:
+        worker_kw = {"persistent_workers": persistent_workers}
+        if prefetch_factor is not None:
+            worker_kw["prefetch_factor"] = prefetch_factor
+
+    if training and sampler.mode == "streaming":
+        weights = clip_weights(load_dynamic_ratio(root, flt)[rows], sampler)
+        mean_w = weights.mean()
+        rel = {man["clip_id"][r]: float(w / mean_w) for r, w in zip(rows, weights)}
+        state = _StreamState(root, rel, flt, W, T - 1, N, aug, seed, rank, on_error)
+        urls = [str(root / s) for s in sorted(set(man["shard"]))]
+        pipe = _streaming_pipeline(state, urls, batch_size, shuffle_buffer)
+        n_batches = max(1, (epoch_size or len(rows)) // (batch_size * world_size))
+        import webdataset as wds
+
+        dl = wds.WebLoader(pipe, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **worker_kw)
+        dl = dl.with_epoch(n_batches)
+        return MotionLoader(dl, stream_state=state, n_batches=n_batches)
+
+    dataset = ClipDataset(root, man, flt, W, T - 1, N, aug, seed, on_error)
+    if training:
+        weights = clip_weights(load_dynamic_ratio(root, flt)[rows], sampler)
+        bs = WeightedBatchSampler(rows, weights, batch_size, epoch_size, seed, rank, world_size)
+    else:
+        bs = SequentialBatchSampler(rows, batch_size, rank, world_size)
+    dl = torch.utils.data.DataLoader(dataset, batch_sampler=bs, collate_fn=_identity, num_workers=num_workers,
+                                     pin_memory=pin_memory, **worker_kw)
+    return MotionLoader(dl, batch_sampler=bs)
+
+
+__all__ = ["make_loader", "make_batch", "MotionLoader", "ClipDataset", "parse_sample", "IndexBatch"]
