@@ -7,6 +7,7 @@ a plain config is the baseline (DESIGN.md "Config keys").
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,7 +185,7 @@ class Config:
 def _check_scalar(path: str, hint, value):
     """Light type check: numbers stay numbers, bools stay bools, strings stay strings."""
     origin = typing.get_origin(hint)
-    if origin is typing.Union:
+    if origin is typing.Union or origin is types.UnionType:
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None

@@ -1,0 +1,390 @@
+"""Train a motion tokenizer on a build folder (also under ``torchrun``).
+
+  python -m tokenizer_train train --config configs/base.yaml --data BUILD --out RUN
+  torchrun --nproc-per-node 2 -m tokenizer_train train --config ... --data BUILD --out RUN
+  python -m tokenizer_train train --resume RUN          # continue exactly where RUN stopped
+
+RUN receives config.yaml (the resolved config), run.json, metrics.jsonl (one JSON object per
+log event), tensorboard/ (event files), last.pt and best.pt (lowest val/loss_epoch).
+Override any config key with --set a.b=value (repeatable); an unknown key is an error.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from motion_data.labels import center_class
+from motion_data.loader import make_loader, read_build_info
+
+from . import checkpoint as ckpt
+from . import distributed as D
+from . import metrics as M
+from .config import Config, ConfigError, from_dict, load_config, to_dict
+from .logger import RunLogger
+from .losses import Criterion, class_counts_from_stats, code_usage_loss, entropy_weight
+from .model import MotionTokenizer
+from .schedule import build_scheduler, clip_gradients
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    p.add_argument("--config", help="YAML config (default: built-in defaults; with --resume: RUN/config.yaml)")
+    p.add_argument("--data", help="build folder from `python -m preprocess build-shards` (with --resume: as recorded in RUN/run.json)")
+    p.add_argument("--out", help="run folder to create or continue (with --resume: RUN)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set training.epochs=5 (repeatable; value parsed as YAML)")
+    p.add_argument("--resume", metavar="RUN", help="continue RUN from its last.pt: model, optimizer, scheduler, "
+                   "grad scaler, sampler position, RNG states, step and epoch")
+    p.add_argument("--debug-codes", action="store_true",
+                   help="also append the all-gathered code ids of every code-log step to RUN/debug_codes.jsonl")
+
+
+def run(args) -> int:
+    try:
+        cfg, data_dir, out_dir, resume = _resolve(args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dist = D.init(cfg.training.device)
+    try:
+        train(cfg, data_dir, out_dir, resume=resume, dist=dist, debug_codes=args.debug_codes)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        D.cleanup()
+    return 0
+
+
+def _resolve(args):
+    """(config, data dir, run dir, resume?) from the command line and, on resume, the run."""
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "last.pt").exists():
+            raise FileNotFoundError(f"{run_dir}: nothing to resume (no last.pt)")
+        if args.out and Path(args.out) != run_dir:
+            raise ValueError("--out must be omitted or equal to --resume RUN")
+        recorded = json.loads((run_dir / "run.json").read_text())
+        cfg = load_config(args.config or run_dir / "config.yaml", args.set)
+        return cfg, Path(args.data or recorded["data"]), run_dir, True
+    if not args.data or not args.out:
+        raise ValueError("--data and --out are required (or --resume RUN)")
+    return load_config(args.config, args.set), Path(args.data), Path(args.out), False
+
+
+def autocast_for(mode: str, device: torch.device):
+    if mode == "no":
+        return contextlib.nullcontext()
+    if mode == "fp16" and device.type != "cuda":
+        raise ValueError("training.mixed_precision fp16 needs CUDA (its GradScaler is CUDA-only); use bf16 on CPU")
+    return torch.autocast(device.type, dtype=torch.float16 if mode == "fp16" else torch.bfloat16)
+
+
+def make_loaders(data_dir, cfg: Config, rank: int, world_size: int):
+    """(train loader, val loader or None) of the build under the config's data section."""
+    dc, tc = cfg.data, cfg.training
+    common = dict(static_filter=dc.static_filter, batch_size=tc.batch_size, num_workers=dc.num_workers,
+                  seed=tc.seed, rank=rank, world_size=world_size, val_split=dc.val_split,
+                  persistent_workers=dc.num_workers > 0, pin_memory=torch.cuda.is_available())
+    train = make_loader(data_dir, split="train", sampler=dc.sampler, augment=dc.augment, **common)
+    val = make_loader(data_dir, split="val", **common) if dc.val_split > 0 else None
+    return train, val
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def code_scalars(prefix: str, suffix: str, codes: np.ndarray, levels, zero_codes=None, seen=None) -> tuple[dict, dict]:
+    """The seed's code statistics of a set of code ids, named ``{prefix}/..._{suffix}``."""
+    s = M.code_stats(codes, levels)
+    g = "_global" if prefix == "train" and suffix.endswith("_global") else ""
+    suf = suffix.replace("_global", "")
+    out = {f"{prefix}/unique_codes_{suf}{g}": s["unique_codes"],
+           f"{prefix}/unique_codes_raw_{suf}{g}": s["unique_codes_raw"],
+           f"{prefix}/entropy_{suf}{g}": s["entropy"],
+           f"{prefix}/entropy_norm_{suf}{g}": s["entropy_norm"],
+           f"{prefix}/perplexity_{suf}{g}": s["perplexity"]}
+    if zero_codes is not None:
+        out[f"{prefix}/zero_code_frac_{suf}{g}"] = M.zero_code_frac(codes, zero_codes)
+    if seen is not None:
+        out[f"{prefix}/effective_codebook_size_seen{g}"] = int(seen.sum())
+    return out, {f"{prefix}/code_usage_hist{g}": s["counts"]}
+
+
+class Sums:
+    """Exact (sum, count) accumulators for a step, an epoch or a validation pass."""
+
+    KEYS = ("loss", "ce", "total", "count", "correct", "nc_correct", "nc_count", "epe", "epe_count",
+            "kept", "points", "clips")
+
+    def __init__(self, values=None):
+        self.v = dict.fromkeys(self.KEYS, 0.0) if values is None else dict(values)
+
+    def add(self, **kw):
+        for k, x in kw.items():
+            self.v[k] += float(x)
+
+    def reduced(self, device) -> dict:
+        return dict(zip(self.KEYS, D.all_reduce_sum([self.v[k] for k in self.KEYS], device)))
+
+
+def batch_sums(out, batch, loss, info, total, W) -> dict:
+    logits, labels, mask = out["logits"], batch["labels"], batch["mask"]
+    n = float(info["count"])
+    c, m = M.accuracy_counts(logits, labels, mask)
+    nc, nm = M.noncenter_counts(logits, labels, mask, center_class(W))
+    kept, pts = M.dynamic_point_counts(mask)
+    return dict(loss=float(loss) * n, ce=float(info["ce"]) * n, total=float(total) * n, count=n,
+                correct=c, nc_correct=nc, nc_count=nm, kept=kept, points=pts, clips=labels.shape[0])
+
+
+# ---------------------------------------------------------------------------- validation
+@torch.no_grad()
+def evaluate(model, loader, criterion, cfg: Config, dist, W: int, zero_codes) -> tuple[dict, dict]:
+    model.eval()
+    sums, codes = Sums(), []
+    for batch in loader:
+        if len(batch["clip_id"]) == 0:
+            continue  # an empty share of a tiny validation split under DDP
+        batch = _to(batch, dist.device)
+        with autocast_for(cfg.training.mixed_precision, dist.device):
+            out = model(batch["velocities"])
+            loss, info = criterion(out["logits"], batch["labels"], batch["mask"])
+        sums.add(**batch_sums(out, batch, loss, info, loss, W))
+        sums.add(**dict(zip(("epe", "epe_count"),
+                            M.epe_px_counts(out["logits"], batch["velocities"], batch["mask"], W))))
+        codes.append(out["codes"].reshape(-1))
+    r = sums.reduced(dist.device)
+    all_codes = D.gather_codes(torch.cat(codes) if codes else torch.zeros(0, dtype=torch.int64, device=dist.device))
+    scalars = {
+        "val/loss_epoch": M.ratio((r["loss"], r["count"])),
+        "val/ce_epoch": M.ratio((r["ce"], r["count"])),
+        "val/acc_epoch": M.ratio((r["correct"], r["count"])),
+        "val/acc_noncenter_epoch": M.ratio((r["nc_correct"], r["nc_count"])),
+        "val/epe_px_epoch": M.ratio((r["epe"], r["epe_count"])),
+        "val/dynamic_point_ratio_epoch": M.ratio((r["kept"], r["points"])),
+    }
+    hists = {}
+    if all_codes.size:
+        S = len(zero_codes)
+        cs, hists = code_scalars("val", "epoch", all_codes.reshape(-1, S), cfg.model.fsq_levels, zero_codes)
+        scalars.update(cs)
+    model.train()
+    return scalars, hists
+
+
+# ---------------------------------------------------------------------------- training
+def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist: D.Dist | None = None,
+          debug_codes: bool = False, stop_after_epochs: int | None = None) -> dict:
+    """Run the loop; return the last logged values for callers and tests.
+
+    ``debug_codes``: rank 0 also appends every gathered code batch to RUN/debug_codes.jsonl.
+    ``stop_after_epochs``: return after that many epochs of this call, as if interrupted
+    (tests of exact resume).
+    """
+    dist = dist or D.Dist()
+    tc, device = cfg.training, dist.device
+    seed_everything(tc.seed)
+
+    # data
+    info = read_build_info(data_dir)
+    W, N, S = info["W"], info["N"], info["T"] - 1
+    if W != cfg.data.window_size:
+        raise ValueError(f"{data_dir}: build has W={W} but data.window_size={cfg.data.window_size}")
+    train_loader, val_loader = make_loaders(data_dir, cfg, dist.rank, dist.world_size)
+
+    # model, optimisation
+    model = MotionTokenizer(cfg.model, num_points=N, window_size=W).to(device)
+    levels, K, d = cfg.model.fsq_levels, model.codebook_size, len(cfg.model.fsq_levels)
+    seed_everything(tc.seed + 1000 * dist.rank)  # dropout and noise differ between ranks
+    net = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                         broadcast_buffers=False)
+           if dist.enabled else model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    accum = tc.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(train_loader) / accum)
+    scheduler = build_scheduler(optimizer, tc.lr_schedule, steps_per_epoch * tc.epochs, tc.learning_rate)
+    autocast_for(tc.mixed_precision, device)  # fail now on fp16 without CUDA
+    scaler = torch.amp.GradScaler("cuda", enabled=tc.mixed_precision == "fp16")
+    counts = class_counts_from_stats(data_dir, cfg.data.static_filter, W) if tc.class_weighting.method != "none" else None
+    criterion = Criterion(tc, counts, W)
+
+    # state (restored on resume)
+    step, start_epoch, start_batch, best = 0, 0, 0, math.inf
+    epoch_sums, seen, seen_g = Sums(), np.zeros(K, bool), np.zeros(K, bool)
+    if resume:
+        st = ckpt.load(out_dir / "last.pt")
+        model.load_state_dict(st["model"])
+        optimizer.load_state_dict(st["optimizer"])
+        scheduler.load_state_dict(st["scheduler"])
+        scaler.load_state_dict(st["scaler"])
+        step, start_epoch, start_batch, best = st["step"], st["epoch"], st["batches_done"], st["best_val"]
+        if start_batch:
+            epoch_sums = Sums(st["epoch_sums"])
+            seen, seen_g = st["seen"].numpy(), st["seen_global"].numpy()
+        train_loader.load_state_dict(st["loader"])
+        ckpt.set_rng_state(st["rng"])
+    logger = RunLogger(out_dir, enabled=dist.is_main)
+    if dist.is_main:
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        (out_dir / "run.json").write_text(json.dumps({
+            "data": str(data_dir), "world_size": dist.world_size, "W": W, "N": N, "T": info["T"],
+            "codebook_size": K, "train_batches_per_epoch": len(train_loader), "steps_per_epoch": steps_per_epoch,
+            "parameters": sum(p.numel() for p in model.parameters())}, indent=1))
+
+    def state(epoch, batches_done, sums, seen, seen_g):
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "rng": ckpt.rng_state(), "step": step, "epoch": epoch,
+                "batches_done": batches_done, "best_val": best, "epoch_sums": sums.v,
+                "seen": torch.from_numpy(seen.copy()), "seen_global": torch.from_numpy(seen_g.copy()),
+                "loader": {"epoch": epoch, "batches_done": batches_done, "skipped": train_loader.skipped},
+                "config": to_dict(cfg), "meta": {"W": W, "N": N, "T": info["T"], "levels": list(levels)}}
+
+    last: dict = {}
+    end_epoch = tc.epochs if stop_after_epochs is None else min(tc.epochs, start_epoch + stop_after_epochs)
+    for epoch in range(start_epoch, end_epoch):
+        train_loader.set_epoch(epoch)  # keeps a resumed mid-epoch position
+        if start_batch == 0:
+            epoch_sums, seen, seen_g = Sums(), np.zeros(K, bool), np.zeros(K, bool)
+        step_sums, step_codes, step_extra = Sums(), [], {}
+        n_batches = len(train_loader)
+        net.train()
+        bar = tqdm(total=n_batches, initial=start_batch, desc=f"epoch {epoch}", disable=not dist.is_main,
+                   dynamic_ncols=True, leave=False)
+        t_wait, t0, clips_since_log = 0.0, time.perf_counter(), 0
+        it = iter(train_loader)
+        for i in range(start_batch, n_batches):
+            tw = time.perf_counter()
+            batch = _to(next(it), device)
+            t_wait += time.perf_counter() - tw
+            boundary = (i + 1) % accum == 0 or i + 1 == n_batches
+            sync = contextlib.nullcontext() if (boundary or not dist.enabled) else net.no_sync()
+            with sync:
+                with autocast_for(tc.mixed_precision, device):
+                    out = net(batch["velocities"])
+                    loss, linfo = criterion(out["logits"], batch["labels"], batch["mask"])
+                    lam = entropy_weight(tc.code_entropy_weight, tc.code_entropy_warmup_epochs, epoch + i / n_batches)
+                    total = loss
+                    if lam > 0:
+                        term, soft = code_usage_loss(out["z_bounded"].reshape(-1, d), levels, tc.code_entropy_type,
+                                                     tc.code_entropy_temperature, distributed=dist.enabled)
+                        total = loss + lam * term
+                        step_extra["train/code_entropy_soft_step"] = float(soft)
+                scaler.scale(total / accum).backward()
+            bs = batch_sums(out, batch, loss.detach(), linfo, total.detach(), W)
+            step_sums.add(**bs)
+            clips_since_log += bs["clips"]
+            epoch_sums.add(**bs)
+            step_codes.append(out["codes"].detach())
+            step_extra["train/quant_in_std_step"] = float(out["quant_in"].detach().float().std())
+            M.update_seen(seen, out["codes"].detach().cpu().numpy())
+            bar.update(1)
+            if not boundary:
+                continue
+
+            # optimizer step
+            scaler.unscale_(optimizer)
+            grad_norm = clip_gradients(model.parameters(), tc.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+
+            scalars, hists = {}, {}
+            if step % tc.log_interval == 0:
+                r = step_sums.reduced(device)
+                elapsed = time.perf_counter() - t0
+                scalars.update({
+                    "train/loss_step": M.ratio((r["loss"], r["count"])),
+                    "train/ce_step": M.ratio((r["ce"], r["count"])),
+                    "train/loss_total_step": M.ratio((r["total"], r["count"])),
+                    "train/total_loss_step": M.ratio((r["total"], r["count"])),
+                    "train/acc_step": M.ratio((r["correct"], r["count"])),
+                    "train/acc_noncenter_step": M.ratio((r["nc_correct"], r["nc_count"])),
+                    "train/dynamic_point_ratio_step": M.ratio((r["kept"], r["points"])),
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/grad_norm": float(grad_norm),
+                    "train/code_entropy_weight": lam,
+                    "train/quant_input_tanh_scale": model.shaping.scale_value(),
+                    "perf/loader_wait_share": t_wait / max(elapsed, 1e-9),
+                    "perf/clips_per_s": clips_since_log * dist.world_size / max(elapsed, 1e-9),
+                    **step_extra,
+                })
+            if step % tc.code_interval == 0:
+                codes = torch.cat([c.reshape(-1, S) for c in step_codes])
+                zc = model.zero_codes(S).cpu().numpy()
+                local = codes.cpu().numpy()
+                gathered = D.gather_codes(codes).reshape(-1, S)
+                seen_g = D.all_reduce_any(seen_g | seen, device)
+                cs, ch = code_scalars("train", "step", local, levels, zc, seen)
+                gs, gh = code_scalars("train", "step_global", gathered, levels, zc, seen_g)
+                scalars.update(cs | gs)
+                hists.update(ch | gh)
+                if debug_codes and dist.is_main:  # lets a test recompute the *_global statistics
+                    with open(out_dir / "debug_codes.jsonl", "a") as f:
+                        f.write(json.dumps({"step": step, "gathered": gathered.tolist()}) + "\n")
+            if scalars:
+                logger.log(step, epoch, scalars, hists)
+                last.update(scalars)
+                t_wait, t0, clips_since_log = 0.0, time.perf_counter(), 0
+                step_sums_for_bar = scalars
+                bar.set_postfix(loss=f"{step_sums_for_bar.get('train/loss_step', float('nan')):.3f}",
+                                acc=f"{step_sums_for_bar.get('train/acc_step', float('nan')):.3f}",
+                                codes=step_sums_for_bar.get("train/unique_codes_step", "-"), refresh=False)
+            step_sums, step_codes, step_extra = Sums(), [], {}
+            if tc.save_interval and step % tc.save_interval == 0 and i + 1 < n_batches:
+                if dist.is_main:
+                    ckpt.save(out_dir / "last.pt", state(epoch, i + 1, epoch_sums, seen, seen_g))
+                D.barrier()
+        bar.close()
+        start_batch = 0
+
+        # end of epoch: train aggregates, validation, checkpoints
+        r = epoch_sums.reduced(device)
+        scalars = {"train/loss_epoch": M.ratio((r["loss"], r["count"])),
+                   "train/acc_epoch": M.ratio((r["correct"], r["count"])),
+                   "train/acc_noncenter_epoch": M.ratio((r["nc_correct"], r["nc_count"])),
+                   "train/dynamic_point_ratio_epoch": M.ratio((r["kept"], r["points"]))}
+        zc = model.zero_codes(S).cpu().numpy()
+        hists = {}
+        if val_loader is not None:
+            val_loader.set_epoch(epoch)
+            # the unwrapped model: no DDP collectives in a forward that a rank may skip
+            vs, hists = evaluate(model, val_loader, criterion, cfg, dist, W, zc)
+            scalars.update(vs)
+        logger.log(step, epoch, scalars, hists)
+        last.update(scalars)
+        score = scalars.get("val/loss_epoch", scalars["train/loss_epoch"])
+        improved = score < best
+        best = min(best, score)
+        if dist.is_main:
+            st = state(epoch + 1, 0, Sums(), np.zeros(K, bool), np.zeros(K, bool))
+            ckpt.save(out_dir / "last.pt", st)
+            if improved:
+                ckpt.save(out_dir / "best.pt", st)
+            print(f"epoch {epoch}: " + " ".join(f"{k}={v:.4g}" for k, v in scalars.items()
+                                                 if k in ("train/loss_epoch", "train/acc_epoch", "val/loss_epoch",
+                                                          "val/acc_epoch", "val/acc_noncenter_epoch")),
+                  file=sys.stderr, flush=True)
+        D.barrier()
+    logger.close()
+    return last
+
