@@ -11,8 +11,9 @@ Formats (``fmt``):
     ``.npy`` holds the tracks array only. ``(B, T, N, 2)`` is B independent sequences.
 ``amplify-h5``
     AMPLIFY's preprocessed LIBERO HDF5: ``root/<view>/tracks`` ``(n, 16, N, 2)`` and
-    ``root/<view>/vis`` ``(n, 16, N)``, pixels of a 128 x 128 frame. Sequence i of a view
-    starts at frame i.
+    ``root/<view>/vis`` ``(n, 16, N)`` (``visibility`` is accepted too), pixels of a
+    128 x 128 frame. Sequence i of a view starts at frame i (AMPLIFY re-initialises its
+    query grid at every frame).
 ``atm-h5``
     ATM's HDF5: ``root/<view>/tracks`` ``(1, T, N, 2)`` normalised to [0, 1],
     ``root/<view>/vis`` ``(1, T, N)``; frame size from ``root/<view>/video``'s shape
@@ -279,6 +280,14 @@ def _h5_read(path, group, name):
         raise InputError(f"{path}: cannot read {group.name}/{name} ({str(e).splitlines()[0]})") from None
 
 
+def _h5_vis(path, group):
+    """``vis`` (the issue's layout) or ``visibility`` (AMPLIFY's generic preprocessing); None if absent."""
+    for name in ("vis", "visibility"):
+        if name in group:
+            return _h5_read(path, group, name)
+    return None
+
+
 def _finite_or_raise(path, key, arr):
     arr = np.asarray(arr)
     if not np.issubdtype(arr.dtype, np.number):
@@ -369,7 +378,7 @@ def _read_amplify(path, ref_size, views) -> list[Sequence]:
         for view in _h5_views(path, root, views):
             g = root[view]
             tracks = _h5_read(path, g, "tracks")
-            vis = _h5_read(path, g, "vis") if "vis" in g else None
+            vis = _h5_vis(path, g)
             if tracks.ndim != 4:
                 raise InputError(f"{path}: {view}/tracks must be (n, T, N, 2), got shape {tracks.shape}")
             tracks, vis, sf = _batched(path, tracks, vis, np.arange(tracks.shape[0]), f"{view}/tracks")
@@ -393,7 +402,7 @@ def _read_atm(path, ref_size, image_size, views) -> list[Sequence]:
         for view in _h5_views(path, root, views):
             g = root[view]
             tracks = _h5_read(path, g, "tracks")
-            vis = _h5_read(path, g, "vis") if "vis" in g else None
+            vis = _h5_vis(path, g)
             if tracks.ndim != 4:
                 raise InputError(f"{path}: {view}/tracks must be (1, T, N, 2), got shape {tracks.shape}")
             tracks, vis, sf = _batched(path, tracks, vis, None, f"{view}/tracks")

@@ -139,6 +139,19 @@ def test_atm_h5_normalised_with_video_size(tmp_path):
     np.testing.assert_array_equal(seq.valid, v[:-1] & v[1:])
 
 
+def test_amplify_h5_visibility_key_and_top_level_views(tmp_path):
+    p = tmp_path / "flat.h5"
+    tr = RNG.uniform(2, 126, size=(3, 16, 5, 2))
+    vis = np.zeros((3, 16, 5), np.float32)
+    vis[:, :, :2] = 1.0
+    with h5py.File(p, "w") as f:
+        f.create_dataset("agentview/tracks", data=tr)
+        f.create_dataset("agentview/visibility", data=vis)
+    seqs = list(iter_sequences(p))
+    assert len(seqs) == 3
+    assert seqs[2].valid[:, :2].all() and not seqs[2].valid[:, 2:].any()
+
+
 def test_atm_h5_without_video_needs_image_size(tmp_path):
     p = tmp_path / "atm2.h5"
     tr = RNG.uniform(0, 1, size=(1, 6, 4, 2))
