@@ -281,17 +281,21 @@ class BuildError(RuntimeError):
 
 
 def open_stats(build: str | Path):
-    """The ``stats.zarr`` group of a build folder (read-only), checked against the layout."""
-    import zarr
+    """The ``stats.zarr`` group of a build folder (read-only) and its attributes.
+
+    ``store.open_store`` checks the format version and shapes; the histogram bins must also
+    be the ones this code answers thresholds with.
+    """
+    from .store import StoreError, open_store
 
     path = Path(build) / "stats.zarr"
     if not path.exists():
         raise BuildError(f"{path}: not found (is {build} a build-shards output folder?)")
     try:
-        g = zarr.open_group(str(path), mode="r")
+        g = open_store(path)
         attrs = dict(g.attrs)
-    except Exception as e:  # zarr raises several types for a damaged store
-        raise BuildError(f"{path}: cannot open ({e})") from None
+    except (StoreError, KeyError) as e:
+        raise BuildError(f"{path}: {e}") from None
     missing = [a for a in ("W", "N", "metrics", "n_clips", "hist_bin_width", "hist_nbins", "hist_rank_max")
                if a not in attrs]
     if missing:

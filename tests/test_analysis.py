@@ -302,3 +302,20 @@ def test_tune_plot_and_help(capsys):
                 "--csv", "--plot", "--exact"):
         assert opt in out
     assert "highest perplexity_ratio" in out
+
+
+def test_commands_on_a_real_build(tiny_build, tmp_path, capsys):
+    """build-shards output (conftest.tiny_build): fast and exact answers agree at bin edges."""
+    jf, ef = tmp_path / "a.json", tmp_path / "e.json"
+    assert main(["analyze", str(tiny_build), "--json", str(jf)]) == 0
+    assert main(["analyze", str(tiny_build), "--json", str(ef), "--exact", "--no-progress"]) == 0
+    fast, exact = json.loads(jf.read_text()), json.loads(ef.read_text())
+    assert fast["before"] == exact["before"] and fast["after"] == exact["after"]
+    assert sum(fast["before"]["class_counts"]) > sum(fast["after"]["class_counts"]) > 0
+    assert fast["after"]["center_prop"] < fast["before"]["center_prop"]
+    cf, xf = tmp_path / "f.csv", tmp_path / "x.csv"
+    args = ["tune-filter", str(tiny_build), "--thresholds", "0.0:0.1:0.0125", "--min-keep", "8"]
+    assert main(args + ["--csv", str(cf)]) == 0
+    assert main(args + ["--csv", str(xf), "--exact", "--no-progress"]) == 0
+    assert _read_csv(cf) == _read_csv(xf)
+    capsys.readouterr()

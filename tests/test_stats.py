@@ -108,6 +108,17 @@ def test_point_stats_matches_numpy(data):
         assert (got[m][:, :3] == 0).all() and (got[m][1] == 0).all()
 
 
+@pytest.mark.parametrize("steps", [1, 2, 21, 22, 40])
+def test_point_stats_any_step_count(steps):
+    """Short clips take the two-largest p95 path, long ones (> 21 valid steps) the sort path."""
+    rng = np.random.default_rng(steps)
+    vel, valid = random_clips(rng, C=4, T=steps, N=30, p_valid=0.9)
+    got, ref = S.point_stats(vel, valid, W), ref_point_stats(vel, valid)
+    for m in S.METRICS:
+        np.testing.assert_allclose(got[m], ref[m], atol=1e-5, rtol=1e-5, err_msg=m)
+    np.testing.assert_array_equal(got["center_count"], ref["center_count"])
+
+
 def test_point_stats_rejects_bad_shapes():
     with pytest.raises(ValueError, match="expected vel"):
         S.point_stats(np.zeros((2, 3, 4, 3)), np.zeros((2, 3, 4), bool))
