@@ -46,7 +46,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its last.pt: model, optimizer, scheduler, "
                    "grad scaler, sampler position, RNG states, step and epoch")
     p.add_argument("--debug-codes", action="store_true",
-                   help="also append the all-gathered code ids of every code-log step to RUN/debug_codes.jsonl")
+                   help="each rank also appends its code ids of every code-log step to RUN/debug_codes_rank<r>.jsonl "
+                        "(to check the *_global statistics)")
 
 
 def run(args) -> int:
@@ -195,12 +196,17 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
           debug_codes: bool = False, stop_after_epochs: int | None = None) -> dict:
     """Run the loop; return the last logged values for callers and tests.
 
-    ``debug_codes``: rank 0 also appends every gathered code batch to RUN/debug_codes.jsonl.
+    ``debug_codes``: every rank appends its code ids of each code-log step to
+    RUN/debug_codes_rank{r}.jsonl.
     ``stop_after_epochs``: return after that many epochs of this call, as if interrupted
     (tests of exact resume).
     """
     dist = dist or D.Dist()
     tc, device = cfg.training, dist.device
+    out_dir = Path(out_dir)
+    if not resume and (out_dir / "last.pt").exists():
+        raise ValueError(f"{out_dir}: already holds a run (last.pt); use --resume {out_dir} or another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(tc.seed)
 
     # data
@@ -338,9 +344,9 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
                 gs, gh = code_scalars("train", "step_global", gathered, levels, zc, seen_g)
                 scalars.update(cs | gs)
                 hists.update(ch | gh)
-                if debug_codes and dist.is_main:  # lets a test recompute the *_global statistics
-                    with open(out_dir / "debug_codes.jsonl", "a") as f:
-                        f.write(json.dumps({"step": step, "gathered": gathered.tolist()}) + "\n")
+                if debug_codes:  # each rank's own codes: a test recomputes the *_global statistics
+                    with open(out_dir / f"debug_codes_rank{dist.rank}.jsonl", "a") as f:
+                        f.write(json.dumps({"step": step, "codes": local.tolist()}) + "\n")
             if scalars:
                 logger.log(step, epoch, scalars, hists)
                 last.update(scalars)
