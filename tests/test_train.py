@@ -161,3 +161,35 @@ def test_bf16_on_cpu(build, tmp_path):
     last = train(from_dict({}, TINY + ["training.epochs=1", "training.mixed_precision=bf16", "training.device=cpu"]),
                  build, tmp_path / "r")
     assert np.isfinite(last["train/loss_epoch"]) and np.isfinite(last["val/loss_epoch"])
+
+
+def test_tokenize_writes_every_clip(build, tmp_path):
+    import pyarrow.parquet as pq
+
+    from motion_data.loader import make_loader
+    from tokenizer_train.tokenize import load_model
+
+    run = tmp_path / "run"
+    train(from_dict({}, TINY + ["training.epochs=1"]), build, run)
+    out = tmp_path / "codes.parquet"
+    assert main(["tokenize", "--run", str(run), "--data", str(build), "--out", str(out), "--batch-size", "5"]) == 0
+    t = pq.read_table(out).to_pydict()
+    man = pq.read_table(build / "manifest.parquet").to_pydict()
+    assert t["clip_id"] == man["clip_id"]
+    assert all(len(c) == 15 for c in t["codes"])
+    meta = json.loads(pq.read_schema(out).metadata[b"tokenizer"])
+    assert meta["codebook_size"] == 1920 and all(0 <= x < 1920 for c in t["codes"] for x in c)
+    # codes equal a direct forward of the trained model on the validation clips
+    model, cfg, _ = load_model(run)
+    val = make_loader(build, split="val", batch_size=4, val_split=cfg.data.val_split)
+    by_id = dict(zip(t["clip_id"], t["codes"]))
+    n = 0
+    for b in val:
+        with torch.no_grad():
+            codes = model.encode(b["velocities"])["codes"]
+        for cid, c in zip(b["clip_id"], codes.tolist()):
+            assert by_id[cid] == c
+            assert t["split"][t["clip_id"].index(cid)] == "val"
+            n += 1
+    assert n > 0
+    assert main(["tokenize", "--run", str(tmp_path / "none"), "--data", str(build), "--out", str(out)]) == 2

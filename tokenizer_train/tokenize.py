@@ -1,0 +1,112 @@
+"""Write each clip's code ids with a trained tokenizer (what a dynamics model consumes).
+
+  python -m tokenizer_train tokenize --run RUN --data BUILD --out codes.parquet
+
+The Parquet file has one row per clip of the build, in manifest order: ``clip_id`` (str),
+``split`` (train | val, under the run's data.val_split) and ``codes`` (list of int32, one
+code id per time step). The schema metadata records the run, checkpoint, FSQ levels and
+codebook size. Uses RUN/best.pt unless --checkpoint last.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from motion_data.loader import ClipDataset, read_build_info
+from motion_data.sampler import SequentialBatchSampler
+from motion_data.split import split_clips
+
+from . import checkpoint as ckpt
+from .config import ConfigError, from_dict
+from .distributed import pick_device
+from .model import MotionTokenizer
+
+
+def add_arguments(p):
+    p.add_argument("--run", required=True, help="training run folder (holds best.pt / last.pt)")
+    p.add_argument("--data", required=True, help="build folder whose clips to tokenize")
+    p.add_argument("--out", required=True, help="output Parquet file")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint (default: best)")
+    p.add_argument("--batch-size", type=int, default=256, help="clips per forward pass (default: 256)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run the model")
+
+
+def _whole_batch(batch):
+    return batch  # ClipDataset.__getitems__ already returns the batch dict
+
+
+def load_model(run_dir, which: str = "best", device="cpu"):
+    """(model in eval mode, config, checkpoint meta) of a run."""
+    st = ckpt.load(Path(run_dir) / f"{which}.pt", map_location=device)
+    cfg = from_dict(st["config"])
+    meta = st["meta"]
+    model = MotionTokenizer(cfg.model, num_points=meta["N"], window_size=meta["W"])
+    model.load_state_dict(st["model"])
+    return model.to(device).eval(), cfg, meta
+
+
+@torch.no_grad()
+def tokenize(run_dir, data_dir, out_path, which="best", batch_size=256, num_workers=0, device="cpu") -> Path:
+    device = torch.device(device)
+    model, cfg, meta = load_model(run_dir, which, device)
+    root = Path(data_dir)
+    info = read_build_info(root)
+    if (info["W"], info["N"]) != (meta["W"], meta["N"]):
+        raise ValueError(f"{root}: build has W={info['W']}, N={info['N']}; the run was trained on "
+                         f"W={meta['W']}, N={meta['N']}")
+    man = pq.read_table(root / "manifest.parquet",
+                        columns=["clip_id", "source", "start_frame", "shard", "offset", "size"]).to_pydict()
+    C = len(man["clip_id"])
+    _, val_rows = split_clips(man["source"], man["start_frame"], cfg.data.val_split, info["T"])
+    split = np.full(C, "train", dtype=object)
+    split[val_rows] = "val"
+    ds = ClipDataset(root, man, cfg.data.static_filter, info["W"], info["T"] - 1, info["N"])
+    dl = torch.utils.data.DataLoader(ds, batch_sampler=SequentialBatchSampler(np.arange(C), batch_size),
+                                     collate_fn=_whole_batch, num_workers=num_workers)
+    ids, codes = [], []
+    for batch in tqdm(dl, desc="tokenize", unit="batch", dynamic_ncols=True):
+        if not batch["clip_id"]:
+            continue
+        c = model.encode(batch["velocities"].to(device))["codes"]
+        ids.extend(batch["clip_id"])
+        codes.extend(c.cpu().numpy().astype(np.int32))
+    order = {cid: i for i, cid in enumerate(man["clip_id"])}
+    table = pa.table({"clip_id": pa.array(ids, pa.string()),
+                      "split": pa.array([split[order[i]] for i in ids], pa.string()),
+                      "codes": pa.array([c.tolist() for c in codes], pa.list_(pa.int32()))})
+    table = table.replace_schema_metadata({"tokenizer": json.dumps({
+        "run": str(run_dir), "checkpoint": which, "fsq_levels": meta["levels"],
+        "codebook_size": int(np.prod(meta["levels"])), "W": meta["W"], "N": meta["N"]})})
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return out
+
+
+def run(args) -> int:
+    try:
+        out = tokenize(args.run, args.data, args.out, args.checkpoint, args.batch_size, args.num_workers,
+                       pick_device(args.device))
+    except (FileNotFoundError, ValueError, ConfigError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
