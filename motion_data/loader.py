@@ -25,6 +25,7 @@ from __future__ import annotations
 import ast
 import logging
 import math
+import multiprocessing
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -403,12 +404,15 @@ def _streaming_pipeline(state: _StreamState, urls: list, batch_size: int, shuffl
 class MotionLoader:
     """Iterable of batches; ``len`` = batches per epoch on this rank.
 
-    Call ``set_epoch(e)`` before each epoch (a new epoch restarts at batch 0; setting the
-    current epoch again keeps a resumed position). ``state_dict()`` records the epoch and
-    the batches already *delivered* (not merely prefetched by workers);
-    ``load_state_dict()`` makes the next iteration continue with the identical remaining
-    batches (exact mode and validation). ``skipped`` counts samples dropped by
-    ``on_error="skip"``.
+    Call ``set_epoch(e)`` before each epoch: a different or finished epoch starts at batch
+    0, the current unfinished one keeps its (resumed) position. Iterating again after a
+    finished epoch without ``set_epoch`` moves on to the next epoch.
+
+    ``state_dict()`` records the epoch and the batches already *delivered* (not merely
+    prefetched by workers); after ``load_state_dict()`` the next iteration continues with the
+    identical remaining batches (exact mode and validation; streaming mode resumes with the
+    right number of remaining batches but a fresh random stream). ``skipped`` counts samples
+    dropped by ``on_error="skip"``.
     """
 
     def __init__(self, dataloader, batch_sampler=None, stream_state=None, n_batches: int = 0):
@@ -429,8 +433,11 @@ class MotionLoader:
         return len(self.batch_sampler) if self.batch_sampler is not None else self._n_batches
 
     def set_epoch(self, epoch: int):
-        if int(epoch) != self.epoch:
+        if int(epoch) != self.epoch or self.batches_done >= len(self):
             self.epoch, self.batches_done = int(epoch), 0
+        self._sync_epoch()
+
+    def _sync_epoch(self):
         if self.batch_sampler is not None:
             self.batch_sampler.set_epoch(self.epoch)
         if self.stream_state is not None:
@@ -442,13 +449,13 @@ class MotionLoader:
     def load_state_dict(self, state: dict):
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
         self.skipped = int(state.get("skipped", 0))
-        self.set_epoch(self.epoch)
+        self._sync_epoch()
 
     def __iter__(self):
+        if self.batches_done >= len(self):  # the last epoch was finished: go on with the next
+            self.set_epoch(self.epoch + 1)
         if self.batch_sampler is not None:
             self.batch_sampler.start_batch = self.batches_done
-        if self.batches_done >= len(self):
-            return
         for batch in self.dataloader:
             errors = batch.pop("skipped", [])
             if errors:
@@ -460,6 +467,15 @@ class MotionLoader:
             yield batch
             if self.batches_done >= len(self):
                 break
+
+
+def _worker_context():
+    """Workers come from a forkserver that has imported this module: forking the trainer
+    itself is unsafe once numba's OpenMP threads have run in it (the stats kernels do), and
+    spawning re-imports torch for every worker of every epoch."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["motion_data.loader"])
+    return ctx
 
 
 def read_build_info(build_dir) -> dict:
@@ -501,7 +517,7 @@ def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter 
     epoch_size = epoch_size if epoch_size is not None else sampler.epoch_size
     worker_kw = {}
     if num_workers > 0:
-        worker_kw = {"persistent_workers": persistent_workers}
+        worker_kw = {"persistent_workers": persistent_workers, "multiprocessing_context": _worker_context()}
         if prefetch_factor is not None:
             worker_kw["prefetch_factor"] = prefetch_factor
 

@@ -1,0 +1,241 @@
+import logging
+import shutil
+from collections import Counter
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from loader_fixtures import write_build
+from motion_data import shards
+from motion_data.augment import AugmentConfig
+from motion_data.labels import labels_from_px, normalize
+from motion_data.loader import _batch_kernel, make_loader, parse_sample
+from motion_data.sampler import SamplerConfig, load_dynamic_ratio
+from motion_data.split import split_clips
+from motion_data.stats import StaticFilter, keep_mask
+
+FLT = StaticFilter(enable=True, metric="p95", threshold=0.04, min_keep=16)
+WEIGHTED = SamplerConfig(method="dynamic_ratio", power=1.0, min_weight=0.05)
+
+
+def _manifest(root):
+    return pq.read_table(root / "manifest.parquet").to_pydict()
+
+
+def _reference(root, m, cid, flt):
+    """Expected batch row of a clip, via the reference reader and the core functions."""
+    i = m["clip_id"].index(cid)
+    s = shards.read_sample(root / m["shard"][i], m["offset"][i], m["size"][i], cid)
+    st = s["stats"][["mean", "p95", "max"].index(flt.metric)][None]
+    vc = s["valid"].sum(0, dtype=np.uint8)[None]
+    keep = keep_mask(st, vc, flt.threshold, flt.min_keep)[0]
+    return s, keep
+
+
+def test_batch_contract_matches_reference(tiny_build):
+    m = _manifest(tiny_build)
+    ld = make_loader(tiny_build, split="all", static_filter=FLT, sampler=WEIGHTED, batch_size=8, seed=1)
+    ld.set_epoch(0)
+    batches = list(ld)
+    assert len(batches) == len(ld) == 60 // 8
+    b = batches[0]
+    B, S, N = 8, 15, 100
+    assert b["velocities"].shape == (B, S, N, 2) and b["velocities"].dtype == torch.float32
+    assert b["labels"].shape == (B, S, N) and b["labels"].dtype == torch.int64
+    assert b["mask"].dtype == torch.bool and b["valid"].dtype == torch.bool and b["mask"].shape == (B, S, N)
+    assert b["dynamic_ratio"].shape == (B,) and b["dynamic_ratio"].dtype == torch.float32
+    assert len(b["clip_id"]) == B
+    ratio = load_dynamic_ratio(tiny_build, FLT)
+    for batch in batches[:3]:
+        for j, cid in enumerate(batch["clip_id"]):
+            s, keep = _reference(tiny_build, m, cid, FLT)
+            np.testing.assert_array_equal(batch["velocities"][j].numpy(), normalize(s["vel"]))
+            np.testing.assert_array_equal(batch["labels"][j].numpy(), labels_from_px(s["vel"]))
+            np.testing.assert_array_equal(batch["valid"][j].numpy(), s["valid"])
+            np.testing.assert_array_equal(batch["mask"][j].numpy(), keep[None] & s["valid"])
+            assert batch["dynamic_ratio"][j] == pytest.approx(ratio[m["clip_id"].index(cid)])
+    # filter off: mask == valid, ratio 1
+    b0 = next(iter(make_loader(tiny_build, split="all", static_filter=StaticFilter(enable=False), batch_size=4)))
+    assert torch.equal(b0["mask"], b0["valid"]) and (b0["dynamic_ratio"] == 1).all()
+
+
+def test_kernel_matches_label_functions():
+    rng = np.random.default_rng(0)
+    v = (rng.normal(0, 4, (3, 15, 50, 2))).astype(np.float32)
+    v[0, 0, :8, 0] = [0.5, 1.5, -0.5, 2.5, -7.5, 7.5, 100, -100]  # half-way cases and saturation
+    valid = rng.random((3, 15, 50)) < 0.8
+    keep = rng.random((3, 50)) < 0.5
+    vo, lo, mo = np.empty_like(v), np.empty(valid.shape, np.int64), np.empty_like(valid)
+    _batch_kernel(v, valid, keep, 15, vo, lo, mo)
+    np.testing.assert_array_equal(vo, normalize(v))
+    np.testing.assert_array_equal(lo, labels_from_px(v))
+    np.testing.assert_array_equal(mo, keep[:, None] & valid)
+
+
+def test_fast_parser_equals_reference_reader(tiny_build):
+    m = _manifest(tiny_build)
+    for i in range(0, 60, 7):
+        blob = (tiny_build / m["shard"][i]).read_bytes()[m["offset"][i]:m["offset"][i] + m["size"][i]]
+        fast = parse_sample(blob, m["clip_id"][i])
+        ref = shards.read_sample(tiny_build / m["shard"][i], m["offset"][i], m["size"][i], m["clip_id"][i])
+        for k in ("vel", "valid", "stats"):
+            np.testing.assert_array_equal(fast[k], ref[k])
+
+
+def test_val_loader_full_deterministic_pass(tiny_build):
+    m = _manifest(tiny_build)
+    _, val_rows = split_clips(m["source"], m["start_frame"], 0.2, 16)
+    aug = AugmentConfig(enabled=True, jitter_std=0.1, p=1.0)
+    kw = dict(split="val", static_filter=FLT, sampler=WEIGHTED, augment=aug, batch_size=3, val_split=0.2)
+    ids = [[c for b in make_loader(tiny_build, **kw) for c in b["clip_id"]] for _ in range(2)]
+    assert ids[0] == ids[1] == [m["clip_id"][r] for r in val_rows]
+    b = next(iter(make_loader(tiny_build, **kw)))
+    s, _ = _reference(tiny_build, m, b["clip_id"][0], FLT)
+    np.testing.assert_array_equal(b["velocities"][0].numpy(), normalize(s["vel"]))  # no augmentation
+    # two ranks: same batch count, disjoint, together everything
+    per = [list(make_loader(tiny_build, rank=k, world_size=2, **kw)) for k in range(2)]
+    assert len(per[0]) == len(per[1])
+    got = [c for p in per for b in p for c in b["clip_id"]]
+    assert sorted(got) == sorted(m["clip_id"][r] for r in val_rows)
+    # train and val never share a clip
+    train = {c for b in make_loader(tiny_build, split="train", batch_size=4, val_split=0.2,
+                                    sampler=SamplerConfig(), epoch_size=400) for c in b["clip_id"]}
+    assert train.isdisjoint(got)
+
+
+def _run(ld, epoch, n=None):
+    ld.set_epoch(epoch)
+    out = []
+    for b in ld:
+        out.append((b["clip_id"], b["velocities"].clone(), b["labels"].clone()))
+        if n is not None and len(out) == n:
+            break
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_identical_remaining(tiny_build, workers):
+    aug = AugmentConfig(enabled=True, scale_range=[0.8, 1.25], jitter_std=0.02, p=0.5)
+    kw = dict(split="train", static_filter=FLT, sampler=WEIGHTED, augment=aug, batch_size=4, seed=5,
+              num_workers=workers, epoch_size=40, val_split=0.1)
+    full = _run(make_loader(tiny_build, **kw), epoch=3)
+    assert len(full) == 10
+    first = make_loader(tiny_build, **kw)
+    head = _run(first, epoch=3, n=4)
+    state = first.state_dict()
+    assert state["batches_done"] == 4
+    second = make_loader(tiny_build, **kw)
+    second.load_state_dict(state)
+    rest = _run(second, epoch=3)
+    assert len(head) + len(rest) == len(full)
+    for (a_id, a_v, a_l), (b_id, b_v, b_l) in zip(head + rest, full):
+        assert a_id == b_id and torch.equal(a_v, b_v) and torch.equal(a_l, b_l)
+    # the next epoch starts from batch 0 again and differs; iterating on without
+    # set_epoch moves to the epoch after
+    nxt = _run(second, epoch=4)
+    assert len(nxt) == 10 and [x[0] for x in nxt] != [x[0] for x in full]
+    after = [b["clip_id"] for b in second]
+    assert second.epoch == 5 and after == [x[0] for x in _run(make_loader(tiny_build, **kw), epoch=5)]
+
+
+@pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true")
+def test_workers_deliver_exactly_the_draw(tiny_build):
+    kw = dict(split="all", static_filter=FLT, sampler=WEIGHTED, batch_size=5, seed=2, epoch_size=60)
+    ld = make_loader(tiny_build, num_workers=2, **kw)
+    ld.set_epoch(1)
+    got = Counter(c for b in ld for c in b["clip_id"])
+    m = _manifest(tiny_build)
+    draw = ld.batch_sampler.epoch_draw(1)[0].ravel()
+    assert got == Counter(m["clip_id"][r] for r in draw)
+    assert sum(got.values()) == 60
+    # persistent workers + pinned memory keep working across epochs
+    ld = make_loader(tiny_build, num_workers=2, persistent_workers=True, pin_memory=True, **kw)
+    counts = [len(_run(ld, e)) for e in range(2)]
+    assert counts == [len(ld)] * 2
+
+
+def _corrupt(src, tmp_path, how):
+    root = tmp_path / "b"
+    shutil.copytree(src, root)
+    m = _manifest(root)
+    shard = root / m["shard"][-1]
+    data = bytearray(shard.read_bytes())
+    if how == "truncate":
+        shard.write_bytes(data[: len(data) // 2])
+    else:
+        i = len(m["shard"]) - 1
+        off = m["offset"][i]
+        data[off:off + 512] = b"\xff" * 512  # garbage over the last sample's first header
+        shard.write_bytes(data)
+    return root, m["shard"][-1]
+
+
+@pytest.mark.parametrize("how", ["truncate", "garble"])
+def test_corrupt_shard_fails_naming_it_or_is_skipped(tmp_path, how, caplog):
+    src = write_build(tmp_path / "src", shard_sizes=(5, 3, 4))
+    root, bad = _corrupt(src, tmp_path, how)
+    kw = dict(split="all", static_filter=FLT, batch_size=4, sampler=SamplerConfig(), epoch_size=12)
+    with pytest.raises(shards.ShardError, match=bad.split("/")[-1]):
+        for _ in make_loader(root, **kw):
+            pass
+    ld = make_loader(root, on_error="skip", **kw)
+    with caplog.at_level(logging.WARNING, logger="motion_data.loader"):
+        n = sum(len(b["clip_id"]) for b in ld)
+    lost = 2 if how == "truncate" else 1  # the second half of a 4-clip shard / one sample
+    assert ld.skipped == lost and n == 12 - lost
+    assert sum("skipped unreadable sample" in r.message and bad.split("/")[-1] in r.message
+               for r in caplog.records) == lost
+    assert ld.state_dict()["skipped"] == lost
+
+
+def test_missing_shard_is_named(tmp_path):
+    root = write_build(tmp_path / "b", shard_sizes=(3, 3))
+    (root / "shards" / "shard-000001.tar").unlink()
+    with pytest.raises(shards.ShardError, match="shard-000001.tar"):
+        for _ in make_loader(root, split="all", batch_size=6, epoch_size=6):
+            pass
+
+
+def test_streaming_mode_frequencies_follow_weights(tmp_path):
+    root = write_build(tmp_path / "b", shard_sizes=(6, 2, 4), n_points=16)
+    flt = StaticFilter(enable=True, metric="p95", threshold=0.1, min_keep=2)
+    cfg = SamplerConfig(method="dynamic_ratio", power=2.0, min_weight=0.1, mode="streaming")
+    ld = make_loader(root, split="all", static_filter=flt, sampler=cfg, batch_size=8, epoch_size=8 * 600,
+                     shuffle_buffer=50, seed=3)
+    assert len(ld) == 600
+    ld.set_epoch(0)
+    seen = Counter()
+    n_batches = 0
+    for b in ld:
+        n_batches += 1
+        assert b["velocities"].shape == (8, 15, 16, 2)
+        seen.update(b["clip_id"])
+    assert n_batches == 600
+    m = _manifest(root)
+    r = load_dynamic_ratio(root, flt)
+    w = np.maximum(0.1, r) ** 2.0
+    freq = np.array([seen[c] for c in m["clip_id"]]) / sum(seen.values())
+    np.testing.assert_allclose(freq, w / w.sum(), rtol=0.15, atol=0.004)
+    assert np.corrcoef(freq, w)[0, 1] > 0.97
+
+
+def test_streaming_skips_corrupt_shard(tmp_path):
+    src = write_build(tmp_path / "src", shard_sizes=(4, 4, 4))
+    root, bad = _corrupt(src, tmp_path, "truncate")
+    cfg = SamplerConfig(mode="streaming")
+    ld = make_loader(root, split="all", sampler=cfg, batch_size=4, epoch_size=40, on_error="skip")
+    assert sum(1 for _ in ld) == 10
+    assert ld.skipped > 0 and any(bad.split("/")[-1] in msg for msg in ld.skipped_messages)
+    ld = make_loader(root, split="all", sampler=cfg, batch_size=4, epoch_size=400)
+    with pytest.raises(Exception, match=bad.split("/")[-1]):
+        for _ in ld:
+            pass
+
+
+def test_bad_arguments(tiny_build):
+    with pytest.raises(ValueError):
+        make_loader(tiny_build, split="test")
+    with pytest.raises(ValueError):
+        make_loader(tiny_build, on_error="ignore")

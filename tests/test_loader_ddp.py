@@ -1,0 +1,85 @@
+"""Two-process DDP (gloo, CPU) runs of the loader: equal batch counts, no hang."""
+import json
+import os
+import socket
+import time
+
+import pytest
+import torch.multiprocessing as mp
+
+from loader_fixtures import write_build
+
+TIMEOUT_S = 120
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, root, out):
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from motion_data.loader import make_loader
+    from motion_data.sampler import SamplerConfig
+    from motion_data.stats import StaticFilter
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    flt = StaticFilter(enable=True, min_keep=4)
+    result = {}
+    runs = {
+        "exact": dict(split="train", sampler=SamplerConfig(method="dynamic_ratio"), epoch_size=23),
+        "streaming": dict(split="train", sampler=SamplerConfig(method="dynamic_ratio", mode="streaming"),
+                          epoch_size=23),
+        "val": dict(split="val"),
+    }
+    for name, kw in runs.items():
+        ld = make_loader(root, static_filter=flt, batch_size=3, seed=4, rank=rank, world_size=world,
+                         val_split=0.3, **kw)
+        counts, ids = [], []
+        for epoch in range(2):
+            ld.set_epoch(epoch)
+            n = 0
+            for b in ld:
+                # a collective per batch: uneven batch counts would hang here (until timeout)
+                t = torch.tensor([float(len(b["clip_id"]))])
+                dist.all_reduce(t)
+                n += 1
+                if epoch == 0:
+                    ids.extend(b["clip_id"])
+            counts.append(n)
+        result[name] = {"counts": counts, "len": len(ld), "ids": ids}
+    dist.barrier()
+    dist.destroy_process_group()
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def test_two_rank_ddp_equal_batches_uneven_shards(tmp_path):
+    # shards of 7, 2 and 5 clips, 14 clips, 3 sources -> uneven everything
+    root = write_build(tmp_path / "b", shard_sizes=(7, 2, 5), sources=["x.h5", "y.h5", "z.h5"], stride=20)
+    ctx = mp.start_processes(_worker, args=(2, _free_port(), str(root), str(tmp_path)), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.time() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.time() > deadline:
+                pytest.fail(f"DDP loader run did not finish within {TIMEOUT_S}s (hang?)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+    r = [json.load(open(tmp_path / f"rank{k}.json")) for k in range(2)]
+    for name in ("exact", "streaming", "val"):
+        assert r[0][name]["counts"] == r[1][name]["counts"] == [r[0][name]["len"]] * 2, name
+    # exact: 23 clips per epoch over 2 ranks of batch 3 -> 3 batches each, disjoint draws
+    assert r[0]["exact"]["len"] == 3
+    assert len(r[0]["exact"]["ids"]) == len(r[1]["exact"]["ids"]) == 9
+    # validation: the ranks split the held-out clips without overlap
+    assert set(r[0]["val"]["ids"]).isdisjoint(r[1]["val"]["ids"])
+    assert r[0]["val"]["ids"] and r[1]["val"]["ids"]
