@@ -224,9 +224,11 @@ def dynamic_ratio(scores, valid_count, flt: StaticFilter) -> np.ndarray:
 
 
 def score_bin(scores: np.ndarray) -> np.ndarray:
-    """Histogram bin of each score (last bin = overflow)."""
-    b = np.searchsorted(HIST_EDGES, np.asarray(scores, np.float32), side="right") - 1
-    return np.clip(b, 0, HIST_NBINS - 1).astype(np.int64)
+    """Histogram bin of each score: the last float32 edge it reaches (last bin = overflow)."""
+    s = np.asarray(scores, dtype=np.float32)
+    out = np.empty(s.size, np.int64)
+    _score_bin_kernel(np.ascontiguousarray(s).reshape(-1), HIST_EDGES, HIST_BIN_WIDTH, out)
+    return out.reshape(s.shape)
 
 
 def threshold_bin(threshold: float) -> int:
@@ -243,6 +245,12 @@ def _edge_bin(s, edges, bw):
     while b > 0 and s < edges[b]:
         b -= 1
     return b
+
+
+@numba.njit(cache=True, parallel=True)
+def _score_bin_kernel(s, edges, bw, out):
+    for i in numba.prange(s.shape[0]):
+        out[i] = _edge_bin(s[i], edges, bw)
 
 
 @numba.njit(cache=True)

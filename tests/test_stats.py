@@ -193,6 +193,14 @@ def test_bins_agree_with_float32_threshold_a_few_ulps_from_each_edge():
         np.testing.assert_array_equal(S.score_bin(near) >= b, near >= edge, err_msg=f"edge {t}")
 
 
+def test_score_bin_is_the_last_float32_edge_reached():
+    rng = np.random.default_rng(3)
+    s = np.concatenate([rng.uniform(0, 0.6, 5000), S.HIST_EDGES, np.nextafter(S.HIST_EDGES, np.float32(-1)),
+                        np.nextafter(S.HIST_EDGES, np.float32(1)), [0.0, 1.0, 1.4142135]]).astype(np.float32)
+    ref = np.searchsorted(S.HIST_EDGES, s, side="right") - 1
+    np.testing.assert_array_equal(S.score_bin(s), np.clip(ref, 0, S.HIST_NBINS - 1))
+
+
 # ---------------------------------------------------------------- properties
 scores_st = hnp.arrays(np.float32, st.tuples(st.integers(1, 5), st.integers(1, 24)),
                        elements=st.floats(0, 0.5, width=32) | st.sampled_from([0.0, 0.01, 0.04, 0.0425]))
