@@ -102,23 +102,40 @@ def make_batch(vel_px: np.ndarray, valid: np.ndarray, stats: np.ndarray, clip_id
             keep = keep_mask(stats[:, METRICS.index(flt.metric)], vc, flt.threshold, flt.min_keep)
     else:
         keep = np.ones((B, N), bool)
+    v_t, v = _alloc(vel_px.shape, torch.float32)
+    lab_t, labels = _alloc(valid.shape, torch.int64)
+    mask_t, mask = _alloc(valid.shape, torch.bool)
+    valid_t, valid_out = _alloc(valid.shape, torch.bool)
+    valid_out[...] = valid
     if augment is not None and augment.enabled:
-        v = augment_batch(normalize(vel_px, W), keep, valid, augment, rng)
-        labels = labels_from_norm(v, W)
-        mask = keep[:, None, :] & valid
+        v[...] = augment_batch(normalize(vel_px, W), keep, valid, augment, rng)
+        labels[...] = labels_from_norm(v, W)
+        mask[...] = keep[:, None, :] & valid
     else:
-        v = np.empty(vel_px.shape, np.float32)
-        labels = np.empty(valid.shape, np.int64)
-        mask = np.empty(valid.shape, np.bool_)
         _batch_kernel(vel_px, valid, keep, W, v, labels, mask)
     return {
-        "velocities": torch.from_numpy(np.ascontiguousarray(v, np.float32)),
-        "labels": torch.from_numpy(labels),
-        "mask": torch.from_numpy(mask),
-        "valid": torch.from_numpy(valid),
+        "velocities": v_t,
+        "labels": lab_t,
+        "mask": mask_t,
+        "valid": valid_t,
         "clip_id": list(clip_ids),
         "dynamic_ratio": torch.from_numpy(keep.mean(axis=1, dtype=np.float32)),
     }
+
+
+def _alloc(shape, dtype):
+    """A tensor and its numpy view; inside a DataLoader worker the tensor lives in shared
+    memory from the start (as torch's default_collate does), so sending the batch to the
+    main process does not copy it again."""
+    if torch.utils.data.get_worker_info() is not None:
+        try:
+            storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape), device="cpu")
+            t = torch.empty(0, dtype=dtype).new(storage).resize_(shape)
+            return t, t.numpy()
+        except (AttributeError, RuntimeError):
+            pass
+    t = torch.empty(shape, dtype=dtype)
+    return t, t.numpy()
 
 
 # ----------------------------------------------------------------------------- fast reader

@@ -1,0 +1,137 @@
+"""Loader throughput (clips/s) with 0, 1 and 2 workers, next to the seed's old layout.
+
+Baseline (written here, as the seed's pipeline did it): one ``.pt`` file per clip holding
+normalised velocities and visibility, read with ``torch.load`` in ``__getitem__``, the
+static mask computed per clip with ``torch.quantile`` (p95 of the speed over valid steps,
+min_keep top points) and labels per clip; torch's default collate.
+New: ``motion_data.loader.make_loader`` over a ``build-shards`` output of the same clips
+(byte-range reads from the tar shards, mask/labels per batch).
+
+Both use the static filter p95@0.04 (min_keep 16), batch 64, the same worker start method
+(forkserver) and persistent workers; one warm-up epoch, then the mean of timed epochs.
+Targets (issue #3): >= 5x the baseline at each worker count, >= 5,000 clips/s with 2
+workers, for 16-frame x 400-point clips.
+
+    python benchmarks/bench_loader.py [--clips 1024 --epochs 2 --batch 64]
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from motion_data.build import build
+from motion_data.labels import labels_from_norm, normalize
+from motion_data.loader import make_loader
+from motion_data.stats import StaticFilter
+
+FLT = StaticFilter(enable=True, metric="p95", threshold=0.04, min_keep=16)
+
+
+def write_tracks(d: Path, clips: int, per_file: int = 64, grid: int = 20, T: int = 16, seed: int = 0):
+    """CoTracker-style .npz inputs: ``per_file`` one-window sequences per file, 30% moving points."""
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    xs, ys = np.meshgrid(np.linspace(8, 248, grid), np.linspace(8, 184, grid))
+    base = np.stack([xs.ravel(), ys.ravel()], -1).astype(np.float32)
+    for f, lo in enumerate(range(0, clips, per_file)):
+        B = min(per_file, clips - lo)
+        tr = np.broadcast_to(base, (B, T, base.shape[0], 2)).copy()
+        tr += rng.normal(0, 0.05, tr.shape).astype(np.float32)
+        mov = rng.random((B, 1, base.shape[0], 1)) < 0.3
+        tr += mov * np.cumsum(rng.normal(0, 1.5, (B, T, 1, 2)), 1).astype(np.float32)
+        vis = rng.random((B, T, base.shape[0])) > 0.02
+        np.savez(d / f"video_{f:04d}.npz", tracks=tr, visibility=vis, image_size=np.array([192, 256]))
+
+
+# ----------------------------------------------------------------------------- the baseline
+
+class PtClipDataset(torch.utils.data.Dataset):
+    """The seed's layout: one .pt per clip, everything per sample."""
+
+    def __init__(self, files, flt: StaticFilter):
+        self.files, self.flt = files, flt
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        d = torch.load(self.files[i], weights_only=True)
+        v, valid = d["velocities"], d["valid"]
+        speed = v.norm(dim=-1).masked_fill(~valid, float("nan"))
+        p95 = torch.nan_to_num(torch.nanquantile(speed, 0.95, dim=0), nan=0.0)
+        keep = p95 >= self.flt.threshold
+        if keep.sum() < self.flt.min_keep:
+            keep = torch.zeros_like(keep)
+            keep[torch.topk(p95, self.flt.min_keep).indices] = True
+        return {"velocities": v, "labels": labels_from_norm(v), "mask": keep[None] & valid, "valid": valid,
+                "dynamic_ratio": keep.float().mean()}
+
+
+def write_pt(build_dir: Path, d: Path) -> list[str]:
+    """The same clips as the build, one .pt file each."""
+    ld = make_loader(build_dir, split="all", batch_size=256, sampler=None, static_filter=StaticFilter())
+    d.mkdir()
+    files = []
+    for b in ld:
+        for j, cid in enumerate(b["clip_id"]):
+            p = d / f"{cid}.pt"
+            torch.save({"velocities": b["velocities"][j].clone(), "valid": b["valid"][j].clone()}, p)
+            files.append(str(p))
+    return files
+
+
+def baseline_loader(files, workers: int, batch: int):
+    kw = {}
+    if workers:
+        kw = {"persistent_workers": True, "multiprocessing_context": multiprocessing.get_context("forkserver")}
+    return torch.utils.data.DataLoader(PtClipDataset(files, FLT), batch_size=batch, shuffle=True, drop_last=True,
+                                       num_workers=workers, **kw)
+
+
+def throughput(loader, epochs: int, set_epoch=None) -> float:
+    def one(e):
+        if set_epoch:
+            set_epoch(e)
+        return sum(b["velocities"].shape[0] for b in loader)
+
+    one(0)  # warm-up: worker start, numba cache, page cache
+    t, n = time.perf_counter(), 0
+    for e in range(1, epochs + 1):
+        n += one(e)
+    return n / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clips", type=int, default=1024, help="clips in the benchmark build")
+    ap.add_argument("--epochs", type=int, default=2, help="timed epochs per configuration (after one warm-up)")
+    ap.add_argument("--batch", type=int, default=64, help="batch size")
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader worker counts")
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # the loader's process does small element-wise work; same for both
+    tmp = Path(tempfile.mkdtemp(prefix="bench_loader_"))
+    try:
+        write_tracks(tmp / "in", args.clips)
+        build([str(tmp / "in")], tmp / "build", workers=1, maxcount=256, progress=False)
+        files = write_pt(tmp / "build", tmp / "pt")
+        print(f"{len(files)} clips of 16 frames x 400 points, batch {args.batch}, filter {FLT}")
+        print(f"{'workers':>7} | {'baseline .pt clips/s':>20} | {'loader clips/s':>14} | {'speed-up':>8}")
+        for w in args.workers:
+            base = throughput(baseline_loader(files, w, args.batch), args.epochs)
+            ld = make_loader(tmp / "build", split="all", static_filter=FLT, batch_size=args.batch, num_workers=w,
+                             persistent_workers=w > 0, seed=0)
+            new = throughput(ld, args.epochs, ld.set_epoch)
+            print(f"{w:>7} | {base:>20,.0f} | {new:>14,.0f} | {new / base:>7.1f}x")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
