@@ -310,6 +310,7 @@ class ClipDataset(torch.utils.data.Dataset):
         return self.read(row)
 
     def __getitems__(self, rows) -> dict:
+        key = getattr(rows, "key", (0, 0, 0))  # IndexBatch: seeds this batch's augmentation
         rows = list(rows)
         B = len(rows)
         vel = np.empty((B, self.S, self.N, 2), np.float32)
@@ -331,7 +332,7 @@ class ClipDataset(torch.utils.data.Dataset):
         ids = [self.clip_id[r] for r, g in zip(rows, ok) if g]
         if not ok.all():
             vel, valid, st = vel[ok], valid[ok], st[ok]
-        rng = epoch_rng(self.seed, *getattr(rows, "key", (0, 0, 0)), 1)
+        rng = epoch_rng(self.seed, *key, 1)
         batch = make_batch(vel, valid, st, ids, self.flt, self.W, self.augment, rng)
         batch["skipped"] = errors
         return batch

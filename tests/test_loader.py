@@ -12,7 +12,7 @@ from motion_data import shards
 from motion_data.augment import AugmentConfig
 from motion_data.labels import labels_from_px, normalize
 from motion_data.loader import _batch_kernel, make_loader, parse_sample
-from motion_data.sampler import SamplerConfig, load_dynamic_ratio
+from motion_data.sampler import IndexBatch, SamplerConfig, load_dynamic_ratio
 from motion_data.split import split_clips
 from motion_data.stats import StaticFilter, keep_mask
 
@@ -138,6 +138,15 @@ def test_resume_mid_epoch_identical_remaining(tiny_build, workers):
     assert len(nxt) == 10 and [x[0] for x in nxt] != [x[0] for x in full]
     after = [b["clip_id"] for b in second]
     assert second.epoch == 5 and after == [x[0] for x in _run(make_loader(tiny_build, **kw), epoch=5)]
+
+
+def test_augmentation_seeded_by_batch_place(tiny_build):
+    aug = AugmentConfig(enabled=True, jitter_std=0.05, p=1.0)
+    ds = make_loader(tiny_build, split="all", static_filter=FLT, augment=aug, batch_size=4, seed=9).dataset
+    a = ds.__getitems__(IndexBatch([0, 1], (2, 0, 0)))["velocities"]
+    assert torch.equal(a, ds.__getitems__(IndexBatch([0, 1], (2, 0, 0)))["velocities"])
+    assert not torch.equal(a, ds.__getitems__(IndexBatch([0, 1], (2, 0, 1)))["velocities"])
+    assert not torch.equal(a, ds.__getitems__(IndexBatch([0, 1], (3, 0, 0)))["velocities"])
 
 
 @pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true")
