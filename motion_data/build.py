@@ -40,6 +40,8 @@ WORK = ".work"
 BUILD_FORMAT = 1
 DEFAULT_MAXCOUNT = 1000
 DEFAULT_FILTER = StaticFilter(True, "p95", 0.04, 16)
+# fixed member time: the same build gives byte-identical shards (any worker count, resumed or not)
+SHARD_MTIME = 0
 
 
 class BuildError(RuntimeError):
@@ -148,26 +150,79 @@ def load_input(task) -> dict:
             "valid": np.concatenate(valid), "sequence": np.concatenate(seq), "start_frame": np.concatenate(start)}
 
 
-def _ordered_results(tasks, workers: int):
-    """Results of ``load_input`` in task order; at most 2 tasks per worker in flight."""
-    if workers <= 1:
-        for t in tasks:
-            yield load_input(t)
-        return
-    # fork before the main process starts numba threads; workers never run numba
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    ex = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+def _worker_init():
+    # each worker is one core's worth of work; numba threads would oversubscribe
+    import numba
+
+    numba.set_num_threads(1)
+
+
+def _numba_threads_started() -> bool:
     try:
+        from numba.np.ufunc import parallel
+        return bool(parallel._is_initialized)
+    except (ImportError, AttributeError):
+        return True
+
+
+def _mp_context():
+    # never plain fork: the main process may already run OpenMP threads (numba), which a
+    # forked child cannot use; the fork server is started clean and preloads this module
+    methods = mp.get_all_start_methods()
+    if "fork" in methods and not _numba_threads_started():
+        return mp.get_context("fork")  # cheapest start, safe while no numba thread exists here
+    if "forkserver" in methods:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+        return ctx
+    return mp.get_context("spawn")
+
+
+class _Runner:
+    """Runs file loads (results in task order) and shard writes, inline or in a pool.
+
+    With a pool, the main process only packs clips into shards; loading, statistics,
+    histograms and tar writing all run in the workers. At most ``2 * workers`` loads and
+    ``2 * workers`` shard writes are in flight, which bounds memory.
+    """
+
+    def __init__(self, workers: int):
+        self.workers = max(1, int(workers))
+        self.ex = None
+        if self.workers > 1:
+            self.ex = ProcessPoolExecutor(max_workers=self.workers, mp_context=_mp_context(),
+                                          initializer=_worker_init)
+        self.writes: deque = deque()
+
+    def loads(self, tasks):
+        if self.ex is None:
+            for t in tasks:
+                yield load_input(t)
+            return
         it = iter(tasks)
-        pending = deque(ex.submit(load_input, t) for _, t in zip(range(2 * workers), it))
+        pending = deque(self.ex.submit(load_input, t) for _, t in zip(range(2 * self.workers), it))
         while pending:
             r = pending.popleft().result()
             t = next(it, None)
             if t is not None:
-                pending.append(ex.submit(load_input, t))
+                pending.append(self.ex.submit(load_input, t))
             yield r
-    finally:
-        ex.shutdown(wait=True, cancel_futures=True)
+
+    def write(self, *args) -> None:
+        if self.ex is None:
+            write_shard_and_record(*args)
+            return
+        self.writes.append(self.ex.submit(write_shard_and_record, *args))
+        while len(self.writes) > 2 * self.workers:
+            self.writes.popleft().result()
+
+    def drain(self) -> None:
+        while self.writes:
+            self.writes.popleft().result()
+
+    def close(self) -> None:
+        if self.ex is not None:
+            self.ex.shutdown(wait=True, cancel_futures=True)
 
 
 # ------------------------------------------------------------------ per-shard work
@@ -210,15 +265,16 @@ def _save_npz(path: Path, **arrays):
 class _Ctx:
     out: Path
     work: Path
-    sources: list[str]      # this build's input paths, local index -> path
-    hashes: list[str]
     W: int
     ref_size: int
     flt: StaticFilter
 
 
-def write_shard_and_record(ctx: _Ctx, k: int, clips: dict, cursor, finished: list, N: int) -> int:
-    """Stats + histograms over the shard's clips (one kernel call each), tar, then record."""
+def write_shard_and_record(ctx: _Ctx, k: int, clips: dict, names: dict, cursor, finished: list, N: int) -> int:
+    """Stats + histograms over the shard's clips (one kernel call each), tar, then record.
+
+    ``names`` maps the shard's input indices to ``(path, hash8)``.
+    """
     vel, valid = clips["vel"], clips["valid"]
     C, S = valid.shape[:2]
     st = point_stats(vel, valid, ctx.W)
@@ -226,11 +282,11 @@ def write_shard_and_record(ctx: _Ctx, k: int, clips: dict, cursor, finished: lis
     samples = []
     for i in range(C):
         j, sq, sf = int(clips["input"][i]), int(clips["sequence"][i]), int(clips["start_frame"][i])
-        src = ctx.sources[j]
-        cid = mf.clip_id(src, sq, sf, ctx.hashes[j])
+        src, h8 = names[j]
+        cid = mf.clip_id(src, sq, sf, h8)
         meta = {"source": src, "sequence": sq, "start_frame": sf, "ref_size": ctx.ref_size, "W": ctx.W}
         samples.append(encode_sample(cid, vel[i], valid[i], stats3[i], meta))
-    index = write_shard(ctx.out / "shards" / shard_name(k), samples)
+    index = write_shard(ctx.out / "shards" / shard_name(k), samples, mtime=SHARD_MTIME)
     hist = {}
     for m in METRICS:
         points, topk = class_histograms(vel, valid, st[m], st["valid_count"], ctx.W)
@@ -345,7 +401,8 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
         tmp.write_text(json.dumps(fingerprint, indent=1))
         os.replace(tmp, work / "config.json")
 
-    ctx = _Ctx(out, work, sources, [mf.source_hash8(s) for s in sources], W, ref_size, build_filter)
+    ctx = _Ctx(out, work, W, ref_size, build_filter)
+    hashes = [mf.source_hash8(x) for x in sources]
     recs = _load_records(work, out)
     infos: dict[int, dict] = {}
     for r in recs:
@@ -360,6 +417,7 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
     tasks = ((j, sources[j], fmt, ref_size, tuple(image_size) if image_size is not None else None,
               tuple(views) if views else None, window, stride) for j in range(j0, M))
     from tqdm import tqdm
+    runner = _Runner(workers)
     bar = tqdm(total=None, unit="clip", desc="build-shards", disable=not progress, file=sys.stderr,
                initial=sum(len(r["input"]) for r in recs))
     buf: deque = deque()          # (j, first clip index, arrays dict), oldest first
@@ -395,7 +453,8 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
             cursor = (jf, waiting[0][0]["clips"] - waiting[0][1])
         else:
             cursor = (last_j + 1, 0)
-        write_shard_and_record(ctx, k, clips, cursor, finished, N)
+        names = {int(jj): (sources[jj], hashes[jj]) for jj in np.unique(clips["input"])}
+        runner.write(ctx, k, clips, names, cursor, finished, N)
         for f in finished:
             infos[f["j"]] = f
         k += 1
@@ -403,7 +462,7 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
 
     last_j = j0 - 1
     try:
-        for res in _ordered_results(tasks, workers):
+        for res in runner.loads(tasks):
             j = res["j"]
             last_j = j
             err = res["error"]
@@ -432,18 +491,21 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
                 emit(maxcount)
         if buffered:
             emit(buffered)
+        runner.drain()
     finally:
+        runner.close()
         bar.close()
     for w in waiting:  # trailing inputs with no clip left to place (skipped ones)
         infos[w[0]["j"]] = w[0]
     t_stream = time.perf_counter() - t0
-    summary = finalize(out, ctx, config, fingerprint, in_stats, globals_, len(all_inputs), infos, k, command,
+    summary = finalize(out, ctx, sources, hashes, config, fingerprint, in_stats, globals_, len(all_inputs), infos, k,
+                       command,
                        on_error=on_error, workers=workers, resumed=resumed, new_clips=new_clips, t0=t0,
                        t_stream=t_stream)
     return summary
 
 
-def finalize(out: Path, ctx: _Ctx, config, fingerprint, in_stats, globals_, n_all, infos, n_shards, command, *,
+def finalize(out: Path, ctx: _Ctx, sources, hashes, config, fingerprint, in_stats, globals_, n_all, infos, n_shards, command, *,
              on_error, workers, resumed, new_clips, t0, t_stream) -> dict:
     work = ctx.work
     recs = _load_records(work, out)
@@ -463,9 +525,9 @@ def finalize(out: Path, ctx: _Ctx, config, fingerprint, in_stats, globals_, n_al
             for m in METRICS:
                 _add_sparse(hists[m][0], r[f"{m}_points_idx"], r[f"{m}_points_val"])
                 _add_sparse(hists[m][1], r[f"{m}_topk_idx"], r[f"{m}_topk_val"])
-            src = [ctx.sources[j] for j in r["input"]]
+            src = [sources[j] for j in r["input"]]
             cols["source"] += src
-            cols["clip_id"] += [mf.clip_id(s, q, f, ctx.hashes[j])
+            cols["clip_id"] += [mf.clip_id(s, q, f, hashes[j])
                                 for s, j, q, f in zip(src, r["input"], r["sequence"], r["start_frame"])]
             cols["shard"] += [f"shards/{shard_name(kk)}"] * len(src)
             for c in ("sequence", "start_frame", "offset", "size"):

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,26 +42,31 @@ def encode_sample(clip_id: str, vel: np.ndarray, valid: np.ndarray, stats: np.nd
     }
 
 
-def write_shard(path: str | os.PathLike, samples: list[dict]) -> list[tuple[str, int, int]]:
+def write_shard(path: str | os.PathLike, samples: list[dict], mtime: int | None = None) -> list[tuple[str, int, int]]:
     """Write ``samples`` (from ``encode_sample``) to ``path`` atomically.
 
     Returns ``[(key, offset, size), ...]`` in sample order. The tar is written under a
     temporary name and renamed only when complete, so a final name never holds a partial
-    shard.
+    shard. ``mtime`` (integer seconds; default now) is every member's time: a fixed value
+    makes the bytes reproducible. An integer time also keeps the tar headers plain ustar
+    (a float one costs an extra pax header per member).
     """
     path = Path(path)
+    keys = [s["__key__"] for s in samples]
+    if len(set(keys)) != len(keys):
+        raise ShardError(f"{path}: duplicate clip id among the samples")
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    index = []
     with open(tmp, "wb") as f:
-        with wds.TarWriter(f) as sink:
+        with wds.TarWriter(f, mtime=int(time.time()) if mtime is None else int(mtime)) as sink:
+            # the tar stream's logical offset gives each sample's byte range without
+            # re-reading the file (what index_shard would find: first header .. padded end)
             for s in samples:
+                start = sink.tarstream.offset
                 sink.write(s)
+                index.append((s["__key__"], start, sink.tarstream.offset - start))
         f.flush()
         os.fsync(f.fileno())
-    index = index_shard(tmp)
-    keys = [s["__key__"] for s in samples]
-    if [k for k, _, _ in index] != keys:
-        tmp.unlink(missing_ok=True)
-        raise ShardError(f"{path}: written members do not match the samples (duplicate clip id?)")
     os.replace(tmp, path)
     return index
 

@@ -267,6 +267,9 @@ def test_workers_do_not_change_the_output(tiny_tracks, tiny_build, tmp_path):
     s = bld.build([str(tiny_tracks)], out, maxcount=TINY_MAXCOUNT, workers=2, progress=False)
     assert s["clips"] == 60
     assert_same_content(out, tiny_build)
+    for i in range(3):  # byte-identical, not just equal content
+        name = f"shards/shard-{i:06d}.tar"
+        assert (out / name).read_bytes() == (tiny_build / name).read_bytes()
 
 
 def test_resume_after_an_exception_mid_build(tiny_tracks, tiny_build, tmp_path, monkeypatch):

@@ -1,0 +1,83 @@
+"""build-shards end to end from track files (tracking excluded): clips/s with 1 and 2 workers.
+
+Writes CoTracker-style .npz files (N = 400 points, 20x20 grid) to a temporary folder, builds
+them once per worker count (each in a fresh interpreter, as the CLI runs) into fresh folders and prints the figures side by side.
+Target (issue #2): >= 2,000 clips/s on 2 cores.
+
+    python benchmarks/bench_build.py [--files 48 --seqs 8 --frames 96 --maxcount 500]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+
+def write_inputs(d: Path, files: int, seqs: int, frames: int, grid: int = 20, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    xs, ys = np.meshgrid(np.linspace(8, 248, grid), np.linspace(8, 184, grid))
+    base = np.stack([xs.ravel(), ys.ravel()], -1).astype(np.float32)
+    N = base.shape[0]
+    for f in range(files):
+        tr = np.broadcast_to(base, (seqs, frames, N, 2)).copy()
+        tr += rng.normal(0, 0.05, tr.shape).astype(np.float32)
+        mov = rng.random((seqs, 1, N, 1)) < 0.3
+        tr += mov * np.cumsum(rng.normal(0, 1.5, (seqs, frames, 1, 2)), 1).astype(np.float32)
+        vis = rng.random((seqs, frames, N)) > 0.02
+        np.savez(d / f"video_{f:04d}.npz", tracks=tr, visibility=vis, image_size=np.array([192, 256]))
+
+
+def _one_build(inp: str, out: str, maxcount: int, workers: int) -> None:
+    """Runs in a fresh interpreter, as the CLI would: prints seconds and clip count."""
+    from motion_data.build import build
+
+    t = time.perf_counter()
+    s = build([inp], out, maxcount=maxcount, workers=workers, progress=False)
+    print(json.dumps({"seconds": time.perf_counter() - t, "clips": s["clips"], "shards": s["shards"]}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--files", type=int, default=48, help="track files to generate")
+    ap.add_argument("--seqs", type=int, default=8, help="sequences per file")
+    ap.add_argument("--frames", type=int, default=96, help="frames per sequence")
+    ap.add_argument("--maxcount", type=int, default=500, help="clips per shard")
+    ap.add_argument("--workers", default="1,2", help="worker counts to compare")
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="bench_build_"))
+    try:
+        inp = root / "in"
+        inp.mkdir()
+        write_inputs(inp, args.files, args.seqs, args.frames)
+        rows = []
+        for w in (int(x) for x in args.workers.split(",")):
+            out = root / f"out_w{w}"
+            # a fresh interpreter per run, like the CLI (the pool start is part of the cost)
+            code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_build; "
+                    f"bench_build._one_build({str(inp)!r}, {str(out)!r}, {args.maxcount}, {w})")
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            d = json.loads(r.stdout.strip().splitlines()[-1])
+            rows.append((w, d["clips"], d["shards"], d["seconds"], d["clips"] / d["seconds"]))
+            shutil.rmtree(out)
+        print(f"build-shards from track files: {args.files} files x {args.seqs} seqs x {args.frames} frames, "
+              f"N=400, window 16 / stride 8, maxcount {args.maxcount}, {os.cpu_count()} CPUs visible, "
+              f"load average {os.getloadavg()[0]:.1f}")
+        print(f"{'workers':>8} {'clips':>7} {'shards':>7} {'seconds':>8} {'clips/s':>9} {'vs 1 worker':>12}")
+        for w, c, sh, dt, rate in rows:
+            print(f"{w:>8} {c:>7} {sh:>7} {dt:>8.2f} {rate:>9.0f} {rate / rows[0][4]:>11.2f}x")
+        print("target: >= 2000 clips/s on 2 cores (time inside build(), interpreter start excluded)")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
