@@ -59,9 +59,15 @@ def load_dynamic_ratio(build_dir, flt: StaticFilter) -> np.ndarray:
     import zarr
 
     g = zarr.open_group(str(Path(build_dir) / "stats.zarr"), mode="r")
+    n = int(g.attrs["n_clips"])
     if not flt.enable:
-        return np.ones(int(g.attrs["n_clips"]), np.float32)
-    return dynamic_ratio(g[f"stats/{flt.metric}"][...], g["stats/valid_count"][...], flt)
+        return np.ones(n, np.float32)
+    scores, vc = g[f"stats/{flt.metric}"], g["stats/valid_count"]
+    out = np.empty(n, np.float32)
+    step = 1 << 16  # bounded memory: 65536 clips x N points at a time
+    for lo in range(0, n, step):
+        out[lo:lo + step] = dynamic_ratio(scores[lo:lo + step], vc[lo:lo + step], flt)
+    return out
 
 
 def epoch_rng(seed: int, epoch: int, *stream: int) -> np.random.Generator:
