@@ -91,3 +91,9 @@ def test_dynamic_point_counts():
     mask[0, 2, 2] = True
     mask[1, 0, 0] = True
     assert M.dynamic_point_counts(mask) == (2, 8)
+
+
+def test_accuracy_accepts_predicted_ids():
+    labels = torch.tensor([[1, 2, 3]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    assert M.accuracy_counts(torch.tensor([[1, 0, 3]]), labels, mask) == (2.0, 3)

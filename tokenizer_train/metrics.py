@@ -78,8 +78,9 @@ def zero_code_frac(codes, zero_codes) -> float:
 
 # ------------------------------------------------------------------ prediction quality
 def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
-    """(correct, count) of argmax predictions over the mask."""
-    pred = logits.argmax(-1)
+    """(correct, count) of argmax predictions over the mask; ``logits`` may also be the
+    predicted class ids already (same shape as labels), to take the argmax once."""
+    pred = logits.argmax(-1) if logits.dim() == labels.dim() + 1 else logits
     m = mask.bool()
     return float(((pred == labels) & m).sum()), int(m.sum())
 

@@ -149,8 +149,9 @@ class Sums:
 def batch_sums(out, batch, loss, info, total, W) -> dict:
     logits, labels, mask = out["logits"], batch["labels"], batch["mask"]
     n = float(info["count"])
-    c, m = M.accuracy_counts(logits, labels, mask)
-    nc, nm = M.noncenter_counts(logits, labels, mask, center_class(W))
+    pred = logits.detach().argmax(-1)
+    c, m = M.accuracy_counts(pred, labels, mask)
+    nc, nm = M.noncenter_counts(pred, labels, mask, center_class(W))
     kept, pts = M.dynamic_point_counts(mask)
     return dict(loss=float(loss) * n, ce=float(info["ce"]) * n, total=float(total) * n, count=n,
                 correct=c, nc_correct=nc, nc_count=nm, kept=kept, points=pts, clips=labels.shape[0])
