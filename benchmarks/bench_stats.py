@@ -1,6 +1,6 @@
 """Per-point statistics: numba kernel vs numpy reference vs the old per-clip torch.quantile loop.
 
-    python benchmarks/bench_stats.py [--clips 100000] [--chunk 2500] [--slow-clips 5000]
+    python benchmarks/bench_stats.py [--clips 100000] [--chunk 2500] [--slow-clips 2000]
 
 All three compute mean/p95/max of ||v_norm|| over the valid steps of each point (plus the
 kernel's centre count) on clips of 15 steps x 400 points with ~10% masked steps. The kernel
@@ -62,7 +62,7 @@ def main():
     ap.add_argument("--clips", type=int, default=100_000, help="clips through the kernel")
     ap.add_argument("--chunk", type=int, default=2500, help="clips per chunk")
     ap.add_argument("--pool", type=int, default=4, help="distinct chunks generated and cycled")
-    ap.add_argument("--slow-clips", type=int, default=5000, help="clips timed for each baseline")
+    ap.add_argument("--slow-clips", type=int, default=2000, help="clips timed for each baseline")
     a = ap.parse_args()
     import numba
     import torch
