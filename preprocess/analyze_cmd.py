@@ -4,7 +4,7 @@ Prints the seed's dataset figures -- dynamic_point_ratio, center_prop, perplexit
 the W*W class counts -- for every point kept ("before") and under the filter ("after"),
 answered from the histograms in OUT/stats.zarr (no pass over the shards; exact at thresholds
 that are multiples of the histogram bin width, 0.0025). --exact recomputes from the per-clip
-scores and the shards' labels instead. --json writes {"filter", "before", "after"}; --plot
+scores and the shards' labels instead. --json writes {"filter", "source", "before", "after"}; --plot
 writes a PNG with the label heatmap on the W x W window and the per-point speed histogram,
 before and after.
 """
