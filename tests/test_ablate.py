@@ -1,0 +1,100 @@
+"""Ablation runner: variants files, config resolution, results table, resume without rerun."""
+import csv
+import json
+
+import pytest
+
+from tokenizer_train import ablate as AB
+from tokenizer_train.__main__ import main
+from tokenizer_train.config import ConfigError
+
+TINY = ["model.hidden_dim=16", "model.num_layers=1", "model.num_heads=2", "training.batch_size=8",
+        "training.log_interval=1", "data.val_split=0.25", "training.device=cpu"]
+
+
+def test_default_variants_resolve_against_base():
+    variants = AB.load_variants(AB.DEFAULT_VARIANTS)
+    seed_stages = {"entropy", "balanced", "ring_decay", "focal", "layernorm", "rmsnorm", "tanh_scale", "noise",
+                   "sampler", "augment", "recommended"}
+    assert seed_stages <= set(variants)
+    base = AB.resolve(AB.CONFIG_DIR / "base.yaml", {})
+    for name, ov in variants.items():
+        assert ov, name
+        cfg = AB.resolve(AB.CONFIG_DIR / "base.yaml", ov, epochs=3, seed=1)
+        assert cfg != base, name  # every variant changes something
+        assert cfg.training.epochs == 3 and cfg.training.seed == 1
+    assert AB.resolve(AB.CONFIG_DIR / "base.yaml", variants["sampler"]).data.sampler.method == "dynamic_ratio"
+
+
+def test_variants_file_include_order_and_errors(tmp_path):
+    (tmp_path / "rec.yaml").write_text("training:\n  focal:\n    enabled: true\n    gamma: 1.0\n")
+    (tmp_path / "v.yaml").write_text("combo:\n  include: rec.yaml\n  training.focal.gamma: 3.0\n"
+                                     "plain:\n  training.code_entropy_weight: 0.1\n")
+    v = AB.load_variants(tmp_path / "v.yaml")
+    assert v["combo"] == {"training.focal.enabled": True, "training.focal.gamma": 3.0}
+    # variant overrides first, then the common --set
+    cfg = AB.resolve(None, v["combo"], ["training.focal.gamma=0.5"])
+    assert cfg.training.focal.enabled and cfg.training.focal.gamma == 0.5
+    (tmp_path / "bad.yaml").write_text("baseline:\n  training.epochs: 2\n")
+    with pytest.raises(ConfigError, match="reserved"):
+        AB.load_variants(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="training.focal.gama"):
+        AB.resolve(None, {"training.focal.gama": 1.0})
+
+
+def test_ablate_writes_table_and_does_not_rerun(tiny_build, tmp_path, capsys):
+    (tmp_path / "v.yaml").write_text("entropy:\n  training.code_entropy_weight: 0.1\n"
+                                     "ring:\n  training.class_weighting.method: ring_decay\n"
+                                     "  training.class_weighting.center_gamma: 0.2\n")
+    out = tmp_path / "abl"
+    argv = ["ablate", "--data", str(tiny_build), "--out", str(out), "--variants", str(tmp_path / "v.yaml"),
+            "--epochs", "1", "--seeds", "0", "--no-progress"] + [a for s in TINY for a in ("--set", s)]
+    assert main(argv) == 0
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["variant"] for r in rows] == ["baseline", "entropy", "ring"]
+    assert set(AB.csv_columns()) == set(rows[0])
+    for col in ("unique_codes", "entropy_norm", "perplexity", "acc", "acc_noncenter", "epe_px", "zero_code_share"):
+        assert rows[0][col] != "nan" and float(rows[0][f"{col}_delta"]) == 0.0
+        assert rows[1][col] != "nan"
+    assert 0 <= float(rows[0]["acc"]) <= 1 and float(rows[0]["epe_px"]) > 0
+    assert int(rows[1]["gates_total"]) > 0 and rows[0]["gates_total"] == "0"
+    md = (out / "results.md").read_text()
+    assert "| baseline |" in md and "| ring |" in md and "val non-centre acc" in md
+    for png in ("code_usage.png", "entropy.png", "accuracy.png"):
+        assert (out / png).stat().st_size > 1000
+    for v in ("baseline", "entropy", "ring"):
+        assert (out / "runs" / v / "seed0" / "done.json").exists()
+        assert (out / "runs" / v / "seed0" / "tensorboard").is_dir()
+    assert "| entropy |" in capsys.readouterr().out
+
+    # second call: every run is finished, the trainer is never called, same table
+    def boom(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    variants = AB.load_variants(tmp_path / "v.yaml")
+    table = AB.ablate(None, tiny_build, out, variants, [0], TINY, 1, progress=False, plots=False, train_fn=boom)
+    assert [r["variant"] for r in table] == ["baseline", "entropy", "ring"]
+    assert table[1]["acc"] == pytest.approx(float(rows[1]["acc"]), rel=1e-5)
+    assert json.loads((out / "status.json").read_text()) == {f"{v}/seed0": "done" for v in ("baseline", "entropy", "ring")}
+
+    # a finished run with a different config is refused, not silently reused
+    with pytest.raises(ValueError, match="different config"):
+        AB.ablate(None, tiny_build, out, variants, [0], TINY, 2, progress=False, plots=False, train_fn=boom)
+
+
+def test_aggregate_mean_spread_and_deltas():
+    per = {("baseline", 0): {c: 1.0 for c, _, _ in AB.METRICS}, ("baseline", 1): {c: 3.0 for c, _, _ in AB.METRICS},
+           ("v", 0): {c: 2.0 for c, _, _ in AB.METRICS}, ("v", 1): {c: 6.0 for c, _, _ in AB.METRICS}}
+    t = AB.aggregate(per, {("v", 0): [], ("v", 1): []}, ["baseline", "v"], [0, 1])
+    assert t[1]["acc"] == 4.0 and t[1]["acc_std"] == 2.0
+    assert t[1]["acc_delta"] == 2.0 and t[1]["acc_delta_std"] == 1.0  # deltas 1 and 3
+    assert t[0]["acc_delta"] == 0.0
+
+
+def test_cli_errors(tiny_build, tmp_path, capsys):
+    assert main(["ablate", "--data", str(tiny_build), "--out", str(tmp_path / "o"), "--seeds", "0,0"]) == 2
+    assert "distinct" in capsys.readouterr().err
+    assert main(["ablate", "--data", str(tiny_build), "--out", str(tmp_path / "o"), "--only", "nope"]) == 2
+    assert "unknown variant" in capsys.readouterr().err
+    assert main(["ablate", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2

@@ -1,0 +1,417 @@
+"""Train the baseline and each mitigation on the same data, split and seeds; compare them.
+
+  python -m tokenizer_train ablate --config configs/base.yaml --data BUILD --out DIR \\
+      [--variants configs/variants.yaml] [--epochs N] [--seeds 0,1] [--set k=v ...]
+
+Each run's config is: --config, then the variant's overrides, then the --set overrides
+(common to every run, e.g. the model size or the static filter, so that every variant sees
+the same loss mask), then --epochs and the seed. The baseline is --config alone.
+
+A variants file maps a name to dotted overrides; ``include: FILE`` (relative to the
+variants file) first applies every leaf of that YAML file, e.g. the recommended config:
+
+  entropy:
+    training.code_entropy_weight: 0.1
+  recommended:
+    include: recommended.yaml
+
+DIR/runs/<variant>/seed<k>/ holds each training run (TensorBoard logs, metrics.jsonl,
+checkpoints) and, once finished, done.json; a run with done.json is not rerun, an
+interrupted one resumes from its last.pt. DIR/results.csv and DIR/results.md get one row per
+variant: unique codes, normalised entropy and perplexity (train steps of the last epoch,
+as the seed logs them), accuracy, non-centre accuracy, EPE in px and the zero-motion code
+share (validation, last epoch), each as mean ± spread (std over seeds) and as delta against
+the baseline of the same seed, plus how many acceptance gates (``check``) the variant
+passes against that baseline. Plots: DIR/code_usage.png, DIR/entropy.png, DIR/accuracy.png.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+from . import check as C
+from .config import Config, ConfigError, _set_path, from_dict, to_dict
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_VARIANTS = CONFIG_DIR / "variants.yaml"
+BASELINE = "baseline"
+DONE = "done.json"
+
+# (column, metrics.jsonl tag, how): "late" = mean over the last 20% of the step logs of the
+# last epoch; "last" = value of the last epoch (validation, or the train tag without val)
+METRICS = [
+    ("unique_codes", "train/unique_codes_step", "late"),
+    ("entropy_norm", "train/entropy_norm_step", "late"),
+    ("perplexity", "train/perplexity_step", "late"),
+    ("acc", "val/acc_epoch", "last"),
+    ("acc_noncenter", "val/acc_noncenter_epoch", "last"),
+    ("epe_px", "val/epe_px_epoch", "last"),
+    ("zero_code_share", "val/zero_code_frac_epoch", "last"),
+]
+FALLBACK = {"val/acc_epoch": "train/acc_epoch", "val/acc_noncenter_epoch": "train/acc_noncenter_epoch",
+            "val/zero_code_frac_epoch": "train/zero_code_frac_step"}
+
+
+# --------------------------------------------------------------------------- variants
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists are leaves)."""
+    out = {}
+    for k, v in (tree or {}).items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_variants(path: str | Path) -> dict[str, dict]:
+    """``{name: {dotted key: value}}`` of a variants file, ``include:`` expanded."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    out = {}
+    for name, spec in raw.items():
+        name = str(name)
+        if name == BASELINE:
+            raise ConfigError(f"{path}: '{BASELINE}' is reserved (it is --config without overrides)")
+        if not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"{path}: variant name {name!r} must be letters, digits, '-' or '_'")
+        spec = dict(spec or {})
+        ov = {}
+        inc = spec.pop("include", None)
+        if inc is not None:
+            ov.update(flatten(_read_yaml(path.parent / inc)))
+        ov.update(flatten(spec))
+        out[name] = ov
+    return out
+
+
+def resolve(base_cfg: str | Path | None, overrides: dict, sets=(), epochs: int | None = None,
+            seed: int | None = None) -> Config:
+    """The config of one run: base file, then variant overrides, then --set, epochs, seed."""
+    tree = _read_yaml(Path(base_cfg)) if base_cfg else {}
+    try:
+        for k, v in overrides.items():
+            _set_path(tree, k, v)
+        extra = list(sets)
+        if epochs is not None:
+            extra.append(f"training.epochs={int(epochs)}")
+        if seed is not None:
+            extra.append(f"training.seed={int(seed)}")
+        return from_dict(tree, extra)
+    except ConfigError as e:
+        raise ConfigError(f"{base_cfg or 'defaults'}: {e}") from None
+
+
+# --------------------------------------------------------------------------- runs
+@dataclass
+class RunSpec:
+    variant: str
+    seed: int
+    cfg: Config
+    dir: Path
+
+    @property
+    def done(self) -> Path:
+        return self.dir / DONE
+
+
+def _write_json(path: Path, doc):
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
+
+
+def _write_text(path: Path, text: str):
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run_one(spec: RunSpec, data_dir: Path, train_fn=None) -> str:
+    """Train one run unless finished; returns "done" (skipped), "resumed" or "trained"."""
+    from . import train as T
+
+    train_fn = train_fn or T.train
+    want = to_dict(spec.cfg)
+    if spec.done.exists():
+        have = json.loads(spec.done.read_text()).get("config")
+        if have != want:
+            raise ValueError(f"{spec.dir}: finished with a different config; delete it or use another --out")
+        return "done"
+    resume = (spec.dir / "last.pt").exists()
+    if not resume and spec.dir.exists():
+        shutil.rmtree(spec.dir)  # died before its first checkpoint: stale logs only
+    spec.dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    T.seed_everything(spec.cfg.training.seed)
+    train_fn(spec.cfg, data_dir, spec.dir, resume=resume)
+    _write_json(spec.done, {"variant": spec.variant, "seed": spec.seed, "config": want,
+                            "wall_s": round(time.perf_counter() - t0, 2), "resumed": resume})
+    return "resumed" if resume else "trained"
+
+
+def summarize(rows: list[dict]) -> dict:
+    """The table's numbers of one run from its metrics.jsonl rows."""
+    out = {}
+    for col, tag, how in METRICS:
+        t = tag if C.series(rows, tag) else FALLBACK.get(tag, tag)
+        s = C.series(rows, t)
+        if not s:
+            out[col] = math.nan
+        elif how == "late":
+            # the mean over the last 20% of the last epoch's step logs
+            last_ep = s[-1][1]
+            vals = [v for _, e, v in s if e == last_ep]
+            k = max(1, int(math.ceil(len(vals) * 0.2)))
+            out[col] = float(np.mean(vals[-k:]))
+        else:
+            out[col] = float(s[-1][2])
+    return out
+
+
+def _mean_spread(x) -> tuple[float, float]:
+    x = np.asarray([v for v in x if v is not None and not math.isnan(v)], np.float64)
+    if x.size == 0:
+        return math.nan, math.nan
+    return float(x.mean()), float(x.std()) if x.size > 1 else 0.0
+
+
+def aggregate(per_run: dict[tuple[str, int], dict], gates: dict[tuple[str, int], list], variants: list[str],
+              seeds: list[int]) -> list[dict]:
+    """One row per variant: mean/std over seeds of each metric and of its delta vs baseline."""
+    table = []
+    for v in variants:
+        row = {"variant": v, "seeds": len(seeds)}
+        for col, _, _ in METRICS:
+            vals = [per_run[(v, s)][col] for s in seeds]
+            deltas = [per_run[(v, s)][col] - per_run[(BASELINE, s)][col] for s in seeds]
+            row[col], row[f"{col}_std"] = _mean_spread(vals)
+            row[f"{col}_delta"], row[f"{col}_delta_std"] = _mean_spread(deltas)
+        gl = [gates[(v, s)] for s in seeds] if v != BASELINE else []
+        row["gates_passed"] = float(np.mean([sum(g.passed for g in x) for x in gl])) if gl else math.nan
+        row["gates_total"] = len(gl[0]) if gl else 0
+        failed = sorted({g.name for x in gl for g in x if not g.passed})
+        row["failed_gates"] = "; ".join(failed)
+        table.append(row)
+    return table
+
+
+def csv_columns() -> list[str]:
+    cols = ["variant", "seeds"]
+    for col, _, _ in METRICS:
+        cols += [col, f"{col}_std", f"{col}_delta", f"{col}_delta_std"]
+    return cols + ["gates_passed", "gates_total", "failed_gates"]
+
+
+def write_csv(path: Path, table: list[dict]):
+    cols = csv_columns()
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for r in table:
+            w.writerow([f"{r[c]:.6g}" if isinstance(r[c], float) else r[c] for c in cols])
+    os.replace(tmp, path)
+
+
+def _fmt(m, s, digits=3, sign=False):
+    if math.isnan(m):
+        return "-"
+    f = f"{{:{'+' if sign else ''}.{digits}f}}"
+    return f.format(m) + (f" ± {s:.{digits}f}" if s > 0 else "")
+
+
+HEAD = {"unique_codes": "unique codes", "entropy_norm": "entropy (norm)", "perplexity": "perplexity",
+        "acc": "val acc", "acc_noncenter": "val non-centre acc", "epe_px": "val EPE px",
+        "zero_code_share": "zero-code share"}
+
+
+def markdown(table: list[dict], title: str = "") -> str:
+    cols = [c for c, _, _ in METRICS]
+    lines = []
+    if title:
+        lines += [title, ""]
+    lines.append("| variant | " + " | ".join(HEAD[c] for c in cols) + " | gates |")
+    lines.append("|---|" + "---:|" * len(cols) + "---:|")
+    for r in table:
+        cells = []
+        for c in cols:
+            d = 1 if c in ("unique_codes", "perplexity") else 3
+            cell = _fmt(r[c], r[f"{c}_std"], d)
+            if r["variant"] != BASELINE and not math.isnan(r[f"{c}_delta"]):
+                cell += f" ({_fmt(r[f'{c}_delta'], r[f'{c}_delta_std'], d, sign=True)})"
+            cells.append(cell)
+        g = "-" if r["variant"] == BASELINE else f"{r['gates_passed']:g}/{r['gates_total']}"
+        lines.append(f"| {r['variant']} | " + " | ".join(cells) + f" | {g} |")
+    lines.append("")
+    lines.append("Values: mean ± std over seeds; (delta vs the baseline of the same seed). Code statistics: train "
+                 "steps of the last epoch; accuracy, EPE, zero-code share: validation, last epoch. gates: "
+                 "acceptance gates passed against the baseline (`python -m tokenizer_train check`).")
+    failing = [r for r in table if r["variant"] != BASELINE and r["failed_gates"]]
+    if failing:
+        lines += ["", "Failed gates:", ""]
+        lines += [f"- {r['variant']}: {r['failed_gates']}" for r in failing]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- plots
+def plot_all(out: Path, rows_by_run: dict[tuple[str, int], list], variants: list[str], seed: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(variants)
+    cols = min(4, n)
+    nrow = math.ceil(n / cols)
+    fig, axes = plt.subplots(nrow, cols, figsize=(3.2 * cols, 2.4 * nrow), squeeze=False)
+    for ax, v in zip(axes.ravel(), variants):
+        rows = rows_by_run[(v, seed)]
+        h = C.series(rows, "val/code_usage_hist") or C.series(rows, "train/code_usage_hist")
+        if h:
+            c = np.sort(np.asarray(h[-1][2], np.float64))[::-1]
+            c = c[c > 0]
+            ax.bar(np.arange(len(c)), c / c.sum(), width=1.0)
+            ax.set_yscale("log")
+        ax.set_title(f"{v} ({len(c) if h else 0} codes)", fontsize=9)
+        ax.set_xlabel("code rank", fontsize=8)
+        ax.set_ylabel("share", fontsize=8)
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    fig.suptitle(f"code usage (last validation pass, seed {seed})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "code_usage.png", dpi=90)
+    plt.close(fig)
+
+    def curves(fname, panels, ylabel):
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), squeeze=False)
+        for ax, (tag, title) in zip(axes[0], panels):
+            for v in variants:
+                s = C.series(rows_by_run[(v, seed)], tag)
+                if not s:
+                    continue
+                steps = [st for st, _, _ in s]
+                ax.plot(steps, [x for _, _, x in s], label=v, lw=2.2 if v in (BASELINE, "recommended") else 1.0)
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel(ylabel)
+        axes[0][-1].legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=90)
+        plt.close(fig)
+
+    curves("entropy.png", [("train/entropy_norm_step", "train/entropy_norm_step"),
+                           ("train/unique_codes_step", "train/unique_codes_step")], "value")
+    curves("accuracy.png", [("val/acc_epoch", "val/acc_epoch"),
+                            ("val/acc_noncenter_epoch", "val/acc_noncenter_epoch")], "accuracy")
+
+
+# --------------------------------------------------------------------------- driver
+def plan(base_cfg, variants: dict[str, dict], out: Path, seeds: list[int], sets=(), epochs=None) -> list[RunSpec]:
+    specs = []
+    for name, ov in [(BASELINE, {})] + list(variants.items()):
+        for s in seeds:
+            specs.append(RunSpec(name, s, resolve(base_cfg, ov, sets, epochs, s), out / "runs" / name / f"seed{s}"))
+    return specs
+
+
+def ablate(base_cfg, data_dir, out, variants: dict[str, dict], seeds=(0,), sets=(), epochs=None,
+           progress: bool = True, plots: bool = True, train_fn=None) -> list[dict]:
+    """Train (or skip, or resume) every run, then write results.csv/md and the plots."""
+    out, data_dir = Path(out), Path(data_dir)
+    seeds = [int(s) for s in seeds]
+    specs = plan(base_cfg, variants, out, seeds, sets, epochs)  # every config is checked before training
+    out.mkdir(parents=True, exist_ok=True)
+    status = {}
+    bar = tqdm(specs, desc="ablate", unit="run", disable=not progress, dynamic_ncols=True)
+    for spec in bar:
+        bar.set_postfix_str(f"{spec.variant} seed {spec.seed}")
+        status[(spec.variant, spec.seed)] = run_one(spec, data_dir, train_fn)
+    bar.close()
+    names = [BASELINE] + list(variants)
+    rows = {(s.variant, s.seed): C.read_metrics(s.dir) for s in specs}
+    per_run = {k: summarize(r) for k, r in rows.items()}
+    gates = {(v, s): C.evaluate(rows[(v, s)], rows[(BASELINE, s)]) for v in variants for s in seeds}
+    table = aggregate(per_run, gates, names, seeds)
+    write_csv(out / "results.csv", table)
+    _write_text(out / "results.md", markdown(table, f"# Ablation on {data_dir} ({len(seeds)} seed(s): "
+                                                    f"{', '.join(map(str, seeds))})"))
+    _write_json(out / "status.json", {f"{v}/seed{s}": st for (v, s), st in status.items()})
+    if plots:
+        plot_all(out, rows, names, seeds[0])
+    return table
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be a comma list of integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must list distinct integers, got {text!r}")
+    return seeds
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    p.add_argument("--config", default=str(CONFIG_DIR / "base.yaml"), help="baseline YAML config (default: %(default)s)")
+    p.add_argument("--data", required=True, help="build folder from `python -m preprocess build-shards`")
+    p.add_argument("--out", required=True, help="output folder (runs/, results.csv, results.md, plots); rerun to resume")
+    p.add_argument("--variants", default=str(DEFAULT_VARIANTS),
+                   help="YAML mapping variant name -> dotted overrides (default: %(default)s)")
+    p.add_argument("--only", help="comma list of variant names to run (default: all in --variants)")
+    p.add_argument("--epochs", type=int, help="override training.epochs for every run")
+    p.add_argument("--seeds", default="0", help="comma list of seeds; every variant runs each (default: %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key in every run, baseline included (repeatable)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar over runs")
+
+
+def run(args) -> int:
+    try:
+        seeds = parse_seeds(args.seeds)
+        variants = load_variants(args.variants)
+        if args.only:
+            keep = [x.strip() for x in args.only.split(",") if x.strip()]
+            unknown = [x for x in keep if x not in variants]
+            if unknown:
+                raise ConfigError(f"--only: unknown variant(s) {', '.join(unknown)} (have {', '.join(variants)})")
+            variants = {k: variants[k] for k in keep}
+        if args.epochs is not None and args.epochs < 1:
+            raise ValueError("--epochs must be >= 1")
+        if not Path(args.data).is_dir():
+            raise FileNotFoundError(f"{args.data}: no such build folder")
+        table = ablate(args.config, args.data, args.out, variants, seeds, args.set, args.epochs,
+                       progress=not args.no_progress, plots=not args.no_plots)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print((Path(args.out) / "results.md").read_text())
+    print(f"wrote {args.out}/results.csv, results.md, code_usage.png, entropy.png, accuracy.png"
+          if not args.no_plots else f"wrote {args.out}/results.csv, results.md")
+    return 0
