@@ -116,9 +116,36 @@ def window_starts(S: int, window: int, stride: int) -> np.ndarray:
     return np.arange(0, S - steps + 1, stride, dtype=np.int64) if S >= steps else np.zeros(0, np.int64)
 
 
+@dataclass(frozen=True)
+class _Ref:
+    """Clips ``lo:hi`` of a spooled ``.npy`` array (what travels instead of the data)."""
+
+    path: str
+    lo: int
+    hi: int
+
+    def __len__(self):
+        return self.hi - self.lo
+
+    def __getitem__(self, sl: slice) -> "_Ref":
+        a, b, _ = sl.indices(len(self))
+        return _Ref(self.path, self.lo + a, self.lo + b)
+
+    def load(self) -> np.ndarray:
+        return np.load(self.path, mmap_mode="r", allow_pickle=False)[self.lo:self.hi]
+
+
+def _resolve(pieces) -> np.ndarray:
+    return np.concatenate([p.load() if isinstance(p, _Ref) else p for p in pieces])
+
+
 def load_input(task) -> dict:
-    """Load one file and cut it into clips. Runs in a worker; errors come back as text."""
-    j, path, fmt, ref_size, image_size, views, window, stride = task
+    """Load one file and cut it into clips. Runs in a worker; errors come back as text.
+
+    With a spool folder the clip arrays are written there as ``.npy`` and only references
+    travel back: the main process never copies or pickles the bulk data.
+    """
+    j, path, fmt, ref_size, image_size, views, window, stride, spool = task
     steps = window - 1
     vel, valid, seq, start = [], [], [], []
     n_seq, max_T, N = 0, 0, None
@@ -146,8 +173,15 @@ def load_input(task) -> dict:
     if not vel:
         why = "no sequences" if not n_seq else f"every sequence is shorter than the window (T={max_T} < {window})"
         return {"j": j, "error": f"{path}: no clips: {why}"}
-    return {"j": j, "error": None, "N": N, "sequences": n_seq, "vel": np.concatenate(vel),
-            "valid": np.concatenate(valid), "sequence": np.concatenate(seq), "start_frame": np.concatenate(start)}
+    out = {"j": j, "error": None, "N": N, "sequences": n_seq, "vel": np.concatenate(vel),
+           "valid": np.concatenate(valid), "sequence": np.concatenate(seq), "start_frame": np.concatenate(start)}
+    if spool is not None:
+        C = len(out["sequence"])
+        for key in ("vel", "valid"):
+            p = os.path.join(spool, f"in-{j:06d}.{key}.npy")
+            np.save(p, out[key], allow_pickle=False)
+            out[key] = _Ref(p, 0, C)
+    return out
 
 
 def _worker_init():
@@ -186,10 +220,13 @@ class _Runner:
     ``2 * workers`` shard writes are in flight, which bounds memory.
     """
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, spool: Path):
         self.workers = max(1, int(workers))
         self.ex = None
+        self.spool = None
         if self.workers > 1:
+            spool.mkdir(exist_ok=True)
+            self.spool = str(spool)
             self.ex = ProcessPoolExecutor(max_workers=self.workers, mp_context=_mp_context(),
                                           initializer=_worker_init)
         self.writes: deque = deque()
@@ -197,9 +234,9 @@ class _Runner:
     def loads(self, tasks):
         if self.ex is None:
             for t in tasks:
-                yield load_input(t)
+                yield load_input((*t, None))
             return
-        it = iter(tasks)
+        it = ((*t, self.spool) for t in tasks)
         pending = deque(self.ex.submit(load_input, t) for _, t in zip(range(2 * self.workers), it))
         while pending:
             r = pending.popleft().result()
@@ -208,17 +245,24 @@ class _Runner:
                 pending.append(self.ex.submit(load_input, t))
             yield r
 
-    def write(self, *args) -> None:
+    def write(self, *args, done_refs=()) -> None:
+        """Write a shard; spool files in ``done_refs`` are removed once it is written."""
         if self.ex is None:
             write_shard_and_record(*args)
             return
-        self.writes.append(self.ex.submit(write_shard_and_record, *args))
+        self.writes.append((self.ex.submit(write_shard_and_record, *args), done_refs))
         while len(self.writes) > 2 * self.workers:
-            self.writes.popleft().result()
+            self._finish_one()
+
+    def _finish_one(self) -> None:
+        fut, refs = self.writes.popleft()
+        fut.result()
+        for r in refs:
+            os.unlink(r.path)
 
     def drain(self) -> None:
         while self.writes:
-            self.writes.popleft().result()
+            self._finish_one()
 
     def close(self) -> None:
         if self.ex is not None:
@@ -273,17 +317,17 @@ class _Ctx:
 def write_shard_and_record(ctx: _Ctx, k: int, clips: dict, names: dict, cursor, finished: list, N: int) -> int:
     """Stats + histograms over the shard's clips (one kernel call each), tar, then record.
 
-    ``names`` maps the shard's input indices to ``(path, hash8)``.
+    ``names`` maps the shard's input indices to ``(path, clip id prefix)``.
     """
-    vel, valid = clips["vel"], clips["valid"]
+    vel, valid = _resolve(clips["vel"]), _resolve(clips["valid"])
     C, S = valid.shape[:2]
     st = point_stats(vel, valid, ctx.W)
     stats3 = np.stack([st[m] for m in METRICS], axis=1)  # (C, 3, N)
     samples = []
     for i in range(C):
         j, sq, sf = int(clips["input"][i]), int(clips["sequence"][i]), int(clips["start_frame"][i])
-        src, h8 = names[j]
-        cid = mf.clip_id(src, sq, sf, h8)
+        src, prefix = names[j]
+        cid = mf.clip_id(src, sq, sf, prefix)
         meta = {"source": src, "sequence": sq, "start_frame": sf, "ref_size": ctx.ref_size, "W": ctx.W}
         samples.append(encode_sample(cid, vel[i], valid[i], stats3[i], meta))
     index = write_shard(ctx.out / "shards" / shard_name(k), samples, mtime=SHARD_MTIME)
@@ -402,7 +446,7 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
         os.replace(tmp, work / "config.json")
 
     ctx = _Ctx(out, work, W, ref_size, build_filter)
-    hashes = [mf.source_hash8(x) for x in sources]
+    prefixes = [mf.clip_prefix(x) for x in sources]
     recs = _load_records(work, out)
     infos: dict[int, dict] = {}
     for r in recs:
@@ -417,7 +461,8 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
     tasks = ((j, sources[j], fmt, ref_size, tuple(image_size) if image_size is not None else None,
               tuple(views) if views else None, window, stride) for j in range(j0, M))
     from tqdm import tqdm
-    runner = _Runner(workers)
+    runner = _Runner(workers, work / "spool")
+    spooled: dict[int, tuple] = {}  # input -> its spool refs, removed when its last clip is written
     bar = tqdm(total=None, unit="clip", desc="build-shards", disable=not progress, file=sys.stderr,
                initial=sum(len(r["input"]) for r in recs))
     buf: deque = deque()          # (j, first clip index, arrays dict), oldest first
@@ -443,7 +488,8 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
                 if w[0]["j"] == j:
                     w[1] -= take
                     break
-        clips = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+        clips = {key: [p[key] for p in parts] if key in ("vel", "valid") else np.concatenate([p[key] for p in parts])
+                 for key in parts[0]}
         buffered -= n_take
         finished = []
         while waiting and waiting[0][1] == 0:
@@ -453,8 +499,9 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
             cursor = (jf, waiting[0][0]["clips"] - waiting[0][1])
         else:
             cursor = (last_j + 1, 0)
-        names = {int(jj): (sources[jj], hashes[jj]) for jj in np.unique(clips["input"])}
-        runner.write(ctx, k, clips, names, cursor, finished, N)
+        names = {int(jj): (sources[jj], prefixes[jj]) for jj in np.unique(clips["input"])}
+        done = [spooled.pop(f["j"]) for f in finished if f["j"] in spooled]
+        runner.write(ctx, k, clips, names, cursor, finished, N, done_refs=[r for pair in done for r in pair])
         for f in finished:
             infos[f["j"]] = f
         k += 1
@@ -477,6 +524,8 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
                 continue
             N = res["N"] if N is None else N
             arr = {key: res[key] for key in ("vel", "valid", "sequence", "start_frame")}
+            if isinstance(arr["vel"], _Ref):
+                spooled[j] = (arr["vel"], arr["valid"])
             C = len(arr["sequence"])
             skip = c0 if j == j0 else 0
             if skip:
@@ -498,14 +547,15 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
     for w in waiting:  # trailing inputs with no clip left to place (skipped ones)
         infos[w[0]["j"]] = w[0]
     t_stream = time.perf_counter() - t0
-    summary = finalize(out, ctx, sources, hashes, config, fingerprint, in_stats, globals_, len(all_inputs), infos, k,
+    summary = finalize(out, ctx, sources, prefixes, config, fingerprint, in_stats, globals_, len(all_inputs), infos, k,
                        command,
                        on_error=on_error, workers=workers, resumed=resumed, new_clips=new_clips, t0=t0,
                        t_stream=t_stream)
     return summary
 
 
-def finalize(out: Path, ctx: _Ctx, sources, hashes, config, fingerprint, in_stats, globals_, n_all, infos, n_shards, command, *,
+def finalize(out: Path, ctx: _Ctx, sources, prefixes, config, fingerprint, in_stats, globals_, n_all, infos,
+             n_shards, command, *,
              on_error, workers, resumed, new_clips, t0, t_stream) -> dict:
     work = ctx.work
     recs = _load_records(work, out)
@@ -527,7 +577,7 @@ def finalize(out: Path, ctx: _Ctx, sources, hashes, config, fingerprint, in_stat
                 _add_sparse(hists[m][1], r[f"{m}_topk_idx"], r[f"{m}_topk_val"])
             src = [sources[j] for j in r["input"]]
             cols["source"] += src
-            cols["clip_id"] += [mf.clip_id(s, q, f, hashes[j])
+            cols["clip_id"] += [mf.clip_id(s, q, f, prefixes[j])
                                 for s, j, q, f in zip(src, r["input"], r["sequence"], r["start_frame"])]
             cols["shard"] += [f"shards/{shard_name(kk)}"] * len(src)
             for c in ("sequence", "start_frame", "offset", "size"):
@@ -556,8 +606,8 @@ def finalize(out: Path, ctx: _Ctx, sources, hashes, config, fingerprint, in_stat
     total = time.perf_counter() - t0
     summary = {"status": "resumed" if resumed else "built", "out": str(out), "inputs": len(inputs),
                "inputs_used": len(inputs) - len(skipped), "skipped": skipped,
-               "sequences": sum(i["sequences"] for i in inputs), "clips": C, "shards": n_shards, "N": N, "T": S + 1,
-               "resumed_shards": resumed, "clips_this_run": new_clips, "seconds": round(total, 3),
+               "sequences": sum(i["sequences"] for i in inputs), "clips": C, "n_clips": C, "shards": n_shards, "N": N,
+               "T": S + 1, "resumed_shards": resumed, "clips_this_run": new_clips, "seconds": round(total, 3),
                "clips_per_s": round(new_clips / total, 1) if total > 0 else None}
     doc = {"build_format": BUILD_FORMAT, "command": command, "config": config,
            "inputs_digest": fingerprint["inputs_digest"], "options": {"on_error": on_error, "workers": workers},
@@ -716,7 +766,7 @@ def merge(parts, out, *, progress: bool = False) -> dict:
         total = time.perf_counter() - t0
         summary = {"status": "merged", "out": str(out), "inputs": len(inputs),
                    "inputs_used": len(inputs) - len(skipped), "skipped": skipped,
-                   "sequences": sum(i["sequences"] for i in inputs), "clips": C, "shards": k, "N": a0["N"],
+                   "sequences": sum(i["sequences"] for i in inputs), "clips": C, "n_clips": C, "shards": k, "N": a0["N"],
                    "T": a0["T"], "resumed_shards": 0, "clips_this_run": C, "seconds": round(total, 3),
                    "clips_per_s": round(C / total, 1) if total > 0 else None}
         doc = {"build_format": BUILD_FORMAT, "command": None, "config": config,

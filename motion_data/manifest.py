@@ -40,10 +40,15 @@ def source_hash8(source: str) -> str:
     return hashlib.sha1(source.encode("utf-8")).hexdigest()[:8]
 
 
-def clip_id(source: str, sequence: int, start_frame: int, hash8: str | None = None) -> str:
-    """``{stem}-{hash8}-s{sequence:04d}-f{start_frame:06d}``; hash8 from the path as given."""
-    stem = Path(source).stem
-    return f"{stem}-{hash8 or source_hash8(source)}-s{int(sequence):04d}-f{int(start_frame):06d}"
+def clip_prefix(source: str) -> str:
+    """``{stem}-{hash8}``: the part of a clip id shared by all clips of one source."""
+    return f"{Path(source).stem}-{source_hash8(source)}"
+
+
+def clip_id(source: str, sequence: int, start_frame: int, prefix: str | None = None) -> str:
+    """``{stem}-{hash8}-s{sequence:04d}-f{start_frame:06d}``; hash8 = first 8 hex digits of
+    the sha1 of the path as given. ``prefix`` (from ``clip_prefix``) skips recomputing it."""
+    return f"{prefix or clip_prefix(source)}-s{int(sequence):04d}-f{int(start_frame):06d}"
 
 
 def to_table(columns: dict) -> pa.Table:

@@ -305,13 +305,14 @@ def test_resume_after_sigkill_and_a_lost_shard(tmp_path, capsys):
             "def slow(*a, **k):\n    n = real(*a, **k); time.sleep(0.3); return n\n"
             "b.write_shard_and_record = slow\nfrom preprocess.__main__ import main\nsys.exit(main(sys.argv[1:]))")
     out = tmp_path / "killed"
-    p = subprocess.Popen([sys.executable, "-c", slow, "build-shards", *args, "--out", str(out)], cwd=REPO,
-                         start_new_session=True)
+    # 2 workers: the kill also hits a pool mid-write; the resume below runs with 1
+    p = subprocess.Popen([sys.executable, "-c", slow, "build-shards", *args, "--workers", "2", "--out", str(out)],
+                         cwd=REPO, start_new_session=True)
     deadline = time.time() + 60
     while not (out / ".work" / "rec-000002.npz").exists():
         assert p.poll() is None and time.time() < deadline, "build ended before it could be interrupted"
         time.sleep(0.02)
-    os.kill(p.pid, signal.SIGKILL)
+    os.killpg(p.pid, signal.SIGKILL)  # its own session: the build and its workers only
     p.wait()
     assert not (out / "build.json").exists()
     (out / "shards" / "shard-000001.tar").unlink()  # lost shard: it and everything after are redone
