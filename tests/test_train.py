@@ -40,7 +40,7 @@ def test_tiny_model_overfits_in_memory_batch():
     torch.manual_seed(0)
     model = MotionTokenizer(ModelConfig(hidden_dim=32, num_layers=1, num_heads=2, max_steps=S), N, W)
     crit = Criterion(TrainingConfig(), None, W)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
     c = center_class(W)
 
     def evaluate():
