@@ -146,6 +146,12 @@ def test_large_codebooks_and_low_precision_inputs():
     assert torch.isfinite(term) and 0 < float(hn) <= 1
     t16, h16 = code_usage_loss(pre.bfloat16(), levels, "entropy", 0.1)
     assert t16.dtype == torch.float32 and torch.isfinite(t16)
+    small = [8, 8, 6, 5]
+    pre = fsq_prerounding(torch.randn(500, 4), small)
+    ref = code_usage_loss(pre, small, "entropy", 0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the trainer calls it inside autocast
+        got = code_usage_loss(pre, small, "entropy", 0.1)
+    assert got[0].dtype == torch.float32 and torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
 
 
 def test_bad_arguments():

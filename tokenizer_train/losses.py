@@ -362,6 +362,13 @@ def code_usage_loss(z_bounded, levels, kind: str = "entropy", temperature: float
         raise ValueError(f"code_entropy_type must be 'entropy' or 'kl_uniform', got {kind!r}")
     if z_bounded.ndim != 2 or z_bounded.shape[1] != len(levels):
         raise ValueError(f"z_bounded must be (M, {len(levels)}), got {tuple(z_bounded.shape)}")
+    # float32 throughout: under autocast the matmul would otherwise run in bf16/fp16 and
+    # the small probabilities of a 2000-code distribution lose their digits
+    with torch.autocast(device_type=z_bounded.device.type, enabled=False):
+        return _code_usage_loss_f32(z_bounded.float(), levels, kind, temperature, distributed, max_joint_codes)
+
+
+def _code_usage_loss_f32(z_bounded, levels, kind, temperature, distributed, max_joint_codes):
     K = math.prod(int(L) for L in levels)
     log_k = math.log(K)
     if K <= max_joint_codes:
