@@ -168,6 +168,8 @@ def load_input(task) -> dict:
             start.append(s.start_frame + st)
     except InputError as e:
         return {"j": j, "error": _one_line(e, path)}
+    except ImportError as e:  # a missing optional dependency is no property of the file: always fatal
+        return {"j": j, "error": _one_line(e, path), "fatal": True}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
         return {"j": j, "error": _one_line(f"{type(e).__name__}: {e}", path)}
     if not vel:
@@ -422,6 +424,8 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
         raise BuildError(f"no input files found in {', '.join(map(str, inputs))}")
     i_part, n_part = part or (0, 1)
     globals_ = list(range(i_part, len(all_inputs), n_part))
+    if not globals_:
+        raise BuildError(f"--part {i_part}/{n_part} gets no input: there are only {len(all_inputs)} input files")
     sources = [all_inputs[g] for g in globals_]
     in_stats = [_input_stat(p) for p in sources]
     fingerprint = {"config": config, "inputs_digest": inputs_digest(in_stats)}
@@ -516,7 +520,7 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
             if err is None and N is not None and res["N"] != N:
                 err = f"{sources[j]}: N={res['N']} points per frame, earlier inputs have N={N}"
             if err is not None:
-                if on_error == "fail":
+                if on_error == "fail" or res.get("fatal"):
                     raise BuildError(err)
                 waiting.append([{"j": j, "clips": 0, "sequences": 0, "error": err}, 0])
                 if progress:
@@ -689,6 +693,10 @@ def merge(parts, out, *, progress: bool = False) -> dict:
     if missing:
         raise BuildError(f"parts missing: {', '.join(f'{i}/{n}' for i in missing)}")
     order = np.argsort(idx)
+    inputs_all = sorted((i for d in docs for i in d["inputs"]), key=lambda i: i["global_index"])
+    if [i["global_index"] for i in inputs_all] != list(range(docs[0]["n_inputs_all"])) or \
+            [i["path"] for i in inputs_all] != sorted(i["path"] for i in inputs_all):
+        raise BuildError("the parts were not built from the same input list")
     dirs, docs = [dirs[i] for i in order], [docs[i] for i in order]
     stores = [open_store(d / STORE_NAME) for d in dirs]
     tables = [mf.read_manifest(d, build_dir=d) for d in dirs]
@@ -760,7 +768,7 @@ def merge(parts, out, *, progress: bool = False) -> dict:
             sw.append(rows)
         sw.close(hists, a0["W"])
 
-        inputs = sorted((i for d in docs for i in d["inputs"]), key=lambda i: i["global_index"])
+        inputs = inputs_all
         skipped = [{"path": i["path"], "reason": i["error"]} for i in inputs if i["error"]]
         config = {**docs[0]["config"], "part": None}
         total = time.perf_counter() - t0

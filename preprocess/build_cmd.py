@@ -86,5 +86,8 @@ def run(args) -> int:
     except (BuildError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"interrupted: re-run the same command to resume the build in {args.out}", file=sys.stderr)
+        return 130
     print(format_summary(summary))
     return 0

@@ -323,3 +323,19 @@ def test_resume_after_sigkill_and_a_lost_shard(tmp_path, capsys):
     assert_same_content(out, ref)
     t = read_manifest(out)
     assert t.num_rows == 6 * 2 * 4 and len(set(t.column("clip_id").to_pylist())) == t.num_rows
+
+
+def test_laps_pt_folder_of_single_clip_files(tmp_path):
+    torch = pytest.importorskip("torch")
+    d = tmp_path / "laps"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        torch.save(torch.from_numpy(rng.uniform(-0.3, 0.3, (15, 36, 2)).astype(np.float32)), d / f"clip{i}.pt")
+    out = tmp_path / "o"
+    assert run_cli("--input", d, "--out", out, "--format", "laps-pt", "--maxcount", 2, "--no-progress") == 0
+    rows, ss = samples(out)
+    assert [r["source"] for r in rows] == [str(d / f"clip{i}.pt") for i in range(5)]
+    assert sorted({r["shard"] for r in rows}) == [f"shards/shard-{i:06d}.tar" for i in range(3)]
+    v = torch.load(d / "clip3.pt", weights_only=True).numpy()
+    np.testing.assert_allclose(ss[3]["vel"], v * 7.0, rtol=1e-6)  # (W-1)/2 = 7 px per unit

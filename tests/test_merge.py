@@ -62,3 +62,10 @@ def test_merge_refuses_incomplete_or_mixed_parts(parts, tiny_tracks, tmp_path, c
     assert main(["merge", str(parts / "p0"), str(tmp_path / "nothing"), "--out", str(tmp_path / "m4")]) == 1
     assert "not a finished build" in capsys.readouterr().err
     assert not (tmp_path / "m1").exists() and not (tmp_path / "m3").exists()
+
+
+def test_part_without_inputs_is_an_error(tiny_tracks, tmp_path, capsys):
+    assert run_cli("--input", tiny_tracks, "--out", tmp_path / "o", "--part", "5/6", "--no-progress") == 1
+    assert "only 4 input files" in capsys.readouterr().err
+    assert run_cli("--input", tiny_tracks, "--out", tmp_path / "o", "--part", "2/2", "--no-progress") == 1
+    assert "0 <= i < n" in capsys.readouterr().err
