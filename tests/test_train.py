@@ -29,6 +29,15 @@ def build(tmp_path_factory):
                        sources=["v/a.h5", "v/b.h5", "v/c.h5"])
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny ops: thread hand-offs cost more than they save, badly so on a loaded machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_tiny_model_overfits_in_memory_batch():
     W, S, N = 15, 5, 8
     g = torch.Generator().manual_seed(0)
