@@ -1,0 +1,33 @@
+"""The one-command demo, in its quick mode on synthetic data only."""
+from tokenizer_train import check
+from tokenizer_train.__main__ import main
+
+
+def test_quick_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quick", "--no-video", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    for step in ("1/5 data", "2/5 build-shards", "3/5 tune-filter", "4/5 train", "5/5 check"):
+        assert step in text
+    assert "recommended: p95@" in text  # tune-filter's table and recommendation
+    assert "| baseline |" in text and "| recommended |" in text  # the comparison table
+    assert "val non-centre acc >= baseline + 0.25" in text  # the gate table
+    assert ("ALL GATES PASS" in text) or ("SOME GATES FAIL" in text)  # a failing gate is not an error
+    assert "tensorboard --logdir" in text
+    abl = out / "ablation"
+    assert (abl / "results.md").exists() and (abl / "check.json").exists()
+    assert any((abl / "runs" / "recommended" / "seed0" / "tensorboard").iterdir())
+    rows = check.read_metrics(abl / "runs" / "baseline" / "seed0")
+    assert check.epochs_run(rows) == 2
+
+    # rerun resumes: nothing is trained again, the same tables are printed
+    assert main(["demo", "--out", str(out), "--quick", "--no-video", "--no-progress"]) == 0
+    assert "| recommended |" in capsys.readouterr().out
+    assert check.epochs_run(check.read_metrics(abl / "runs" / "baseline" / "seed0")) == 2
+
+
+def test_demo_fails_on_real_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["demo", "--out", str(blocker), "--quick", "--no-video", "--no-progress"]) != 0
+    assert "demo: error" in capsys.readouterr().err

@@ -1,0 +1,170 @@
+"""End-to-end demo: data, filter tuning, baseline vs recommended, acceptance check.
+
+  python -m tokenizer_train demo [--out demo_out] [--epochs N] [--quick] [--no-video]
+
+On a fresh machine, in one folder (default demo_out/):
+  1. data/synth/      synthetic robot-like track files (motion_data.synth)
+     data/tracks/     vtest.avi tracked with OpenCV (when the sample video is installed,
+                      Debian package opencv-doc; skip with --no-video)
+  2. build/           build-shards of both
+  3. tune-filter      threshold sweep and its recommendation (printed); the recommended
+                      static filter is used by both runs, so they share one loss mask
+  4. ablation/        configs/base.yaml (the collapsing baseline) and configs/recommended.yaml
+                      trained on the same data, split and seed; results.md, plots
+  5. check            the acceptance gates of the recommended run against the baseline
+                      (printed; also ablation/check.json)
+TensorBoard logs are in OUT/ablation/runs: tensorboard --logdir OUT/ablation/runs
+Rerunning resumes: finished steps are kept. A failing gate is reported in the table, not
+as an error; the exit code is non-zero only when a step fails.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import ablate as AB
+from . import check as C
+
+
+@dataclass
+class DemoSize:
+    synth_clips: int
+    grid: int
+    video_stride: int
+    epochs: int
+    model: tuple  # --set overrides of the model and optimisation, common to both runs
+
+
+FULL = DemoSize(synth_clips=200, grid=20, video_stride=8, epochs=8,
+                model=("model.hidden_dim=64", "model.num_layers=1", "model.num_heads=4", "training.batch_size=32",
+                       "training.learning_rate=1e-3", "training.log_interval=2"))
+QUICK = DemoSize(synth_clips=48, grid=6, video_stride=8, epochs=2,
+                 model=("model.hidden_dim=16", "model.num_layers=1", "model.num_heads=2", "training.batch_size=8",
+                        "training.learning_rate=1e-3", "training.log_interval=1", "data.val_split=0.25"))
+
+
+def _step(msg: str):
+    print(f"\n== {msg}", flush=True)
+
+
+def make_data(out: Path, size: DemoSize, video: bool, progress: bool) -> list[str]:
+    """Synthetic track files, plus vtest.avi tracks when wanted and installed; the input folders."""
+    from tqdm import tqdm
+
+    from motion_data.synth import SynthConfig, write_synth
+    from motion_data.video import TrackConfig, find_sample_video, track_video, write_track_file
+
+    synth = out / "data" / "synth"
+    done = synth / "done.json"
+    if not done.exists():
+        with tqdm(total=size.synth_clips, desc="synth", unit="clip", disable=not progress) as bar:
+            write_synth(synth, size.synth_clips, seed=0, cfg=SynthConfig(grid=size.grid), progress=bar.update)
+        done.write_text(json.dumps({"clips": size.synth_clips, "grid": size.grid}))
+    print(f"synthetic: {size.synth_clips} clips of {size.grid}x{size.grid} points -> {synth}")
+    inputs = [str(synth)]
+    if not video:
+        print("vtest.avi: skipped (--no-video)")
+        return inputs
+    path = find_sample_video()
+    if path is None:
+        print("vtest.avi: not installed (Debian: apt-get install opencv-doc); synthetic data only")
+        return inputs
+    tracks = out / "data" / "tracks" / "vtest.npz"
+    if not tracks.exists():
+        d = track_video(path, TrackConfig(stride=size.video_stride, grid=size.grid), progress=progress)
+        write_track_file(tracks, d)
+    import numpy as np
+
+    with np.load(tracks, allow_pickle=False) as z:
+        n = z["tracks"].shape[0]
+    print(f"vtest.avi: {n} windows (stride {size.video_stride}) of {size.grid}x{size.grid} points -> {tracks}")
+    inputs.append(str(tracks.parent))
+    return inputs
+
+
+def tune(build_dir: Path) -> str:
+    """Print tune-filter's table; return its recommendation as ``metric@threshold``."""
+    from motion_data import analysis as A
+    from preprocess.__main__ import main as preprocess_main
+
+    rc = preprocess_main(["tune-filter", str(build_dir), "--metrics", "p95", "--thresholds", "0.02:0.10:0.01"])
+    if rc != 0:
+        raise RuntimeError(f"tune-filter on {build_dir} failed (exit {rc})")
+    g, attrs = A.open_stats(build_dir)
+    targets = A.Targets(A.DEFAULT_TARGET_DYNAMIC, A.DEFAULT_MAX_CENTER, A.DEFAULT_MIN_PERPLEXITY)
+    rows = A.sweep_from_hist(A.load_histograms(g, ["p95"]), ["p95"], A.parse_range("0.02:0.10:0.01"), 16,
+                             int(attrs["W"]), targets)
+    rec, _ = A.recommend(rows, targets)
+    return f"{rows[rec].metric}@{rows[rec].threshold:g}"
+
+
+def demo(out, epochs: int | None = None, quick: bool = False, video: bool = True, progress: bool = True) -> dict:
+    """Run every step; return {"gates": [...], "passed": bool, "table": [...], "wall_s": float}."""
+    from motion_data.build import build
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    size = QUICK if quick else FULL
+    out.mkdir(parents=True, exist_ok=True)
+
+    _step("1/5 data")
+    inputs = make_data(out, size, video, progress)
+
+    _step("2/5 build-shards")
+    build_dir = out / "build"
+    summary = build(inputs, build_dir, maxcount=200, progress=progress,
+                    command=["tokenizer_train", "demo", str(out)])
+    print(f"{build_dir}: {summary.get('n_clips', '?')} clips")
+
+    _step("3/5 tune-filter")
+    flt = tune(build_dir)
+    metric, thr = flt.split("@")
+    print(f"both runs use the static filter {flt} (min_keep 16)")
+
+    _step("4/5 train baseline (configs/base.yaml) and recommended (configs/recommended.yaml)")
+    variants = {"recommended": AB.load_variants(AB.DEFAULT_VARIANTS)["recommended"]}
+    sets = list(size.model) + ["data.static_filter.enable=true", f"data.static_filter.metric={metric}",
+                               f"data.static_filter.threshold={thr}"]
+    abl = out / "ablation"
+    table = AB.ablate(AB.CONFIG_DIR / "base.yaml", build_dir, abl, variants, seeds=[0], sets=sets,
+                      epochs=epochs or size.epochs, progress=progress)
+    print()
+    print((abl / "results.md").read_text())
+
+    _step("5/5 check: recommended vs baseline")
+    rows = C.read_metrics(abl / "runs" / "recommended" / "seed0")
+    base = C.read_metrics(abl / "runs" / AB.BASELINE / "seed0")
+    gates = C.evaluate(rows, base)
+    print(C.format_table(gates))
+    ok = all(g.passed for g in gates)
+    print(f"\n{'ALL GATES PASS' if ok else 'SOME GATES FAIL'} ({sum(g.passed for g in gates)}/{len(gates)})")
+    (abl / "check.json").write_text(json.dumps({"passed": ok, "gates": [g.__dict__ for g in gates]}, indent=2))
+    wall = time.perf_counter() - t0
+    print(f"\ndemo finished in {wall:.0f} s. Results: {abl}/results.md, plots {abl}/*.png")
+    print(f"TensorBoard: tensorboard --logdir {abl / 'runs'}")
+    return {"gates": gates, "passed": ok, "table": table, "wall_s": wall}
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    p.add_argument("--out", default="demo_out", help="output folder (default: %(default)s); rerun to resume")
+    p.add_argument("--epochs", type=int, help=f"training epochs of each run (default: {FULL.epochs}; "
+                                              f"--quick: {QUICK.epochs})")
+    p.add_argument("--quick", action="store_true", help="tiny data and model (a smoke test of every step)")
+    p.add_argument("--no-video", action="store_true", help="synthetic data only, even when vtest.avi is installed")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def run(args) -> int:
+    if args.epochs is not None and args.epochs < 1:
+        print("error: --epochs must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        demo(args.out, args.epochs, args.quick, video=not args.no_video, progress=not args.no_progress)
+    except Exception as e:  # noqa: BLE001 -- any failed step: one line, non-zero exit
+        print(f"demo: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    return 0
