@@ -89,13 +89,13 @@ def test_focal_matches_reference_and_downweights_confident_entries():
     loss, info = Criterion(tcfg(focal={"enabled": True, "gamma": 2.0}), None, W)(x, labels, mask)
     logp = torch.log_softmax(logits.double(), -1).gather(-1, labels[..., None])[..., 0][mask]
     ref = (-(1 - logp.exp()) ** 2 * logp).mean()
-    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
-    assert float(loss) < float(info["ce"])
+    assert float(loss.detach()) == pytest.approx(float(ref), rel=1e-5)
+    assert float(loss.detach()) < float(info["ce"])
     loss.backward()
     assert torch.isfinite(x.grad).all()
     # a scalar alpha scales it
     a, _ = Criterion(tcfg(focal={"enabled": True, "gamma": 2.0, "alpha": 0.25}), None, W)(logits, labels, mask)
-    assert float(a) == pytest.approx(0.25 * float(loss), rel=1e-6)
+    assert float(a) == pytest.approx(0.25 * float(loss.detach()), rel=1e-6)
 
 
 def test_focal_gamma_below_one_has_finite_gradient_on_certain_entries():
