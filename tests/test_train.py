@@ -202,3 +202,23 @@ def test_tokenize_writes_every_clip(build, tmp_path):
             n += 1
     assert n > 0
     assert main(["tokenize", "--run", str(tmp_path / "none"), "--data", str(build), "--out", str(out)]) == 2
+
+
+def test_every_mitigation_switch_runs(tiny_build, tmp_path):
+    # the real build: balanced weights read the class histograms of its stats.zarr
+    sets = TINY + ["training.epochs=1", "data.sampler.epoch_size=16", "training.class_weighting.method=balanced", "training.focal.enabled=true",
+                   "training.focal.alpha=per_class", "training.code_entropy_weight=0.05",
+                   "training.code_entropy_type=kl_uniform", "model.quant_input_norm=layernorm",
+                   "model.quant_input_tanh_scale.enabled=true", "model.quant_input_noise_std=0.1",
+                   "training.clip_grad_norm=1.0", "training.lr_schedule.type=step",
+                   "training.lr_schedule.step_size=1", "training.gradient_accumulation_steps=2",
+                   "data.static_filter.enable=true", "data.sampler.method=dynamic_ratio"]
+    last = train(from_dict({}, sets), tiny_build, tmp_path / "r")
+    assert np.isfinite(last["train/loss_epoch"]) and np.isfinite(last["val/loss_epoch"])
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    step_rows = [r for r in rows if "train/loss_total_step" in r]
+    assert step_rows and all(r["train/quant_input_tanh_scale"] is not None for r in step_rows)
+    assert all("train/code_entropy_soft_step" in r for r in step_rows)
+    # the regulariser is part of what is back-propagated
+    assert any(r["train/loss_total_step"] != r["train/loss_step"] for r in step_rows)
+    assert all(r["train/grad_norm"] >= 0 for r in step_rows)

@@ -112,21 +112,21 @@ def _to(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def code_scalars(prefix: str, suffix: str, codes: np.ndarray, levels, zero_codes=None, seen=None) -> tuple[dict, dict]:
-    """The seed's code statistics of a set of code ids, named ``{prefix}/..._{suffix}``."""
+def code_scalars(prefix: str, when: str, codes: np.ndarray, levels, zero_codes=None, seen=None,
+                 tag_suffix: str = "") -> tuple[dict, dict]:
+    """The seed's code statistics of a set of code ids ``(tokens, S)``, e.g.
+    ``train/unique_codes_step`` (``when="step"``) or ``..._step_global`` (``tag_suffix="_global"``)."""
     s = M.code_stats(codes, levels)
-    g = "_global" if prefix == "train" and suffix.endswith("_global") else ""
-    suf = suffix.replace("_global", "")
-    out = {f"{prefix}/unique_codes_{suf}{g}": s["unique_codes"],
-           f"{prefix}/unique_codes_raw_{suf}{g}": s["unique_codes_raw"],
-           f"{prefix}/entropy_{suf}{g}": s["entropy"],
-           f"{prefix}/entropy_norm_{suf}{g}": s["entropy_norm"],
-           f"{prefix}/perplexity_{suf}{g}": s["perplexity"]}
+    out = {f"{prefix}/unique_codes_{when}{tag_suffix}": s["unique_codes"],
+           f"{prefix}/unique_codes_raw_{when}{tag_suffix}": s["unique_codes_raw"],
+           f"{prefix}/entropy_{when}{tag_suffix}": s["entropy"],
+           f"{prefix}/entropy_norm_{when}{tag_suffix}": s["entropy_norm"],
+           f"{prefix}/perplexity_{when}{tag_suffix}": s["perplexity"]}
     if zero_codes is not None:
-        out[f"{prefix}/zero_code_frac_{suf}{g}"] = M.zero_code_frac(codes, zero_codes)
+        out[f"{prefix}/zero_code_frac_{when}{tag_suffix}"] = M.zero_code_frac(codes, zero_codes)
     if seen is not None:
-        out[f"{prefix}/effective_codebook_size_seen{g}"] = int(seen.sum())
-    return out, {f"{prefix}/code_usage_hist{g}": s["counts"]}
+        out[f"{prefix}/effective_codebook_size_seen{tag_suffix}"] = int(seen.sum())
+    return out, {f"{prefix}/code_usage_hist{tag_suffix}": s["counts"]}
 
 
 class Sums:
@@ -342,7 +342,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
                 gathered = D.gather_codes(codes).reshape(-1, S)
                 seen_g = D.all_reduce_any(seen_g | seen, device)
                 cs, ch = code_scalars("train", "step", local, levels, zc, seen)
-                gs, gh = code_scalars("train", "step_global", gathered, levels, zc, seen_g)
+                gs, gh = code_scalars("train", "step", gathered, levels, zc, seen_g, tag_suffix="_global")
                 scalars.update(cs | gs)
                 hists.update(ch | gh)
                 if debug_codes:  # each rank's own codes: a test recomputes the *_global statistics
