@@ -86,6 +86,10 @@ def test_balanced_weighting_raises_noncenter_accuracy(runs, baseline):
     b, w = series(baseline, tag)[-1], series(bal, tag)[-1]
     print(f"{tag} last epoch: baseline {b:.4f}, balanced {w:.4f}")
     assert w > b + 0.01
+    # the weights used are kept with the run (a W x W map, centre down-weighted) and in TensorBoard
+    cw = np.load(bal / "class_weights.npy")
+    assert cw.shape == (15, 15) and cw[7, 7] < np.median(cw)
+    assert not (baseline / "class_weights.npy").exists()
 
 
 @pytest.mark.parametrize("shaping", ["layernorm", "rmsnorm", "tanh"])

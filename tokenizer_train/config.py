@@ -48,7 +48,7 @@ class DataConfig:
 # ---------------------------------------------------------------------------- model
 @dataclass
 class TanhScaleConfig:
-    """``model.quant_input_tanh_scale``: ``s * tanh(z / s)`` with s clamped to [s_min, s_max]."""
+    """``model.quant_input_tanh_scale``: ``tanh(s * x)`` with s clamped to [s_min, s_max]."""
 
     enabled: bool = False
     init: float = 1.0

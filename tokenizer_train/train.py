@@ -32,7 +32,8 @@ from . import distributed as D
 from . import metrics as M
 from .config import Config, ConfigError, from_dict, load_config, to_dict
 from .logger import RunLogger
-from .losses import Criterion, class_counts_from_stats, code_usage_loss, entropy_weight
+from .losses import (Criterion, class_counts_from_stats, class_weights_image, code_usage_loss, entropy_weight,
+                     save_class_weights)
 from .model import MotionTokenizer
 from .schedule import build_scheduler, clip_gradients
 
@@ -249,6 +250,10 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
         train_loader.load_state_dict(st["loader"])
         ckpt.set_rng_state(st["rng"])
     logger = RunLogger(out_dir, enabled=dist.is_main)
+    if dist.is_main and criterion.class_weights is not None:
+        w = criterion.class_weights.detach().cpu().numpy()
+        save_class_weights(out_dir / "class_weights", w, W, meta={"method": tc.class_weighting.method})
+        logger.writer.add_image("train/class_weights", class_weights_image(w, W), 0)
     if dist.is_main:
         (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (out_dir / "run.json").write_text(json.dumps({
@@ -300,7 +305,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
             clips_since_log += bs["clips"]
             epoch_sums.add(**bs)
             step_codes.append(out["codes"].detach())
-            step_extra["train/quant_in_std_step"] = float(out["quant_in"].detach().float().std())
+            step_extra["train/quant_input_std_step"] = float(out["quant_in"].detach().float().std())
             M.update_seen(seen, out["codes"].detach().cpu().numpy())
             bar.update(1)
             if not boundary:
