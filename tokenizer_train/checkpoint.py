@@ -1,8 +1,13 @@
-"""Checkpoints: one ``.pt`` file per kind (``best.pt``, ``last.pt``) in the run folder.
+"""Checkpoints: ``last.pt`` (plus ``last.prev.pt``, the one before it) and ``best.pt``.
 
-Written atomically (temporary file in the same folder + ``os.replace``) so a crash never
-leaves a torn checkpoint; read with ``torch.load(weights_only=True)``, so everything stored
-is plain tensors, numbers, strings, lists and dicts (RNG states included).
+Written atomically (temporary file in the same folder, fsync, ``os.replace``) so a crash
+never leaves a torn checkpoint under a final name. ``save_last`` first gives the current
+file the second name ``<stem>.prev.pt`` (a hard link, renamed), so at every instant at
+least one complete checkpoint exists; ``load_latest`` falls back to it when the newest one is
+unreadable (a truncated copy, a disk that filled up, a file damaged afterwards).
+
+Read with ``torch.load(weights_only=True)``: everything stored is plain tensors, numbers,
+strings, lists and dicts (RNG states included), and nothing can run code on loading.
 """
 from __future__ import annotations
 
@@ -13,6 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+REQUIRED_KEYS = ("model", "optimizer", "step", "epoch")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read; the one-line message names the file."""
 
 
 def rng_state() -> dict:
@@ -40,7 +51,27 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def prev_path(path) -> Path:
+    """``RUN/last.pt`` -> ``RUN/last.prev.pt``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def _fsync_dir(d: Path):
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save(path, state: dict) -> Path:
+    """Write ``state`` to ``path`` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -50,6 +81,7 @@ def save(path, state: dict) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -57,11 +89,80 @@ def save(path, state: dict) -> Path:
     return path
 
 
+def keep_previous(path) -> Path | None:
+    """Give the current ``path`` (if any) the second name ``prev_path(path)``, by a hard link
+    renamed over the old one: there is never a moment without a complete checkpoint under
+    one of the two names."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    link = path.with_name(f".{path.name}.{os.getpid()}.link")
+    if link.exists():
+        link.unlink()
+    try:
+        os.link(path, link)
+    except OSError:  # a file system without hard links: a copy, still renamed into place
+        import shutil
+        shutil.copyfile(path, link)
+    os.replace(link, prev_path(path))
+    return prev_path(path)
+
+
+def save_last(path, state: dict) -> Path:
+    """``keep_previous`` then ``save``: what the trainer does for ``last.pt``."""
+    keep_previous(path)
+    return save(path, state)
+
+
+def remove_stale_temps(run_dir) -> list[Path]:
+    """Remove the temporary files of saves that a kill interrupted (never final names)."""
+    gone = []
+    for pat in (".*.pt.*.tmp", ".*.pt.*.link"):
+        for p in Path(run_dir).glob(pat):
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
+
+
 def load(path, map_location="cpu") -> dict:
+    """Read a checkpoint; FileNotFoundError if absent, CheckpointError if unreadable."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no checkpoint")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: cannot read checkpoint (empty file)")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        st = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for a torn or foreign file
-        raise ValueError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        msg = " ".join(str(e).split()).split(". This is an internal")[0][:160]
+        raise CheckpointError(f"{path}: cannot read checkpoint (truncated or not a checkpoint: "
+                              f"{type(e).__name__}: {msg})") from None
+    if not isinstance(st, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (holds a {type(st).__name__}, not a dict)")
+    return st
+
+
+def load_latest(path, map_location="cpu", required=REQUIRED_KEYS) -> tuple[dict, Path, list[str]]:
+    """The newest readable of ``path`` and ``prev_path(path)``.
+
+    Returns ``(state, the file read, problems)``: ``problems`` holds one line per file that
+    was skipped (empty when ``path`` itself was fine). Raises FileNotFoundError when neither
+    exists and CheckpointError naming both when neither can be read.
+    """
+    path = Path(path)
+    candidates = [p for p in (path, prev_path(path)) if p.exists()]
+    if not candidates:
+        raise FileNotFoundError(f"{path}: no checkpoint")
+    problems = []
+    for p in candidates:
+        try:
+            st = load(p, map_location)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        missing = [k for k in required if k not in st]
+        if missing:
+            problems.append(f"{p}: not a training checkpoint (lacks {', '.join(missing)})")
+            continue
+        return st, p, problems
+    raise CheckpointError(" ; ".join(problems))

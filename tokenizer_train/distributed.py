@@ -99,6 +99,19 @@ def all_reduce_any(mask: np.ndarray, device) -> np.ndarray:
     return t.cpu().numpy().astype(bool)
 
 
+def gather_object(obj) -> list:
+    """Every rank's ``obj`` (rank order) on every rank; ``[obj]`` in a single process.
+
+    For small per-rank state only (RNG states, counters): it goes through pickle between
+    this job's own processes, never from a file.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -5,7 +5,13 @@
   python -m tokenizer_train train --resume RUN          # continue exactly where RUN stopped
 
 RUN receives config.yaml (the resolved config), run.json, metrics.jsonl (one JSON object per
-log event), tensorboard/ (event files), last.pt and best.pt (lowest val/loss_epoch).
+log event), tensorboard/ (event files), last.pt (and last.prev.pt, the one before it) and
+best.pt (lowest val/loss_epoch).
+
+Interruptions: a run killed at any moment resumes with --resume RUN from its newest readable
+checkpoint (last.pt, else last.prev.pt); every rank's RNG state, loss sums and code counts
+are in it, so on CPU with the same world size the continuation is bit-exact. The rows of
+metrics.jsonl logged after that checkpoint are dropped on resume (they are logged again).
 Override any config key with --set a.b=value (repeatable); an unknown key is an error.
 """
 from __future__ import annotations
@@ -14,6 +20,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -72,11 +79,14 @@ def _resolve(args):
     """(config, data dir, run dir, resume?) from the command line and, on resume, the run."""
     if args.resume:
         run_dir = Path(args.resume)
-        if not (run_dir / "last.pt").exists():
+        if not any(p.exists() for p in (run_dir / "last.pt", ckpt.prev_path(run_dir / "last.pt"))):
             raise FileNotFoundError(f"{run_dir}: nothing to resume (no last.pt)")
         if args.out and Path(args.out) != run_dir:
             raise ValueError("--out must be omitted or equal to --resume RUN")
-        recorded = json.loads((run_dir / "run.json").read_text())
+        try:
+            recorded = json.loads((run_dir / "run.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{run_dir / 'run.json'}: unreadable ({' '.join(str(e).split())})") from None
         cfg = load_config(args.config or run_dir / "config.yaml", args.set)
         return cfg, Path(args.data or recorded["data"]), run_dir, True
     if not args.data or not args.out:
@@ -101,6 +111,44 @@ def make_loaders(data_dir, cfg: Config, rank: int, world_size: int):
     train = make_loader(data_dir, split="train", sampler=dc.sampler, augment=dc.augment, **common)
     val = make_loader(data_dir, split="val", **common) if dc.val_split > 0 else None
     return train, val
+
+
+def _write_atomic(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _trim_metrics(path: Path, step: int):
+    """Keep the rows of ``metrics.jsonl`` up to ``step`` (those the resumed checkpoint has
+    seen); later ones, and a line torn by a kill, are logged again by the resumed run."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and int(row.get("step", 0)) <= step:
+            keep.append(line)
+    _write_atomic(path, "".join(f"{x}\n" for x in keep))
+
+
+def _rank_state(st: dict, dist, start_batch: int) -> dict | None:
+    """This rank's part of a checkpoint (RNG, loss sums, codes seen, skipped samples).
+
+    None when the checkpoint comes from another world size at an epoch boundary (the rank
+    keeps its fresh seed; the continuation is then not bit-exact); an error mid-epoch.
+    """
+    ranks = st.get("ranks") or [{"rng": st["rng"], "epoch_sums": st["epoch_sums"], "seen": st["seen"],
+                                 "skipped": st["loader"].get("skipped", 0)}]
+    if len(ranks) == dist.world_size:
+        return ranks[dist.rank]
+    if start_batch:
+        raise ValueError(f"the checkpoint was taken mid-epoch by {len(ranks)} processes; resume it with "
+                         f"{len(ranks)} (now {dist.world_size})")
+    return None
 
 
 def seed_everything(seed: int):
@@ -206,7 +254,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
     dist = dist or D.Dist()
     tc, device = cfg.training, dist.device
     out_dir = Path(out_dir)
-    if not resume and (out_dir / "last.pt").exists():
+    if not resume and any(p.exists() for p in (out_dir / "last.pt", ckpt.prev_path(out_dir / "last.pt"))):
         raise ValueError(f"{out_dir}: already holds a run (last.pt); use --resume {out_dir} or another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(tc.seed)
@@ -238,32 +286,48 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
     step, start_epoch, start_batch, best = 0, 0, 0, math.inf
     epoch_sums, seen, seen_g = Sums(), np.zeros(K, bool), np.zeros(K, bool)
     if resume:
-        st = ckpt.load(out_dir / "last.pt")
+        st, used, problems = ckpt.load_latest(out_dir / "last.pt")
+        if dist.is_main:
+            for msg in problems:
+                print(f"warning: {msg}; resuming from {used}", file=sys.stderr, flush=True)
         model.load_state_dict(st["model"])
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
         scaler.load_state_dict(st["scaler"])
         step, start_epoch, start_batch, best = st["step"], st["epoch"], st["batches_done"], st["best_val"]
+        mine = _rank_state(st, dist, start_batch)
         if start_batch:
-            epoch_sums = Sums(st["epoch_sums"])
-            seen, seen_g = st["seen"].numpy(), st["seen_global"].numpy()
-        train_loader.load_state_dict(st["loader"])
-        ckpt.set_rng_state(st["rng"])
+            epoch_sums = Sums(mine["epoch_sums"])
+            seen, seen_g = mine["seen"].numpy(), st["seen_global"].numpy()
+        train_loader.load_state_dict({**st["loader"], "skipped": mine["skipped"] if mine else 0})
+        if mine is not None:
+            ckpt.set_rng_state(mine["rng"])
+        elif dist.is_main:
+            print(f"warning: {used} comes from another world size: fresh per-rank RNG seeds", file=sys.stderr)
+        if dist.is_main:
+            _trim_metrics(out_dir / "metrics.jsonl", step)
+            ckpt.remove_stale_temps(out_dir)
     logger = RunLogger(out_dir, enabled=dist.is_main)
     if dist.is_main and criterion.class_weights is not None:
         w = criterion.class_weights.detach().cpu().numpy()
         save_class_weights(out_dir / "class_weights", w, W, meta={"method": tc.class_weighting.method})
         logger.writer.add_image("train/class_weights", class_weights_image(w, W), 0)
     if dist.is_main:
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        (out_dir / "run.json").write_text(json.dumps({
+        _write_atomic(out_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        _write_atomic(out_dir / "run.json", json.dumps({
             "data": str(data_dir), "world_size": dist.world_size, "W": W, "N": N, "T": info["T"],
             "codebook_size": K, "train_batches_per_epoch": len(train_loader), "steps_per_epoch": steps_per_epoch,
             "parameters": sum(p.numel() for p in model.parameters())}, indent=1))
 
-    def state(epoch, batches_done, sums, seen, seen_g):
+    def rank_states(sums, seen) -> list:
+        """Every rank's own state (collective: all ranks call it at the same point)."""
+        return D.gather_object({"rng": ckpt.rng_state(), "epoch_sums": dict(sums.v),
+                                "seen": torch.from_numpy(seen.copy()), "skipped": int(train_loader.skipped)})
+
+    def state(epoch, batches_done, sums, seen, seen_g, ranks):
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": ckpt.rng_state(), "step": step, "epoch": epoch,
+                "scaler": scaler.state_dict(), "rng": ranks[0]["rng"], "ranks": ranks, "world_size": dist.world_size,
+                "step": step, "epoch": epoch,
                 "batches_done": batches_done, "best_val": best, "epoch_sums": sums.v,
                 "seen": torch.from_numpy(seen.copy()), "seen_global": torch.from_numpy(seen_g.copy()),
                 "loader": {"epoch": epoch, "batches_done": batches_done, "skipped": train_loader.skipped},
@@ -284,7 +348,12 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
         it = iter(train_loader)
         for i in range(start_batch, n_batches):
             tw = time.perf_counter()
-            batch = _to(next(it), device)
+            # the DataLoader draws its base seed from the global torch RNG when its iterator
+            # starts: isolated, so dropout and noise draw the same numbers in a run resumed
+            # mid-epoch as in an uninterrupted one
+            with torch.random.fork_rng(devices=[]):
+                batch = next(it)
+            batch = _to(batch, device)
             t_wait += time.perf_counter() - tw
             boundary = (i + 1) % accum == 0 or i + 1 == n_batches
             sync = contextlib.nullcontext() if (boundary or not dist.enabled) else net.no_sync()
@@ -363,8 +432,9 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
                                 codes=step_sums_for_bar.get("train/unique_codes_step", "-"), refresh=False)
             step_sums, step_codes, step_extra = Sums(), [], {}
             if tc.save_interval and step % tc.save_interval == 0 and i + 1 < n_batches:
+                ranks = rank_states(epoch_sums, seen)
                 if dist.is_main:
-                    ckpt.save(out_dir / "last.pt", state(epoch, i + 1, epoch_sums, seen, seen_g))
+                    ckpt.save_last(out_dir / "last.pt", state(epoch, i + 1, epoch_sums, seen, seen_g, ranks))
                 D.barrier()
         bar.close()
         start_batch = 0
@@ -387,9 +457,10 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
         score = scalars.get("val/loss_epoch", scalars["train/loss_epoch"])
         improved = score < best
         best = min(best, score)
+        ranks = rank_states(Sums(), np.zeros(K, bool))
         if dist.is_main:
-            st = state(epoch + 1, 0, Sums(), np.zeros(K, bool), np.zeros(K, bool))
-            ckpt.save(out_dir / "last.pt", st)
+            st = state(epoch + 1, 0, Sums(), np.zeros(K, bool), np.zeros(K, bool), ranks)
+            ckpt.save_last(out_dir / "last.pt", st)
             if improved:
                 ckpt.save(out_dir / "best.pt", st)
             print(f"epoch {epoch}: " + " ".join(f"{k}={v:.4g}" for k, v in scalars.items()

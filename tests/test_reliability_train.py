@@ -1,0 +1,214 @@
+"""Training survives being killed: SIGKILL mid-epoch (between steps or in the middle of a
+checkpoint write) and a truncated newest checkpoint; ``--resume`` then ends with exactly the
+parameters of an uninterrupted run (CPU, one thread, dropout, noise, augmentation on)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokenizer_train import checkpoint as C
+from tokenizer_train.__main__ import main
+from tokenizer_train.config import from_dict
+from tokenizer_train.train import train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from loader_fixtures import write_build  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+# 18 clips, batch 4: 4 steps per epoch, 2 epochs; a checkpoint after every step
+SETS = ["model.hidden_dim=32", "model.num_layers=1", "model.num_heads=2", "training.batch_size=4",
+        "training.log_interval=1", "data.val_split=0.0", "training.epochs=2", "training.save_interval=1",
+        "training.device=cpu", "model.dropout=0.1", "model.quant_input_noise_std=0.05",
+        "data.augment.enabled=true", "data.augment.jitter_std=0.01", "training.lr_schedule.type=cosine",
+        "training.code_entropy_weight=0.1"]
+KILL_STEP = 6  # epoch 1, mid-epoch
+
+# runs the CLI, pausing (for the test to SIGKILL it) right after the checkpoint of step AT
+# was saved, or with half of that checkpoint's bytes written under its temporary name
+WRAPPER = """
+import io, os, sys, time, torch
+torch.set_num_threads(1)
+from tokenizer_train import checkpoint as C
+phase, marker, at = os.environ["E_PHASE"], os.environ["E_MARKER"], int(os.environ["E_AT"])
+def pause():
+    open(marker, "w").close()
+    time.sleep(600)
+real_save, real_torch_save = C.save, torch.save
+def save(path, state):
+    out = real_save(path, state)
+    if phase == "after_save" and state.get("step") == at:
+        pause()
+    return out
+def torch_save(obj, f, *a, **k):
+    if phase == "during_save" and isinstance(obj, dict) and obj.get("step") == at:
+        b = io.BytesIO()
+        real_torch_save(obj, b)
+        f.write(b.getvalue()[: len(b.getvalue()) // 2])
+        f.flush()
+        pause()
+    return real_torch_save(obj, f, *a, **k)
+C.save, torch.save = save, torch_save
+from tokenizer_train.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the subprocess runs with one thread too: same float sums
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    return write_build(tmp_path_factory.mktemp("build"), shard_sizes=(6, 6, 6),
+                       sources=["v/a.h5", "v/b.h5", "v/c.h5"])
+
+
+@pytest.fixture(scope="module")
+def reference(build, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(from_dict({}, SETS), build, out)
+    finally:
+        torch.set_num_threads(n)
+    return out
+
+
+def _params(path):
+    return C.load(path)["model"]
+
+
+def _assert_same_params(a, b):
+    pa, pb = _params(a), _params(b)
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k
+
+
+def _cli_sets():
+    return sum((["--set", s] for s in SETS), [])
+
+
+def _run_and_kill(build, out, phase, tmp_path):
+    marker = tmp_path / f"paused-{phase}"
+    env = dict(os.environ, OMP_NUM_THREADS="1", E_PHASE=phase, E_MARKER=str(marker), E_AT=str(KILL_STEP))
+    p = subprocess.Popen([sys.executable, "-c", WRAPPER, "train", "--data", str(build), "--out", str(out),
+                          *_cli_sets()], cwd=REPO, env=env, start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not marker.exists():
+        if p.poll() is not None:
+            pytest.fail(f"training ended before the kill point: {p.stderr.read().decode()[-2000:]}")
+        assert time.time() < deadline, "training never reached the kill point"
+        time.sleep(0.02)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    p.stderr.close()
+    assert p.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("phase", ["after_save", "during_save", "truncated_last"])
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(build, reference, tmp_path, phase, capsys):
+    out = tmp_path / "run"
+    _run_and_kill(build, out, "during_save" if phase == "during_save" else "after_save", tmp_path)
+    last = C.load(out / "last.pt")  # whatever the kill hit, last.pt is a complete checkpoint
+    expect = KILL_STEP - 1 if phase == "during_save" else KILL_STEP
+    assert (last["step"], last["epoch"], last["batches_done"]) == (expect, 1, expect - 4)
+    # save_last renames the current file to last.prev.pt before writing the next one
+    assert C.load(out / "last.prev.pt")["step"] == (expect if phase == "during_save" else expect - 1)
+    if phase == "during_save":  # the torn write exists only under a temporary name
+        assert list(out.glob(".last.pt.*.tmp"))
+    if phase == "truncated_last":
+        data = (out / "last.pt").read_bytes()
+        (out / "last.pt").write_bytes(data[: len(data) * 2 // 3])
+        with pytest.raises(C.CheckpointError, match=r"last\.pt: cannot read checkpoint"):
+            C.load(out / "last.pt")
+    assert main(["train", "--resume", str(out)]) == 0
+    err = capsys.readouterr().err
+    if phase == "truncated_last":
+        line = next(x for x in err.splitlines() if x.startswith("warning:"))
+        assert str(out / "last.pt") in line and "resuming from" in line and str(out / "last.prev.pt") in line
+    else:
+        assert "resuming from" not in err
+    _assert_same_params(reference / "last.pt", out / "last.pt")
+    # nothing torn or temporary is left; metrics.jsonl has each step once, as the reference
+    assert not list(out.glob(".*.tmp")) and not list(out.glob(".*.link"))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    ref_rows = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "train/loss_step" in r]
+    assert steps == list(range(1, 9)) == [r["step"] for r in ref_rows if "train/loss_step" in r]
+    assert [r["train/loss_step"] for r in rows if "train/loss_step" in r] == \
+        [r["train/loss_step"] for r in ref_rows if "train/loss_step" in r]
+    # the epoch totals after the resume include the batches before the kill
+    assert [r["train/loss_epoch"] for r in rows if "train/loss_epoch" in r] == \
+        [r["train/loss_epoch"] for r in ref_rows if "train/loss_epoch" in r]
+
+
+def test_save_last_keeps_the_previous_and_load_latest_falls_back(tmp_path):
+    p = tmp_path / "last.pt"
+    for step in (1, 2, 3):
+        C.save_last(p, {"model": {"w": torch.full((3,), float(step))}, "optimizer": {}, "step": step, "epoch": 0})
+    assert C.load(p)["step"] == 3 and C.load(C.prev_path(p))["step"] == 2
+    st, used, problems = C.load_latest(p)
+    assert (st["step"], used, problems) == (3, p, [])
+    whole = p.read_bytes()
+    for cut in (0, 1, 100, len(whole) // 2, len(whole) - 1):
+        p.write_bytes(whole[:cut])
+        with pytest.raises(C.CheckpointError) as e:
+            C.load(p)
+        assert str(e.value).startswith(str(p)) and "\n" not in str(e.value)
+        st, used, problems = C.load_latest(p)
+        assert st["step"] == 2 and used == C.prev_path(p)
+        assert len(problems) == 1 and problems[0].startswith(str(p))
+    C.prev_path(p).write_bytes(b"garbage")
+    with pytest.raises(C.CheckpointError) as e:
+        C.load_latest(p)
+    assert str(p) in str(e.value) and str(C.prev_path(p)) in str(e.value)
+    # a readable file that is no training checkpoint is not taken for one
+    torch.save({"hello": torch.zeros(1)}, p)
+    with pytest.raises(C.CheckpointError, match="not a training checkpoint"):
+        C.load_latest(p)
+
+
+def test_checkpoint_with_a_pickled_object_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    p = tmp_path / "last.pt"
+    torch.save({"model": {}, "optimizer": {}, "step": 1, "epoch": 0, "x": _Evil(str(marker))}, p)
+    with pytest.raises(C.CheckpointError, match=r"last\.pt: cannot read checkpoint"):
+        C.load(p)
+    assert not marker.exists()
+
+
+class _Evil:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_resume_with_every_checkpoint_unreadable_is_a_clear_error(build, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(from_dict({}, SETS[:-5] + ["training.epochs=1"]), build, out)
+    for p in (out / "last.pt", out / "last.prev.pt"):
+        p.write_bytes(p.read_bytes()[:50])
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(out / "last.pt") in err[0] and str(out / "last.prev.pt") in err[0]
+    (out / "run.json").write_text('{"data": ')  # torn by a kill: named, not a traceback
+    assert main(["train", "--resume", str(out)]) == 2
+    assert str(out / "run.json") in capsys.readouterr().err
