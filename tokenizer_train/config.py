@@ -153,6 +153,7 @@ class TrainingConfig:
     code_entropy_temperature: float = 0.1
     class_weighting: ClassWeightingConfig = field(default_factory=ClassWeightingConfig)
     focal: FocalConfig = field(default_factory=FocalConfig)
+    logit_adjustment: float = 0.0  # tau of tokenizer_train/prior.py; 0: off
 
     def __post_init__(self):
         # YAML 1.1 reads a bare `no` as False

@@ -37,6 +37,7 @@ from motion_data.loader import make_loader, read_build_info
 from . import checkpoint as ckpt
 from . import distributed as D
 from . import metrics as M
+from . import prior
 from .config import Config, ConfigError, from_dict, load_config, to_dict
 from .logger import RunLogger
 from .losses import (Criterion, class_counts_from_stats, class_weights_image, code_usage_loss, entropy_weight,
@@ -280,7 +281,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
     autocast_for(tc.mixed_precision, device)  # fail now on fp16 without CUDA
     scaler = torch.amp.GradScaler("cuda", enabled=tc.mixed_precision == "fp16")
     counts = class_counts_from_stats(data_dir, cfg.data.static_filter, W) if tc.class_weighting.method != "none" else None
-    criterion = Criterion(tc, counts, W)
+    criterion = prior.wrap(Criterion(tc, counts, W), tc)  # training.logit_adjustment (off: unchanged)
 
     # state (restored on resume)
     step, start_epoch, start_batch, best = 0, 0, 0, math.inf
