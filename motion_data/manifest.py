@@ -66,6 +66,8 @@ def write_manifest(path, table_or_columns) -> Path:
     table = table_or_columns if isinstance(table_or_columns, pa.Table) else to_table(table_or_columns)
     validate(table, where=str(path))
     path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a killed writer
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
@@ -109,3 +111,68 @@ def read_manifest(path, build_dir=None) -> pa.Table:
     except (OSError, pa.ArrowInvalid) as e:
         raise ManifestError(f"{path}: cannot read manifest ({e})") from None
     return validate(table, where=str(path), build_dir=build_dir)
+
+
+def verify_build(build_dir, samples: bool = True) -> int:
+    """Check that ``manifest.parquet``, the shards and ``stats.zarr`` describe the same clips.
+
+    Every manifest row's byte range must be exactly one sample of that key in its shard
+    (from the tar headers), every shard under ``shards/`` must hold only the manifest's
+    samples, and the store must have one row per clip; with ``samples`` each sample's stored
+    per-point statistics must also equal its store row. Raises ManifestError naming the
+    manifest and the shard at the first disagreement; returns the number of clips.
+    """
+    from .shards import ShardError, index_shard, read_sample
+    from .stats import METRICS
+    from .store import PER_CLIP, StoreError, open_store
+
+    build_dir = Path(build_dir)
+    where = build_dir / MANIFEST_NAME
+    table = read_manifest(build_dir)
+    ids = table.column("clip_id").to_pylist()
+    shard = table.column("shard").to_pylist()
+    off = table.column("offset").to_numpy()
+    size = table.column("size").to_numpy()
+    rows_of: dict = {}
+    for i, s in enumerate(shard):
+        rows_of.setdefault(s, []).append(i)
+    for s, rows in rows_of.items():
+        try:
+            index = {k: (o, n) for k, o, n in index_shard(build_dir / s)}
+        except ShardError as e:
+            raise ManifestError(f"{where}: disagrees with the shards: {e}") from None
+        for i in rows:
+            got = index.get(ids[i])
+            if got != (int(off[i]), int(size[i])):
+                has = f"has it at offset {got[0]}, size {got[1]}" if got else "has no such sample"
+                raise ManifestError(f"{where}: row {i} ({ids[i]}) says {s} offset {off[i]}, size {size[i]}; "
+                                    f"the shard {has}")
+        if len(index) != len(rows):
+            extra = sorted(set(index) - {ids[i] for i in rows})[:3]
+            raise ManifestError(f"{where}: {s} holds {len(index)} samples, the manifest lists {len(rows)} "
+                                f"(not listed: {extra})")
+    listed = {Path(s).name for s in rows_of}
+    for p in sorted((build_dir / "shards").glob("*.tar")):
+        if p.name not in listed:
+            raise ManifestError(f"{where}: shards/{p.name} is not in the manifest")
+    try:
+        g = open_store(build_dir)
+    except StoreError as e:
+        raise ManifestError(f"{where}: disagrees with the store: {e}") from None
+    if int(g.attrs["n_clips"]) != len(ids):
+        raise ManifestError(f"{where}: {len(ids)} rows, {build_dir / 'stats.zarr'} has {g.attrs['n_clips']} clips")
+    if samples and ids:
+        import numpy as np
+
+        st = {k: np.asarray(g[f"stats/{k}"][:]) for k in PER_CLIP}
+        for i in range(len(ids)):
+            try:
+                smp = read_sample(build_dir / shard[i], int(off[i]), int(size[i]), ids[i])
+            except ShardError as e:
+                raise ManifestError(f"{where}: row {i}: {e}") from None
+            mine = np.stack([st[m][i] for m in METRICS])
+            if not (np.array_equal(smp["stats"], mine)
+                    and np.array_equal(smp["valid"].sum(0), st["valid_count"][i])):
+                raise ManifestError(f"{where}: row {i} ({ids[i]}): statistics in {shard[i]} differ from "
+                                    f"{build_dir / 'stats.zarr'} row {i}")
+    return len(ids)
