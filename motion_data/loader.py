@@ -83,8 +83,15 @@ def _batch_kernel(vel, valid, keep, W, v_out, lab_out, mask_out):
                 mask_out[b, t, n] = keep[b, n] and valid[b, t, n]
 
 
+def label_dtype(W: int):
+    """Smallest integer type that holds every class id (uint8 for W <= 15): what a worker
+    sends; ``unpack_batch`` widens it to the contract's int64 in the main process."""
+    return np.uint8 if W * W <= 256 else np.int16
+
+
 def make_batch(vel_px: np.ndarray, valid: np.ndarray, stats: np.ndarray, clip_ids: list, flt: StaticFilter,
-               W: int, augment: AugmentConfig | None = None, rng: np.random.Generator | None = None) -> dict:
+               W: int, augment: AugmentConfig | None = None, rng: np.random.Generator | None = None, *,
+               packed: bool = False) -> dict:
     """Raw arrays of B clips -> the batch dict.
 
     vel_px ``(B, S, N, 2)`` reference pixels, valid ``(B, S, N)``, stats ``(B, 3, N)`` the
@@ -92,6 +99,11 @@ def make_batch(vel_px: np.ndarray, valid: np.ndarray, stats: np.ndarray, clip_id
     the pixels when unaugmented (exactly the build's labels, one fused numba pass), else
     ``labels_from_norm`` of the augmented normalised velocities. numpy/numba, not torch:
     torch's intra-op threads only slow small element-wise work down in a loader process.
+
+    ``packed=True`` (what DataLoader workers send) puts every array into one byte buffer,
+    labels in ``label_dtype(W)``: one shared-memory segment and one descriptor hand-off per
+    batch instead of one per tensor, and under half the bytes (int64 labels were 44% of
+    them). ``unpack_batch`` turns it into the contract dict; the values are identical.
     """
     B, S, N = valid.shape
     vel_px = np.ascontiguousarray(vel_px, np.float32)
@@ -102,10 +114,8 @@ def make_batch(vel_px: np.ndarray, valid: np.ndarray, stats: np.ndarray, clip_id
             keep = keep_mask(stats[:, METRICS.index(flt.metric)], vc, flt.threshold, flt.min_keep)
     else:
         keep = np.ones((B, N), bool)
-    v_t, v = _alloc(vel_px.shape, torch.float32)
-    lab_t, labels = _alloc(valid.shape, torch.int64)
-    mask_t, mask = _alloc(valid.shape, torch.bool)
-    valid_t, valid_out = _alloc(valid.shape, torch.bool)
+    lab_dtype = label_dtype(W) if packed else np.int64
+    buf, (v, dyn, labels, mask, valid_out) = _alloc(_layout(B, S, N, lab_dtype))
     valid_out[...] = valid
     if augment is not None and augment.enabled:
         v[...] = augment_batch(normalize(vel_px, W), keep, valid, augment, rng)
@@ -113,29 +123,75 @@ def make_batch(vel_px: np.ndarray, valid: np.ndarray, stats: np.ndarray, clip_id
         mask[...] = keep[:, None, :] & valid
     else:
         _batch_kernel(vel_px, valid, keep, W, v, labels, mask)
-    return {
-        "velocities": v_t,
-        "labels": lab_t,
-        "mask": mask_t,
-        "valid": valid_t,
-        "clip_id": list(clip_ids),
-        "dynamic_ratio": torch.from_numpy(keep.mean(axis=1, dtype=np.float32)),
-    }
+    keep.mean(axis=1, dtype=np.float32, out=dyn)
+    if packed:
+        return {"_packed": buf, "_shape": (B, S, N, W), "clip_id": list(clip_ids)}
+    return _views_to_batch(buf, (B, S, N, lab_dtype), list(clip_ids))
 
 
-def _alloc(shape, dtype):
-    """A tensor and its numpy view; inside a DataLoader worker the tensor lives in shared
-    memory from the start (as torch's default_collate does), so sending the batch to the
-    main process does not copy it again."""
+def _layout(B, S, N, lab_dtype):
+    """(dtype, shape) of the batch arrays in buffer order; 4-byte items first keeps them aligned."""
+    return [(np.float32, (B, S, N, 2)), (np.float32, (B,)), (lab_dtype, (B, S, N)), (np.bool_, (B, S, N)),
+            (np.bool_, (B, S, N))]
+
+
+def _sections(layout):
+    out, off = [], 0
+    for dt, shape in layout:
+        n = math.prod(shape) * np.dtype(dt).itemsize
+        out.append((off, n))
+        off += (n + 7) // 8 * 8
+    return out, off
+
+
+def _alloc(layout):
+    """One byte buffer for all the batch arrays and their numpy views. Inside a DataLoader
+    worker it lives in shared memory from the start (as torch's default_collate does), so
+    sending the batch to the main process neither copies it nor needs more than one
+    descriptor."""
+    secs, total = _sections(layout)
+    buf = None
     if torch.utils.data.get_worker_info() is not None:
         try:
-            storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape), device="cpu")
-            t = torch.empty(0, dtype=dtype).new(storage).resize_(shape)
-            return t, t.numpy()
-        except (AttributeError, RuntimeError):
-            pass
-    t = torch.empty(shape, dtype=dtype)
-    return t, t.numpy()
+            storage = torch.UntypedStorage._new_shared(total)
+            buf = torch.empty(0, dtype=torch.uint8).set_(storage)
+        except (AttributeError, RuntimeError, TypeError):
+            buf = None
+    if buf is None:
+        buf = torch.empty(total, dtype=torch.uint8)
+    raw = buf.numpy()
+    views = [raw[o:o + n].view(dt).reshape(shape) for (o, n), (dt, shape) in zip(secs, layout)]
+    return buf, views
+
+
+_TORCH_DTYPE = {np.dtype(d): t for d, t in ((np.float32, torch.float32), (np.uint8, torch.uint8),
+                                             (np.int16, torch.int16), (np.int64, torch.int64),
+                                             (np.bool_, torch.bool))}
+
+
+def _views_to_batch(buf: torch.Tensor, shape, clip_ids: list, pin: bool = False) -> dict:
+    B, S, N, lab_dtype = shape
+    layout = _layout(B, S, N, lab_dtype)
+    secs, _ = _sections(layout)
+    t = [buf[o:o + n].view(_TORCH_DTYPE[np.dtype(dt)]).view(sh) for (o, n), (dt, sh) in zip(secs, layout)]
+    vel, dyn, labels, mask, valid = t
+    if labels.dtype != torch.int64:
+        wide = torch.empty(labels.shape, dtype=torch.int64, pin_memory=pin)
+        wide.copy_(labels)
+        labels = wide
+    return {"velocities": vel, "labels": labels, "mask": mask, "valid": valid, "clip_id": clip_ids,
+            "dynamic_ratio": dyn}
+
+
+def unpack_batch(batch: dict, pin: bool = False) -> dict:
+    """A worker's packed batch -> the contract dict (labels widened to int64 here, in pinned
+    memory when ``pin``); other batches pass through unchanged."""
+    if "_packed" not in batch:
+        return batch
+    B, S, N, W = batch.pop("_shape")
+    out = _views_to_batch(batch.pop("_packed"), (B, S, N, label_dtype(W)), batch.pop("clip_id"), pin)
+    out.update(batch)
+    return out
 
 
 # ----------------------------------------------------------------------------- fast reader
@@ -333,7 +389,8 @@ class ClipDataset(torch.utils.data.Dataset):
         if not ok.all():
             vel, valid, st = vel[ok], valid[ok], st[ok]
         rng = epoch_rng(self.seed, *key, 1)
-        batch = make_batch(vel, valid, st, ids, self.flt, self.W, self.augment, rng)
+        batch = make_batch(vel, valid, st, ids, self.flt, self.W, self.augment, rng,
+                           packed=torch.utils.data.get_worker_info() is not None)
         batch["skipped"] = errors
         return batch
 
@@ -400,7 +457,8 @@ class _StreamState:
         st = np.stack([d["stats"] for _, d in items])
         if self._rng is None:
             self._rng = np.random.default_rng(self.worker_seed() + 1)
-        batch = make_batch(vel, valid, st, [k for k, _ in items], self.flt, self.W, self.augment, self._rng)
+        batch = make_batch(vel, valid, st, [k for k, _ in items], self.flt, self.W, self.augment, self._rng,
+                           packed=torch.utils.data.get_worker_info() is not None)
         batch["skipped"], self.errors = self.errors, []
         return batch
 
@@ -431,13 +489,20 @@ class MotionLoader:
     identical remaining batches (exact mode and validation; streaming mode resumes with the
     right number of remaining batches but a fresh random stream). ``skipped`` counts samples
     dropped by ``on_error="skip"``.
+
+    ``generator`` is the DataLoader's: reseeded from (seed, epoch, rank) before each epoch,
+    it gives the workers' base seed, which torch otherwise draws from the global RNG when
+    an iteration starts; so starting (or resuming) an epoch leaves the trainer's RNG stream
+    (dropout, noise) untouched and a mid-epoch resume replays it exactly.
     """
 
-    def __init__(self, dataloader, batch_sampler=None, stream_state=None, n_batches: int = 0):
+    def __init__(self, dataloader, batch_sampler=None, stream_state=None, n_batches: int = 0, *,
+                 generator: torch.Generator | None = None, seed: int = 0, rank: int = 0, pin: bool = False):
         self.dataloader = dataloader
         self.batch_sampler = batch_sampler
         self.stream_state = stream_state
         self._n_batches = n_batches
+        self.generator, self.seed, self.rank, self.pin = generator, seed, rank, pin
         self.epoch = 0
         self.batches_done = 0
         self.skipped = 0
@@ -474,7 +539,10 @@ class MotionLoader:
             self.set_epoch(self.epoch + 1)
         if self.batch_sampler is not None:
             self.batch_sampler.start_batch = self.batches_done
+        if self.generator is not None:
+            self.generator.manual_seed(int(epoch_rng(self.seed, self.epoch, self.rank, 2 ** 31 - 1).integers(2 ** 62)))
         for batch in self.dataloader:
+            batch = unpack_batch(batch, self.pin)
             errors = batch.pop("skipped", [])
             if errors:
                 self.skipped += len(errors)
@@ -533,6 +601,8 @@ def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter 
     training = split != "val"
     aug = augment if (training and augment is not None and augment.enabled) else None
     epoch_size = epoch_size if epoch_size is not None else sampler.epoch_size
+    gen = torch.Generator()
+    loader_kw = {"generator": gen, "seed": seed, "rank": rank, "pin": bool(pin_memory and torch.cuda.is_available())}
     worker_kw = {}
     if num_workers > 0:
         worker_kw = {"persistent_workers": persistent_workers, "multiprocessing_context": _worker_context()}
@@ -549,9 +619,10 @@ def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter 
         n_batches = max(1, (epoch_size or len(rows)) // (batch_size * world_size))
         import webdataset as wds
 
-        dl = wds.WebLoader(pipe, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **worker_kw)
+        dl = wds.WebLoader(pipe, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                           generator=gen, **worker_kw)
         dl = dl.with_epoch(n_batches)
-        return MotionLoader(dl, stream_state=state, n_batches=n_batches)
+        return MotionLoader(dl, stream_state=state, n_batches=n_batches, **loader_kw)
 
     dataset = ClipDataset(root, man, flt, W, T - 1, N, aug, seed, on_error)
     if training:
@@ -560,8 +631,8 @@ def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter 
     else:
         bs = SequentialBatchSampler(rows, batch_size, rank, world_size)
     dl = torch.utils.data.DataLoader(dataset, batch_sampler=bs, collate_fn=_identity, num_workers=num_workers,
-                                     pin_memory=pin_memory, **worker_kw)
-    return MotionLoader(dl, batch_sampler=bs)
+                                     pin_memory=pin_memory, generator=gen, **worker_kw)
+    return MotionLoader(dl, batch_sampler=bs, **loader_kw)
 
 
 __all__ = ["make_loader", "make_batch", "MotionLoader", "ClipDataset", "parse_sample", "IndexBatch"]

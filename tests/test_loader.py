@@ -159,10 +159,43 @@ def test_workers_deliver_exactly_the_draw(tiny_build):
     draw = ld.batch_sampler.epoch_draw(1)[0].ravel()
     assert got == Counter(m["clip_id"][r] for r in draw)
     assert sum(got.values()) == 60
+    # a worker's packed batch (one shared buffer, narrow labels) unpacks to exactly the
+    # in-process batch: same values, contract dtypes
+    inproc = make_loader(tiny_build, num_workers=0, **kw)
+    for a, b in zip(_batches(ld, 2), _batches(inproc, 2)):
+        assert a.keys() == b.keys() and a["clip_id"] == b["clip_id"]
+        for k in ("velocities", "labels", "mask", "valid", "dynamic_ratio"):
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert b["labels"].dtype == torch.int64
     # persistent workers + pinned memory keep working across epochs
     ld = make_loader(tiny_build, num_workers=2, persistent_workers=True, pin_memory=True, **kw)
     counts = [len(_run(ld, e)) for e in range(2)]
     assert counts == [len(ld)] * 2
+
+
+def _batches(ld, epoch):
+    ld.set_epoch(epoch)
+    return list(ld)
+
+
+def test_iterating_leaves_global_torch_rng_alone(tiny_build):
+    """The workers' base seed comes from the loader's own generator (seed, epoch, rank), so
+    starting or resuming an epoch does not shift the trainer's dropout/noise stream."""
+    ld = make_loader(tiny_build, split="all", static_filter=FLT, batch_size=4, seed=3)
+    torch.manual_seed(0)
+    ref = torch.rand(4)
+    torch.manual_seed(0)
+    ld.set_epoch(0)
+    next(iter(ld))
+    ld.load_state_dict({"epoch": 0, "batches_done": 1})
+    next(iter(ld))
+    assert torch.equal(torch.rand(4), ref)
+    seeds = []
+    for e in (0, 1, 0):
+        ld.set_epoch(e)
+        next(iter(ld))
+        seeds.append(ld.generator.initial_seed())
+    assert seeds[0] == seeds[2] != seeds[1]
 
 
 def _corrupt(src, tmp_path, how):
