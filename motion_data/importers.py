@@ -173,10 +173,46 @@ def _np_array(path, key, value) -> np.ndarray:
         raise InputError(f"{path}: cannot read {key}: {e}") from None
 
 
+# deflate cannot expand data more than ~1032:1: a larger claim is a lying archive
+_MAX_DEFLATE_RATIO = 1032
+
+
+def _check_npy_header(path, f, available: int, what: str):
+    """Refuse an ``.npy`` stream whose header declares more data than the file holds.
+
+    numpy allocates the declared array before reading it: a forged header could otherwise
+    ask for terabytes (MemoryError) or, under memory overcommit, get the process killed.
+    ``f`` is positioned at the start of the stream; ``available``: its bytes.
+    """
+    fmt = np.lib.format
+    try:
+        start = f.tell()
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = fmt.read_array_header_2_0(f)
+        else:
+            return  # let np.load report the unsupported version
+        header = f.tell() - start
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as e:
+        raise InputError(f"{path}: {what} is not a valid .npy array ({' '.join(str(e).split())})") from None
+    if dtype.hasobject:
+        raise InputError(f"{path}: {what} is a pickled object array; refused (save plain numeric arrays)")
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if declared > available - header:
+        raise InputError(f"{path}: {what} is truncated or forged: its header declares shape {tuple(shape)} "
+                         f"({declared} bytes), the file holds {max(0, available - header)}")
+
+
 def _load_npy(path) -> dict:
     _check_nonempty(path)
     try:
+        with open(path, "rb") as f:
+            _check_npy_header(path, f, os.path.getsize(path), "the array")
         arr = np.load(path, allow_pickle=False)
+    except InputError:
+        raise
     except ValueError as e:
         if "pickle" in str(e).lower():
             raise InputError(f"{path}: holds a pickled object array; refused (save plain numeric arrays)") from None
@@ -190,6 +226,16 @@ def _load_npz(path) -> dict:
     _check_nonempty(path)
     out = {}
     try:
+        with zipfile.ZipFile(path) as zf:
+            for zi in zf.infolist():
+                if not zi.filename.endswith(".npy"):
+                    continue
+                what = zi.filename[:-4]
+                if zi.compress_type != zipfile.ZIP_STORED and zi.file_size > _MAX_DEFLATE_RATIO * max(zi.compress_size, 1):
+                    raise InputError(f"{path}: {what} claims {zi.file_size} bytes from {zi.compress_size} compressed; "
+                                     f"refused (not a plausible archive)")
+                with zf.open(zi) as f:
+                    _check_npy_header(path, f, zi.file_size, what)
         with np.load(path, allow_pickle=False) as z:
             if not isinstance(z, np.lib.npyio.NpzFile):
                 raise InputError(f"{path}: not an .npz archive")
@@ -213,12 +259,16 @@ def _torch_load(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types (UnpicklingError, RuntimeError, EOFError)
-        raise InputError(f"{path}: {_torch_load_problem(e)}") from None
+        raise InputError(f"{path}: {_torch_load_problem(e, path)}") from None
 
 
-def _torch_load_problem(e: Exception) -> str:
+def _torch_load_problem(e: Exception, path=None) -> str:
     """One line out of torch's multi-paragraph load errors (which advise unsafe loading)."""
     text = str(e)
+    if path is not None and not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":  # a torch zip archive without its end: cut short
+                return "truncated torch file (the zip archive has no central directory)"
     m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
     if m:
         return f"holds a pickled object ({m.group(1)}); refused (only tensors and plain containers are loaded)"
@@ -440,15 +490,16 @@ def read_sequences(path, fmt: str = "auto", *, ref_size: int = DEFAULT_REF_SIZE,
     path = str(path)
     if fmt == "auto":
         fmt = detect_format(path)
-    if fmt == "tracks":
-        return _read_tracks(path, ref_size, image_size)
-    if fmt == "amplify-h5":
-        return _read_amplify(path, ref_size, views)
-    if fmt == "atm-h5":
-        return _read_atm(path, ref_size, image_size, views)
-    if fmt == "laps-pt":
-        return _read_laps(path)
-    raise ValueError(f"unknown format {fmt!r}; choose auto or one of {FORMATS}")
+    readers = {"tracks": lambda: _read_tracks(path, ref_size, image_size),
+               "amplify-h5": lambda: _read_amplify(path, ref_size, views),
+               "atm-h5": lambda: _read_atm(path, ref_size, image_size, views),
+               "laps-pt": lambda: _read_laps(path)}
+    if fmt not in readers:
+        raise ValueError(f"unknown format {fmt!r}; choose auto or one of {FORMATS}")
+    try:
+        return readers[fmt]()
+    except MemoryError as e:  # e.g. an HDF5 dataset declaring an enormous shape
+        raise InputError(f"{path}: too large to load ({' '.join(str(e).split())})") from None
 
 
 def iter_sequences(path, fmt: str = "auto", *, ref_size: int = DEFAULT_REF_SIZE, image_size=None,
