@@ -68,3 +68,17 @@ def test_short_run_is_marked_on_30_epoch_gates(tmp_path):
 def test_missing_metrics_names_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         check.read_metrics(tmp_path)
+
+
+def test_multimodal_reads_the_trainers_global_histogram(tmp_path):
+    """The trainer logs per-code counts as train/code_usage_hist(_global); the all-rank one wins."""
+    r = _run(tmp_path, "g", lambda f: 40, lambda f: 0.5, lambda f: 30, 0.6, 0.4, epochs=2)
+    rows = check.read_metrics(r)
+    rows = [x for x in rows if "train/code_usage_counts" not in x]
+    rows.append({"step": 999, "epoch": 1, "train/code_usage_hist": [100, 0, 0],
+                 "train/code_usage_hist_global": [30, 30, 40]})
+    g = {x.name: x for x in check.evaluate(rows)}
+    assert g["code usage multi-modal"].passed
+    rows[-1].pop("train/code_usage_hist_global")
+    g = {x.name: x for x in check.evaluate(rows)}
+    assert not g["code usage multi-modal"].passed  # this rank's collapsed counts

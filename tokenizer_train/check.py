@@ -18,7 +18,8 @@ Definitions (so that a gate is a number, not a judgement):
 - "rising": that late mean is above the mean of the first 20% of the steps logged.
 - "clearly up": late perplexity >= 1.5x the baseline's late perplexity (with --baseline),
   else >= 1.5x the run's own first logged value.
-- multi-modal: the last logged code-usage counts have at least 3 codes that each hold
+- multi-modal: the last logged code-usage counts (train/code_usage_hist_global, the trainer's
+  all-rank counts of a code-log step, else train/code_usage_hist) have at least 3 codes that each hold
   >= 2% of the tokens and no code holds more than 50% -- a collapsed tokenizer has one
   code with ~100%.
 - validation not worse: val/acc_epoch >= baseline - 0.02 and val/epe_px_epoch <= baseline's
@@ -42,6 +43,8 @@ MODE_SHARE = 0.02
 MODE_COUNT = 3
 MAX_TOP_SHARE = 0.5
 PERPLEXITY_FACTOR = 1.5
+# per-code counts of a code-log step, first found wins: all ranks (the trainer's *_global), this rank
+USAGE_TAGS = ("train/code_usage_counts", "train/code_usage_hist_global", "train/code_usage_hist")
 
 
 @dataclass
@@ -146,7 +149,7 @@ def evaluate(rows: list[dict], base: list[dict] | None = None) -> list[Gate]:
                           ok, horizon(10)))
     ge("unique_codes@30", "train/unique_codes_step", 30, 32)
     ge("entropy_norm@30", "train/entropy_norm_step", 30, 0.35)
-    hist = series(rows, "train/code_usage_counts") or series(rows, "train/code_usage_hist")
+    hist = next((h for h in (series(rows, t) for t in USAGE_TAGS) if h), None)
     if hist and isinstance(hist[-1][2], list):
         ok, modes, top = is_multimodal(hist[-1][2])
         gates.append(Gate("code usage multi-modal", float(modes), f">= {MODE_COUNT} codes >= {MODE_SHARE:.0%}, top <= {MAX_TOP_SHARE:.0%}",
