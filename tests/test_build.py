@@ -21,7 +21,7 @@ from motion_data import build as bld
 from motion_data.clips import Sequence, cut_windows
 from motion_data.labels import labels_from_px, normalize, ring_map
 from motion_data.manifest import COLUMNS, SCHEMA, read_manifest
-from motion_data.shards import read_sample
+from motion_data.shards import encode_sample, index_shard, read_sample, write_shard
 from motion_data.stats import METRICS, StaticFilter, class_histograms, point_stats
 from preprocess.__main__ import main
 
@@ -104,6 +104,24 @@ def test_plain_webdataset_reads_the_shards_in_manifest_order(tiny_build):
     s = got[0]
     assert s["vel.npy"].shape == (15, 100, 2) and s["valid.npy"].shape == (15, 100)
     assert s["stats.npy"].shape == (3, 100) and s["json"]["sequence"] == 0
+
+
+def test_write_shard_bytes_equal_webdataset_tarwriter(tmp_path):
+    """write_shard drives tarfile directly for speed; its shards stay exactly TarWriter's."""
+    rng = np.random.default_rng(3)
+    ss = [encode_sample(f"clip{i}-abc", rng.normal(0, 2, (4, 5, 2)), rng.random((4, 5)) > 0.3,
+                        rng.random((3, 5)), {"source": f"d/ü{i}.npz", "sequence": i, "start_frame": 2 * i})
+          for i in range(3)]
+    index = write_shard(tmp_path / "a.tar", ss, mtime=12345)
+    with open(tmp_path / "b.tar", "wb") as f, wds.TarWriter(f, mtime=12345) as sink:
+        for x in ss:
+            sink.write(x)
+    data = (tmp_path / "a.tar").read_bytes()
+    assert data == (tmp_path / "b.tar").read_bytes()
+    assert index == index_shard(tmp_path / "a.tar")
+    for (key, off, size), x in zip(index, ss):
+        got = read_sample(tmp_path / "a.tar", off, size, key)
+        assert np.array_equal(got["vel"], x["vel.npy"]) and got["meta"] == x["json"]
 
 
 def test_manifest_offsets_and_stats_match_the_shard_data(tiny_build):
