@@ -32,7 +32,7 @@ from .clips import InputError
 from .importers import FORMATS, iter_sequences, list_inputs
 from .labels import DEFAULT_REF_SIZE, DEFAULT_W
 from .shards import encode_sample, shard_name, write_shard
-from .stats import METRICS, StaticFilter, class_histograms, dynamic_ratio, keep_mask, point_stats
+from .stats import METRICS, StaticFilter, dynamic_ratio, keep_mask, shard_stats
 from .store import PER_CLIP, STORE_NAME, StoreWriter, empty_hists, store_attrs
 
 BUILD_JSON = "build.json"
@@ -291,9 +291,14 @@ def clip_metrics(st: dict, S: int, flt: StaticFilter) -> dict:
 
 
 def _sparse(a: np.ndarray):
-    flat = a.reshape(-1)
-    idx = np.flatnonzero(flat)
-    return idx.astype(np.int64), flat[idx]
+    """(flat indices, values) of the non-zero entries, indices ascending. Only rows whose
+    last column (the point count) is non-zero can hold counts, so only those are scanned:
+    the rank histograms are large and almost empty."""
+    rows2 = a.reshape(-1, a.shape[-1])
+    rows = np.flatnonzero(rows2[:, -1])
+    sub = rows2[rows]
+    r, c = np.nonzero(sub)
+    return (rows[r] * a.shape[-1] + c).astype(np.int64), sub[r, c]
 
 
 def _add_sparse(dst: np.ndarray, idx, val):
@@ -323,7 +328,7 @@ def write_shard_and_record(ctx: _Ctx, k: int, clips: dict, names: dict, cursor, 
     """
     vel, valid = _resolve(clips["vel"]), _resolve(clips["valid"])
     C, S = valid.shape[:2]
-    st = point_stats(vel, valid, ctx.W)
+    st, hists = shard_stats(vel, valid, ctx.W)  # statistics and all histograms in one pass
     stats3 = np.stack([st[m] for m in METRICS], axis=1)  # (C, 3, N)
     samples = []
     for i in range(C):
@@ -335,7 +340,7 @@ def write_shard_and_record(ctx: _Ctx, k: int, clips: dict, names: dict, cursor, 
     index = write_shard(ctx.out / "shards" / shard_name(k), samples, mtime=SHARD_MTIME)
     hist = {}
     for m in METRICS:
-        points, topk = class_histograms(vel, valid, st[m], st["valid_count"], ctx.W)
+        points, topk = hists[m]
         hist[f"{m}_points_idx"], hist[f"{m}_points_val"] = _sparse(points)
         hist[f"{m}_topk_idx"], hist[f"{m}_topk_val"] = _sparse(topk)
     met = clip_metrics(st, S, ctx.flt)

@@ -76,6 +76,64 @@ def _label(vx, vy, W):
     return int(row) * W + int(col)
 
 
+@numba.njit(cache=True, inline="always")
+def _point_pass(vel, valid, ci, n, W, h, centre, buf, labs):
+    """Speeds (into ``buf``) and labels (into ``labs``) of one point's valid steps; returns
+    (valid steps, speed sum, centre count, largest, second largest speed)."""
+    S = valid.shape[1]
+    k = 0
+    s = 0.0
+    cc = 0
+    top1 = -1.0  # largest and second largest speed
+    top2 = -1.0
+    for t in range(S):
+        if valid[ci, t, n]:
+            vx = vel[ci, t, n, 0]
+            vy = vel[ci, t, n, 1]
+            nx = min(max(vx / h, -1.0), 1.0)
+            ny = min(max(vy / h, -1.0), 1.0)
+            sp = math.sqrt(nx * nx + ny * ny)
+            buf[k] = sp
+            if sp > top1:
+                top2 = top1
+                top1 = sp
+            elif sp > top2:
+                top2 = sp
+            lab = _label(vx, vy, W)
+            labs[k] = lab
+            k += 1
+            s += sp
+            if lab == centre:
+                cc += 1
+    return k, s, cc, top1, top2
+
+
+@numba.njit(cache=True, inline="always")
+def _store_point(ci, n, k, s, cc, top1, top2, buf, mean, p95, mx, center_count, valid_count):
+    valid_count[ci, n] = k
+    center_count[ci, n] = cc
+    if k == 0:
+        mean[ci, n] = 0.0
+        p95[ci, n] = 0.0
+        mx[ci, n] = 0.0
+    else:
+        mean[ci, n] = s / k
+        mx[ci, n] = top1
+        pos = 0.95 * (k - 1)
+        lo = int(math.floor(pos))
+        hi = min(lo + 1, k - 1)
+        frac = pos - lo
+        # up to 21 valid steps the p95 lies between the two largest speeds, so no
+        # sort is needed (S = 15 in practice); longer clips sort
+        if lo == k - 1:
+            p95[ci, n] = top1
+        elif lo == k - 2:
+            p95[ci, n] = top2 + frac * (top1 - top2)
+        else:
+            srt = np.sort(buf[:k])
+            p95[ci, n] = srt[lo] + frac * (srt[hi] - srt[lo])
+
+
 @numba.njit(cache=True, parallel=True)
 def _point_stats_kernel(vel, valid, W, mean, p95, mx, center_count, valid_count):
     C, S, N = valid.shape
@@ -83,51 +141,10 @@ def _point_stats_kernel(vel, valid, W, mean, p95, mx, center_count, valid_count)
     centre = (W // 2) * W + W // 2
     for ci in numba.prange(C):
         buf = np.empty(S, np.float64)
+        labs = np.empty(S, np.int64)
         for n in range(N):
-            k = 0
-            s = 0.0
-            cc = 0
-            top1 = -1.0  # largest and second largest speed
-            top2 = -1.0
-            for t in range(S):
-                if valid[ci, t, n]:
-                    vx = vel[ci, t, n, 0]
-                    vy = vel[ci, t, n, 1]
-                    nx = min(max(vx / h, -1.0), 1.0)
-                    ny = min(max(vy / h, -1.0), 1.0)
-                    sp = math.sqrt(nx * nx + ny * ny)
-                    buf[k] = sp
-                    if sp > top1:
-                        top2 = top1
-                        top1 = sp
-                    elif sp > top2:
-                        top2 = sp
-                    k += 1
-                    s += sp
-                    if _label(vx, vy, W) == centre:
-                        cc += 1
-            valid_count[ci, n] = k
-            center_count[ci, n] = cc
-            if k == 0:
-                mean[ci, n] = 0.0
-                p95[ci, n] = 0.0
-                mx[ci, n] = 0.0
-            else:
-                mean[ci, n] = s / k
-                mx[ci, n] = top1
-                pos = 0.95 * (k - 1)
-                lo = int(math.floor(pos))
-                hi = min(lo + 1, k - 1)
-                frac = pos - lo
-                # up to 21 valid steps the p95 lies between the two largest speeds, so no
-                # sort is needed (S = 15 in practice); longer clips sort
-                if lo == k - 1:
-                    p95[ci, n] = top1
-                elif lo == k - 2:
-                    p95[ci, n] = top2 + frac * (top1 - top2)
-                else:
-                    srt = np.sort(buf[:k])
-                    p95[ci, n] = srt[lo] + frac * (srt[hi] - srt[lo])
+            k, s, cc, top1, top2 = _point_pass(vel, valid, ci, n, W, h, centre, buf, labs)
+            _store_point(ci, n, k, s, cc, top1, top2, buf, mean, p95, mx, center_count, valid_count)
 
 
 def point_stats(vel_px: np.ndarray, valid: np.ndarray, W: int = DEFAULT_W) -> dict:
@@ -294,6 +311,88 @@ def class_histograms(vel_px, valid, scores, valid_count, W: int = DEFAULT_W):
     _class_hist_kernel(vel_px, valid, np.ascontiguousarray(scores, np.float32), np.ascontiguousarray(valid_count),
                        W, HIST_EDGES, HIST_BIN_WIDTH, HIST_RANK_MAX, points, topk)
     return points, topk
+
+
+@numba.njit(cache=True, inline="always")
+def _top_ranks(scores_row, vc_row, rank_max, top, rank):
+    """``rank[n]`` = n's place (< rank_max) in ``_clip_order`` (score descending, ties lower
+    index first, points with a valid step only), else -1; a partial insertion sort, since
+    only the first ``rank_max`` places are recorded."""
+    N = scores_row.shape[0]
+    cnt = 0
+    for n in range(N):
+        rank[n] = -1
+        if vc_row[n] == 0:
+            continue
+        s = scores_row[n]
+        if cnt == rank_max and not s > scores_row[top[rank_max - 1]]:
+            continue
+        j = cnt if cnt < rank_max else rank_max - 1
+        while j > 0 and scores_row[top[j - 1]] < s:
+            top[j] = top[j - 1]
+            j -= 1
+        top[j] = n
+        if cnt < rank_max:
+            cnt += 1
+    for j in range(cnt):
+        rank[top[j]] = j
+
+
+@numba.njit(cache=True)
+def _shard_kernel(vel, valid, W, edges, bw, rank_max, mean, p95, mx, center_count, valid_count, points, topk):
+    C, S, N = valid.shape
+    K = W * W
+    h = (W - 1) / 2.0
+    centre = (W // 2) * W + W // 2
+    buf = np.empty(S, np.float64)
+    labs = np.empty((N, S), np.int64)
+    top = np.empty(rank_max, np.int64)
+    rank = np.empty((3, N), np.int64)
+    bins = np.empty((3, N), np.int64)
+    for ci in range(C):
+        for n in range(N):
+            k, s, cc, top1, top2 = _point_pass(vel, valid, ci, n, W, h, centre, buf, labs[n])
+            _store_point(ci, n, k, s, cc, top1, top2, buf, mean, p95, mx, center_count, valid_count)
+        # METRICS order: mean, p95, max; the stored float32 scores, as class_histograms bins them
+        for m in range(3):
+            sc = mean[ci] if m == 0 else (p95[ci] if m == 1 else mx[ci])
+            _top_ranks(sc, valid_count[ci], rank_max, top, rank[m])
+            for n in range(N):
+                bins[m, n] = _edge_bin(sc[n], edges, bw)
+        for n in range(N):
+            k = valid_count[ci, n]
+            for m in range(3):
+                b = bins[m, n]
+                r = rank[m, n]
+                points[m, b, K] += 1
+                for i in range(k):
+                    points[m, b, labs[n, i]] += 1
+                if r >= 0:
+                    topk[m, b, r, K] += 1
+                    for i in range(k):
+                        topk[m, b, r, labs[n, i]] += 1
+
+
+def shard_stats(vel_px: np.ndarray, valid: np.ndarray, W: int = DEFAULT_W):
+    """``point_stats`` and ``class_histograms`` of every metric in one pass (the build's
+    per-shard work): labels are computed once per step and each clip's point ranks by a
+    partial sort. Returns (stats dict as ``point_stats``, {metric: (points, topk)}), equal
+    to the separate functions (tests/test_stats.py)."""
+    vel_px = np.ascontiguousarray(vel_px, dtype=np.float32)
+    valid = np.ascontiguousarray(valid, dtype=np.bool_)
+    if vel_px.ndim != 4 or vel_px.shape[-1] != 2 or valid.shape != vel_px.shape[:3]:
+        raise ValueError(f"shard_stats: expected vel (C,S,N,2) and valid (C,S,N), got {vel_px.shape} and {valid.shape}")
+    if vel_px.shape[1] > 255:
+        raise ValueError(f"shard_stats: at most 255 steps per clip, got {vel_px.shape[1]}")
+    C, S, N = valid.shape
+    st = {m: np.empty((C, N), np.float32) for m in METRICS}
+    st["center_count"] = np.empty((C, N), np.uint8)
+    st["valid_count"] = np.empty((C, N), np.uint8)
+    points = np.zeros((len(METRICS), HIST_NBINS, W * W + 1), np.int64)
+    topk = np.zeros((len(METRICS), HIST_NBINS, HIST_RANK_MAX, W * W + 1), np.int64)
+    _shard_kernel(vel_px, valid, W, HIST_EDGES, HIST_BIN_WIDTH, HIST_RANK_MAX, st["mean"], st["p95"], st["max"],
+                  st["center_count"], st["valid_count"], points, topk)
+    return st, {m: (points[i], topk[i]) for i, m in enumerate(METRICS)}
 
 
 def filtered_counts_from_hist(points: np.ndarray, topk: np.ndarray, threshold: float, min_keep: int):

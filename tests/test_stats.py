@@ -157,6 +157,32 @@ def test_class_histograms_match_numpy(data):
         assert points[:, -1].sum() == vel.shape[0] * vel.shape[2]
 
 
+@pytest.mark.parametrize("steps", [15, 30])
+def test_shard_stats_equals_stats_and_histograms_of_each_metric(steps):
+    """The build's fused kernel == point_stats + class_histograms (numpy-checked above);
+    many exact score ties (all-zero and integer-step points) exercise its partial rank sort
+    and more points than HIST_RANK_MAX per clip its cut-off."""
+    rng = np.random.default_rng(steps)
+    vel, valid = random_clips(rng, C=9, T=steps, N=70)
+    vel[:, :, 10:30] = 0.0  # static: score 0, ties
+    vel[:, :, 30:45] = np.round(vel[:, :, 30:45])  # repeated speeds
+    st_, hists = S.shard_stats(vel, valid, W)
+    ref = S.point_stats(vel, valid, W)
+    assert st_.keys() == ref.keys()
+    for k in ref:
+        assert st_[k].dtype == ref[k].dtype
+        np.testing.assert_array_equal(st_[k], ref[k], err_msg=k)
+    assert list(hists) == list(S.METRICS)
+    for m in S.METRICS:
+        points, topk = S.class_histograms(vel, valid, ref[m], ref["valid_count"], W)
+        np.testing.assert_array_equal(hists[m][0], points, err_msg=m)
+        np.testing.assert_array_equal(hists[m][1], topk, err_msg=m)
+    rp, rt = ref_class_histograms(vel, valid, ref["p95"], ref["valid_count"])
+    np.testing.assert_array_equal(hists["p95"][1], rt)
+    with pytest.raises(ValueError, match="expected vel"):
+        S.shard_stats(np.zeros((2, 3, 4, 3)), np.zeros((2, 3, 4), bool))
+
+
 @pytest.mark.parametrize("metric", S.METRICS)
 def test_filtered_counts_from_hist_exact_at_bin_edges(data, metric):
     vel, valid, st_ = data
