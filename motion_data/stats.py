@@ -77,48 +77,51 @@ def _label(vx, vy, W):
 
 
 @numba.njit(cache=True, inline="always")
-def _point_pass(vel, valid, ci, n, W, h, centre, buf, labs):
-    """Speeds (into ``buf``) and labels (into ``labs``) of one point's valid steps; returns
-    (valid steps, speed sum, centre count, largest, second largest speed)."""
-    S = valid.shape[1]
-    k = 0
-    s = 0.0
-    cc = 0
-    top1 = -1.0  # largest and second largest speed
-    top2 = -1.0
+def _clip_pass(vel, valid, ci, W, h, centre, sp, labs, kk, ssum, cc, top1, top2):
+    """Speed ``sp`` and label ``labs`` ``(S, N)`` of every step of clip ``ci``, and per point
+    its valid-step count, speed sum (in step order), centre count, largest and second
+    largest speed. Steps outer, points inner: the inner loop is branch-free and SIMD."""
+    S, N = sp.shape
+    for n in range(N):
+        kk[n] = 0
+        ssum[n] = 0.0
+        cc[n] = 0
+        top1[n] = -1.0
+        top2[n] = -1.0
     for t in range(S):
-        if valid[ci, t, n]:
+        for n in range(N):
             vx = vel[ci, t, n, 0]
             vy = vel[ci, t, n, 1]
             nx = min(max(vx / h, -1.0), 1.0)
             ny = min(max(vy / h, -1.0), 1.0)
-            sp = math.sqrt(nx * nx + ny * ny)
-            buf[k] = sp
-            if sp > top1:
-                top2 = top1
-                top1 = sp
-            elif sp > top2:
-                top2 = sp
+            v = math.sqrt(nx * nx + ny * ny)
             lab = _label(vx, vy, W)
-            labs[k] = lab
-            k += 1
-            s += sp
-            if lab == centre:
-                cc += 1
-    return k, s, cc, top1, top2
+            sp[t, n] = v
+            labs[t, n] = lab
+            ok = valid[ci, t, n]
+            kk[n] += ok
+            ssum[n] += v if ok else 0.0
+            cc[n] += ok and lab == centre
+            # (top1, top2) <- the two largest of (top1, top2, v)
+            t1 = top1[n]
+            top2[n] = max(top2[n], min(t1, v)) if ok else top2[n]
+            top1[n] = max(t1, v) if ok else t1
 
 
 @numba.njit(cache=True, inline="always")
-def _store_point(ci, n, k, s, cc, top1, top2, buf, mean, p95, mx, center_count, valid_count):
-    valid_count[ci, n] = k
-    center_count[ci, n] = cc
-    if k == 0:
-        mean[ci, n] = 0.0
-        p95[ci, n] = 0.0
-        mx[ci, n] = 0.0
-    else:
-        mean[ci, n] = s / k
-        mx[ci, n] = top1
+def _store_clip(vel, valid, ci, sp, kk, ssum, cc, top1, top2, buf, mean, p95, mx, center_count, valid_count):
+    S, N = sp.shape
+    for n in range(N):
+        k = kk[n]
+        valid_count[ci, n] = k
+        center_count[ci, n] = cc[n]
+        if k == 0:
+            mean[ci, n] = 0.0
+            p95[ci, n] = 0.0
+            mx[ci, n] = 0.0
+            continue
+        mean[ci, n] = ssum[n] / k
+        mx[ci, n] = top1[n]
         pos = 0.95 * (k - 1)
         lo = int(math.floor(pos))
         hi = min(lo + 1, k - 1)
@@ -126,25 +129,37 @@ def _store_point(ci, n, k, s, cc, top1, top2, buf, mean, p95, mx, center_count, 
         # up to 21 valid steps the p95 lies between the two largest speeds, so no
         # sort is needed (S = 15 in practice); longer clips sort
         if lo == k - 1:
-            p95[ci, n] = top1
+            p95[ci, n] = top1[n]
         elif lo == k - 2:
-            p95[ci, n] = top2 + frac * (top1 - top2)
+            p95[ci, n] = top2[n] + frac * (top1[n] - top2[n])
         else:
+            m = 0
+            for t in range(S):
+                if valid[ci, t, n]:
+                    buf[m] = sp[t, n]
+                    m += 1
             srt = np.sort(buf[:k])
             p95[ci, n] = srt[lo] + frac * (srt[hi] - srt[lo])
+
+
+@numba.njit(cache=True, inline="always")
+def _clip_stats(vel, valid, ci, W, sp, labs, kk, ssum, cc, top1, top2, buf, mean, p95, mx, center_count, valid_count):
+    h = (W - 1) / 2.0
+    centre = (W // 2) * W + W // 2
+    _clip_pass(vel, valid, ci, W, h, centre, sp, labs, kk, ssum, cc, top1, top2)
+    _store_clip(vel, valid, ci, sp, kk, ssum, cc, top1, top2, buf, mean, p95, mx, center_count, valid_count)
 
 
 @numba.njit(cache=True, parallel=True)
 def _point_stats_kernel(vel, valid, W, mean, p95, mx, center_count, valid_count):
     C, S, N = valid.shape
-    h = (W - 1) / 2.0
-    centre = (W // 2) * W + W // 2
     for ci in numba.prange(C):
-        buf = np.empty(S, np.float64)
-        labs = np.empty(S, np.int64)
-        for n in range(N):
-            k, s, cc, top1, top2 = _point_pass(vel, valid, ci, n, W, h, centre, buf, labs)
-            _store_point(ci, n, k, s, cc, top1, top2, buf, mean, p95, mx, center_count, valid_count)
+        sp = np.empty((S, N), np.float64)
+        labs = np.empty((S, N), np.int32)
+        kk, cc = np.empty(N, np.int64), np.empty(N, np.int64)
+        ssum, top1, top2 = np.empty(N, np.float64), np.empty(N, np.float64), np.empty(N, np.float64)
+        _clip_stats(vel, valid, ci, W, sp, labs, kk, ssum, cc, top1, top2, np.empty(S, np.float64),
+                    mean, p95, mx, center_count, valid_count)
 
 
 def point_stats(vel_px: np.ndarray, valid: np.ndarray, W: int = DEFAULT_W) -> dict:
@@ -342,35 +357,44 @@ def _top_ranks(scores_row, vc_row, rank_max, top, rank):
 def _shard_kernel(vel, valid, W, edges, bw, rank_max, mean, p95, mx, center_count, valid_count, points, topk):
     C, S, N = valid.shape
     K = W * W
-    h = (W - 1) / 2.0
     centre = (W // 2) * W + W // 2
+    sp = np.empty((S, N), np.float64)
+    labs = np.empty((S, N), np.int32)
+    kk, cc = np.empty(N, np.int64), np.empty(N, np.int64)
+    ssum, top1, top2 = np.empty(N, np.float64), np.empty(N, np.float64), np.empty(N, np.float64)
     buf = np.empty(S, np.float64)
-    labs = np.empty((N, S), np.int64)
     top = np.empty(rank_max, np.int64)
     rank = np.empty((3, N), np.int64)
     bins = np.empty((3, N), np.int64)
     for ci in range(C):
-        for n in range(N):
-            k, s, cc, top1, top2 = _point_pass(vel, valid, ci, n, W, h, centre, buf, labs[n])
-            _store_point(ci, n, k, s, cc, top1, top2, buf, mean, p95, mx, center_count, valid_count)
+        _clip_stats(vel, valid, ci, W, sp, labs, kk, ssum, cc, top1, top2, buf, mean, p95, mx, center_count,
+                    valid_count)
         # METRICS order: mean, p95, max; the stored float32 scores, as class_histograms bins them
         for m in range(3):
             sc = mean[ci] if m == 0 else (p95[ci] if m == 1 else mx[ci])
             _top_ranks(sc, valid_count[ci], rank_max, top, rank[m])
             for n in range(N):
                 bins[m, n] = _edge_bin(sc[n], edges, bw)
-        for n in range(N):
-            k = valid_count[ci, n]
-            for m in range(3):
+        # point counts and centre labels per point (most labels are the centre: counted
+        # at once), then the other labels step by step
+        for m in range(3):
+            for n in range(N):
                 b = bins[m, n]
-                r = rank[m, n]
                 points[m, b, K] += 1
-                for i in range(k):
-                    points[m, b, labs[n, i]] += 1
+                points[m, b, centre] += cc[n]
+                r = rank[m, n]
                 if r >= 0:
                     topk[m, b, r, K] += 1
-                    for i in range(k):
-                        topk[m, b, r, labs[n, i]] += 1
+                    topk[m, b, r, centre] += cc[n]
+        for t in range(S):
+            for n in range(N):
+                lab = labs[t, n]
+                if valid[ci, t, n] and lab != centre:
+                    for m in range(3):
+                        points[m, bins[m, n], lab] += 1
+                        r = rank[m, n]
+                        if r >= 0:
+                            topk[m, bins[m, n], r, lab] += 1
 
 
 def shard_stats(vel_px: np.ndarray, valid: np.ndarray, W: int = DEFAULT_W):
