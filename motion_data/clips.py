@@ -53,12 +53,14 @@ def tracks_to_sequence(source: str, index: int, tracks, vis, image_size, ref_siz
         raise InputError(f"{where}: bad image_size {image_size!r}") from None
     if not (np.isfinite(H) and np.isfinite(W) and H > 0 and W > 0):
         raise InputError(f"{where}: image_size must be positive (H, W), got {image_size!r}")
-    bad = ~np.isfinite(tracks).all(-1)
-    if (bad & vis).any():
-        t, n = np.argwhere(bad & vis)[0]
-        raise InputError(f"{where}: non-finite coordinate at frame {t}, point {n}")
-    # invisible points may carry garbage; they never contribute to a valid step
-    tracks = np.where(bad[..., None], 0.0, tracks)
+    finite = np.isfinite(tracks)
+    if not finite.all():  # (one flat check first: the per-point test and the copy are slow)
+        bad = ~(finite[..., 0] & finite[..., 1])
+        if (bad & vis).any():
+            t, n = np.argwhere(bad & vis)[0]
+            raise InputError(f"{where}: non-finite coordinate at frame {t}, point {n}")
+        # invisible points may carry garbage; they never contribute to a valid step
+        tracks = np.where(bad[..., None], 0.0, tracks)
     scale = np.array([ref_size / W, ref_size / H])
     vel = (np.diff(tracks, axis=0) * scale).astype(np.float32)
     valid = vis[:-1] & vis[1:]
