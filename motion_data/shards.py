@@ -47,6 +47,16 @@ _TAR_USER = "bigdata"
 _TAR_MODE = 0o444
 
 
+class _MemberInfo(tarfile.TarInfo):
+    """A TarInfo made for one ``addfile`` call: ``addfile`` may use it as is instead of
+    copying it first (a copy costs as much as the header itself)."""
+
+    __slots__ = ()
+
+    def __copy__(self):
+        return self
+
+
 def _npy_bytes(a: np.ndarray) -> bytes:
     """``numpy.lib.format.write_array`` bytes (what webdataset stores for ``.npy``), with the
     header made once per (dtype, shape) instead of once per array."""
@@ -97,12 +107,13 @@ def write_shard(path: str | os.PathLike, samples: list[dict], mtime: int | None 
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     index = []
     with open(tmp, "wb") as f:
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        # copybufsize: each member's data in one write
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT, copybufsize=1 << 22) as tf:
             for s in samples:
                 key = s["__key__"]
                 start = f.tell()
                 for ext, data in _encode_members(s):
-                    ti = tarfile.TarInfo(f"{key}.{ext}")
+                    ti = _MemberInfo(f"{key}.{ext}")
                     ti.size, ti.mtime, ti.mode = len(data), mtime, _TAR_MODE
                     ti.uname = ti.gname = _TAR_USER
                     tf.addfile(ti, io.BytesIO(data))
