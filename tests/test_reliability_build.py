@@ -37,17 +37,17 @@ def pause():
     open(marker, "w").close()
     time.sleep(600)
 from motion_data import build as b, manifest as mf
-if phase == "mid_shard":  # third sample of shard 1 being written (its tar is half done)
-    import webdataset as wds
-    real_write, calls = wds.TarWriter.write, [0]
-    def write(self, obj):
+if phase == "mid_shard":  # shard 1's third sample being written (its tar is half done)
+    import tarfile  # every tar writer ends in TarFile.addfile, once per member (4 per sample)
+    real_add, calls = tarfile.TarFile.addfile, [0]
+    def addfile(self, *a, **kw):
         calls[0] += 1
-        if calls[0] == int(os.environ["E_MAXCOUNT"]) + 3:
-            f = self.tarstream.fileobj
+        if calls[0] == 4 * int(os.environ["E_MAXCOUNT"]) + 10:
+            f = self.fileobj
             getattr(f, "fileobj", f).flush()  # the half-written tar reaches the disk
             pause()
-        return real_write(self, obj)
-    wds.TarWriter.write = write
+        return real_add(self, *a, **kw)
+    tarfile.TarFile.addfile = addfile
 elif phase == "between_shards":  # shard 1 and its record done, shard 2 not started
     real_rec = b.write_shard_and_record
     def rec(ctx, k, *a, **kw):
