@@ -84,6 +84,32 @@ def test_fast_parser_equals_reference_reader(tiny_build):
             np.testing.assert_array_equal(fast[k], ref[k])
 
 
+def test_batch_parser_equals_reference_reader_and_declines_the_unusual(tiny_build, tmp_path):
+    m = _manifest(tiny_build)
+    ds = make_loader(tiny_build, split="all", batch_size=4).dataset
+    rows = list(range(59, -1, -3))  # not in file order
+    B, S, N = len(rows), ds.S, ds.N
+    out = (np.empty((B, S, N, 2), np.float32), np.empty((B, S, N), bool), np.empty((B, 3, N), np.float32))
+    order = sorted(range(B), key=lambda j: (ds.shard_of[rows[j]], ds.offset[rows[j]]))
+    assert ds._read_fast(rows, order, *out).all()
+    for j, r in enumerate(rows):
+        ref = shards.read_sample(tiny_build / m["shard"][r], m["offset"][r], m["size"][r], m["clip_id"][r])
+        for a, k in zip(out, ("vel", "valid", "stats")):
+            np.testing.assert_array_equal(a[j], ref[k])
+    # a member header with a wrong checksum, or a sample read under another key: left to
+    # the reference reader
+    root, _ = _corrupt(tiny_build, tmp_path, "none")
+    i = rows[2]
+    shard = root / m["shard"][i]
+    data = bytearray(shard.read_bytes())
+    data[m["offset"][i] + 100] ^= 1  # inside the mode field of the first member header
+    shard.write_bytes(data)
+    ds = make_loader(root, split="all", batch_size=4).dataset
+    ds.clip_id[rows[5]] = ds.clip_id[rows[5]][:-1] + "x"
+    got = ds._read_fast(rows, order, *out)
+    assert not got[2] and not got[5] and got.sum() == B - 2
+
+
 def test_val_loader_full_deterministic_pass(tiny_build):
     m = _manifest(tiny_build)
     _, val_rows = split_clips(m["source"], m["start_frame"], 0.2, 16)
@@ -204,7 +230,9 @@ def _corrupt(src, tmp_path, how):
     m = _manifest(root)
     shard = root / m["shard"][-1]
     data = bytearray(shard.read_bytes())
-    if how == "truncate":
+    if how == "none":
+        pass
+    elif how == "truncate":
         shard.write_bytes(data[: len(data) // 2])
     else:
         i = len(m["shard"]) - 1
