@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,6 +50,8 @@ def save(path, state):
         time.sleep(600)
     return out
 if __name__ == "__main__":  # loader workers (forkserver) re-import this file as __mp_main__
+    # torchrun starts each rank in a session of its own: the test kills them by these ids
+    open(os.path.join(os.environ["E_PIDS"], "rank" + os.environ["RANK"]), "w").write(str(os.getpid()))
     C.save = save
     from tokenizer_train.__main__ import main
     sys.exit(main(sys.argv[1:]))
@@ -59,12 +62,26 @@ def _rows(path):
     return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
 
 
+def _kill_all(p, pids: Path):
+    """SIGKILL the torchrun agent's process group and each rank's (ranks are session leaders,
+    their loader workers and fork servers are in their groups)."""
+    groups = [p.pid] + [int(f.read_text()) for f in pids.glob("rank*") if f.read_text().strip()]
+    for g in groups:
+        try:
+            os.killpg(g, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _torchrun(tmp_path, args, env_extra=None, wait=True):
     script = tmp_path / "wrapper.py"
     script.write_text(WRAPPER)
+    pids = tmp_path / "pids"
+    shutil.rmtree(pids, ignore_errors=True)
+    pids.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
            *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    env = dict(os.environ, OMP_NUM_THREADS="1", E_PIDS=str(pids), **(env_extra or {}))
     p = subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE)
     if not wait:
@@ -72,7 +89,7 @@ def _torchrun(tmp_path, args, env_extra=None, wait=True):
     try:
         _, err = p.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)  # the agent, the ranks and their workers
+        _kill_all(p, pids)
         p.communicate()
         pytest.fail(f"torchrun did not finish within {TIMEOUT} s (a hang)")
     return subprocess.CompletedProcess(cmd, p.returncode, "", err.decode())
@@ -135,9 +152,16 @@ def test_ddp_sigkill_mid_epoch_then_resume_is_exact(build, ddp_run, tmp_path):
             pytest.fail(f"training ended before the kill point: {p.stderr.read().decode()[-3000:]}")
         assert time.time() < deadline, "training never reached the kill point"
         time.sleep(0.05)
-    os.killpg(p.pid, signal.SIGKILL)  # the agent, both ranks and their loader workers
+    ranks = [int(f.read_text()) for f in (tmp_path / "pids").glob("rank*")]
+    assert len(ranks) == 2
+    _kill_all(p, tmp_path / "pids")  # the agent, both ranks and their loader workers
     p.wait()
     p.stderr.close()
+    for pid in ranks:  # nothing of the killed job lives on
+        t_end = time.time() + 20
+        while Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]:
+            assert time.time() < t_end, f"rank process {pid} survived the kill"
+            time.sleep(0.05)
     st = C.load(out / "last.pt")
     assert st["step"] == KILL_STEP and st["batches_done"] > 0 and len(st["ranks"]) == 2
     r = _torchrun(tmp_path, ["train", "--resume", str(out)])
