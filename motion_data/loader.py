@@ -429,6 +429,9 @@ class ClipDataset(torch.utils.data.Dataset):
         self.clip_id = list(manifest["clip_id"])
         self.flt, self.W, self.S, self.N = flt, W, S, N
         self.augment, self.seed, self.on_error = augment, seed, on_error
+        # workers send packed batches only to a MotionLoader, which unpacks them; any other
+        # DataLoader over this dataset gets contract dicts
+        self.packed = False
         self._fds: dict = {}
 
     def __getstate__(self):
@@ -553,7 +556,7 @@ class ClipDataset(torch.utils.data.Dataset):
             vel, valid, st = vel[ok], valid[ok], st[ok]
         rng = epoch_rng(self.seed, *key, 1)
         batch = make_batch(vel, valid, st, ids, self.flt, self.W, self.augment, rng,
-                           packed=torch.utils.data.get_worker_info() is not None)
+                           packed=self.packed and torch.utils.data.get_worker_info() is not None)
         batch["skipped"] = errors
         return batch
 
@@ -788,6 +791,7 @@ def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter 
         return MotionLoader(dl, stream_state=state, n_batches=n_batches, **loader_kw)
 
     dataset = ClipDataset(root, man, flt, W, T - 1, N, aug, seed, on_error)
+    dataset.packed = True
     if training:
         weights = clip_weights(load_dynamic_ratio(root, flt)[rows], sampler)
         bs = WeightedBatchSampler(rows, weights, batch_size, epoch_size, seed, rank, world_size)

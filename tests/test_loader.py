@@ -11,8 +11,8 @@ from loader_fixtures import write_build
 from motion_data import shards
 from motion_data.augment import AugmentConfig
 from motion_data.labels import labels_from_px, normalize
-from motion_data.loader import _batch_kernel, make_loader, parse_sample
-from motion_data.sampler import IndexBatch, SamplerConfig, load_dynamic_ratio
+from motion_data.loader import ClipDataset, _batch_kernel, _identity, _worker_context, make_loader, parse_sample
+from motion_data.sampler import IndexBatch, SamplerConfig, SequentialBatchSampler, load_dynamic_ratio
 from motion_data.split import split_clips
 from motion_data.stats import StaticFilter, keep_mask
 
@@ -193,6 +193,13 @@ def test_workers_deliver_exactly_the_draw(tiny_build):
         for k in ("velocities", "labels", "mask", "valid", "dynamic_ratio"):
             assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
     assert b["labels"].dtype == torch.int64
+    # a DataLoader of its own over a ClipDataset (as tokenize builds one) gets contract
+    # dicts from its workers too
+    ds = ClipDataset(tiny_build, _manifest(tiny_build), FLT, 15, 15, 100)
+    dl = torch.utils.data.DataLoader(ds, batch_sampler=SequentialBatchSampler(np.arange(10), 5),
+                                     collate_fn=_identity, num_workers=1, multiprocessing_context=_worker_context())
+    own = list(dl)
+    assert [len(x["clip_id"]) for x in own] == [5, 5] and own[0]["labels"].dtype == torch.int64
     # persistent workers + pinned memory keep working across epochs
     ld = make_loader(tiny_build, num_workers=2, persistent_workers=True, pin_memory=True, **kw)
     counts = [len(_run(ld, e)) for e in range(2)]
