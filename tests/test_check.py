@@ -31,6 +31,10 @@ def test_multimodal_definition():
     assert not check.is_multimodal([60, 20, 20])[0]  # top code above 50%
     assert not check.is_multimodal([50, 50, 0, 0])[0]  # only two modes
     assert not check.is_multimodal([0, 0])[0]
+    assert not check.is_multimodal([45, 45, 5, 5])[0]  # two states: exp(H) ~ 2.6
+    # a healthy spread: 120 codes, none near 2% of the tokens
+    ok, eff, top = check.is_multimodal([2] * 120 + [0] * 1800)
+    assert ok and eff == pytest.approx(120) and top == pytest.approx(1 / 120)
 
 
 def test_collapsed_run_fails_and_healthy_run_passes(tmp_path, capsys):
@@ -76,7 +80,7 @@ def test_multimodal_reads_the_trainers_global_histogram(tmp_path):
     rows = check.read_metrics(r)
     rows = [x for x in rows if "train/code_usage_counts" not in x]
     rows.append({"step": 999, "epoch": 1, "train/code_usage_hist": [100, 0, 0],
-                 "train/code_usage_hist_global": [30, 30, 40]})
+                 "train/code_usage_hist_global": [30, 30, 20, 20]})
     g = {x.name: x for x in check.evaluate(rows)}
     assert g["code usage multi-modal"].passed
     rows[-1].pop("train/code_usage_hist_global")

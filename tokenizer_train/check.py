@@ -18,10 +18,12 @@ Definitions (so that a gate is a number, not a judgement):
 - "rising": that late mean is above the mean of the first 20% of the steps logged.
 - "clearly up": late perplexity >= 1.5x the baseline's late perplexity (with --baseline),
   else >= 1.5x the run's own first logged value.
-- multi-modal: the last logged code-usage counts (train/code_usage_hist_global, the trainer's
-  all-rank counts of a code-log step, else train/code_usage_hist) have at least 3 codes that each hold
-  >= 2% of the tokens and no code holds more than 50% -- a collapsed tokenizer has one
-  code with ~100%.
+- multi-modal: in the last logged code-usage counts (train/code_usage_hist_global, the
+  trainer's all-rank counts of a code-log step, else train/code_usage_hist) no code holds
+  more than 50% of the tokens and the effective number of codes exp(H) (H: entropy of the
+  usage shares) is at least 3 -- a collapsed tokenizer has one code with ~100% (exp(H) ~ 1),
+  a two-state one ("static" / "moving") has exp(H) <= 2, and a healthy spread over many
+  codes, each holding well under 2% of a step's tokens, passes.
 - validation not worse: val/acc_epoch >= baseline - 0.02 and val/epe_px_epoch <= baseline's
   (best epoch of each run).
 A gate whose horizon the run did not reach (fewer epochs) is evaluated on what was run and
@@ -39,8 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-MODE_SHARE = 0.02
-MODE_COUNT = 3
+MODE_COUNT = 3  # effective number of codes (exp of the usage entropy) a multi-modal histogram needs
 MAX_TOP_SHARE = 0.5
 PERPLEXITY_FACTOR = 1.5
 # per-code counts of a code-log step, first found wins: all ranks (the trainer's *_global), this rank
@@ -104,16 +105,16 @@ def epochs_run(rows) -> int:
     return int(max(ep)) + 1 if ep else 0
 
 
-def is_multimodal(counts) -> tuple[bool, int, float]:
-    """(multi-modal?, number of codes holding >= MODE_SHARE, top-code share)."""
+def is_multimodal(counts) -> tuple[bool, float, float]:
+    """(multi-modal?, effective number of codes exp(H), top-code share)."""
     c = np.asarray(counts, dtype=np.float64)
     total = c.sum()
     if total <= 0:
-        return False, 0, 1.0
-    share = c / total
-    modes = int((share >= MODE_SHARE).sum())
+        return False, 0.0, 1.0
+    share = c[c > 0] / total
+    effective = float(np.exp(-(share * np.log(share)).sum()))
     top = float(share.max())
-    return modes >= MODE_COUNT and top <= MAX_TOP_SHARE, modes, top
+    return effective >= MODE_COUNT and top <= MAX_TOP_SHARE, effective, top
 
 
 def _best(rows, tag, better=max):
@@ -151,8 +152,8 @@ def evaluate(rows: list[dict], base: list[dict] | None = None) -> list[Gate]:
     ge("entropy_norm@30", "train/entropy_norm_step", 30, 0.35)
     hist = next((h for h in (series(rows, t) for t in USAGE_TAGS) if h), None)
     if hist and isinstance(hist[-1][2], list):
-        ok, modes, top = is_multimodal(hist[-1][2])
-        gates.append(Gate("code usage multi-modal", float(modes), f">= {MODE_COUNT} codes >= {MODE_SHARE:.0%}, top <= {MAX_TOP_SHARE:.0%}",
+        ok, effective, top = is_multimodal(hist[-1][2])
+        gates.append(Gate("code usage multi-modal", effective, f"exp(H) >= {MODE_COUNT} codes, top <= {MAX_TOP_SHARE:.0%}",
                           ok, f"top code share {top:.2f}; " + horizon(30)))
     else:
         gates.append(Gate("code usage multi-modal", None, "code usage counts logged", False, "no code usage counts in metrics.jsonl"))
