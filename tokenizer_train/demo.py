@@ -40,8 +40,8 @@ class DemoSize:
 
 
 FULL = DemoSize(synth_clips=200, grid=20, video_stride=8, epochs=8,
-                model=("model.hidden_dim=64", "model.num_layers=1", "model.num_heads=4", "training.batch_size=32",
-                       "training.learning_rate=1e-3", "training.log_interval=2"))
+                model=("model.hidden_dim=64", "model.num_layers=1", "model.num_heads=4", "training.batch_size=16",
+                       "training.learning_rate=1e-3", "training.log_interval=4"))
 QUICK = DemoSize(synth_clips=48, grid=6, video_stride=8, epochs=2,
                  model=("model.hidden_dim=16", "model.num_layers=1", "model.num_heads=2", "training.batch_size=8",
                         "training.learning_rate=1e-3", "training.log_interval=1", "data.val_split=0.25"))
