@@ -44,6 +44,27 @@ def numpy_reference(vel, valid, W=L.DEFAULT_W):
     return out
 
 
+def numpy_sorted(vel, valid, W=L.DEFAULT_W):
+    """The fastest plain-numpy form we know: one sort along steps (masked = +inf), p95 by
+    numpy's linear interpolation gathered with take_along_axis. A fairer baseline than
+    nanquantile."""
+    speed = np.linalg.norm(L.normalize(vel, W), axis=-1)
+    k = valid.sum(axis=1)
+    srt = np.sort(np.where(valid, speed, np.inf), axis=1)
+    pos = 0.95 * np.maximum(k - 1, 0)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, np.maximum(k - 1, 0))
+    a = np.take_along_axis(srt, lo[:, None], axis=1)[:, 0]
+    b = np.take_along_axis(srt, hi[:, None], axis=1)[:, 0]
+    has = k > 0
+    p95 = np.where(has, a + (pos - lo) * (b - a), 0.0)
+    mean = np.where(valid, speed, 0).sum(axis=1) / np.maximum(k, 1)
+    mx = np.where(has, np.take_along_axis(srt, np.maximum(k - 1, 0)[:, None], axis=1)[:, 0], 0.0)
+    cc = ((L.labels_from_px(vel, W) == L.center_class(W)) & valid).sum(axis=1).astype(np.uint8)
+    return {"mean": mean.astype(np.float32), "p95": p95.astype(np.float32), "max": mx.astype(np.float32),
+            "center_count": cc}
+
+
 def torch_loop(vel, valid, W=L.DEFAULT_W):
     """The old code's way: one torch.quantile call per clip (nanquantile for the mask)."""
     import torch
@@ -95,6 +116,17 @@ def main():
     t_np = time.perf_counter() - t0
     np_rate = n_slow / t_np
 
+    t0 = time.perf_counter()
+    done = 0
+    while done < n_slow:
+        v, m = pool[(done // a.chunk) % a.pool]
+        k = min(a.chunk, n_slow - done)
+        rs = numpy_sorted(v[:k], m[:k])
+        done += k
+    t_sort = time.perf_counter() - t0
+    sort_rate = n_slow / t_sort
+    err_s = max(float(np.abs(rs[m_][:k] - ref[m_][:k]).max()) for m_ in S.METRICS)
+
     n_torch = min(n_slow, a.chunk)
     t0 = time.perf_counter()
     tq = torch_loop(vel[:n_torch], valid[:n_torch])
@@ -110,11 +142,15 @@ def main():
     print(f"{'numba kernel (point_stats)':38s} {n_chunks * a.chunk:8d} {t_kernel:9.2f} {kernel_rate:11.0f} {'1.0x':>16s}")
     print(f"{'numpy reference (np.nanquantile)':38s} {n_slow:8d} {t_np:9.2f} {np_rate:11.0f} "
           f"{kernel_rate / np_rate:15.1f}x")
+    print(f"{'numpy vectorised sort (fairer)':38s} {n_slow:8d} {t_sort:9.2f} {sort_rate:11.0f} "
+          f"{kernel_rate / sort_rate:15.1f}x")
     print(f"{'per-clip torch.nanquantile loop':38s} {n_torch:8d} {t_torch:9.2f} {torch_rate:11.0f} "
           f"{kernel_rate / torch_rate:15.1f}x")
     print(f"max |kernel - numpy| over mean/p95/max: {err:.2e}; |kernel - torch| p95: {err_t:.2e}; "
           f"centre counts equal: {cc_ok}")
-    print(f"target >= 20x the numpy reference: {'met' if kernel_rate / np_rate >= 20 else 'NOT met'}")
+    print(f"|numpy sort - numpy reference|: {err_s:.2e}")
+    print(f"target >= 20x the numpy reference: {'met' if kernel_rate / np_rate >= 20 else 'NOT met'} "
+          f"(vs the sort form: {kernel_rate / sort_rate:.1f}x)")
 
 
 if __name__ == "__main__":

@@ -86,3 +86,16 @@ def test_multimodal_reads_the_trainers_global_histogram(tmp_path):
     rows[-1].pop("train/code_usage_hist_global")
     g = {x.name: x for x in check.evaluate(rows)}
     assert not g["code usage multi-modal"].passed  # this rank's collapsed counts
+
+
+def test_val_gate_tolerates_no_obvious_degradation_only(tmp_path):
+    """EPE within 2% of the baseline's passes ("no obvious degradation"); 5% worse fails."""
+    base = _run(tmp_path, "base", lambda f: 1, lambda f: 0.0, lambda f: 1.0, 0.60, 0.0)  # epe 1.0
+
+    def gate(name, nc):
+        r = _run(tmp_path, name, lambda f: 40 * f + 1, lambda f: 0.5, lambda f: 30, 0.60, nc, usage=[1] * 10)
+        g = {x.name: x for x in check.evaluate(check.read_metrics(r), check.read_metrics(base))}
+        return g["val not worse than baseline"].passed
+
+    assert gate("slightly", -0.015)  # epe 1.015
+    assert not gate("clearly", -0.05)  # epe 1.05
