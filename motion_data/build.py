@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from . import manifest as mf
+from .atomic import atomic_open, atomic_write_text
 from .clips import InputError
 from .importers import FORMATS, iter_sequences, list_inputs
 from .labels import DEFAULT_REF_SIZE, DEFAULT_W
@@ -306,10 +307,8 @@ def _add_sparse(dst: np.ndarray, idx, val):
 
 
 def _save_npz(path: Path, **arrays):
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         np.savez(f, **arrays)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -450,9 +449,7 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
     (out / "shards").mkdir(parents=True, exist_ok=True)
     work.mkdir(exist_ok=True)
     if state == "fresh":
-        tmp = work / "config.json.tmp"
-        tmp.write_text(json.dumps(fingerprint, indent=1))
-        os.replace(tmp, work / "config.json")
+        atomic_write_text(work / "config.json", json.dumps(fingerprint, indent=1))
 
     ctx = _Ctx(out, work, W, ref_size, build_filter)
     prefixes = [mf.clip_prefix(x) for x in sources]
@@ -630,9 +627,7 @@ def finalize(out: Path, ctx: _Ctx, sources, prefixes, config, fingerprint, in_st
 
 
 def write_json(path: Path, doc: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(doc, indent=1))
 
 
 def format_summary(s: dict) -> str:

@@ -7,13 +7,14 @@ center_share under the build filter, mean_speed, visible_fraction.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from .atomic import atomic_path
 
 MANIFEST_NAME = "manifest.parquet"
 SCHEMA = pa.schema([
@@ -68,9 +69,8 @@ def write_manifest(path, table_or_columns) -> Path:
     path = Path(path)
     for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a killed writer
         stale.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
     return path
 
 

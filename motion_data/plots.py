@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_path
 from . import stats as S
 
 
@@ -22,12 +23,10 @@ def _save(fig, path: str | os.PathLike):
     path = Path(path)
     if path.parent and not path.parent.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     finally:
-        tmp.unlink(missing_ok=True)
         fig.clf()
 
 

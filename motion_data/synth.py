@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .atomic import atomic_open
 from .labels import DEFAULT_GRID, DEFAULT_REF_SIZE, DEFAULT_T, DEFAULT_W, center_class, labels_from_px
 
 
@@ -235,10 +236,8 @@ def write_synth(out_dir, n_clips: int, seed: int = 0, cfg: SynthConfig | None = 
         d = synth_clips(n, np.random.default_rng([seed, i]), cfg)
         d["start_frame"] = d["start_frame"] + lo * cfg.frames
         path = os.path.join(out_dir, f"synth-{i:06d}.npz")
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
+        with atomic_open(path, "wb") as f:
             np.savez_compressed(f, **d)
-        os.replace(tmp, path)
         paths.append(path)
         if progress is not None:
             progress(n)

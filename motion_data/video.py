@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .atomic import atomic_open
 from .clips import InputError
 from .labels import DEFAULT_GRID, DEFAULT_T
 
@@ -169,8 +170,6 @@ def write_track_file(path, data: dict) -> str:
     """Write a track-file dict as ``.npz`` atomically (temp name + rename)."""
     path = str(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as fh:
+    with atomic_open(path, "wb") as fh:
         np.savez_compressed(fh, **data)
-    os.replace(tmp, path)
     return path

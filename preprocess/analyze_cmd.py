@@ -11,10 +11,10 @@ before and after.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
+from motion_data.atomic import atomic_write_text
 from motion_data import analysis as A
 from motion_data import stats as S
 
@@ -36,9 +36,7 @@ def add_arguments(p):
 def _write_json(path, obj):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 def run(args) -> int:

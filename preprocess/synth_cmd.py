@@ -14,6 +14,7 @@ import json
 import os
 import sys
 
+from motion_data.atomic import atomic_open
 from motion_data.synth import SynthConfig, config_dict, write_synth
 
 
@@ -57,9 +58,7 @@ def run(args) -> int:
         paths = write_synth(args.out, args.clips, args.seed, cfg, args.clips_per_file, progress=bar.update)
     meta = {"command": "synth", "clips": args.clips, "seed": args.seed, "clips_per_file": args.clips_per_file,
             "files": [os.path.basename(p) for p in paths], "config": config_dict(cfg)}
-    tmp = os.path.join(args.out, "synth.json.tmp")
-    with open(tmp, "w") as f:
+    with atomic_open(os.path.join(args.out, "synth.json"), "w") as f:
         json.dump(meta, f, indent=1)
-    os.replace(tmp, os.path.join(args.out, "synth.json"))
     print(f"wrote {args.clips} clips in {len(paths)} files to {args.out}")
     return 0

@@ -17,10 +17,10 @@ with stop inclusive, or comma lists.
 from __future__ import annotations
 
 import csv
-import os
 import sys
 from pathlib import Path
 
+from motion_data.atomic import atomic_open
 from motion_data import analysis as A
 from motion_data import stats as S
 
@@ -53,14 +53,12 @@ def add_arguments(p):
 def _write_csv(path, rows):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
+    with atomic_open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(A.CSV_COLUMNS)
         for r in rows:
             v = r.csv_values()
             w.writerow([v[0], f"{v[1]:g}", v[2]] + [f"{x:.6f}" for x in v[3:6]] + [str(v[6]).lower()])
-    os.replace(tmp, path)
 
 
 def run(args) -> int:

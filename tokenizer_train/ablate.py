@@ -30,7 +30,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -40,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 from tqdm import tqdm
+
+from motion_data.atomic import atomic_open, atomic_write_text
 
 from . import check as C
 from .config import Config, ConfigError, _set_path, from_dict, to_dict
@@ -141,15 +142,7 @@ class RunSpec:
 
 
 def _write_json(path: Path, doc):
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
-
-
-def _write_text(path: Path, text: str):
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(doc, indent=1))
 
 
 def run_one(spec: RunSpec, data_dir: Path, train_fn=None) -> str:
@@ -230,13 +223,11 @@ def csv_columns() -> list[str]:
 
 def write_csv(path: Path, table: list[dict]):
     cols = csv_columns()
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
+    with atomic_open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
         for r in table:
             w.writerow([f"{r[c]:.6g}" if isinstance(r[c], float) else r[c] for c in cols])
-    os.replace(tmp, path)
 
 
 def _fmt(m, s, digits=3, sign=False):
@@ -359,7 +350,7 @@ def ablate(base_cfg, data_dir, out, variants: dict[str, dict], seeds=(0,), sets=
     gates = {(v, s): C.evaluate(rows[(v, s)], rows[(BASELINE, s)]) for v in variants for s in seeds}
     table = aggregate(per_run, gates, names, seeds)
     write_csv(out / "results.csv", table)
-    _write_text(out / "results.md", markdown(table, f"# Ablation on {data_dir} ({len(seeds)} seed(s): "
+    atomic_write_text(out / "results.md", markdown(table, f"# Ablation on {data_dir} ({len(seeds)} seed(s): "
                                                     f"{', '.join(map(str, seeds))})"))
     _write_json(out / "status.json", {f"{v}/seed{s}": st for (v, s), st in status.items()})
     if plots:

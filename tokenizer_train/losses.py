@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from motion_data.atomic import atomic_open
 from motion_data.labels import center_class, ring_map
 
 IGNORE = -100
@@ -137,15 +136,8 @@ def class_weights_image(weights, W: int) -> np.ndarray:
 
 
 def _atomic_write(path: Path, write):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        write(f)
 
 
 def save_class_weights(path, weights, W: int, meta: dict | None = None) -> tuple[Path, Path]:

@@ -10,9 +10,7 @@ codebook size. Uses RUN/best.pt unless --checkpoint last.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from motion_data.atomic import atomic_path
 from motion_data.loader import ClipDataset, read_build_info
 from motion_data.sampler import SequentialBatchSampler
 from motion_data.split import split_clips
@@ -89,15 +88,8 @@ def tokenize(run_dir, data_dir, out_path, which="best", batch_size=256, num_work
         "codebook_size": int(np.prod(meta["levels"])), "W": meta["W"], "N": meta["N"]})})
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return out
 
 

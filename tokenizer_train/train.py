@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -31,6 +30,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from motion_data.atomic import atomic_write_text
 from motion_data.labels import center_class
 from motion_data.loader import make_loader, read_build_info
 
@@ -114,12 +114,6 @@ def make_loaders(data_dir, cfg: Config, rank: int, world_size: int):
     return train, val
 
 
-def _write_atomic(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _trim_metrics(path: Path, step: int):
     """Keep the rows of ``metrics.jsonl`` up to ``step`` (those the resumed checkpoint has
     seen); later ones, and a line torn by a kill, are logged again by the resumed run."""
@@ -133,7 +127,7 @@ def _trim_metrics(path: Path, step: int):
             continue
         if isinstance(row, dict) and int(row.get("step", 0)) <= step:
             keep.append(line)
-    _write_atomic(path, "".join(f"{x}\n" for x in keep))
+    atomic_write_text(path, "".join(f"{x}\n" for x in keep))
 
 
 def _rank_state(st: dict, dist, start_batch: int) -> dict | None:
@@ -314,8 +308,8 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
         save_class_weights(out_dir / "class_weights", w, W, meta={"method": tc.class_weighting.method})
         logger.writer.add_image("train/class_weights", class_weights_image(w, W), 0)
     if dist.is_main:
-        _write_atomic(out_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        _write_atomic(out_dir / "run.json", json.dumps({
+        atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        atomic_write_text(out_dir / "run.json", json.dumps({
             "data": str(data_dir), "world_size": dist.world_size, "W": W, "N": N, "T": info["T"],
             "codebook_size": K, "train_batches_per_epoch": len(train_loader), "steps_per_epoch": steps_per_epoch,
             "parameters": sum(p.numel() for p in model.parameters())}, indent=1))
