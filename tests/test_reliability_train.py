@@ -136,6 +136,9 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(build, reference, tm
         (out / "last.pt").write_bytes(data[: len(data) * 2 // 3])
         with pytest.raises(C.CheckpointError, match=r"last\.pt: cannot read checkpoint"):
             C.load(out / "last.pt")
+    # TensorBoard reads event files in name order, and the name carries the creation second:
+    # a resume within the same second as the kill could sort before the killed run's file
+    time.sleep(1.1)
     assert main(["train", "--resume", str(out)]) == 0
     err = capsys.readouterr().err
     if phase == "truncated_last":
@@ -155,6 +158,16 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(build, reference, tm
     # the epoch totals after the resume include the batches before the kill
     assert [r["train/loss_epoch"] for r in rows if "train/loss_epoch" in r] == \
         [r["train/loss_epoch"] for r in ref_rows if "train/loss_epoch" in r]
+    # TensorBoard too: the resumed writer purges what the killed run logged after its checkpoint
+    assert sorted(_tb_steps(out, "train/loss_step")) == list(range(1, 9))
+
+
+def _tb_steps(run, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
 
 
 def test_save_last_keeps_the_previous_and_load_latest_falls_back(tmp_path):

@@ -26,7 +26,9 @@ def _jsonable(v):
 
 
 class RunLogger:
-    def __init__(self, run_dir, enabled: bool = True):
+    def __init__(self, run_dir, enabled: bool = True, purge_step: int | None = None):
+        """``purge_step``: on resume, TensorBoard drops events at steps >= it (logged after the
+        checkpoint by the killed run; they are logged again), as metrics.jsonl is trimmed."""
         self.enabled = enabled
         self.writer = None
         self._jsonl = None
@@ -35,7 +37,7 @@ class RunLogger:
 
             run_dir = Path(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge_step)
             # append: a resumed run continues the same file
             self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
 

@@ -302,7 +302,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
         if dist.is_main:
             _trim_metrics(out_dir / "metrics.jsonl", step)
             ckpt.remove_stale_temps(out_dir)
-    logger = RunLogger(out_dir, enabled=dist.is_main)
+    logger = RunLogger(out_dir, enabled=dist.is_main, purge_step=step + 1 if resume else None)
     if dist.is_main and criterion.class_weights is not None:
         w = criterion.class_weights.detach().cpu().numpy()
         save_class_weights(out_dir / "class_weights", w, W, meta={"method": tc.class_weighting.method})
