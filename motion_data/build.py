@@ -34,7 +34,7 @@ from .importers import FORMATS, iter_sequences, list_inputs
 from .labels import DEFAULT_REF_SIZE, DEFAULT_W
 from .shards import encode_sample, shard_name, write_shard
 from .stats import METRICS, StaticFilter, dynamic_ratio, keep_mask, shard_stats
-from .store import PER_CLIP, STORE_NAME, StoreWriter, empty_hists, store_attrs
+from .store import PER_CLIP, STORE_NAME, StoreWriter, empty_hists, remove_stale, store_attrs
 
 BUILD_JSON = "build.json"
 WORK = ".work"
@@ -627,6 +627,7 @@ def finalize(out: Path, ctx: _Ctx, sources, prefixes, config, fingerprint, in_st
 
 
 def write_json(path: Path, doc: dict) -> None:
+    remove_stale(path)  # a temp left by a build killed while writing this file
     atomic_write_text(path, json.dumps(doc, indent=1))
 
 

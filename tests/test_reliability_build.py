@@ -186,3 +186,14 @@ def test_killed_twice_then_finished(inputs, reference, tmp_path):
     assert_finished_like(out, reference)
     assert [k for k, _ in content_hashes(out)] == pq.read_table(reference / "manifest.parquet").column(
         "clip_id").to_pylist()
+
+
+def test_build_json_write_removes_a_temp_left_by_a_killed_writer(tmp_path):
+    import json
+
+    from motion_data.build import write_json
+
+    stale = tmp_path / ".build.json.tmp12345"
+    stale.write_text('{"half": ')
+    write_json(tmp_path / "build.json", {"ok": True})
+    assert not stale.exists() and json.loads((tmp_path / "build.json").read_text()) == {"ok": True}
