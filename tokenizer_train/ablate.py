@@ -145,7 +145,7 @@ def _write_json(path: Path, doc):
     atomic_write_text(path, json.dumps(doc, indent=1))
 
 
-def run_one(spec: RunSpec, data_dir: Path, train_fn=None) -> str:
+def run_one(spec: RunSpec, data_dir: Path, train_fn=None, progress: bool = True) -> str:
     """Train one run unless finished; returns "done" (skipped), "resumed" or "trained"."""
     from . import train as T
 
@@ -162,7 +162,7 @@ def run_one(spec: RunSpec, data_dir: Path, train_fn=None) -> str:
     spec.dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     T.seed_everything(spec.cfg.training.seed)
-    train_fn(spec.cfg, data_dir, spec.dir, resume=resume)
+    train_fn(spec.cfg, data_dir, spec.dir, resume=resume, progress=progress)
     _write_json(spec.done, {"variant": spec.variant, "seed": spec.seed, "config": want,
                             "wall_s": round(time.perf_counter() - t0, 2), "resumed": resume})
     return "resumed" if resume else "trained"
@@ -342,7 +342,7 @@ def ablate(base_cfg, data_dir, out, variants: dict[str, dict], seeds=(0,), sets=
     bar = tqdm(specs, desc="ablate", unit="run", disable=not progress, dynamic_ncols=True)
     for spec in bar:
         bar.set_postfix_str(f"{spec.variant} seed {spec.seed}")
-        status[(spec.variant, spec.seed)] = run_one(spec, data_dir, train_fn)
+        status[(spec.variant, spec.seed)] = run_one(spec, data_dir, train_fn, progress)
     bar.close()
     names = [BASELINE] + list(variants)
     rows = {(s.variant, s.seed): C.read_metrics(s.dir) for s in specs}

@@ -238,7 +238,7 @@ def evaluate(model, loader, criterion, cfg: Config, dist, W: int, zero_codes) ->
 
 # ---------------------------------------------------------------------------- training
 def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist: D.Dist | None = None,
-          debug_codes: bool = False, stop_after_epochs: int | None = None) -> dict:
+          debug_codes: bool = False, stop_after_epochs: int | None = None, progress: bool = True) -> dict:
     """Run the loop; return the last logged values for callers and tests.
 
     ``debug_codes``: every rank appends its code ids of each code-log step to
@@ -337,7 +337,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
         step_sums, step_codes, step_extra = Sums(), [], {}
         n_batches = len(train_loader)
         net.train()
-        bar = tqdm(total=n_batches, initial=start_batch, desc=f"epoch {epoch}", disable=not dist.is_main,
+        bar = tqdm(total=n_batches, initial=start_batch, desc=f"epoch {epoch}", disable=not (dist.is_main and progress),
                    dynamic_ncols=True, leave=False)
         t_wait, t0, clips_since_log = 0.0, time.perf_counter(), 0
         it = iter(train_loader)
