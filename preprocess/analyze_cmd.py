@@ -14,6 +14,9 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
+
 from motion_data.atomic import atomic_write_text
 from motion_data import analysis as A
 from motion_data import stats as S
@@ -79,8 +82,15 @@ def run(args) -> int:
         for key in ("before", "after"):
             f = result[key]
             print(f"{key:8s} {f['dynamic_point_ratio']:20.4f} {f['center_prop']:12.4f} {f['perplexity_ratio']:17.4f}")
+        W = int(round(len(result["before"]["class_counts"]) ** 0.5))
         for key in ("before", "after"):
-            print(f"class_counts {key}: {json.dumps(result[key]['class_counts'])}")
+            # the counts as a W x W picture of the window (row = dy, col = dx) in percent;
+            # the exact counts are in --json
+            cc = np.asarray(result[key]["class_counts"], np.float64).reshape(W, W)
+            share = 100.0 * cc / max(cc.sum(), 1.0)
+            print(f"class_counts {key} (% of {int(cc.sum())} labels; row = dy, col = dx):")
+            for row in share:
+                print("  " + " ".join(f"{x:5.1f}" if x >= 0.05 else "    ." for x in row))
         if args.json:
             print(f"wrote {args.json}")
         if args.plot:
