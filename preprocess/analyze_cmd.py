@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 from motion_data.atomic import atomic_write_text
 from motion_data import analysis as A
 from motion_data import stats as S
