@@ -99,3 +99,17 @@ def test_val_gate_tolerates_no_obvious_degradation_only(tmp_path):
 
     assert gate("slightly", -0.015)  # epe 1.015
     assert not gate("clearly", -0.05)  # epe 1.05
+
+
+def test_val_gates_read_one_epoch_not_each_metrics_best(tmp_path):
+    """An early epoch predicting one motion class everywhere (high non-centre accuracy, low
+    accuracy) must not combine with other epochs' accuracy: the last epoch is what counts."""
+    base = _run(tmp_path, "base", lambda f: 1, lambda f: 0.0, lambda f: 1.0, 0.60, 0.05)
+    r = _run(tmp_path, "mixed", lambda f: 40 * f + 1, lambda f: 0.5, lambda f: 30, 0.60, 0.15, usage=[1] * 10)
+    rows = check.read_metrics(r)
+    first = next(x for x in rows if "val/acc_noncenter_epoch" in x)
+    first["val/acc_noncenter_epoch"], first["val/acc_epoch"] = 0.37, 0.16  # the all-motion epoch
+    g = {x.name: x for x in check.evaluate(rows, check.read_metrics(base))}
+    assert not g["val non-centre acc >= baseline + 0.25"].passed
+    assert g["val non-centre acc >= baseline + 0.25"].value == 0.15
+    assert g["val not worse than baseline"].passed

@@ -26,7 +26,11 @@ Definitions (so that a gate is a number, not a judgement):
   codes, each holding well under 2% of a step's tokens, passes.
 - validation not worse (the seed: "no obvious degradation"): val/acc_epoch >= baseline - 0.02
   (the same tolerance as the training-accuracy gate) and val/epe_px_epoch at most 2% above
-  the baseline's (best epoch of each run).
+  the baseline's.
+- Every validation gate reads each run at ONE epoch, its last (what the run ends with and
+  what ``ablate`` tabulates). Taking each metric's best epoch separately would let a run pass
+  on a mix of epochs, e.g. non-centre accuracy from an early epoch that predicts one motion
+  class everywhere and accuracy from another that predicts the centre everywhere.
 A gate whose horizon the run did not reach (fewer epochs) is evaluated on what was run and
 marked as such: meeting a 30-epoch target after 5 epochs is within 30 epochs. A gate with
 no data fails.
@@ -120,9 +124,9 @@ def is_multimodal(counts) -> tuple[bool, float, float]:
     return effective >= MODE_COUNT and top <= MAX_TOP_SHARE, effective, top
 
 
-def _best(rows, tag, better=max):
-    vals = [v for _, _, v in series(rows, tag)]
-    return better(vals) if vals else None
+def _last(rows, tag):
+    s = series(rows, tag)
+    return s[-1][2] if s else None
 
 
 def evaluate(rows: list[dict], base: list[dict] | None = None) -> list[Gate]:
@@ -161,12 +165,12 @@ def evaluate(rows: list[dict], base: list[dict] | None = None) -> list[Gate]:
     else:
         gates.append(Gate("code usage multi-modal", None, "code usage counts logged", False, "no code usage counts in metrics.jsonl"))
     if base is not None:
-        va, vb = _best(rows, "val/acc_epoch"), _best(base, "val/acc_epoch")
-        ea, eb = _best(rows, "val/epe_px_epoch", min), _best(base, "val/epe_px_epoch", min)
+        va, vb = _last(rows, "val/acc_epoch"), _last(base, "val/acc_epoch")
+        ea, eb = _last(rows, "val/epe_px_epoch"), _last(base, "val/epe_px_epoch")
         ok = None not in (va, vb, ea, eb) and va >= vb - ACC_TOL and ea <= eb * (1 + EPE_REL_TOL)
         gates.append(Gate("val not worse than baseline", va,
                           f"acc >= {vb} - {ACC_TOL}, epe {ea} <= {eb} x {1 + EPE_REL_TOL}", bool(ok)))
-        na, nb = _best(rows, "val/acc_noncenter_epoch"), _best(base, "val/acc_noncenter_epoch")
+        na, nb = _last(rows, "val/acc_noncenter_epoch"), _last(base, "val/acc_noncenter_epoch")
         ok = na is not None and nb is not None and na >= nb + 0.25
         gates.append(Gate("val non-centre acc >= baseline + 0.25", na, f">= {nb} + 0.25" if nb is not None else "baseline", ok))
     return gates
