@@ -162,6 +162,21 @@ def _point_stats_kernel(vel, valid, W, mean, p95, mx, center_count, valid_count)
                     mean, p95, mx, center_count, valid_count)
 
 
+def _clips_and_outputs(vel_px, valid, who: str):
+    """Contiguous (vel, valid) checked as (C,S,N,2)/(C,S,N), and the per-point output arrays."""
+    vel_px = np.ascontiguousarray(vel_px, dtype=np.float32)
+    valid = np.ascontiguousarray(valid, dtype=np.bool_)
+    if vel_px.ndim != 4 or vel_px.shape[-1] != 2 or valid.shape != vel_px.shape[:3]:
+        raise ValueError(f"{who}: expected vel (C,S,N,2) and valid (C,S,N), got {vel_px.shape} and {valid.shape}")
+    if vel_px.shape[1] > 255:  # counts are uint8
+        raise ValueError(f"{who}: at most 255 steps per clip, got {vel_px.shape[1]}")
+    C, S, N = valid.shape
+    out = {m: np.empty((C, N), np.float32) for m in METRICS}
+    out["center_count"] = np.empty((C, N), np.uint8)
+    out["valid_count"] = np.empty((C, N), np.uint8)
+    return vel_px, valid, out
+
+
 def point_stats(vel_px: np.ndarray, valid: np.ndarray, W: int = DEFAULT_W) -> dict:
     """Per-point statistics of clips.
 
@@ -169,16 +184,7 @@ def point_stats(vel_px: np.ndarray, valid: np.ndarray, W: int = DEFAULT_W) -> di
     bool. Returns ``mean``, ``p95``, ``max`` ``(C, N)`` float32 and ``center_count``,
     ``valid_count`` ``(C, N)`` uint8 (S <= 255).
     """
-    vel_px = np.ascontiguousarray(vel_px, dtype=np.float32)
-    valid = np.ascontiguousarray(valid, dtype=np.bool_)
-    if vel_px.ndim != 4 or vel_px.shape[-1] != 2 or valid.shape != vel_px.shape[:3]:
-        raise ValueError(f"point_stats: expected vel (C,S,N,2) and valid (C,S,N), got {vel_px.shape} and {valid.shape}")
-    if vel_px.shape[1] > 255:
-        raise ValueError(f"point_stats: at most 255 steps per clip, got {vel_px.shape[1]}")
-    C, S, N = valid.shape
-    out = {m: np.empty((C, N), np.float32) for m in METRICS}
-    out["center_count"] = np.empty((C, N), np.uint8)
-    out["valid_count"] = np.empty((C, N), np.uint8)
+    vel_px, valid, out = _clips_and_outputs(vel_px, valid, "point_stats")
     _point_stats_kernel(vel_px, valid, W, out["mean"], out["p95"], out["max"], out["center_count"], out["valid_count"])
     return out
 
@@ -402,16 +408,7 @@ def shard_stats(vel_px: np.ndarray, valid: np.ndarray, W: int = DEFAULT_W):
     per-shard work): labels are computed once per step and each clip's point ranks by a
     partial sort. Returns (stats dict as ``point_stats``, {metric: (points, topk)}), equal
     to the separate functions (tests/test_stats.py)."""
-    vel_px = np.ascontiguousarray(vel_px, dtype=np.float32)
-    valid = np.ascontiguousarray(valid, dtype=np.bool_)
-    if vel_px.ndim != 4 or vel_px.shape[-1] != 2 or valid.shape != vel_px.shape[:3]:
-        raise ValueError(f"shard_stats: expected vel (C,S,N,2) and valid (C,S,N), got {vel_px.shape} and {valid.shape}")
-    if vel_px.shape[1] > 255:
-        raise ValueError(f"shard_stats: at most 255 steps per clip, got {vel_px.shape[1]}")
-    C, S, N = valid.shape
-    st = {m: np.empty((C, N), np.float32) for m in METRICS}
-    st["center_count"] = np.empty((C, N), np.uint8)
-    st["valid_count"] = np.empty((C, N), np.uint8)
+    vel_px, valid, st = _clips_and_outputs(vel_px, valid, "shard_stats")
     points = np.zeros((len(METRICS), HIST_NBINS, W * W + 1), np.int64)
     topk = np.zeros((len(METRICS), HIST_NBINS, HIST_RANK_MAX, W * W + 1), np.int64)
     _shard_kernel(vel_px, valid, W, HIST_EDGES, HIST_BIN_WIDTH, HIST_RANK_MAX, st["mean"], st["p95"], st["max"],
