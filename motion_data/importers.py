@@ -421,8 +421,9 @@ def _read_tracks(path, ref_size, image_size) -> list[Sequence]:
     return _sequences(path, tracks, vis, sf, size, ref_size)
 
 
-def _read_amplify(path, ref_size, views) -> list[Sequence]:
-    out = []
+def _h5_view_tracks(path, views, expected: str):
+    """``(view, group, tracks, vis)`` of each selected view of an HDF5 track file (kept open
+    while the caller's loop body runs)."""
     with _open_h5(path) as f:
         root = _h5_root(f)
         for view in _h5_views(path, root, views):
@@ -430,9 +431,15 @@ def _read_amplify(path, ref_size, views) -> list[Sequence]:
             tracks = _h5_read(path, g, "tracks")
             vis = _h5_vis(path, g)
             if tracks.ndim != 4:
-                raise InputError(f"{path}: {view}/tracks must be (n, T, N, 2), got shape {tracks.shape}")
-            tracks, vis, sf = _batched(path, tracks, vis, np.arange(tracks.shape[0]), f"{view}/tracks")
-            out += _sequences(path, tracks, vis, sf, (AMPLIFY_FRAME, AMPLIFY_FRAME), ref_size, len(out))
+                raise InputError(f"{path}: {view}/tracks must be {expected}, got shape {tracks.shape}")
+            yield view, g, tracks, vis
+
+
+def _read_amplify(path, ref_size, views) -> list[Sequence]:
+    out = []
+    for view, _, tracks, vis in _h5_view_tracks(path, views, "(n, T, N, 2)"):
+        tracks, vis, sf = _batched(path, tracks, vis, np.arange(tracks.shape[0]), f"{view}/tracks")
+        out += _sequences(path, tracks, vis, sf, (AMPLIFY_FRAME, AMPLIFY_FRAME), ref_size, len(out))
     return out
 
 
@@ -447,19 +454,12 @@ def _video_size(video_shape):
 
 def _read_atm(path, ref_size, image_size, views) -> list[Sequence]:
     out = []
-    with _open_h5(path) as f:
-        root = _h5_root(f)
-        for view in _h5_views(path, root, views):
-            g = root[view]
-            tracks = _h5_read(path, g, "tracks")
-            vis = _h5_vis(path, g)
-            if tracks.ndim != 4:
-                raise InputError(f"{path}: {view}/tracks must be (1, T, N, 2), got shape {tracks.shape}")
-            tracks, vis, sf = _batched(path, tracks, vis, None, f"{view}/tracks")
-            size = _image_size(path, _video_size(g["video"].shape) if "video" in g else None, image_size)
-            # normalised [0, 1] -> pixels of the frame (x by W, y by H)
-            px = tracks.astype(np.float64) * np.array([size[1], size[0]])
-            out += _sequences(path, px, vis, sf, size, ref_size, len(out))
+    for view, g, tracks, vis in _h5_view_tracks(path, views, "(1, T, N, 2)"):
+        tracks, vis, sf = _batched(path, tracks, vis, None, f"{view}/tracks")
+        size = _image_size(path, _video_size(g["video"].shape) if "video" in g else None, image_size)
+        # normalised [0, 1] -> pixels of the frame (x by W, y by H)
+        px = tracks.astype(np.float64) * np.array([size[1], size[0]])
+        out += _sequences(path, px, vis, sf, size, ref_size, len(out))
     return out
 
 
