@@ -343,11 +343,10 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
         it = iter(train_loader)
         for i in range(start_batch, n_batches):
             tw = time.perf_counter()
-            # the DataLoader draws its base seed from the global torch RNG when its iterator
-            # starts: isolated, so dropout and noise draw the same numbers in a run resumed
-            # mid-epoch as in an uninterrupted one
-            with torch.random.fork_rng(devices=[]):
-                batch = next(it)
+            # the loader never draws from the global torch RNG (its DataLoader has its own
+            # generator, reseeded per (seed, epoch, rank)), so dropout and noise draw the same
+            # numbers in a run resumed mid-epoch as in an uninterrupted one
+            batch = next(it)
             batch = _to(batch, device)
             t_wait += time.perf_counter() - tw
             boundary = (i + 1) % accum == 0 or i + 1 == n_batches
