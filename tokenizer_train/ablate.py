@@ -37,13 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 from tqdm import tqdm
 
 from motion_data.atomic import atomic_open, atomic_write_text
 
 from . import check as C
-from .config import Config, ConfigError, _set_path, from_dict, to_dict
+from .config import Config, ConfigError, _set_path, from_dict, read_yaml, to_dict
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_VARIANTS = CONFIG_DIR / "variants.yaml"
@@ -78,22 +77,10 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return data
-
-
 def load_variants(path: str | Path) -> dict[str, dict]:
     """``{name: {dotted key: value}}`` of a variants file, ``include:`` expanded."""
     path = Path(path)
-    raw = _read_yaml(path)
+    raw = read_yaml(path)
     out = {}
     for name, spec in raw.items():
         name = str(name)
@@ -105,7 +92,7 @@ def load_variants(path: str | Path) -> dict[str, dict]:
         ov = {}
         inc = spec.pop("include", None)
         if inc is not None:
-            ov.update(flatten(_read_yaml(path.parent / inc)))
+            ov.update(flatten(read_yaml(path.parent / inc)))
         ov.update(flatten(spec))
         out[name] = ov
     return out
@@ -114,7 +101,7 @@ def load_variants(path: str | Path) -> dict[str, dict]:
 def resolve(base_cfg: str | Path | None, overrides: dict, sets=(), epochs: int | None = None,
             seed: int | None = None) -> Config:
     """The config of one run: base file, then variant overrides, then --set, epochs, seed."""
-    tree = _read_yaml(Path(base_cfg)) if base_cfg else {}
+    tree = read_yaml(Path(base_cfg)) if base_cfg else {}
     try:
         for k, v in overrides.items():
             _set_path(tree, k, v)
@@ -397,8 +384,8 @@ def run(args) -> int:
             raise ValueError("--epochs must be >= 1")
         if not Path(args.data).is_dir():
             raise FileNotFoundError(f"{args.data}: no such build folder")
-        table = ablate(args.config, args.data, args.out, variants, seeds, args.set, args.epochs,
-                       progress=not args.no_progress, plots=not args.no_plots)
+        ablate(args.config, args.data, args.out, variants, seeds, args.set, args.epochs,
+               progress=not args.no_progress, plots=not args.no_plots)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -305,16 +305,23 @@ def _deep_copy(d):
     return d
 
 
+def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping from ``path``; unreadable, invalid or non-mapping files are a
+    ConfigError naming the file."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
     """Read a YAML config (None: all defaults) and apply ``--set`` overrides."""
-    data = {}
-    if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    data = read_yaml(path) if path is not None else {}
     try:
         return from_dict(data, overrides)
     except ConfigError as e:

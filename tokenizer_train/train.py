@@ -38,7 +38,7 @@ from . import checkpoint as ckpt
 from . import distributed as D
 from . import metrics as M
 from . import prior
-from .config import Config, ConfigError, from_dict, load_config, to_dict
+from .config import Config, ConfigError, load_config, to_dict
 from .logger import RunLogger
 from .losses import (Criterion, class_counts_from_stats, class_weights_image, code_usage_loss, entropy_weight,
                      save_class_weights)
