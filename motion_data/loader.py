@@ -34,7 +34,6 @@ import numba
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-import zarr
 
 from . import shards
 from .augment import AugmentConfig, augment_batch
@@ -43,6 +42,7 @@ from .sampler import (IndexBatch, SamplerConfig, SequentialBatchSampler, Weighte
                       epoch_rng, load_dynamic_ratio)
 from .split import split_clips
 from .stats import METRICS, StaticFilter, keep_mask
+from .store import read_attrs
 
 log = logging.getLogger(__name__)
 
@@ -731,8 +731,7 @@ def _worker_context():
 
 
 def read_build_info(build_dir) -> dict:
-    g = zarr.open_group(str(Path(build_dir) / "stats.zarr"), mode="r")
-    a = dict(g.attrs)
+    a = read_attrs(build_dir)
     return {"W": int(a["W"]), "T": int(a["T"]), "N": int(a["N"]), "n_clips": int(a["n_clips"])}
 
 

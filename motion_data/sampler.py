@@ -14,7 +14,6 @@ equal per-rank slices and batches.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -56,9 +55,9 @@ def clip_weights(ratio: np.ndarray, cfg: SamplerConfig) -> np.ndarray:
 
 def load_dynamic_ratio(build_dir, flt: StaticFilter) -> np.ndarray:
     """``(C,)`` float32 kept share of every clip under ``flt``, from ``stats.zarr``."""
-    import zarr
+    from .store import open_store
 
-    g = zarr.open_group(str(Path(build_dir) / "stats.zarr"), mode="r")
+    g = open_store(build_dir)
     n = int(g.attrs["n_clips"])
     if not flt.enable:
         return np.ones(n, np.float32)

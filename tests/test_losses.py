@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import zarr
 
 from motion_data.labels import center_class, labels_from_px, ring_map
-from motion_data.stats import StaticFilter, class_histograms, keep_mask, point_stats
+from motion_data.stats import METRICS, StaticFilter, class_histograms, keep_mask, point_stats
+from motion_data.store import store_attrs, write_store
 from tokenizer_train.config import ConfigError, from_dict
 from tokenizer_train.losses import (Criterion, balanced_weights, class_counts_from_stats, class_weights_image,
                                     count_classes, ring_decay_weights, save_class_weights)
@@ -234,11 +234,9 @@ def test_class_counts_from_stats_match_direct_count(tmp_path):
     vel = (rng.normal(size=(C, S, N, 2)) * rng.choice([0.1, 3.0], size=(C, 1, N, 1))).astype(np.float32)
     valid = rng.random((C, S, N)) < 0.9
     st = point_stats(vel, valid, W)
-    root = zarr.open_group(str(tmp_path / "stats.zarr"), mode="w")
-    for metric in ("p95", "mean"):
-        points, topk = class_histograms(vel, valid, st[metric], st["valid_count"], W)
-        root.create_array(f"hist/{metric}/points", data=points)
-        root.create_array(f"hist/{metric}/topk", data=topk)
+    hists = {m: class_histograms(vel, valid, st[m], st["valid_count"], W) for m in METRICS}
+    write_store(tmp_path / "stats.zarr", st, hists,
+                store_attrs(W=W, ref_size=128, T=S + 1, N=N, build_filter=StaticFilter(), n_clips=C))
     for flt in (StaticFilter(enable=True, metric="p95", threshold=0.1, min_keep=4),
                 StaticFilter(enable=True, metric="mean", threshold=0.05, min_keep=2),
                 StaticFilter(enable=False)):
@@ -250,5 +248,5 @@ def test_class_counts_from_stats_match_direct_count(tmp_path):
         sel = valid & keep[:, None, :]
         ref = np.bincount(labels_from_px(vel, W)[sel], minlength=K)
         assert np.array_equal(got, ref)
-    with pytest.raises(ValueError, match="stats.zarr"):
-        class_counts_from_stats(tmp_path, StaticFilter(enable=True, metric="max"), W)
+    with pytest.raises(ValueError, match="stats.zarr"):  # no store there
+        class_counts_from_stats(tmp_path / "elsewhere", StaticFilter(enable=True, metric="max"), W)

@@ -100,16 +100,13 @@ def class_weights_for(cw_cfg, counts, W: int) -> np.ndarray | None:
 
 def class_counts_from_stats(build_dir, static_filter, W: int) -> np.ndarray:
     """Kept-label counts ``(W*W,)`` of a build under ``static_filter``, from ``stats.zarr``."""
-    import zarr
-
     from motion_data.stats import filtered_counts_from_hist
+    from motion_data.store import StoreError, read_hists
 
     path = Path(build_dir) / "stats.zarr"
     try:
-        root = zarr.open_group(str(path), mode="r")
-        points = np.asarray(root[f"hist/{static_filter.metric}/points"][:])
-        topk = np.asarray(root[f"hist/{static_filter.metric}/topk"][:])
-    except (FileNotFoundError, KeyError) as e:
+        points, topk = read_hists(path, [static_filter.metric])[static_filter.metric]
+    except (StoreError, KeyError) as e:
         raise ValueError(f"{path}: no class histograms for metric {static_filter.metric!r} ({e})") from None
     if points.shape[-1] != W * W + 1:
         raise ValueError(f"{path}: histograms are for {points.shape[-1] - 1} classes, expected W*W={W * W}")
