@@ -62,8 +62,9 @@ def score_hist_before_after(points: np.ndarray, topk: np.ndarray, threshold: flo
 
 
 # ---------------------------------------------------------------- thresholds and targets
-def parse_range(spec: str) -> list[float]:
-    """``"start:stop:step"`` (stop inclusive, robust to float error), ``"a,b,c"`` or ``"x"``."""
+def parse_range(spec: str, what: str = "threshold", nonnegative: bool = True) -> list[float]:
+    """``"start:stop:step"`` (stop inclusive, robust to float error), ``"a,b,c"`` or ``"x"``;
+    ``what`` names the values in errors."""
     try:
         if ":" in spec:
             start, stop, step = (float(x) for x in spec.split(":"))
@@ -74,9 +75,9 @@ def parse_range(spec: str) -> list[float]:
         else:
             vals = [float(x) for x in spec.split(",") if x.strip()]
     except ValueError as e:
-        raise ValueError(f"threshold range {spec!r} must look like 0.01:0.20:0.005 or 0.03,0.04 ({e})") from None
-    if not vals or min(vals) < 0:
-        raise ValueError(f"threshold range {spec!r}: thresholds must be >= 0")
+        raise ValueError(f"{what} range {spec!r} must look like 0.01:0.20:0.005 or 0.03,0.04 ({e})") from None
+    if not vals or (nonnegative and min(vals) < 0):
+        raise ValueError(f"{what} range {spec!r}: {what}s must be >= 0")
     # 0.01 + 6 * 0.005 is 0.04000000000000001; round so it lands on the bin edge it means
     return [round(v, 10) for v in vals]
 

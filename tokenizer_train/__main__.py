@@ -1,4 +1,4 @@
-"""``python -m tokenizer_train COMMAND ...``: train, tokenize, ablate, check, demo."""
+"""``python -m tokenizer_train COMMAND ...``: train, tokenize, ablate, check, frontier, demo."""
 import sys
 
 from motion_data.cli import dispatch
@@ -8,6 +8,7 @@ COMMANDS = {
     "tokenize": ("tokenizer_train.tokenize", "write each clip's code ids to Parquet"),
     "ablate": ("tokenizer_train.ablate", "train the baseline and each mitigation; results table"),
     "check": ("tokenizer_train.check", "evaluate the seed's acceptance gates on a run"),
+    "frontier": ("tokenizer_train.frontier", "accuracy vs non-centre accuracy as the centre logit is shifted"),
     "demo": ("tokenizer_train.demo", "end-to-end demo: data, filter tuning, baseline vs recommended"),
 }
 

@@ -1,0 +1,110 @@
+"""frontier: centre-logit offsets, counts against hand-computed values, the CLI on a trained run."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from motion_data.labels import center_class
+from tokenizer_train import frontier as F
+from tokenizer_train.__main__ import main
+from tokenizer_train.config import from_dict
+from tokenizer_train.metrics import accuracy_counts, epe_px_counts, noncenter_counts
+from tokenizer_train.train import train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from loader_fixtures import write_build  # noqa: E402
+
+W = 15
+C = center_class(W)
+
+
+def test_shift_center_moves_only_the_centre_logit():
+    x = torch.randn(2, 3, 4, W * W)
+    y = F.shift_center(x, C, 1.5)
+    assert torch.equal(y[..., C], x[..., C] + 1.5)
+    y[..., C] = x[..., C]
+    assert torch.equal(y, x)
+
+
+def test_sweep_counts_hand_computed():
+    # 4 labelled point steps: centre, centre, right (+1 px), left (-1 px); one unmasked
+    right, left = C + 1, C - 1
+    labels = torch.tensor([[[C, C, right, left, right]]])
+    mask = torch.tensor([[[True, True, True, True, False]]])
+    vel = torch.zeros(1, 1, 5, 2)
+    vel[0, 0, 2, 0], vel[0, 0, 3, 0], vel[0, 0, 4, 0] = 1 / 7, -1 / 7, 1 / 7
+    logits = torch.zeros(1, 1, 5, W * W)
+    # point 0: centre by 2; point 1: right by 1 (wrong); point 2: right by 0.5; point 3: right by 3 (wrong)
+    logits[0, 0, 0, C] = 2.0
+    logits[0, 0, 1, right] = 1.0
+    logits[0, 0, 2, right] = 0.5
+    logits[0, 0, 3, right] = 3.0
+    s = F.sweep_counts(logits, labels, vel, mask, [0.0, 0.75, 10.0], W)
+    assert s[:, 4].tolist() == [4, 4, 4]
+    # offset 0: correct = points 0, 2; non-centre correct = point 2; centre predictions = point 0
+    assert s[0, :2].tolist() == [2, 1] and s[0, 3] == 1
+    # offset 0.75: point 2 flips to centre (0.75 > 0.5), point 1 stays right (1 > 0.75)
+    assert s[1, :2].tolist() == [1, 0] and s[1, 3] == 2
+    # offset 10: everything centre -> accuracy = centre share, non-centre 0
+    assert s[2, :2].tolist() == [2, 0] and s[2, 3] == 4
+    # offset 0 agrees with the training metrics exactly
+    assert s[0, 0] == accuracy_counts(logits, labels, mask)[0]
+    assert s[0, 1] == noncenter_counts(logits, labels, mask, C)[0]
+    assert s[0, 2] == pytest.approx(epe_px_counts(logits, vel, mask, W)[0])
+
+
+def test_summarize_picks_best_noncentre_within_tolerance():
+    table = [{"offset": -1.0, "acc": 0.40, "acc_noncenter": 0.40},
+             {"offset": 0.0, "acc": 0.56, "acc_noncenter": 0.20},
+             {"offset": 1.0, "acc": 0.60, "acc_noncenter": 0.05}]
+    s = F.summarize(table, centre_share=0.57, tol=0.02)
+    assert s["best_noncenter_within_tol"] == 0.20 and s["best_offset"] == 0.0
+    s = F.summarize(table, centre_share=0.70, tol=0.02)
+    assert s["best_noncenter_within_tol"] is None
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    build = write_build(tmp_path_factory.mktemp("build"), shard_sizes=(6, 6), sources=["v/a.h5", "v/b.h5"])
+    run = tmp_path_factory.mktemp("run")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(from_dict({}, ["model.hidden_dim=32", "model.num_layers=1", "model.num_heads=2",
+                             "training.batch_size=4", "training.epochs=1", "data.val_split=0.25",
+                             "training.device=cpu"]), build, run)
+    finally:
+        torch.set_num_threads(n)
+    return build, run
+
+
+def test_cli_offset_zero_reproduces_logged_validation_metrics(trained, tmp_path, capsys):
+    build, run = trained
+    out = tmp_path / "fr.json"
+    rc = main(["frontier", "--run", str(run), "--data", str(build), "--offsets=-1,1,20", "--device", "cpu",
+               "--json", str(out), "--no-progress"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert [r["offset"] for r in res["table"]] == [-1.0, 0.0, 1.0, 20.0]  # 0 always included
+    at0 = res["table"][1]
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in last if "val/acc_epoch" in r][-1]
+    assert at0["acc"] == pytest.approx(val["val/acc_epoch"], abs=1e-6)
+    assert at0["acc_noncenter"] == pytest.approx(val["val/acc_noncenter_epoch"], abs=1e-6)
+    assert at0["epe_px"] == pytest.approx(val["val/epe_px_epoch"], rel=1e-4)
+    shares = [r["centre_pred_share"] for r in res["table"]]
+    assert shares == sorted(shares)  # a larger centre offset never predicts the centre less often
+    big = res["table"][-1]
+    assert big["centre_pred_share"] == 1.0 and big["acc_noncenter"] == 0.0
+    assert big["acc"] == pytest.approx(res["summary"]["all_centre_acc"])
+    assert "all-centre accuracy" in capsys.readouterr().out
+
+
+def test_cli_errors_name_the_problem(trained, tmp_path, capsys):
+    build, run = trained
+    assert main(["frontier", "--run", str(tmp_path / "nope"), "--data", str(build)]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main(["frontier", "--run", str(run), "--data", str(build), "--offsets", "a:b"]) == 2
+    assert "offset range" in capsys.readouterr().err

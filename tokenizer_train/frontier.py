@@ -1,0 +1,154 @@
+"""Accuracy vs non-centre accuracy of a trained run as the centre class's logit is shifted.
+
+  python -m tokenizer_train frontier --run RUN --data BUILD [--offsets -3:3:0.5] [--json F]
+
+Tells a decision-rule problem from a model problem. Class weighting, focal loss and logit
+adjustment all move the same thing at prediction time: how readily the model leaves the
+centre ("no motion") class. Adding an offset b to the centre logit before the argmax
+(b > 0: predict no motion more often) traces every accuracy / non-centre-accuracy trade-off
+the run's logits allow, without retraining. If no offset gives non-centre accuracy while
+keeping accuracy near the all-centre predictor's (what a collapsed tokenizer scores), the
+model has no usable motion information on that split and no loss re-weighting of the same
+model can pass both of ``check``'s validation gates; the fix has to make the model better
+(more or more varied data, more steps, capacity).
+
+Per offset: accuracy, non-centre accuracy, EPE (px, the softmax expectation as in training)
+and the share of centre predictions, on the run's validation split (its static filter and
+val_split) or the whole build. Summary: the all-centre accuracy (the split's centre share)
+and the best non-centre accuracy among offsets whose accuracy is at most ``check.ACC_TOL``
+below it.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from motion_data.analysis import parse_range
+from motion_data.atomic import atomic_write_text
+from motion_data.labels import center_class
+from motion_data.loader import make_loader
+
+from . import metrics as M
+from .check import ACC_TOL
+from .config import ConfigError
+from .distributed import pick_device
+from .tokenize import load_model
+
+DEFAULT_OFFSETS = "-3:3:0.5"
+
+
+def add_arguments(p):
+    p.add_argument("--run", required=True, help="training run folder (holds best.pt / last.pt)")
+    p.add_argument("--data", required=True, help="build folder the run was trained on")
+    p.add_argument("--split", choices=("val", "all"), default="val",
+                   help="clips to score: the run's validation split, or every clip (default: val)")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="last",
+                   help="which checkpoint; last is what check's validation gates read (default: last)")
+    p.add_argument("--offsets", default=DEFAULT_OFFSETS,
+                   help="centre-logit offsets as start:stop:step (stop inclusive) or a comma list; "
+                        "0 is always included; write a negative start as --offsets=-3:3:0.5 (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="clips per forward pass (default: 64)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run the model")
+    p.add_argument("--json", help="also write the table and summary to this JSON file")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def shift_center(logits: torch.Tensor, center: int, offset: float) -> torch.Tensor:
+    """Copy of ``logits`` with ``offset`` added to the centre class's logit."""
+    out = logits.clone()
+    out[..., center] += offset
+    return out
+
+
+def sweep_counts(logits: torch.Tensor, labels: torch.Tensor, velocities: torch.Tensor, mask: torch.Tensor,
+                 offsets, W: int) -> np.ndarray:
+    """``(len(offsets), 5)`` sums of one batch: correct, non-centre correct, EPE px sum, centre
+    predictions, and the mask count in the last column (same for every offset)."""
+    c = center_class(W)
+    m = mask.bool()
+    out = np.zeros((len(offsets), 5))
+    for i, b in enumerate(offsets):
+        g = shift_center(logits, c, b)
+        pred = g.argmax(-1)
+        out[i, 0] = M.accuracy_counts(pred, labels, m)[0]
+        out[i, 1] = M.noncenter_counts(pred, labels, m, c)[0]
+        out[i, 2] = M.epe_px_counts(g, velocities, m, W)[0]
+        out[i, 3] = float(((pred == c) & m).sum())
+        out[i, 4] = float(m.sum())
+    return out
+
+
+def table_from_counts(offsets, sums: np.ndarray, n_noncenter: float) -> list[dict]:
+    n = sums[:, 4]
+    den = np.maximum(n, 1)
+    return [{"offset": float(b), "acc": sums[i, 0] / den[i],
+             "acc_noncenter": sums[i, 1] / max(n_noncenter, 1), "epe_px": sums[i, 2] / den[i],
+             "centre_pred_share": sums[i, 3] / den[i]} for i, b in enumerate(offsets)]
+
+
+def summarize(table: list[dict], centre_share: float, tol: float = ACC_TOL) -> dict:
+    """The all-centre accuracy and the best non-centre accuracy within ``tol`` of it."""
+    ok = [r for r in table if r["acc"] >= centre_share - tol]
+    best = max(ok, key=lambda r: (r["acc_noncenter"], r["acc"]), default=None)
+    return {"all_centre_acc": centre_share, "acc_tolerance": tol,
+            "best_noncenter_within_tol": best["acc_noncenter"] if best else None,
+            "best_offset": best["offset"] if best else None}
+
+
+@torch.no_grad()
+def frontier(run_dir, data_dir, offsets, split="val", which="last", batch_size=64, device="cpu",
+             progress=True) -> dict:
+    offsets = sorted(set(float(b) for b in offsets) | {0.0})
+    device = torch.device(device)
+    model, cfg, meta = load_model(run_dir, which, device)
+    W = meta["W"]
+    loader = make_loader(data_dir, split=split, static_filter=cfg.data.static_filter, batch_size=batch_size,
+                         val_split=cfg.data.val_split, seed=cfg.training.seed)
+    loader.set_epoch(0)
+    sums = np.zeros((len(offsets), 5))
+    n_nc = centre = 0.0
+    for b in tqdm(loader, desc=f"frontier ({split})", unit="batch", disable=not progress, dynamic_ncols=True):
+        lab, m, vel = b["labels"].to(device), b["mask"].to(device).bool(), b["velocities"].to(device)
+        logits = model(vel)["logits"].float()
+        sums += sweep_counts(logits, lab, vel, m, offsets, W)
+        n_nc += float((m & (lab != center_class(W))).sum())
+        centre += float((m & (lab == center_class(W))).sum())
+    n = sums[0, 4]
+    if n == 0:
+        raise ValueError(f"{data_dir}: the {split} split has no labelled (kept, valid) point steps")
+    table = table_from_counts(offsets, sums, n_nc)
+    return {"run": str(run_dir), "data": str(data_dir), "split": split, "checkpoint": which,
+            "labels": int(n), "table": table, "summary": summarize(table, centre / n)}
+
+
+def format_result(res: dict) -> str:
+    lines = [f"{res['run']} ({res['checkpoint']}.pt) on the {res['split']} split of {res['data']}: "
+             f"{res['labels']} labelled point steps",
+             f"{'offset':>7} {'acc':>7} {'noncentre':>10} {'epe_px':>7} {'centre_pred':>12}"]
+    for r in res["table"]:
+        lines.append(f"{r['offset']:+7.2f} {r['acc']:7.3f} {r['acc_noncenter']:10.3f} {r['epe_px']:7.3f} "
+                     f"{r['centre_pred_share']:12.3f}")
+    s = res["summary"]
+    best = ("none" if s["best_noncenter_within_tol"] is None else
+            f"{s['best_noncenter_within_tol']:.3f} (offset {s['best_offset']:+.2f})")
+    lines.append(f"all-centre accuracy {s['all_centre_acc']:.3f}; best non-centre accuracy with accuracy "
+                 f">= {s['all_centre_acc'] - s['acc_tolerance']:.3f}: {best}")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    try:
+        offsets = parse_range(args.offsets, what="offset", nonnegative=False)
+        res = frontier(args.run, args.data, offsets, args.split, args.checkpoint, args.batch_size,
+                       pick_device(args.device), progress=not args.no_progress)
+    except (FileNotFoundError, ValueError, ConfigError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_result(res))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(res, indent=1))
+    return 0
