@@ -1,4 +1,6 @@
 """The one-command demo, in its quick mode on synthetic data only."""
+import json
+
 from tokenizer_train import check
 from tokenizer_train.__main__ import main
 
@@ -7,7 +9,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--quick", "--no-video", "--no-progress"]) == 0
     text = capsys.readouterr().out
-    for step in ("1/5 data", "2/5 build-shards", "3/5 tune-filter", "4/5 train", "5/5 check"):
+    for step in ("1/6 data", "2/6 build-shards", "3/6 tune-filter", "4/6 train", "5/6 check", "6/6 frontier"):
         assert step in text
     assert "recommended: p95@" in text  # tune-filter's table and recommendation
     assert "| baseline |" in text and "| recommended |" in text  # the comparison table
@@ -16,6 +18,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert "tensorboard --logdir" in text
     abl = out / "ablation"
     assert (abl / "results.md").exists() and (abl / "check.json").exists()
+    fr = json.loads((abl / "frontier.json").read_text())
+    assert fr["split"] == "val" and any(r["offset"] == 0.0 for r in fr["table"])
     assert any((abl / "runs" / "recommended" / "seed0" / "tensorboard").iterdir())
     rows = check.read_metrics(abl / "runs" / "baseline" / "seed0")
     assert check.epochs_run(rows) == 2

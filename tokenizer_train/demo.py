@@ -13,6 +13,8 @@ On a fresh machine, in one folder (default demo_out/):
                       trained on the same data, split and seed; results.md, plots
   5. check            the acceptance gates of the recommended run against the baseline
                       (printed; also ablation/check.json)
+  6. frontier         the recommended run's validation accuracy / non-centre accuracy as
+                      the centre logit is shifted (printed; also ablation/frontier.json)
 TensorBoard logs are in OUT/ablation/runs: tensorboard --logdir OUT/ablation/runs
 Rerunning resumes: finished steps are kept. A failing gate is reported in the table, not
 as an error; the exit code is non-zero only when a step fails.
@@ -26,8 +28,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from motion_data.atomic import atomic_write_text
+
 from . import ablate as AB
 from . import check as C
+from . import frontier as F
 
 
 @dataclass
@@ -111,21 +116,21 @@ def demo(out, epochs: int | None = None, quick: bool = False, video: bool = True
     size = QUICK if quick else FULL
     out.mkdir(parents=True, exist_ok=True)
 
-    _step("1/5 data")
+    _step("1/6 data")
     inputs = make_data(out, size, video, progress)
 
-    _step("2/5 build-shards")
+    _step("2/6 build-shards")
     build_dir = out / "build"
     summary = build(inputs, build_dir, maxcount=200, progress=progress,
                     command=["tokenizer_train", "demo", str(out)])
     print(f"{build_dir}: {summary.get('n_clips', '?')} clips")
 
-    _step("3/5 tune-filter")
+    _step("3/6 tune-filter")
     flt = tune(build_dir)
     metric, thr = flt.split("@")
     print(f"both runs use the static filter {flt} (min_keep 16)")
 
-    _step("4/5 train baseline (configs/base.yaml) and recommended (configs/recommended.yaml)")
+    _step("4/6 train baseline (configs/base.yaml) and recommended (configs/recommended.yaml)")
     variants = {"recommended": AB.load_variants(AB.DEFAULT_VARIANTS)["recommended"]}
     sets = list(size.model) + ["data.static_filter.enable=true", f"data.static_filter.metric={metric}",
                                f"data.static_filter.threshold={thr}"]
@@ -135,7 +140,7 @@ def demo(out, epochs: int | None = None, quick: bool = False, video: bool = True
     print()
     print((abl / "results.md").read_text())
 
-    _step("5/5 check: recommended vs baseline")
+    _step("5/6 check: recommended vs baseline")
     rows = C.read_metrics(abl / "runs" / "recommended" / "seed0")
     base = C.read_metrics(abl / "runs" / AB.BASELINE / "seed0")
     gates = C.evaluate(rows, base)
@@ -143,6 +148,12 @@ def demo(out, epochs: int | None = None, quick: bool = False, video: bool = True
     ok = all(g.passed for g in gates)
     print(f"\n{'ALL GATES PASS' if ok else 'SOME GATES FAIL'} ({sum(g.passed for g in gates)}/{len(gates)})")
     (abl / "check.json").write_text(json.dumps({"passed": ok, "gates": [g.__dict__ for g in gates]}, indent=2))
+
+    _step("6/6 frontier: is the accuracy / motion trade-off the decision rule or the model?")
+    fr = F.frontier(abl / "runs" / "recommended" / "seed0", build_dir, F.parse_offsets(F.DEFAULT_OFFSETS),
+                    progress=progress)
+    print(F.format_result(fr))
+    atomic_write_text(abl / "frontier.json", json.dumps(fr, indent=1))
     wall = time.perf_counter() - t0
     print(f"\ndemo finished in {wall:.0f} s. Results: {abl}/results.md, plots {abl}/*.png")
     print(f"TensorBoard: tensorboard --logdir {abl / 'runs'}")

@@ -57,6 +57,11 @@ def add_arguments(p):
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def parse_offsets(spec: str) -> list[float]:
+    """Offsets as ``start:stop:step`` (stop inclusive) or a comma list; negative values allowed."""
+    return parse_range(spec, what="offset", nonnegative=False)
+
+
 def shift_center(logits: torch.Tensor, center: int, offset: float) -> torch.Tensor:
     """Copy of ``logits`` with ``offset`` added to the centre class's logit."""
     out = logits.clone()
@@ -142,7 +147,7 @@ def format_result(res: dict) -> str:
 
 def run(args) -> int:
     try:
-        offsets = parse_range(args.offsets, what="offset", nonnegative=False)
+        offsets = parse_offsets(args.offsets)
         res = frontier(args.run, args.data, offsets, args.split, args.checkpoint, args.batch_size,
                        pick_device(args.device), progress=not args.no_progress)
     except (FileNotFoundError, ValueError, ConfigError, KeyError) as e:
