@@ -58,6 +58,14 @@ def test_ablate_writes_table_and_does_not_rerun(tiny_build, tmp_path, capsys):
         assert rows[0][col] != "nan" and float(rows[0][f"{col}_delta"]) == 0.0
         assert rows[1][col] != "nan"
     assert 0 <= float(rows[0]["acc"]) <= 1 and float(rows[0]["epe_px"]) > 0
+    # the frontier column: computed from each run's last.pt, cached next to it
+    fr = json.loads((out / "runs" / "ring" / "seed0" / "frontier.json").read_text())
+    best = fr["summary"]["best_noncenter_within_tol"]
+    if best is None:  # no offset keeps accuracy within the tolerance
+        assert rows[2]["noncentre_at_acc_tol"] == "nan"
+    else:
+        assert float(rows[2]["noncentre_at_acc_tol"]) == pytest.approx(best, rel=1e-5)
+    assert 0 <= float(rows[0]["noncentre_at_acc_tol"]) <= 1
     assert int(rows[1]["gates_total"]) > 0 and rows[0]["gates_total"] == "0"
     md = (out / "results.md").read_text()
     assert "| baseline |" in md and "| ring |" in md and "val non-centre acc" in md

@@ -59,6 +59,9 @@ METRICS = [
     ("acc_noncenter", "val/acc_noncenter_epoch", "last"),
     ("epe_px", "val/epe_px_epoch", "last"),
     ("zero_code_share", "val/zero_code_frac_epoch", "last"),
+    # frontier.py on the last checkpoint: the best val non-centre accuracy over centre-logit
+    # offsets that keep val accuracy within check.ACC_TOL of the all-centre predictor's
+    ("noncentre_at_acc_tol", None, "frontier"),
 ]
 FALLBACK = {"val/acc_epoch": "train/acc_epoch", "val/acc_noncenter_epoch": "train/acc_noncenter_epoch",
             "val/zero_code_frac_epoch": "train/zero_code_frac_step"}
@@ -155,10 +158,30 @@ def run_one(spec: RunSpec, data_dir: Path, train_fn=None, progress: bool = True)
     return "resumed" if resume else "trained"
 
 
+def frontier_summary(spec: RunSpec, data_dir: Path) -> float:
+    """noncentre_at_acc_tol of a finished run (cached in its frontier.json); nan without a
+    validation split or checkpoint."""
+    from . import frontier as F
+
+    cache, ckpt = spec.dir / "frontier.json", spec.dir / "last.pt"
+    if spec.cfg.data.val_split <= 0 or not ckpt.exists():
+        return math.nan
+    if not cache.exists() or cache.stat().st_mtime < ckpt.stat().st_mtime:
+        from .distributed import pick_device
+
+        res = F.frontier(spec.dir, data_dir, F.parse_offsets(F.DEFAULT_OFFSETS),
+                         device=pick_device(spec.cfg.training.device), progress=False)
+        _write_json(cache, res)
+    best = json.loads(cache.read_text())["summary"]["best_noncenter_within_tol"]
+    return math.nan if best is None else float(best)
+
+
 def summarize(rows: list[dict]) -> dict:
     """The table's numbers of one run from its metrics.jsonl rows."""
     out = {}
     for col, tag, how in METRICS:
+        if how == "frontier":
+            continue
         t = tag if C.series(rows, tag) else FALLBACK.get(tag, tag)
         s = C.series(rows, t)
         if not s:
@@ -226,7 +249,7 @@ def _fmt(m, s, digits=3, sign=False):
 
 HEAD = {"unique_codes": "unique codes", "entropy_norm": "entropy (norm)", "perplexity": "perplexity",
         "acc": "val acc", "acc_noncenter": "val non-centre acc", "epe_px": "val EPE px",
-        "zero_code_share": "zero-code share"}
+        "zero_code_share": "zero-code share", "noncentre_at_acc_tol": "val non-centre acc at acc tol"}
 
 
 def markdown(table: list[dict], title: str = "") -> str:
@@ -248,8 +271,12 @@ def markdown(table: list[dict], title: str = "") -> str:
         lines.append(f"| {r['variant']} | " + " | ".join(cells) + f" | {g} |")
     lines.append("")
     lines.append("Values: mean ± std over seeds; (delta vs the baseline of the same seed). Code statistics: train "
-                 "steps of the last epoch; accuracy, EPE, zero-code share: validation, last epoch. gates: "
-                 "acceptance gates passed against the baseline (`python -m tokenizer_train check`).")
+                 "steps of the last epoch; accuracy, EPE, zero-code share: validation, last epoch. val non-centre "
+                 "acc at acc tol: the best validation non-centre accuracy over centre-logit offsets that keep "
+                 "validation accuracy within 0.02 of predicting the centre everywhere (`python -m "
+                 "tokenizer_train frontier`; a re-weighting only moves a run along this trade-off, a better "
+                 "model raises it). gates: acceptance gates passed against the baseline (`python -m "
+                 "tokenizer_train check`).")
     failing = [r for r in table if r["variant"] != BASELINE and r["failed_gates"]]
     if failing:
         lines += ["", "Failed gates:", ""]
@@ -334,6 +361,8 @@ def ablate(base_cfg, data_dir, out, variants: dict[str, dict], seeds=(0,), sets=
     names = [BASELINE] + list(variants)
     rows = {(s.variant, s.seed): C.read_metrics(s.dir) for s in specs}
     per_run = {k: summarize(r) for k, r in rows.items()}
+    for spec in specs:
+        per_run[(spec.variant, spec.seed)]["noncentre_at_acc_tol"] = frontier_summary(spec, data_dir)
     gates = {(v, s): C.evaluate(rows[(v, s)], rows[(BASELINE, s)]) for v in variants for s in seeds}
     table = aggregate(per_run, gates, names, seeds)
     write_csv(out / "results.csv", table)
