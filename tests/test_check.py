@@ -50,8 +50,10 @@ def test_collapsed_run_fails_and_healthy_run_passes(tmp_path, capsys):
         run, baseline, json = str(good), str(base), str(tmp_path / "g.json")
     assert check.run(A) == 0
     assert json.loads((tmp_path / "g.json").read_text())["passed"] is True
+    assert "hint: python -m tokenizer_train frontier" not in capsys.readouterr().out
     A.run = str(base)
     assert check.run(A) == 1
+    assert f"hint: python -m tokenizer_train frontier --run {base}" in capsys.readouterr().out  # val gates fail
 
 
 def test_accuracy_drop_fails_gate(tmp_path):

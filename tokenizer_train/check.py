@@ -46,6 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
+from motion_data.atomic import atomic_write_text
+
 MODE_COUNT = 3  # effective number of codes (exp of the usage entropy) a multi-modal histogram needs
 MAX_TOP_SHARE = 0.5
 PERPLEXITY_FACTOR = 1.5
@@ -198,6 +200,9 @@ def run(args) -> int:
     print(format_table(gates))
     ok = all(g.passed for g in gates)
     print(f"\n{'ALL GATES PASS' if ok else 'SOME GATES FAIL'} ({sum(g.passed for g in gates)}/{len(gates)})")
+    if any(not g.passed and g.name.startswith(("val non-centre", "val not worse")) for g in gates):
+        print(f"hint: python -m tokenizer_train frontier --run {args.run} --data BUILD shows whether any "
+              f"centre-logit offset (i.e. any re-weighting) of this model could meet the validation gates")
     if args.json:
-        Path(args.json).write_text(json.dumps({"passed": ok, "gates": [asdict(g) for g in gates]}, indent=2))
+        atomic_write_text(args.json, json.dumps({"passed": ok, "gates": [asdict(g) for g in gates]}, indent=2))
     return 0 if ok else 1

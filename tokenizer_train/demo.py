@@ -147,7 +147,7 @@ def demo(out, epochs: int | None = None, quick: bool = False, video: bool = True
     print(C.format_table(gates))
     ok = all(g.passed for g in gates)
     print(f"\n{'ALL GATES PASS' if ok else 'SOME GATES FAIL'} ({sum(g.passed for g in gates)}/{len(gates)})")
-    (abl / "check.json").write_text(json.dumps({"passed": ok, "gates": [g.__dict__ for g in gates]}, indent=2))
+    atomic_write_text(abl / "check.json", json.dumps({"passed": ok, "gates": [g.__dict__ for g in gates]}, indent=2))
 
     _step("6/6 frontier: is the accuracy / motion trade-off the decision rule or the model?")
     fr = F.frontier(abl / "runs" / "recommended" / "seed0", build_dir, F.parse_offsets(F.DEFAULT_OFFSETS),
