@@ -108,3 +108,7 @@ def test_cli_errors_name_the_problem(trained, tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
     assert main(["frontier", "--run", str(run), "--data", str(build), "--offsets", "a:b"]) == 2
     assert "offset range" in capsys.readouterr().err
+    other = write_build(tmp_path / "other", shard_sizes=(4,), sources=["v/x.h5"], n_points=5)
+    assert main(["frontier", "--run", str(run), "--data", str(other), "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert str(other) in err and "N=5" in err

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from motion_data.analysis import parse_range
 from motion_data.atomic import atomic_write_text
 from motion_data.labels import center_class
-from motion_data.loader import make_loader
+from motion_data.loader import make_loader, read_build_info
 
 from . import metrics as M
 from .check import ACC_TOL
@@ -111,6 +111,10 @@ def frontier(run_dir, data_dir, offsets, split="val", which="last", batch_size=6
     device = torch.device(device)
     model, cfg, meta = load_model(run_dir, which, device)
     W = meta["W"]
+    info = read_build_info(data_dir)
+    if (info["W"], info["N"]) != (meta["W"], meta["N"]):
+        raise ValueError(f"{data_dir}: build has W={info['W']}, N={info['N']}; the run {run_dir} was trained on "
+                         f"W={meta['W']}, N={meta['N']}")
     loader = make_loader(data_dir, split=split, static_filter=cfg.data.static_filter, batch_size=batch_size,
                          val_split=cfg.data.val_split, seed=cfg.training.seed)
     loader.set_epoch(0)
