@@ -14,7 +14,7 @@ model can pass both of ``check``'s validation gates; the fix has to make the mod
 
 Per offset: accuracy, non-centre accuracy, EPE (px, the softmax expectation as in training)
 and the share of centre predictions, on the run's validation split (its static filter and
-val_split) or the whole build. Summary: the all-centre accuracy (the split's centre share)
+val_split; every held-out clip once). Summary: the all-centre accuracy (the split's centre share)
 and the best non-centre accuracy among offsets whose accuracy is at most ``check.ACC_TOL``
 below it.
 """
@@ -44,8 +44,6 @@ DEFAULT_OFFSETS = "-3:3:0.5"
 def add_arguments(p):
     p.add_argument("--run", required=True, help="training run folder (holds best.pt / last.pt)")
     p.add_argument("--data", required=True, help="build folder the run was trained on")
-    p.add_argument("--split", choices=("val", "all"), default="val",
-                   help="clips to score: the run's validation split, or every clip (default: val)")
     p.add_argument("--checkpoint", choices=("best", "last"), default="last",
                    help="which checkpoint; last is what check's validation gates read (default: last)")
     p.add_argument("--offsets", default=DEFAULT_OFFSETS,
@@ -105,8 +103,9 @@ def summarize(table: list[dict], centre_share: float, tol: float = ACC_TOL) -> d
 
 
 @torch.no_grad()
-def frontier(run_dir, data_dir, offsets, split="val", which="last", batch_size=64, device="cpu",
-             progress=True) -> dict:
+def frontier(run_dir, data_dir, offsets, which="last", batch_size=64, device="cpu", progress=True) -> dict:
+    """Sweep ``offsets`` over every clip of the run's validation split (each scored once)."""
+    split = "val"
     offsets = sorted(set(float(b) for b in offsets) | {0.0})
     device = torch.device(device)
     model, cfg, meta = load_model(run_dir, which, device)
@@ -152,7 +151,7 @@ def format_result(res: dict) -> str:
 def run(args) -> int:
     try:
         offsets = parse_offsets(args.offsets)
-        res = frontier(args.run, args.data, offsets, args.split, args.checkpoint, args.batch_size,
+        res = frontier(args.run, args.data, offsets, args.checkpoint, args.batch_size,
                        pick_device(args.device), progress=not args.no_progress)
     except (FileNotFoundError, ValueError, ConfigError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
