@@ -159,20 +159,15 @@ def run_one(spec: RunSpec, data_dir: Path, train_fn=None, progress: bool = True)
 
 
 def frontier_summary(spec: RunSpec, data_dir: Path) -> float:
-    """noncentre_at_acc_tol of a finished run (cached in its frontier.json); nan without a
+    """noncentre_at_acc_tol of a finished run (frontier.cached_frontier); nan without a
     validation split or checkpoint."""
     from . import frontier as F
+    from .distributed import pick_device
 
-    cache, ckpt = spec.dir / "frontier.json", spec.dir / "last.pt"
-    if spec.cfg.data.val_split <= 0 or not ckpt.exists():
+    if spec.cfg.data.val_split <= 0 or not (spec.dir / "last.pt").exists():
         return math.nan
-    if not cache.exists() or cache.stat().st_mtime < ckpt.stat().st_mtime:
-        from .distributed import pick_device
-
-        res = F.frontier(spec.dir, data_dir, F.parse_offsets(F.DEFAULT_OFFSETS),
-                         device=pick_device(spec.cfg.training.device), progress=False)
-        _write_json(cache, res)
-    best = json.loads(cache.read_text())["summary"]["best_noncenter_within_tol"]
+    best = F.cached_frontier(spec.dir, data_dir, pick_device(spec.cfg.training.device))["summary"][
+        "best_noncenter_within_tol"]
     return math.nan if best is None else float(best)
 
 

@@ -150,8 +150,7 @@ def demo(out, epochs: int | None = None, quick: bool = False, video: bool = True
     atomic_write_text(abl / "check.json", json.dumps({"passed": ok, "gates": [g.__dict__ for g in gates]}, indent=2))
 
     _step("6/6 frontier: is the accuracy / motion trade-off the decision rule or the model?")
-    fr = F.frontier(abl / "runs" / "recommended" / "seed0", build_dir, F.parse_offsets(F.DEFAULT_OFFSETS),
-                    progress=progress)
+    fr = F.cached_frontier(abl / "runs" / "recommended" / "seed0", build_dir)  # computed by ablate above
     print(F.format_result(fr))
     atomic_write_text(abl / "frontier.json", json.dumps(fr, indent=1))
     wall = time.perf_counter() - t0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -131,6 +132,18 @@ def frontier(run_dir, data_dir, offsets, which="last", batch_size=64, device="cp
     table = table_from_counts(offsets, sums, n_nc)
     return {"run": str(run_dir), "data": str(data_dir), "split": split, "checkpoint": which,
             "labels": int(n), "table": table, "summary": summarize(table, centre / n)}
+
+
+def cached_frontier(run_dir, data_dir, device="cpu") -> dict:
+    """``frontier`` of RUN's last.pt at the default offsets, kept in RUN/frontier.json and
+    recomputed only when last.pt is newer (ablate and the demo share one pass per run)."""
+    run_dir = Path(run_dir)
+    cache, ckpt = run_dir / "frontier.json", run_dir / "last.pt"
+    if cache.exists() and cache.stat().st_mtime >= ckpt.stat().st_mtime:
+        return json.loads(cache.read_text())
+    res = frontier(run_dir, data_dir, parse_offsets(DEFAULT_OFFSETS), device=device, progress=False)
+    atomic_write_text(cache, json.dumps(res, indent=1))
+    return res
 
 
 def format_result(res: dict) -> str:
