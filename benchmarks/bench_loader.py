@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from motion_data.build import build
-from motion_data.labels import labels_from_norm, normalize
+from motion_data.labels import labels_from_norm
 from motion_data.loader import make_loader
 from motion_data.stats import StaticFilter
 

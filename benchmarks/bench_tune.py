@@ -28,6 +28,7 @@ from motion_data import analysis as A
 from motion_data import labels as L
 from motion_data import stats as S
 from motion_data import store as ST
+from motion_data.stats import _top_ranks
 
 N = 400
 W = L.DEFAULT_W
@@ -46,32 +47,18 @@ def synth_scores(rng, C):
 
 @numba.njit(cache=True, parallel=True)
 def _rank_bins(scores, vc, bins, R, out):
-    """out[c, r] = bin of clip c's rank-r point (by score, ties to the lower index, among
-    points with a valid step), -1 where the clip has fewer such points; a top-R insertion
-    buffer instead of a full sort."""
+    """out[c, r] = bin of clip c's rank-r point (stats._top_ranks: by score, ties to the lower
+    index, among points with a valid step), -1 where the clip has fewer such points."""
     C, N_ = scores.shape
     for c in numba.prange(C):
-        top_s = np.empty(R, np.float32)
-        top_i = np.empty(R, np.int64)
-        m = 0
-        for n in range(N_):
-            if vc[c, n] == 0:
-                continue
-            s = scores[c, n]
-            if m == R and s <= top_s[R - 1]:
-                continue  # equal scores keep the earlier (lower) index ahead
-            j = m if m < R else R - 1
-            while j > 0 and top_s[j - 1] < s:
-                if j < R:
-                    top_s[j] = top_s[j - 1]
-                    top_i[j] = top_i[j - 1]
-                j -= 1
-            top_s[j] = s
-            top_i[j] = n
-            if m < R:
-                m += 1
+        top = np.empty(R, np.int64)
+        rank = np.empty(N_, np.int64)
+        _top_ranks(scores[c], vc[c], R, top, rank)
         for r in range(R):
-            out[c, r] = bins[c, top_i[r]] if r < m else -1
+            out[c, r] = -1
+        for n in range(N_):
+            if rank[n] >= 0:
+                out[c, rank[n]] = bins[c, n]
 
 
 def add_hist_counts(counts, scores, vc):
@@ -141,7 +128,6 @@ def main():
     ap.add_argument("--chunk", type=int, default=50_000, help="clips generated per chunk while building")
     ap.add_argument("--keep", action="store_true", help="keep the store afterwards")
     a = ap.parse_args()
-    import numba
 
     out = Path(a.store)
     try:

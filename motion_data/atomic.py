@@ -5,14 +5,16 @@ never the final name, on the same file system so the rename is atomic), flushed 
 (fsync) and only then renamed over ``NAME`` with ``os.replace``. A reader therefore sees
 either the old file or the whole new one. On any exception the temporary file is removed
 and the old file is left untouched; after a SIGKILL the temporary may stay behind, and
-cleaners match it by the pattern ``.NAME.tmp*`` (see ``store.remove_stale``).
+cleaners match it by the pattern ``.NAME.tmp*`` (``remove_stale``).
 
 Not for directories (``store.replace_dir``), shards (``shards.write_shard``, its own fsync
 and index logic) or checkpoints (``tokenizer_train.checkpoint``, keeps the previous one).
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
@@ -63,6 +65,28 @@ def atomic_write_text(path, text: str, encoding: str | None = None) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding=encoding)
     return Path(path)
+
+
+def atomic_write_json(path, doc, indent: int = 1) -> Path:
+    """Write ``doc`` as JSON (one trailing newline) to ``path`` atomically, creating its folder."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(path, json.dumps(doc, indent=indent) + "\n")
+
+
+def remove_stale(path) -> list[Path]:
+    """Remove what killed writers of ``path`` left beside it: ``.NAME.tmp<pid>`` (an
+    unfinished write) and ``.NAME.old<pid>`` (a replaced copy not yet deleted). They never
+    carry the final name, so readers never see them; this only frees the space."""
+    path = Path(path)
+    gone = []
+    for pat in (f".{path.name}.tmp*", f".{path.name}.old*"):
+        for p in path.parent.glob(pat):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:

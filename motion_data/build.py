@@ -28,13 +28,13 @@ from pathlib import Path
 import numpy as np
 
 from . import manifest as mf
-from .atomic import atomic_open, atomic_write_text
+from .atomic import atomic_open, atomic_write_json, remove_stale
 from .clips import InputError
 from .importers import FORMATS, iter_sequences, list_inputs
 from .labels import DEFAULT_REF_SIZE, DEFAULT_W
 from .shards import encode_sample, shard_name, write_shard
 from .stats import METRICS, StaticFilter, dynamic_ratio, keep_mask, shard_stats
-from .store import PER_CLIP, STORE_NAME, StoreWriter, empty_hists, remove_stale, store_attrs
+from .store import PER_CLIP, STORE_NAME, StoreWriter, empty_hists, store_attrs
 
 BUILD_JSON = "build.json"
 WORK = ".work"
@@ -449,7 +449,7 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
     (out / "shards").mkdir(parents=True, exist_ok=True)
     work.mkdir(exist_ok=True)
     if state == "fresh":
-        atomic_write_text(work / "config.json", json.dumps(fingerprint, indent=1))
+        atomic_write_json(work / "config.json", fingerprint)
 
     ctx = _Ctx(out, work, W, ref_size, build_filter)
     prefixes = [mf.clip_prefix(x) for x in sources]
@@ -612,7 +612,7 @@ def finalize(out: Path, ctx: _Ctx, sources, prefixes, config, fingerprint, in_st
     total = time.perf_counter() - t0
     summary = {"status": "resumed" if resumed else "built", "out": str(out), "inputs": len(inputs),
                "inputs_used": len(inputs) - len(skipped), "skipped": skipped,
-               "sequences": sum(i["sequences"] for i in inputs), "clips": C, "n_clips": C, "shards": n_shards, "N": N,
+               "sequences": sum(i["sequences"] for i in inputs), "clips": C, "shards": n_shards, "N": N,
                "T": S + 1, "resumed_shards": resumed, "clips_this_run": new_clips, "seconds": round(total, 3),
                "clips_per_s": round(new_clips / total, 1) if total > 0 else None}
     doc = {"build_format": BUILD_FORMAT, "command": command, "config": config,
@@ -628,7 +628,7 @@ def finalize(out: Path, ctx: _Ctx, sources, prefixes, config, fingerprint, in_st
 
 def write_json(path: Path, doc: dict) -> None:
     remove_stale(path)  # a temp left by a build killed while writing this file
-    atomic_write_text(path, json.dumps(doc, indent=1))
+    atomic_write_json(path, doc)
 
 
 def format_summary(s: dict) -> str:
@@ -775,7 +775,7 @@ def merge(parts, out, *, progress: bool = False) -> dict:
         total = time.perf_counter() - t0
         summary = {"status": "merged", "out": str(out), "inputs": len(inputs),
                    "inputs_used": len(inputs) - len(skipped), "skipped": skipped,
-                   "sequences": sum(i["sequences"] for i in inputs), "clips": C, "n_clips": C, "shards": k, "N": a0["N"],
+                   "sequences": sum(i["sequences"] for i in inputs), "clips": C, "shards": k, "N": a0["N"],
                    "T": a0["T"], "resumed_shards": 0, "clips_this_run": C, "seconds": round(total, 3),
                    "clips_per_s": round(C / total, 1) if total > 0 else None}
         doc = {"build_format": BUILD_FORMAT, "command": None, "config": config,

@@ -307,7 +307,6 @@ def parse_sample(blob: bytes, key: str) -> dict:
 
 
 _MEMBER_EXTS = tuple(sorted(shards.SAMPLE_EXTS))  # the writers' member order
-_NPY_MEMBERS = ("stats.npy", "valid.npy", "vel.npy")
 
 
 @numba.njit(cache=True)
@@ -452,16 +451,20 @@ class ClipDataset(torch.utils.data.Dataset):
     def _path(self, row) -> Path:
         return self.root / self.shard_paths[self.shard_of[row]]
 
+    def _fd(self, row: int) -> int:
+        """Read-only descriptor of ``row``'s shard, opened once per shard and process."""
+        sid = int(self.shard_of[row])
+        fd = self._fds.get(sid)
+        if fd is None:
+            fd = self._fds[sid] = os.open(self._path(row), os.O_RDONLY)
+        return fd
+
     def read(self, row: int) -> dict:
         """Raw arrays of one clip; ``ShardError`` naming the shard when it cannot be read."""
         row = int(row)
-        sid = int(self.shard_of[row])
         off, size, key = int(self.offset[row]), int(self.size[row]), self.clip_id[row]
         try:
-            fd = self._fds.get(sid)
-            if fd is None:
-                fd = self._fds[sid] = os.open(self._path(row), os.O_RDONLY)
-            blob = os.pread(fd, size, off)
+            blob = os.pread(self._fd(row), size, off)
             if len(blob) != size:
                 raise _Unusual
             out = parse_sample(blob, key)
@@ -510,11 +513,7 @@ class ClipDataset(torch.utils.data.Dataset):
             row = rows[j]
             a, n = int(starts[j]), int(sizes[j])
             try:
-                sid = int(self.shard_of[row])
-                fd = self._fds.get(sid)
-                if fd is None:
-                    fd = self._fds[sid] = os.open(self._path(row), os.O_RDONLY)
-                readable[j] = os.preadv(fd, [mv[a:a + n]], int(self.offset[row])) == n
+                readable[j] = os.preadv(self._fd(row), [mv[a:a + n]], int(self.offset[row])) == n
             except OSError:
                 readable[j] = False
         keys = [self.clip_id[r].encode() for r in rows]

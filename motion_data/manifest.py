@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .atomic import atomic_path
+from .atomic import atomic_path, remove_stale
 
 MANIFEST_NAME = "manifest.parquet"
 SCHEMA = pa.schema([
@@ -67,8 +67,7 @@ def write_manifest(path, table_or_columns) -> Path:
     table = table_or_columns if isinstance(table_or_columns, pa.Table) else to_table(table_or_columns)
     validate(table, where=str(path))
     path = Path(path)
-    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a killed writer
-        stale.unlink(missing_ok=True)
+    remove_stale(path)  # left by a killed writer
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return path

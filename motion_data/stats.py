@@ -109,7 +109,7 @@ def _clip_pass(vel, valid, ci, W, h, centre, sp, labs, kk, ssum, cc, top1, top2)
 
 
 @numba.njit(cache=True, inline="always")
-def _store_clip(vel, valid, ci, sp, kk, ssum, cc, top1, top2, buf, mean, p95, mx, center_count, valid_count):
+def _store_clip(valid, ci, sp, kk, ssum, cc, top1, top2, buf, mean, p95, mx, center_count, valid_count):
     S, N = sp.shape
     for n in range(N):
         k = kk[n]
@@ -147,7 +147,7 @@ def _clip_stats(vel, valid, ci, W, sp, labs, kk, ssum, cc, top1, top2, buf, mean
     h = (W - 1) / 2.0
     centre = (W // 2) * W + W // 2
     _clip_pass(vel, valid, ci, W, h, centre, sp, labs, kk, ssum, cc, top1, top2)
-    _store_clip(vel, valid, ci, sp, kk, ssum, cc, top1, top2, buf, mean, p95, mx, center_count, valid_count)
+    _store_clip(valid, ci, sp, kk, ssum, cc, top1, top2, buf, mean, p95, mx, center_count, valid_count)
 
 
 @numba.njit(cache=True, parallel=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from .atomic import remove_stale, temp_path
 from .labels import ring_map
 from .stats import HIST_BIN_WIDTH, HIST_NBINS, HIST_RANK_MAX, METRICS
 
@@ -50,7 +51,7 @@ class StoreWriter:
 
     def __init__(self, path, n_clips: int, N: int, attrs: dict):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        self.tmp = temp_path(self.path)
         remove_stale(self.path)
         self.n_clips, self.N = int(n_clips), int(N)
         self.group = zarr.open_group(str(self.tmp), mode="w", zarr_format=3)
@@ -129,22 +130,6 @@ def write_store(path, stats: dict, hists: dict, attrs: dict) -> Path:
     except BaseException:
         w.abort()
         raise
-
-
-def remove_stale(path) -> list[Path]:
-    """Remove what killed writers of ``path`` left beside it: ``.NAME.tmp<pid>`` (an
-    unfinished write) and ``.NAME.old<pid>`` (a replaced copy not yet deleted). They never
-    carry the final name, so readers never see them; this only frees the space."""
-    path = Path(path)
-    gone = []
-    for pat in (f".{path.name}.tmp*", f".{path.name}.old*"):
-        for p in path.parent.glob(pat):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
-            gone.append(p)
-    return gone
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 
-from motion_data.atomic import atomic_write_text
+from motion_data.atomic import atomic_write_json
 from motion_data import analysis as A
 from motion_data import stats as S
 
@@ -33,12 +32,6 @@ def add_arguments(p):
     p.add_argument("--exact", action="store_true",
                    help="recompute from per-clip scores and the shards' labels (one pass over the shards)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar of --exact")
-
-
-def _write_json(path, obj):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 def run(args) -> int:
@@ -74,14 +67,13 @@ def run(args) -> int:
         if args.json == "-":
             print(json.dumps(result))
         else:
-            _write_json(args.json, result)
+            atomic_write_json(args.json, result)
     if args.json != "-":
         print(f"{args.out}: {attrs['n_clips']} clips, filter {flt} ({result['source']})")
         print(f"{'':8s} {'dynamic_point_ratio':>20s} {'center_prop':>12s} {'perplexity_ratio':>17s}")
         for key in ("before", "after"):
             f = result[key]
             print(f"{key:8s} {f['dynamic_point_ratio']:20.4f} {f['center_prop']:12.4f} {f['perplexity_ratio']:17.4f}")
-        W = int(round(len(result["before"]["class_counts"]) ** 0.5))
         for key in ("before", "after"):
             # the counts as a W x W picture of the window (row = dy, col = dx) in percent;
             # the exact counts are in --json
