@@ -106,3 +106,15 @@ def test_cli_errors(tiny_build, tmp_path, capsys):
     assert main(["ablate", "--data", str(tiny_build), "--out", str(tmp_path / "o"), "--only", "nope"]) == 2
     assert "unknown variant" in capsys.readouterr().err
     assert main(["ablate", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_run_with_only_last_prev_resumes_not_wiped(tmp_path):
+    """A kill that tore last.pt leaves last.prev.pt: the run resumes from it, nothing is deleted."""
+    spec = AB.plan(None, {}, tmp_path, [0], TINY, 1)[0]
+    spec.dir.mkdir(parents=True)
+    (spec.dir / "last.prev.pt").write_bytes(b"x")
+    (spec.dir / "metrics.jsonl").write_text("{}\n")
+    calls = []
+    assert AB.run_one(spec, tmp_path, train_fn=lambda cfg, data, out, resume, progress: calls.append(resume),
+                      progress=False) == "resumed"
+    assert calls == [True] and (spec.dir / "last.prev.pt").exists() and (spec.dir / "metrics.jsonl").exists()

@@ -22,7 +22,7 @@ from motion_data.clips import Sequence, cut_windows
 from motion_data.labels import labels_from_px, normalize, ring_map
 from motion_data.manifest import COLUMNS, SCHEMA, read_manifest
 from motion_data.shards import encode_sample, index_shard, read_sample, write_shard
-from motion_data.stats import METRICS, StaticFilter, class_histograms, point_stats
+from motion_data.stats import METRICS, class_histograms, point_stats
 from preprocess.__main__ import main
 
 REPO = Path(__file__).resolve().parents[1]

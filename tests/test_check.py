@@ -1,7 +1,6 @@
 """Acceptance gates: definitions evaluated on hand-made metrics."""
 import json
 
-import numpy as np
 import pytest
 
 from tokenizer_train import check

@@ -12,7 +12,7 @@ from tokenizer_train import checkpoint
 from tokenizer_train.__main__ import main
 from tokenizer_train.config import ModelConfig, TrainingConfig, from_dict
 from tokenizer_train.losses import Criterion
-from tokenizer_train.metrics import accuracy_counts, noncenter_counts
+from tokenizer_train.metrics import noncenter_counts
 from tokenizer_train.model import MotionTokenizer
 from tokenizer_train.train import train
 

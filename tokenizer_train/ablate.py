@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from motion_data.atomic import atomic_open, atomic_write_text
+from motion_data.atomic import atomic_open, atomic_write_json, atomic_write_text
 
 from . import check as C
 from .config import Config, ConfigError, _set_path, from_dict, read_yaml, to_dict
@@ -131,12 +131,9 @@ class RunSpec:
         return self.dir / DONE
 
 
-def _write_json(path: Path, doc):
-    atomic_write_text(path, json.dumps(doc, indent=1))
-
-
 def run_one(spec: RunSpec, data_dir: Path, train_fn=None, progress: bool = True) -> str:
     """Train one run unless finished; returns "done" (skipped), "resumed" or "trained"."""
+    from . import checkpoint as ckpt
     from . import train as T
 
     train_fn = train_fn or T.train
@@ -146,14 +143,14 @@ def run_one(spec: RunSpec, data_dir: Path, train_fn=None, progress: bool = True)
         if have != want:
             raise ValueError(f"{spec.dir}: finished with a different config; delete it or use another --out")
         return "done"
-    resume = (spec.dir / "last.pt").exists()
+    resume = ckpt.has_last(spec.dir)  # last.prev.pt alone (a torn last.pt) is resumable too
     if not resume and spec.dir.exists():
         shutil.rmtree(spec.dir)  # died before its first checkpoint: stale logs only
     spec.dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     T.seed_everything(spec.cfg.training.seed)
     train_fn(spec.cfg, data_dir, spec.dir, resume=resume, progress=progress)
-    _write_json(spec.done, {"variant": spec.variant, "seed": spec.seed, "config": want,
+    atomic_write_json(spec.done, {"variant": spec.variant, "seed": spec.seed, "config": want,
                             "wall_s": round(time.perf_counter() - t0, 2), "resumed": resume})
     return "resumed" if resume else "trained"
 
@@ -363,7 +360,7 @@ def ablate(base_cfg, data_dir, out, variants: dict[str, dict], seeds=(0,), sets=
     write_csv(out / "results.csv", table)
     atomic_write_text(out / "results.md", markdown(table, f"# Ablation on {data_dir} ({len(seeds)} seed(s): "
                                                     f"{', '.join(map(str, seeds))})"))
-    _write_json(out / "status.json", {f"{v}/seed{s}": st for (v, s), st in status.items()})
+    atomic_write_json(out / "status.json", {f"{v}/seed{s}": st for (v, s), st in status.items()})
     if plots:
         plot_all(out, rows, names, seeds[0])
     return table

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from motion_data.atomic import atomic_write_text
+from motion_data.atomic import atomic_write_json
 
 MODE_COUNT = 3  # effective number of codes (exp of the usage entropy) a multi-modal histogram needs
 MAX_TOP_SHARE = 0.5
@@ -193,16 +193,22 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--json", help="also write the gate results to this JSON file")
 
 
+def report(gates: list[Gate], json_path=None) -> bool:
+    """Print the gate table and the pass/fail line, write ``json_path`` if given; all passed?"""
+    print(format_table(gates))
+    ok = all(g.passed for g in gates)
+    print(f"\n{'ALL GATES PASS' if ok else 'SOME GATES FAIL'} ({sum(g.passed for g in gates)}/{len(gates)})")
+    if json_path:
+        atomic_write_json(json_path, {"passed": ok, "gates": [asdict(g) for g in gates]}, indent=2)
+    return ok
+
+
 def run(args) -> int:
     rows = read_metrics(args.run)
     base = read_metrics(args.baseline) if args.baseline else None
     gates = evaluate(rows, base)
-    print(format_table(gates))
-    ok = all(g.passed for g in gates)
-    print(f"\n{'ALL GATES PASS' if ok else 'SOME GATES FAIL'} ({sum(g.passed for g in gates)}/{len(gates)})")
+    ok = report(gates, args.json)
     if any(not g.passed and g.name.startswith(("val non-centre", "val not worse")) for g in gates):
         print(f"hint: python -m tokenizer_train frontier --run {args.run} --data BUILD shows whether any "
               f"centre-logit offset (i.e. any re-weighting) of this model could meet the validation gates")
-    if args.json:
-        atomic_write_text(args.json, json.dumps({"passed": ok, "gates": [asdict(g) for g in gates]}, indent=2))
     return 0 if ok else 1

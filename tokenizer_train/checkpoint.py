@@ -108,6 +108,12 @@ def keep_previous(path) -> Path | None:
     return prev_path(path)
 
 
+def has_last(run_dir) -> bool:
+    """Whether ``RUN`` holds a ``last.pt`` or the ``last.prev.pt`` a torn save falls back to."""
+    last = Path(run_dir) / "last.pt"
+    return last.exists() or prev_path(last).exists()
+
+
 def save_last(path, state: dict) -> Path:
     """``keep_previous`` then ``save``: what the trainer does for ``last.pt``."""
     keep_previous(path)

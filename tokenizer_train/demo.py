@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from motion_data.atomic import atomic_write_text
+from motion_data.atomic import atomic_write_json
 
 from . import ablate as AB
 from . import check as C
@@ -123,7 +123,7 @@ def demo(out, epochs: int | None = None, quick: bool = False, video: bool = True
     build_dir = out / "build"
     summary = build(inputs, build_dir, maxcount=200, progress=progress,
                     command=["tokenizer_train", "demo", str(out)])
-    print(f"{build_dir}: {summary.get('n_clips', '?')} clips")
+    print(f"{build_dir}: {summary['clips']} clips")
 
     _step("3/6 tune-filter")
     flt = tune(build_dir)
@@ -144,15 +144,12 @@ def demo(out, epochs: int | None = None, quick: bool = False, video: bool = True
     rows = C.read_metrics(abl / "runs" / "recommended" / "seed0")
     base = C.read_metrics(abl / "runs" / AB.BASELINE / "seed0")
     gates = C.evaluate(rows, base)
-    print(C.format_table(gates))
-    ok = all(g.passed for g in gates)
-    print(f"\n{'ALL GATES PASS' if ok else 'SOME GATES FAIL'} ({sum(g.passed for g in gates)}/{len(gates)})")
-    atomic_write_text(abl / "check.json", json.dumps({"passed": ok, "gates": [g.__dict__ for g in gates]}, indent=2))
+    ok = C.report(gates, abl / "check.json")
 
     _step("6/6 frontier: is the accuracy / motion trade-off the decision rule or the model?")
     fr = F.cached_frontier(abl / "runs" / "recommended" / "seed0", build_dir)  # computed by ablate above
     print(F.format_result(fr))
-    atomic_write_text(abl / "frontier.json", json.dumps(fr, indent=1))
+    atomic_write_json(abl / "frontier.json", fr)
     wall = time.perf_counter() - t0
     print(f"\ndemo finished in {wall:.0f} s. Results: {abl}/results.md, plots {abl}/*.png")
     print(f"TensorBoard: tensorboard --logdir {abl / 'runs'}")

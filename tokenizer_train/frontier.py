@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from motion_data.analysis import parse_range
-from motion_data.atomic import atomic_write_text
+from motion_data.atomic import atomic_write_json
 from motion_data.labels import center_class
 from motion_data.loader import make_loader, read_build_info
 
@@ -142,7 +142,7 @@ def cached_frontier(run_dir, data_dir, device="cpu") -> dict:
     if cache.exists() and cache.stat().st_mtime >= ckpt.stat().st_mtime:
         return json.loads(cache.read_text())
     res = frontier(run_dir, data_dir, parse_offsets(DEFAULT_OFFSETS), device=device, progress=False)
-    atomic_write_text(cache, json.dumps(res, indent=1))
+    atomic_write_json(cache, res)
     return res
 
 
@@ -171,5 +171,5 @@ def run(args) -> int:
         return 2
     print(format_result(res))
     if args.json:
-        atomic_write_text(args.json, json.dumps(res, indent=1))
+        atomic_write_json(args.json, res)
     return 0

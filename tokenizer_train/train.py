@@ -30,7 +30,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from motion_data.atomic import atomic_write_text
+from motion_data.atomic import atomic_write_json, atomic_write_text
 from motion_data.labels import center_class
 from motion_data.loader import make_loader, read_build_info
 
@@ -80,7 +80,7 @@ def _resolve(args):
     """(config, data dir, run dir, resume?) from the command line and, on resume, the run."""
     if args.resume:
         run_dir = Path(args.resume)
-        if not any(p.exists() for p in (run_dir / "last.pt", ckpt.prev_path(run_dir / "last.pt"))):
+        if not ckpt.has_last(run_dir):
             raise FileNotFoundError(f"{run_dir}: nothing to resume (no last.pt)")
         if args.out and Path(args.out) != run_dir:
             raise ValueError("--out must be omitted or equal to --resume RUN")
@@ -249,7 +249,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
     dist = dist or D.Dist()
     tc, device = cfg.training, dist.device
     out_dir = Path(out_dir)
-    if not resume and any(p.exists() for p in (out_dir / "last.pt", ckpt.prev_path(out_dir / "last.pt"))):
+    if not resume and ckpt.has_last(out_dir):
         raise ValueError(f"{out_dir}: already holds a run (last.pt); use --resume {out_dir} or another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(tc.seed)
@@ -309,10 +309,10 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
         logger.writer.add_image("train/class_weights", class_weights_image(w, W), 0)
     if dist.is_main:
         atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        atomic_write_text(out_dir / "run.json", json.dumps({
+        atomic_write_json(out_dir / "run.json", {
             "data": str(data_dir), "world_size": dist.world_size, "W": W, "N": N, "T": info["T"],
             "codebook_size": K, "train_batches_per_epoch": len(train_loader), "steps_per_epoch": steps_per_epoch,
-            "parameters": sum(p.numel() for p in model.parameters())}, indent=1))
+            "parameters": sum(p.numel() for p in model.parameters())})
 
     def rank_states(sums, seen) -> list:
         """Every rank's own state (collective: all ranks call it at the same point)."""
