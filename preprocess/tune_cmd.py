@@ -61,6 +61,18 @@ def _write_csv(path, rows):
             w.writerow([v[0], f"{v[1]:g}", v[2]] + [f"{x:.6f}" for x in v[3:6]] + [str(v[6]).lower()])
 
 
+def print_sweep(rows, rec: int, why: str) -> None:
+    """The sweep table with the recommended row marked, and the recommendation line."""
+    print(f"{'metric':6s} {'threshold':>9s} {'min_keep':>8s} {'dynamic_point_ratio':>19s} {'center_prop':>11s} "
+          f"{'perplexity_ratio':>16s} {'meets_targets':>13s}")
+    for i, r in enumerate(rows):
+        mark = "  <- recommended" if i == rec else ""
+        print(f"{r.metric:6s} {r.threshold:9.4f} {r.min_keep:8d} {r.dynamic_point_ratio:19.4f} "
+              f"{r.center_prop:11.4f} {r.perplexity_ratio:16.4f} {str(r.meets_targets):>13s}{mark}")
+    r = rows[rec]
+    print(f"recommended: {r.metric}@{r.threshold:g} min_keep {r.min_keep} -- {why}")
+
+
 def run(args) -> int:
     try:
         metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
@@ -94,14 +106,7 @@ def run(args) -> int:
         return 2
     print(f"{args.out}: {attrs['n_clips']} clips, {'exact pass' if args.exact else 'from histograms'}; "
           f"targets: {targets}")
-    print(f"{'metric':6s} {'threshold':>9s} {'min_keep':>8s} {'dynamic_point_ratio':>19s} {'center_prop':>11s} "
-          f"{'perplexity_ratio':>16s} {'meets_targets':>13s}")
-    for i, r in enumerate(rows):
-        mark = "  <- recommended" if i == rec else ""
-        print(f"{r.metric:6s} {r.threshold:9.4f} {r.min_keep:8d} {r.dynamic_point_ratio:19.4f} "
-              f"{r.center_prop:11.4f} {r.perplexity_ratio:16.4f} {str(r.meets_targets):>13s}{mark}")
-    r = rows[rec]
-    print(f"recommended: {r.metric}@{r.threshold:g} min_keep {r.min_keep} -- {why}")
+    print_sweep(rows, rec, why)
     if args.csv:
         print(f"wrote {args.csv}")
     if args.plot:

@@ -92,18 +92,18 @@ def make_data(out: Path, size: DemoSize, video: bool, progress: bool) -> list[st
 
 
 def tune(build_dir: Path) -> str:
-    """Print tune-filter's table; return its recommendation as ``metric@threshold``."""
+    """Sweep p95 thresholds from the build's histograms with tune-filter's default targets,
+    print tune-filter's table; return its recommendation as ``metric@threshold``."""
     from motion_data import analysis as A
-    from preprocess.__main__ import main as preprocess_main
+    from preprocess.tune_cmd import print_sweep
 
-    rc = preprocess_main(["tune-filter", str(build_dir), "--metrics", "p95", "--thresholds", "0.02:0.10:0.01"])
-    if rc != 0:
-        raise RuntimeError(f"tune-filter on {build_dir} failed (exit {rc})")
     g, attrs = A.open_stats(build_dir)
     targets = A.Targets(A.DEFAULT_TARGET_DYNAMIC, A.DEFAULT_MAX_CENTER, A.DEFAULT_MIN_PERPLEXITY)
     rows = A.sweep_from_hist(A.load_histograms(g, ["p95"]), ["p95"], A.parse_range("0.02:0.10:0.01"), 16,
                              int(attrs["W"]), targets)
-    rec, _ = A.recommend(rows, targets)
+    rec, why = A.recommend(rows, targets)
+    print(f"{build_dir}: {attrs['n_clips']} clips, from histograms; targets: {targets}")
+    print_sweep(rows, rec, why)
     return f"{rows[rec].metric}@{rows[rec].threshold:g}"
 
 
