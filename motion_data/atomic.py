@@ -7,8 +7,8 @@ either the old file or the whole new one. On any exception the temporary file is
 and the old file is left untouched; after a SIGKILL the temporary may stay behind, and
 cleaners match it by the pattern ``.NAME.tmp*`` (``remove_stale``).
 
-Not for directories (``store.replace_dir``), shards (``shards.write_shard``, its own fsync
-and index logic) or checkpoints (``tokenizer_train.checkpoint``, keeps the previous one).
+Not for directories (``store.replace_dir``) or checkpoints (``tokenizer_train.checkpoint``,
+keeps the previous one).
 """
 from __future__ import annotations
 

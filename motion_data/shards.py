@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_open
+
 SAMPLE_EXTS = ("vel.npy", "valid.npy", "stats.npy", "json")
 
 
@@ -104,9 +106,8 @@ def write_shard(path: str | os.PathLike, samples: list[dict], mtime: int | None 
     if len(set(keys)) != len(keys):
         raise ShardError(f"{path}: duplicate clip id among the samples")
     mtime = int(time.time()) if mtime is None else int(mtime)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     index = []
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:  # the temp is removed if writing fails
         # copybufsize: each member's data in one write
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT, copybufsize=1 << 22) as tf:
             for s in samples:
@@ -119,9 +120,6 @@ def write_shard(path: str | os.PathLike, samples: list[dict], mtime: int | None 
                     tf.addfile(ti, io.BytesIO(data))
                 # the sample's byte range: first header .. padded end of its last member
                 index.append((key, start, f.tell() - start))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return index
 
 

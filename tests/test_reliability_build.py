@@ -159,7 +159,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_build(phase, inputs, referen
     assert_nothing_partial_under_a_final_name(out, reference)
     shards = sorted(p.name for p in (out / "shards").iterdir() if FINAL_SHARD.fullmatch(p.name))
     if phase == "mid_shard":
-        assert shards == ["shard-000000.tar"] and list((out / "shards").glob("shard-000001.tar.tmp*"))
+        assert shards == ["shard-000000.tar"] and list((out / "shards").glob(".shard-000001.tar.tmp*"))
     elif phase == "between_shards":
         assert shards == ["shard-000000.tar", "shard-000001.tar"]
     elif phase == "zarr_write":

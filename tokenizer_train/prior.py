@@ -50,5 +50,5 @@ class LogitAdjusted:
 
 def wrap(criterion, training_cfg):
     """The criterion the trainer uses: itself, or logit-adjusted when tau != 0."""
-    tau = float(getattr(training_cfg, "logit_adjustment", 0.0) or 0.0)
+    tau = float(training_cfg.logit_adjustment)
     return criterion if tau == 0.0 else LogitAdjusted(criterion, tau)
