@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from motion_data.atomic import atomic_open
 
 REQUIRED_KEYS = ("model", "optimizer", "step", "epoch")
 
@@ -74,18 +75,9 @@ def save(path, state: dict) -> Path:
     """Write ``state`` to ``path`` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
+    _fsync_dir(path.parent)  # the rename itself survives a power cut
     return path
 
 
@@ -123,7 +115,7 @@ def save_last(path, state: dict) -> Path:
 def remove_stale_temps(run_dir) -> list[Path]:
     """Remove the temporary files of saves that a kill interrupted (never final names)."""
     gone = []
-    for pat in (".*.pt.*.tmp", ".*.pt.*.link"):
+    for pat in (".*.pt.tmp*", ".*.pt.*.link"):  # atomic.temp_path's and keep_previous's names
         for p in Path(run_dir).glob(pat):
             p.unlink(missing_ok=True)
             gone.append(p)
