@@ -225,7 +225,7 @@ def test_class_weights_artifacts(tmp_path):
     assert doc["W"] == W and doc["method"] == "balanced" and np.array_equal(np.array(doc["weights"]), arr)
     img = class_weights_image(w, W)
     assert img.shape == (1, W, W) and img.max() == pytest.approx(1.0) and img.min() > 0
-    assert not list((tmp_path / "run").glob("*.tmp"))
+    assert not list((tmp_path / "run").glob(".*.tmp*"))
 
 
 def test_class_counts_from_stats_match_direct_count(tmp_path):
