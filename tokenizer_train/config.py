@@ -151,6 +151,12 @@ class TrainingConfig:
     code_entropy_warmup_epochs: float = 0.0
     code_entropy_type: str = "entropy"  # entropy | kl_uniform
     code_entropy_temperature: float = 0.1
+    # LFQ / MAGVIT-v2 form (DESIGN.md Trainer): weight of each token's own assignment entropy
+    # (pushed down) relative to the average's entropy (pushed up); 0: the average alone
+    code_entropy_token_weight: float = 1.0
+    # tokens the average code distribution is estimated over (running estimate when a batch
+    # holds fewer); None: 4 * codebook size; 0: the batch alone
+    code_entropy_avg_tokens: typing.Optional[int] = None
     class_weighting: ClassWeightingConfig = field(default_factory=ClassWeightingConfig)
     focal: FocalConfig = field(default_factory=FocalConfig)
     logit_adjustment: float = 0.0  # tau of tokenizer_train/prior.py; 0: off
@@ -169,6 +175,10 @@ class TrainingConfig:
             raise ConfigError("training.code_log_interval must be >= 1 or null")
         if self.code_entropy_temperature <= 0:
             raise ConfigError("training.code_entropy_temperature must be > 0")
+        if self.code_entropy_token_weight < 0:
+            raise ConfigError("training.code_entropy_token_weight must be >= 0")
+        if self.code_entropy_avg_tokens is not None and self.code_entropy_avg_tokens < 0:
+            raise ConfigError("training.code_entropy_avg_tokens must be >= 0 or null")
 
     @property
     def code_interval(self) -> int:

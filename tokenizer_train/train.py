@@ -40,8 +40,8 @@ from . import metrics as M
 from . import prior
 from .config import Config, ConfigError, load_config, to_dict
 from .logger import RunLogger
-from .losses import (Criterion, class_counts_from_stats, class_weights_image, code_usage_loss, entropy_weight,
-                     save_class_weights)
+from .code_usage import CodeUsageRegulariser
+from .losses import Criterion, class_counts_from_stats, class_weights_image, entropy_weight, save_class_weights
 from .model import MotionTokenizer
 from .schedule import build_scheduler, clip_gradients
 
@@ -263,7 +263,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
 
     # model, optimisation
     model = MotionTokenizer(cfg.model, num_points=N, window_size=W).to(device)
-    levels, K, d = cfg.model.fsq_levels, model.codebook_size, len(cfg.model.fsq_levels)
+    levels, K = cfg.model.fsq_levels, model.codebook_size
     seed_everything(tc.seed + 1000 * dist.rank)  # dropout and noise differ between ranks
     net = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                          broadcast_buffers=False)
@@ -276,6 +276,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
     scaler = torch.amp.GradScaler("cuda", enabled=tc.mixed_precision == "fp16")
     counts = class_counts_from_stats(data_dir, cfg.data.static_filter, W) if tc.class_weighting.method != "none" else None
     criterion = prior.wrap(Criterion(tc, counts, W), tc)  # training.logit_adjustment (off: unchanged)
+    regulariser = CodeUsageRegulariser(tc, levels, distributed=dist.enabled)  # its running average is checkpointed
 
     # state (restored on resume)
     step, start_epoch, start_batch, best = 0, 0, 0, math.inf
@@ -289,6 +290,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
         scaler.load_state_dict(st["scaler"])
+        regulariser.load_state_dict(st.get("code_usage", {}))
         step, start_epoch, start_batch, best = st["step"], st["epoch"], st["batches_done"], st["best_val"]
         mine = _rank_state(st, dist, start_batch)
         if start_batch:
@@ -321,7 +323,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
 
     def state(epoch, batches_done, sums, seen, seen_g, ranks):
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": ranks[0]["rng"], "ranks": ranks, "world_size": dist.world_size,
+                "scaler": scaler.state_dict(), "code_usage": regulariser.state_dict(), "rng": ranks[0]["rng"], "ranks": ranks, "world_size": dist.world_size,
                 "step": step, "epoch": epoch,
                 "batches_done": batches_done, "best_val": best, "epoch_sums": sums.v,
                 "seen": torch.from_numpy(seen.copy()), "seen_global": torch.from_numpy(seen_g.copy()),
@@ -358,8 +360,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
                     lam = entropy_weight(tc.code_entropy_weight, tc.code_entropy_warmup_epochs, epoch + i / n_batches)
                     total = loss
                     if lam > 0:
-                        term, soft = code_usage_loss(out["z_bounded"].reshape(-1, d), levels, tc.code_entropy_type,
-                                                     tc.code_entropy_temperature, distributed=dist.enabled)
+                        term, soft = regulariser(out["z_bounded"])
                         total = loss + lam * term
                         step_extra["train/code_entropy_soft_step"] = float(soft)
                 scaler.scale(total / accum).backward()
