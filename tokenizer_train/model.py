@@ -43,6 +43,12 @@ def _step_causal_mask(step_of_token: torch.Tensor) -> torch.Tensor:
     return torch.zeros(later.shape, device=step_of_token.device).masked_fill(later, float("-inf"))
 
 
+def start_pos_of(batch: dict) -> torch.Tensor | None:
+    """A batch's start positions ``(B, N, 2)`` reference px (``positions[:, 0]``), None without positions."""
+    pos = batch.get("positions")
+    return None if pos is None else pos[:, 0]
+
+
 class MotionTokenizer(nn.Module):
     def __init__(self, cfg: ModelConfig, num_points: int, window_size: int):
         super().__init__()
@@ -194,10 +200,13 @@ class MotionTokenizer(nn.Module):
             mask = _step_causal_mask(step)
             h = self.decoder(y, y, tgt_mask=mask, memory_mask=mask)
         a = self.head_time(h)  # (B, L, H)
-        a = a[:, :, None, :] if G == 1 else a.reshape(B, S, G, -1)[:, :, self.group]
         if self.cfg.decoder == "code_query":
+            # one step feature for all points (group tokens averaged: no per-group prior either);
+            # what differs between points comes only through the codes
+            a = a[:, :, None, :] if G == 1 else a.reshape(B, S, G, -1).mean(2, keepdim=True)
             b = self.code_query(code_feat, point if point.ndim == 3 else point[None], S, step)
         else:
+            a = a[:, :, None, :] if G == 1 else a.reshape(B, S, G, -1)[:, :, self.group]
             b = self.head_point(point)  # (N, H) or (B, N, H)
             b = b[None, None] if b.ndim == 2 else b[:, None]
         return self.head_out(F.gelu(a + b))

@@ -42,7 +42,7 @@ from .config import Config, ConfigError, load_config, to_dict
 from .logger import RunLogger
 from .code_usage import CodeUsageRegulariser
 from .losses import Criterion, class_counts_from_stats, class_weights_image, entropy_weight, save_class_weights
-from .model import MotionTokenizer
+from .model import MotionTokenizer, start_pos_of
 from .schedule import build_scheduler, clip_gradients
 
 
@@ -211,7 +211,7 @@ def evaluate(model, loader, criterion, cfg: Config, dist, W: int, zero_codes) ->
             continue  # an empty share of a tiny validation split under DDP
         batch = _to(batch, dist.device)
         with autocast_for(cfg.training.mixed_precision, dist.device):
-            out = model(batch["velocities"])
+            out = model(batch["velocities"], start_pos_of(batch))
             loss, info = criterion(out["logits"], batch["labels"], batch["mask"])
         sums.add(**batch_sums(out, batch, loss, info, loss, W))
         sums.add(**dict(zip(("epe", "epe_count"),
@@ -264,6 +264,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
     # model, optimisation
     model = MotionTokenizer(cfg.model, num_points=N, window_size=W).to(device)
     levels, K = cfg.model.fsq_levels, model.codebook_size
+    L = S * model.tokens_per_step  # tokens per clip (model.groups per step)
     seed_everything(tc.seed + 1000 * dist.rank)  # dropout and noise differ between ranks
     net = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                          broadcast_buffers=False)
@@ -355,7 +356,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
             sync = contextlib.nullcontext() if (boundary or not dist.enabled) else net.no_sync()
             with sync:
                 with autocast_for(tc.mixed_precision, device):
-                    out = net(batch["velocities"])
+                    out = net(batch["velocities"], start_pos_of(batch))
                     loss, linfo = criterion(out["logits"], batch["labels"], batch["mask"])
                     lam = entropy_weight(tc.code_entropy_weight, tc.code_entropy_warmup_epochs, epoch + i / n_batches)
                     total = loss
@@ -405,10 +406,10 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
                     **step_extra,
                 })
             if step % tc.code_interval == 0:
-                codes = torch.cat([c.reshape(-1, S) for c in step_codes])
+                codes = torch.cat([c.reshape(-1, L) for c in step_codes])
                 zc = model.zero_codes(S).cpu().numpy()
                 local = codes.cpu().numpy()
-                gathered = D.gather_codes(codes).reshape(-1, S)
+                gathered = D.gather_codes(codes).reshape(-1, L)
                 seen_g = D.all_reduce_any(seen_g | seen, device)
                 cs, ch = code_scalars("train", "step", local, levels, zc, seen)
                 gs, gh = code_scalars("train", "step", gathered, levels, zc, seen_g, tag_suffix="_global")
