@@ -191,3 +191,12 @@ def test_training_runs_with_the_switches_that_need_no_positions(tiny_build, tmp_
     assert np.isfinite(last["train/loss_epoch"]) and np.isfinite(last["val/loss_epoch"])
     rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert any("train/zero_code_frac_step" in r for r in rows)
+
+
+@pytest.mark.parametrize("name", ["all_code_query", "all_amplify"])
+def test_switches_under_bf16_autocast(name):
+    m = tiny(**SWITCHES[name])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(torch.randn(2, S, N, 2), start_pos())
+    assert out["logits"].shape == (2, S, N, W * W) and torch.isfinite(out["logits"].float()).all()
+    assert out["z_bounded"].dtype == torch.float32
