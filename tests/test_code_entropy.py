@@ -9,8 +9,9 @@ import torch.multiprocessing as mp
 from torch import nn
 from vector_quantize_pytorch import FSQ
 
-from tokenizer_train.losses import (code_usage_loss, entropy_weight, fsq_levels_grid, fsq_prerounding,
-                                    fsq_prerounding_from_module, hard_code_entropy, soft_code_distribution)
+from tokenizer_train.losses import (MAX_EXACT_CODES, code_usage_loss, entropy_weight, fsq_levels_grid,
+                                    fsq_prerounding, fsq_prerounding_from_module, hard_code_entropy,
+                                    soft_code_distribution)
 
 LEVELS = [[8, 8, 6, 5], [8, 8, 8, 4], [5, 3], [7]]
 
@@ -119,31 +120,45 @@ def test_uniform_codes_reach_full_entropy():
     assert float(kl) == pytest.approx(0.0, abs=1e-5)
 
 
-def test_joint_and_per_channel_agree_for_independent_channels():
+def _brute_force_distribution(pre, levels, temperature):
+    """The joint soft distribution as the full (M, K) outer product (channel 0 fastest)."""
+    qs = []
+    for c, grid in enumerate(fsq_levels_grid(levels)):
+        qs.append(torch.softmax(-(pre[:, c:c + 1] - grid) ** 2 / temperature, dim=-1))
+    joint = qs[0]
+    for q in qs[1:]:
+        joint = (q[:, :, None] * joint[:, None, :]).reshape(pre.shape[0], -1)
+    return joint.mean(0)
+
+
+def test_joint_is_exact_for_dependent_channels():
     torch.manual_seed(6)
     levels = [8, 6, 5]
-    # every combination of per-channel values: the empirical joint is the product of marginals
-    vals = [torch.rand(n) * (L - 1) - L // 2 for n, L in zip((7, 5, 4), levels)]
-    pre = torch.cartesian_prod(*vals)
-    _, joint = code_usage_loss(pre, levels, "entropy", 0.2)
-    _, per_ch = code_usage_loss(pre, levels, "entropy", 0.2, max_joint_codes=0)
-    assert float(joint) == pytest.approx(float(per_ch), abs=1e-5)
-    # dependent channels: the per-channel sum over-counts
-    same = torch.rand(50, 1).expand(50, 3) * 4 - 2
-    _, joint_d = code_usage_loss(same, levels, "entropy", 0.2)
-    _, per_d = code_usage_loss(same, levels, "entropy", 0.2, max_joint_codes=0)
-    assert float(per_d) > float(joint_d) + 0.05
+    same = torch.rand(50, 1).expand(50, 3) * 4 - 2  # fully correlated channels
+    p = soft_code_distribution(same, levels, 0.2)
+    assert torch.allclose(p, _brute_force_distribution(same, levels, 0.2), atol=1e-6)
+    # the sum of the channel marginals' entropies would over-count; the joint does not
+    _, hn = code_usage_loss(same, levels, "entropy", 0.2)
+    marg = sum(_entropy_of(p.reshape(5, 6, 8).sum(dims)) for dims in ((0, 1), (0, 2), (1, 2)))
+    assert float(marg) > float(hn) * math.log(240) + 0.05
+
+
+def _entropy_of(p):
+    return float(-(p * p.clamp_min(1e-30).log()).sum())
 
 
 def test_large_codebooks_and_low_precision_inputs():
     torch.manual_seed(7)
-    levels = [16, 16, 16, 16]  # K = 65536: still the joint, via two 256-wide factors
+    levels = [16, 16, 16, 16]  # K = 65536: the joint, via two 256-wide factors
     pre = fsq_prerounding(torch.randn(512, 4), levels)
     p = soft_code_distribution(pre, levels, 0.1)
     assert p.shape == (65536,) and float(p.sum()) == pytest.approx(1.0, abs=1e-4)
-    big = [8] * 6  # K = 262144 > 65536: per-channel path
-    term, hn = code_usage_loss(fsq_prerounding(torch.randn(64, 6), big), big, "entropy", 0.1)
-    assert torch.isfinite(term) and 0 < float(hn) <= 1
+    big = [8] * 6  # K = 262144 > 65536: still the exact joint (no per-channel shortcut)
+    pre_big = fsq_prerounding(torch.randn(64, 6), big)
+    term, hn = code_usage_loss(pre_big, big, "entropy", 0.1)
+    ref = _brute_force_distribution(pre_big, big, 0.1)
+    assert torch.allclose(soft_code_distribution(pre_big, big, 0.1), ref, atol=1e-7)
+    assert float(hn) == pytest.approx(_entropy_of(ref) / math.log(8 ** 6), abs=1e-5)
     t16, h16 = code_usage_loss(pre.bfloat16(), levels, "entropy", 0.1)
     assert t16.dtype == torch.float32 and torch.isfinite(t16)
     small = [8, 8, 6, 5]
@@ -152,6 +167,13 @@ def test_large_codebooks_and_low_precision_inputs():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the trainer calls it inside autocast
         got = code_usage_loss(pre, small, "entropy", 0.1)
     assert got[0].dtype == torch.float32 and torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+def test_codebooks_beyond_the_exact_limit_are_refused():
+    huge = [16] * 7  # K = 2**28 > MAX_EXACT_CODES
+    assert math.prod(huge) > MAX_EXACT_CODES
+    with pytest.raises(ValueError, match="model.fsq_levels.*training.code_entropy_weight=0"):
+        code_usage_loss(torch.zeros(4, 7), huge, "entropy", 0.1)
 
 
 def test_bad_arguments():
@@ -187,8 +209,8 @@ def _ddp_worker(rank, world, port, pre_all, splits, levels, out):
         mine = pre_all[lo:hi].clone().requires_grad_()
         term, hn = code_usage_loss(mine, levels, "entropy", 0.2, distributed=True)
         term.backward()
-        _, hn_pc = code_usage_loss(mine.detach(), levels, "entropy", 0.2, distributed=True, max_joint_codes=0)
-        out[rank] = torch.stack([hn, hn_pc, mine.grad.abs().sum()])
+        lfq, _ = code_usage_loss(mine.detach(), levels, "entropy", 0.2, distributed=True, token_weight=1.0)
+        out[rank] = torch.stack([hn, lfq, mine.grad.abs().sum()])
     finally:
         dist.destroy_process_group()
 
@@ -209,8 +231,8 @@ def test_distributed_distribution_is_the_union():
                 p.kill()
             pytest.fail("2-process gloo run did not finish")
     _, ref = code_usage_loss(pre_all, levels, "entropy", 0.2)
-    _, ref_pc = code_usage_loss(pre_all, levels, "entropy", 0.2, max_joint_codes=0)
+    ref_lfq, _ = code_usage_loss(pre_all, levels, "entropy", 0.2, token_weight=1.0)  # own entropies: all tokens
     for r in range(2):
         assert float(out[r, 0]) == pytest.approx(float(ref), abs=1e-6)
-        assert float(out[r, 1]) == pytest.approx(float(ref_pc), abs=1e-6)
+        assert float(out[r, 1]) == pytest.approx(float(ref_lfq), abs=1e-6)
         assert float(out[r, 2]) > 0

@@ -92,7 +92,8 @@ def test_resume_equals_uninterrupted(build, tmp_path):
 
 
 def test_mid_epoch_resume(build, tmp_path):
-    sets = TINY + ["training.epochs=1", "training.save_interval=1", "data.val_split=0.0"]
+    sets = TINY + ["training.epochs=1", "training.save_interval=1", "data.val_split=0.0",
+                   "training.code_entropy_weight=0.1"]  # its running average must resume too
     cfg = from_dict({}, sets)
     train(cfg, build, tmp_path / "a")
     assert checkpoint.load(tmp_path / "a" / "last.pt")["step"] == 4  # 18 clips / batch 4

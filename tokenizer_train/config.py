@@ -63,6 +63,30 @@ class TanhScaleConfig:
 
 
 @dataclass
+class PointPosEncConfig:
+    """``model.point_pos_enc``: 2D Fourier features of each point's start position (needs ``start_pos``)."""
+
+    enabled: bool = False
+    num_freqs: int = 6  # frequencies 1, 2, 4, ... per coordinate of start_pos / ref_size
+
+    def __post_init__(self):
+        if self.num_freqs < 1:
+            raise ConfigError(f"model.point_pos_enc.num_freqs must be >= 1, got {self.num_freqs}")
+
+
+@dataclass
+class PointEncoderConfig:
+    """``model.point_encoder``: one MLP shared by all points before the step projection."""
+
+    enabled: bool = False
+    dim: int = 16  # per-point feature size (the MLP's hidden layer is 4x this)
+
+    def __post_init__(self):
+        if self.dim < 1:
+            raise ConfigError(f"model.point_encoder.dim must be >= 1, got {self.dim}")
+
+
+@dataclass
 class ModelConfig:
     hidden_dim: int = 128
     num_layers: int = 2  # encoder layers
@@ -75,9 +99,19 @@ class ModelConfig:
     quant_input_norm: str = "none"
     quant_input_tanh_scale: TanhScaleConfig = field(default_factory=TanhScaleConfig)
     quant_input_noise_std: float = 0.0
+    decoder: str = "additive"  # additive | code_query | amplify (tokenizer_train/decoder_heads.py)
+    point_pos_enc: PointPosEncConfig = field(default_factory=PointPosEncConfig)
+    point_encoder: PointEncoderConfig = field(default_factory=PointEncoderConfig)
+    groups: int = 1  # tokens per step: points split by index into this many groups
+    amplify_mlp_dim: int = 256  # hidden width of the amplify decoder's residual MLP
 
     def __post_init__(self):
         _one_of("model.quant_input_norm", self.quant_input_norm, ("none", "layernorm", "rmsnorm"))
+        _one_of("model.decoder", self.decoder, ("additive", "code_query", "amplify"))
+        if self.groups < 1:
+            raise ConfigError(f"model.groups must be >= 1, got {self.groups}")
+        if self.amplify_mlp_dim < 1:
+            raise ConfigError(f"model.amplify_mlp_dim must be >= 1, got {self.amplify_mlp_dim}")
         if self.hidden_dim % self.num_heads:
             raise ConfigError(f"model.hidden_dim ({self.hidden_dim}) must be divisible by model.num_heads ({self.num_heads})")
         if not self.fsq_levels or any(int(v) < 2 for v in self.fsq_levels):
@@ -151,6 +185,12 @@ class TrainingConfig:
     code_entropy_warmup_epochs: float = 0.0
     code_entropy_type: str = "entropy"  # entropy | kl_uniform
     code_entropy_temperature: float = 0.1
+    # LFQ / MAGVIT-v2 form (DESIGN.md Trainer): weight of each token's own assignment entropy
+    # (pushed down) relative to the average's entropy (pushed up); 0: the average alone
+    code_entropy_token_weight: float = 1.0
+    # tokens the average code distribution is estimated over (running estimate when a batch
+    # holds fewer); None: 4 * codebook size; 0: the batch alone
+    code_entropy_avg_tokens: typing.Optional[int] = None
     class_weighting: ClassWeightingConfig = field(default_factory=ClassWeightingConfig)
     focal: FocalConfig = field(default_factory=FocalConfig)
     logit_adjustment: float = 0.0  # tau of tokenizer_train/prior.py; 0: off
@@ -169,6 +209,10 @@ class TrainingConfig:
             raise ConfigError("training.code_log_interval must be >= 1 or null")
         if self.code_entropy_temperature <= 0:
             raise ConfigError("training.code_entropy_temperature must be > 0")
+        if self.code_entropy_token_weight < 0:
+            raise ConfigError("training.code_entropy_token_weight must be >= 0")
+        if self.code_entropy_avg_tokens is not None and self.code_entropy_avg_tokens < 0:
+            raise ConfigError("training.code_entropy_avg_tokens must be >= 0 or null")
 
     @property
     def code_interval(self) -> int:

@@ -37,6 +37,7 @@ from . import metrics as M
 from .check import ACC_TOL
 from .config import ConfigError
 from .distributed import pick_device
+from .model import start_pos_of
 from .tokenize import load_model
 
 DEFAULT_OFFSETS = "-3:3:0.5"
@@ -122,7 +123,8 @@ def frontier(run_dir, data_dir, offsets, which="last", batch_size=64, device="cp
     n_nc = centre = 0.0
     for b in tqdm(loader, desc=f"frontier ({split})", unit="batch", disable=not progress, dynamic_ncols=True):
         lab, m, vel = b["labels"].to(device), b["mask"].to(device).bool(), b["velocities"].to(device)
-        logits = model(vel)["logits"].float()
+        start = start_pos_of(b)
+        logits = model(vel, None if start is None else start.to(device))["logits"].float()
         sums += sweep_counts(logits, lab, vel, m, offsets, W)
         n_nc += float((m & (lab != center_class(W))).sum())
         centre += float((m & (lab == center_class(W))).sum())

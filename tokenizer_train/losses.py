@@ -307,13 +307,15 @@ def _dist_ready(distributed: bool) -> bool:
     return distributed and torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def soft_code_distribution(z_bounded, levels, temperature: float, distributed: bool = False):
+def soft_code_distribution(z_bounded, levels, temperature: float, distributed: bool = False,
+                           return_count: bool = False):
     """The batch's soft joint code distribution ``(K,)`` in FSQ index order (sums to 1).
 
     ``p[k] = mean over tokens of prod_c q_c[token, level_c(k)]``. Computed as one matmul of
     two row-wise Kronecker products (channel groups A and B), so the memory is
     ``M * (K_A + K_B)`` floats rather than ``M * K``. Under DDP the sums and token counts
-    are all-reduced (with gradient) before normalising.
+    are all-reduced (with gradient) before normalising. ``return_count``: also return the
+    (global) token count as a float tensor.
     """
     qs = _soft_assign(z_bounded, levels, temperature)
     sizes = [int(L) for L in levels]
@@ -332,47 +334,72 @@ def soft_code_distribution(z_bounded, levels, temperature: float, distributed: b
 
         P = dnn.all_reduce(P)
         torch.distributed.all_reduce(n)
-    return P / n.clamp_min(1.0)
+    P = P / n.clamp_min(1.0)
+    return (P, n) if return_count else P
+
+
+def token_code_entropy(z_bounded, levels, temperature: float):
+    """``(M,)`` entropy in nats of each token's own soft code assignment.
+
+    A token's joint assignment is the product of its channels' assignments, so its entropy
+    is exactly the sum of the channel entropies (no K-sized tensor is needed).
+    """
+    qs = _soft_assign(z_bounded, levels, temperature)
+    return sum(-(q * torch.log(q.clamp_min(1e-30))).sum(-1) for q in qs)
+
+
+# the joint distribution is a K-vector plus M * (K_A + K_B) factors; beyond this it is refused
+MAX_EXACT_CODES = 1 << 24
 
 
 def code_usage_loss(z_bounded, levels, kind: str = "entropy", temperature: float = 0.1,
-                    distributed: bool = False, max_joint_codes: int = 65536):
-    """Differentiable code-usage term from FSQ's bounded pre-rounding values.
+                    distributed: bool = False, token_weight: float = 0.0, running=None):
+    """Differentiable code-usage term from FSQ's bounded pre-rounding values (DESIGN.md Trainer).
 
     ``z_bounded`` (M, d): :func:`fsq_prerounding` of the FSQ input, one row per token.
     Returns ``(loss_term, soft_entropy_norm)``; the caller adds ``λ * loss_term`` to CE.
-    ``kind="entropy"``: ``loss_term = -H(p) / log K``; ``"kl_uniform"``:
-    ``KL(p || U) = log K - H(p)`` (nats). ``p`` is the joint soft code distribution when
-    ``K <= max_joint_codes``, else H is the sum of the per-channel entropies of the
-    channel marginals (an upper bound of the joint entropy, equal for independent channels).
-    ``soft_entropy_norm`` = H / log K, detached (log it as ``train/code_entropy_soft_step``).
+    LFQ / MAGVIT-v2 form: the entropy H(p) of the average soft code distribution goes up
+    and, with ``token_weight`` > 0, each token's own assignment entropy goes down (so usage
+    is not spread by ambiguous tokens that straddle rounding boundaries):
+    ``kind="entropy"``: ``(-H(p) + token_weight * mean_token_H) / log K``;
+    ``"kl_uniform"``: ``KL(p || U) + token_weight * mean_token_H = log K - H(p) + ...`` (nats).
+    ``running``: a :class:`tokenizer_train.code_usage.RunningCodeAverage`; ``p`` is then its
+    estimate over more tokens than the batch (the batch's share keeps its gradient), and the
+    running state is advanced. ``p`` is always the exact joint distribution; codebooks
+    above :data:`MAX_EXACT_CODES` are refused. ``soft_entropy_norm`` = H(p) / log K, detached
+    (log it as ``train/code_entropy_soft_step``).
     """
     if kind not in ("entropy", "kl_uniform"):
         raise ValueError(f"code_entropy_type must be 'entropy' or 'kl_uniform', got {kind!r}")
     if z_bounded.ndim != 2 or z_bounded.shape[1] != len(levels):
         raise ValueError(f"z_bounded must be (M, {len(levels)}), got {tuple(z_bounded.shape)}")
+    K = math.prod(int(L) for L in levels)
+    if K > MAX_EXACT_CODES:
+        raise ValueError(f"model.fsq_levels {list(levels)} give K={K} codes, more than the regulariser's exact "
+                         f"joint distribution supports ({MAX_EXACT_CODES}); use fewer or smaller levels, or "
+                         f"set training.code_entropy_weight=0")
     # float32 throughout: under autocast the matmul would otherwise run in bf16/fp16 and
     # the small probabilities of a 2000-code distribution lose their digits
     with torch.autocast(device_type=z_bounded.device.type, enabled=False):
-        return _code_usage_loss_f32(z_bounded.float(), levels, kind, temperature, distributed, max_joint_codes)
+        return _code_usage_loss_f32(z_bounded.float(), levels, kind, temperature, distributed, token_weight,
+                                    running, K)
 
 
-def _code_usage_loss_f32(z_bounded, levels, kind, temperature, distributed, max_joint_codes):
-    K = math.prod(int(L) for L in levels)
+def _code_usage_loss_f32(z_bounded, levels, kind, temperature, distributed, token_weight, running, K):
     log_k = math.log(K)
-    if K <= max_joint_codes:
-        H = _entropy(soft_code_distribution(z_bounded, levels, temperature, distributed))
-    else:
-        qs = _soft_assign(z_bounded, levels, temperature)
-        n = torch.tensor(float(z_bounded.shape[0]), device=z_bounded.device)
-        sums = [q.sum(0) for q in qs]
+    p, n = soft_code_distribution(z_bounded, levels, temperature, distributed, return_count=True)
+    if running is not None:
+        p = running.mix(p, float(n))
+    H = _entropy(p)
+    term = -H / log_k if kind == "entropy" else log_k - H
+    if token_weight:
+        own = token_code_entropy(z_bounded, levels, temperature).sum()
         if _dist_ready(distributed):
             import torch.distributed.nn.functional as dnn
 
-            sums = [dnn.all_reduce(s) for s in sums]
-            torch.distributed.all_reduce(n)
-        H = sum(_entropy(s / n.clamp_min(1.0)) for s in sums)
-    term = -H / log_k if kind == "entropy" else log_k - H
+            own = dnn.all_reduce(own)
+        own = own / n.clamp_min(1.0)
+        term = term + token_weight * (own / log_k if kind == "entropy" else own)
     return term, (H / log_k).detach()
 
 

@@ -8,6 +8,14 @@ the step's feature plus a learned per-point embedding. Nothing is copied across 
 Memory: the head's first layer is split into a per-step part ``(B, S, H)`` and a per-point
 part ``(N, H)`` that are broadcast-added, so no ``(B, S, N, 3*hidden)`` concatenation exists;
 with ``H = min(hidden_dim, W*W)`` the logits ``(B, S, N, W*W)`` are the largest activation.
+
+Switches (issue 12; each off by default, the default model is the one above bit for bit):
+``model.decoder`` (``code_query``: no free per-point prior path; ``amplify``: AMPLIFY's
+non-causal zero-query decoder, see decoder_heads.py), ``model.point_pos_enc`` (Fourier
+features of each point's start position in the encoder input and as the decoder's point
+query, instead of the learned per-index embedding), ``model.point_encoder`` (one MLP shared by
+all points before the step projection) and ``model.groups`` (G tokens per step, one per block
+of points: codes ``(B, S*G)``, step-major; see point_features.py).
 """
 from __future__ import annotations
 
@@ -19,12 +27,26 @@ from torch import nn
 from vector_quantize_pytorch import FSQ
 
 from .config import ModelConfig
+from .decoder_heads import AmplifyHead, CodeQueryHead
 from .losses import fsq_prerounding_from_module
+from .point_features import PointEncoder, fourier_features, group_of_points, motion_position_features
 from .shaping import QuantInputShaping
 
 
 def _causal_mask(S: int, device) -> torch.Tensor:
     return nn.Transformer.generate_square_subsequent_mask(S, device=device)
+
+
+def _step_causal_mask(step_of_token: torch.Tensor) -> torch.Tensor:
+    """Float mask: a token sees every token of its own and earlier steps (several tokens per step)."""
+    later = step_of_token[None, :] > step_of_token[:, None]
+    return torch.zeros(later.shape, device=step_of_token.device).masked_fill(later, float("-inf"))
+
+
+def start_pos_of(batch: dict) -> torch.Tensor | None:
+    """A batch's start positions ``(B, N, 2)`` reference px (``positions[:, 0]``), None without positions."""
+    pos = batch.get("positions")
+    return None if pos is None else pos[:, 0]
 
 
 class MotionTokenizer(nn.Module):
@@ -42,8 +64,16 @@ class MotionTokenizer(nn.Module):
             return kind(D, cfg.num_heads, dim_feedforward=cfg.mlp_ratio * D, dropout=cfg.dropout,
                         activation="gelu", batch_first=True, norm_first=True)
 
+        G = cfg.groups
+        self.register_buffer("group", group_of_points(num_points, G), persistent=False)  # (N,) point -> group
+        pe = cfg.point_pos_enc
+        n_phi = 4 * pe.num_freqs if pe.enabled else 0
+
         # encoder
-        self.in_proj = nn.Linear(2 * num_points, D)
+        if cfg.point_encoder.enabled:
+            self.in_proj = nn.Linear(num_points // G * cfg.point_encoder.dim, D)
+        else:
+            self.in_proj = nn.Linear(2 * num_points // G, D)
         self.enc_time = nn.Embedding(cfg.max_steps, D)
         self.encoder = nn.TransformerEncoder(layer(nn.TransformerEncoderLayer), cfg.num_layers,
                                              norm=nn.LayerNorm(D), enable_nested_tensor=False)
@@ -57,22 +87,76 @@ class MotionTokenizer(nn.Module):
         self.decoder = nn.TransformerDecoder(layer(nn.TransformerDecoderLayer), cfg.n_decoder_layers,
                                              norm=nn.LayerNorm(D))
         H = min(D, self.num_classes)
-        self.point_emb = nn.Parameter(torch.randn(num_points, D) * 0.02)
-        self.head_time = nn.Linear(D, H)
-        self.head_point = nn.Linear(D, H, bias=False)
-        self.head_out = nn.Linear(H, self.num_classes)
+        if not pe.enabled:
+            self.point_emb = nn.Parameter(torch.randn(num_points, D) * 0.02)
+        if cfg.decoder != "amplify":
+            self.head_time = nn.Linear(D, H)
+        if cfg.decoder == "additive":
+            self.head_point = nn.Linear(D, H, bias=False)
+        if cfg.decoder != "amplify":
+            self.head_out = nn.Linear(H, self.num_classes)
+        # the switches' own parts (created after the default ones: same default init)
+        if cfg.decoder == "code_query":
+            self.code_query = CodeQueryHead(D, H, cfg.max_steps)
+        elif cfg.decoder == "amplify":
+            self.amplify = AmplifyHead(D, cfg.amplify_mlp_dim, self.num_classes)
+        if pe.enabled:
+            self.point_pos = nn.Linear(n_phi, D)  # the decoder's point query
+            if not cfg.point_encoder.enabled:
+                self.enc_pos = nn.Linear(2 * n_phi, D)  # velocity-weighted position features
+        if cfg.point_encoder.enabled:
+            self.point_encoder = PointEncoder(2 + 2 * n_phi, cfg.point_encoder.dim)
+        if G > 1:
+            self.enc_group = nn.Parameter(torch.randn(G, D) * 0.02)
+            self.dec_group = nn.Parameter(torch.randn(G, D) * 0.02)
 
-    def encode(self, velocities: torch.Tensor) -> dict:
-        """velocities ``(B, S, N, 2)`` -> quant_in, z_bounded ``(B, S, d)``, quantized, codes ``(B, S)``."""
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.groups
+
+    def _phi(self, start_pos, B: int):
+        """Fourier features ``(B, N, 4F)`` of the start positions, or None when the switch is off."""
+        if not self.cfg.point_pos_enc.enabled:
+            return None
+        if start_pos is None:
+            raise ValueError("model.point_pos_enc.enabled needs start_pos (B, N, 2) reference px: pass "
+                             "batch['positions'][:, 0], or set model.point_pos_enc.enabled=false")
+        if tuple(start_pos.shape) != (B, self.num_points, 2):
+            raise ValueError(f"start_pos must be ({B}, {self.num_points}, 2), got {tuple(start_pos.shape)}")
+        return fourier_features(start_pos, self.cfg.point_pos_enc.num_freqs)
+
+    def _step_of_token(self, steps: int, device) -> torch.Tensor:
+        return torch.arange(steps * self.cfg.groups, device=device) // self.cfg.groups
+
+    def _tokens(self, velocities, phi):
+        """``(B, S, N, 2)`` -> encoder input ``(B, S*G, D)`` (step-major, G tokens per step)."""
+        B, S, N, _ = velocities.shape
+        G = self.cfg.groups
+        if self.cfg.point_encoder.enabled:
+            x = velocities if phi is None else torch.cat([velocities, motion_position_features(velocities, phi)], -1)
+            return self.in_proj(self.point_encoder(x).reshape(B, S * G, -1))
+        x = self.in_proj(velocities.reshape(B, S * G, 2 * N // G))
+        if phi is not None:
+            mpf = motion_position_features(velocities, phi).reshape(B, S * G, N // G, -1).mean(2)
+            x = x + self.enc_pos(mpf)
+        return x
+
+    def encode(self, velocities: torch.Tensor, start_pos: torch.Tensor | None = None) -> dict:
+        """velocities ``(B, S, N, 2)``, start_pos ``(B, N, 2)`` reference px (needed by
+        model.point_pos_enc) -> quant_in, z_bounded ``(B, L, d)``, quantized, codes ``(B, L)``
+        with L = S * model.groups tokens (step-major)."""
         B, S, N, _ = velocities.shape
         if N != self.num_points:
             raise ValueError(f"model was built for {self.num_points} points, batch has {N}")
         if S > self.cfg.max_steps:
             raise ValueError(f"clip has {S} steps > model.max_steps={self.cfg.max_steps}")
-        pos = torch.arange(S, device=velocities.device)
-        x = self.in_proj(velocities.reshape(B, S, 2 * N)) + self.enc_time(pos)
-        mask = _causal_mask(S, velocities.device)
-        x = self.encoder(x, mask=mask, is_causal=True)
+        G = self.cfg.groups
+        step = self._step_of_token(S, velocities.device)
+        x = self._tokens(velocities, self._phi(start_pos, B)) + self.enc_time(step)
+        if G == 1:
+            x = self.encoder(x, mask=_causal_mask(S, velocities.device), is_causal=True)
+        else:
+            x = self.encoder(x + self.enc_group.repeat(S, 1), mask=_step_causal_mask(step))
         quant_in = self.shaping(self.to_fsq(x))
         # FSQ quantises in float32 anyway; keep the bounded value (regulariser input) in f32
         with torch.autocast(device_type=velocities.device.type, enabled=False):
@@ -83,34 +167,69 @@ class MotionTokenizer(nn.Module):
         return {"quant_in": quant_in, "z_bounded": z_bounded, "quantized": quantized,
                 "codes": codes.long()}
 
-    def decode(self, quantized: torch.Tensor) -> torch.Tensor:
-        """quantized ``(B, S, d)`` -> logits ``(B, S, N, W*W)``."""
-        B, S, _ = quantized.shape
-        pos = torch.arange(S, device=quantized.device)
-        y = self.from_fsq(quantized) + self.dec_time(pos)
-        mask = _causal_mask(S, quantized.device)
-        h = self.decoder(y, y, tgt_mask=mask, memory_mask=mask, tgt_is_causal=True, memory_is_causal=True)
-        a = self.head_time(h)  # (B, S, H)
-        b = self.head_point(self.point_emb)  # (N, H)
-        return self.head_out(F.gelu(a[:, :, None, :] + b[None, None]))
+    def _point_query(self, phi):
+        """The decoder's point query: ``(N, D)`` learned per index, or ``(B, N, D)`` from the start positions."""
+        return self.point_emb if phi is None else self.point_pos(phi)
 
-    def forward(self, velocities: torch.Tensor) -> dict:
-        out = self.encode(velocities)
-        out["logits"] = self.decode(out["quantized"])
+    def decode(self, quantized: torch.Tensor, start_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """quantized ``(B, L, d)`` (L = S * model.groups) -> logits ``(B, S, N, W*W)``.
+
+        Depends on the codes only through ``quantized`` (code information decodes one clip's
+        quantized with another clip's start_pos)."""
+        B, L, _ = quantized.shape
+        G = self.cfg.groups
+        if L % G:
+            raise ValueError(f"quantized has {L} tokens, not a multiple of model.groups={G}")
+        S = L // G
+        step = self._step_of_token(S, quantized.device)
+        point = self._point_query(self._phi(start_pos, B))
+        code_feat = self.from_fsq(quantized)
+        if self.cfg.decoder == "amplify":
+            # zero queries plus their step (and group) embedding, non-causal attention to the codes
+            tgt = self.dec_time(step).expand(B, -1, -1)
+            if G > 1:
+                tgt = tgt + self.dec_group.repeat(S, 1)
+            h = self.decoder(tgt, code_feat)
+            return self.amplify(h.reshape(B, S, G, -1), point if point.ndim == 3 else point[None], self.group)
+        y = code_feat + self.dec_time(step)
+        if G == 1:
+            mask = _causal_mask(S, quantized.device)
+            h = self.decoder(y, y, tgt_mask=mask, memory_mask=mask, tgt_is_causal=True, memory_is_causal=True)
+        else:
+            y = y + self.dec_group.repeat(S, 1)
+            mask = _step_causal_mask(step)
+            h = self.decoder(y, y, tgt_mask=mask, memory_mask=mask)
+        a = self.head_time(h)  # (B, L, H)
+        if self.cfg.decoder == "code_query":
+            # one step feature for all points (group tokens averaged: no per-group prior either);
+            # what differs between points comes only through the codes
+            a = a[:, :, None, :] if G == 1 else a.reshape(B, S, G, -1).mean(2, keepdim=True)
+            b = self.code_query(code_feat, point if point.ndim == 3 else point[None], S, step)
+        else:
+            a = a[:, :, None, :] if G == 1 else a.reshape(B, S, G, -1)[:, :, self.group]
+            b = self.head_point(point)  # (N, H) or (B, N, H)
+            b = b[None, None] if b.ndim == 2 else b[:, None]
+        return self.head_out(F.gelu(a + b))
+
+    def forward(self, velocities: torch.Tensor, start_pos: torch.Tensor | None = None) -> dict:
+        out = self.encode(velocities, start_pos)
+        out["logits"] = self.decode(out["quantized"], start_pos)
         return out
 
     @torch.no_grad()
     def zero_codes(self, steps: int) -> torch.Tensor:
-        """``(steps,)`` code id that all-zero motion maps to at each step (eval mode).
+        """``(steps * model.groups,)`` code id that all-zero motion maps to at each token (eval mode).
 
-        It depends on the step because of the time embedding; a token "is on the zero code"
-        when its id equals the zero code of its own step.
+        It depends on the step (and group) because of the time embedding; a token "is on the
+        zero code" when its id equals the zero code of its own position. Positions enter the
+        encoder only through motion, so no start positions are needed.
         """
         was = self.training
         self.eval()
         try:
             dev = self.in_proj.weight.device
             z = torch.zeros(1, steps, self.num_points, 2, device=dev)
-            return self.encode(z)["codes"][0]
+            start = torch.zeros(1, self.num_points, 2, device=dev) if self.cfg.point_pos_enc.enabled else None
+            return self.encode(z, start)["codes"][0]
         finally:
             self.train(was)

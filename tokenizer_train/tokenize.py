@@ -27,7 +27,7 @@ from motion_data.split import split_clips
 from . import checkpoint as ckpt
 from .config import ConfigError, from_dict
 from .distributed import pick_device
-from .model import MotionTokenizer
+from .model import MotionTokenizer, start_pos_of
 
 
 def add_arguments(p):
@@ -76,7 +76,8 @@ def tokenize(run_dir, data_dir, out_path, which="best", batch_size=256, num_work
     for batch in tqdm(dl, desc="tokenize", unit="batch", dynamic_ncols=True):
         if not batch["clip_id"]:
             continue
-        c = model.encode(batch["velocities"].to(device))["codes"]
+        start = start_pos_of(batch)
+        c = model.encode(batch["velocities"].to(device), None if start is None else start.to(device))["codes"]
         ids.extend(batch["clip_id"])
         codes.extend(c.cpu().numpy().astype(np.int32))
     order = {cid: i for i, cid in enumerate(man["clip_id"])}

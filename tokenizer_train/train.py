@@ -40,9 +40,9 @@ from . import metrics as M
 from . import prior
 from .config import Config, ConfigError, load_config, to_dict
 from .logger import RunLogger
-from .losses import (Criterion, class_counts_from_stats, class_weights_image, code_usage_loss, entropy_weight,
-                     save_class_weights)
-from .model import MotionTokenizer
+from .code_usage import CodeUsageRegulariser
+from .losses import Criterion, class_counts_from_stats, class_weights_image, entropy_weight, save_class_weights
+from .model import MotionTokenizer, start_pos_of
 from .schedule import build_scheduler, clip_gradients
 
 
@@ -211,7 +211,7 @@ def evaluate(model, loader, criterion, cfg: Config, dist, W: int, zero_codes) ->
             continue  # an empty share of a tiny validation split under DDP
         batch = _to(batch, dist.device)
         with autocast_for(cfg.training.mixed_precision, dist.device):
-            out = model(batch["velocities"])
+            out = model(batch["velocities"], start_pos_of(batch))
             loss, info = criterion(out["logits"], batch["labels"], batch["mask"])
         sums.add(**batch_sums(out, batch, loss, info, loss, W))
         sums.add(**dict(zip(("epe", "epe_count"),
@@ -263,7 +263,8 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
 
     # model, optimisation
     model = MotionTokenizer(cfg.model, num_points=N, window_size=W).to(device)
-    levels, K, d = cfg.model.fsq_levels, model.codebook_size, len(cfg.model.fsq_levels)
+    levels, K = cfg.model.fsq_levels, model.codebook_size
+    L = S * model.tokens_per_step  # tokens per clip (model.groups per step)
     seed_everything(tc.seed + 1000 * dist.rank)  # dropout and noise differ between ranks
     net = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                          broadcast_buffers=False)
@@ -276,6 +277,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
     scaler = torch.amp.GradScaler("cuda", enabled=tc.mixed_precision == "fp16")
     counts = class_counts_from_stats(data_dir, cfg.data.static_filter, W) if tc.class_weighting.method != "none" else None
     criterion = prior.wrap(Criterion(tc, counts, W), tc)  # training.logit_adjustment (off: unchanged)
+    regulariser = CodeUsageRegulariser(tc, levels, distributed=dist.enabled)  # its running average is checkpointed
 
     # state (restored on resume)
     step, start_epoch, start_batch, best = 0, 0, 0, math.inf
@@ -289,6 +291,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
         scaler.load_state_dict(st["scaler"])
+        regulariser.load_state_dict(st.get("code_usage", {}))
         step, start_epoch, start_batch, best = st["step"], st["epoch"], st["batches_done"], st["best_val"]
         mine = _rank_state(st, dist, start_batch)
         if start_batch:
@@ -321,7 +324,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
 
     def state(epoch, batches_done, sums, seen, seen_g, ranks):
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": ranks[0]["rng"], "ranks": ranks, "world_size": dist.world_size,
+                "scaler": scaler.state_dict(), "code_usage": regulariser.state_dict(), "rng": ranks[0]["rng"], "ranks": ranks, "world_size": dist.world_size,
                 "step": step, "epoch": epoch,
                 "batches_done": batches_done, "best_val": best, "epoch_sums": sums.v,
                 "seen": torch.from_numpy(seen.copy()), "seen_global": torch.from_numpy(seen_g.copy()),
@@ -353,13 +356,12 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
             sync = contextlib.nullcontext() if (boundary or not dist.enabled) else net.no_sync()
             with sync:
                 with autocast_for(tc.mixed_precision, device):
-                    out = net(batch["velocities"])
+                    out = net(batch["velocities"], start_pos_of(batch))
                     loss, linfo = criterion(out["logits"], batch["labels"], batch["mask"])
                     lam = entropy_weight(tc.code_entropy_weight, tc.code_entropy_warmup_epochs, epoch + i / n_batches)
                     total = loss
                     if lam > 0:
-                        term, soft = code_usage_loss(out["z_bounded"].reshape(-1, d), levels, tc.code_entropy_type,
-                                                     tc.code_entropy_temperature, distributed=dist.enabled)
+                        term, soft = regulariser(out["z_bounded"])
                         total = loss + lam * term
                         step_extra["train/code_entropy_soft_step"] = float(soft)
                 scaler.scale(total / accum).backward()
@@ -404,10 +406,10 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
                     **step_extra,
                 })
             if step % tc.code_interval == 0:
-                codes = torch.cat([c.reshape(-1, S) for c in step_codes])
+                codes = torch.cat([c.reshape(-1, L) for c in step_codes])
                 zc = model.zero_codes(S).cpu().numpy()
                 local = codes.cpu().numpy()
-                gathered = D.gather_codes(codes).reshape(-1, S)
+                gathered = D.gather_codes(codes).reshape(-1, L)
                 seen_g = D.all_reduce_any(seen_g | seen, device)
                 cs, ch = code_scalars("train", "step", local, levels, zc, seen)
                 gs, gh = code_scalars("train", "step", gathered, levels, zc, seen_g, tag_suffix="_global")
