@@ -38,9 +38,9 @@ class AugmentConfig:
             raise ValueError(f"augment.jitter_std must be >= 0 and p in [0, 1], got {self.jitter_std}, {self.p}")
 
 
-def augment_batch(pos: np.ndarray, vis: np.ndarray, keep: np.ndarray, cfg: AugmentConfig,
+def augment_batch(pos: np.ndarray, keep: np.ndarray, cfg: AugmentConfig,
                   rng: np.random.Generator, W: int = DEFAULT_W) -> np.ndarray:
-    """Augmented copy of positions ``pos`` ``(B, T, N, 2)``; vis ``(B, T, N)``, keep ``(B, N)``
+    """Augmented copy of positions ``pos`` ``(B, T, N, 2)``; keep ``(B, N)``
     bool; ``W`` converts ``jitter_std`` to pixels."""
     if not cfg.enabled:
         return pos

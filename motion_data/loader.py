@@ -126,7 +126,7 @@ def make_batch(pos_px: np.ndarray, vis: np.ndarray, stats: np.ndarray, clip_ids:
     lab_dtype = label_dtype(W) if packed else np.int64
     buf, (p, v, dyn, labels, mask, valid_out) = _alloc(_layout(B, S, N, lab_dtype))
     if augment is not None and augment.enabled:
-        p[...] = augment_batch(pos_px, vis, keep, augment, rng, W)
+        p[...] = augment_batch(pos_px, keep, augment, rng, W)
         v[...] = normalize(velocities(p), W)
         labels[...] = labels_from_positions(p, W, ref_size, label_rule)
         valid_out[...] = step_valid(vis)
