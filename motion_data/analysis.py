@@ -296,7 +296,7 @@ def open_stats(build: str | Path):
         g = open_store(path)
         attrs = dict(g.attrs)
     except (StoreError, KeyError) as e:
-        raise BuildError(f"{path}: {e}") from None
+        raise BuildError(str(e)) from None  # StoreError names the folder
     missing = [a for a in ("W", "N", "metrics", "n_clips", "hist_bin_width", "hist_nbins", "hist_rank_max")
                if a not in attrs]
     if missing:
