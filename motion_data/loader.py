@@ -45,7 +45,7 @@ from .sampler import (IndexBatch, SamplerConfig, SequentialBatchSampler, Weighte
                       epoch_rng, load_dynamic_ratio)
 from .split import split_manifest
 from .stats import METRICS, StaticFilter, _label_step, keep_mask
-from .store import read_attrs
+from .store import StoreError, read_attrs
 
 log = logging.getLogger(__name__)
 
@@ -760,8 +760,12 @@ def _worker_context():
 
 
 def read_build_info(build_dir) -> dict:
-    """The build's shape and label parameters (``stats.zarr`` attributes)."""
-    a = read_attrs(build_dir)
+    """The build's shape and label parameters (``stats.zarr`` attributes); a missing or
+    old-format store is a ValueError with StoreError's one line (folder and way out)."""
+    try:
+        a = read_attrs(build_dir)
+    except StoreError as e:
+        raise ValueError(str(e)) from None
     return {"W": int(a["W"]), "T": int(a["T"]), "N": int(a["N"]), "n_clips": int(a["n_clips"]),
             "ref_size": int(a["ref_size"]), "label_rule": str(a["label_rule"])}
 
