@@ -544,9 +544,9 @@ class ClipDataset(torch.utils.data.Dataset):
                             E, el, H, hl, nb, pos.reshape(B, -1), st.reshape(B, -1), vis.view(np.uint8).reshape(B, -1),
                             done)
         done &= readable
+        done &= np.isfinite(pos.reshape(B, -1)).all(1) & np.isfinite(st.reshape(B, -1)).all(1)
         for j in np.flatnonzero(done):
-            done[j] = (shards.array_checksum(pos[j], vis[j], st[j]) == self.checksum[rows[j]]
-                       and np.isfinite(pos[j]).all() and np.isfinite(st[j]).all())
+            done[j] = shards.array_checksum(pos[j], vis[j], st[j]) == self.checksum[rows[j]]
         return done
 
     def __getitems__(self, rows) -> dict:

@@ -80,14 +80,18 @@ def _label(vx, vy, W):
 
 
 @numba.njit(cache=True, inline="always")
+def _quantize(p, ref_max):
+    """AMPLIFY's ``round(clip(p, 0, ref_size - 1))`` (``labels.quantize_positions``)."""
+    return _round_half_even(min(max(p, 0.0), ref_max))
+
+
+@numba.njit(cache=True, inline="always")
 def _label_step(ax, ay, bx, by, vx, vy, W, ref_max, rule):
     """Label of the step from (ax, ay) to (bx, by) with displacement (vx, vy): rule 0
-    (amplify) differences the rounded clamped positions, rule 1 (velocity) rounds (vx, vy);
+    (amplify) differences the quantised positions, rule 1 (velocity) rounds (vx, vy);
     ``labels.labels_from_positions`` is the reference."""
     if rule == 0:
-        dx = _round_half_even(min(max(bx, 0.0), ref_max)) - _round_half_even(min(max(ax, 0.0), ref_max))
-        dy = _round_half_even(min(max(by, 0.0), ref_max)) - _round_half_even(min(max(ay, 0.0), ref_max))
-        return _label(dx, dy, W)
+        return _label(_quantize(bx, ref_max) - _quantize(ax, ref_max), _quantize(by, ref_max) - _quantize(ay, ref_max), W)
     return _label(vx, vy, W)
 
 
