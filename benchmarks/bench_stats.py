@@ -22,15 +22,19 @@ from motion_data import stats as S
 
 
 def make_chunk(rng, C, S_=15, N=400):
+    """Positions (C, S_+1, N, 2) and visibility (C, S_+1, N), what the kernels take."""
     kind = rng.choice(3, size=(C, 1, N, 1), p=[0.6, 0.3, 0.1]).astype(np.float32)
     scale = np.choose(kind.astype(np.int64), [0.05, 1.0, 4.0]).astype(np.float32)
     vel = rng.standard_normal((C, S_, N, 2), dtype=np.float32) * scale
-    valid = rng.random((C, S_, N), dtype=np.float32) < 0.9
-    return vel, valid
+    start = rng.uniform(0, 128, (C, 1, N, 2)).astype(np.float32)
+    pos = np.concatenate([start, start + np.cumsum(vel, axis=1)], axis=1)
+    vis = rng.random((C, S_ + 1, N), dtype=np.float32) < 0.95
+    return pos, vis
 
 
-def numpy_reference(vel, valid, W=L.DEFAULT_W):
+def numpy_reference(pos, vis, W=L.DEFAULT_W):
     """np.nanquantile over the step axis with masked steps as NaN, as vectorised as numpy goes."""
+    vel, valid = L.velocities(pos), L.step_valid(vis)
     speed = np.linalg.norm(L.normalize(vel, W), axis=-1)
     sp = np.where(valid, speed, np.nan)
     with np.errstate(all="ignore"):
@@ -40,35 +44,37 @@ def numpy_reference(vel, valid, W=L.DEFAULT_W):
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN points -> 0 below
             out = {"mean": np.nanmean(sp, axis=1), "p95": np.nanquantile(sp, 0.95, axis=1), "max": np.nanmax(sp, axis=1)}
     out = {k: np.nan_to_num(v, nan=0.0).astype(np.float32) for k, v in out.items()}
-    out["center_count"] = ((L.labels_from_px(vel, W) == L.center_class(W)) & valid).sum(axis=1).astype(np.uint8)
+    out["center_count"] = ((L.labels_from_positions(pos, W) == L.center_class(W)) & valid).sum(axis=1).astype(np.uint8)
     return out
 
 
-def numpy_sorted(vel, valid, W=L.DEFAULT_W):
+def numpy_sorted(pos, vis, W=L.DEFAULT_W):
     """The fastest plain-numpy form we know: one sort along steps (masked = +inf), p95 by
     numpy's linear interpolation gathered with take_along_axis. A fairer baseline than
     nanquantile."""
+    vel, valid = L.velocities(pos), L.step_valid(vis)
     speed = np.linalg.norm(L.normalize(vel, W), axis=-1)
     k = valid.sum(axis=1)
     srt = np.sort(np.where(valid, speed, np.inf), axis=1)
-    pos = 0.95 * np.maximum(k - 1, 0)
-    lo = np.floor(pos).astype(np.int64)
+    rank = 0.95 * np.maximum(k - 1, 0)
+    lo = np.floor(rank).astype(np.int64)
     hi = np.minimum(lo + 1, np.maximum(k - 1, 0))
     a = np.take_along_axis(srt, lo[:, None], axis=1)[:, 0]
     b = np.take_along_axis(srt, hi[:, None], axis=1)[:, 0]
     has = k > 0
-    p95 = np.where(has, a + (pos - lo) * (b - a), 0.0)
+    p95 = np.where(has, a + (rank - lo) * (b - a), 0.0)
     mean = np.where(valid, speed, 0).sum(axis=1) / np.maximum(k, 1)
     mx = np.where(has, np.take_along_axis(srt, np.maximum(k - 1, 0)[:, None], axis=1)[:, 0], 0.0)
-    cc = ((L.labels_from_px(vel, W) == L.center_class(W)) & valid).sum(axis=1).astype(np.uint8)
+    cc = ((L.labels_from_positions(pos, W) == L.center_class(W)) & valid).sum(axis=1).astype(np.uint8)
     return {"mean": mean.astype(np.float32), "p95": p95.astype(np.float32), "max": mx.astype(np.float32),
             "center_count": cc}
 
 
-def torch_loop(vel, valid, W=L.DEFAULT_W):
+def torch_loop(pos, vis, W=L.DEFAULT_W):
     """The old code's way: one torch.quantile call per clip (nanquantile for the mask)."""
     import torch
 
+    vel, valid = L.velocities(pos), L.step_valid(vis)
     out = np.empty((vel.shape[0], vel.shape[2]), np.float32)
     for c in range(vel.shape[0]):
         v = torch.from_numpy(vel[c]) / ((W - 1) / 2)
@@ -102,7 +108,7 @@ def main():
     kernel_rate = n_chunks * a.chunk / t_kernel
 
     # baselines: same chunks, fewer clips; and a correctness check against the kernel
-    vel, valid = pool[0]
+    pos, vis = pool[0]
     n_slow = min(a.slow_clips, a.chunk * a.pool)
     t0 = time.perf_counter()
     done = 0
@@ -129,11 +135,11 @@ def main():
 
     n_torch = min(n_slow, a.chunk)
     t0 = time.perf_counter()
-    tq = torch_loop(vel[:n_torch], valid[:n_torch])
+    tq = torch_loop(pos[:n_torch], vis[:n_torch])
     t_torch = time.perf_counter() - t0
     torch_rate = n_torch / t_torch
 
-    ks = S.point_stats(vel[:n_torch], valid[:n_torch])
+    ks = S.point_stats(pos[:n_torch], vis[:n_torch])
     err = max(float(np.abs(ks[m] - ref[m][:n_torch]).max()) for m in S.METRICS)
     err_t = float(np.abs(ks["p95"] - tq).max())
     cc_ok = bool((ks["center_count"] == ref["center_count"][:n_torch]).all())

@@ -92,7 +92,7 @@ def build_store(path: Path, C: int, chunk: int, seed=0):
 
     rng = np.random.default_rng(seed)
     attrs = ST.store_attrs(W=W, ref_size=L.DEFAULT_REF_SIZE, T=16, N=N, build_filter=S.StaticFilter(enable=True),
-                           n_clips=C)
+                           n_clips=C, label_rule=L.DEFAULT_LABEL_RULE)
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / (".tmp-" + ST.STORE_NAME)
     g = zarr.open_group(str(tmp), mode="w", zarr_format=3)

@@ -296,7 +296,7 @@ def open_stats(build: str | Path):
         g = open_store(path)
         attrs = dict(g.attrs)
     except (StoreError, KeyError) as e:
-        raise BuildError(f"{path}: {e}") from None
+        raise BuildError(str(e)) from None  # StoreError names the folder
     missing = [a for a in ("W", "N", "metrics", "n_clips", "hist_bin_width", "hist_nbins", "hist_rank_max")
                if a not in attrs]
     if missing:
@@ -329,9 +329,10 @@ def exact_from_build(build: str | Path, metrics, thresholds, min_keep: int, chun
     build = Path(build)
     g, attrs = open_stats(build)
     W, N, C = int(attrs["W"]), int(attrs["N"]), int(attrs["n_clips"])
+    ref_size, rule = int(attrs["ref_size"]), str(attrs["label_rule"])  # the build's label rule
     mpath = build / "manifest.parquet"
     try:
-        man = pq.read_table(mpath, columns=["clip_id", "shard", "offset", "size"]).to_pydict()
+        man = pq.read_table(mpath, columns=["clip_id", "shard", "offset", "size", "checksum"]).to_pydict()
     except Exception as e:
         raise BuildError(f"{mpath}: cannot read ({e})") from None
     if len(man["clip_id"]) != C:
@@ -345,11 +346,11 @@ def exact_from_build(build: str | Path, metrics, thresholds, min_keep: int, chun
         labs, valids = [], []
         for i in range(lo, hi):
             shard = build / man["shard"][i]
-            smp = read_sample(shard, man["offset"][i], man["size"][i], man["clip_id"][i])
-            if smp["vel"].shape[1] != N:
-                raise ShardError(f"{shard} ({man['clip_id'][i]}): {smp['vel'].shape[1]} points, stats.zarr says {N}")
-            labs.append(L.labels_from_px(smp["vel"], W))
-            valids.append(smp["valid"])
+            smp = read_sample(shard, man["offset"][i], man["size"][i], man["clip_id"][i], man["checksum"][i])
+            if smp["pos"].shape[1] != N:
+                raise ShardError(f"{shard} ({man['clip_id'][i]}): {smp['pos'].shape[1]} points, stats.zarr says {N}")
+            labs.append(L.labels_from_positions(smp["pos"], W, ref_size, rule))
+            valids.append(L.step_valid(smp["vis"]))
         acc.add(scores, vc, np.stack(labs), np.stack(valids))
         bar.update(hi - lo)
     bar.close()

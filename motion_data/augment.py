@@ -1,16 +1,15 @@
-"""Velocity augmentation of training batches (seed stage 4); off by default.
+"""Track augmentation of training batches (seed stage 4); off by default.
 
-Applied by the loader per batch, in normalised velocity space, before labels are computed,
-so the labels always describe the velocities the model sees. Per clip, with probability
-``p``:
-- scale: every dynamic (kept) point's velocity is multiplied by one factor drawn
-  log-uniformly from ``scale_range`` (so a symmetric range such as [0.8, 1.25] has no bias
-  in log scale). Points the static filter drops are left untouched, so a static point
-  stays in the centre class; a zero velocity stays zero.
-- jitter: zero-mean Gaussian noise of ``jitter_std`` (normalised units) added to each valid
-  step of kept points with non-zero velocity; static points are never pushed out of the
-  centre class by noise.
-Results are clipped to [-1, 1] like ``labels.normalize``.
+Applied by the loader per batch to the positions ``(B, T, N, 2)`` (reference px) before
+velocities and labels are computed, so the labels (the build's rule) always describe the
+positions and velocities the model sees. Per clip, with probability ``p``:
+- scale: every dynamic (kept) point's track is scaled about its first position,
+  ``p'[t] = p[0] + s * (p[t] - p[0])``, by one factor ``s`` per clip drawn log-uniformly
+  from ``scale_range`` (no bias in log scale). Points the static filter drops are left
+  untouched, and a point that never moves stays still.
+- jitter: zero-mean Gaussian noise of ``jitter_std`` normalised units (``jitter_std *
+  (W-1)/2`` px) added to frames 1..T-1 of kept points that move (frame 0 stays the
+  anchor); static points are never pushed out of the centre class by noise.
 """
 from __future__ import annotations
 
@@ -18,6 +17,8 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .labels import DEFAULT_W, half_window
 
 
 @dataclass
@@ -37,19 +38,22 @@ class AugmentConfig:
             raise ValueError(f"augment.jitter_std must be >= 0 and p in [0, 1], got {self.jitter_std}, {self.p}")
 
 
-def augment_batch(v_norm: np.ndarray, keep: np.ndarray, valid: np.ndarray, cfg: AugmentConfig,
-                  rng: np.random.Generator) -> np.ndarray:
-    """Augmented copy of ``v_norm`` ``(B, S, N, 2)``; keep ``(B, N)``, valid ``(B, S, N)`` bool."""
+def augment_batch(pos: np.ndarray, keep: np.ndarray, cfg: AugmentConfig,
+                  rng: np.random.Generator, W: int = DEFAULT_W) -> np.ndarray:
+    """Augmented copy of positions ``pos`` ``(B, T, N, 2)``; keep ``(B, N)``
+    bool; ``W`` converts ``jitter_std`` to pixels."""
     if not cfg.enabled:
-        return v_norm
-    B = v_norm.shape[0]
+        return pos
+    B = pos.shape[0]
     lo, hi = (float(x) for x in cfg.scale_range)
     applied = rng.random(B) < cfg.p
     scale = np.where(applied, np.exp(rng.uniform(math.log(lo), math.log(hi), B)), 1.0).astype(np.float32)
+    p0 = pos[:, :1]
     dyn = keep[:, None, :, None]
-    out = np.where(dyn, v_norm * scale[:, None, None, None], v_norm)
+    out = np.where(dyn, p0 + scale[:, None, None, None] * (pos - p0), pos)
     if cfg.jitter_std > 0:
-        moving = (v_norm != 0).any(-1) & valid & keep[:, None, :] & applied[:, None, None]
-        noise = rng.standard_normal(v_norm.shape, dtype=np.float32) * np.float32(cfg.jitter_std)
-        out = out + noise * moving[..., None]
-    return np.clip(out, -1.0, 1.0).astype(np.float32, copy=False)
+        moves = (pos != p0).any(axis=(1, 3)) & keep & applied[:, None]  # (B, N)
+        noise = rng.standard_normal(pos.shape, dtype=np.float32) * np.float32(cfg.jitter_std * half_window(W))
+        noise[:, 0] = 0.0
+        out = out + noise * moves[:, None, :, None]
+    return out.astype(np.float32, copy=False)

@@ -31,14 +31,14 @@ from . import manifest as mf
 from .atomic import atomic_open, atomic_write_json, remove_stale
 from .clips import InputError
 from .importers import FORMATS, iter_sequences, list_inputs
-from .labels import DEFAULT_REF_SIZE, DEFAULT_W
-from .shards import encode_sample, shard_name, write_shard
+from .labels import DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, DEFAULT_W, LABEL_RULES
+from .shards import encode_sample, sample_checksum, shard_name, write_shard
 from .stats import METRICS, StaticFilter, dynamic_ratio, keep_mask, shard_stats
-from .store import PER_CLIP, STORE_NAME, StoreWriter, empty_hists, store_attrs
+from .store import PER_CLIP, REBUILD_HINT, STORE_NAME, StoreWriter, empty_hists, store_attrs
 
 BUILD_JSON = "build.json"
 WORK = ".work"
-BUILD_FORMAT = 1
+BUILD_FORMAT = 2  # 2: positions + visibility in the shards, checksums, label rule (store.FORMAT_VERSION)
 DEFAULT_MAXCOUNT = 1000
 DEFAULT_FILTER = StaticFilter(True, "p95", 0.04, 16)
 # fixed member time: the same build gives byte-identical shards (any worker count, resumed or not)
@@ -77,7 +77,8 @@ def inputs_digest(stats: list) -> str:
     return hashlib.sha1(json.dumps(stats).encode()).hexdigest()
 
 
-def make_config(*, fmt, window, stride, ref_size, W, maxcount, part, image_size, views, build_filter) -> dict:
+def make_config(*, fmt, window, stride, ref_size, W, maxcount, part, image_size, views, build_filter,
+                label_rule=DEFAULT_LABEL_RULE) -> dict:
     """Everything that determines the output (not workers, progress or on_error)."""
     if fmt != "auto" and fmt not in FORMATS:
         raise BuildError(f"--format must be auto or one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -89,6 +90,8 @@ def make_config(*, fmt, window, stride, ref_size, W, maxcount, part, image_size,
         raise BuildError(f"--window-size must be odd and >= 3, got {W}")
     if not build_filter.enable:
         raise BuildError("the build filter must be enabled (e.g. p95@0.04)")
+    if label_rule not in LABEL_RULES:
+        raise BuildError(f"--label-rule must be one of {', '.join(LABEL_RULES)}, got {label_rule!r}")
     return {
         "format": fmt, "window": int(window), "stride": int(stride), "ref_size": int(ref_size), "W": int(W),
         "maxcount": int(maxcount), "part": list(part) if part else None,
@@ -96,6 +99,7 @@ def make_config(*, fmt, window, stride, ref_size, W, maxcount, part, image_size,
         "views": list(views) if views else None,
         "build_filter": {"metric": build_filter.metric, "threshold": float(build_filter.threshold),
                          "min_keep": int(build_filter.min_keep)},
+        "label_rule": label_rule,
     }
 
 
@@ -111,10 +115,9 @@ def _one_line(msg: str, path: str) -> str:
     return msg if msg.startswith(path) else f"{path}: {msg}"
 
 
-def window_starts(S: int, window: int, stride: int) -> np.ndarray:
-    """Step index of each clip of a sequence of S steps (same rule as clips.cut_windows)."""
-    steps = window - 1
-    return np.arange(0, S - steps + 1, stride, dtype=np.int64) if S >= steps else np.zeros(0, np.int64)
+def window_starts(T: int, window: int, stride: int) -> np.ndarray:
+    """First frame of each clip of a sequence of T frames (same rule as clips.cut_windows)."""
+    return np.arange(0, T - window + 1, stride, dtype=np.int64) if T >= window else np.zeros(0, np.int64)
 
 
 @dataclass(frozen=True)
@@ -147,40 +150,41 @@ def load_input(task) -> dict:
     travel back: the main process never copies or pickles the bulk data.
     """
     j, path, fmt, ref_size, image_size, views, window, stride, spool = task
-    steps = window - 1
-    vel, valid, seq, start = [], [], [], []
+    pos, vis, seq, start, indep = [], [], [], [], []
     n_seq, max_T, N = 0, 0, None
     try:
         for s in iter_sequences(path, fmt, ref_size=ref_size, image_size=image_size, views=views):
             n_seq += 1
-            S, n = s.valid.shape
-            max_T = max(max_T, S + 1)
+            T, n = s.vis.shape
+            max_T = max(max_T, T)
             if N is None:
                 N = n
             elif n != N:
                 raise InputError(f"{path}: sequence {s.index} has N={n} points, earlier ones N={N}")
-            st = window_starts(S, window, stride)
+            st = window_starts(T, window, stride)
             if not len(st):
                 continue
-            idx = st[:, None] + np.arange(steps)
-            vel.append(np.asarray(s.vel, np.float32)[idx])
-            valid.append(np.asarray(s.valid, bool)[idx])
+            idx = st[:, None] + np.arange(window)
+            pos.append(np.asarray(s.pos, np.float32)[idx])
+            vis.append(np.asarray(s.vis, bool)[idx])
             seq.append(np.full(len(st), s.index, np.int64))
             start.append(s.start_frame + st)
+            indep.append(np.full(len(st), s.group != s.source))
     except InputError as e:
         return {"j": j, "error": _one_line(e, path)}
     except ImportError as e:  # a missing optional dependency is no property of the file: always fatal
         return {"j": j, "error": _one_line(e, path), "fatal": True}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
         return {"j": j, "error": _one_line(f"{type(e).__name__}: {e}", path)}
-    if not vel:
+    if not pos:
         why = "no sequences" if not n_seq else f"every sequence is shorter than the window (T={max_T} < {window})"
         return {"j": j, "error": f"{path}: no clips: {why}"}
-    out = {"j": j, "error": None, "N": N, "sequences": n_seq, "vel": np.concatenate(vel),
-           "valid": np.concatenate(valid), "sequence": np.concatenate(seq), "start_frame": np.concatenate(start)}
+    out = {"j": j, "error": None, "N": N, "sequences": n_seq, "pos": np.concatenate(pos),
+           "vis": np.concatenate(vis), "sequence": np.concatenate(seq), "start_frame": np.concatenate(start),
+           "independent": np.concatenate(indep)}
     if spool is not None:
         C = len(out["sequence"])
-        for key in ("vel", "valid"):
+        for key in ("pos", "vis"):
             p = os.path.join(spool, f"in-{j:06d}.{key}.npy")
             np.save(p, out[key], allow_pickle=False)
             out[key] = _Ref(p, 0, C)
@@ -318,6 +322,7 @@ class _Ctx:
     W: int
     ref_size: int
     flt: StaticFilter
+    label_rule: str = DEFAULT_LABEL_RULE
 
 
 def write_shard_and_record(ctx: _Ctx, k: int, clips: dict, names: dict, cursor, finished: list, N: int) -> int:
@@ -325,17 +330,20 @@ def write_shard_and_record(ctx: _Ctx, k: int, clips: dict, names: dict, cursor, 
 
     ``names`` maps the shard's input indices to ``(path, clip id prefix)``.
     """
-    vel, valid = _resolve(clips["vel"]), _resolve(clips["valid"])
-    C, S = valid.shape[:2]
-    st, hists = shard_stats(vel, valid, ctx.W)  # statistics and all histograms in one pass
+    pos, vis = _resolve(clips["pos"]), _resolve(clips["vis"])
+    C, S = vis.shape[0], vis.shape[1] - 1
+    # statistics and all histograms in one pass
+    st, hists = shard_stats(pos, vis, ctx.W, ctx.ref_size, ctx.label_rule)
     stats3 = np.stack([st[m] for m in METRICS], axis=1)  # (C, 3, N)
     samples = []
     for i in range(C):
         j, sq, sf = int(clips["input"][i]), int(clips["sequence"][i]), int(clips["start_frame"][i])
         src, prefix = names[j]
         cid = mf.clip_id(src, sq, sf, prefix)
-        meta = {"source": src, "sequence": sq, "start_frame": sf, "ref_size": ctx.ref_size, "W": ctx.W}
-        samples.append(encode_sample(cid, vel[i], valid[i], stats3[i], meta))
+        meta = {"source": src, "sequence": sq, "start_frame": sf, "ref_size": ctx.ref_size, "W": ctx.W,
+                "label_rule": ctx.label_rule}
+        samples.append(encode_sample(cid, pos[i], vis[i], stats3[i], meta))
+    checksum = np.array([sample_checksum(x) for x in samples], np.int64)
     index = write_shard(ctx.out / "shards" / shard_name(k), samples, mtime=SHARD_MTIME)
     hist = {}
     for m in METRICS:
@@ -346,6 +354,7 @@ def write_shard_and_record(ctx: _Ctx, k: int, clips: dict, names: dict, cursor, 
     _save_npz(ctx.work / f"rec-{k:06d}.npz",
               **{f"stat_{n}": st[n] for n in PER_CLIP}, **{f"m_{n}": v for n, v in met.items()}, **hist,
               input=clips["input"], sequence=clips["sequence"], start_frame=clips["start_frame"],
+              independent=clips["independent"], checksum=checksum,
               offset=np.array([o for _, o, _ in index], np.int64), size=np.array([s for _, _, s in index], np.int64),
               cursor=np.array(cursor, np.int64), N=np.array(N), S=np.array(S),
               shard_bytes=np.array(os.path.getsize(ctx.out / "shards" / shard_name(k))),
@@ -408,7 +417,7 @@ def _prepare_out(out: Path, fingerprint: dict, force_msg: str) -> str:
 def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, ref_size: int = DEFAULT_REF_SIZE,
           W: int = DEFAULT_W, workers: int = 1, maxcount: int = DEFAULT_MAXCOUNT, part=None, on_error: str = "fail",
           image_size=None, views=None, build_filter: StaticFilter = DEFAULT_FILTER, progress: bool = True,
-          command=None) -> dict:
+          command=None, label_rule: str = DEFAULT_LABEL_RULE) -> dict:
     """Build (or resume, or confirm) ``out``; returns the summary dict (also in build.json).
 
     Raises BuildError with a one-line message on bad input (``on_error="fail"``) or an
@@ -419,7 +428,8 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
         raise BuildError(f"--on-error must be fail or skip, got {on_error!r}")
     part = _parse_part(part)
     config = make_config(fmt=fmt, window=window, stride=stride, ref_size=ref_size, W=W, maxcount=maxcount,
-                         part=part, image_size=image_size, views=views, build_filter=build_filter)
+                         part=part, image_size=image_size, views=views, build_filter=build_filter,
+                         label_rule=label_rule)
     try:
         all_inputs = list_inputs(inputs)
     except InputError as e:
@@ -451,7 +461,7 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
     if state == "fresh":
         atomic_write_json(work / "config.json", fingerprint)
 
-    ctx = _Ctx(out, work, W, ref_size, build_filter)
+    ctx = _Ctx(out, work, W, ref_size, build_filter, label_rule)
     prefixes = [mf.clip_prefix(x) for x in sources]
     recs = _load_records(work, out)
     infos: dict[int, dict] = {}
@@ -494,7 +504,7 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
                 if w[0]["j"] == j:
                     w[1] -= take
                     break
-        clips = {key: [p[key] for p in parts] if key in ("vel", "valid") else np.concatenate([p[key] for p in parts])
+        clips = {key: [p[key] for p in parts] if key in ("pos", "vis") else np.concatenate([p[key] for p in parts])
                  for key in parts[0]}
         buffered -= n_take
         finished = []
@@ -529,9 +539,9 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
                     bar.write(f"skipped {err}")
                 continue
             N = res["N"] if N is None else N
-            arr = {key: res[key] for key in ("vel", "valid", "sequence", "start_frame")}
-            if isinstance(arr["vel"], _Ref):
-                spooled[j] = (arr["vel"], arr["valid"])
+            arr = {key: res[key] for key in ("pos", "vis", "sequence", "start_frame", "independent")}
+            if isinstance(arr["pos"], _Ref):
+                spooled[j] = (arr["pos"], arr["vis"])
             C = len(arr["sequence"])
             skip = c0 if j == j0 else 0
             if skip:
@@ -571,7 +581,8 @@ def finalize(out: Path, ctx: _Ctx, sources, prefixes, config, fingerprint, in_st
         raise BuildError("no clips from any input" + (" (all inputs skipped)" if infos else ""))
     N, S = int(recs[0]["N"]), int(recs[0]["S"])
     C = sum(len(r["input"]) for r in recs)
-    attrs = store_attrs(W=ctx.W, ref_size=ctx.ref_size, T=S + 1, N=N, build_filter=config["build_filter"], n_clips=C)
+    attrs = store_attrs(W=ctx.W, ref_size=ctx.ref_size, T=S + 1, N=N, build_filter=config["build_filter"], n_clips=C,
+                        label_rule=config["label_rule"])
     hists = empty_hists(ctx.W)
     sw = StoreWriter(out / STORE_NAME, C, N, attrs)
     cols = {c: [] for c in mf.COLUMNS}
@@ -586,12 +597,13 @@ def finalize(out: Path, ctx: _Ctx, sources, prefixes, config, fingerprint, in_st
             cols["clip_id"] += [mf.clip_id(s, q, f, prefixes[j])
                                 for s, j, q, f in zip(src, r["input"], r["sequence"], r["start_frame"])]
             cols["shard"] += [f"shards/{shard_name(kk)}"] * len(src)
-            for c in ("sequence", "start_frame", "offset", "size"):
+            cols["split_group"] += [f"{s}#{q}" if ind else s for s, q, ind in zip(src, r["sequence"], r["independent"])]
+            for c in ("sequence", "start_frame", "offset", "size", "checksum"):
                 cols[c].append(r[c])
             for c in ("dynamic_ratio", "center_share", "mean_speed", "visible_fraction"):
                 cols[c].append(r[f"m_{c}"])
-        for c in ("sequence", "start_frame", "offset", "size", "dynamic_ratio", "center_share", "mean_speed",
-                  "visible_fraction"):
+        for c in ("sequence", "start_frame", "offset", "size", "checksum", "dynamic_ratio", "center_share",
+                  "mean_speed", "visible_fraction"):
             cols[c] = np.concatenate(cols[c])
         sw.close(hists, ctx.W)
     except BaseException:
@@ -654,9 +666,13 @@ def _read_build_json(d: Path) -> dict:
     if not p.is_file():
         raise BuildError(f"{d}: not a finished build (no {BUILD_JSON}; finish it by re-running its command)")
     try:
-        return json.loads(p.read_text())
+        doc = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise BuildError(f"{p}: unreadable ({e})") from None
+    if doc.get("build_format") != BUILD_FORMAT:
+        raise BuildError(f"{d}: a build of format {doc.get('build_format')!r}, this code reads format {BUILD_FORMAT}; "
+                         f"{REBUILD_HINT}")
+    return doc
 
 
 def merge(parts, out, *, progress: bool = False) -> dict:

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .labels import step_valid, velocities
+
 
 class InputError(ValueError):
     """Bad input: the message names the file and the problem (one line)."""
@@ -14,20 +16,36 @@ class InputError(ValueError):
 class Sequence:
     """One continuous track sequence of a source file, already in reference pixels.
 
-    vel: ``(S, N, 2)`` float32 per-step displacements in pixels of a ref_size x ref_size
-    frame (S = frames - 1); valid: ``(S, N)`` bool, visible at both ends of the step;
-    start_frame: frame index of step 0 in the source (for time-block validation splits).
+    pos: ``(T, N, 2)`` float32 (x, y) positions in pixels of a ref_size x ref_size frame
+    (DESIGN.md "Units and labels"); vis: ``(T, N)`` bool; start_frame: frame index of
+    frame 0 in the source (for time-block validation splits); group: the unit the
+    train/validation split keeps together (the source file, or ``file#b`` for the b-th of
+    several independent sequences of one file, DESIGN.md).
     """
 
     source: str
     index: int
-    vel: np.ndarray
-    valid: np.ndarray
+    pos: np.ndarray
+    vis: np.ndarray
     start_frame: int = 0
+    group: str = ""
+
+    def __post_init__(self):
+        self.group = self.group or self.source
+
+    @property
+    def vel(self) -> np.ndarray:
+        """``(T-1, N, 2)`` per-step displacements (derived, float32)."""
+        return velocities(self.pos)
+
+    @property
+    def valid(self) -> np.ndarray:
+        """``(T-1, N)`` visible at both ends of the step (derived)."""
+        return step_valid(self.vis)
 
 
 def tracks_to_sequence(source: str, index: int, tracks, vis, image_size, ref_size: int,
-                       start_frame: int = 0) -> Sequence:
+                       start_frame: int = 0, group: str = "") -> Sequence:
     """Pixel tracks ``(T, N, 2)`` (x, y) of an ``image_size = (H, W)`` frame -> Sequence.
 
     Raises InputError naming ``source`` for NaN/inf coordinates of visible points, wrong
@@ -59,21 +77,22 @@ def tracks_to_sequence(source: str, index: int, tracks, vis, image_size, ref_siz
         if (bad & vis).any():
             t, n = np.argwhere(bad & vis)[0]
             raise InputError(f"{where}: non-finite coordinate at frame {t}, point {n}")
-        # invisible points may carry garbage; they never contribute to a valid step
+        # invisible points may carry garbage; they never form a valid step
         tracks = np.where(bad[..., None], 0.0, tracks)
     scale = np.array([ref_size / W, ref_size / H])
-    vel = (np.diff(tracks, axis=0) * scale).astype(np.float32)
-    valid = vis[:-1] & vis[1:]
-    return Sequence(source, index, vel, valid, int(start_frame))
+    pos = (tracks * scale).astype(np.float32)
+    if not np.isfinite(pos).all():  # finite pixels can still overflow float32
+        t, n = np.argwhere(~np.isfinite(pos).all(-1))[0]
+        raise InputError(f"{where}: coordinate out of range at frame {t}, point {n}")
+    return Sequence(source, index, pos, np.ascontiguousarray(vis, bool), int(start_frame), group)
 
 
 def cut_windows(seq: Sequence, window: int, stride: int):
-    """Yield ``(start_frame, vel (window-1, N, 2), valid (window-1, N))`` clips.
+    """Yield ``(start_frame, pos (window, N, 2), vis (window, N))`` clips.
 
-    A window of ``window`` frames spans ``window - 1`` steps; windows start every
-    ``stride`` frames; a tail shorter than a window is dropped.
+    Windows of ``window`` frames start every ``stride`` frames; a tail shorter than a
+    window is dropped.
     """
-    steps = window - 1
-    S = seq.vel.shape[0]
-    for s in range(0, S - steps + 1, stride):
-        yield seq.start_frame + s, seq.vel[s:s + steps], seq.valid[s:s + steps]
+    T = seq.pos.shape[0]
+    for s in range(0, T - window + 1, stride):
+        yield seq.start_frame + s, seq.pos[s:s + window], seq.vis[s:s + window]

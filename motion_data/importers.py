@@ -8,7 +8,11 @@ Formats (``fmt``):
     (bool, or float probability where > 0.5 is visible), ``image_size`` ``(H, W)`` and
     ``start_frame`` (scalar or ``(B,)`` int: the source-video frame of each sequence's
     frame 0). ``.pt`` holds the same as a dict of tensors (or a bare tracks tensor).
-    ``.npy`` holds the tracks array only. ``(B, T, N, 2)`` is B independent sequences.
+    ``.npy`` holds the tracks array only. CoTracker's own key names ``pred_tracks`` and
+    ``pred_visibility`` are accepted for ``tracks`` and ``visibility``. ``(B, T, N, 2)``
+    without ``start_frame`` is B independent sequences (CoTracker's batch convention): the
+    train/validation split treats each as its own source (``Sequence.group``); with
+    ``start_frame`` they are windows of one video and stay together.
 ``amplify-h5``
     AMPLIFY's preprocessed LIBERO HDF5: ``root/<view>/tracks`` ``(n, 16, N, 2)`` and
     ``root/<view>/vis`` ``(n, 16, N)`` (``visibility`` is accepted too), pixels of a
@@ -20,7 +24,10 @@ Formats (``fmt``):
     (channels first or last) or ``image_size``.
 ``laps-pt``
     One clip per ``.pt`` file: normalised velocities ``(T-1, N, 2)`` in [-1, 1] with scale
-    ``(W-1)/2 = 7`` reference pixels (W = 15), every step valid.
+    ``(W-1)/2 = 7`` reference pixels (W = 15), every step valid. The format holds no
+    positions: they are rebuilt by a cumulative sum of the pixel velocities starting at the
+    frame centre ``(ref_size/2, ref_size/2)`` (``LAPS_ORIGIN``), so AMPLIFY-rule labels of
+    such clips depend on that choice (a track can leave the frame and be clamped).
 
 For the HDF5 formats the ``root`` group is optional (views may sit at the top level);
 ``views`` picks views (all views holding ``tracks`` when None).
@@ -63,6 +70,7 @@ H5_EXTS = (".h5", ".hdf5")
 SUPPORTED_EXTS = TRACK_EXTS + H5_EXTS
 AMPLIFY_FRAME = 128
 LAPS_SCALE = half_window()  # (W-1)/2 with the default W = 15
+LAPS_ORIGIN = 0.5  # laps-pt positions start at the frame centre, in units of ref_size
 
 
 class MissingDependency(ImportError):
@@ -140,7 +148,7 @@ def detect_format(path) -> str:
     if ext == ".pt":
         obj = _torch_load(path)
         if isinstance(obj, dict):
-            if "tracks" in obj:
+            if "tracks" in obj or "pred_tracks" in obj:
                 return "tracks"
             raise InputError(f"{path}: cannot detect format: dict without 'tracks' (keys {sorted(map(str, obj))})")
         arr = _to_numpy(path, "tensor", obj)
@@ -391,12 +399,14 @@ def _batched(path, tracks, vis, start_frame, kind="tracks"):
     return tracks, vis, sf
 
 
-def _sequences(path, tracks, vis, sf, image_size, ref_size, index0=0):
+def _sequences(path, tracks, vis, sf, image_size, ref_size, index0=0, independent=False):
+    """Sequences of a batched file; ``independent``: each is its own split group (DESIGN.md)."""
     out = []
     for b in range(tracks.shape[0]):
+        group = f"{path}#{index0 + b}" if independent and tracks.shape[0] > 1 else path
         try:
             out.append(tracks_to_sequence(path, index0 + b, tracks[b], None if vis is None else vis[b],
-                                          image_size, ref_size, int(sf[b])))
+                                          image_size, ref_size, int(sf[b]), group))
         except InputError as e:
             # tracks_to_sequence names "path[i]"; keep the path first, one line
             raise InputError(str(e).replace("\n", " ")) from None
@@ -413,12 +423,13 @@ def _read_tracks(path, ref_size, image_size) -> list[Sequence]:
         d = _load_pt_tracks(path)
     else:
         raise InputError(f"{path}: track files must be .npz, .npy or .pt, got {ext!r}")
-    if "tracks" not in d:
-        raise InputError(f"{path}: missing key 'tracks' (keys: {sorted(d)})")
-    vis = d.get("visibility", d.get("vis"))
-    tracks, vis, sf = _batched(path, d["tracks"], vis, d.get("start_frame"))
+    key = next((k for k in ("tracks", "pred_tracks") if k in d), None)  # ours, CoTracker's
+    if key is None:
+        raise InputError(f"{path}: missing key 'tracks' or 'pred_tracks' (keys: {sorted(d)})")
+    vis = next((d[k] for k in ("visibility", "vis", "pred_visibility") if k in d), None)
+    tracks, vis, sf = _batched(path, d[key], vis, d.get("start_frame"))
     size = _image_size(path, d.get("image_size"), image_size)
-    return _sequences(path, tracks, vis, sf, size, ref_size)
+    return _sequences(path, tracks, vis, sf, size, ref_size, independent="start_frame" not in d)
 
 
 def _h5_view_tracks(path, views, expected: str):
@@ -463,7 +474,7 @@ def _read_atm(path, ref_size, image_size, views) -> list[Sequence]:
     return out
 
 
-def _read_laps(path) -> list[Sequence]:
+def _read_laps(path, ref_size) -> list[Sequence]:
     obj = _torch_load(path)
     if isinstance(obj, dict):
         keys = [k for k in ("velocities", "vel", "velocity") if k in obj]
@@ -480,8 +491,10 @@ def _read_laps(path) -> list[Sequence]:
         raise InputError(f"{path}: non-finite velocity at step {t}, point {n}")
     if np.abs(v).max() > 1.0 + 1e-6:
         raise InputError(f"{path}: laps-pt velocities must be normalised to [-1, 1], max |v| = {np.abs(v).max():.3g}")
-    vel = (v * LAPS_SCALE).astype(np.float32)
-    return [Sequence(path, 0, vel, np.ones(vel.shape[:2], bool), 0)]
+    # positions by a cumulative sum from the frame centre (module docstring)
+    start = np.full((1, v.shape[1], 2), LAPS_ORIGIN * ref_size)
+    pos = np.concatenate([start, start + np.cumsum(v * LAPS_SCALE, axis=0)]).astype(np.float32)
+    return [Sequence(path, 0, pos, np.ones(pos.shape[:2], bool), 0)]
 
 
 def read_sequences(path, fmt: str = "auto", *, ref_size: int = DEFAULT_REF_SIZE, image_size=None,
@@ -493,7 +506,7 @@ def read_sequences(path, fmt: str = "auto", *, ref_size: int = DEFAULT_REF_SIZE,
     readers = {"tracks": lambda: _read_tracks(path, ref_size, image_size),
                "amplify-h5": lambda: _read_amplify(path, ref_size, views),
                "atm-h5": lambda: _read_atm(path, ref_size, image_size, views),
-               "laps-pt": lambda: _read_laps(path)}
+               "laps-pt": lambda: _read_laps(path, ref_size)}
     if fmt not in readers:
         raise ValueError(f"unknown format {fmt!r}; choose auto or one of {FORMATS}")
     try:

@@ -1,8 +1,11 @@
 """The one definition of units, labels and rings (DESIGN.md "Units and labels").
 
-Velocities are per-step displacements in pixels of a ``ref_size x ref_size`` frame, (x, y)
-order. Every module that needs a label, a normalised velocity or a ring calls these
-functions; nothing else re-derives them.
+Positions are pixels of a ``ref_size x ref_size`` frame, (x, y) order; velocities are their
+per-step differences. Labels follow one of ``LABEL_RULES`` (the build records which):
+``amplify`` (default, AMPLIFY's ``get_autoregressive_indices_efficient``) rounds the clamped
+positions and takes the difference, ``velocity`` rounds the difference. Every module that
+needs a label, a normalised velocity or a ring calls these functions (numpy and torch); the
+numba kernels of ``stats`` and ``loader`` are checked against them in the tests.
 """
 from __future__ import annotations
 
@@ -12,6 +15,15 @@ DEFAULT_W = 15
 DEFAULT_REF_SIZE = 128
 DEFAULT_T = 16
 DEFAULT_GRID = 20
+LABEL_RULES = ("amplify", "velocity")
+DEFAULT_LABEL_RULE = "amplify"
+
+
+def rule_code(rule: str) -> int:
+    """The rule as the integer the numba kernels take (its index in ``LABEL_RULES``)."""
+    if rule not in LABEL_RULES:
+        raise ValueError(f"label rule must be one of {', '.join(LABEL_RULES)}, got {rule!r}")
+    return LABEL_RULES.index(rule)
 
 
 def half_window(W: int = DEFAULT_W) -> float:
@@ -52,8 +64,37 @@ def labels_from_px(v_px, W: int = DEFAULT_W):
     return row * W + col
 
 
+def quantize_positions(pos, ref_size: int = DEFAULT_REF_SIZE):
+    """AMPLIFY's ``round(clip(p, 0, ref_size - 1))`` per coordinate (half to even)."""
+    if isinstance(pos, np.ndarray):
+        return np.rint(np.clip(pos, 0, ref_size - 1))
+    import torch
+
+    return torch.round(torch.clamp(pos, 0, ref_size - 1))
+
+
+def velocities(pos):
+    """``p[t+1] - p[t]`` over the time axis (-3) of ``(..., T, N, 2)`` positions."""
+    return pos[..., 1:, :, :] - pos[..., :-1, :, :]
+
+
+def step_valid(vis):
+    """``vis[t] & vis[t+1]`` over the time axis (-2) of ``(..., T, N)`` visibility."""
+    return vis[..., 1:, :] & vis[..., :-1, :]
+
+
+def labels_from_positions(pos, W: int = DEFAULT_W, ref_size: int = DEFAULT_REF_SIZE,
+                          rule: str = DEFAULT_LABEL_RULE):
+    """Labels ``(..., T-1, N)`` of positions ``(..., T, N, 2)`` (reference px) under ``rule``
+    (numpy or torch): ``amplify`` = ``labels_from_px(diff(quantize_positions(p)))``,
+    ``velocity`` = ``labels_from_px(diff(p))``."""
+    if rule_code(rule) == 0:
+        pos = quantize_positions(pos, ref_size)
+    return labels_from_px(velocities(pos), W)
+
+
 def labels_from_norm(v_norm, W: int = DEFAULT_W):
-    """Labels of normalised velocities (what the loader holds after augmentation)."""
+    """Velocity-rule labels of normalised velocities."""
     return labels_from_px(denormalize(v_norm, W), W)
 
 

@@ -1,13 +1,15 @@
 """The training/validation data loader over a build folder (one entry point: ``make_loader``).
 
-Batches follow the binding contract (DESIGN.md, "Batch contract"): ``velocities``
-``(B, S, N, 2)`` float32 normalised, ``labels`` ``(B, S, N)`` int64, ``mask`` ``(B, S, N)``
-bool (static filter AND valid), ``valid``, ``clip_id`` list and ``dynamic_ratio`` ``(B,)``.
+Batches follow the binding contract (DESIGN.md, "Batch contract"): ``positions``
+``(B, T, N, 2)`` float32 reference pixels, ``velocities`` ``(B, S, N, 2)`` float32
+normalised ``normalize(diff(positions))``, ``labels`` ``(B, S, N)`` int64 (the build's label
+rule on ``positions``), ``mask`` ``(B, S, N)`` bool (static filter AND valid), ``valid``,
+``clip_id`` list and ``dynamic_ratio`` ``(B,)``.
 
-Per sample only raw arrays are read (``vel``, ``valid``, the stored per-point ``stats``);
-the static-filter mask (``stats.keep_mask`` on the batch rows, current filter config),
-normalisation, augmentation and labels are computed once per batch, vectorised, in
-``make_batch``.
+Per sample only raw arrays are read (``pos``, ``vis``, the stored per-point ``stats``) and
+checked against the manifest's ``checksum``; the static-filter mask (``stats.keep_mask`` on
+the batch rows, current filter config), velocities, augmentation and labels are computed
+once per batch, vectorised, in ``make_batch``.
 
 Exact mode (default) reads samples by the byte ranges recorded in the manifest. Its hot path
 reads a whole batch with ``os.pread`` on cached shard descriptors and parses the plain
@@ -37,17 +39,20 @@ import torch
 
 from . import shards
 from .augment import AugmentConfig, augment_batch
-from .labels import labels_from_norm, normalize
+from .labels import (DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, labels_from_positions, normalize, rule_code, step_valid,
+                     velocities)
 from .sampler import (IndexBatch, SamplerConfig, SequentialBatchSampler, WeightedBatchSampler, clip_weights,
                       epoch_rng, load_dynamic_ratio)
-from .split import split_clips
-from .stats import METRICS, StaticFilter, keep_mask
-from .store import read_attrs
+from .split import split_manifest
+from .stats import METRICS, StaticFilter, _label_step, keep_mask
+from .store import StoreError, read_attrs
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "all")
 ON_ERROR = ("fail", "skip")
+# manifest columns the loader (and tokenize) read
+MANIFEST_COLUMNS = ["clip_id", "source", "split_group", "start_frame", "shard", "offset", "size", "checksum"]
 
 
 # ----------------------------------------------------------------------------- batch maths
@@ -63,24 +68,26 @@ def _numba_threads(n: int):
 
 
 @numba.njit(cache=True)
-def _batch_kernel(vel, valid, keep, W, v_out, lab_out, mask_out):
-    """One pass of ``labels.normalize``, ``labels.labels_from_px`` (np.rint: half to even,
-    like numpy) and the loss mask; tests/test_loader.py checks it against those functions."""
-    B, S, N = valid.shape
+def _batch_kernel(pos, vis, keep, W, ref_max, rule, v_out, lab_out, mask_out, valid_out):
+    """One pass of ``labels.normalize(velocities(pos))``, ``labels.labels_from_positions``
+    (the rule's numba form, ``stats._label_step``), ``step_valid`` and the loss mask;
+    tests/test_loader.py checks it against those functions."""
+    B, T, N = vis.shape
     h = np.float32((W - 1) / 2.0)
-    c = W // 2
     one = np.float32(1.0)
     for b in range(B):
-        for t in range(S):
+        for t in range(T - 1):
             for n in range(N):
-                vx = vel[b, t, n, 0]
-                vy = vel[b, t, n, 1]
+                ax, ay = pos[b, t, n, 0], pos[b, t, n, 1]
+                bx, by = pos[b, t + 1, n, 0], pos[b, t + 1, n, 1]
+                vx = bx - ax
+                vy = by - ay
                 v_out[b, t, n, 0] = min(max(vx / h, -one), one)
                 v_out[b, t, n, 1] = min(max(vy / h, -one), one)
-                col = min(max(np.rint(vx) + c, 0.0), W - 1.0)
-                row = min(max(np.rint(vy) + c, 0.0), W - 1.0)
-                lab_out[b, t, n] = int(row) * W + int(col)
-                mask_out[b, t, n] = keep[b, n] and valid[b, t, n]
+                lab_out[b, t, n] = _label_step(ax, ay, bx, by, vx, vy, W, ref_max, rule)
+                ok = vis[b, t, n] and vis[b, t + 1, n]
+                valid_out[b, t, n] = ok
+                mask_out[b, t, n] = keep[b, n] and ok
 
 
 def label_dtype(W: int):
@@ -89,15 +96,16 @@ def label_dtype(W: int):
     return np.uint8 if W * W <= 256 else np.int16
 
 
-def make_batch(vel_px: np.ndarray, valid: np.ndarray, stats: np.ndarray, clip_ids: list, flt: StaticFilter,
+def make_batch(pos_px: np.ndarray, vis: np.ndarray, stats: np.ndarray, clip_ids: list, flt: StaticFilter,
                W: int, augment: AugmentConfig | None = None, rng: np.random.Generator | None = None, *,
-               packed: bool = False) -> dict:
+               ref_size: int = DEFAULT_REF_SIZE, label_rule: str = DEFAULT_LABEL_RULE, packed: bool = False) -> dict:
     """Raw arrays of B clips -> the batch dict.
 
-    vel_px ``(B, S, N, 2)`` reference pixels, valid ``(B, S, N)``, stats ``(B, 3, N)`` the
-    stored per-point ``METRICS`` scores. Labels come from the velocities the model gets: from
-    the pixels when unaugmented (exactly the build's labels, one fused numba pass), else
-    ``labels_from_norm`` of the augmented normalised velocities. numpy/numba, not torch:
+    pos_px ``(B, T, N, 2)`` reference pixels, vis ``(B, T, N)``, stats ``(B, 3, N)`` the
+    stored per-point ``METRICS`` scores; ``ref_size`` and ``label_rule`` are the build's.
+    Labels come from the positions the model's velocities come from: the stored ones when
+    unaugmented (exactly the build's labels, one fused numba pass), else
+    ``labels_from_positions`` of the augmented positions. numpy/numba, not torch:
     torch's intra-op threads only slow small element-wise work down in a loader process.
 
     ``packed=True`` (what DataLoader workers send) puts every array into one byte buffer,
@@ -105,24 +113,27 @@ def make_batch(vel_px: np.ndarray, valid: np.ndarray, stats: np.ndarray, clip_id
     batch instead of one per tensor, and under half the bytes (int64 labels were 44% of
     them). ``unpack_batch`` turns it into the contract dict; the values are identical.
     """
-    B, S, N = valid.shape
-    vel_px = np.ascontiguousarray(vel_px, np.float32)
-    valid = np.ascontiguousarray(valid, np.bool_)
+    B, T, N = vis.shape
+    S = T - 1
+    pos_px = np.ascontiguousarray(pos_px, np.float32)
+    vis = np.ascontiguousarray(vis, np.bool_)
     if flt.enable and B:
-        vc = valid.sum(axis=1, dtype=np.uint8)
+        vc = step_valid(vis).sum(axis=1, dtype=np.uint8)
         with _numba_threads(1):  # thread start-up costs more than a batch's keep mask
             keep = keep_mask(stats[:, METRICS.index(flt.metric)], vc, flt.threshold, flt.min_keep)
     else:
         keep = np.ones((B, N), bool)
     lab_dtype = label_dtype(W) if packed else np.int64
-    buf, (v, dyn, labels, mask, valid_out) = _alloc(_layout(B, S, N, lab_dtype))
-    valid_out[...] = valid
+    buf, (p, v, dyn, labels, mask, valid_out) = _alloc(_layout(B, S, N, lab_dtype))
     if augment is not None and augment.enabled:
-        v[...] = augment_batch(normalize(vel_px, W), keep, valid, augment, rng)
-        labels[...] = labels_from_norm(v, W)
-        mask[...] = keep[:, None, :] & valid
+        p[...] = augment_batch(pos_px, keep, augment, rng, W)
+        v[...] = normalize(velocities(p), W)
+        labels[...] = labels_from_positions(p, W, ref_size, label_rule)
+        valid_out[...] = step_valid(vis)
+        mask[...] = keep[:, None, :] & valid_out
     else:
-        _batch_kernel(vel_px, valid, keep, W, v, labels, mask)
+        p[...] = pos_px
+        _batch_kernel(pos_px, vis, keep, W, float(ref_size - 1), rule_code(label_rule), v, labels, mask, valid_out)
     keep.mean(axis=1, dtype=np.float32, out=dyn)
     if packed:
         return {"_packed": buf, "_shape": (B, S, N, W), "clip_id": list(clip_ids)}
@@ -131,8 +142,8 @@ def make_batch(vel_px: np.ndarray, valid: np.ndarray, stats: np.ndarray, clip_id
 
 def _layout(B, S, N, lab_dtype):
     """(dtype, shape) of the batch arrays in buffer order; 4-byte items first keeps them aligned."""
-    return [(np.float32, (B, S, N, 2)), (np.float32, (B,)), (lab_dtype, (B, S, N)), (np.bool_, (B, S, N)),
-            (np.bool_, (B, S, N))]
+    return [(np.float32, (B, S + 1, N, 2)), (np.float32, (B, S, N, 2)), (np.float32, (B,)), (lab_dtype, (B, S, N)),
+            (np.bool_, (B, S, N)), (np.bool_, (B, S, N))]
 
 
 def _sections(layout):
@@ -174,12 +185,12 @@ def _views_to_batch(buf: torch.Tensor, shape, clip_ids: list, pin: bool = False)
     layout = _layout(B, S, N, lab_dtype)
     secs, _ = _sections(layout)
     t = [buf[o:o + n].view(_TORCH_DTYPE[np.dtype(dt)]).view(sh) for (o, n), (dt, sh) in zip(secs, layout)]
-    vel, dyn, labels, mask, valid = t
+    pos, vel, dyn, labels, mask, valid = t
     if labels.dtype != torch.int64:
         wide = torch.empty(labels.shape, dtype=torch.int64, pin_memory=pin)
         wide.copy_(labels)
         labels = wide
-    return {"velocities": vel, "labels": labels, "mask": mask, "valid": valid, "clip_id": clip_ids,
+    return {"positions": pos, "velocities": vel, "labels": labels, "mask": mask, "valid": valid, "clip_id": clip_ids,
             "dynamic_ratio": dyn}
 
 
@@ -256,7 +267,7 @@ _CHK_FIELD[148:156] = True
 
 
 def parse_sample(blob: bytes, key: str) -> dict:
-    """``vel``, ``valid``, ``stats`` of one sample's byte range (ustar members, PAX allowed)."""
+    """``pos``, ``vis``, ``stats`` of one sample's byte range (ustar members, PAX allowed)."""
     n = len(blob)
     if n % 512:
         raise _Unusual
@@ -296,14 +307,16 @@ def parse_sample(blob: bytes, key: str) -> dict:
     sums = np.where(_CHK_FIELD, 32, blocks).sum(axis=1)
     if not np.array_equal(sums, chks):
         raise _Unusual
-    vel = _npy(blob, *members["vel.npy"])
-    valid = _npy(blob, *members["valid.npy"])
+    pos = _npy(blob, *members["pos.npy"])
+    vis = _npy(blob, *members["vis.npy"])
     st = _npy(blob, *members["stats.npy"])
-    if vel.ndim != 3 or vel.shape[-1] != 2 or valid.shape != vel.shape[:2] or st.shape != (3, vel.shape[1]):
+    if pos.ndim != 3 or pos.shape[-1] != 2 or vis.shape != pos.shape[:2] or st.shape != (3, pos.shape[1]):
         raise _Unusual
-    if vel.dtype != np.float32 or valid.dtype != np.bool_ or st.dtype != np.float32:
+    if pos.dtype != np.float32 or vis.dtype != np.bool_ or st.dtype != np.float32:
         raise _Unusual
-    return {"vel": vel, "valid": valid, "stats": st}
+    if not (np.isfinite(pos).all() and np.isfinite(st).all()):
+        raise _Unusual  # the reference reader names the shard
+    return {"pos": pos, "vis": vis, "stats": st, "checksum": shards.array_checksum(pos, vis, st)}
 
 
 _MEMBER_EXTS = tuple(sorted(shards.SAMPLE_EXTS))  # the writers' member order
@@ -328,9 +341,9 @@ def _octal(buf, a, n):
 
 @numba.njit(cache=True)
 def _parse_batch_kernel(buf, buf32, starts, sizes, keys, key_len, exts, ext_len, heads, head_len, nbytes,
-                        st_out, valid_out, vel_out, ok):
+                        pos_out, st_out, vis_out, ok):
     """Parse each sample's byte range ``buf[starts[j]:starts[j] + sizes[j]]`` and copy its
-    ``.npy`` members' data into row j of ``st_out``, ``valid_out``, ``vel_out`` (flat rows;
+    ``.npy`` members' data into row j of ``pos_out``, ``st_out``, ``vis_out`` (flat rows;
     ``buf32`` is ``buf`` viewed as float32). A sample is ``ok`` only when it is
     exactly the four plain ustar members ``<key>.<ext>`` in the writers' order with valid
     header checksums and ``.npy`` headers equal to the expected ones (dtype and shape);
@@ -381,7 +394,7 @@ def _parse_batch_kernel(buf, buf32, starts, sizes, keys, key_len, exts, ext_len,
             m += 1
         if not good or m != 4 or pos != end:
             continue
-        # members 1..3 are the .npy arrays (stats, valid, vel)
+        # members 1..3 are the .npy arrays (pos, stats, vis)
         for q in range(3):
             a = data_at[q + 1]
             hl = head_len[q]
@@ -394,17 +407,17 @@ def _parse_batch_kernel(buf, buf32, starts, sizes, keys, key_len, exts, ext_len,
                     break
         if not good:
             continue
-        a = data_at[2] + head_len[1]
-        valid_out[j, :] = buf[a:a + nbytes[1]]
+        a = data_at[3] + head_len[2]
+        vis_out[j, :] = buf[a:a + nbytes[2]]
         # float members: npy data starts 64-byte aligned (sample ranges are whole 512-byte
         # blocks), so they are copied as float32, which is several times faster than bytes
         a = data_at[1] + head_len[0]
-        if a % 4 != 0 or (data_at[3] + head_len[2]) % 4 != 0:
+        if a % 4 != 0 or (data_at[2] + head_len[1]) % 4 != 0:
             continue
         a //= 4
-        st_out[j, :] = buf32[a:a + nbytes[0] // 4]
-        a = (data_at[3] + head_len[2]) // 4
-        vel_out[j, :] = buf32[a:a + nbytes[2] // 4]
+        pos_out[j, :] = buf32[a:a + nbytes[0] // 4]
+        a = (data_at[2] + head_len[1]) // 4
+        st_out[j, :] = buf32[a:a + nbytes[1] // 4]
         ok[j] = True
 
 
@@ -417,9 +430,13 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def __init__(self, build_dir, manifest: dict, flt: StaticFilter, W: int, S: int, N: int,
                  augment: AugmentConfig | None = None, seed: int = 0, on_error: str = "fail"):
+        """``manifest``: columns ``MANIFEST_COLUMNS`` of the build's manifest; S = T - 1 steps."""
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         self.root = Path(build_dir)
+        info = read_build_info(self.root)
+        self.ref_size, self.label_rule = info["ref_size"], info["label_rule"]
+        self.checksum = np.asarray(manifest["checksum"], np.int64)
         self.shard_paths = sorted(set(manifest["shard"]))
         code = {s: i for i, s in enumerate(self.shard_paths)}
         self.shard_of = np.fromiter((code[s] for s in manifest["shard"]), np.int32, len(manifest["shard"]))
@@ -470,9 +487,10 @@ class ClipDataset(torch.utils.data.Dataset):
             out = parse_sample(blob, key)
         except (_Unusual, OSError):
             out = shards.read_sample(self._path(row), off, size, key)
-        if out["vel"].shape != (self.S, self.N, 2):
-            raise shards.ShardError(f"{self._path(row)}@{off} ({key}): clip shape {out['vel'].shape[:2]}, "
-                                    f"build says {(self.S, self.N)}")
+        if out["pos"].shape != (self.S + 1, self.N, 2):
+            raise shards.ShardError(f"{self._path(row)}@{off} ({key}): clip shape {out['pos'].shape[:2]}, "
+                                    f"build says {(self.S + 1, self.N)}")
+        shards.check_checksum(out, self.checksum[row], f"{self._path(row)}@{off} ({key})")
         return out
 
     def __getitem__(self, row):
@@ -481,8 +499,8 @@ class ClipDataset(torch.utils.data.Dataset):
     def _expected(self):
         """Per-sample constants of the batch parser (npy headers of the build's shapes)."""
         if getattr(self, "_exp", None) is None:
-            S, N = self.S, self.N
-            specs = [((3, N), np.float32), ((S, N), np.bool_), ((S, N, 2), np.float32)]
+            T, N = self.S + 1, self.N
+            specs = [((T, N, 2), np.float32), ((3, N), np.float32), ((T, N), np.bool_)]  # member order
             heads = [_npy_header(sh, dt) for sh, dt in specs]
             H = np.zeros((3, max(map(len, heads))), np.uint8)
             for q, h in enumerate(heads):
@@ -495,10 +513,11 @@ class ClipDataset(torch.utils.data.Dataset):
                          np.array([math.prod(sh) * np.dtype(dt).itemsize for sh, dt in specs], np.int64))
         return self._exp
 
-    def _read_fast(self, rows, order, vel, valid, st) -> np.ndarray:
+    def _read_fast(self, rows, order, pos, vis, st) -> np.ndarray:
         """Read the batch's byte ranges into one buffer (``os.preadv``, file order) and parse
-        them in one numba pass straight into ``vel``/``valid``/``st``. Returns the rows done;
-        the others (unusual or damaged samples) go through ``read``."""
+        them in one numba pass straight into ``pos``/``vis``/``st``. Returns the rows done
+        (finite, checksum equal to the manifest's); the others (unusual or damaged samples)
+        go through ``read``, which names the problem."""
         B = len(rows)
         done = np.zeros(B, bool)
         if B == 0 or not hasattr(os, "preadv"):
@@ -522,22 +541,26 @@ class ClipDataset(torch.utils.data.Dataset):
             K[j, :len(k)] = np.frombuffer(k, np.uint8)
         E, el, H, hl, nb = self._expected()
         _parse_batch_kernel(buf, buf.view(np.float32), starts, sizes, K, np.array([len(k) for k in keys], np.int64),
-                            E, el, H, hl, nb, st.reshape(B, -1), valid.view(np.uint8).reshape(B, -1),
-                            vel.reshape(B, -1), done)
-        return done & readable
+                            E, el, H, hl, nb, pos.reshape(B, -1), st.reshape(B, -1), vis.view(np.uint8).reshape(B, -1),
+                            done)
+        done &= readable
+        done &= np.isfinite(pos.reshape(B, -1)).all(1) & np.isfinite(st.reshape(B, -1)).all(1)
+        for j in np.flatnonzero(done):
+            done[j] = shards.array_checksum(pos[j], vis[j], st[j]) == self.checksum[rows[j]]
+        return done
 
     def __getitems__(self, rows) -> dict:
         key = getattr(rows, "key", (0, 0, 0))  # IndexBatch: seeds this batch's augmentation
         rows = list(rows)
         B = len(rows)
-        vel = np.empty((B, self.S, self.N, 2), np.float32)
-        valid = np.empty((B, self.S, self.N), bool)
+        pos = np.empty((B, self.S + 1, self.N, 2), np.float32)
+        vis = np.empty((B, self.S + 1, self.N), bool)
         st = np.empty((B, 3, self.N), np.float32)
         ok = np.ones(B, bool)
         errors = []
         # read in file order: sequential access within each shard
         order = sorted(range(B), key=lambda j: (self.shard_of[rows[j]], self.offset[rows[j]]))
-        fast = self._read_fast(rows, order, vel, valid, st)
+        fast = self._read_fast(rows, order, pos, vis, st)
         for j in order:
             if fast[j]:
                 continue
@@ -549,12 +572,13 @@ class ClipDataset(torch.utils.data.Dataset):
                 ok[j] = False
                 errors.append(str(e))
                 continue
-            vel[j], valid[j], st[j] = s["vel"], s["valid"], s["stats"]
+            pos[j], vis[j], st[j] = s["pos"], s["vis"], s["stats"]
         ids = [self.clip_id[r] for r, g in zip(rows, ok) if g]
         if not ok.all():
-            vel, valid, st = vel[ok], valid[ok], st[ok]
+            pos, vis, st = pos[ok], vis[ok], st[ok]
         rng = epoch_rng(self.seed, *key, 1)
-        batch = make_batch(vel, valid, st, ids, self.flt, self.W, self.augment, rng,
+        batch = make_batch(pos, vis, st, ids, self.flt, self.W, self.augment, rng, ref_size=self.ref_size,
+                           label_rule=self.label_rule,
                            packed=self.packed and torch.utils.data.get_worker_info() is not None)
         batch["skipped"] = errors
         return batch
@@ -570,8 +594,11 @@ class _StreamState:
     """Streaming-mode stages and their shared epoch (a shared-memory tensor, so persistent
     workers see ``set_epoch``); per-worker errors are carried out inside the batches."""
 
-    def __init__(self, root, rel_weight: dict, flt, W, S, N, augment, seed, rank, on_error):
+    def __init__(self, root, rel_weight: dict, checksum: dict, flt, W, S, N, augment, seed, rank, on_error):
         self.root, self.rel_weight, self.flt, self.W, self.S, self.N = root, rel_weight, flt, W, S, N
+        self.checksum = checksum
+        info = read_build_info(root)
+        self.ref_size, self.label_rule = info["ref_size"], info["label_rule"]
         self.augment, self.seed, self.rank, self.on_error = augment, seed, rank, on_error
         self.epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.errors: list = []
@@ -606,8 +633,10 @@ class _StreamState:
             where = f"{sample.get('__url__', '?')} ({sample['__key__']})"
             try:
                 d = shards.decode_members({k: v for k, v in sample.items() if not k.startswith("__")}, where)
-                if d["vel"].shape != (self.S, self.N, 2):
-                    raise shards.ShardError(f"{where}: clip shape {d['vel'].shape[:2]}, build says {(self.S, self.N)}")
+                if d["pos"].shape != (self.S + 1, self.N, 2):
+                    raise shards.ShardError(f"{where}: clip shape {d['pos'].shape[:2]}, "
+                                            f"build says {(self.S + 1, self.N)}")
+                shards.check_checksum(d, self.checksum[sample["__key__"]], where)
             except shards.ShardError as e:
                 if self.on_error == "fail":
                     raise
@@ -617,12 +646,13 @@ class _StreamState:
                 yield sample["__key__"], d
 
     def collate(self, items):
-        vel = np.stack([d["vel"] for _, d in items])
-        valid = np.stack([d["valid"] for _, d in items])
+        pos = np.stack([d["pos"] for _, d in items])
+        vis = np.stack([d["vis"] for _, d in items])
         st = np.stack([d["stats"] for _, d in items])
         if self._rng is None:
             self._rng = np.random.default_rng(self.worker_seed() + 1)
-        batch = make_batch(vel, valid, st, [k for k, _ in items], self.flt, self.W, self.augment, self._rng,
+        batch = make_batch(pos, vis, st, [k for k, _ in items], self.flt, self.W, self.augment, self._rng,
+                           ref_size=self.ref_size, label_rule=self.label_rule,
                            packed=torch.utils.data.get_worker_info() is not None)
         batch["skipped"], self.errors = self.errors, []
         return batch
@@ -730,8 +760,14 @@ def _worker_context():
 
 
 def read_build_info(build_dir) -> dict:
-    a = read_attrs(build_dir)
-    return {"W": int(a["W"]), "T": int(a["T"]), "N": int(a["N"]), "n_clips": int(a["n_clips"])}
+    """The build's shape and label parameters (``stats.zarr`` attributes); a missing or
+    old-format store is a ValueError with StoreError's one line (folder and way out)."""
+    try:
+        a = read_attrs(build_dir)
+    except StoreError as e:
+        raise ValueError(str(e)) from None
+    return {"W": int(a["W"]), "T": int(a["T"]), "N": int(a["N"]), "n_clips": int(a["n_clips"]),
+            "ref_size": int(a["ref_size"]), "label_rule": str(a["label_rule"])}
 
 
 def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter | None = None,
@@ -754,11 +790,10 @@ def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter 
     root = Path(build_dir)
     info = read_build_info(root)
     W, T, N = info["W"], info["T"], info["N"]
-    man = pq.read_table(root / "manifest.parquet",
-                        columns=["clip_id", "source", "start_frame", "shard", "offset", "size"]).to_pydict()
+    man = pq.read_table(root / "manifest.parquet", columns=MANIFEST_COLUMNS).to_pydict()
     if len(man["clip_id"]) != info["n_clips"]:
         raise ValueError(f"{root}: manifest has {len(man['clip_id'])} clips, stats.zarr {info['n_clips']}")
-    train_rows, val_rows = split_clips(man["source"], man["start_frame"], val_split, T)
+    train_rows, val_rows = split_manifest(man, val_split, T)
     rows = {"train": train_rows, "val": val_rows, "all": np.arange(len(man["clip_id"]))}[split]
     if len(rows) == 0:
         raise ValueError(f"{root}: the {split!r} split is empty (val_split={val_split})")
@@ -777,7 +812,8 @@ def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter 
         weights = clip_weights(load_dynamic_ratio(root, flt)[rows], sampler)
         mean_w = weights.mean()
         rel = {man["clip_id"][r]: float(w / mean_w) for r, w in zip(rows, weights)}
-        state = _StreamState(root, rel, flt, W, T - 1, N, aug, seed, rank, on_error)
+        checksum = {man["clip_id"][r]: int(man["checksum"][r]) for r in rows}
+        state = _StreamState(root, rel, checksum, flt, W, T - 1, N, aug, seed, rank, on_error)
         urls = [str(root / s) for s in sorted(set(man["shard"]))]
         pipe = _streaming_pipeline(state, urls, batch_size, shuffle_buffer)
         n_batches = max(1, (epoch_size or len(rows)) // (batch_size * world_size))

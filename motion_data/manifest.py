@@ -2,7 +2,10 @@
 
 Columns (DESIGN.md, binding): clip_id, source, sequence, start_frame, shard (relative to
 the build folder), offset, size (byte range of the sample in its tar), dynamic_ratio and
-center_share under the build filter, mean_speed, visible_fraction.
+center_share under the build filter, mean_speed, visible_fraction; checksum
+(``shards.array_checksum`` of the sample's arrays, compared by the readers); split_group
+(the unit the train/validation split keeps together: the source file, or ``file#b`` for
+the b-th independent sequence of a file without ``start_frame``, DESIGN.md).
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ SCHEMA = pa.schema([
     ("center_share", pa.float32()),
     ("mean_speed", pa.float32()),
     ("visible_fraction", pa.float32()),
+    ("checksum", pa.int64()),
+    ("split_group", pa.string()),
 ])
 COLUMNS = tuple(SCHEMA.names)
 
@@ -57,7 +62,7 @@ def to_table(columns: dict) -> pa.Table:
     missing = [c for c in COLUMNS if c not in columns]
     if missing:
         raise ManifestError(f"manifest columns missing: {missing}")
-    return pa.table({c: pa.array(np.asarray(columns[c]) if c not in ("clip_id", "source", "shard")
+    return pa.table({c: pa.array(np.asarray(columns[c]) if c not in ("clip_id", "source", "shard", "split_group")
                                  else list(columns[c]), type=SCHEMA.field(c).type) for c in COLUMNS},
                     schema=SCHEMA)
 
@@ -79,7 +84,9 @@ def validate(table: pa.Table, where: str = "manifest", build_dir=None) -> pa.Tab
         names = table.schema.names
         missing = [c for c in COLUMNS if c not in names]
         if missing:
-            raise ManifestError(f"{where}: missing columns {missing}")
+            old = " (an older build format; rebuild it with `python -m preprocess build-shards`)" \
+                if "checksum" in missing else ""
+            raise ManifestError(f"{where}: missing columns {missing}{old}")
         try:
             table = table.select(list(COLUMNS)).cast(SCHEMA)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
@@ -121,6 +128,7 @@ def verify_build(build_dir, samples: bool = True) -> int:
     per-point statistics must also equal its store row. Raises ManifestError naming the
     manifest and the shard at the first disagreement; returns the number of clips.
     """
+    from .labels import step_valid
     from .shards import ShardError, index_shard, read_sample
     from .stats import METRICS
     from .store import PER_CLIP, StoreError, open_store
@@ -132,6 +140,7 @@ def verify_build(build_dir, samples: bool = True) -> int:
     shard = table.column("shard").to_pylist()
     off = table.column("offset").to_numpy()
     size = table.column("size").to_numpy()
+    checksum = table.column("checksum").to_numpy()
     rows_of: dict = {}
     for i, s in enumerate(shard):
         rows_of.setdefault(s, []).append(i)
@@ -166,12 +175,12 @@ def verify_build(build_dir, samples: bool = True) -> int:
         st = {k: np.asarray(g[f"stats/{k}"][:]) for k in PER_CLIP}
         for i in range(len(ids)):
             try:
-                smp = read_sample(build_dir / shard[i], int(off[i]), int(size[i]), ids[i])
+                smp = read_sample(build_dir / shard[i], int(off[i]), int(size[i]), ids[i], int(checksum[i]))
             except ShardError as e:
                 raise ManifestError(f"{where}: row {i}: {e}") from None
             mine = np.stack([st[m][i] for m in METRICS])
             if not (np.array_equal(smp["stats"], mine)
-                    and np.array_equal(smp["valid"].sum(0), st["valid_count"][i])):
+                    and np.array_equal(step_valid(smp["vis"]).sum(0), st["valid_count"][i])):
                 raise ManifestError(f"{where}: row {i} ({ids[i]}): statistics in {shard[i]} differ from "
                                     f"{build_dir / 'stats.zarr'} row {i}")
     return len(ids)

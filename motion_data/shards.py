@@ -1,18 +1,20 @@
 """Webdataset tar shards: the sample layout, atomic shard writing, random access by offset.
 
-A sample (key = clip id) holds
-  ``vel.npy``    (S, N, 2) float32 displacements in reference pixels (S = T-1),
-  ``valid.npy``  (S, N) bool, point visible at both ends of the step,
+A sample (key = clip id) holds (DESIGN.md "Artifacts")
+  ``pos.npy``    (T, N, 2) float32 (x, y) positions in reference pixels,
+  ``vis.npy``    (T, N) bool visibility (velocities and valid steps follow from these two),
   ``stats.npy``  (3, N) float32 per-point mean, p95, max of ``||v_norm||`` (stats.METRICS order),
-  ``json``       small metadata (source, sequence, start frame, ref_size, W).
+  ``json``       small metadata (source, sequence, start frame, ref_size, W, label rule).
 Any webdataset reader can read the shards. For exact random access the writer returns, per
 sample, the byte offset of its first tar header and the byte length up to the end of its
-last member; ``read_sample`` parses just that range.
+last member; ``read_sample`` parses just that range. ``array_checksum`` of each sample's
+arrays goes into the manifest (column ``checksum``); readers compare it.
 """
 from __future__ import annotations
 
 import io
 import json
+import zlib
 import os
 import tarfile
 import time
@@ -22,7 +24,7 @@ import numpy as np
 
 from .atomic import atomic_open
 
-SAMPLE_EXTS = ("vel.npy", "valid.npy", "stats.npy", "json")
+SAMPLE_EXTS = ("pos.npy", "vis.npy", "stats.npy", "json")
 
 
 class ShardError(RuntimeError):
@@ -33,14 +35,28 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
 
-def encode_sample(clip_id: str, vel: np.ndarray, valid: np.ndarray, stats: np.ndarray, meta: dict) -> dict:
+def encode_sample(clip_id: str, pos: np.ndarray, vis: np.ndarray, stats: np.ndarray, meta: dict) -> dict:
     return {
         "__key__": clip_id,
-        "vel.npy": np.ascontiguousarray(vel, dtype=np.float32),
-        "valid.npy": np.ascontiguousarray(valid, dtype=np.bool_),
+        "pos.npy": np.ascontiguousarray(pos, dtype=np.float32),
+        "vis.npy": np.ascontiguousarray(vis, dtype=np.bool_),
         "stats.npy": np.ascontiguousarray(stats, dtype=np.float32),
         "json": meta,
     }
+
+
+def array_checksum(pos: np.ndarray, vis: np.ndarray, stats: np.ndarray) -> int:
+    """CRC-32 of a sample's array data (C-order bytes of pos, vis, stats, in that order):
+    the manifest's ``checksum`` column. Headers are not covered: readers check those."""
+    c = 0
+    for a in (pos, vis, stats):
+        c = zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1), c)
+    return c
+
+
+def sample_checksum(sample: dict) -> int:
+    """``array_checksum`` of an ``encode_sample`` dict."""
+    return array_checksum(sample["pos.npy"], sample["vis.npy"], sample["stats.npy"])
 
 
 _NPY_HEADERS: dict = {}
@@ -150,14 +166,30 @@ def decode_members(members: dict[str, bytes], where: str) -> dict:
         out["meta"] = json.loads(members["json"])
     except (ValueError, OSError, json.JSONDecodeError) as e:
         raise ShardError(f"{where}: malformed sample ({e})") from None
-    vel, valid = out["vel"], out["valid"]
-    if vel.ndim != 3 or vel.shape[-1] != 2 or valid.shape != vel.shape[:2] or out["stats"].shape != (3, vel.shape[1]):
-        raise ShardError(f"{where}: inconsistent shapes vel {vel.shape} valid {valid.shape} stats {out['stats'].shape}")
+    pos, vis, st = out["pos"], out["vis"], out["stats"]
+    if pos.ndim != 3 or pos.shape[-1] != 2 or vis.shape != pos.shape[:2] or st.shape != (3, pos.shape[1]):
+        raise ShardError(f"{where}: inconsistent shapes pos {pos.shape} vis {vis.shape} stats {st.shape}")
+    if pos.dtype != np.float32 or vis.dtype != np.bool_ or st.dtype != np.float32:
+        raise ShardError(f"{where}: dtypes pos {pos.dtype} vis {vis.dtype} stats {st.dtype}, "
+                         f"expected float32, bool, float32")
+    if not (np.isfinite(pos).all() and np.isfinite(st).all()):
+        raise ShardError(f"{where}: non-finite values in the sample")
+    out["checksum"] = array_checksum(pos, vis, st)
     return out
 
 
-def read_sample(shard: str | os.PathLike, offset: int, size: int, key: str | None = None) -> dict:
-    """Read one sample by its byte range (from the manifest); errors name the shard."""
+def check_checksum(sample: dict, expected: int, where: str) -> None:
+    """ShardError naming ``where`` when a decoded sample's ``checksum`` is not ``expected``."""
+    if int(sample["checksum"]) != int(expected):
+        raise ShardError(f"{where}: checksum mismatch (manifest {int(expected):#010x}, data "
+                         f"{int(sample['checksum']):#010x}): the shard is damaged; rebuild it with "
+                         f"`python -m preprocess build-shards`")
+
+
+def read_sample(shard: str | os.PathLike, offset: int, size: int, key: str | None = None,
+                checksum: int | None = None) -> dict:
+    """Read one sample by its byte range (from the manifest); errors name the shard. With
+    ``checksum`` (the manifest's) the arrays must match it."""
     where = f"{shard}@{offset}" + (f" ({key})" if key else "")
     try:
         with open(shard, "rb") as f:
@@ -187,4 +219,6 @@ def read_sample(shard: str | os.PathLike, offset: int, size: int, key: str | Non
         raise ShardError(f"{where}: corrupt tar data ({e})") from None
     out = decode_members(members, where)
     out["key"] = seen_key
+    if checksum is not None:
+        check_checksum(out, checksum, where)
     return out

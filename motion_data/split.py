@@ -11,6 +11,8 @@ Rule (depends only on the manifest, never on file order or a random seed):
   that block, so overlapping training windows next to the block are dropped (the gap) and
   no validation window shares a frame with a training window. Frames are indexed per
   source file, so clips of different sequences of one file are treated as sharing frames.
+A "source" here is the manifest's ``split_group``: the file, or ``file#b`` for each of B
+independent sequences of a file without ``start_frame`` (DESIGN.md).
 """
 from __future__ import annotations
 
@@ -65,3 +67,8 @@ def split_clips(source, start_frame, val_split: float, T: int) -> tuple[np.ndarr
         train.append(rows[start[rows] + T <= first])
     cat = lambda xs: np.sort(np.concatenate(xs)).astype(np.int64) if xs else np.zeros(0, np.int64)
     return cat(train), cat(val)
+
+
+def split_manifest(man: dict, val_split: float, T: int) -> tuple[np.ndarray, np.ndarray]:
+    """``split_clips`` of a build's manifest columns (``split_group``, ``start_frame``)."""
+    return split_clips(man["split_group"], man["start_frame"], val_split, T)

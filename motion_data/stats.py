@@ -1,9 +1,12 @@
 """Per-point statistics, the static filter and the score-binned class histograms.
 
 Hot loops are numba kernels (``cache=True`` so a second process starts fast); each has a
-plain numpy reference in ``tests/test_stats.py``. Definitions follow DESIGN.md:
-speed = ``||v_norm||``; per-point ``mean``/``p95``/``max`` over valid steps (0 when a point
-has none); a point is dynamic when ``score >= threshold``; when fewer than ``min_keep``
+plain numpy reference in ``tests/test_stats.py``. Kernels take a clip's positions
+``(T, N, 2)`` (reference px) and visibility ``(T, N)``; a step's velocity is
+``p[t+1] - p[t]`` (float32) and it is valid when the point is visible at both ends. Labels
+follow the build's rule (``labels.LABEL_RULES``, the integer ``labels.rule_code``).
+Definitions follow DESIGN.md: speed = ``||v_norm||``; per-point ``mean``/``p95``/``max``
+over valid steps (0 when a point has none); a point is dynamic when ``score >= threshold``; when fewer than ``min_keep``
 points of a clip are dynamic, the ``min_keep`` highest-scoring points among those with a
 valid step are kept instead (ties: lower point index first).
 """
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from .labels import DEFAULT_W
+from .labels import DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, DEFAULT_W, rule_code
 
 METRICS = ("mean", "p95", "max")
 
@@ -77,10 +80,26 @@ def _label(vx, vy, W):
 
 
 @numba.njit(cache=True, inline="always")
-def _clip_pass(vel, valid, ci, W, h, centre, sp, labs, kk, ssum, cc, top1, top2):
+def _quantize(p, ref_max):
+    """AMPLIFY's ``round(clip(p, 0, ref_size - 1))`` (``labels.quantize_positions``)."""
+    return _round_half_even(min(max(p, 0.0), ref_max))
+
+
+@numba.njit(cache=True, inline="always")
+def _label_step(ax, ay, bx, by, vx, vy, W, ref_max, rule):
+    """Label of the step from (ax, ay) to (bx, by) with displacement (vx, vy): rule 0
+    (amplify) differences the quantised positions, rule 1 (velocity) rounds (vx, vy);
+    ``labels.labels_from_positions`` is the reference."""
+    if rule == 0:
+        return _label(_quantize(bx, ref_max) - _quantize(ax, ref_max), _quantize(by, ref_max) - _quantize(ay, ref_max), W)
+    return _label(vx, vy, W)
+
+
+@numba.njit(cache=True, inline="always")
+def _clip_pass(pos, vis, ci, W, h, centre, ref_max, rule, sp, labs, kk, ssum, cc, top1, top2):
     """Speed ``sp`` and label ``labs`` ``(S, N)`` of every step of clip ``ci``, and per point
     its valid-step count, speed sum (in step order), centre count, largest and second
-    largest speed. Steps outer, points inner: the inner loop is branch-free and SIMD."""
+    largest speed. Steps outer, points inner."""
     S, N = sp.shape
     for n in range(N):
         kk[n] = 0
@@ -90,15 +109,17 @@ def _clip_pass(vel, valid, ci, W, h, centre, sp, labs, kk, ssum, cc, top1, top2)
         top2[n] = -1.0
     for t in range(S):
         for n in range(N):
-            vx = vel[ci, t, n, 0]
-            vy = vel[ci, t, n, 1]
+            ax, ay = pos[ci, t, n, 0], pos[ci, t, n, 1]
+            bx, by = pos[ci, t + 1, n, 0], pos[ci, t + 1, n, 1]
+            vx = bx - ax  # float32, as numpy's diff of the stored positions
+            vy = by - ay
             nx = min(max(vx / h, -1.0), 1.0)
             ny = min(max(vy / h, -1.0), 1.0)
             v = math.sqrt(nx * nx + ny * ny)
-            lab = _label(vx, vy, W)
+            lab = _label_step(ax, ay, bx, by, vx, vy, W, ref_max, rule)
             sp[t, n] = v
             labs[t, n] = lab
-            ok = valid[ci, t, n]
+            ok = vis[ci, t, n] and vis[ci, t + 1, n]
             kk[n] += ok
             ssum[n] += v if ok else 0.0
             cc[n] += ok and lab == centre
@@ -109,7 +130,7 @@ def _clip_pass(vel, valid, ci, W, h, centre, sp, labs, kk, ssum, cc, top1, top2)
 
 
 @numba.njit(cache=True, inline="always")
-def _store_clip(valid, ci, sp, kk, ssum, cc, top1, top2, buf, mean, p95, mx, center_count, valid_count):
+def _store_clip(vis, ci, sp, kk, ssum, cc, top1, top2, buf, mean, p95, mx, center_count, valid_count):
     S, N = sp.shape
     for n in range(N):
         k = kk[n]
@@ -135,7 +156,7 @@ def _store_clip(valid, ci, sp, kk, ssum, cc, top1, top2, buf, mean, p95, mx, cen
         else:
             m = 0
             for t in range(S):
-                if valid[ci, t, n]:
+                if vis[ci, t, n] and vis[ci, t + 1, n]:
                     buf[m] = sp[t, n]
                     m += 1
             srt = np.sort(buf[:k])
@@ -143,49 +164,59 @@ def _store_clip(valid, ci, sp, kk, ssum, cc, top1, top2, buf, mean, p95, mx, cen
 
 
 @numba.njit(cache=True, inline="always")
-def _clip_stats(vel, valid, ci, W, sp, labs, kk, ssum, cc, top1, top2, buf, mean, p95, mx, center_count, valid_count):
+def _clip_stats(pos, vis, ci, W, ref_max, rule, sp, labs, kk, ssum, cc, top1, top2, buf, mean, p95, mx,
+                center_count, valid_count):
     h = (W - 1) / 2.0
     centre = (W // 2) * W + W // 2
-    _clip_pass(vel, valid, ci, W, h, centre, sp, labs, kk, ssum, cc, top1, top2)
-    _store_clip(valid, ci, sp, kk, ssum, cc, top1, top2, buf, mean, p95, mx, center_count, valid_count)
+    _clip_pass(pos, vis, ci, W, h, centre, ref_max, rule, sp, labs, kk, ssum, cc, top1, top2)
+    _store_clip(vis, ci, sp, kk, ssum, cc, top1, top2, buf, mean, p95, mx, center_count, valid_count)
 
 
 @numba.njit(cache=True, parallel=True)
-def _point_stats_kernel(vel, valid, W, mean, p95, mx, center_count, valid_count):
-    C, S, N = valid.shape
+def _point_stats_kernel(pos, vis, W, ref_max, rule, mean, p95, mx, center_count, valid_count):
+    C, T, N = vis.shape
+    S = T - 1
     for ci in numba.prange(C):
         sp = np.empty((S, N), np.float64)
         labs = np.empty((S, N), np.int32)
         kk, cc = np.empty(N, np.int64), np.empty(N, np.int64)
         ssum, top1, top2 = np.empty(N, np.float64), np.empty(N, np.float64), np.empty(N, np.float64)
-        _clip_stats(vel, valid, ci, W, sp, labs, kk, ssum, cc, top1, top2, np.empty(S, np.float64),
+        _clip_stats(pos, vis, ci, W, ref_max, rule, sp, labs, kk, ssum, cc, top1, top2, np.empty(S, np.float64),
                     mean, p95, mx, center_count, valid_count)
 
 
-def _clips_and_outputs(vel_px, valid, who: str):
-    """Contiguous (vel, valid) checked as (C,S,N,2)/(C,S,N), and the per-point output arrays."""
-    vel_px = np.ascontiguousarray(vel_px, dtype=np.float32)
-    valid = np.ascontiguousarray(valid, dtype=np.bool_)
-    if vel_px.ndim != 4 or vel_px.shape[-1] != 2 or valid.shape != vel_px.shape[:3]:
-        raise ValueError(f"{who}: expected vel (C,S,N,2) and valid (C,S,N), got {vel_px.shape} and {valid.shape}")
-    if vel_px.shape[1] > 255:  # counts are uint8
-        raise ValueError(f"{who}: at most 255 steps per clip, got {vel_px.shape[1]}")
-    C, S, N = valid.shape
+def _clips(pos, vis, who: str):
+    """Contiguous float32 positions and bool visibility checked as (C,T,N,2)/(C,T,N)."""
+    pos = np.ascontiguousarray(pos, dtype=np.float32)
+    vis = np.ascontiguousarray(vis, dtype=np.bool_)
+    if pos.ndim != 4 or pos.shape[-1] != 2 or vis.shape != pos.shape[:3]:
+        raise ValueError(f"{who}: expected pos (C,T,N,2) and vis (C,T,N), got {pos.shape} and {vis.shape}")
+    if not 2 <= pos.shape[1] <= 256:  # counts are uint8
+        raise ValueError(f"{who}: need 2 to 256 frames per clip, got {pos.shape[1]}")
+    return pos, vis
+
+
+def _clips_and_outputs(pos, vis, who: str):
+    """``_clips`` and the per-point output arrays."""
+    pos, vis = _clips(pos, vis, who)
+    C, N = vis.shape[0], vis.shape[2]
     out = {m: np.empty((C, N), np.float32) for m in METRICS}
     out["center_count"] = np.empty((C, N), np.uint8)
     out["valid_count"] = np.empty((C, N), np.uint8)
-    return vel_px, valid, out
+    return pos, vis, out
 
 
-def point_stats(vel_px: np.ndarray, valid: np.ndarray, W: int = DEFAULT_W) -> dict:
+def point_stats(pos: np.ndarray, vis: np.ndarray, W: int = DEFAULT_W, ref_size: int = DEFAULT_REF_SIZE,
+                rule: str = DEFAULT_LABEL_RULE) -> dict:
     """Per-point statistics of clips.
 
-    vel_px ``(C, S, N, 2)`` float displacements in reference pixels, valid ``(C, S, N)``
-    bool. Returns ``mean``, ``p95``, ``max`` ``(C, N)`` float32 and ``center_count``,
-    ``valid_count`` ``(C, N)`` uint8 (S <= 255).
+    pos ``(C, T, N, 2)`` positions in reference pixels, vis ``(C, T, N)`` bool; ``rule``
+    makes the labels counted in ``center_count``. Returns ``mean``, ``p95``, ``max``
+    ``(C, N)`` float32 and ``center_count``, ``valid_count`` ``(C, N)`` uint8 (T <= 256).
     """
-    vel_px, valid, out = _clips_and_outputs(vel_px, valid, "point_stats")
-    _point_stats_kernel(vel_px, valid, W, out["mean"], out["p95"], out["max"], out["center_count"], out["valid_count"])
+    pos, vis, out = _clips_and_outputs(pos, vis, "point_stats")
+    _point_stats_kernel(pos, vis, W, float(ref_size - 1), rule_code(rule), out["mean"], out["p95"], out["max"],
+                        out["center_count"], out["valid_count"])
     return out
 
 
@@ -292,8 +323,9 @@ def _score_bin_kernel(s, edges, bw, out):
 
 
 @numba.njit(cache=True)
-def _class_hist_kernel(vel, valid, scores, valid_count, W, edges, bw, rank_max, points, topk):
-    C, S, N = valid.shape
+def _class_hist_kernel(pos, vis, scores, valid_count, W, ref_max, rule, edges, bw, rank_max, points, topk):
+    C, T, N = vis.shape
+    S = T - 1
     K = W * W
     for ci in range(C):
         order = _clip_order(scores[ci], valid_count[ci])
@@ -307,14 +339,17 @@ def _class_hist_kernel(vel, valid, scores, valid_count, W, edges, bw, rank_max, 
             if r >= 0:
                 topk[b, r, K] += 1
             for t in range(S):
-                if valid[ci, t, n]:
-                    lab = _label(vel[ci, t, n, 0], vel[ci, t, n, 1], W)
+                if vis[ci, t, n] and vis[ci, t + 1, n]:
+                    ax, ay = pos[ci, t, n, 0], pos[ci, t, n, 1]
+                    bx, by = pos[ci, t + 1, n, 0], pos[ci, t + 1, n, 1]
+                    lab = _label_step(ax, ay, bx, by, bx - ax, by - ay, W, ref_max, rule)
                     points[b, lab] += 1
                     if r >= 0:
                         topk[b, r, lab] += 1
 
 
-def class_histograms(vel_px, valid, scores, valid_count, W: int = DEFAULT_W):
+def class_histograms(pos, vis, scores, valid_count, W: int = DEFAULT_W, ref_size: int = DEFAULT_REF_SIZE,
+                     rule: str = DEFAULT_LABEL_RULE):
     """Score-binned label counts for instant threshold tuning.
 
     Returns ``points`` ``(HIST_NBINS, W*W+1)`` int64: per score bin, valid-step label counts
@@ -325,12 +360,11 @@ def class_histograms(vel_px, valid, scores, valid_count, W: int = DEFAULT_W):
     a clip with fewer than k dynamic points keeps its top k, whose scores below t are
     exactly the second term.
     """
-    vel_px = np.ascontiguousarray(vel_px, dtype=np.float32)
-    valid = np.ascontiguousarray(valid, dtype=np.bool_)
+    pos, vis = _clips(pos, vis, "class_histograms")
     points = np.zeros((HIST_NBINS, W * W + 1), np.int64)
     topk = np.zeros((HIST_NBINS, HIST_RANK_MAX, W * W + 1), np.int64)
-    _class_hist_kernel(vel_px, valid, np.ascontiguousarray(scores, np.float32), np.ascontiguousarray(valid_count),
-                       W, HIST_EDGES, HIST_BIN_WIDTH, HIST_RANK_MAX, points, topk)
+    _class_hist_kernel(pos, vis, np.ascontiguousarray(scores, np.float32), np.ascontiguousarray(valid_count),
+                       W, float(ref_size - 1), rule_code(rule), HIST_EDGES, HIST_BIN_WIDTH, HIST_RANK_MAX, points, topk)
     return points, topk
 
 
@@ -360,8 +394,10 @@ def _top_ranks(scores_row, vc_row, rank_max, top, rank):
 
 
 @numba.njit(cache=True)
-def _shard_kernel(vel, valid, W, edges, bw, rank_max, mean, p95, mx, center_count, valid_count, points, topk):
-    C, S, N = valid.shape
+def _shard_kernel(pos, vis, W, ref_max, rule, edges, bw, rank_max, mean, p95, mx, center_count, valid_count,
+                  points, topk):
+    C, T, N = vis.shape
+    S = T - 1
     K = W * W
     centre = (W // 2) * W + W // 2
     sp = np.empty((S, N), np.float64)
@@ -373,8 +409,8 @@ def _shard_kernel(vel, valid, W, edges, bw, rank_max, mean, p95, mx, center_coun
     rank = np.empty((3, N), np.int64)
     bins = np.empty((3, N), np.int64)
     for ci in range(C):
-        _clip_stats(vel, valid, ci, W, sp, labs, kk, ssum, cc, top1, top2, buf, mean, p95, mx, center_count,
-                    valid_count)
+        _clip_stats(pos, vis, ci, W, ref_max, rule, sp, labs, kk, ssum, cc, top1, top2, buf, mean, p95, mx,
+                    center_count, valid_count)
         # METRICS order: mean, p95, max; the stored float32 scores, as class_histograms bins them
         for m in range(3):
             sc = mean[ci] if m == 0 else (p95[ci] if m == 1 else mx[ci])
@@ -395,7 +431,7 @@ def _shard_kernel(vel, valid, W, edges, bw, rank_max, mean, p95, mx, center_coun
         for t in range(S):
             for n in range(N):
                 lab = labs[t, n]
-                if valid[ci, t, n] and lab != centre:
+                if vis[ci, t, n] and vis[ci, t + 1, n] and lab != centre:
                     for m in range(3):
                         points[m, bins[m, n], lab] += 1
                         r = rank[m, n]
@@ -403,15 +439,16 @@ def _shard_kernel(vel, valid, W, edges, bw, rank_max, mean, p95, mx, center_coun
                             topk[m, bins[m, n], r, lab] += 1
 
 
-def shard_stats(vel_px: np.ndarray, valid: np.ndarray, W: int = DEFAULT_W):
+def shard_stats(pos: np.ndarray, vis: np.ndarray, W: int = DEFAULT_W, ref_size: int = DEFAULT_REF_SIZE,
+                rule: str = DEFAULT_LABEL_RULE):
     """``point_stats`` and ``class_histograms`` of every metric in one pass (the build's
     per-shard work): labels are computed once per step and each clip's point ranks by a
     partial sort. Returns (stats dict as ``point_stats``, {metric: (points, topk)}), equal
     to the separate functions (tests/test_stats.py)."""
-    vel_px, valid, st = _clips_and_outputs(vel_px, valid, "shard_stats")
+    pos, vis, st = _clips_and_outputs(pos, vis, "shard_stats")
     points = np.zeros((len(METRICS), HIST_NBINS, W * W + 1), np.int64)
     topk = np.zeros((len(METRICS), HIST_NBINS, HIST_RANK_MAX, W * W + 1), np.int64)
-    _shard_kernel(vel_px, valid, W, HIST_EDGES, HIST_BIN_WIDTH, HIST_RANK_MAX, st["mean"], st["p95"], st["max"],
+    _shard_kernel(pos, vis, W, float(ref_size - 1), rule_code(rule), HIST_EDGES, HIST_BIN_WIDTH, HIST_RANK_MAX, st["mean"], st["p95"], st["max"],
                   st["center_count"], st["valid_count"], points, topk)
     return st, {m: (points[i], topk[i]) for i, m in enumerate(METRICS)}
 

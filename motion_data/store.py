@@ -2,6 +2,7 @@
 
 Layout (DESIGN.md, binding): attrs ``format_version``, ``W``, ``ref_size``, ``T``, ``N``,
 ``metrics``, ``hist_bin_width``, ``hist_nbins``, ``hist_rank_max``, ``build_filter``,
+``label_rule`` (``labels.LABEL_RULES``: which rule made every label of the build),
 ``n_clips``; arrays ``stats/<metric>`` (C, N) float32, ``stats/center_count`` and
 ``stats/valid_count`` (C, N) uint8, ``hist/<metric>/points`` (NBINS, W*W+1) int64,
 ``hist/<metric>/topk`` (NBINS, RANK_MAX, W*W+1) int64, ``label_ring`` (W*W,) int64.
@@ -20,10 +21,12 @@ import numpy as np
 import zarr
 
 from .atomic import remove_stale, temp_path
-from .labels import ring_map
+from .labels import LABEL_RULES, ring_map
 from .stats import HIST_BIN_WIDTH, HIST_NBINS, HIST_RANK_MAX, METRICS
 
-FORMAT_VERSION = 1
+# 2: shards hold positions + visibility, manifest checksums, label_rule attribute
+FORMAT_VERSION = 2
+REBUILD_HINT = "rebuild it with `python -m preprocess build-shards`"
 STORE_NAME = "stats.zarr"
 FLOAT_ARRAYS = METRICS
 COUNT_ARRAYS = ("center_count", "valid_count")
@@ -110,14 +113,15 @@ class StoreWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def store_attrs(*, W: int, ref_size: int, T: int, N: int, build_filter, n_clips: int) -> dict:
+def store_attrs(*, W: int, ref_size: int, T: int, N: int, build_filter, n_clips: int, label_rule: str) -> dict:
     """The binding attribute set; ``build_filter`` is a StaticFilter or its dict."""
     bf = build_filter if isinstance(build_filter, dict) else {
         "metric": build_filter.metric, "threshold": float(build_filter.threshold),
         "min_keep": int(build_filter.min_keep)}
     return {"format_version": FORMAT_VERSION, "W": int(W), "ref_size": int(ref_size), "T": int(T), "N": int(N),
             "metrics": list(METRICS), "hist_bin_width": HIST_BIN_WIDTH, "hist_nbins": HIST_NBINS,
-            "hist_rank_max": HIST_RANK_MAX, "build_filter": dict(bf), "n_clips": int(n_clips)}
+            "hist_rank_max": HIST_RANK_MAX, "build_filter": dict(bf), "n_clips": int(n_clips),
+            "label_rule": str(label_rule)}
 
 
 def write_store(path, stats: dict, hists: dict, attrs: dict) -> Path:
@@ -155,7 +159,10 @@ def open_store(path) -> zarr.Group:
         raise StoreError(f"{path}: not a stats store ({e})") from None
     v = g.attrs.get("format_version")
     if v != FORMAT_VERSION:
-        raise StoreError(f"{path}: store format_version {v!r}, this code reads {FORMAT_VERSION}")
+        raise StoreError(f"{path.parent}: a build of store format {v!r}, this code reads format {FORMAT_VERSION}; "
+                         f"{REBUILD_HINT}")
+    if g.attrs.get("label_rule") not in LABEL_RULES:
+        raise StoreError(f"{path}: attribute label_rule {g.attrs.get('label_rule')!r} is not one of {LABEL_RULES}")
     C, N = g.attrs["n_clips"], g.attrs["N"]
     for k in PER_CLIP:
         if tuple(g[f"stats/{k}"].shape) != (C, N):
@@ -165,6 +172,11 @@ def open_store(path) -> zarr.Group:
 
 def read_attrs(path) -> dict:
     return dict(open_store(path).attrs)
+
+
+def label_rule(build_dir) -> str:
+    """The rule (``labels.LABEL_RULES``) that made the labels of a build folder (or store)."""
+    return str(open_store(build_dir).attrs["label_rule"])
 
 
 def read_stats(path, names=PER_CLIP, rows=slice(None)) -> dict:

@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .atomic import atomic_open
-from .labels import DEFAULT_GRID, DEFAULT_REF_SIZE, DEFAULT_T, DEFAULT_W, center_class, labels_from_px
+from .labels import (DEFAULT_GRID, DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, DEFAULT_T, DEFAULT_W, center_class,
+                     labels_from_positions, step_valid)
 
 
 @dataclass
@@ -248,18 +249,20 @@ def config_dict(cfg: SynthConfig) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
 
 
-def label_summary(vel_px: np.ndarray, valid: np.ndarray, metric: str = "p95", threshold: float = 0.04,
-                  min_keep: int = 16, W: int = DEFAULT_W) -> dict:
+def label_summary(pos_px: np.ndarray, vis: np.ndarray, metric: str = "p95", threshold: float = 0.04,
+                  min_keep: int = 16, W: int = DEFAULT_W, ref_size: int = DEFAULT_REF_SIZE,
+                  rule: str = DEFAULT_LABEL_RULE) -> dict:
     """Centre share of valid labels before and after a static filter, for clips
-    ``vel_px`` ``(C, S, N, 2)`` (reference px) and ``valid`` ``(C, S, N)``.
+    ``pos_px`` ``(C, T, N, 2)`` (reference px) and ``vis`` ``(C, T, N)``, labels by ``rule``.
 
     Returns ``center_before``, ``center_after``, ``dynamic_point_ratio`` and label counts.
     """
     from .stats import keep_mask, point_stats
 
-    st = point_stats(vel_px, valid, W)
+    st = point_stats(pos_px, vis, W, ref_size, rule)
     keep = keep_mask(st[metric], st["valid_count"], threshold, min_keep)
-    lab = labels_from_px(np.asarray(vel_px, np.float32), W)
+    lab = labels_from_positions(np.asarray(pos_px, np.float32), W, ref_size, rule)
+    valid = step_valid(np.asarray(vis, bool))
     centre = (lab == center_class(W)) & valid
     kept_valid = valid & keep[:, None, :]
     n_before, n_after = int(valid.sum()), int(kept_valid.sum())
@@ -274,14 +277,14 @@ def label_summary(vel_px: np.ndarray, valid: np.ndarray, metric: str = "p95", th
 
 
 def clips_from_sequences(seqs, window: int = DEFAULT_T, stride: int = 8):
-    """Stack the windows of Sequences into ``(C, window-1, N, 2)`` vel and ``(C, window-1, N)`` valid."""
+    """Stack the windows of Sequences into ``(C, window, N, 2)`` positions and ``(C, window, N)`` visibility."""
     from .clips import cut_windows
 
-    vel, valid = [], []
+    pos, vis = [], []
     for s in seqs:
-        for _start, v, m in cut_windows(s, window, stride):
-            vel.append(v)
-            valid.append(m)
-    if not vel:
-        return np.zeros((0, window - 1, 0, 2), np.float32), np.zeros((0, window - 1, 0), bool)
-    return np.stack(vel), np.stack(valid)
+        for _start, p, m in cut_windows(s, window, stride):
+            pos.append(p)
+            vis.append(m)
+    if not pos:
+        return np.zeros((0, window, 0, 2), np.float32), np.zeros((0, window, 0), bool)
+    return np.stack(pos), np.stack(vis)

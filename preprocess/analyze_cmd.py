@@ -52,7 +52,8 @@ def run(args) -> int:
             result = {"before": before, "after": A.figures(c[1, :-1], int(c[1, -1]), total, W)}
         else:
             result = A.before_after(points, topk, flt.threshold, flt.min_keep, W)
-        result = {"filter": str(flt), "source": "exact" if args.exact else "histograms", **result}
+        result = {"filter": str(flt), "source": "exact" if args.exact else "histograms",
+                  "label_rule": attrs["label_rule"], **result}
         if args.plot:
             from motion_data.plots import plot_analysis
 
@@ -69,7 +70,8 @@ def run(args) -> int:
         else:
             atomic_write_json(args.json, result)
     if args.json != "-":
-        print(f"{args.out}: {attrs['n_clips']} clips, filter {flt} ({result['source']})")
+        print(f"{args.out}: {attrs['n_clips']} clips, filter {flt} ({result['source']}), "
+              f"labels by the {attrs['label_rule']} rule")
         print(f"{'':8s} {'dynamic_point_ratio':>20s} {'center_prop':>12s} {'perplexity_ratio':>17s}")
         for key in ("before", "after"):
             f = result[key]

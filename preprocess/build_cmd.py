@@ -12,7 +12,7 @@ import sys
 
 from motion_data.build import DEFAULT_MAXCOUNT, BuildError, build, format_summary
 from motion_data.importers import FORMATS
-from motion_data.labels import DEFAULT_REF_SIZE, DEFAULT_W
+from motion_data.labels import DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, DEFAULT_W, LABEL_RULES
 from motion_data.stats import StaticFilter
 
 
@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=16, help="frames per clip (default 16)")
     p.add_argument("--stride", type=int, default=8, help="frames between clip starts (default 8)")
     p.add_argument("--ref-size", type=int, default=DEFAULT_REF_SIZE,
-                   help="velocities are stored in pixels of a REF x REF frame (default %(default)s)")
+                   help="positions are stored in pixels of a REF x REF frame (default %(default)s)")
     p.add_argument("--window-size", type=int, default=DEFAULT_W, dest="W",
                    help="label window W (odd; default %(default)s): labels are W*W classes")
     p.add_argument("--workers", type=int, default=1,
@@ -55,6 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the stored statistics do not depend on it")
     p.add_argument("--min-keep", type=int, default=16,
                    help="points kept per clip at least, by score, under the build filter (default 16)")
+    p.add_argument("--label-rule", choices=LABEL_RULES, default=DEFAULT_LABEL_RULE,
+                   help="how a step becomes a class (recorded in stats.zarr and build.json): amplify (default, "
+                        "AMPLIFY's rule) = round(clip(p, 0, REF-1)) at both frames, then the difference; "
+                        "velocity = round(p[t+1] - p[t]) (this project's earlier rule)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar and no summary")
 
 
@@ -64,7 +68,7 @@ def command_line(args) -> list[str]:
            "--format", args.format, "--window", str(args.window), "--stride", str(args.stride),
            "--ref-size", str(args.ref_size), "--window-size", str(args.W), "--workers", str(args.workers),
            "--maxcount", str(args.maxcount), "--on-error", args.on_error, "--filter", args.filter,
-           "--min-keep", str(args.min_keep)]
+           "--min-keep", str(args.min_keep), "--label-rule", args.label_rule]
     if args.part:
         cmd += ["--part", args.part]
     if args.image_size:
@@ -82,7 +86,8 @@ def run(args) -> int:
         summary = build(args.input, args.out, fmt=args.format, window=args.window, stride=args.stride,
                         ref_size=args.ref_size, W=args.W, workers=args.workers, maxcount=args.maxcount,
                         part=args.part, on_error=args.on_error, image_size=args.image_size, views=args.views,
-                        build_filter=flt, progress=not args.no_progress, command=command_line(args))
+                        build_filter=flt, progress=not args.no_progress, command=command_line(args),
+                        label_rule=args.label_rule)
     except (BuildError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

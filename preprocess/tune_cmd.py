@@ -104,7 +104,8 @@ def run(args) -> int:
     except (ValueError, A.BuildError, OSError, RuntimeError) as e:
         print(f"tune-filter: error: {e}", file=sys.stderr)
         return 2
-    print(f"{args.out}: {attrs['n_clips']} clips, {'exact pass' if args.exact else 'from histograms'}; "
+    print(f"{args.out}: {attrs['n_clips']} clips, labels by the {attrs['label_rule']} rule, "
+          f"{'exact pass' if args.exact else 'from histograms'}; "
           f"targets: {targets}")
     print_sweep(rows, rec, why)
     if args.csv:

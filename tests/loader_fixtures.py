@@ -15,12 +15,14 @@ import pyarrow.parquet as pq
 import zarr
 
 from motion_data import shards
-from motion_data.labels import DEFAULT_REF_SIZE, DEFAULT_W, normalize
+from motion_data.labels import DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, DEFAULT_W, normalize, step_valid, velocities
 from motion_data.stats import METRICS, StaticFilter, dynamic_ratio, point_stats
+from motion_data.store import store_attrs
 
 
 def synth_clips(n_clips: int, n_points: int = 16, steps: int = 15, seed: int = 0):
-    """Velocities in px with a per-clip share of moving points (so dynamic ratios differ)."""
+    """Positions (C, steps+1, N, 2) in px with a per-clip share of moving points (so dynamic
+    ratios differ) and visibility (C, steps+1, N)."""
     rng = np.random.default_rng(seed)
     vel = np.zeros((n_clips, steps, n_points, 2), np.float32)
     for c in range(n_clips):
@@ -28,8 +30,10 @@ def synth_clips(n_clips: int, n_points: int = 16, steps: int = 15, seed: int = 0
         dyn = rng.permutation(n_points)[:n_dyn]
         vel[c, :, dyn] = rng.normal(0, 2.5, (n_dyn, steps, 2)).astype(np.float32)
         vel[c] += rng.normal(0, 0.02, vel[c].shape).astype(np.float32)  # tracker noise
-    valid = rng.random((n_clips, steps, n_points)) > 0.1
-    return vel, valid
+    start = rng.uniform(20, 108, (n_clips, 1, n_points, 2))
+    pos = np.concatenate([start, start + np.cumsum(vel, axis=1)], axis=1).astype(np.float32)
+    vis = rng.random((n_clips, steps + 1, n_points)) > 0.05
+    return pos, vis
 
 
 def write_build(root, shard_sizes=(5, 3, 4), n_points: int = 16, T: int = 16, sources=None,
@@ -38,8 +42,9 @@ def write_build(root, shard_sizes=(5, 3, 4), n_points: int = 16, T: int = 16, so
     root = Path(root)
     (root / "shards").mkdir(parents=True, exist_ok=True)
     C = int(sum(shard_sizes))
-    vel, valid = synth_clips(C, n_points, T - 1, seed)
-    st = point_stats(vel, valid, DEFAULT_W)
+    pos, vis = synth_clips(C, n_points, T - 1, seed)
+    vel, valid = velocities(pos), step_valid(vis)
+    st = point_stats(pos, vis, DEFAULT_W)
     sources = sources or ["videos/a.h5", "videos/b.h5"]
     src = [sources[i * len(sources) // C] for i in range(C)]
     start = np.zeros(C, np.int64)
@@ -50,11 +55,11 @@ def write_build(root, shard_sizes=(5, 3, 4), n_points: int = 16, T: int = 16, so
     for i in range(C):
         h = hashlib.sha1(src[i].encode()).hexdigest()[:8]
         ids.append(f"{Path(src[i]).stem}-{h}-s0000-f{start[i]:06d}")
-    rows = {"shard": [], "offset": [], "size": []}
+    rows = {"shard": [], "offset": [], "size": [], "checksum": []}
     i0 = 0
     for k, n in enumerate(shard_sizes):
         rel = f"shards/{shards.shard_name(k)}"
-        samples = [shards.encode_sample(ids[i], vel[i], valid[i],
+        samples = [shards.encode_sample(ids[i], pos[i], vis[i],
                                         np.stack([st[m][i] for m in METRICS]),
                                         {"source": src[i], "sequence": 0, "start_frame": int(start[i])})
                    for i in range(i0, i0 + n)]
@@ -62,15 +67,16 @@ def write_build(root, shard_sizes=(5, 3, 4), n_points: int = 16, T: int = 16, so
             rows["shard"].append(rel)
             rows["offset"].append(off)
             rows["size"].append(size)
+        rows["checksum"] += [shards.sample_checksum(x) for x in samples]
         i0 += n
     flt = StaticFilter(enable=True)
     dr = dynamic_ratio(st["p95"], st["valid_count"], flt)
     vn = normalize(vel, DEFAULT_W)
     speed = np.linalg.norm(vn, axis=-1)
     g = zarr.open_group(str(root / "stats.zarr"), mode="w")
-    g.attrs.update({"format_version": 1, "W": DEFAULT_W, "ref_size": DEFAULT_REF_SIZE, "T": T, "N": n_points,
-                    "metrics": list(METRICS), "n_clips": C,
-                    "build_filter": {"metric": "p95", "threshold": 0.04, "min_keep": 16}})
+    g.attrs.update(store_attrs(W=DEFAULT_W, ref_size=DEFAULT_REF_SIZE, T=T, N=n_points, n_clips=C,
+                               build_filter={"metric": "p95", "threshold": 0.04, "min_keep": 16},
+                               label_rule=DEFAULT_LABEL_RULE))
     for name in (*METRICS, "center_count", "valid_count"):
         a = g.create_array(f"stats/{name}", shape=st[name].shape, dtype=st[name].dtype, chunks=(max(C, 1), n_points))
         a[:] = st[name]
@@ -80,6 +86,7 @@ def write_build(root, shard_sizes=(5, 3, 4), n_points: int = 16, T: int = 16, so
         "dynamic_ratio": dr.astype(np.float32), "center_share": np.zeros(C, np.float32),
         "mean_speed": np.array([speed[i][valid[i]].mean() if valid[i].any() else 0 for i in range(C)], np.float32),
         "visible_fraction": valid.mean(axis=(1, 2)).astype(np.float32),
+        "checksum": np.asarray(rows["checksum"], np.int64), "split_group": src,
     })
     pq.write_table(table, root / "manifest.parquet")
     return root

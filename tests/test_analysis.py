@@ -16,72 +16,78 @@ from motion_data import analysis as A
 from motion_data import labels as L
 from motion_data import shards
 from motion_data import stats as S
+from motion_data.store import store_attrs
 from preprocess.__main__ import main
 
 W = 15
 BW = S.HIST_BIN_WIDTH
 
 
-def synth(C, N, steps, seed):
-    """Mostly static points with a few movers and occlusion, so filters change the figures."""
+def synth(C, N, T, seed):
+    """Positions (C, T, N, 2) and visibility: mostly static points with a few movers and
+    occlusion, so filters change the figures."""
     rng = np.random.default_rng(seed)
     kind = rng.choice(4, size=(C, 1, N, 1), p=[0.55, 0.2, 0.2, 0.05])
     scale = np.choose(kind, [0.03, 0.25, 1.5, 9.0])
-    vel = (rng.standard_normal((C, steps, N, 2)) * scale).astype(np.float32)
-    valid = rng.random((C, steps, N)) < 0.85
-    valid[:, :, 0] = False  # a never-visible point in every clip
-    valid[0] = False  # and a never-visible clip
-    return vel, valid
+    vel = rng.standard_normal((C, T - 1, N, 2)) * scale
+    start = rng.uniform(0, 128, (C, 1, N, 2))
+    pos = np.concatenate([start, start + np.cumsum(vel, axis=1)], axis=1).astype(np.float32)
+    vis = rng.random((C, T, N)) < 0.92
+    vis[:, :, 0] = False  # a never-visible point in every clip
+    vis[0] = False  # and a never-visible clip
+    return pos, vis
 
 
-def make_build(root: Path, C=30, N=24, T=16, seed=0, shard_sizes=None):
-    """A build folder in the binding layout, written with zarr/pyarrow directly."""
+def make_build(root: Path, C=30, N=24, T=16, seed=0, shard_sizes=None, rule="amplify"):
+    """A build folder in the binding layout, written with zarr/pyarrow directly; labels by ``rule``."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "shards").mkdir(exist_ok=True)
     shard_sizes = shard_sizes or (C // 2, C - C // 2)
-    vel, valid = synth(C, N, T - 1, seed)
-    st = S.point_stats(vel, valid, W)
+    pos, vis = synth(C, N, T, seed)
+    st = S.point_stats(pos, vis, W, 128, rule)
     src = "tracks/demo.npz"
     h = hashlib.sha1(src.encode()).hexdigest()[:8]
     ids = [f"demo-{h}-s0000-f{i * 8:06d}" for i in range(C)]
-    man = {"shard": [], "offset": [], "size": []}
+    man = {"shard": [], "offset": [], "size": [], "checksum": []}
     i0 = 0
     for k, n in enumerate(shard_sizes):
         rel = f"shards/{shards.shard_name(k)}"
-        samples = [shards.encode_sample(ids[i], vel[i], valid[i], np.stack([st[m][i] for m in S.METRICS]),
+        samples = [shards.encode_sample(ids[i], pos[i], vis[i], np.stack([st[m][i] for m in S.METRICS]),
                                         {"source": src, "sequence": 0, "start_frame": i * 8})
                    for i in range(i0, i0 + n)]
         for _, off, size in shards.write_shard(root / rel, samples):
             man["shard"].append(rel)
             man["offset"].append(off)
             man["size"].append(size)
+        man["checksum"] += [shards.sample_checksum(x) for x in samples]
         i0 += n
     g = zarr.open_group(str(root / "stats.zarr"), mode="w", zarr_format=3)
     for name in (*S.METRICS, "center_count", "valid_count"):
         g.create_array(f"stats/{name}", data=st[name], chunks=(7, N))  # chunks not aligned to the pass
     for m in S.METRICS:
-        points, topk = S.class_histograms(vel, valid, st[m], st["valid_count"], W)
+        points, topk = S.class_histograms(pos, vis, st[m], st["valid_count"], W, 128, rule)
         g.create_array(f"hist/{m}/points", data=points)
         g.create_array(f"hist/{m}/topk", data=topk)
     g.create_array("label_ring", data=L.ring_map(W))
-    g.attrs.update({"format_version": 1, "W": W, "ref_size": 128, "T": T, "N": N, "metrics": list(S.METRICS),
-                    "hist_bin_width": BW, "hist_nbins": S.HIST_NBINS, "hist_rank_max": S.HIST_RANK_MAX,
-                    "build_filter": {"metric": "p95", "threshold": 0.04, "min_keep": 16}, "n_clips": C})
+    g.attrs.update(store_attrs(W=W, ref_size=128, T=T, N=N, n_clips=C, label_rule=rule,
+                               build_filter={"metric": "p95", "threshold": 0.04, "min_keep": 16}))
     pq.write_table(pa.table({
         "clip_id": ids, "source": [src] * C, "sequence": np.zeros(C, np.int64),
         "start_frame": np.arange(C, dtype=np.int64) * 8, "shard": man["shard"],
         "offset": np.asarray(man["offset"], np.int64), "size": np.asarray(man["size"], np.int64),
         "dynamic_ratio": np.ones(C, np.float32), "center_share": np.zeros(C, np.float32),
-        "mean_speed": np.zeros(C, np.float32), "visible_fraction": valid.mean(axis=(1, 2)).astype(np.float32),
+        "mean_speed": np.zeros(C, np.float32),
+        "visible_fraction": L.step_valid(vis).mean(axis=(1, 2)).astype(np.float32),
+        "checksum": np.asarray(man["checksum"], np.int64), "split_group": [src] * C,
     }), root / "manifest.parquet")
-    return root, vel, valid, st
+    return root, pos, vis, st
 
 
-def brute(vel, valid, st, metric, t, k):
+def brute(pos, vis, st, metric, t, k, rule="amplify"):
     """Kept class counts + kept points via keep_mask (itself checked in test_stats.py)."""
     keep = S.keep_mask(st[metric], st["valid_count"], t, k)
-    lab = L.labels_from_px(vel, W)
-    return np.append(np.bincount(lab[valid & keep[:, None, :]], minlength=W * W), keep.sum())
+    lab = L.labels_from_positions(pos, W, 128, rule)
+    return np.append(np.bincount(lab[L.step_valid(vis) & keep[:, None, :]], minlength=W * W), keep.sum())
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +114,8 @@ def test_parse_range_inclusive_and_on_bin_edges():
 
 @pytest.mark.parametrize("k", [0, 1, 16, S.HIST_RANK_MAX])
 def test_sweep_counts_equal_filtered_counts_from_hist(build, k):
-    _, vel, valid, st = build
-    points, topk = S.class_histograms(vel, valid, st["mean"], st["valid_count"], W)
+    _, pos, vis, st = build
+    points, topk = S.class_histograms(pos, vis, st["mean"], st["valid_count"], W)
     ts = [0.0, 0.01, 0.0137, 0.04, 0.2, 0.6]
     got = A.sweep_counts_from_hist(points, topk, ts, k)
     for t, row in zip(ts, got):
@@ -121,28 +127,29 @@ def test_sweep_counts_equal_filtered_counts_from_hist(build, k):
 
 @pytest.mark.parametrize("k", [0, 3, 16, 24, 40])
 def test_exact_sweep_equals_brute_force(build, k):
-    _, vel, valid, st = build
+    _, pos, vis, st = build
     ts = [0.05, 0.0, 0.0137, 0.05, 0.3, 1.5, 0.004]  # unsorted, repeated, above every score
     acc = A.ExactSweep(S.METRICS, ts, k, W)
-    for lo in range(0, len(vel), 11):  # chunks need not align with anything
+    for lo in range(0, len(pos), 11):  # chunks need not align with anything
         sl = slice(lo, lo + 11)
-        acc.add({m: st[m][sl] for m in S.METRICS}, st["valid_count"][sl], L.labels_from_px(vel[sl], W), valid[sl])
+        acc.add({m: st[m][sl] for m in S.METRICS}, st["valid_count"][sl], L.labels_from_positions(pos[sl], W),
+                L.step_valid(vis[sl]))
     for m in S.METRICS:
         c = acc.counts(m)
         for j, t in enumerate(ts):
-            np.testing.assert_array_equal(c[j], brute(vel, valid, st, m, t, k), err_msg=f"{m}@{t} k={k}")
+            np.testing.assert_array_equal(c[j], brute(pos, vis, st, m, t, k), err_msg=f"{m}@{t} k={k}")
 
 
 def test_before_after_matches_brute_force(build):
-    _, vel, valid, st = build
-    points, topk = S.class_histograms(vel, valid, st["p95"], st["valid_count"], W)
+    _, pos, vis, st = build
+    points, topk = S.class_histograms(pos, vis, st["p95"], st["valid_count"], W)
     res = A.before_after(points, topk, 0.04, 16, W)
-    lab = L.labels_from_px(vel, W)
-    before = np.bincount(lab[valid], minlength=W * W)
+    lab = L.labels_from_positions(pos, W)
+    before = np.bincount(lab[L.step_valid(vis)], minlength=W * W)
     assert res["before"]["class_counts"] == before.tolist()
     assert res["before"]["dynamic_point_ratio"] == 1.0
     assert res["before"]["center_prop"] == pytest.approx(before[L.center_class(W)] / before.sum())
-    after = brute(vel, valid, st, "p95", 0.04, 16)
+    after = brute(pos, vis, st, "p95", 0.04, 16)
     assert res["after"]["class_counts"] == after[:-1].tolist()
     assert res["after"]["dynamic_point_ratio"] == pytest.approx(after[-1] / st["p95"].size)
     assert res["after"]["perplexity_ratio"] == pytest.approx(L.perplexity_ratio(after[:-1]))
@@ -177,7 +184,7 @@ def test_recommend_rule():
 
 # ---------------------------------------------------------------- exact pass vs fast answer
 def test_exact_pass_agrees_with_histograms_within_one_bin(build):
-    root, vel, valid, st = build
+    root, pos, vis, st = build
     g, attrs = A.open_stats(root)
     hists = A.load_histograms(g, S.METRICS)
     edges = [b * BW for b in (0, 2, 4, 9, 16, 23, 40, 80)]
@@ -194,7 +201,7 @@ def test_exact_pass_agrees_with_histograms_within_one_bin(build):
                 lo_edge = S.threshold_bin(t) * BW
                 hi_t, lo_t = A.sweep_counts_from_hist(points, topk, [lo_edge + BW, lo_edge], k)
                 assert (hi_t <= e).all() and (e <= lo_t).all(), f"{m}@{t} k={k}"
-                np.testing.assert_array_equal(e, brute(vel, valid, st, m, t, k))
+                np.testing.assert_array_equal(e, brute(pos, vis, st, m, t, k))
                 # so dynamic_point_ratio lies between the fast values at t - bw and t + bw
                 fd = [A.sweep_counts_from_hist(points, topk, [x], k)[0, -1] for x in (t + BW, t - BW)]
                 assert fd[0] <= e[-1] <= fd[1]
@@ -210,7 +217,7 @@ def test_exact_pass_names_a_damaged_shard(build, tmp_path):
 
 # ---------------------------------------------------------------- the commands
 def test_analyze_command(build, tmp_path, capsys):
-    root, vel, valid, st = build
+    root, pos, vis, st = build
     jf, pf = tmp_path / "a.json", tmp_path / "a.png"
     assert main(["analyze", str(root), "--filter", "max@0.05", "--min-keep", "5", "--json", str(jf),
                  "--plot", str(pf)]) == 0
@@ -220,7 +227,7 @@ def test_analyze_command(build, tmp_path, capsys):
     for key in ("before", "after"):
         assert set(A.FIGURE_KEYS) <= set(res[key])
         assert len(res[key]["class_counts"]) == W * W
-    after = brute(vel, valid, st, "max", 0.05, 5)
+    after = brute(pos, vis, st, "max", 0.05, 5)
     assert res["after"]["class_counts"] == after[:-1].tolist()
     assert res["after"]["dynamic_point_ratio"] == pytest.approx(after[-1] / st["max"].size)
     assert pf.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -231,7 +238,7 @@ def test_analyze_command(build, tmp_path, capsys):
     assert ex["before"] == res["before"] and ex["after"] == res["after"] and ex["source"] == "exact"
     assert main(["analyze", str(root), "--min-keep", "40", "--exact", "--no-progress", "--json", "-"]) == 0
     ex = json.loads(capsys.readouterr().out)
-    assert ex["after"]["class_counts"] == brute(vel, valid, st, "p95", 0.04, 40)[:-1].tolist()
+    assert ex["after"]["class_counts"] == brute(pos, vis, st, "p95", 0.04, 40)[:-1].tolist()
 
 
 def test_analyze_errors(build, tmp_path, capsys):
@@ -319,3 +326,20 @@ def test_commands_on_a_real_build(tiny_build, tmp_path, capsys):
     assert main(args + ["--csv", str(xf), "--exact", "--no-progress"]) == 0
     assert _read_csv(cf) == _read_csv(xf)
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("rule", ["amplify", "velocity"])
+def test_figures_follow_and_name_the_builds_label_rule(tmp_path, capsys, rule):
+    """analyze / tune-filter (fast and exact) answer with the labels of the rule the build
+    recorded, and say which rule that is."""
+    root, pos, vis, st = make_build(tmp_path / rule, C=12, N=16, rule=rule)
+    assert main(["analyze", str(root), "--json", "-", "--exact", "--no-progress"]) == 0
+    ex = json.loads(capsys.readouterr().out)
+    assert ex["label_rule"] == rule
+    assert ex["after"]["class_counts"] == brute(pos, vis, st, "p95", 0.04, 16, rule)[:-1].tolist()
+    assert main(["analyze", str(root)]) == 0
+    assert f"labels by the {rule} rule" in capsys.readouterr().out
+    assert main(["tune-filter", str(root), "--thresholds", "0.04"]) == 0
+    assert f"labels by the {rule} rule" in capsys.readouterr().out
+    other = "velocity" if rule == "amplify" else "amplify"
+    assert brute(pos, vis, st, "p95", 0, 0, rule).tolist() != brute(pos, vis, st, "p95", 0, 0, other).tolist()

@@ -19,9 +19,10 @@ import zarr
 from conftest import TINY_FILES, TINY_MAXCOUNT, TINY_T, make_track_file
 from motion_data import build as bld
 from motion_data.clips import Sequence, cut_windows
-from motion_data.labels import labels_from_px, normalize, ring_map
+from motion_data.labels import labels_from_positions, normalize, ring_map, step_valid, velocities
 from motion_data.manifest import COLUMNS, SCHEMA, read_manifest
-from motion_data.shards import encode_sample, index_shard, read_sample, write_shard
+from motion_data.shards import array_checksum, encode_sample, index_shard, read_sample, sample_checksum, write_shard
+from motion_data.store import FORMAT_VERSION, label_rule
 from motion_data.stats import METRICS, class_histograms, point_stats
 from preprocess.__main__ import main
 
@@ -31,7 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 def samples(build_dir):
     t = read_manifest(build_dir)
     rows = t.to_pylist()
-    return rows, [read_sample(Path(build_dir) / r["shard"], r["offset"], r["size"], r["clip_id"]) for r in rows]
+    ss = [read_sample(Path(build_dir) / r["shard"], r["offset"], r["size"], r["clip_id"], r["checksum"]) for r in rows]
+    for x in ss:  # the derived arrays, as every reader forms them
+        x["vel"], x["valid"] = velocities(x["pos"]), step_valid(x["vis"])
+    return rows, ss
 
 
 def content_hashes(build_dir):
@@ -39,7 +43,7 @@ def content_hashes(build_dir):
     out = []
     for s in ss:
         h = hashlib.sha1()
-        for k in ("vel", "valid", "stats"):
+        for k in ("pos", "vis", "stats"):
             h.update(np.ascontiguousarray(s[k]).tobytes())
         h.update(json.dumps(s["meta"], sort_keys=True).encode())
         out.append((s["key"], h.hexdigest()))
@@ -81,7 +85,8 @@ def test_tiny_build_layout(tiny_build):
     assert t.num_rows == 60
     assert [t.column("shard").to_pylist().count(f"shards/shard-{i:06d}.tar") for i in range(3)] == [25, 25, 10]
     z, attrs = zarr_arrays(tiny_build)
-    assert attrs["format_version"] == 1 and attrs["n_clips"] == 60 and attrs["N"] == 100 and attrs["T"] == 16
+    assert attrs["format_version"] == FORMAT_VERSION == 2 and attrs["n_clips"] == 60 and attrs["N"] == 100
+    assert attrs["T"] == 16 and attrs["label_rule"] == "amplify" == label_rule(tiny_build)
     assert attrs["W"] == 15 and attrs["ref_size"] == 128 and attrs["metrics"] == list(METRICS)
     assert attrs["build_filter"] == {"metric": "p95", "threshold": 0.04, "min_keep": 16}
     for m in METRICS:
@@ -94,6 +99,7 @@ def test_tiny_build_layout(tiny_build):
     assert doc["summary"]["clips"] == 60 and doc["summary"]["shards"] == 3 and doc["summary"]["skipped"] == []
     assert [i["clips"] for i in doc["inputs"]] == [18, 18, 18, 6]
     assert doc["config"]["maxcount"] == TINY_MAXCOUNT and "total_s" in doc["timings"]
+    assert doc["build_format"] == bld.BUILD_FORMAT == 2 and doc["config"]["label_rule"] == "amplify"
 
 
 def test_plain_webdataset_reads_the_shards_in_manifest_order(tiny_build):
@@ -102,14 +108,15 @@ def test_plain_webdataset_reads_the_shards_in_manifest_order(tiny_build):
     got = list(wds.WebDataset(urls, shardshuffle=False).decode())
     assert [s["__key__"] for s in got] == t.column("clip_id").to_pylist()
     s = got[0]
-    assert s["vel.npy"].shape == (15, 100, 2) and s["valid.npy"].shape == (15, 100)
+    assert s["pos.npy"].shape == (16, 100, 2) and s["vis.npy"].shape == (16, 100)
+    assert s["pos.npy"].dtype == np.float32 and s["vis.npy"].dtype == np.bool_
     assert s["stats.npy"].shape == (3, 100) and s["json"]["sequence"] == 0
 
 
 def test_write_shard_bytes_equal_webdataset_tarwriter(tmp_path):
     """write_shard drives tarfile directly for speed; its shards stay exactly TarWriter's."""
     rng = np.random.default_rng(3)
-    ss = [encode_sample(f"clip{i}-abc", rng.normal(0, 2, (4, 5, 2)), rng.random((4, 5)) > 0.3,
+    ss = [encode_sample(f"clip{i}-abc", rng.normal(60, 20, (4, 5, 2)), rng.random((4, 5)) > 0.3,
                         rng.random((3, 5)), {"source": f"d/ü{i}.npz", "sequence": i, "start_frame": 2 * i})
           for i in range(3)]
     index = write_shard(tmp_path / "a.tar", ss, mtime=12345)
@@ -120,22 +127,25 @@ def test_write_shard_bytes_equal_webdataset_tarwriter(tmp_path):
     assert data == (tmp_path / "b.tar").read_bytes()
     assert index == index_shard(tmp_path / "a.tar")
     for (key, off, size), x in zip(index, ss):
-        got = read_sample(tmp_path / "a.tar", off, size, key)
-        assert np.array_equal(got["vel"], x["vel.npy"]) and got["meta"] == x["json"]
+        got = read_sample(tmp_path / "a.tar", off, size, key, sample_checksum(x))
+        assert np.array_equal(got["pos"], x["pos.npy"]) and got["meta"] == x["json"]
+        assert np.array_equal(got["vis"], x["vis.npy"]) and got["checksum"] == sample_checksum(x)
 
 
 def test_manifest_offsets_and_stats_match_the_shard_data(tiny_build):
     rows, ss = samples(tiny_build)
+    pos, vis = np.stack([s["pos"] for s in ss]), np.stack([s["vis"] for s in ss])
     vel = np.stack([s["vel"] for s in ss])
     valid = np.stack([s["valid"] for s in ss])
     assert [s["key"] for s in ss] == [r["clip_id"] for r in rows]
+    assert [r["checksum"] for r in rows] == [array_checksum(s["pos"], s["vis"], s["stats"]) for s in ss]
     z, _ = zarr_arrays(tiny_build)
-    ref = point_stats(vel, valid)
+    ref = point_stats(pos, vis)
     for k in ref:
         np.testing.assert_array_equal(z[f"stats/{k}"], ref[k], err_msg=k)
     np.testing.assert_array_equal(np.stack([s["stats"] for s in ss]), np.stack([ref[m] for m in METRICS], 1))
     for m in METRICS:
-        points, topk = class_histograms(vel, valid, ref[m], ref["valid_count"])
+        points, topk = class_histograms(pos, vis, ref[m], ref["valid_count"])
         np.testing.assert_array_equal(z[f"hist/{m}/points"], points)
         np.testing.assert_array_equal(z[f"hist/{m}/topk"], topk)
     # manifest figures from plain numpy (not the build's own helper)
@@ -144,7 +154,7 @@ def test_manifest_offsets_and_stats_match_the_shard_data(tiny_build):
                                (speed * valid).sum((1, 2)) / valid.sum((1, 2)), rtol=1e-5)
     np.testing.assert_allclose([r["visible_fraction"] for r in rows], valid.mean((1, 2)), rtol=1e-6)
     score, vc = ref["p95"], ref["valid_count"]
-    labels = labels_from_px(vel)
+    labels = labels_from_positions(pos)  # the build's rule: amplify
     for i, r in enumerate(rows):
         keep = score[i] >= np.float32(0.04)
         if keep.sum() < 16:
@@ -165,24 +175,29 @@ def test_clips_are_the_windows_of_the_track_files(tiny_build, tiny_tracks):
         for b in range(B):
             for s0 in range(0, TINY_T - 16 + 1, 8):
                 tr = tracks[b, s0:s0 + 16].astype(np.float64)
-                v = (np.diff(tr, axis=0) * [128 / W, 128 / H]).astype(np.float32)
-                expect.append((str(tiny_tracks / name), b, s0, v, vis[b, s0:s0 + 15] & vis[b, s0 + 1:s0 + 16]))
+                p = (tr * [128 / W, 128 / H]).astype(np.float32)
+                v = np.diff(p, axis=0)
+                expect.append((str(tiny_tracks / name), b, s0, p, v, vis[b, s0:s0 + 16],
+                               vis[b, s0:s0 + 15] & vis[b, s0 + 1:s0 + 16]))
     assert len(expect) == len(rows)
-    for r, s, (src, b, s0, v, m) in zip(rows, ss, expect):
+    for r, s, (src, b, s0, p, v, vs, m) in zip(rows, ss, expect):
         h8 = hashlib.sha1(src.encode()).hexdigest()[:8]
         assert r["clip_id"] == f"{Path(src).stem}-{h8}-s{b:04d}-f{s0:06d}"
         assert (r["source"], r["sequence"], r["start_frame"]) == (src, b, s0)
+        np.testing.assert_array_equal(s["pos"], p)
+        np.testing.assert_array_equal(s["vis"], vs)
         np.testing.assert_allclose(s["vel"], v, atol=1e-5)
         np.testing.assert_array_equal(s["valid"], m)
+        assert r["split_group"] == f"{src}#{b}" if B > 1 else src  # independent sequences (no start_frame)
 
 
 def test_window_starts_agree_with_cut_windows():
     rng = np.random.default_rng(0)
-    for S in (3, 14, 15, 16, 23, 40):
+    for T in (3, 14, 15, 16, 23, 40):
         for window, stride in ((16, 8), (4, 3), (2, 1)):
-            seq = Sequence("x", 0, rng.normal(size=(S, 2, 2)).astype(np.float32), np.ones((S, 2), bool), 5)
+            seq = Sequence("x", 0, rng.normal(size=(T, 2, 2)).astype(np.float32), np.ones((T, 2), bool), 5)
             ref = [sf for sf, _, _ in cut_windows(seq, window, stride)]
-            assert list(5 + bld.window_starts(S, window, stride)) == ref
+            assert list(5 + bld.window_starts(T, window, stride)) == ref
 
 
 # ---------------------------------------------------------------- CLI, reruns, arguments
@@ -356,4 +371,6 @@ def test_laps_pt_folder_of_single_clip_files(tmp_path):
     assert [r["source"] for r in rows] == [str(d / f"clip{i}.pt") for i in range(5)]
     assert sorted({r["shard"] for r in rows}) == [f"shards/shard-{i:06d}.tar" for i in range(3)]
     v = torch.load(d / "clip3.pt", weights_only=True).numpy()
-    np.testing.assert_allclose(ss[3]["vel"], v * 7.0, rtol=1e-6)  # (W-1)/2 = 7 px per unit
+    # (W-1)/2 = 7 px per unit; float32 positions about the frame centre round to ~1e-5 px
+    np.testing.assert_allclose(ss[3]["vel"], v * 7.0, rtol=1e-6, atol=2e-5)
+    assert (ss[3]["pos"][0] == 64.0).all()

@@ -233,7 +233,7 @@ def test_unsafe_member_names_are_refused(build_copy, tmp_path, prefix):
     loader = make_loader(build_copy, split="all", batch_size=60, on_error="skip")
     ids = [c for b in loader for c in b["clip_id"]]
     assert bad_id not in ids and len(ids) == 59 and loader.skipped == 1
-    assert not list(Path("/tmp").glob(f"{bad_id}*")) and not (tmp_path.parent / f"{bad_id}.vel.npy").exists()
+    assert not list(Path("/tmp").glob(f"{bad_id}*")) and not (tmp_path.parent / f"{bad_id}.pos.npy").exists()
     with pytest.raises(ManifestError, match=r"manifest\.parquet"):
         verify_build(build_copy)
 

@@ -86,7 +86,9 @@ def test_laps_pt_scale(tmp_path):
     assert [f.rsplit("/", 1)[1] for f in files] == ["clip0.pt", "clip1.pt"]
     assert detect_format(files[1]) == "laps-pt"
     (seq,) = iter_sequences(files[1])
-    np.testing.assert_allclose(seq.vel, v * 7.0, rtol=1e-6)
+    # positions are float32 around the frame centre, so velocities carry ~1e-5 px of rounding
+    np.testing.assert_allclose(seq.vel, v * 7.0, rtol=1e-6, atol=2e-5)
+    assert (seq.pos[0] == 64.0).all()  # the documented origin: the frame centre
     assert seq.valid.all() and seq.valid.shape == (15, 6)
     # forced format on a file with out-of-range values is refused
     torch.save(torch.tensor(v * 3), d / "bad.pt")
@@ -305,3 +307,36 @@ def test_nan_on_invisible_points_is_allowed(tmp_path):
     (seq,) = iter_sequences(p)
     assert not seq.valid[1, 3] and not seq.valid[2, 3] and seq.valid[3, 3]
     assert np.isfinite(seq.vel).all()
+
+
+def test_cotracker_key_names(tmp_path):
+    """CoTracker's own output keys (pred_tracks, pred_visibility) read like ours."""
+    tr = RNG.uniform(0, 100, size=(2, 6, 5, 2)).astype(np.float32)
+    vis = RNG.random((2, 6, 5)) > 0.3
+    p = tmp_path / "cot.npz"
+    np.savez(p, pred_tracks=tr, pred_visibility=vis, image_size=np.array([100, 100]))
+    q = tmp_path / "ours.npz"
+    np.savez(q, tracks=tr, visibility=vis, image_size=np.array([100, 100]))
+    a, b = read_sequences(p), read_sequences(q)
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.pos, y.pos)
+        np.testing.assert_array_equal(x.vis, y.vis)
+    np.testing.assert_allclose(a[1].pos, tr[1] * 1.28, rtol=1e-6)
+    torch.save({"pred_tracks": torch.from_numpy(tr), "pred_visibility": torch.from_numpy(vis),
+                "image_size": torch.tensor([100, 100])}, tmp_path / "cot.pt")
+    assert detect_format(tmp_path / "cot.pt") == "tracks"
+    np.testing.assert_array_equal(read_sequences(tmp_path / "cot.pt")[0].pos, a[0].pos)
+
+
+def test_batched_file_without_start_frame_is_independent_sequences(tmp_path):
+    """DESIGN.md: (B,T,N,2) without start_frame = B independent sequences, each its own
+    split group; with start_frame = windows of one video, one group (the file)."""
+    tr = RNG.uniform(0, 100, size=(3, 6, 5, 2)).astype(np.float32)
+    np.savez(tmp_path / "indep.npz", tracks=tr, image_size=np.array([100, 100]))
+    np.savez(tmp_path / "windows.npz", tracks=tr, image_size=np.array([100, 100]), start_frame=np.array([0, 2, 4]))
+    np.savez(tmp_path / "single.npz", tracks=tr[0], image_size=np.array([100, 100]))
+    indep = read_sequences(tmp_path / "indep.npz")
+    assert [s.group for s in indep] == [f"{tmp_path / 'indep.npz'}#{b}" for b in range(3)]
+    assert {s.group for s in read_sequences(tmp_path / "windows.npz")} == {str(tmp_path / "windows.npz")}
+    assert [s.group for s in read_sequences(tmp_path / "single.npz")] == [str(tmp_path / "single.npz")]

@@ -10,10 +10,10 @@ import torch
 from loader_fixtures import write_build
 from motion_data import shards
 from motion_data.augment import AugmentConfig
-from motion_data.labels import labels_from_px, normalize
+from motion_data.labels import labels_from_positions, normalize, step_valid, velocities
 from motion_data.loader import ClipDataset, _batch_kernel, _identity, _worker_context, make_loader, parse_sample
 from motion_data.sampler import IndexBatch, SamplerConfig, SequentialBatchSampler, load_dynamic_ratio
-from motion_data.split import split_clips
+from motion_data.split import split_manifest
 from motion_data.stats import StaticFilter, keep_mask
 
 FLT = StaticFilter(enable=True, metric="p95", threshold=0.04, min_keep=16)
@@ -27,7 +27,8 @@ def _manifest(root):
 def _reference(root, m, cid, flt):
     """Expected batch row of a clip, via the reference reader and the core functions."""
     i = m["clip_id"].index(cid)
-    s = shards.read_sample(root / m["shard"][i], m["offset"][i], m["size"][i], cid)
+    s = shards.read_sample(root / m["shard"][i], m["offset"][i], m["size"][i], cid, m["checksum"][i])
+    s["vel"], s["valid"] = velocities(s["pos"]), step_valid(s["vis"])
     st = s["stats"][["mean", "p95", "max"].index(flt.metric)][None]
     vc = s["valid"].sum(0, dtype=np.uint8)[None]
     keep = keep_mask(st, vc, flt.threshold, flt.min_keep)[0]
@@ -42,6 +43,7 @@ def test_batch_contract_matches_reference(tiny_build):
     assert len(batches) == len(ld) == 60 // 8
     b = batches[0]
     B, S, N = 8, 15, 100
+    assert b["positions"].shape == (B, S + 1, N, 2) and b["positions"].dtype == torch.float32
     assert b["velocities"].shape == (B, S, N, 2) and b["velocities"].dtype == torch.float32
     assert b["labels"].shape == (B, S, N) and b["labels"].dtype == torch.int64
     assert b["mask"].dtype == torch.bool and b["valid"].dtype == torch.bool and b["mask"].shape == (B, S, N)
@@ -51,8 +53,9 @@ def test_batch_contract_matches_reference(tiny_build):
     for batch in batches[:3]:
         for j, cid in enumerate(batch["clip_id"]):
             s, keep = _reference(tiny_build, m, cid, FLT)
+            np.testing.assert_array_equal(batch["positions"][j].numpy(), s["pos"])
             np.testing.assert_array_equal(batch["velocities"][j].numpy(), normalize(s["vel"]))
-            np.testing.assert_array_equal(batch["labels"][j].numpy(), labels_from_px(s["vel"]))
+            np.testing.assert_array_equal(batch["labels"][j].numpy(), labels_from_positions(s["pos"]))
             np.testing.assert_array_equal(batch["valid"][j].numpy(), s["valid"])
             np.testing.assert_array_equal(batch["mask"][j].numpy(), keep[None] & s["valid"])
             assert batch["dynamic_ratio"][j] == pytest.approx(ratio[m["clip_id"].index(cid)])
@@ -61,16 +64,24 @@ def test_batch_contract_matches_reference(tiny_build):
     assert torch.equal(b0["mask"], b0["valid"]) and (b0["dynamic_ratio"] == 1).all()
 
 
-def test_kernel_matches_label_functions():
+@pytest.mark.parametrize("rule", ["amplify", "velocity"])
+def test_kernel_matches_label_functions(rule):
     rng = np.random.default_rng(0)
     v = (rng.normal(0, 4, (3, 15, 50, 2))).astype(np.float32)
     v[0, 0, :8, 0] = [0.5, 1.5, -0.5, 2.5, -7.5, 7.5, 100, -100]  # half-way cases and saturation
-    valid = rng.random((3, 15, 50)) < 0.8
+    start = rng.uniform(-5, 133, (3, 1, 50, 2))  # some outside the frame: clamped by amplify
+    pos = np.concatenate([start, start + np.cumsum(v, axis=1)], axis=1).astype(np.float32)
+    pos[1, :, :5] = np.array([63.5, 64.5], np.float32)  # half-pixel positions (round half to even)
+    pos[1, 3::2, :5] += np.float32(1.0)
+    vis = rng.random((3, 16, 50)) < 0.9
     keep = rng.random((3, 50)) < 0.5
-    vo, lo, mo = np.empty_like(v), np.empty(valid.shape, np.int64), np.empty_like(valid)
-    _batch_kernel(v, valid, keep, 15, vo, lo, mo)
-    np.testing.assert_array_equal(vo, normalize(v))
-    np.testing.assert_array_equal(lo, labels_from_px(v))
+    valid = step_valid(vis)
+    vo, lo, mo, va = (np.empty((3, 15, 50, 2), np.float32), np.empty(valid.shape, np.int64), np.empty_like(valid),
+                      np.empty_like(valid))
+    _batch_kernel(pos, vis, keep, 15, 127.0, ["amplify", "velocity"].index(rule), vo, lo, mo, va)
+    np.testing.assert_array_equal(vo, normalize(velocities(pos)))
+    np.testing.assert_array_equal(lo, labels_from_positions(pos, 15, 128, rule))
+    np.testing.assert_array_equal(va, valid)
     np.testing.assert_array_equal(mo, keep[:, None] & valid)
 
 
@@ -80,8 +91,9 @@ def test_fast_parser_equals_reference_reader(tiny_build):
         blob = (tiny_build / m["shard"][i]).read_bytes()[m["offset"][i]:m["offset"][i] + m["size"][i]]
         fast = parse_sample(blob, m["clip_id"][i])
         ref = shards.read_sample(tiny_build / m["shard"][i], m["offset"][i], m["size"][i], m["clip_id"][i])
-        for k in ("vel", "valid", "stats"):
+        for k in ("pos", "vis", "stats", "checksum"):
             np.testing.assert_array_equal(fast[k], ref[k])
+        assert fast["checksum"] == m["checksum"][i]
 
 
 def test_batch_parser_equals_reference_reader_and_declines_the_unusual(tiny_build, tmp_path):
@@ -89,12 +101,12 @@ def test_batch_parser_equals_reference_reader_and_declines_the_unusual(tiny_buil
     ds = make_loader(tiny_build, split="all", batch_size=4).dataset
     rows = list(range(59, -1, -3))  # not in file order
     B, S, N = len(rows), ds.S, ds.N
-    out = (np.empty((B, S, N, 2), np.float32), np.empty((B, S, N), bool), np.empty((B, 3, N), np.float32))
+    out = (np.empty((B, S + 1, N, 2), np.float32), np.empty((B, S + 1, N), bool), np.empty((B, 3, N), np.float32))
     order = sorted(range(B), key=lambda j: (ds.shard_of[rows[j]], ds.offset[rows[j]]))
     assert ds._read_fast(rows, order, *out).all()
     for j, r in enumerate(rows):
         ref = shards.read_sample(tiny_build / m["shard"][r], m["offset"][r], m["size"][r], m["clip_id"][r])
-        for a, k in zip(out, ("vel", "valid", "stats")):
+        for a, k in zip(out, ("pos", "vis", "stats")):
             np.testing.assert_array_equal(a[j], ref[k])
     # a member header with a wrong checksum, or a sample read under another key: left to
     # the reference reader
@@ -112,7 +124,7 @@ def test_batch_parser_equals_reference_reader_and_declines_the_unusual(tiny_buil
 
 def test_val_loader_full_deterministic_pass(tiny_build):
     m = _manifest(tiny_build)
-    _, val_rows = split_clips(m["source"], m["start_frame"], 0.2, 16)
+    _, val_rows = split_manifest(m, 0.2, 16)
     aug = AugmentConfig(enabled=True, jitter_std=0.1, p=1.0)
     kw = dict(split="val", static_filter=FLT, sampler=WEIGHTED, augment=aug, batch_size=3, val_split=0.2)
     ids = [[c for b in make_loader(tiny_build, **kw) for c in b["clip_id"]] for _ in range(2)]
@@ -190,7 +202,7 @@ def test_workers_deliver_exactly_the_draw(tiny_build):
     inproc = make_loader(tiny_build, num_workers=0, **kw)
     for a, b in zip(_batches(ld, 2), _batches(inproc, 2)):
         assert a.keys() == b.keys() and a["clip_id"] == b["clip_id"]
-        for k in ("velocities", "labels", "mask", "valid", "dynamic_ratio"):
+        for k in ("positions", "velocities", "labels", "mask", "valid", "dynamic_ratio"):
             assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
     assert b["labels"].dtype == torch.int64
     # a DataLoader of its own over a ClipDataset (as tokenize builds one) gets contract

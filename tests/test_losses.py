@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from motion_data.labels import center_class, labels_from_px, ring_map
+from motion_data.labels import center_class, labels_from_positions, ring_map, step_valid
 from motion_data.stats import METRICS, StaticFilter, class_histograms, keep_mask, point_stats
 from motion_data.store import store_attrs, write_store
 from tokenizer_train.config import ConfigError, from_dict
@@ -231,12 +231,15 @@ def test_class_weights_artifacts(tmp_path):
 def test_class_counts_from_stats_match_direct_count(tmp_path):
     rng = np.random.default_rng(1)
     C, S, N = 4, 6, 30
-    vel = (rng.normal(size=(C, S, N, 2)) * rng.choice([0.1, 3.0], size=(C, 1, N, 1))).astype(np.float32)
-    valid = rng.random((C, S, N)) < 0.9
-    st = point_stats(vel, valid, W)
-    hists = {m: class_histograms(vel, valid, st[m], st["valid_count"], W) for m in METRICS}
+    vel = rng.normal(size=(C, S, N, 2)) * rng.choice([0.1, 3.0], size=(C, 1, N, 1))
+    pos = np.concatenate([np.full((C, 1, N, 2), 64.0), 64.0 + np.cumsum(vel, axis=1)], axis=1).astype(np.float32)
+    vis = rng.random((C, S + 1, N)) < 0.95
+    valid = step_valid(vis)
+    st = point_stats(pos, vis, W)
+    hists = {m: class_histograms(pos, vis, st[m], st["valid_count"], W) for m in METRICS}
     write_store(tmp_path / "stats.zarr", st, hists,
-                store_attrs(W=W, ref_size=128, T=S + 1, N=N, build_filter=StaticFilter(), n_clips=C))
+                store_attrs(W=W, ref_size=128, T=S + 1, N=N, build_filter=StaticFilter(), n_clips=C,
+                            label_rule="amplify"))
     for flt in (StaticFilter(enable=True, metric="p95", threshold=0.1, min_keep=4),
                 StaticFilter(enable=True, metric="mean", threshold=0.05, min_keep=2),
                 StaticFilter(enable=False)):
@@ -246,7 +249,7 @@ def test_class_counts_from_stats_match_direct_count(tmp_path):
         else:
             keep = np.ones((C, N), bool)
         sel = valid & keep[:, None, :]
-        ref = np.bincount(labels_from_px(vel, W)[sel], minlength=K)
+        ref = np.bincount(labels_from_positions(pos, W)[sel], minlength=K)
         assert np.array_equal(got, ref)
     with pytest.raises(ValueError, match="stats.zarr"):  # no store there
         class_counts_from_stats(tmp_path / "elsewhere", StaticFilter(enable=True, metric="max"), W)

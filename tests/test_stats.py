@@ -15,10 +15,15 @@ K = W * W
 
 
 # ---------------------------------------------------------------- numpy references
-def ref_point_stats(vel, valid, W=W):
+def ref_labels_valid(pos, vis, rule, W=W):
+    """Labels (the build's rule, labels.py) and valid steps of clips (C, T, N, 2) / (C, T, N)."""
+    return L.labels_from_positions(pos, W, 128, rule), L.step_valid(vis)
+
+
+def ref_point_stats(pos, vis, rule, W=W):
+    lab, valid = ref_labels_valid(pos, vis, rule, W)
     C, T, N = valid.shape
-    speed = np.linalg.norm(L.normalize(vel.astype(np.float64), W), axis=-1)
-    lab = L.labels_from_px(vel, W)
+    speed = np.linalg.norm(L.normalize(L.velocities(pos).astype(np.float64), W), axis=-1)
     out = {m: np.zeros((C, N), np.float64) for m in S.METRICS}
     out["center_count"] = ((lab == L.center_class(W)) & valid).sum(axis=1)
     out["valid_count"] = valid.sum(axis=1)
@@ -44,16 +49,16 @@ def ref_keep_mask(scores, valid_count, threshold, min_keep):
     return out
 
 
-def ref_kept_class_counts(vel, valid, keep, W=W):
-    lab = L.labels_from_px(vel, W)
+def ref_kept_class_counts(pos, vis, rule, keep, W=W):
+    lab, valid = ref_labels_valid(pos, vis, rule, W)
     sel = valid & keep[:, None, :]
     return np.bincount(lab[sel], minlength=W * W), int(keep.sum())
 
 
-def ref_class_histograms(vel, valid, scores, valid_count, W=W):
+def ref_class_histograms(pos, vis, rule, scores, valid_count, W=W):
     points = np.zeros((S.HIST_NBINS, W * W + 1), np.int64)
     topk = np.zeros((S.HIST_NBINS, S.HIST_RANK_MAX, W * W + 1), np.int64)
-    lab = L.labels_from_px(vel, W)
+    lab, valid = ref_labels_valid(pos, vis, rule, W)
     # the bin of a score: the last float32 edge it reaches, by a linear scan
     edges = np.array([np.float32(k * S.HIST_BIN_WIDTH) for k in range(S.HIST_NBINS)], np.float32)
     for c in range(scores.shape[0]):
@@ -73,31 +78,38 @@ def ref_class_histograms(vel, valid, scores, valid_count, W=W):
 
 # ---------------------------------------------------------------- random data
 def random_clips(rng, C=12, T=15, N=40, p_valid=0.8):
+    """Positions (C, T+1, N, 2) and visibility (C, T+1, N): T steps per clip."""
     kind = rng.integers(0, 4, size=(C, 1, N, 1))
     scale = np.choose(kind, [0.05, 0.3, 2.0, 12.0])  # static / jitter / moving / clamped
     vel = (rng.standard_normal((C, T, N, 2)) * scale).astype(np.float32)
-    # exact half-pixel steps exercise round-half-even in the labels
+    # exact half-pixel steps exercise round-half-even in the velocity rule
     halves = rng.random((C, T, N, 2)) < 0.05
     vel[halves] = rng.integers(-4, 4, size=halves.sum()) + 0.5
-    valid = rng.random((C, T, N)) < p_valid
-    valid[:, :, :3] = False  # all-invisible points
-    valid[0, :, 5:9] = False
-    valid[1, :, :] = False  # an all-invisible clip
-    valid[2, 1:, 10] = False  # a single valid step
-    return vel, valid
+    start = rng.uniform(-10, 138, (C, 1, N, 2))  # some start outside the frame: clamped by amplify
+    pos = np.concatenate([start, start + np.cumsum(vel, axis=1)], axis=1).astype(np.float32)
+    # exact half-pixel positions exercise round-half-even in the amplify rule
+    hp = rng.random(pos.shape) < 0.05
+    pos[hp] = rng.integers(0, 128, size=hp.sum()) + 0.5
+    vis = rng.random((C, T + 1, N)) < p_valid ** 0.5
+    vis[:, :, :3] = False  # all-invisible points
+    vis[0, :, 5:9] = False
+    vis[1, :, :] = False  # an all-invisible clip
+    vis[2, 2:, 10] = False  # a single valid step
+    vis[2, :2, 10] = True
+    return pos, vis
 
 
-@pytest.fixture(scope="module")
-def data():
+@pytest.fixture(scope="module", params=L.LABEL_RULES)
+def data(request):
     rng = np.random.default_rng(0)
-    vel, valid = random_clips(rng)
-    return vel, valid, S.point_stats(vel, valid, W)
+    pos, vis = random_clips(rng)
+    return pos, vis, request.param, S.point_stats(pos, vis, W, 128, request.param)
 
 
 # ---------------------------------------------------------------- kernels vs references
 def test_point_stats_matches_numpy(data):
-    vel, valid, got = data
-    ref = ref_point_stats(vel, valid)
+    pos, vis, rule, got = data
+    ref = ref_point_stats(pos, vis, rule)
     for m in S.METRICS:
         assert got[m].dtype == np.float32
         np.testing.assert_allclose(got[m], ref[m], atol=1e-5, rtol=1e-5, err_msg=m)
@@ -108,28 +120,31 @@ def test_point_stats_matches_numpy(data):
         assert (got[m][:, :3] == 0).all() and (got[m][1] == 0).all()
 
 
+@pytest.mark.parametrize("rule", L.LABEL_RULES)
 @pytest.mark.parametrize("steps", [1, 2, 21, 22, 40])
-def test_point_stats_any_step_count(steps):
+def test_point_stats_any_step_count(steps, rule):
     """Short clips take the two-largest p95 path, long ones (> 21 valid steps) the sort path."""
     rng = np.random.default_rng(steps)
-    vel, valid = random_clips(rng, C=4, T=steps, N=30, p_valid=0.9)
-    got, ref = S.point_stats(vel, valid, W), ref_point_stats(vel, valid)
+    pos, vis = random_clips(rng, C=4, T=steps, N=30, p_valid=0.9)
+    got, ref = S.point_stats(pos, vis, W, 128, rule), ref_point_stats(pos, vis, rule)
     for m in S.METRICS:
         np.testing.assert_allclose(got[m], ref[m], atol=1e-5, rtol=1e-5, err_msg=m)
     np.testing.assert_array_equal(got["center_count"], ref["center_count"])
 
 
 def test_point_stats_rejects_bad_shapes():
-    with pytest.raises(ValueError, match="expected vel"):
+    with pytest.raises(ValueError, match="expected pos"):
         S.point_stats(np.zeros((2, 3, 4, 3)), np.zeros((2, 3, 4), bool))
-    with pytest.raises(ValueError, match="expected vel"):
+    with pytest.raises(ValueError, match="expected pos"):
         S.point_stats(np.zeros((2, 3, 4, 2)), np.zeros((2, 3, 5), bool))
+    with pytest.raises(ValueError, match="label rule"):
+        S.point_stats(np.zeros((2, 3, 4, 2)), np.zeros((2, 3, 4), bool), rule="rounded")
 
 
 @pytest.mark.parametrize("metric", S.METRICS)
 @pytest.mark.parametrize("threshold,min_keep", [(0.0, 16), (0.04, 16), (0.1, 5), (0.3, 0), (0.05, 50), (9.0, 16)])
 def test_keep_mask_matches_numpy(data, metric, threshold, min_keep):
-    _, _, st_ = data
+    *_, st_ = data
     got = S.keep_mask(st_[metric], st_["valid_count"], threshold, min_keep)
     ref = ref_keep_mask(st_[metric], st_["valid_count"], threshold, min_keep)
     np.testing.assert_array_equal(got, ref)
@@ -148,58 +163,59 @@ def test_keep_mask_ties_prefer_lower_index():
 
 
 def test_class_histograms_match_numpy(data):
-    vel, valid, st_ = data
+    pos, vis, rule, st_ = data
     for m in S.METRICS:
-        points, topk = S.class_histograms(vel, valid, st_[m], st_["valid_count"], W)
-        rp, rt = ref_class_histograms(vel, valid, st_[m], st_["valid_count"])
+        points, topk = S.class_histograms(pos, vis, st_[m], st_["valid_count"], W, 128, rule)
+        rp, rt = ref_class_histograms(pos, vis, rule, st_[m], st_["valid_count"])
         np.testing.assert_array_equal(points, rp)
         np.testing.assert_array_equal(topk, rt)
-        assert points[:, -1].sum() == vel.shape[0] * vel.shape[2]
+        assert points[:, -1].sum() == pos.shape[0] * pos.shape[2]
 
 
+@pytest.mark.parametrize("rule", L.LABEL_RULES)
 @pytest.mark.parametrize("steps", [15, 30])
-def test_shard_stats_equals_stats_and_histograms_of_each_metric(steps):
+def test_shard_stats_equals_stats_and_histograms_of_each_metric(steps, rule):
     """The build's fused kernel == point_stats + class_histograms (numpy-checked above);
     many exact score ties (all-zero and integer-step points) exercise its partial rank sort
     and more points than HIST_RANK_MAX per clip its cut-off."""
     rng = np.random.default_rng(steps)
-    vel, valid = random_clips(rng, C=9, T=steps, N=70)
-    vel[:, :, 10:30] = 0.0  # static: score 0, ties
-    vel[:, :, 30:45] = np.round(vel[:, :, 30:45])  # repeated speeds
-    st_, hists = S.shard_stats(vel, valid, W)
-    ref = S.point_stats(vel, valid, W)
+    pos, vis = random_clips(rng, C=9, T=steps, N=70)
+    pos[:, :, 10:30] = pos[:, :1, 10:30]  # static: score 0, ties
+    pos[:, :, 30:45] = np.round(pos[:, :, 30:45])  # repeated speeds
+    st_, hists = S.shard_stats(pos, vis, W, 128, rule)
+    ref = S.point_stats(pos, vis, W, 128, rule)
     assert st_.keys() == ref.keys()
     for k in ref:
         assert st_[k].dtype == ref[k].dtype
         np.testing.assert_array_equal(st_[k], ref[k], err_msg=k)
     assert list(hists) == list(S.METRICS)
     for m in S.METRICS:
-        points, topk = S.class_histograms(vel, valid, ref[m], ref["valid_count"], W)
+        points, topk = S.class_histograms(pos, vis, ref[m], ref["valid_count"], W, 128, rule)
         np.testing.assert_array_equal(hists[m][0], points, err_msg=m)
         np.testing.assert_array_equal(hists[m][1], topk, err_msg=m)
-    rp, rt = ref_class_histograms(vel, valid, ref["p95"], ref["valid_count"])
+    rp, rt = ref_class_histograms(pos, vis, rule, ref["p95"], ref["valid_count"])
     np.testing.assert_array_equal(hists["p95"][1], rt)
-    with pytest.raises(ValueError, match="expected vel"):
+    with pytest.raises(ValueError, match="expected pos"):
         S.shard_stats(np.zeros((2, 3, 4, 3)), np.zeros((2, 3, 4), bool))
 
 
 @pytest.mark.parametrize("metric", S.METRICS)
 def test_filtered_counts_from_hist_exact_at_bin_edges(data, metric):
-    vel, valid, st_ = data
-    points, topk = S.class_histograms(vel, valid, st_[metric], st_["valid_count"], W)
+    pos, vis, rule, st_ = data
+    points, topk = S.class_histograms(pos, vis, st_[metric], st_["valid_count"], W, 128, rule)
     for k in (0, 1, 16, S.HIST_RANK_MAX):
         for b in (0, 1, 4, 16, 37, 80, S.HIST_NBINS - 1):
             t = round(b * S.HIST_BIN_WIDTH, 10)
             keep = S.keep_mask(st_[metric], st_["valid_count"], t, k)
-            ref_counts, ref_kept = ref_kept_class_counts(vel, valid, keep)
+            ref_counts, ref_kept = ref_kept_class_counts(pos, vis, rule, keep)
             counts, kept = S.filtered_counts_from_hist(points, topk, t, k)
             np.testing.assert_array_equal(counts, ref_counts, err_msg=f"t={t} k={k}")
             assert kept == ref_kept
 
 
 def test_filtered_counts_rejects_min_keep_above_ranks(data):
-    vel, valid, st_ = data
-    points, topk = S.class_histograms(vel, valid, st_["p95"], st_["valid_count"], W)
+    pos, vis, rule, st_ = data
+    points, topk = S.class_histograms(pos, vis, st_["p95"], st_["valid_count"], W, 128, rule)
     with pytest.raises(ValueError, match="--exact"):
         S.filtered_counts_from_hist(points, topk, 0.04, S.HIST_RANK_MAX + 1)
 
@@ -272,9 +288,9 @@ def test_kept_count_monotone_in_threshold(scores, ts, k):
 @given(seed=st.integers(0, 2**16), k=st.integers(0, S.HIST_RANK_MAX))
 def test_hist_kept_count_monotone_in_threshold(seed, k):
     rng = np.random.default_rng(seed)
-    vel, valid = random_clips(rng, C=3, T=4, N=20)
-    st_ = S.point_stats(vel, valid, W)
-    points, topk = S.class_histograms(vel, valid, st_["max"], st_["valid_count"], W)
+    pos, vis = random_clips(rng, C=3, T=4, N=20)
+    st_ = S.point_stats(pos, vis, W)
+    points, topk = S.class_histograms(pos, vis, st_["max"], st_["valid_count"], W)
     kept = [S.filtered_counts_from_hist(points, topk, b * S.HIST_BIN_WIDTH, k)[1] for b in range(S.HIST_NBINS)]
     assert all(a >= b for a, b in zip(kept, kept[1:]))
 
@@ -313,3 +329,44 @@ def test_ring_map_shape_and_counts():
     assert r[L.center_class(W)] == 0
     # ring d holds 8d classes
     np.testing.assert_array_equal(np.bincount(r), [1] + [8 * d for d in range(1, W // 2 + 1)])
+
+
+# ---------------------------------------------------------------- the label rules
+coord = st.floats(-20, 150, width=32) | st.sampled_from([-0.5, 0.5, 1.5, 63.5, 126.5, 127.0, 127.5])
+
+
+@settings(max_examples=300, deadline=None)
+@given(ax=coord, ay=coord, bx=coord, by=coord, rule=st.sampled_from(L.LABEL_RULES))
+def test_numba_label_step_equals_labels_py(ax, ay, bx, by, rule):
+    """The kernels' numba label (stats._label_step) == labels.labels_from_positions, numpy
+    and torch, for either rule, with clamping at the frame border and half-pixel ties."""
+    import torch
+
+    pos = np.array([[[ax, ay]], [[bx, by]]], np.float32)  # (T=2, N=1, 2)
+    ref = int(L.labels_from_positions(pos, W, 128, rule)[0, 0])
+    assert ref == int(L.labels_from_positions(torch.from_numpy(pos), W, 128, rule)[0, 0])
+    v = pos[1, 0] - pos[0, 0]
+    got = S._label_step(pos[0, 0, 0], pos[0, 0, 1], pos[1, 0, 0], pos[1, 0, 1], v[0], v[1], W, 127.0,
+                        L.rule_code(rule))
+    assert got == ref
+    if rule == "amplify":  # DESIGN.md: q = round(clip(p, 0, ref_size-1)), d = q[t+1] - q[t]
+        q = np.rint(np.clip(pos[:, 0].astype(np.float64), 0, 127))
+        d = q[1] - q[0]
+        c = W // 2
+        assert ref == int(np.clip(d[1] + c, 0, W - 1)) * W + int(np.clip(d[0] + c, 0, W - 1))
+
+
+def test_amplify_rule_turns_steady_sub_pixel_motion_into_occasional_steps():
+    """0.3 px a frame: always the centre under the velocity rule, a +1 step about every
+    third frame under AMPLIFY's rule (DESIGN.md)."""
+    x = 10.1 + 0.3 * np.arange(16)
+    pos = np.stack([x, np.full(16, 20.0)], -1)[:, None, :].astype(np.float32)  # (16, 1, 2)
+    vel_lab = L.labels_from_positions(pos, W, 128, "velocity")[:, 0]
+    amp_lab = L.labels_from_positions(pos, W, 128, "amplify")[:, 0]
+    c = L.center_class(W)
+    assert (vel_lab == c).all()
+    assert set(amp_lab.tolist()) == {c, c + 1}
+    assert (amp_lab == c + 1).sum() == int(np.rint(x[-1]) - np.rint(x[0]))
+    vis = np.ones((1, 16, 1), bool)
+    assert S.point_stats(pos[None], vis, W, 128, "velocity")["center_count"][0, 0] == 15
+    assert S.point_stats(pos[None], vis, W, 128, "amplify")["center_count"][0, 0] == 15 - (amp_lab != c).sum()

@@ -4,6 +4,7 @@ import pytest
 
 from motion_data.clips import InputError
 from motion_data.importers import iter_sequences
+from motion_data.labels import step_valid, velocities
 from motion_data.synth import clips_from_sequences, label_summary
 from motion_data.video import TrackConfig, find_sample_video, grid_points, track_video
 from preprocess.__main__ import main
@@ -110,8 +111,9 @@ def test_vtest_first_frames(tmp_path):
     assert d["visibility"].mean() > 0.8
     p = tmp_path / "vtest.npz"
     np.savez(p, **d)
-    vel, valid = clips_from_sequences(list(iter_sequences(p)), window=16, stride=8)
-    r = label_summary(vel, valid)
+    pos, vis = clips_from_sequences(list(iter_sequences(p)), window=16, stride=8)
+    r = label_summary(pos, vis)
+    vel, valid = velocities(pos), step_valid(vis)
     # static camera, a few walking people: mostly centre labels, a moving minority
     assert r["center_before"] > 0.9
     assert r["center_after"] < r["center_before"]

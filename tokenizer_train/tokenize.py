@@ -20,9 +20,9 @@ import torch
 from tqdm import tqdm
 
 from motion_data.atomic import atomic_path
-from motion_data.loader import ClipDataset, read_build_info
+from motion_data.loader import MANIFEST_COLUMNS, ClipDataset, read_build_info
 from motion_data.sampler import SequentialBatchSampler
-from motion_data.split import split_clips
+from motion_data.split import split_manifest
 
 from . import checkpoint as ckpt
 from .config import ConfigError, from_dict
@@ -63,10 +63,9 @@ def tokenize(run_dir, data_dir, out_path, which="best", batch_size=256, num_work
     if (info["W"], info["N"]) != (meta["W"], meta["N"]):
         raise ValueError(f"{root}: build has W={info['W']}, N={info['N']}; the run was trained on "
                          f"W={meta['W']}, N={meta['N']}")
-    man = pq.read_table(root / "manifest.parquet",
-                        columns=["clip_id", "source", "start_frame", "shard", "offset", "size"]).to_pydict()
+    man = pq.read_table(root / "manifest.parquet", columns=MANIFEST_COLUMNS).to_pydict()
     C = len(man["clip_id"])
-    _, val_rows = split_clips(man["source"], man["start_frame"], cfg.data.val_split, info["T"])
+    _, val_rows = split_manifest(man, cfg.data.val_split, info["T"])
     split = np.full(C, "train", dtype=object)
     split[val_rows] = "val"
     ds = ClipDataset(root, man, cfg.data.static_filter, info["W"], info["T"] - 1, info["N"])
