@@ -2,7 +2,9 @@
 
 Batches follow the binding contract (DESIGN.md, "Batch contract"): ``velocities``
 ``(B, S, N, 2)`` float32 normalised, ``labels`` ``(B, S, N)`` int64, ``mask`` ``(B, S, N)``
-bool (static filter AND valid), ``valid``, ``clip_id`` list and ``dynamic_ratio`` ``(B,)``.
+bool (static filter AND valid), ``valid``, ``eval_mask`` ``(B, S, N)`` bool (the build's
+recorded filter AND valid, whatever the run's filter: every validation figure is scored on
+it, DESIGN.md Trainer), ``clip_id`` list and ``dynamic_ratio`` ``(B,)``.
 
 Per sample only raw arrays are read (``vel``, ``valid``, the stored per-point ``stats``);
 the static-filter mask (``stats.keep_mask`` on the batch rows, current filter config),
@@ -41,7 +43,7 @@ from .labels import labels_from_norm, normalize
 from .sampler import (IndexBatch, SamplerConfig, SequentialBatchSampler, WeightedBatchSampler, clip_weights,
                       epoch_rng, load_dynamic_ratio)
 from .split import split_clips
-from .stats import METRICS, StaticFilter, keep_mask
+from .stats import METRICS, SEED_FILTER, StaticFilter, keep_mask, recorded_filter
 from .store import read_attrs
 
 log = logging.getLogger(__name__)
@@ -89,9 +91,19 @@ def label_dtype(W: int):
     return np.uint8 if W * W <= 256 else np.int16
 
 
+def _keep(stats, valid, flt: StaticFilter) -> np.ndarray:
+    """``(B, N)`` kept points of a batch under ``flt`` (every point when it is off)."""
+    B, _, N = valid.shape
+    if not (flt.enable and B):
+        return np.ones((B, N), bool)
+    vc = valid.sum(axis=1, dtype=np.uint8)
+    with _numba_threads(1):  # thread start-up costs more than a batch's keep mask
+        return keep_mask(stats[:, METRICS.index(flt.metric)], vc, flt.threshold, flt.min_keep)
+
+
 def make_batch(vel_px: np.ndarray, valid: np.ndarray, stats: np.ndarray, clip_ids: list, flt: StaticFilter,
                W: int, augment: AugmentConfig | None = None, rng: np.random.Generator | None = None, *,
-               packed: bool = False) -> dict:
+               packed: bool = False, eval_filter: StaticFilter = SEED_FILTER) -> dict:
     """Raw arrays of B clips -> the batch dict.
 
     vel_px ``(B, S, N, 2)`` reference pixels, valid ``(B, S, N)``, stats ``(B, 3, N)`` the
@@ -104,19 +116,19 @@ def make_batch(vel_px: np.ndarray, valid: np.ndarray, stats: np.ndarray, clip_id
     labels in ``label_dtype(W)``: one shared-memory segment and one descriptor hand-off per
     batch instead of one per tensor, and under half the bytes (int64 labels were 44% of
     them). ``unpack_batch`` turns it into the contract dict; the values are identical.
+
+    ``eval_filter``: the build's recorded filter (``make_loader`` reads it from the store);
+    ``eval_mask`` = its kept points AND valid, whatever ``flt`` is.
     """
     B, S, N = valid.shape
     vel_px = np.ascontiguousarray(vel_px, np.float32)
     valid = np.ascontiguousarray(valid, np.bool_)
-    if flt.enable and B:
-        vc = valid.sum(axis=1, dtype=np.uint8)
-        with _numba_threads(1):  # thread start-up costs more than a batch's keep mask
-            keep = keep_mask(stats[:, METRICS.index(flt.metric)], vc, flt.threshold, flt.min_keep)
-    else:
-        keep = np.ones((B, N), bool)
+    keep = _keep(stats, valid, flt)
+    keep_eval = keep if eval_filter == flt else _keep(stats, valid, eval_filter)
     lab_dtype = label_dtype(W) if packed else np.int64
-    buf, (v, dyn, labels, mask, valid_out) = _alloc(_layout(B, S, N, lab_dtype))
+    buf, (v, dyn, labels, mask, valid_out, eval_out) = _alloc(_layout(B, S, N, lab_dtype))
     valid_out[...] = valid
+    np.logical_and(keep_eval[:, None, :], valid, out=eval_out)
     if augment is not None and augment.enabled:
         v[...] = augment_batch(normalize(vel_px, W), keep, valid, augment, rng)
         labels[...] = labels_from_norm(v, W)
@@ -132,7 +144,7 @@ def make_batch(vel_px: np.ndarray, valid: np.ndarray, stats: np.ndarray, clip_id
 def _layout(B, S, N, lab_dtype):
     """(dtype, shape) of the batch arrays in buffer order; 4-byte items first keeps them aligned."""
     return [(np.float32, (B, S, N, 2)), (np.float32, (B,)), (lab_dtype, (B, S, N)), (np.bool_, (B, S, N)),
-            (np.bool_, (B, S, N))]
+            (np.bool_, (B, S, N)), (np.bool_, (B, S, N))]
 
 
 def _sections(layout):
@@ -174,13 +186,13 @@ def _views_to_batch(buf: torch.Tensor, shape, clip_ids: list, pin: bool = False)
     layout = _layout(B, S, N, lab_dtype)
     secs, _ = _sections(layout)
     t = [buf[o:o + n].view(_TORCH_DTYPE[np.dtype(dt)]).view(sh) for (o, n), (dt, sh) in zip(secs, layout)]
-    vel, dyn, labels, mask, valid = t
+    vel, dyn, labels, mask, valid, eval_mask = t
     if labels.dtype != torch.int64:
         wide = torch.empty(labels.shape, dtype=torch.int64, pin_memory=pin)
         wide.copy_(labels)
         labels = wide
-    return {"velocities": vel, "labels": labels, "mask": mask, "valid": valid, "clip_id": clip_ids,
-            "dynamic_ratio": dyn}
+    return {"velocities": vel, "labels": labels, "mask": mask, "valid": valid, "eval_mask": eval_mask,
+            "clip_id": clip_ids, "dynamic_ratio": dyn}
 
 
 def unpack_batch(batch: dict, pin: bool = False) -> dict:
@@ -416,7 +428,8 @@ class ClipDataset(torch.utils.data.Dataset):
     """Map-style dataset over manifest rows; ``__getitems__`` returns a whole batch dict."""
 
     def __init__(self, build_dir, manifest: dict, flt: StaticFilter, W: int, S: int, N: int,
-                 augment: AugmentConfig | None = None, seed: int = 0, on_error: str = "fail"):
+                 augment: AugmentConfig | None = None, seed: int = 0, on_error: str = "fail",
+                 eval_filter: StaticFilter = SEED_FILTER):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         self.root = Path(build_dir)
@@ -428,6 +441,7 @@ class ClipDataset(torch.utils.data.Dataset):
         self.clip_id = list(manifest["clip_id"])
         self.flt, self.W, self.S, self.N = flt, W, S, N
         self.augment, self.seed, self.on_error = augment, seed, on_error
+        self.eval_filter = eval_filter
         # workers send packed batches only to a MotionLoader, which unpacks them; any other
         # DataLoader over this dataset gets contract dicts
         self.packed = False
@@ -555,7 +569,8 @@ class ClipDataset(torch.utils.data.Dataset):
             vel, valid, st = vel[ok], valid[ok], st[ok]
         rng = epoch_rng(self.seed, *key, 1)
         batch = make_batch(vel, valid, st, ids, self.flt, self.W, self.augment, rng,
-                           packed=self.packed and torch.utils.data.get_worker_info() is not None)
+                           packed=self.packed and torch.utils.data.get_worker_info() is not None,
+                           eval_filter=self.eval_filter)
         batch["skipped"] = errors
         return batch
 
@@ -570,8 +585,9 @@ class _StreamState:
     """Streaming-mode stages and their shared epoch (a shared-memory tensor, so persistent
     workers see ``set_epoch``); per-worker errors are carried out inside the batches."""
 
-    def __init__(self, root, rel_weight: dict, flt, W, S, N, augment, seed, rank, on_error):
+    def __init__(self, root, rel_weight: dict, flt, W, S, N, augment, seed, rank, on_error, eval_filter=SEED_FILTER):
         self.root, self.rel_weight, self.flt, self.W, self.S, self.N = root, rel_weight, flt, W, S, N
+        self.eval_filter = eval_filter
         self.augment, self.seed, self.rank, self.on_error = augment, seed, rank, on_error
         self.epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.errors: list = []
@@ -623,7 +639,7 @@ class _StreamState:
         if self._rng is None:
             self._rng = np.random.default_rng(self.worker_seed() + 1)
         batch = make_batch(vel, valid, st, [k for k, _ in items], self.flt, self.W, self.augment, self._rng,
-                           packed=torch.utils.data.get_worker_info() is not None)
+                           packed=torch.utils.data.get_worker_info() is not None, eval_filter=self.eval_filter)
         batch["skipped"], self.errors = self.errors, []
         return batch
 
@@ -731,7 +747,8 @@ def _worker_context():
 
 def read_build_info(build_dir) -> dict:
     a = read_attrs(build_dir)
-    return {"W": int(a["W"]), "T": int(a["T"]), "N": int(a["N"]), "n_clips": int(a["n_clips"])}
+    return {"W": int(a["W"]), "T": int(a["T"]), "N": int(a["N"]), "n_clips": int(a["n_clips"]),
+            "build_filter": recorded_filter(a)}
 
 
 def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter | None = None,
@@ -777,7 +794,7 @@ def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter 
         weights = clip_weights(load_dynamic_ratio(root, flt)[rows], sampler)
         mean_w = weights.mean()
         rel = {man["clip_id"][r]: float(w / mean_w) for r, w in zip(rows, weights)}
-        state = _StreamState(root, rel, flt, W, T - 1, N, aug, seed, rank, on_error)
+        state = _StreamState(root, rel, flt, W, T - 1, N, aug, seed, rank, on_error, info["build_filter"])
         urls = [str(root / s) for s in sorted(set(man["shard"]))]
         pipe = _streaming_pipeline(state, urls, batch_size, shuffle_buffer)
         n_batches = max(1, (epoch_size or len(rows)) // (batch_size * world_size))
@@ -788,7 +805,7 @@ def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter 
         dl = dl.with_epoch(n_batches)
         return MotionLoader(dl, stream_state=state, n_batches=n_batches, **loader_kw)
 
-    dataset = ClipDataset(root, man, flt, W, T - 1, N, aug, seed, on_error)
+    dataset = ClipDataset(root, man, flt, W, T - 1, N, aug, seed, on_error, info["build_filter"])
     dataset.packed = True
     if training:
         weights = clip_weights(load_dynamic_ratio(root, flt)[rows], sampler)
