@@ -1,0 +1,76 @@
+"""The validation pass of the trainer and the training-time code information, both on the
+evaluation mask (DESIGN.md, Trainer: one mask for every run's validation figures)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import distributed as D
+from . import metrics as M
+from .code_info import code_info_counts
+from .model_inputs import model_kwargs
+from .quality import Quality
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model, loader, criterion, cfg, dist, W: int, zero_codes, autocast) -> tuple[dict, dict]:
+    """``val/*_epoch`` scalars and code-usage histograms of one pass over ``loader``.
+
+    Every figure (loss, CE, accuracies, code information, AUC, EPE) is on ``eval_mask``;
+    ``val/dynamic_point_ratio_epoch`` describes the run's own filter (``mask``).
+    """
+    model.eval()
+    q, codes = Quality(W), []
+    loss_sum = ce_sum = n_sum = kept = points = 0.0
+    for batch in loader:
+        if len(batch["clip_id"]) == 0:
+            continue  # an empty share of a tiny validation split under DDP
+        batch = _to(batch, dist.device)
+        kw = model_kwargs(batch)
+        with autocast():
+            out = model(batch["velocities"], **kw)
+            loss, info = criterion(out["logits"], batch["labels"], batch["eval_mask"])
+        n = float(info["count"])
+        loss_sum, ce_sum, n_sum = loss_sum + float(loss) * n, ce_sum + float(info["ce"]) * n, n_sum + n
+        k, p = M.dynamic_point_counts(batch["mask"])
+        kept, points = kept + k, points + p
+
+        def decode(qz, kw=kw):
+            with autocast():
+                return model.decode(qz, **kw)
+
+        q.add(out["logits"].float(), batch["labels"], batch["velocities"], batch["eval_mask"], decode,
+              out["quantized"])
+        codes.append(out["codes"].reshape(-1))
+    loss_sum, ce_sum, n_sum, kept, points = D.all_reduce_sum([loss_sum, ce_sum, n_sum, kept, points], dist.device)
+    scalars = {"val/loss_epoch": M.ratio((loss_sum, n_sum)), "val/ce_epoch": M.ratio((ce_sum, n_sum)),
+               **q.reduce(dist.device).scalars("val", "epoch"),
+               "val/dynamic_point_ratio_epoch": M.ratio((kept, points))}
+    all_codes = D.gather_codes(torch.cat(codes) if codes else torch.zeros(0, dtype=torch.int64, device=dist.device))
+    hists = {}
+    if all_codes.size:
+        S = len(zero_codes)
+        cs, hists = M.code_scalars("val", "epoch", all_codes.reshape(-1, S), cfg.model.fsq_levels, zero_codes)
+        scalars.update(cs)
+    model.train()
+    return scalars, hists
+
+
+@torch.no_grad()
+def train_code_info(model, batch: dict, quantized: torch.Tensor, device) -> float:
+    """``train/code_info_bits_step``: code information of a training batch's codes on its
+    ``eval_mask``, decoded in eval mode (no dropout: the training RNG stream is untouched),
+    summed over ranks (collective)."""
+    was = model.training
+    model.eval()
+    try:
+        kw = model_kwargs(batch)
+        qz = quantized.detach().float()
+        s, n = code_info_counts(lambda z: model.decode(z, **kw), qz, batch["labels"], batch["eval_mask"])
+    finally:
+        model.train(was)
+    return M.ratio(D.all_reduce_sum([s, n], device))
