@@ -54,7 +54,9 @@ def test_ablate_writes_table_and_does_not_rerun(tiny_build, tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert [r["variant"] for r in rows] == ["baseline", "entropy", "ring"]
     assert set(AB.csv_columns()) == set(rows[0])
-    for col in ("unique_codes", "entropy_norm", "perplexity", "acc", "acc_noncenter", "epe_px", "zero_code_share"):
+    assert AB.csv_columns()[2] == "code_info_bits"  # code information is the first column
+    for col in ("unique_codes", "entropy_norm", "perplexity", "acc", "acc_noncenter", "epe_px", "zero_code_share",
+                "code_info_bits", "ce_bits", "auc_moving", "epe_zero_px"):
         assert rows[0][col] != "nan" and float(rows[0][f"{col}_delta"]) == 0.0
         assert rows[1][col] != "nan"
     assert 0 <= float(rows[0]["acc"]) <= 1 and float(rows[0]["epe_px"]) > 0
@@ -69,6 +71,9 @@ def test_ablate_writes_table_and_does_not_rerun(tiny_build, tmp_path, capsys):
     assert int(rows[1]["gates_total"]) > 0 and rows[0]["gates_total"] == "0"
     md = (out / "results.md").read_text()
     assert "| baseline |" in md and "| ring |" in md and "val non-centre acc" in md
+    assert md.splitlines()[2].startswith("| variant | code information (bits/label) | unique codes |")
+    assert float(rows[0]["epe_zero_px"]) > 0 and 0 <= float(rows[0]["auc_moving"]) <= 1
+    assert float(rows[0]["ce_bits"]) > 0 and float(rows[0]["code_info_bits"]) <= 3.17
     for png in ("code_usage.png", "entropy.png", "accuracy.png"):
         assert (out / png).stat().st_size > 1000
     for v in ("baseline", "entropy", "ring"):
