@@ -26,6 +26,21 @@ def test_default_variants_resolve_against_base():
     assert AB.resolve(AB.CONFIG_DIR / "base.yaml", variants["sampler"]).data.sampler.method == "dynamic_ratio"
 
 
+def test_recommended_config_is_self_contained():
+    """configs/recommended.yaml alone is the recommendation, the seed's static filter included;
+    the baseline is base.yaml as it is, unfiltered."""
+    from motion_data.stats import SEED_FILTER
+    from tokenizer_train.config import load_config
+
+    rec = load_config(AB.CONFIG_DIR / "recommended.yaml").data.static_filter
+    assert (rec.enable, rec.metric, rec.threshold, rec.min_keep) == (True, "p95", 0.04, 16)
+    assert (rec.enable, rec.metric, rec.threshold, rec.min_keep) == (SEED_FILTER.enable, SEED_FILTER.metric,
+                                                                     SEED_FILTER.threshold, SEED_FILTER.min_keep)
+    assert not load_config(AB.CONFIG_DIR / "base.yaml").data.static_filter.enable
+    v = AB.load_variants(AB.DEFAULT_VARIANTS)["recommended"]
+    assert AB.resolve(AB.CONFIG_DIR / "base.yaml", v).data.static_filter.enable
+
+
 def test_variants_file_include_order_and_errors(tmp_path):
     (tmp_path / "rec.yaml").write_text("training:\n  focal:\n    enabled: true\n    gamma: 1.0\n")
     (tmp_path / "v.yaml").write_text("combo:\n  include: rec.yaml\n  training.focal.gamma: 3.0\n"
