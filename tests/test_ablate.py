@@ -138,3 +138,12 @@ def test_run_with_only_last_prev_resumes_not_wiped(tmp_path):
     assert AB.run_one(spec, tmp_path, train_fn=lambda cfg, data, out, resume, progress: calls.append(resume),
                       progress=False) == "resumed"
     assert calls == [True] and (spec.dir / "last.prev.pt").exists() and (spec.dir / "metrics.jsonl").exists()
+
+
+def test_summarize_reads_a_null_last_value_as_nan():
+    """The logger writes a non-finite value (an AUC of a split without moving labels) as null."""
+    import math
+
+    rows = [{"step": 1, "epoch": 0, "val/auc_moving_epoch": None, "val/code_info_bits_epoch": 0.5}]
+    out = AB.summarize(rows)
+    assert math.isnan(out["auc_moving"]) and out["code_info_bits"] == 0.5

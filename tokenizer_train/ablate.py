@@ -192,8 +192,8 @@ def summarize(rows: list[dict]) -> dict:
             vals = [v for _, e, v in s if e == last_ep]
             k = max(1, int(math.ceil(len(vals) * 0.2)))
             out[col] = float(np.mean(vals[-k:]))
-        else:
-            out[col] = float(s[-1][2])
+        else:  # metrics.jsonl logs a non-finite value (an AUC without moving labels) as null
+            out[col] = math.nan if s[-1][2] is None else float(s[-1][2])
     return out
 
 
