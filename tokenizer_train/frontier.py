@@ -42,6 +42,7 @@ from .config import ConfigError
 from .distributed import pick_device
 from .model_inputs import model_kwargs
 from .quality import Quality
+from .validate import to_device
 from .tokenize import load_model
 
 DEFAULT_OFFSETS = "-3:3:0.5"
@@ -127,7 +128,7 @@ def frontier(run_dir, data_dir, offsets, which="last", batch_size=64, device="cp
     n_nc = centre = 0.0
     quality = Quality(W)
     for b in tqdm(loader, desc=f"frontier ({split})", unit="batch", disable=not progress, dynamic_ncols=True):
-        b = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
+        b = to_device(b, device)
         lab, m, vel, kw = b["labels"], b["eval_mask"].bool(), b["velocities"], model_kwargs(b)
         out = model(vel, **kw)
         logits = out["logits"].float()

@@ -46,7 +46,7 @@ from .losses import (Criterion, class_counts_from_stats, class_weights_image, co
 from .model import MotionTokenizer
 from .model_inputs import model_kwargs
 from .schedule import build_scheduler, clip_gradients
-from .validate import evaluate, train_code_info
+from .validate import evaluate, to_device, train_code_info
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -153,10 +153,6 @@ def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _to(batch: dict, device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 class Sums:
@@ -300,7 +296,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
             # generator, reseeded per (seed, epoch, rank)), so dropout and noise draw the same
             # numbers in a run resumed mid-epoch as in an uninterrupted one
             batch = next(it)
-            batch = _to(batch, device)
+            batch = to_device(batch, device)
             t_wait += time.perf_counter() - tw
             boundary = (i + 1) % accum == 0 or i + 1 == n_batches
             sync = contextlib.nullcontext() if (boundary or not dist.enabled) else net.no_sync()

@@ -2,7 +2,6 @@
 evaluation mask (DESIGN.md, Trainer: one mask for every run's validation figures)."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from . import distributed as D
@@ -12,7 +11,8 @@ from .model_inputs import model_kwargs
 from .quality import Quality
 
 
-def _to(batch: dict, device) -> dict:
+def to_device(batch: dict, device) -> dict:
+    """The batch's tensors on ``device`` (other values as they are)."""
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
@@ -29,7 +29,7 @@ def evaluate(model, loader, criterion, cfg, dist, W: int, zero_codes, autocast) 
     for batch in loader:
         if len(batch["clip_id"]) == 0:
             continue  # an empty share of a tiny validation split under DDP
-        batch = _to(batch, dist.device)
+        batch = to_device(batch, dist.device)
         kw = model_kwargs(batch)
         with autocast():
             out = model(batch["velocities"], **kw)
