@@ -55,7 +55,8 @@ class Quality:
 
     def scalars(self, prefix: str, when: str) -> dict:
         v = self.v
-        return {f"{prefix}/code_info_bits_{when}": M.ratio((v["info_bits"], v["info_count"])),
+        info = v["info_bits"] / v["info_count"] if v["info_count"] else float("nan")  # no batch of >= 2 clips
+        return {f"{prefix}/code_info_bits_{when}": info,
                 f"{prefix}/ce_bits_{when}": M.ratio((v["ce_bits"], v["count"])),
                 f"{prefix}/auc_moving_{when}": A.auc_from_hist(self.hist),
                 f"{prefix}/acc_{when}": M.ratio((v["correct"], v["count"])),

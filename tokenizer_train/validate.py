@@ -64,7 +64,7 @@ def evaluate(model, loader, criterion, cfg, dist, W: int, zero_codes, autocast) 
 def train_code_info(model, batch: dict, quantized: torch.Tensor, device) -> float:
     """``train/code_info_bits_step``: code information of a training batch's codes on its
     ``eval_mask``, decoded in eval mode (no dropout: the training RNG stream is untouched),
-    summed over ranks (collective)."""
+    summed over ranks (collective); nan (logged as null) when every batch holds one clip."""
     was = model.training
     model.eval()
     try:
@@ -73,4 +73,5 @@ def train_code_info(model, batch: dict, quantized: torch.Tensor, device) -> floa
         s, n = code_info_counts(lambda z: model.decode(z, **kw), qz, batch["labels"], batch["eval_mask"])
     finally:
         model.train(was)
-    return M.ratio(D.all_reduce_sum([s, n], device))
+    s, n = D.all_reduce_sum([s, n], device)
+    return s / n if n else float("nan")  # no clip had another's codes (batches of one): no estimate
