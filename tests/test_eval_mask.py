@@ -80,3 +80,16 @@ def test_make_batch_eval_mask_by_hand():
                    eval_filter=StaticFilter(True, "mean", 0.05, 0))
     assert torch.equal(b["mask"], torch.from_numpy(valid))  # filter off: the loss mask is valid
     assert b["eval_mask"].tolist() == [[[True, False, True], [True, False, False]]]
+
+
+def test_streaming_mode_carries_the_eval_mask(tiny_build, tmp_path):
+    from motion_data.sampler import SamplerConfig
+
+    root = _with_filter(tiny_build, tmp_path / "b", {"metric": "mean", "threshold": 0.02, "min_keep": 5})
+    ld = make_loader(root, split="train", static_filter=StaticFilter(enable=False), batch_size=4,
+                     sampler=SamplerConfig(mode="streaming"), val_split=0.3)
+    ld.set_epoch(0)
+    b = next(iter(ld))
+    assert torch.equal(b["mask"], b["valid"])  # trained unfiltered
+    for j, cid in enumerate(b["clip_id"]):
+        np.testing.assert_array_equal(b["eval_mask"][j].numpy(), _expected_eval(root, cid, RECORDED))

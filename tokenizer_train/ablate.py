@@ -336,8 +336,9 @@ def plot_all(out: Path, rows_by_run: dict[tuple[str, int], list], variants: list
 
     curves("entropy.png", [("train/entropy_norm_step", "train/entropy_norm_step"),
                            ("train/unique_codes_step", "train/unique_codes_step")], "value")
-    curves("accuracy.png", [("val/acc_epoch", "val/acc_epoch"),
-                            ("val/acc_noncenter_epoch", "val/acc_noncenter_epoch")], "accuracy")
+    curves("accuracy.png", [("val/code_info_bits_epoch", "val/code_info_bits_epoch (bits/label)"),
+                            ("val/acc_epoch", "val/acc_epoch"),
+                            ("val/acc_noncenter_epoch", "val/acc_noncenter_epoch")], "value")
 
 
 # --------------------------------------------------------------------------- driver
