@@ -56,12 +56,17 @@ ON_ERROR = ("fail", "skip")
 
 @contextmanager
 def _numba_threads(n: int):
+    torch_prev = torch.get_num_threads()  # first: numba starting its threading layer may change it
     prev = numba.get_num_threads()
     numba.set_num_threads(min(n, prev))
     try:
         yield
     finally:
         numba.set_num_threads(prev)
+        # numba's OpenMP layer sets the process-wide OpenMP count that torch's ops read too:
+        # restore torch's, or a trainer set to one thread runs its ops on more (other float sums)
+        if torch.get_num_threads() != torch_prev:
+            torch.set_num_threads(torch_prev)
 
 
 @numba.njit(cache=True)

@@ -93,3 +93,17 @@ def test_streaming_mode_carries_the_eval_mask(tiny_build, tmp_path):
     assert torch.equal(b["mask"], b["valid"])  # trained unfiltered
     for j, cid in enumerate(b["clip_id"]):
         np.testing.assert_array_equal(b["eval_mask"][j].numpy(), _expected_eval(root, cid, RECORDED))
+
+
+def test_make_batch_leaves_torchs_thread_count_alone():
+    """The keep masks run a numba kernel whose OpenMP layer shares the process-wide thread
+    count with torch: a trainer set to one thread must stay on one (bit-exact resume)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rng = np.random.default_rng(0)
+        make_batch(rng.random((4, 15, 16, 2), np.float32) * 3, np.ones((4, 15, 16), bool),
+                   rng.random((4, 3, 16), np.float32), list("abcd"), StaticFilter(True, "p95", 0.04, 2), 15)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(n)

@@ -83,8 +83,10 @@ def trained(tmp_path_factory):
 def test_cli_offset_zero_reproduces_logged_validation_metrics(trained, tmp_path, capsys):
     build, run = trained
     out = tmp_path / "fr.json"
+    # the training batch size: the same validation batches, so code information (which mixes
+    # each clip with the others of its batch) is the logged one too
     rc = main(["frontier", "--run", str(run), "--data", str(build), "--offsets=-1,1,20", "--device", "cpu",
-               "--json", str(out), "--no-progress"])
+               "--json", str(out), "--no-progress", "--batch-size", "4"])
     assert rc == 0
     res = json.loads(out.read_text())
     assert [r["offset"] for r in res["table"]] == [-1.0, 0.0, 1.0, 20.0]  # 0 always included

@@ -19,7 +19,8 @@ whatever filter the run trained with). Summary: the all-centre accuracy (the spl
 share) and the best non-centre accuracy among offsets whose accuracy is at most
 ``check.ACC_TOL`` below it; and, of the unshifted model, code information and CE in bits
 per label, AUC moving vs static and EPE next to the zero predictor's (``quality.Quality``,
-the trainer's validation figures).
+the trainer's validation figures; code information mixes each clip with the other clips of
+its batch, so it equals the logged value at the run's batch size).
 """
 from __future__ import annotations
 
