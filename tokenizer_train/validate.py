@@ -6,7 +6,7 @@ import torch
 
 from . import distributed as D
 from . import metrics as M
-from .code_info import code_info_counts
+from .code_info import M_OTHERS, code_info_counts
 from .model_inputs import model_kwargs
 from .quality import Quality
 
@@ -64,13 +64,19 @@ def evaluate(model, loader, criterion, cfg, dist, W: int, zero_codes, autocast) 
 def train_code_info(model, batch: dict, quantized: torch.Tensor, device) -> float:
     """``train/code_info_bits_step``: code information of a training batch's codes on its
     ``eval_mask``, decoded in eval mode (no dropout: the training RNG stream is untouched),
-    summed over ranks (collective); nan (logged as null) when every batch holds one clip."""
+    summed over ranks (collective); nan (logged as null) when every batch holds one clip.
+
+    Only the first M + 1 clips of the batch are scored, each against the other M: the
+    estimator of a batch of M + 1, at (M + 1)^2 clip decodes whatever the batch size (CPU,
+    B=16, N=400, hidden 64: 1.7x a training step; all 16 clips: 2.6x).
+    """
     was = model.training
     model.eval()
     try:
-        kw = model_kwargs(batch)
-        qz = quantized.detach().float()
-        s, n = code_info_counts(lambda z: model.decode(z, **kw), qz, batch["labels"], batch["eval_mask"])
+        r = M_OTHERS + 1
+        kw = {k: v[:r] for k, v in model_kwargs(batch).items()}
+        qz = quantized[:r].detach().float()
+        s, n = code_info_counts(lambda z: model.decode(z, **kw), qz, batch["labels"][:r], batch["eval_mask"][:r])
     finally:
         model.train(was)
     s, n = D.all_reduce_sum([s, n], device)
