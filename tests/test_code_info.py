@@ -169,3 +169,25 @@ def test_quality_scalars_by_hand():
     assert s["val/code_info_bits_epoch"] == pytest.approx(0.0, abs=1e-9)  # codes ignored
     assert s["val/auc_moving_epoch"] == 0.5  # both scores equal: a tie
     assert s["val/ce_bits_epoch"] == pytest.approx(60 / math.log(2) / 2, rel=1e-4)
+
+
+def test_train_code_info_scores_the_first_m_plus_1_clips_in_eval_mode():
+    from tokenizer_train.validate import train_code_info
+
+    class Toy(torch.nn.Module):  # logits a fixed function of the codes; records its mode
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(4, 5 * K, generator=torch.Generator().manual_seed(1)) * 5)
+            self.modes = []
+
+        def decode(self, qz):
+            self.modes.append(self.training)
+            return (qz.mean(1) @ self.w).reshape(qz.shape[0], 1, 5, K).expand(-1, 3, -1, -1)
+
+    toy = Toy().train()
+    labels, mask = _batch(B=20)
+    q = torch.randn(20, 3, 4, generator=torch.Generator().manual_seed(2))
+    got = train_code_info(toy, {"labels": labels, "eval_mask": mask}, q, torch.device("cpu"))
+    assert toy.training and not any(toy.modes)  # decoded in eval mode, training mode restored
+    s, n = CI.code_info_counts(toy.decode, q[:9], labels[:9], mask[:9])
+    assert got == pytest.approx(s / n) and got <= math.log2(9)
