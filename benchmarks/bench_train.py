@@ -26,7 +26,8 @@ from motion_data.loader import make_loader
 from motion_data.synth import write_synth
 from tokenizer_train.config import from_dict
 from tokenizer_train.losses import Criterion
-from tokenizer_train.model import MotionTokenizer, start_pos_of
+from tokenizer_train.model import MotionTokenizer
+from tokenizer_train.model_inputs import model_kwargs
 from tokenizer_train.train import autocast_for, train
 
 PRESETS = {
@@ -48,7 +49,7 @@ def model_only(cfg, batch, steps, device) -> float:
 
     def one():
         with autocast_for(cfg.training.mixed_precision, device):
-            out = model(b["velocities"], start_pos_of(b))
+            out = model(b["velocities"], **model_kwargs(b))
             loss, _ = crit(out["logits"], b["labels"], b["mask"])
         loss.backward()
         opt.step()

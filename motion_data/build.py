@@ -33,14 +33,14 @@ from .clips import InputError
 from .importers import FORMATS, iter_sequences, list_inputs
 from .labels import DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, DEFAULT_W, LABEL_RULES
 from .shards import encode_sample, sample_checksum, shard_name, write_shard
-from .stats import METRICS, StaticFilter, dynamic_ratio, keep_mask, shard_stats
+from .stats import METRICS, SEED_FILTER, StaticFilter, dynamic_ratio, keep_mask, shard_stats
 from .store import PER_CLIP, REBUILD_HINT, STORE_NAME, StoreWriter, empty_hists, store_attrs
 
 BUILD_JSON = "build.json"
 WORK = ".work"
 BUILD_FORMAT = 2  # 2: positions + visibility in the shards, checksums, label rule (store.FORMAT_VERSION)
 DEFAULT_MAXCOUNT = 1000
-DEFAULT_FILTER = StaticFilter(True, "p95", 0.04, 16)
+DEFAULT_FILTER = SEED_FILTER
 # fixed member time: the same build gives byte-identical shards (any worker count, resumed or not)
 SHARD_MTIME = 0
 

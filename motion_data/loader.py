@@ -1,10 +1,11 @@
 """The training/validation data loader over a build folder (one entry point: ``make_loader``).
 
-Batches follow the binding contract (DESIGN.md, "Batch contract"): ``positions``
-``(B, T, N, 2)`` float32 reference pixels, ``velocities`` ``(B, S, N, 2)`` float32
-normalised ``normalize(diff(positions))``, ``labels`` ``(B, S, N)`` int64 (the build's label
-rule on ``positions``), ``mask`` ``(B, S, N)`` bool (static filter AND valid), ``valid``,
-``clip_id`` list and ``dynamic_ratio`` ``(B,)``.
+Batches follow the binding contract (docs/DESIGN.md): ``positions`` ``(B, T, N, 2)``
+float32 reference pixels, ``velocities`` ``(B, S, N, 2)`` float32 normalised
+``normalize(diff(positions))``, ``labels`` ``(B, S, N)`` int64 (the build's label rule on
+``positions``), ``mask`` ``(B, S, N)`` bool (static filter AND valid), ``valid``,
+``eval_mask`` ``(B, S, N)`` bool (the build's recorded filter AND valid, whatever the run's
+filter: every validation figure is scored on it), ``clip_id`` list and ``dynamic_ratio`` ``(B,)``.
 
 Per sample only raw arrays are read (``pos``, ``vis``, the stored per-point ``stats``) and
 checked against the manifest's ``checksum``; the static-filter mask (``stats.keep_mask`` on
@@ -44,7 +45,7 @@ from .labels import (DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, labels_from_positions
 from .sampler import (IndexBatch, SamplerConfig, SequentialBatchSampler, WeightedBatchSampler, clip_weights,
                       epoch_rng, load_dynamic_ratio)
 from .split import split_manifest
-from .stats import METRICS, StaticFilter, _label_step, keep_mask
+from .stats import METRICS, SEED_FILTER, StaticFilter, _label_step, keep_mask, recorded_filter
 from .store import StoreError, read_attrs
 
 log = logging.getLogger(__name__)
@@ -59,12 +60,17 @@ MANIFEST_COLUMNS = ["clip_id", "source", "split_group", "start_frame", "shard", 
 
 @contextmanager
 def _numba_threads(n: int):
+    torch_prev = torch.get_num_threads()  # first: numba starting its threading layer may change it
     prev = numba.get_num_threads()
     numba.set_num_threads(min(n, prev))
     try:
         yield
     finally:
         numba.set_num_threads(prev)
+        # numba's OpenMP layer sets the process-wide OpenMP count that torch's ops read too:
+        # restore torch's, or a trainer set to one thread runs its ops on more (other float sums)
+        if torch.get_num_threads() != torch_prev:
+            torch.set_num_threads(torch_prev)
 
 
 @numba.njit(cache=True)
@@ -96,9 +102,20 @@ def label_dtype(W: int):
     return np.uint8 if W * W <= 256 else np.int16
 
 
+def _keep(stats, valid, flt: StaticFilter) -> np.ndarray:
+    """``(B, N)`` kept points of a batch under ``flt`` (every point when it is off)."""
+    B, _, N = valid.shape
+    if not (flt.enable and B):
+        return np.ones((B, N), bool)
+    vc = valid.sum(axis=1, dtype=np.uint8)
+    with _numba_threads(1):  # thread start-up costs more than a batch's keep mask
+        return keep_mask(stats[:, METRICS.index(flt.metric)], vc, flt.threshold, flt.min_keep)
+
+
 def make_batch(pos_px: np.ndarray, vis: np.ndarray, stats: np.ndarray, clip_ids: list, flt: StaticFilter,
                W: int, augment: AugmentConfig | None = None, rng: np.random.Generator | None = None, *,
-               ref_size: int = DEFAULT_REF_SIZE, label_rule: str = DEFAULT_LABEL_RULE, packed: bool = False) -> dict:
+               ref_size: int = DEFAULT_REF_SIZE, label_rule: str = DEFAULT_LABEL_RULE, packed: bool = False,
+               eval_filter: StaticFilter = SEED_FILTER) -> dict:
     """Raw arrays of B clips -> the batch dict.
 
     pos_px ``(B, T, N, 2)`` reference pixels, vis ``(B, T, N)``, stats ``(B, 3, N)`` the
@@ -112,25 +129,26 @@ def make_batch(pos_px: np.ndarray, vis: np.ndarray, stats: np.ndarray, clip_ids:
     labels in ``label_dtype(W)``: one shared-memory segment and one descriptor hand-off per
     batch instead of one per tensor, and under half the bytes (int64 labels were 44% of
     them). ``unpack_batch`` turns it into the contract dict; the values are identical.
+
+    ``eval_filter``: the build's recorded filter (``make_loader`` reads it from the store);
+    ``eval_mask`` = its kept points AND valid, whatever ``flt`` is.
     """
     B, T, N = vis.shape
     S = T - 1
     pos_px = np.ascontiguousarray(pos_px, np.float32)
     vis = np.ascontiguousarray(vis, np.bool_)
-    if flt.enable and B:
-        vc = step_valid(vis).sum(axis=1, dtype=np.uint8)
-        with _numba_threads(1):  # thread start-up costs more than a batch's keep mask
-            keep = keep_mask(stats[:, METRICS.index(flt.metric)], vc, flt.threshold, flt.min_keep)
-    else:
-        keep = np.ones((B, N), bool)
+    valid = step_valid(vis)
+    keep = _keep(stats, valid, flt)
+    keep_eval = keep if eval_filter == flt else _keep(stats, valid, eval_filter)
     lab_dtype = label_dtype(W) if packed else np.int64
-    buf, (p, v, dyn, labels, mask, valid_out) = _alloc(_layout(B, S, N, lab_dtype))
+    buf, (p, v, dyn, labels, mask, valid_out, eval_out) = _alloc(_layout(B, S, N, lab_dtype))
+    np.logical_and(keep_eval[:, None, :], valid, out=eval_out)
     if augment is not None and augment.enabled:
         p[...] = augment_batch(pos_px, keep, augment, rng, W)
         v[...] = normalize(velocities(p), W)
         labels[...] = labels_from_positions(p, W, ref_size, label_rule)
-        valid_out[...] = step_valid(vis)
-        mask[...] = keep[:, None, :] & valid_out
+        valid_out[...] = valid
+        mask[...] = keep[:, None, :] & valid
     else:
         p[...] = pos_px
         _batch_kernel(pos_px, vis, keep, W, float(ref_size - 1), rule_code(label_rule), v, labels, mask, valid_out)
@@ -143,6 +161,7 @@ def make_batch(pos_px: np.ndarray, vis: np.ndarray, stats: np.ndarray, clip_ids:
 def _layout(B, S, N, lab_dtype):
     """(dtype, shape) of the batch arrays in buffer order; 4-byte items first keeps them aligned."""
     return [(np.float32, (B, S + 1, N, 2)), (np.float32, (B, S, N, 2)), (np.float32, (B,)), (lab_dtype, (B, S, N)),
+            (np.bool_, (B, S, N)),
             (np.bool_, (B, S, N)), (np.bool_, (B, S, N))]
 
 
@@ -185,13 +204,13 @@ def _views_to_batch(buf: torch.Tensor, shape, clip_ids: list, pin: bool = False)
     layout = _layout(B, S, N, lab_dtype)
     secs, _ = _sections(layout)
     t = [buf[o:o + n].view(_TORCH_DTYPE[np.dtype(dt)]).view(sh) for (o, n), (dt, sh) in zip(secs, layout)]
-    pos, vel, dyn, labels, mask, valid = t
+    pos, vel, dyn, labels, mask, valid, eval_mask = t
     if labels.dtype != torch.int64:
         wide = torch.empty(labels.shape, dtype=torch.int64, pin_memory=pin)
         wide.copy_(labels)
         labels = wide
-    return {"positions": pos, "velocities": vel, "labels": labels, "mask": mask, "valid": valid, "clip_id": clip_ids,
-            "dynamic_ratio": dyn}
+    return {"positions": pos, "velocities": vel, "labels": labels, "mask": mask, "valid": valid,
+            "eval_mask": eval_mask, "clip_id": clip_ids, "dynamic_ratio": dyn}
 
 
 def unpack_batch(batch: dict, pin: bool = False) -> dict:
@@ -429,7 +448,8 @@ class ClipDataset(torch.utils.data.Dataset):
     """Map-style dataset over manifest rows; ``__getitems__`` returns a whole batch dict."""
 
     def __init__(self, build_dir, manifest: dict, flt: StaticFilter, W: int, S: int, N: int,
-                 augment: AugmentConfig | None = None, seed: int = 0, on_error: str = "fail"):
+                 augment: AugmentConfig | None = None, seed: int = 0, on_error: str = "fail",
+                 eval_filter: StaticFilter = SEED_FILTER):
         """``manifest``: columns ``MANIFEST_COLUMNS`` of the build's manifest; S = T - 1 steps."""
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -445,6 +465,7 @@ class ClipDataset(torch.utils.data.Dataset):
         self.clip_id = list(manifest["clip_id"])
         self.flt, self.W, self.S, self.N = flt, W, S, N
         self.augment, self.seed, self.on_error = augment, seed, on_error
+        self.eval_filter = eval_filter
         # workers send packed batches only to a MotionLoader, which unpacks them; any other
         # DataLoader over this dataset gets contract dicts
         self.packed = False
@@ -579,7 +600,8 @@ class ClipDataset(torch.utils.data.Dataset):
         rng = epoch_rng(self.seed, *key, 1)
         batch = make_batch(pos, vis, st, ids, self.flt, self.W, self.augment, rng, ref_size=self.ref_size,
                            label_rule=self.label_rule,
-                           packed=self.packed and torch.utils.data.get_worker_info() is not None)
+                           packed=self.packed and torch.utils.data.get_worker_info() is not None,
+                           eval_filter=self.eval_filter)
         batch["skipped"] = errors
         return batch
 
@@ -594,9 +616,10 @@ class _StreamState:
     """Streaming-mode stages and their shared epoch (a shared-memory tensor, so persistent
     workers see ``set_epoch``); per-worker errors are carried out inside the batches."""
 
-    def __init__(self, root, rel_weight: dict, checksum: dict, flt, W, S, N, augment, seed, rank, on_error):
+    def __init__(self, root, rel_weight: dict, checksum: dict, flt, W, S, N, augment, seed, rank, on_error,
+                 eval_filter=SEED_FILTER):
         self.root, self.rel_weight, self.flt, self.W, self.S, self.N = root, rel_weight, flt, W, S, N
-        self.checksum = checksum
+        self.checksum, self.eval_filter = checksum, eval_filter
         info = read_build_info(root)
         self.ref_size, self.label_rule = info["ref_size"], info["label_rule"]
         self.augment, self.seed, self.rank, self.on_error = augment, seed, rank, on_error
@@ -653,7 +676,7 @@ class _StreamState:
             self._rng = np.random.default_rng(self.worker_seed() + 1)
         batch = make_batch(pos, vis, st, [k for k, _ in items], self.flt, self.W, self.augment, self._rng,
                            ref_size=self.ref_size, label_rule=self.label_rule,
-                           packed=torch.utils.data.get_worker_info() is not None)
+                           packed=torch.utils.data.get_worker_info() is not None, eval_filter=self.eval_filter)
         batch["skipped"], self.errors = self.errors, []
         return batch
 
@@ -760,14 +783,14 @@ def _worker_context():
 
 
 def read_build_info(build_dir) -> dict:
-    """The build's shape and label parameters (``stats.zarr`` attributes); a missing or
-    old-format store is a ValueError with StoreError's one line (folder and way out)."""
+    """The build's shape, label parameters and recorded filter (``stats.zarr`` attributes); a
+    missing or old-format store is a ValueError with StoreError's one line (folder and way out)."""
     try:
         a = read_attrs(build_dir)
     except StoreError as e:
         raise ValueError(str(e)) from None
     return {"W": int(a["W"]), "T": int(a["T"]), "N": int(a["N"]), "n_clips": int(a["n_clips"]),
-            "ref_size": int(a["ref_size"]), "label_rule": str(a["label_rule"])}
+            "ref_size": int(a["ref_size"]), "label_rule": str(a["label_rule"]), "build_filter": recorded_filter(a)}
 
 
 def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter | None = None,
@@ -813,7 +836,7 @@ def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter 
         mean_w = weights.mean()
         rel = {man["clip_id"][r]: float(w / mean_w) for r, w in zip(rows, weights)}
         checksum = {man["clip_id"][r]: int(man["checksum"][r]) for r in rows}
-        state = _StreamState(root, rel, checksum, flt, W, T - 1, N, aug, seed, rank, on_error)
+        state = _StreamState(root, rel, checksum, flt, W, T - 1, N, aug, seed, rank, on_error, info["build_filter"])
         urls = [str(root / s) for s in sorted(set(man["shard"]))]
         pipe = _streaming_pipeline(state, urls, batch_size, shuffle_buffer)
         n_batches = max(1, (epoch_size or len(rows)) // (batch_size * world_size))
@@ -824,7 +847,7 @@ def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter 
         dl = dl.with_epoch(n_batches)
         return MotionLoader(dl, stream_state=state, n_batches=n_batches, **loader_kw)
 
-    dataset = ClipDataset(root, man, flt, W, T - 1, N, aug, seed, on_error)
+    dataset = ClipDataset(root, man, flt, W, T - 1, N, aug, seed, on_error, info["build_filter"])
     dataset.packed = True
     if training:
         weights = clip_weights(load_dynamic_ratio(root, flt)[rows], sampler)

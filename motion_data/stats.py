@@ -64,6 +64,20 @@ class StaticFilter:
         return f"{self.metric}@{self.threshold:g},min_keep={self.min_keep}" if self.enable else "off"
 
 
+# the seed's working filter: a build's default and the evaluation mask of a store without
+# a recorded build_filter (DESIGN.md, Units and labels)
+SEED_FILTER = StaticFilter(True, "p95", 0.04, 16)
+
+
+def recorded_filter(attrs: dict) -> StaticFilter:
+    """The build's recorded filter (store attribute ``build_filter``), enabled; the seed's
+    when the store has none. It defines the evaluation mask (DESIGN.md, Trainer)."""
+    bf = attrs.get("build_filter")
+    if not bf:
+        return SEED_FILTER
+    return StaticFilter(True, str(bf["metric"]), float(bf["threshold"]), int(bf["min_keep"]))
+
+
 @numba.njit(cache=True, inline="always")
 def _round_half_even(x):
     # np.rint compiles to the rint intrinsic (half to even, like numpy); a floor-and-compare

@@ -26,6 +26,21 @@ def test_default_variants_resolve_against_base():
     assert AB.resolve(AB.CONFIG_DIR / "base.yaml", variants["sampler"]).data.sampler.method == "dynamic_ratio"
 
 
+def test_recommended_config_is_self_contained():
+    """configs/recommended.yaml alone is the recommendation, the seed's static filter included;
+    the baseline is base.yaml as it is, unfiltered."""
+    from motion_data.stats import SEED_FILTER
+    from tokenizer_train.config import load_config
+
+    rec = load_config(AB.CONFIG_DIR / "recommended.yaml").data.static_filter
+    assert (rec.enable, rec.metric, rec.threshold, rec.min_keep) == (True, "p95", 0.04, 16)
+    assert (rec.enable, rec.metric, rec.threshold, rec.min_keep) == (SEED_FILTER.enable, SEED_FILTER.metric,
+                                                                     SEED_FILTER.threshold, SEED_FILTER.min_keep)
+    assert not load_config(AB.CONFIG_DIR / "base.yaml").data.static_filter.enable
+    v = AB.load_variants(AB.DEFAULT_VARIANTS)["recommended"]
+    assert AB.resolve(AB.CONFIG_DIR / "base.yaml", v).data.static_filter.enable
+
+
 def test_variants_file_include_order_and_errors(tmp_path):
     (tmp_path / "rec.yaml").write_text("training:\n  focal:\n    enabled: true\n    gamma: 1.0\n")
     (tmp_path / "v.yaml").write_text("combo:\n  include: rec.yaml\n  training.focal.gamma: 3.0\n"
@@ -54,7 +69,9 @@ def test_ablate_writes_table_and_does_not_rerun(tiny_build, tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert [r["variant"] for r in rows] == ["baseline", "entropy", "ring"]
     assert set(AB.csv_columns()) == set(rows[0])
-    for col in ("unique_codes", "entropy_norm", "perplexity", "acc", "acc_noncenter", "epe_px", "zero_code_share"):
+    assert AB.csv_columns()[2] == "code_info_bits"  # code information is the first column
+    for col in ("unique_codes", "entropy_norm", "perplexity", "acc", "acc_noncenter", "epe_px", "zero_code_share",
+                "code_info_bits", "ce_bits", "auc_moving", "epe_zero_px"):
         assert rows[0][col] != "nan" and float(rows[0][f"{col}_delta"]) == 0.0
         assert rows[1][col] != "nan"
     assert 0 <= float(rows[0]["acc"]) <= 1 and float(rows[0]["epe_px"]) > 0
@@ -69,6 +86,9 @@ def test_ablate_writes_table_and_does_not_rerun(tiny_build, tmp_path, capsys):
     assert int(rows[1]["gates_total"]) > 0 and rows[0]["gates_total"] == "0"
     md = (out / "results.md").read_text()
     assert "| baseline |" in md and "| ring |" in md and "val non-centre acc" in md
+    assert md.splitlines()[2].startswith("| variant | code information (bits/label) | unique codes |")
+    assert float(rows[0]["epe_zero_px"]) > 0 and 0 <= float(rows[0]["auc_moving"]) <= 1
+    assert float(rows[0]["ce_bits"]) > 0 and float(rows[0]["code_info_bits"]) <= 3.17
     for png in ("code_usage.png", "entropy.png", "accuracy.png"):
         assert (out / png).stat().st_size > 1000
     for v in ("baseline", "entropy", "ring"):
@@ -118,3 +138,12 @@ def test_run_with_only_last_prev_resumes_not_wiped(tmp_path):
     assert AB.run_one(spec, tmp_path, train_fn=lambda cfg, data, out, resume, progress: calls.append(resume),
                       progress=False) == "resumed"
     assert calls == [True] and (spec.dir / "last.prev.pt").exists() and (spec.dir / "metrics.jsonl").exists()
+
+
+def test_summarize_reads_a_null_last_value_as_nan():
+    """The logger writes a non-finite value (an AUC of a split without moving labels) as null."""
+    import math
+
+    rows = [{"step": 1, "epoch": 0, "val/auc_moving_epoch": None, "val/code_info_bits_epoch": 0.5}]
+    out = AB.summarize(rows)
+    assert math.isnan(out["auc_moving"]) and out["code_info_bits"] == 0.5

@@ -6,7 +6,10 @@ import pytest
 from tokenizer_train import check
 
 
-def _run(tmp_path, name, unique, ent, ppl, acc, nc, epochs=30, steps_per_epoch=5, usage=None):
+def _run(tmp_path, name, unique, ent, ppl, acc, nc, epochs=30, steps_per_epoch=5, usage=None, info=None, ce=None):
+    # code information and CE (bits/label) follow the non-centre accuracy unless given
+    info = 2 * nc if info is None else info
+    ce = 3.0 - 2 * nc if ce is None else ce
     rows = []
     step = 0
     for e in range(epochs):
@@ -16,8 +19,9 @@ def _run(tmp_path, name, unique, ent, ppl, acc, nc, epochs=30, steps_per_epoch=5
                          "train/entropy_norm_step": ent(f), "train/perplexity_step": ppl(f)})
             step += 1
         rows.append({"step": step, "epoch": e, "train/acc_epoch": acc, "val/acc_epoch": acc,
-                     "val/epe_px_epoch": 1.0 - nc, "val/acc_noncenter_epoch": nc})
-    rows.append({"step": step, "epoch": epochs - 1, "train/code_usage_counts": usage or [100] + [0] * 9})
+                     "val/epe_px_epoch": 1.0 - nc, "val/acc_noncenter_epoch": nc,
+                     "val/code_info_bits_epoch": info, "val/ce_bits_epoch": ce})
+    rows.append({"step": step, "epoch": epochs - 1, "train/code_usage_hist_global": usage or [100] + [0] * 9})
     d = tmp_path / name
     d.mkdir()
     (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -79,7 +83,7 @@ def test_multimodal_reads_the_trainers_global_histogram(tmp_path):
     """The trainer logs per-code counts as train/code_usage_hist(_global); the all-rank one wins."""
     r = _run(tmp_path, "g", lambda f: 40, lambda f: 0.5, lambda f: 30, 0.6, 0.4, epochs=2)
     rows = check.read_metrics(r)
-    rows = [x for x in rows if "train/code_usage_counts" not in x]
+    rows = [x for x in rows if "train/code_usage_hist_global" not in x]
     rows.append({"step": 999, "epoch": 1, "train/code_usage_hist": [100, 0, 0],
                  "train/code_usage_hist_global": [30, 30, 20, 20]})
     g = {x.name: x for x in check.evaluate(rows)}
@@ -114,3 +118,73 @@ def test_val_gates_read_one_epoch_not_each_metrics_best(tmp_path):
     assert not g["val non-centre acc >= baseline + 0.25"].passed
     assert g["val non-centre acc >= baseline + 0.25"].value == 0.15
     assert g["val not worse than baseline"].passed
+
+
+def _healthy(tmp_path, name, **kw):
+    return _run(tmp_path, name, lambda f: 4 + 60 * f, lambda f: 0.1 + 0.5 * f, lambda f: 2 + 40 * f, 0.59, 0.4,
+                usage=[20, 20, 20, 20, 20], **kw)
+
+
+@pytest.mark.parametrize("base_info, info, passes", [
+    (0.10, 0.39, False), (0.10, 0.41, True),  # 4x the baseline's is the binding target
+    (0.01, 0.24, False), (0.01, 0.26, True),  # the 0.25 bits floor is
+    (0.00, 0.25, True)])
+def test_code_information_gate(tmp_path, base_info, info, passes):
+    base = _run(tmp_path, "base", lambda f: 1, lambda f: 0.0, lambda f: 1.0, 0.60, 0.0, info=base_info)
+    r = _healthy(tmp_path, "r", info=info)
+    g = {x.name: x for x in check.evaluate(check.read_metrics(r), check.read_metrics(base))}
+    assert g[check.INFO_GATE].passed is passes and g[check.INFO_GATE].value == info
+
+
+def test_code_information_gate_without_baseline_and_without_data(tmp_path):
+    g = {x.name: x for x in check.evaluate(check.read_metrics(_healthy(tmp_path, "a", info=0.3)))}
+    assert g[check.INFO_GATE].passed and "val CE bits <= baseline" not in g
+    g = {x.name: x for x in check.evaluate(check.read_metrics(_healthy(tmp_path, "b", info=0.2)))}
+    assert not g[check.INFO_GATE].passed
+    rows = [{k: v for k, v in x.items() if k != "val/code_info_bits_epoch"}
+            for x in check.read_metrics(_healthy(tmp_path, "c"))]
+    g = {x.name: x for x in check.evaluate(rows)}
+    assert not g[check.INFO_GATE].passed and g[check.INFO_GATE].value is None  # no data fails
+
+
+def test_ce_gate(tmp_path):
+    base = _run(tmp_path, "base", lambda f: 1, lambda f: 0.0, lambda f: 1.0, 0.60, 0.0, ce=2.0)
+    for name, ce, passes in (("lower", 1.9, True), ("equal", 2.0, True), ("higher", 2.01, False)):
+        g = {x.name: x for x in check.evaluate(check.read_metrics(_healthy(tmp_path, name, ce=ce)),
+                                               check.read_metrics(base))}
+        assert g["val CE bits <= baseline"].passed is passes
+
+
+def test_verdict_leads_with_code_information(tmp_path, capsys):
+    base = _run(tmp_path, "base", lambda f: 1, lambda f: 0.0, lambda f: 1.0, 0.60, 0.0)
+    good, empty = _healthy(tmp_path, "good"), _healthy(tmp_path, "empty", info=0.01)
+    assert check.report(check.evaluate(check.read_metrics(good), check.read_metrics(base)))
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("CODES CARRY INFORMATION (0.800 bits/label") and "ALL GATES PASS" in last
+    assert not check.report(check.evaluate(check.read_metrics(empty), check.read_metrics(base)))
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("CODES DO NOT CARRY INFORMATION (0.010 bits/label") and "SOME GATES FAIL" in last
+
+
+def test_training_accuracy_gate_compares_on_the_evaluation_mask(tmp_path):
+    """A filtered run's loss-mask accuracy is not comparable with the unfiltered baseline's;
+    train/acc_evalmask_epoch of both runs is, and it wins when both have it."""
+    base = _run(tmp_path, "base", lambda f: 1, lambda f: 0.0, lambda f: 1.0, 0.60, 0.0)
+    r = _healthy(tmp_path, "r")  # train/acc_epoch 0.59 vs 0.60: passes on the loss masks
+    rows, brows = check.read_metrics(r), check.read_metrics(base)
+    g = {x.name: x for x in check.evaluate(rows, brows)}["acc_epoch vs baseline@10"]
+    assert g.passed and "train/acc_epoch: the runs' own loss masks" in g.note
+    for x, v in ((rows, 0.50), (brows, 0.60)):
+        for row in x:
+            if "train/acc_epoch" in row:
+                row["train/acc_evalmask_epoch"] = v
+    g = {x.name: x for x in check.evaluate(rows, brows)}["acc_epoch vs baseline@10"]
+    assert not g.passed and g.value == 0.50 and "loss masks" not in g.note
+
+
+def test_tag_the_trainer_never_writes_is_not_read(tmp_path):
+    r = _healthy(tmp_path, "r")
+    rows = [x for x in check.read_metrics(r) if "train/code_usage_hist_global" not in x]
+    rows.append({"step": 999, "epoch": 29, "train/code_usage_counts": [20, 20, 20, 20, 20]})
+    g = {x.name: x for x in check.evaluate(rows)}
+    assert not g["code usage multi-modal"].passed and g["code usage multi-modal"].value is None

@@ -15,6 +15,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert "| baseline |" in text and "| recommended |" in text  # the comparison table
     assert "val non-centre acc >= baseline + 0.25" in text  # the gate table
     assert ("ALL GATES PASS" in text) or ("SOME GATES FAIL" in text)  # a failing gate is not an error
+    assert ("CODES CARRY INFORMATION" in text) or ("CODES DO NOT CARRY INFORMATION" in text)  # the verdict's lead
+    assert "codes carry information" in text and "code information" in text  # gate table, frontier
     assert "tensorboard --logdir" in text
     abl = out / "ablation"
     assert (abl / "results.md").exists() and (abl / "check.json").exists()
@@ -23,6 +25,12 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert any((abl / "runs" / "recommended" / "seed0" / "tensorboard").iterdir())
     rows = check.read_metrics(abl / "runs" / "baseline" / "seed0")
     assert check.epochs_run(rows) == 2
+    # the baseline is base.yaml as it is (no filter); recommended.yaml carries its own filter
+    import yaml
+    flt = {v: yaml.safe_load((abl / "runs" / v / "seed0" / "config.yaml").read_text())["data"]["static_filter"]
+           for v in ("baseline", "recommended")}
+    assert flt["baseline"]["enable"] is False and flt["recommended"]["enable"] is True
+    assert any("val/code_info_bits_epoch" in r for r in rows)
 
     # rerun resumes: nothing is trained again, the same tables are printed
     assert main(["demo", "--out", str(out), "--quick", "--no-video", "--no-progress"]) == 0

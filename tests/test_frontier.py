@@ -83,8 +83,10 @@ def trained(tmp_path_factory):
 def test_cli_offset_zero_reproduces_logged_validation_metrics(trained, tmp_path, capsys):
     build, run = trained
     out = tmp_path / "fr.json"
+    # the training batch size: the same validation batches, so code information (which mixes
+    # each clip with the others of its batch) is the logged one too
     rc = main(["frontier", "--run", str(run), "--data", str(build), "--offsets=-1,1,20", "--device", "cpu",
-               "--json", str(out), "--no-progress"])
+               "--json", str(out), "--no-progress", "--batch-size", "4"])
     assert rc == 0
     res = json.loads(out.read_text())
     assert [r["offset"] for r in res["table"]] == [-1.0, 0.0, 1.0, 20.0]  # 0 always included
@@ -94,12 +96,17 @@ def test_cli_offset_zero_reproduces_logged_validation_metrics(trained, tmp_path,
     assert at0["acc"] == pytest.approx(val["val/acc_epoch"], abs=1e-6)
     assert at0["acc_noncenter"] == pytest.approx(val["val/acc_noncenter_epoch"], abs=1e-6)
     assert at0["epe_px"] == pytest.approx(val["val/epe_px_epoch"], rel=1e-4)
+    # the unshifted model's quality figures are the trainer's validation figures (evaluation mask)
+    for k in ("code_info_bits", "ce_bits", "auc_moving", "epe_zero_px"):
+        assert res["summary"][k] == pytest.approx(val[f"val/{k}_epoch"], rel=1e-4, abs=1e-6), k
+    assert "evaluation mask" in res["mask"]
     shares = [r["centre_pred_share"] for r in res["table"]]
     assert shares == sorted(shares)  # a larger centre offset never predicts the centre less often
     big = res["table"][-1]
     assert big["centre_pred_share"] == 1.0 and big["acc_noncenter"] == 0.0
     assert big["acc"] == pytest.approx(res["summary"]["all_centre_acc"])
-    assert "all-centre accuracy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "all-centre accuracy" in printed and "code information" in printed
 
 
 def test_cli_errors_name_the_problem(trained, tmp_path, capsys):

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenizer_train.config import from_dict
-from tokenizer_train.model import MotionTokenizer, start_pos_of
+from tokenizer_train.model import MotionTokenizer
+from tokenizer_train.model_inputs import model_kwargs
 from tokenizer_train.point_features import fourier_features, group_of_points
 
 S, N, W = 5, 12, 5
@@ -164,10 +165,10 @@ def test_amplify_decoder_is_non_causal():
     assert not torch.allclose(m.decode(q)[:, 0], m.decode(q2)[:, 0], atol=1e-5)  # the future changes step 0
 
 
-def test_start_pos_of_batch():
+def test_model_kwargs_start_pos():
     pos = torch.rand(2, S + 1, N, 2)
-    assert torch.equal(start_pos_of({"positions": pos}), pos[:, 0])
-    assert start_pos_of({"velocities": pos}) is None
+    assert torch.equal(model_kwargs({"positions": pos})["start_pos"], pos[:, 0])
+    assert model_kwargs({"velocities": pos}) == {}
 
 
 def test_bad_switch_values_are_config_errors():

@@ -141,8 +141,13 @@ def test_run_folder_and_metric_names(build, tmp_path):
         "train/dynamic_point_ratio_step", "val/dynamic_point_ratio_epoch", "val/loss_epoch", "val/acc_epoch",
         "train/unique_codes_step_global", "train/entropy_norm_step_global", "train/acc_noncenter_step",
         "val/acc_noncenter_epoch", "val/epe_px_epoch", "train/zero_code_frac_step", "val/unique_codes_epoch",
-        "val/entropy_norm_epoch"}
+        "val/entropy_norm_epoch",
+        # DESIGN.md, "Quality beyond the seed's accuracy"
+        "val/code_info_bits_epoch", "train/code_info_bits_step", "val/ce_bits_epoch", "val/auc_moving_epoch",
+        "val/epe_zero_px_epoch", "train/acc_evalmask_epoch"}
     assert expected <= tags, expected - tags
+    # batches of one clip: no other clip's codes to decode with, so no estimate (null), never a 0
+    assert all(r["train/code_info_bits_step"] is None for r in rows if "train/code_info_bits_step" in r)
     per_epoch = json.loads((out / "run.json").read_text())["steps_per_epoch"]
     assert per_epoch >= 4
     code_rows = [r for r in rows if "train/unique_codes_step" in r]
@@ -223,3 +228,9 @@ def test_every_mitigation_switch_runs(tiny_build, tmp_path):
     # the regulariser is part of what is back-propagated
     assert any(r["train/loss_total_step"] != r["train/loss_step"] for r in step_rows)
     assert all(r["train/grad_norm"] >= 0 for r in step_rows)
+    # code information of batches of 4 clips: defined, at most log2(3 + 1) = 2 bits per label
+    info = [r["train/code_info_bits_step"] for r in rows if "train/code_info_bits_step" in r]
+    assert info and all(v is not None and v <= 2.0 + 1e-9 for v in info)
+    val = [r for r in rows if "val/code_info_bits_epoch" in r][-1]
+    assert val["val/code_info_bits_epoch"] <= np.log2(9) + 1e-9 and val["val/ce_bits_epoch"] > 0
+    assert val["val/epe_zero_px_epoch"] > 0

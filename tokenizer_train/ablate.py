@@ -4,8 +4,10 @@
       [--variants configs/variants.yaml] [--epochs N] [--seeds 0,1] [--set k=v ...]
 
 Each run's config is: --config, then the variant's overrides, then the --set overrides
-(common to every run, e.g. the model size or the static filter, so that every variant sees
-the same loss mask), then --epochs and the seed. The baseline is --config alone.
+(common to every run, e.g. the model size), then --epochs and the seed. The baseline is
+--config alone (configs/base.yaml as it is: no static filter, the seed's collapsing
+setting); a variant that trains with a filter carries it (configs/recommended.yaml does).
+Validation figures need no common filter: every run is scored on the evaluation mask.
 
 A variants file maps a name to dotted overrides; ``include: FILE`` (relative to the
 variants file) first applies every leaf of that YAML file, e.g. the recommended config:
@@ -18,9 +20,11 @@ variants file) first applies every leaf of that YAML file, e.g. the recommended 
 DIR/runs/<variant>/seed<k>/ holds each training run (TensorBoard logs, metrics.jsonl,
 checkpoints) and, once finished, done.json; a run with done.json is not rerun, an
 interrupted one resumes from its last.pt. DIR/results.csv and DIR/results.md get one row per
-variant: unique codes, normalised entropy and perplexity (train steps of the last epoch,
-as the seed logs them), accuracy, non-centre accuracy, EPE in px and the zero-motion code
-share (validation, last epoch), each as mean ± spread (std over seeds) and as delta against
+variant: code information in bits per label first (validation, last epoch), unique codes,
+normalised entropy and perplexity (train steps of the last epoch, as the seed logs them),
+accuracy, non-centre accuracy, CE in bits, AUC moving vs static, EPE in px next to the zero
+predictor's and the zero-motion code share (validation, last epoch, all on the evaluation
+mask: valid AND the build's recorded filter, whatever filter the variant trains with), each as mean ± spread (std over seeds) and as delta against
 the baseline of the same seed, plus how many acceptance gates (``check``) the variant
 passes against that baseline. Plots: DIR/code_usage.png, DIR/entropy.png, DIR/accuracy.png.
 """
@@ -52,18 +56,22 @@ DONE = "done.json"
 # (column, metrics.jsonl tag, how): "late" = mean over the last 20% of the step logs of the
 # last epoch; "last" = value of the last epoch (validation, or the train tag without val)
 METRICS = [
+    ("code_info_bits", "val/code_info_bits_epoch", "last"),  # first: do the codes carry motion?
     ("unique_codes", "train/unique_codes_step", "late"),
     ("entropy_norm", "train/entropy_norm_step", "late"),
     ("perplexity", "train/perplexity_step", "late"),
     ("acc", "val/acc_epoch", "last"),
     ("acc_noncenter", "val/acc_noncenter_epoch", "last"),
+    ("ce_bits", "val/ce_bits_epoch", "last"),
+    ("auc_moving", "val/auc_moving_epoch", "last"),
     ("epe_px", "val/epe_px_epoch", "last"),
+    ("epe_zero_px", "val/epe_zero_px_epoch", "last"),
     ("zero_code_share", "val/zero_code_frac_epoch", "last"),
     # frontier.py on the last checkpoint: the best val non-centre accuracy over centre-logit
     # offsets that keep val accuracy within check.ACC_TOL of the all-centre predictor's
     ("noncentre_at_acc_tol", None, "frontier"),
 ]
-FALLBACK = {"val/acc_epoch": "train/acc_epoch", "val/acc_noncenter_epoch": "train/acc_noncenter_epoch",
+FALLBACK = {"val/code_info_bits_epoch": "train/code_info_bits_step", "val/acc_epoch": "train/acc_epoch", "val/acc_noncenter_epoch": "train/acc_noncenter_epoch",
             "val/zero_code_frac_epoch": "train/zero_code_frac_step"}
 
 
@@ -184,8 +192,8 @@ def summarize(rows: list[dict]) -> dict:
             vals = [v for _, e, v in s if e == last_ep]
             k = max(1, int(math.ceil(len(vals) * 0.2)))
             out[col] = float(np.mean(vals[-k:]))
-        else:
-            out[col] = float(s[-1][2])
+        else:  # metrics.jsonl logs a non-finite value (an AUC without moving labels) as null
+            out[col] = math.nan if s[-1][2] is None else float(s[-1][2])
     return out
 
 
@@ -239,7 +247,8 @@ def _fmt(m, s, digits=3, sign=False):
     return f.format(m) + (f" ± {s:.{digits}f}" if s > 0 else "")
 
 
-HEAD = {"unique_codes": "unique codes", "entropy_norm": "entropy (norm)", "perplexity": "perplexity",
+HEAD = {"code_info_bits": "code information (bits/label)", "ce_bits": "val CE (bits/label)",
+        "auc_moving": "val AUC moving", "epe_zero_px": "val EPE px of zero motion", "unique_codes": "unique codes", "entropy_norm": "entropy (norm)", "perplexity": "perplexity",
         "acc": "val acc", "acc_noncenter": "val non-centre acc", "epe_px": "val EPE px",
         "zero_code_share": "zero-code share", "noncentre_at_acc_tol": "val non-centre acc at acc tol"}
 
@@ -254,7 +263,7 @@ def markdown(table: list[dict], title: str = "") -> str:
     for r in table:
         cells = []
         for c in cols:
-            d = 1 if c in ("unique_codes", "perplexity") else 3
+            d = 1 if c in ("unique_codes", "perplexity") else 2 if c == "code_info_bits" else 3
             cell = _fmt(r[c], r[f"{c}_std"], d)
             if r["variant"] != BASELINE and not math.isnan(r[f"{c}_delta"]):
                 cell += f" ({_fmt(r[f'{c}_delta'], r[f'{c}_delta_std'], d, sign=True)})"
@@ -262,8 +271,11 @@ def markdown(table: list[dict], title: str = "") -> str:
         g = "-" if r["variant"] == BASELINE else f"{r['gates_passed']:g}/{r['gates_total']}"
         lines.append(f"| {r['variant']} | " + " | ".join(cells) + f" | {g} |")
     lines.append("")
-    lines.append("Values: mean ± std over seeds; (delta vs the baseline of the same seed). Code statistics: train "
-                 "steps of the last epoch; accuracy, EPE, zero-code share: validation, last epoch. val non-centre "
+    lines.append("Values: mean ± std over seeds; (delta vs the baseline of the same seed). Code information: CE "
+                 "with a mixture of the clip's own and 8 other clips' codes minus CE with its own (0: the decoder "
+                 "ignores its codes; at most log2(9) = 3.17). Validation figures (last epoch) are all on the "
+                 "evaluation mask: valid AND the build's recorded filter, whatever filter a run trains with. Code "
+                 "statistics: train steps of the last epoch. val non-centre "
                  "acc at acc tol: the best validation non-centre accuracy over centre-logit offsets that keep "
                  "validation accuracy within 0.02 of predicting the centre everywhere (`python -m "
                  "tokenizer_train frontier`; a re-weighting only moves a run along this trade-off, a better "
@@ -324,8 +336,9 @@ def plot_all(out: Path, rows_by_run: dict[tuple[str, int], list], variants: list
 
     curves("entropy.png", [("train/entropy_norm_step", "train/entropy_norm_step"),
                            ("train/unique_codes_step", "train/unique_codes_step")], "value")
-    curves("accuracy.png", [("val/acc_epoch", "val/acc_epoch"),
-                            ("val/acc_noncenter_epoch", "val/acc_noncenter_epoch")], "accuracy")
+    curves("accuracy.png", [("val/code_info_bits_epoch", "val/code_info_bits_epoch (bits/label)"),
+                            ("val/acc_epoch", "val/acc_epoch"),
+                            ("val/acc_noncenter_epoch", "val/acc_noncenter_epoch")], "value")
 
 
 # --------------------------------------------------------------------------- driver

@@ -1,7 +1,10 @@
 """Evaluate the seed's acceptance gates on a run's metrics.jsonl.
 
-Gates (seed section 7, plus this project's own non-centre gate):
+Gates (seed section 7, plus this project's own gates):
 
+  codes              val/code_info_bits_epoch >= max(0.25, 4x the baseline's) bits per label
+                     (without --baseline: >= 0.25)
+                     val/ce_bits_epoch no higher than the baseline's         (needs --baseline)
   within 10 epochs   train/unique_codes_step >= 8 and rising
                      train/entropy_norm_step >= 0.2
                      train/perplexity_step clearly up
@@ -12,12 +15,20 @@ Gates (seed section 7, plus this project's own non-centre gate):
                      validation metrics not worse than the baseline's     (needs --baseline)
   project            val/acc_noncenter_epoch at least 0.25 above the baseline's (needs --baseline)
 
+The baseline is ``configs/base.yaml`` as it is (no static filter: the seed's collapsing
+setting). Every validation figure is on the evaluation mask (valid AND the build's recorded
+filter, DESIGN.md), so a filtered run and the unfiltered baseline score the same labels;
+the training-accuracy gate reads train/acc_evalmask_epoch, the same mask on training
+batches (runs that lack it fall back to train/acc_epoch, and the gate says so).
+
 Definitions (so that a gate is a number, not a judgement):
 - A step metric "at epoch E" is the mean of its values logged during the last 20% of the
   steps of epochs < E (robust to one noisy log interval).
 - "rising": that late mean is above the mean of the first 20% of the steps logged.
 - "clearly up": late perplexity >= 1.5x the baseline's late perplexity (with --baseline),
   else >= 1.5x the run's own first logged value.
+- code information (DESIGN.md): CE with a mixture of the clip's own and 8 other clips'
+  codes minus CE with its own, bits per label; 0 when the decoder ignores its codes.
 - multi-modal: in the last logged code-usage counts (train/code_usage_hist_global, the
   trainer's all-rank counts of a code-log step, else train/code_usage_hist) no code holds
   more than 50% of the tokens and the effective number of codes exp(H) (H: entropy of the
@@ -53,8 +64,12 @@ MAX_TOP_SHARE = 0.5
 PERPLEXITY_FACTOR = 1.5
 ACC_TOL = 0.02
 EPE_REL_TOL = 0.02
+INFO_MIN_BITS = 0.25  # code information a run's codes must carry, bits per label
+INFO_BASE_FACTOR = 4.0  # ... and at least this multiple of the baseline's
+INFO_GATE = "codes carry information"
 # per-code counts of a code-log step, first found wins: all ranks (the trainer's *_global), this rank
-USAGE_TAGS = ("train/code_usage_counts", "train/code_usage_hist_global", "train/code_usage_hist")
+USAGE_TAGS = ("train/code_usage_hist_global", "train/code_usage_hist")
+TRAIN_ACC_TAGS = ("train/acc_evalmask_epoch", "train/acc_epoch")  # evaluation mask first
 
 
 @dataclass
@@ -131,8 +146,34 @@ def _last(rows, tag):
     return s[-1][2] if s else None
 
 
+def code_gates(rows: list[dict], base: list[dict] | None = None) -> list[Gate]:
+    """Code information >= max(0.25, 4x baseline) and, with a baseline, CE not above it
+    (each run at its last validation epoch)."""
+    info, ce = _last(rows, "val/code_info_bits_epoch"), _last(rows, "val/ce_bits_epoch")
+    b_info = _last(base, "val/code_info_bits_epoch") if base is not None else None
+    if base is None:
+        thr, target = INFO_MIN_BITS, f">= {INFO_MIN_BITS} bits/label"
+    elif b_info is None:
+        thr, target = None, "baseline's val/code_info_bits_epoch"
+    else:
+        thr = max(INFO_MIN_BITS, INFO_BASE_FACTOR * b_info)
+        target = f">= max({INFO_MIN_BITS}, {INFO_BASE_FACTOR:g} x {b_info:.4g})"
+    gates = [Gate(INFO_GATE, info, target, info is not None and thr is not None and info >= thr)]
+    if base is not None:
+        b_ce = _last(base, "val/ce_bits_epoch")
+        gates.append(Gate("val CE bits <= baseline", ce, f"<= {b_ce:.4g}" if b_ce is not None else "baseline",
+                          None not in (ce, b_ce) and ce <= b_ce))
+    return gates
+
+
+def _train_acc_tag(rows, base) -> str:
+    """train/acc_evalmask_epoch when both runs logged it, else the loss-mask train/acc_epoch."""
+    evalmask, lossmask = TRAIN_ACC_TAGS
+    return evalmask if series(rows, evalmask) and series(base, evalmask) else lossmask
+
+
 def evaluate(rows: list[dict], base: list[dict] | None = None) -> list[Gate]:
-    gates: list[Gate] = []
+    gates: list[Gate] = code_gates(rows, base)
     n_ep = epochs_run(rows)
 
     def horizon(E):
@@ -152,11 +193,14 @@ def evaluate(rows: list[dict], base: list[dict] | None = None) -> list[Gate]:
     gates.append(Gate("perplexity clearly up", ppl, f">= {PERPLEXITY_FACTOR} x {ref}",
                       ppl is not None and ref is not None and ppl >= PERPLEXITY_FACTOR * ref, horizon(10)))
     if base is not None:
-        a = [v for _, _, v in series(rows, "train/acc_epoch", 10)]
-        b = [v for _, _, v in series(base, "train/acc_epoch", 10)]
+        tag = _train_acc_tag(rows, base)
+        a = [v for _, _, v in series(rows, tag, 10)]
+        b = [v for _, _, v in series(base, tag, 10)]
         ok = bool(a and b and a[-1] >= b[-1] - ACC_TOL)
+        note = "; ".join(x for x in (horizon(10), "" if tag == TRAIN_ACC_TAGS[0] else f"{tag}: the runs' own loss masks")
+                         if x)
         gates.append(Gate("acc_epoch vs baseline@10", a[-1] if a else None, f">= {b[-1] - ACC_TOL:.4f}" if b else "baseline",
-                          ok, horizon(10)))
+                          ok, note))
     ge("unique_codes@30", "train/unique_codes_step", 30, 32)
     ge("entropy_norm@30", "train/entropy_norm_step", 30, 0.35)
     hist = next((h for h in (series(rows, t) for t in USAGE_TAGS) if h), None)
@@ -193,11 +237,25 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--json", help="also write the gate results to this JSON file")
 
 
+def verdict(gates: list[Gate]) -> str:
+    """The one-line verdict; it leads with whether the codes carry information."""
+    info = next((g for g in gates if g.name == INFO_GATE), None)
+    if info is None:
+        lead = "CODE INFORMATION NOT GATED"
+    elif info.value is None:
+        lead = "CODE INFORMATION NOT LOGGED (no val/code_info_bits_epoch)"
+    else:
+        lead = (f"CODES {'CARRY' if info.passed else 'DO NOT CARRY'} INFORMATION "
+                f"({info.value:.3f} bits/label, target {info.target})")
+    ok = all(g.passed for g in gates)
+    return f"{lead}; {'ALL GATES PASS' if ok else 'SOME GATES FAIL'} ({sum(g.passed for g in gates)}/{len(gates)})"
+
+
 def report(gates: list[Gate], json_path=None) -> bool:
-    """Print the gate table and the pass/fail line, write ``json_path`` if given; all passed?"""
+    """Print the gate table and the verdict line, write ``json_path`` if given; all passed?"""
     print(format_table(gates))
     ok = all(g.passed for g in gates)
-    print(f"\n{'ALL GATES PASS' if ok else 'SOME GATES FAIL'} ({sum(g.passed for g in gates)}/{len(gates)})")
+    print(f"\n{verdict(gates)}")
     if json_path:
         atomic_write_json(json_path, {"passed": ok, "gates": [asdict(g) for g in gates]}, indent=2)
     return ok

@@ -13,10 +13,14 @@ model can pass both of ``check``'s validation gates; the fix has to make the mod
 (more or more varied data, more steps, capacity).
 
 Per offset: accuracy, non-centre accuracy, EPE (px, the softmax expectation as in training)
-and the share of centre predictions, on the run's validation split (its static filter and
-val_split; every held-out clip once). Summary: the all-centre accuracy (the split's centre share)
-and the best non-centre accuracy among offsets whose accuracy is at most ``check.ACC_TOL``
-below it.
+and the share of centre predictions, on the run's validation split (its val_split; every
+held-out clip once) and the evaluation mask (valid AND the build's recorded filter, DESIGN.md,
+whatever filter the run trained with). Summary: the all-centre accuracy (the split's centre
+share) and the best non-centre accuracy among offsets whose accuracy is at most
+``check.ACC_TOL`` below it; and, of the unshifted model, code information and CE in bits
+per label, AUC moving vs static and EPE next to the zero predictor's (``quality.Quality``,
+the trainer's validation figures; code information mixes each clip with the other clips of
+its batch, so it equals the logged value at the run's batch size).
 """
 from __future__ import annotations
 
@@ -37,7 +41,9 @@ from . import metrics as M
 from .check import ACC_TOL
 from .config import ConfigError
 from .distributed import pick_device
-from .model import start_pos_of
+from .model_inputs import model_kwargs
+from .quality import Quality
+from .validate import to_device
 from .tokenize import load_model
 
 DEFAULT_OFFSETS = "-3:3:0.5"
@@ -121,19 +127,27 @@ def frontier(run_dir, data_dir, offsets, which="last", batch_size=64, device="cp
     loader.set_epoch(0)
     sums = np.zeros((len(offsets), 5))
     n_nc = centre = 0.0
+    quality = Quality(W)
     for b in tqdm(loader, desc=f"frontier ({split})", unit="batch", disable=not progress, dynamic_ncols=True):
-        lab, m, vel = b["labels"].to(device), b["mask"].to(device).bool(), b["velocities"].to(device)
-        start = start_pos_of(b)
-        logits = model(vel, None if start is None else start.to(device))["logits"].float()
+        b = to_device(b, device)
+        lab, m, vel, kw = b["labels"], b["eval_mask"].bool(), b["velocities"], model_kwargs(b)
+        out = model(vel, **kw)
+        logits = out["logits"].float()
         sums += sweep_counts(logits, lab, vel, m, offsets, W)
+        quality.add(logits, lab, vel, m, lambda z, kw=kw: model.decode(z, **kw).float(), out["quantized"])
         n_nc += float((m & (lab != center_class(W))).sum())
         centre += float((m & (lab == center_class(W))).sum())
     n = sums[0, 4]
     if n == 0:
         raise ValueError(f"{data_dir}: the {split} split has no labelled (kept, valid) point steps")
     table = table_from_counts(offsets, sums, n_nc)
+    summary = summarize(table, centre / n)
+    summary.update({k.split("/")[1].removesuffix("_epoch"): v for k, v in quality.scalars("val", "epoch").items()
+                    if k.split("/")[1] in ("code_info_bits_epoch", "ce_bits_epoch", "auc_moving_epoch",
+                                           "epe_zero_px_epoch")})
     return {"run": str(run_dir), "data": str(data_dir), "split": split, "checkpoint": which,
-            "labels": int(n), "table": table, "summary": summarize(table, centre / n)}
+            "mask": f"evaluation mask (valid AND build filter {info['build_filter']})",
+            "labels": int(n), "table": table, "summary": summary}
 
 
 def cached_frontier(run_dir, data_dir, device="cpu") -> dict:
@@ -150,7 +164,7 @@ def cached_frontier(run_dir, data_dir, device="cpu") -> dict:
 
 def format_result(res: dict) -> str:
     lines = [f"{res['run']} ({res['checkpoint']}.pt) on the {res['split']} split of {res['data']}: "
-             f"{res['labels']} labelled point steps",
+             f"{res['labels']} labelled point steps" + (f", {res['mask']}" if "mask" in res else ""),
              f"{'offset':>7} {'acc':>7} {'noncentre':>10} {'epe_px':>7} {'centre_pred':>12}"]
     for r in res["table"]:
         lines.append(f"{r['offset']:+7.2f} {r['acc']:7.3f} {r['acc_noncenter']:10.3f} {r['epe_px']:7.3f} "
@@ -158,6 +172,9 @@ def format_result(res: dict) -> str:
     s = res["summary"]
     best = ("none" if s["best_noncenter_within_tol"] is None else
             f"{s['best_noncenter_within_tol']:.3f} (offset {s['best_offset']:+.2f})")
+    if "code_info_bits" in s:  # caches written before these figures lack them
+        lines.append(f"code information {s['code_info_bits']:.3f} bits/label; CE {s['ce_bits']:.3f} bits/label; "
+                     f"AUC moving vs static {s['auc_moving']:.3f}; EPE of zero motion {s['epe_zero_px']:.3f} px")
     lines.append(f"all-centre accuracy {s['all_centre_acc']:.3f}; best non-centre accuracy with accuracy "
                  f">= {s['all_centre_acc'] - s['acc_tolerance']:.3f}: {best}")
     return "\n".join(lines)

@@ -76,6 +76,23 @@ def zero_code_frac(codes, zero_codes) -> float:
     return float((c == np.asarray(zero_codes)).mean())
 
 
+def code_scalars(prefix: str, when: str, codes: np.ndarray, levels, zero_codes=None, seen=None,
+                 tag_suffix: str = "") -> tuple[dict, dict]:
+    """The seed's code statistics of a set of code ids ``(tokens, S)``, e.g.
+    ``train/unique_codes_step`` (``when="step"``) or ``..._step_global`` (``tag_suffix="_global"``)."""
+    s = code_stats(codes, levels)
+    out = {f"{prefix}/unique_codes_{when}{tag_suffix}": s["unique_codes"],
+           f"{prefix}/unique_codes_raw_{when}{tag_suffix}": s["unique_codes_raw"],
+           f"{prefix}/entropy_{when}{tag_suffix}": s["entropy"],
+           f"{prefix}/entropy_norm_{when}{tag_suffix}": s["entropy_norm"],
+           f"{prefix}/perplexity_{when}{tag_suffix}": s["perplexity"]}
+    if zero_codes is not None:
+        out[f"{prefix}/zero_code_frac_{when}{tag_suffix}"] = zero_code_frac(codes, zero_codes)
+    if seen is not None:
+        out[f"{prefix}/effective_codebook_size_seen{tag_suffix}"] = int(seen.sum())
+    return out, {f"{prefix}/code_usage_hist{tag_suffix}": s["counts"]}
+
+
 # ------------------------------------------------------------------ prediction quality
 def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
     """(correct, count) of argmax predictions over the mask; ``logits`` may also be the
@@ -105,6 +122,15 @@ def epe_px_counts(logits: torch.Tensor, velocities: torch.Tensor, mask: torch.Te
         return 0.0, 0
     err = torch.linalg.vector_norm(expected_displacement_px(logits[m], W) - velocities[m].float() * half_window(W), dim=-1)
     return float(err.sum()), int(m.sum())
+
+
+def epe_zero_px_counts(velocities: torch.Tensor, mask: torch.Tensor, W: int) -> tuple[float, int]:
+    """(sum, count) of the zero predictor's end-point error in px (the true displacement's
+    length) over the mask: the reference ``val/epe_px_epoch`` is read next to."""
+    m = mask.bool()
+    if not m.any():
+        return 0.0, 0
+    return float(torch.linalg.vector_norm(velocities[m].float() * half_window(W), dim=-1).sum()), int(m.sum())
 
 
 def dynamic_point_counts(mask: torch.Tensor) -> tuple[int, int]:

@@ -43,12 +43,6 @@ def _step_causal_mask(step_of_token: torch.Tensor) -> torch.Tensor:
     return torch.zeros(later.shape, device=step_of_token.device).masked_fill(later, float("-inf"))
 
 
-def start_pos_of(batch: dict) -> torch.Tensor | None:
-    """A batch's start positions ``(B, N, 2)`` reference px (``positions[:, 0]``), None without positions."""
-    pos = batch.get("positions")
-    return None if pos is None else pos[:, 0]
-
-
 class MotionTokenizer(nn.Module):
     def __init__(self, cfg: ModelConfig, num_points: int, window_size: int):
         super().__init__()

@@ -27,7 +27,8 @@ from motion_data.split import split_manifest
 from . import checkpoint as ckpt
 from .config import ConfigError, from_dict
 from .distributed import pick_device
-from .model import MotionTokenizer, start_pos_of
+from .model import MotionTokenizer
+from .model_inputs import model_kwargs
 
 
 def add_arguments(p):
@@ -75,8 +76,8 @@ def tokenize(run_dir, data_dir, out_path, which="best", batch_size=256, num_work
     for batch in tqdm(dl, desc="tokenize", unit="batch", dynamic_ncols=True):
         if not batch["clip_id"]:
             continue
-        start = start_pos_of(batch)
-        c = model.encode(batch["velocities"].to(device), None if start is None else start.to(device))["codes"]
+        kw = {k: v.to(device) for k, v in model_kwargs(batch).items()}
+        c = model.encode(batch["velocities"].to(device), **kw)["codes"]
         ids.extend(batch["clip_id"])
         codes.extend(c.cpu().numpy().astype(np.int32))
     order = {cid: i for i, cid in enumerate(man["clip_id"])}

@@ -41,9 +41,12 @@ from . import prior
 from .config import Config, ConfigError, load_config, to_dict
 from .logger import RunLogger
 from .code_usage import CodeUsageRegulariser
+from .metrics import code_scalars
 from .losses import Criterion, class_counts_from_stats, class_weights_image, entropy_weight, save_class_weights
-from .model import MotionTokenizer, start_pos_of
+from .model import MotionTokenizer
+from .model_inputs import model_kwargs
 from .schedule import build_scheduler, clip_gradients
+from .validate import evaluate, to_device, train_code_info
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -152,35 +155,14 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def _to(batch: dict, device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def code_scalars(prefix: str, when: str, codes: np.ndarray, levels, zero_codes=None, seen=None,
-                 tag_suffix: str = "") -> tuple[dict, dict]:
-    """The seed's code statistics of a set of code ids ``(tokens, S)``, e.g.
-    ``train/unique_codes_step`` (``when="step"``) or ``..._step_global`` (``tag_suffix="_global"``)."""
-    s = M.code_stats(codes, levels)
-    out = {f"{prefix}/unique_codes_{when}{tag_suffix}": s["unique_codes"],
-           f"{prefix}/unique_codes_raw_{when}{tag_suffix}": s["unique_codes_raw"],
-           f"{prefix}/entropy_{when}{tag_suffix}": s["entropy"],
-           f"{prefix}/entropy_norm_{when}{tag_suffix}": s["entropy_norm"],
-           f"{prefix}/perplexity_{when}{tag_suffix}": s["perplexity"]}
-    if zero_codes is not None:
-        out[f"{prefix}/zero_code_frac_{when}{tag_suffix}"] = M.zero_code_frac(codes, zero_codes)
-    if seen is not None:
-        out[f"{prefix}/effective_codebook_size_seen{tag_suffix}"] = int(seen.sum())
-    return out, {f"{prefix}/code_usage_hist{tag_suffix}": s["counts"]}
-
-
 class Sums:
     """Exact (sum, count) accumulators for a step, an epoch or a validation pass."""
 
     KEYS = ("loss", "ce", "total", "count", "correct", "nc_correct", "nc_count", "epe", "epe_count",
-            "kept", "points", "clips")
+            "kept", "points", "clips", "e_correct", "e_count")
 
     def __init__(self, values=None):
-        self.v = dict.fromkeys(self.KEYS, 0.0) if values is None else dict(values)
+        self.v = dict.fromkeys(self.KEYS, 0.0) | dict(values or {})
 
     def add(self, **kw):
         for k, x in kw.items():
@@ -197,43 +179,10 @@ def batch_sums(out, batch, loss, info, total, W) -> dict:
     c, m = M.accuracy_counts(pred, labels, mask)
     nc, nm = M.noncenter_counts(pred, labels, mask, center_class(W))
     kept, pts = M.dynamic_point_counts(mask)
+    ec, en = M.accuracy_counts(pred, labels, batch["eval_mask"])  # train/acc_evalmask_epoch: check's gate
     return dict(loss=float(loss) * n, ce=float(info["ce"]) * n, total=float(total) * n, count=n,
-                correct=c, nc_correct=nc, nc_count=nm, kept=kept, points=pts, clips=labels.shape[0])
-
-
-# ---------------------------------------------------------------------------- validation
-@torch.no_grad()
-def evaluate(model, loader, criterion, cfg: Config, dist, W: int, zero_codes) -> tuple[dict, dict]:
-    model.eval()
-    sums, codes = Sums(), []
-    for batch in loader:
-        if len(batch["clip_id"]) == 0:
-            continue  # an empty share of a tiny validation split under DDP
-        batch = _to(batch, dist.device)
-        with autocast_for(cfg.training.mixed_precision, dist.device):
-            out = model(batch["velocities"], start_pos_of(batch))
-            loss, info = criterion(out["logits"], batch["labels"], batch["mask"])
-        sums.add(**batch_sums(out, batch, loss, info, loss, W))
-        sums.add(**dict(zip(("epe", "epe_count"),
-                            M.epe_px_counts(out["logits"], batch["velocities"], batch["mask"], W))))
-        codes.append(out["codes"].reshape(-1))
-    r = sums.reduced(dist.device)
-    all_codes = D.gather_codes(torch.cat(codes) if codes else torch.zeros(0, dtype=torch.int64, device=dist.device))
-    scalars = {
-        "val/loss_epoch": M.ratio((r["loss"], r["count"])),
-        "val/ce_epoch": M.ratio((r["ce"], r["count"])),
-        "val/acc_epoch": M.ratio((r["correct"], r["count"])),
-        "val/acc_noncenter_epoch": M.ratio((r["nc_correct"], r["nc_count"])),
-        "val/epe_px_epoch": M.ratio((r["epe"], r["epe_count"])),
-        "val/dynamic_point_ratio_epoch": M.ratio((r["kept"], r["points"])),
-    }
-    hists = {}
-    if all_codes.size:
-        S = len(zero_codes)
-        cs, hists = code_scalars("val", "epoch", all_codes.reshape(-1, S), cfg.model.fsq_levels, zero_codes)
-        scalars.update(cs)
-    model.train()
-    return scalars, hists
+                correct=c, nc_correct=nc, nc_count=nm, kept=kept, points=pts, clips=labels.shape[0],
+                e_correct=ec, e_count=en)
 
 
 # ---------------------------------------------------------------------------- training
@@ -350,13 +299,13 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
             # generator, reseeded per (seed, epoch, rank)), so dropout and noise draw the same
             # numbers in a run resumed mid-epoch as in an uninterrupted one
             batch = next(it)
-            batch = _to(batch, device)
+            batch = to_device(batch, device)
             t_wait += time.perf_counter() - tw
             boundary = (i + 1) % accum == 0 or i + 1 == n_batches
             sync = contextlib.nullcontext() if (boundary or not dist.enabled) else net.no_sync()
             with sync:
                 with autocast_for(tc.mixed_precision, device):
-                    out = net(batch["velocities"], start_pos_of(batch))
+                    out = net(batch["velocities"], **model_kwargs(batch))
                     loss, linfo = criterion(out["logits"], batch["labels"], batch["mask"])
                     lam = entropy_weight(tc.code_entropy_weight, tc.code_entropy_warmup_epochs, epoch + i / n_batches)
                     total = loss
@@ -414,6 +363,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
                 cs, ch = code_scalars("train", "step", local, levels, zc, seen)
                 gs, gh = code_scalars("train", "step", gathered, levels, zc, seen_g, tag_suffix="_global")
                 scalars.update(cs | gs)
+                scalars["train/code_info_bits_step"] = train_code_info(model, batch, out["quantized"], device)
                 hists.update(ch | gh)
                 if debug_codes:  # each rank's own codes: a test recomputes the *_global statistics
                     with open(out_dir / f"debug_codes_rank{dist.rank}.jsonl", "a") as f:
@@ -439,6 +389,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
         r = epoch_sums.reduced(device)
         scalars = {"train/loss_epoch": M.ratio((r["loss"], r["count"])),
                    "train/acc_epoch": M.ratio((r["correct"], r["count"])),
+                   "train/acc_evalmask_epoch": M.ratio((r["e_correct"], r["e_count"])),
                    "train/acc_noncenter_epoch": M.ratio((r["nc_correct"], r["nc_count"])),
                    "train/dynamic_point_ratio_epoch": M.ratio((r["kept"], r["points"]))}
         zc = model.zero_codes(S).cpu().numpy()
@@ -446,7 +397,8 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
         if val_loader is not None:
             val_loader.set_epoch(epoch)
             # the unwrapped model: no DDP collectives in a forward that a rank may skip
-            vs, hists = evaluate(model, val_loader, criterion, cfg, dist, W, zc)
+            vs, hists = evaluate(model, val_loader, criterion, cfg, dist, W, zc,
+                                 lambda: autocast_for(tc.mixed_precision, device))
             scalars.update(vs)
         logger.log(step, epoch, scalars, hists)
         last.update(scalars)
@@ -461,7 +413,8 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
                 ckpt.save(out_dir / "best.pt", st)
             print(f"epoch {epoch}: " + " ".join(f"{k}={v:.4g}" for k, v in scalars.items()
                                                  if k in ("train/loss_epoch", "train/acc_epoch", "val/loss_epoch",
-                                                          "val/acc_epoch", "val/acc_noncenter_epoch")),
+                                                          "val/acc_epoch", "val/acc_noncenter_epoch",
+                                                          "val/code_info_bits_epoch", "val/ce_bits_epoch")),
                   file=sys.stderr, flush=True)
         D.barrier()
     logger.close()

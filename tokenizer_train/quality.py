@@ -1,0 +1,65 @@
+"""The validation figures of one pass on the evaluation mask (DESIGN.md, Trainer): accuracy,
+non-centre accuracy, CE and code information in bits per label, AUC moving vs static, EPE
+next to the zero predictor's. Exact (sum, count) sums and the AUC histogram, so batches,
+epochs and DDP ranks aggregate before dividing."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from motion_data.labels import center_class
+
+from . import auc as A
+from . import code_info as CI
+from . import distributed as D
+from . import metrics as M
+
+KEYS = ("correct", "count", "nc_correct", "nc_count", "ce_bits", "info_bits", "info_count", "epe", "epe_zero")
+
+
+class Quality:
+    """Accumulates ``add`` over batches; ``scalars`` divides (after ``reduce`` under DDP)."""
+
+    def __init__(self, W: int):
+        self.W, self.center = W, center_class(W)
+        self.v = dict.fromkeys(KEYS, 0.0)
+        self.hist = np.zeros((2, A.NBINS), np.int64)
+
+    def add(self, logits, labels, velocities, mask, decode=None, quantized=None):
+        """One batch: ``mask`` is its ``eval_mask``; ``decode``/``quantized`` (the model's
+        decoder for this batch and its codes) enable code information."""
+        m = mask.bool()
+        pred = logits.argmax(-1)
+        v = self.v
+        c, n = M.accuracy_counts(pred, labels, m)
+        nc, nn = M.noncenter_counts(pred, labels, m, self.center)
+        ce, _ = CI.ce_bits_counts(logits, labels, m)
+        epe, _ = M.epe_px_counts(logits, velocities, m, self.W)
+        ez, _ = M.epe_zero_px_counts(velocities, m, self.W)
+        for k, x in zip(("correct", "count", "nc_correct", "nc_count", "ce_bits", "epe", "epe_zero"),
+                        (c, n, nc, nn, ce, epe, ez)):
+            v[k] += float(x)
+        if decode is not None:
+            s, k = CI.code_info_counts(decode, quantized, labels, m, own_logits=logits)
+            v["info_bits"] += s
+            v["info_count"] += k
+        self.hist += A.auc_hist(logits, labels, m, self.center)
+
+    def reduce(self, device) -> "Quality":
+        """Sums over all ranks (collective; identity without DDP)."""
+        flat = D.all_reduce_sum([self.v[k] for k in KEYS] + self.hist.reshape(-1).tolist(), device)
+        out = Quality(self.W)
+        out.v = dict(zip(KEYS, flat[:len(KEYS)]))
+        out.hist = np.rint(np.asarray(flat[len(KEYS):])).astype(np.int64).reshape(2, A.NBINS)
+        return out
+
+    def scalars(self, prefix: str, when: str) -> dict:
+        v = self.v
+        info = v["info_bits"] / v["info_count"] if v["info_count"] else float("nan")  # no batch of >= 2 clips
+        return {f"{prefix}/code_info_bits_{when}": info,
+                f"{prefix}/ce_bits_{when}": M.ratio((v["ce_bits"], v["count"])),
+                f"{prefix}/auc_moving_{when}": A.auc_from_hist(self.hist),
+                f"{prefix}/acc_{when}": M.ratio((v["correct"], v["count"])),
+                f"{prefix}/acc_noncenter_{when}": M.ratio((v["nc_correct"], v["nc_count"])),
+                f"{prefix}/epe_px_{when}": M.ratio((v["epe"], v["count"])),
+                f"{prefix}/epe_zero_px_{when}": M.ratio((v["epe_zero"], v["count"]))}
