@@ -9,6 +9,7 @@ import zarr
 
 from motion_data import shards
 from motion_data.augment import AugmentConfig
+from motion_data.labels import step_valid
 from motion_data.loader import make_batch, make_loader, read_build_info
 from motion_data.stats import METRICS, SEED_FILTER, StaticFilter, keep_mask, recorded_filter
 
@@ -34,9 +35,10 @@ def _expected_eval(root, cid, flt):
     m = pq.read_table(root / "manifest.parquet").to_pydict()
     i = m["clip_id"].index(cid)
     s = shards.read_sample(root / m["shard"][i], m["offset"][i], m["size"][i], cid)
-    keep = keep_mask(s["stats"][METRICS.index(flt.metric)][None], s["valid"].sum(0, dtype=np.uint8)[None],
+    valid = step_valid(s["vis"])
+    keep = keep_mask(s["stats"][METRICS.index(flt.metric)][None], valid.sum(0, dtype=np.uint8)[None],
                      flt.threshold, flt.min_keep)[0]
-    return keep[None] & s["valid"]
+    return keep[None] & valid
 
 
 @pytest.mark.parametrize("train_filter", [StaticFilter(enable=False), StaticFilter(True, "p95", 0.04, 16),
@@ -71,12 +73,13 @@ def test_store_without_recorded_filter_uses_the_seed_filter(tiny_build, tmp_path
 
 
 def test_make_batch_eval_mask_by_hand():
-    # 1 clip, 2 steps, 3 points; mean scores 0.5, 0.0, 0.1; point 2 invisible at step 1
-    vel = np.zeros((1, 2, 3, 2), np.float32)
+    # 1 clip, 3 frames (2 steps), 3 points; mean scores 0.5, 0.0, 0.1; point 2 invisible at frame 2
+    pos = np.zeros((1, 3, 3, 2), np.float32)
+    vis = np.array([[[True, True, True], [True, True, True], [True, True, False]]])
     valid = np.array([[[True, True, True], [True, True, False]]])
     st = np.zeros((1, 3, 3), np.float32)
     st[0, METRICS.index("mean")] = [0.5, 0.0, 0.1]
-    b = make_batch(vel, valid, st, ["c"], StaticFilter(enable=False), 15,
+    b = make_batch(pos, vis, st, ["c"], StaticFilter(enable=False), 15,
                    eval_filter=StaticFilter(True, "mean", 0.05, 0))
     assert torch.equal(b["mask"], torch.from_numpy(valid))  # filter off: the loss mask is valid
     assert b["eval_mask"].tolist() == [[[True, False, True], [True, False, False]]]
@@ -102,7 +105,7 @@ def test_make_batch_leaves_torchs_thread_count_alone():
     torch.set_num_threads(1)
     try:
         rng = np.random.default_rng(0)
-        make_batch(rng.random((4, 15, 16, 2), np.float32) * 3, np.ones((4, 15, 16), bool),
+        make_batch(rng.random((4, 16, 16, 2), np.float32) * 30, np.ones((4, 16, 16), bool),
                    rng.random((4, 3, 16), np.float32), list("abcd"), StaticFilter(True, "p95", 0.04, 2), 15)
         assert torch.get_num_threads() == 1
     finally:
