@@ -48,7 +48,7 @@ def draw_motion(rng: np.random.Generator) -> Motion:
         off = off + rng.uniform(0.03, 0.06) * np.array([np.cos(a), np.sin(a), 0.0])
     pauses = {p: int(rng.integers(3, 16)) for p in PHASES if rng.random() < 0.3}
     return Motion(
-        speed=float(rng.uniform(0.25, 0.8)),
+        speed=float(rng.uniform(0.3, 1.0)),
         gain=float(rng.uniform(2.0, 6.0)),
         hover=float(rng.uniform(0.08, 0.16)),
         grasp_height=float(rng.uniform(0.0, 0.03)),
@@ -80,7 +80,7 @@ class PickPlace:
         self.hold = 0
         self.wander_i = 0
         self.gripper = OPEN
-        self.home = None
+        self.anchor = None  # the pick position when the gripper closed: lift from there, not with the object
 
     @property
     def phase_name(self) -> str:
@@ -89,9 +89,11 @@ class PickPlace:
     def _target(self, pick, place):
         m = self.m
         up = np.array([0.0, 0.0, 1.0])
-        grasp = pick + m.grasp_offset + up * m.grasp_height
-        drop = place + m.place_offset
         name = self.phase_name
+        if name == "grasp" and self.anchor is None:
+            self.anchor = pick.copy()
+        grasp = (pick if self.anchor is None else self.anchor) + m.grasp_offset + up * m.grasp_height
+        drop = place + m.place_offset
         if name == "reach":
             return grasp + up * m.hover
         if name in ("descend", "grasp"):
