@@ -163,7 +163,7 @@ class Scene:
         return self.data.xpos[body].copy()
 
 
-def _targets(scene: Scene, rng):
+def _targets(scene: Scene):
     """Body ids of the object to grasp and of the place to put it (or None: a random spot near it)."""
     names = scene.of_interest or list(scene.bodies)
     pick = scene.bodies[names[0]]
@@ -183,7 +183,7 @@ def render_rollout(scene: Scene, suite: str, task: int, episode: int, cfg: Rende
         scene.step(hold)
     motion = draw_motion(rng)
     policy = PickPlace(motion)
-    pick_body, place_body = _targets(scene, rng)
+    pick_body, place_body = _targets(scene)
     spot = scene.body_pos(pick_body) + np.array([*rng.uniform(-0.2, 0.2, 2), 0.0])  # when no second object
     starts = set(window_starts(cfg.steps, cfg.window, cfg.stride).tolist())
     m, d = scene.model, scene.data

@@ -21,6 +21,7 @@ Example: python -m preprocess render-libero --out libero_tracks/ --suites libero
 from __future__ import annotations
 
 import sys
+import time
 
 from motion_data.importers import MissingDependency
 from motion_data.libero_render import DEFAULT_SUITES, RenderConfig, require_sim, suite_size
@@ -73,12 +74,15 @@ def run(args) -> int:
             bar.write(f"{s['name']}: {s['windows']} windows, {s['visible']:.1%} visible, init state {s['init_state']}, "
                       f"{'missed grasp' if s['grasp_fails'] else 'grasp'}, last phase {s['phase_reached']}, "
                       f"{s['seconds']:.1f} s")
+        t0 = time.perf_counter()
         summaries = run_jobs(jobs, cfg, args.out, args.workers, on_done=done)
+        wall = time.perf_counter() - t0
     if summaries:
         n = len(summaries)
         print(f"rendered {n} rollouts into {args.out}: {sum(s['windows'] for s in summaries)} windows, "
               f"{sum(s['visible'] for s in summaries) / n:.1%} visible on average, "
-              f"{sum(s['seconds'] for s in summaries) / n:.1f} s per rollout")
+              f"{sum(s['seconds'] for s in summaries) / n:.1f} s per rollout "
+              f"({wall / n:.1f} s wall per rollout with scene loading, {args.workers} worker(s))")
     else:
         print(f"nothing to render: all requested rollouts are in {args.out}")
     return 0
