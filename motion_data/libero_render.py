@@ -131,7 +131,8 @@ class Scene:
             raise ValueError(f"render-libero: {suite} has tasks 0-{bench.n_tasks - 1}, not {task}")
         self.init_states = bench.get_task_init_states(task)
         self.env = ControlEnv(bddl_file_name=bench.get_task_bddl_file_path(task), has_offscreen_renderer=False,
-                              use_camera_obs=False, camera_names=[CAMERA], camera_heights=size, camera_widths=size)
+                              use_camera_obs=False, camera_names=[CAMERA], camera_heights=size, camera_widths=size,
+                              ignore_done=True)  # episodes share the env: its step count passes any horizon
         self.env.reset()  # builds the model once; episodes then only load states into it
         self.mj = mujoco
         self.model = self.env.sim.model._model
