@@ -10,6 +10,7 @@ COMMANDS = {
     "merge": ("preprocess.merge_cmd", "join the outputs of several --part i/n builds"),
     "analyze": ("preprocess.analyze_cmd", "label statistics before/after the static filter (+ plot)"),
     "tune-filter": ("preprocess.tune_cmd", "sweep static-filter thresholds from the stored histograms"),
+    "render-libero": ("preprocess.render_libero_cmd", "scripted LIBERO rollouts -> ground-truth track files (extra [sim])"),
 }
 
 

@@ -1,0 +1,86 @@
+"""Which LIBERO rollouts to render, and rendering them in worker processes (render-libero).
+
+A rollout is (suite, task, episode) and lands in ``OUT/<suite>_<task>_<episode>.npz``.
+Rollouts whose file exists are finished (files are written atomically, so an existing
+file is whole) and are skipped, which makes a killed render go on where it stopped. Jobs
+are grouped by task so that a worker builds each scene once; each worker process holds
+one scene at a time (EGL: one GL context per process).
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+from pathlib import Path
+
+from .atomic import remove_stale
+
+
+def parse_tasks(spec: str, n_tasks: int, suite: str = "") -> list[int]:
+    """``all`` or a comma list of task indices and ranges (``0-4,10``) -> sorted task indices."""
+    if spec.strip().lower() == "all":
+        return list(range(n_tasks))
+    out = set()
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            lo, _, hi = part.partition("-")
+            lo, hi = int(lo), int(hi or lo)
+        except ValueError:
+            raise ValueError(f"render-libero: --tasks {spec!r}: {part!r} is not a task index or range (e.g. 0-4,10)") from None
+        if not 0 <= lo <= hi < n_tasks:
+            raise ValueError(f"render-libero: --tasks {spec!r}: {suite or 'the suite'} has tasks 0-{n_tasks - 1}")
+        out.update(range(lo, hi + 1))
+    return sorted(out)
+
+
+def pending(out, suite: str, tasks, episodes: int) -> list[tuple[str, int, list[int]]]:
+    """``(suite, task, episodes still to render)`` per task with work left; removes stale temp files."""
+    from .libero_render import rollout_name
+
+    out = Path(out)
+    jobs = []
+    for task in tasks:
+        todo = []
+        for ep in range(episodes):
+            path = out / rollout_name(suite, task, ep)
+            remove_stale(path)
+            if not path.is_file():
+                todo.append(ep)
+        if todo:
+            jobs.append((suite, task, todo))
+    return jobs
+
+
+def render_task(suite: str, task: int, episodes, cfg, out, on_done=None) -> list[dict]:
+    """Render and write the given episodes of one task in this process; returns their summaries."""
+    from .libero_render import Scene, render_rollout
+    from .video import write_track_file
+
+    summaries = []
+    with Scene(suite, task, cfg.size) as scene:
+        for ep in episodes:
+            data, summary = render_rollout(scene, suite, task, ep, cfg)
+            write_track_file(Path(out) / summary["name"], data)
+            summaries.append(summary)
+            if on_done is not None:
+                on_done(summary)
+    return summaries
+
+
+def _worker(args):
+    return render_task(*args)
+
+
+def run_jobs(jobs, cfg, out, workers: int = 1, on_done=None) -> list[dict]:
+    """Render every job; ``on_done(summary)`` is called per rollout (per task with workers > 1)."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    if workers <= 1:
+        return [s for suite, task, eps in jobs for s in render_task(suite, task, eps, cfg, out, on_done)]
+    summaries = []
+    # spawn: a fresh interpreter per worker, no GL state inherited; one task (one scene) per process
+    with mp.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool:
+        for done in pool.imap_unordered(_worker, [(s, t, e, cfg, out) for s, t, e in jobs]):
+            summaries.extend(done)
+            for s in done:
+                if on_done is not None:
+                    on_done(s)
+    return summaries
