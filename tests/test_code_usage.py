@@ -94,6 +94,21 @@ def test_running_average_is_a_window_over_more_tokens_than_a_batch():
     assert ra.filled == 100.0  # full: from now on an exponential average over the window
 
 
+def test_running_average_passes_the_batch_its_full_gradient():
+    """The usage term's gradient must not shrink with the window (n / (past + n)): the batch
+    gets the gradient of H at the estimate, at weight 1, like the per-token term."""
+    ra = RunningCodeAverage(K, 4 * K)
+    for _ in range(5):
+        ra.mix(torch.softmax(torch.randn(K), 0), 30.0)
+    pb = torch.softmax(torch.randn(K), 0).requires_grad_()
+    past = ra.avg.clone()
+    p = ra.mix(pb, 30.0)
+    assert torch.allclose(p, (150 * past + 30 * pb.detach()) / 180, atol=1e-7)  # the value: the estimate
+    w = torch.randn(K)
+    (p * w).sum().backward()
+    assert torch.allclose(pb.grad, w)  # d p / d p_batch = identity, not 30/180
+
+
 def test_regulariser_uses_the_running_average_when_batch_tokens_are_fewer_than_k():
     tc = TrainingConfig(code_entropy_weight=0.1)
     assert avg_tokens_for(tc, K) == 4 * K
