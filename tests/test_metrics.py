@@ -97,3 +97,11 @@ def test_accuracy_accepts_predicted_ids():
     labels = torch.tensor([[1, 2, 3]])
     mask = torch.ones(1, 3, dtype=torch.bool)
     assert M.accuracy_counts(torch.tensor([[1, 0, 3]]), labels, mask) == (2.0, 3)
+
+
+def test_boundary_counts_by_hand():
+    # FSQ rounds the bounded values at half-integers: 0.45 and -1.55 are within 0.1 of one,
+    # 0.0, 2.9 and -0.62 are not (distance 0.5, 0.4, 0.12)
+    z = torch.tensor([[0.45, 0.0, 2.9], [-1.55, -0.62, 0.0]])
+    assert M.boundary_counts(z) == (2.0, 6)
+    assert M.boundary_counts(z, margin=0.13) == (3.0, 6)

@@ -144,7 +144,7 @@ def test_run_folder_and_metric_names(build, tmp_path):
         "val/entropy_norm_epoch",
         # DESIGN.md, "Quality beyond the seed's accuracy"
         "val/code_info_bits_epoch", "train/code_info_bits_step", "val/ce_bits_epoch", "val/auc_moving_epoch",
-        "val/epe_zero_px_epoch", "train/acc_evalmask_epoch"}
+        "val/epe_zero_px_epoch", "train/acc_evalmask_epoch", "val/fsq_boundary_share_epoch"}
     assert expected <= tags, expected - tags
     # batches of one clip: no other clip's codes to decode with, so no estimate (null), never a 0
     assert all(r["train/code_info_bits_step"] is None for r in rows if "train/code_info_bits_step" in r)

@@ -134,7 +134,8 @@ def frontier(run_dir, data_dir, offsets, which="last", batch_size=64, device="cp
         out = model(vel, **kw)
         logits = out["logits"].float()
         sums += sweep_counts(logits, lab, vel, m, offsets, W)
-        quality.add(logits, lab, vel, m, lambda z, kw=kw: model.decode(z, **kw).float(), out["quantized"])
+        quality.add(logits, lab, vel, m, lambda z, kw=kw: model.decode(z, **kw).float(), out["quantized"],
+                    out["z_bounded"])
         n_nc += float((m & (lab != center_class(W))).sum())
         centre += float((m & (lab == center_class(W))).sum())
     n = sums[0, 4]

@@ -133,6 +133,21 @@ def epe_zero_px_counts(velocities: torch.Tensor, mask: torch.Tensor, W: int) -> 
     return float(torch.linalg.vector_norm(velocities[m].float() * half_window(W), dim=-1).sum()), int(m.sum())
 
 
+BOUNDARY_MARGIN = 0.1
+
+
+def boundary_counts(z_bounded: torch.Tensor, margin: float = BOUNDARY_MARGIN) -> tuple[float, int]:
+    """(channel values within ``margin`` of an FSQ rounding boundary, all channel values).
+
+    ``z_bounded`` is on FSQ's integer level grid (losses.fsq_prerounding), so the boundaries are
+    the half-integers. Codes bought with ambiguity (a usage regulariser that spreads tokens
+    over boundaries) show up as a high share; such codes flip under tiny input noise.
+    """
+    z = z_bounded.detach().float()
+    dist = (z - torch.floor(z) - 0.5).abs()  # 0 at a boundary, 0.5 on a level
+    return float((dist < margin).sum()), z.numel()
+
+
 def dynamic_point_counts(mask: torch.Tensor) -> tuple[int, int]:
     """(kept points, all points) of a batch ``(B, S, N)``: a point is kept when any of its
     steps is in the loss mask (DESIGN: dynamic_point_ratio = kept points / all points)."""

@@ -14,7 +14,8 @@ from . import code_info as CI
 from . import distributed as D
 from . import metrics as M
 
-KEYS = ("correct", "count", "nc_correct", "nc_count", "ce_bits", "info_bits", "info_count", "epe", "epe_zero")
+KEYS = ("correct", "count", "nc_correct", "nc_count", "ce_bits", "info_bits", "info_count", "epe", "epe_zero",
+        "near_boundary", "channels")
 
 
 class Quality:
@@ -25,9 +26,10 @@ class Quality:
         self.v = dict.fromkeys(KEYS, 0.0)
         self.hist = np.zeros((2, A.NBINS), np.int64)
 
-    def add(self, logits, labels, velocities, mask, decode=None, quantized=None):
+    def add(self, logits, labels, velocities, mask, decode=None, quantized=None, z_bounded=None):
         """One batch: ``mask`` is its ``eval_mask``; ``decode``/``quantized`` (the model's
-        decoder for this batch and its codes) enable code information."""
+        decoder for this batch and its codes) enable code information; ``z_bounded`` (FSQ's
+        pre-rounding values) the share of channel values near a rounding boundary."""
         m = mask.bool()
         pred = logits.argmax(-1)
         v = self.v
@@ -43,6 +45,10 @@ class Quality:
             s, k = CI.code_info_counts(decode, quantized, labels, m, own_logits=logits)
             v["info_bits"] += s
             v["info_count"] += k
+        if z_bounded is not None:
+            near, total = M.boundary_counts(z_bounded)
+            v["near_boundary"] += near
+            v["channels"] += total
         self.hist += A.auc_hist(logits, labels, m, self.center)
 
     def reduce(self, device) -> "Quality":
@@ -62,4 +68,5 @@ class Quality:
                 f"{prefix}/acc_{when}": M.ratio((v["correct"], v["count"])),
                 f"{prefix}/acc_noncenter_{when}": M.ratio((v["nc_correct"], v["nc_count"])),
                 f"{prefix}/epe_px_{when}": M.ratio((v["epe"], v["count"])),
-                f"{prefix}/epe_zero_px_{when}": M.ratio((v["epe_zero"], v["count"]))}
+                f"{prefix}/epe_zero_px_{when}": M.ratio((v["epe_zero"], v["count"])),
+                f"{prefix}/fsq_boundary_share_{when}": M.ratio((v["near_boundary"], v["channels"]))}

@@ -44,7 +44,7 @@ def evaluate(model, loader, criterion, cfg, dist, W: int, zero_codes, autocast) 
                 return model.decode(qz, **kw)
 
         q.add(out["logits"].float(), batch["labels"], batch["velocities"], batch["eval_mask"], decode,
-              out["quantized"])
+              out["quantized"], out["z_bounded"])
         codes.append(out["codes"].reshape(-1))
     loss_sum, ce_sum, n_sum, kept, points = D.all_reduce_sum([loss_sum, ce_sum, n_sum, kept, points], dist.device)
     scalars = {"val/loss_epoch": M.ratio((loss_sum, n_sum)), "val/ce_epoch": M.ratio((ce_sum, n_sum)),
