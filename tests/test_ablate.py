@@ -48,7 +48,7 @@ def test_variants_file_include_order_and_errors(tmp_path):
     v = AB.load_variants(tmp_path / "v.yaml")
     assert v["combo"] == {"training.focal.enabled": True, "training.focal.gamma": 3.0}
     # variant overrides first, then the common --set
-    cfg = AB.resolve(None, v["combo"], ["training.focal.gamma=0.5"])
+    cfg = AB.resolve(None, v["combo"], {"training.focal.gamma": 0.5})
     assert cfg.training.focal.enabled and cfg.training.focal.gamma == 0.5
     (tmp_path / "bad.yaml").write_text("baseline:\n  training.epochs: 2\n")
     with pytest.raises(ConfigError, match="reserved"):

@@ -333,12 +333,24 @@ def parse_override(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
-def from_dict(data: dict | None, overrides: typing.Sequence[str] = ()) -> Config:
-    tree = _deep_copy(data or {})
-    for text in overrides:
-        key, value = parse_override(text)
+def override(cfg, dotted_key: str, value) -> Config:
+    """A new validated Config: ``cfg`` (a Config or its YAML mapping) with one key set, e.g.
+    ``override(cfg, "training.epochs", 5)``; an unknown key is a ConfigError."""
+    return override_all(cfg, [(dotted_key, value)])
+
+
+def override_all(cfg, pairs) -> Config:
+    """``override`` for several ``(dotted key, value)`` pairs (or a mapping), applied in order
+    and validated once at the end (a later key may depend on an earlier one)."""
+    tree = to_dict(cfg) if isinstance(cfg, Config) else _deep_copy(cfg or {})
+    for key, value in (pairs.items() if isinstance(pairs, dict) else pairs):
         _set_path(tree, key, value)
     return _build(Config, tree, "")
+
+
+def from_dict(data: dict | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """A Config from a YAML mapping and ``--set KEY=VALUE`` strings (the command line's form)."""
+    return override_all(data, [parse_override(text) for text in overrides])
 
 
 def _deep_copy(d):
