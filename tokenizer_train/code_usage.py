@@ -17,15 +17,15 @@ import math
 
 import torch
 
-from .fsq_geometry import fsq_levels_grid
+from .fsq_geometry import levels_grid_on
 
 
 def _soft_assign(z_bounded, levels, temperature):
     """Per channel ``(M, L_c)`` softmax(-(z - level)^2 / temperature) in float32."""
     z = z_bounded.float()
     out = []
-    for c, grid in enumerate(fsq_levels_grid(levels)):
-        d2 = (z[:, c:c + 1] - grid.to(z.device)) ** 2
+    for c, grid in enumerate(levels_grid_on(levels, z.device)):
+        d2 = (z[:, c:c + 1] - grid) ** 2
         out.append(torch.softmax(-d2 / temperature, dim=-1))
     return out
 
@@ -128,7 +128,9 @@ def _code_usage_loss_f32(z_bounded, levels, kind, temperature, distributed, toke
     log_k = math.log(K)
     p, n = soft_code_distribution(z_bounded, levels, temperature, distributed, return_count=True)
     if running is not None:
-        p = running.mix(p, float(n))
+        # the token count as a host number: the batch's own without DDP (no device sync,
+        # issue 13); under DDP the all-reduced count is read (one sync)
+        p = running.mix(p, float(n) if _dist_ready(distributed) else float(z_bounded.shape[0]))
     H = _entropy(p)
     term = -H / log_k if kind == "entropy" else log_k - H
     if token_weight:
@@ -164,12 +166,12 @@ class RunningCodeAverage:
             p = (past * self.avg.to(p_batch.device) + n * p_batch) / (past + n)
         else:  # the batch alone already holds the window
             p = p_batch
-        self.avg = p.detach().to("cpu", torch.float32).clone()
+        self.avg = p.detach().to(torch.float32).clone()  # stays on the device: no sync per step
         self.filled = past + n
         return p
 
     def state_dict(self) -> dict:
-        return {"avg": self.avg.clone(), "filled": self.filled, "avg_tokens": self.avg_tokens}
+        return {"avg": self.avg.cpu().clone(), "filled": self.filled, "avg_tokens": self.avg_tokens}
 
     def load_state_dict(self, st: dict):
         if st["avg"].shape != (self.K,):

@@ -3,7 +3,19 @@ and the bounded value before rounding. Used by the model (its ``z_bounded`` outp
 the code-usage regulariser."""
 from __future__ import annotations
 
+import functools
+
 import torch
+
+
+def levels_grid_on(levels, device) -> list[torch.Tensor]:
+    """:func:`fsq_levels_grid` on ``device``, made once per (levels, device)."""
+    return _grid_cache(tuple(int(L) for L in levels), torch.device(device))
+
+
+@functools.lru_cache(maxsize=32)
+def _grid_cache(levels: tuple, device: torch.device) -> list[torch.Tensor]:
+    return [g.to(device) for g in fsq_levels_grid(levels)]
 
 
 def fsq_levels_grid(levels) -> list[torch.Tensor]:
@@ -20,9 +32,11 @@ def fsq_prerounding(z, levels, eps: float = 1e-3, hard_clamp: bool = False):
     """FSQ.bound without the rounding: ``(..., d)`` values on the integer level grid.
 
     ``round(fsq_prerounding(z)) / (L // 2)`` equals ``FSQ.quantize(z)`` (a test checks it
-    against the installed vector-quantize-pytorch).
+    against the installed vector-quantize-pytorch). ``levels``: a list, or a tensor already
+    on ``z``'s device (no host-to-device copy per step, issue 13).
     """
-    L = torch.as_tensor(list(levels), dtype=torch.float32, device=z.device)
+    L = (levels.to(z.device, torch.float32) if torch.is_tensor(levels)
+         else torch.as_tensor(list(levels), dtype=torch.float32, device=z.device))
     z = z.float()
     half_l = (L - 1) * (1 + eps) / 2
     offset = torch.where(L.remainder(2) == 0, 0.5, 0.0)
@@ -37,5 +51,5 @@ def fsq_prerounding_from_module(fsq, z):
     if fsq.preserve_symmetry or fsq.num_codebooks != 1 or fsq.orthogonal_rotation:
         raise ValueError("code_usage_loss supports FSQ without preserve_symmetry, orthogonal_rotation "
                          "or several codebooks")
-    levels = fsq._levels.tolist()
-    return fsq_prerounding(fsq.project_in(z), levels, hard_clamp=fsq.bound_hard_clamp)
+    # the module's level buffer, on the device already (``.tolist()`` would sync every step)
+    return fsq_prerounding(fsq.project_in(z), fsq._levels, hard_clamp=fsq.bound_hard_clamp)
