@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from motion_data.build import DEFAULT_MAXCOUNT, BuildError, build, format_summary
+from motion_data.build import DEFAULT_MAXCOUNT, BuildError, build
 from motion_data.importers import FORMATS
 from motion_data.labels import DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, DEFAULT_W, LABEL_RULES
 from motion_data.cli import SEED_FILTER_SPEC
 from motion_data.stats import SEED_FILTER, StaticFilter
+
+from .summary import format_summary
 
 
 def _image_size(s: str):

@@ -18,6 +18,7 @@ import zarr
 
 from conftest import TINY_FILES, TINY_MAXCOUNT, TINY_T, make_track_file
 from motion_data import build as bld
+from motion_data.build_pool import window_starts
 from motion_data.clips import Sequence, cut_windows
 from motion_data.labels import labels_from_positions, normalize, ring_map, step_valid, velocities
 from motion_data.manifest import COLUMNS, SCHEMA, read_manifest
@@ -197,7 +198,7 @@ def test_window_starts_agree_with_cut_windows():
         for window, stride in ((16, 8), (4, 3), (2, 1)):
             seq = Sequence("x", 0, rng.normal(size=(T, 2, 2)).astype(np.float32), np.ones((T, 2), bool), 5)
             ref = [sf for sf, _, _ in cut_windows(seq, window, stride)]
-            assert list(5 + bld.window_starts(T, window, stride)) == ref
+            assert list(5 + window_starts(T, window, stride)) == ref
 
 
 # ---------------------------------------------------------------- CLI, reruns, arguments
