@@ -36,7 +36,7 @@ def _cv2():
     try:
         import cv2
     except ImportError:
-        from .importers import MissingDependency
+        from .file_readers import MissingDependency
 
         raise MissingDependency("tracking videos needs OpenCV: pip install opencv-python-headless") from None
     return cv2
