@@ -1,6 +1,6 @@
 """Dataset figures before/after a static filter, and the threshold sweep of ``tune-filter``.
 
-Two ways to the same numbers (DESIGN.md "Dataset figures"):
+Two ways to the same numbers (docs/DESIGN.md "Dataset figures"):
 - fast: from the score-binned class histograms in ``stats.zarr`` (``stats.class_histograms``),
   exact at thresholds that are multiples of ``HIST_BIN_WIDTH``; elsewhere the threshold
   acts as the lower edge of its bin;

@@ -187,7 +187,7 @@ def _batched(path, tracks, vis, start_frame, kind="tracks"):
 
 
 def _sequences(path, tracks, vis, sf, image_size, ref_size, index0=0, independent=False):
-    """Sequences of a batched file; ``independent``: each is its own split group (DESIGN.md)."""
+    """Sequences of a batched file; ``independent``: each is its own split group (docs/DESIGN.md)."""
     out = []
     for b in range(tracks.shape[0]):
         group = f"{path}#{index0 + b}" if independent and tracks.shape[0] > 1 else path

@@ -1,6 +1,6 @@
 """``BUILD/stats.zarr``: per-clip per-point statistics, score histograms and build parameters.
 
-Layout (DESIGN.md, binding): attrs ``format_version``, ``W``, ``ref_size``, ``T``, ``N``,
+Layout (docs/DESIGN.md, binding): attrs ``format_version``, ``W``, ``ref_size``, ``T``, ``N``,
 ``metrics``, ``hist_bin_width``, ``hist_nbins``, ``hist_rank_max``, ``build_filter``,
 ``label_rule`` (``labels.LABEL_RULES``: which rule made every label of the build),
 ``n_clips``; arrays ``stats/<metric>`` (C, N) float32, ``stats/center_count`` and

@@ -142,7 +142,7 @@ def test_velocity_rule_selectable_recorded_and_followed(tiny_tracks, tiny_build,
 
 
 def test_four_batched_files_without_start_frame_split_per_sequence(tmp_path):
-    """DESIGN.md: (B,T,N,2) files without start_frame hold B independent sequences; four such
+    """docs/DESIGN.md: (B,T,N,2) files without start_frame hold B independent sequences; four such
     files used to leave the 'train' split empty (each file one source, every window at frame 0)."""
     d = tmp_path / "tracks"
     for i in range(4):

@@ -1,4 +1,4 @@
-"""The LFQ / MAGVIT-v2 form of the code-usage regulariser and its running average (DESIGN.md Trainer)."""
+"""The LFQ / MAGVIT-v2 form of the code-usage regulariser and its running average (docs/DESIGN.md Trainer)."""
 import math
 
 import pytest

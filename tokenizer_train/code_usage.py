@@ -5,7 +5,7 @@ The term replaces the seed's entropy of a histogram of hard FSQ ids, which has n
 each FSQ channel's bounded value before rounding is softly assigned to the levels that
 rounding picks from, so the batch's code distribution, and its entropy, are differentiable.
 
-DESIGN.md (Trainer): the average code distribution is estimated over more tokens than a small
+docs/DESIGN.md (Trainer): the average code distribution is estimated over more tokens than a small
 batch holds when B*S < K. :class:`RunningCodeAverage` keeps that estimate: a running mean
 over the first ``avg_tokens`` tokens, then an exponential average with the same window; the
 current batch's share stays differentiable, the past is a constant. Its state goes into the
@@ -93,7 +93,7 @@ MAX_EXACT_CODES = 1 << 24
 
 def code_usage_loss(z_bounded, levels, kind: str = "entropy", temperature: float = 0.1,
                     distributed: bool = False, token_weight: float = 0.0, running=None):
-    """Differentiable code-usage term from FSQ's bounded pre-rounding values (DESIGN.md Trainer).
+    """Differentiable code-usage term from FSQ's bounded pre-rounding values (docs/DESIGN.md Trainer).
 
     ``z_bounded`` (M, d): :func:`fsq_prerounding` of the FSQ input, one row per token.
     Returns ``(loss_term, soft_entropy_norm)``; the caller adds ``λ * loss_term`` to CE.

@@ -2,7 +2,7 @@
 
 Every key of ``configs/base.yaml`` is a field here; an unknown key anywhere is an error that
 names its full path (``training.focal.gama``). Every mitigation switch defaults to off, so
-a plain config is the baseline (DESIGN.md "Config keys").
+a plain config is the baseline (docs/DESIGN.md "Config keys").
 """
 from __future__ import annotations
 
@@ -185,7 +185,7 @@ class TrainingConfig:
     code_entropy_warmup_epochs: float = 0.0
     code_entropy_type: str = "entropy"  # entropy | kl_uniform
     code_entropy_temperature: float = 0.1
-    # LFQ / MAGVIT-v2 form (DESIGN.md Trainer): weight of each token's own assignment entropy
+    # LFQ / MAGVIT-v2 form (docs/DESIGN.md Trainer): weight of each token's own assignment entropy
     # (pushed down) relative to the average's entropy (pushed up); 0: the average alone
     code_entropy_token_weight: float = 1.0
     # tokens the average code distribution is estimated over (running estimate when a batch

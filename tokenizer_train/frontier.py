@@ -14,7 +14,7 @@ model can pass both of ``check``'s validation gates; the fix has to make the mod
 
 Per offset: accuracy, non-centre accuracy, EPE (px, the softmax expectation as in training)
 and the share of centre predictions, on the run's validation split (its val_split; every
-held-out clip once) and the evaluation mask (valid AND the build's recorded filter, DESIGN.md,
+held-out clip once) and the evaluation mask (valid AND the build's recorded filter, docs/DESIGN.md,
 whatever filter the run trained with). Summary: the all-centre accuracy (the split's centre
 share) and the best non-centre accuracy among offsets whose accuracy is at most
 ``check.ACC_TOL`` below it; and, of the unshifted model, code information and CE in bits
