@@ -76,15 +76,15 @@ def parse_range(spec: str, what: str = "threshold", nonnegative: bool = True) ->
     ``what`` names the values in errors."""
     try:
         if ":" in spec:
-            vals = threshold_range(*(float(x) for x in spec.split(":")))
+            start, stop, step = (float(x) for x in spec.split(":"))
+            vals = threshold_range(start, stop, step)
         else:
             vals = [float(x) for x in spec.split(",") if x.strip()]
     except ValueError as e:
         raise ValueError(f"{what} range {spec!r} must look like 0.01:0.20:0.005 or 0.03,0.04 ({e})") from None
     if not vals or (nonnegative and min(vals) < 0):
         raise ValueError(f"{what} range {spec!r}: {what}s must be >= 0")
-    # 0.01 + 6 * 0.005 is 0.04000000000000001; round so it lands on the bin edge it means
-    return [round(v, 10) for v in vals]
+    return [round(v, 10) for v in vals]  # as threshold_range rounds
 
 
 def parse_interval(spec: str | None) -> tuple[float, float] | None:

@@ -68,13 +68,14 @@ def parse_offsets(spec: str) -> list[float]:
     """Offsets as ``start:stop:step`` (stop inclusive) or a comma list; negative values allowed."""
     try:
         if ":" in spec:
-            return threshold_range(*(float(x) for x in spec.split(":")))
+            start, stop, step = (float(x) for x in spec.split(":"))
+            return threshold_range(start, stop, step)
         vals = [float(x) for x in spec.split(",") if x.strip()]
-    except (TypeError, ValueError) as e:
+    except ValueError as e:
         raise ValueError(f"--offsets: offset range {spec!r} must look like -3:3:0.5 or -1,0,1 ({e})") from None
     if not vals:
         raise ValueError(f"--offsets {spec!r}: no offsets")
-    return vals
+    return [round(v, 10) for v in vals]  # as threshold_range rounds
 
 
 def shift_center(logits: torch.Tensor, center: int, offset: float) -> torch.Tensor:
