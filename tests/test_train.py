@@ -182,7 +182,7 @@ def test_tokenize_writes_every_clip(build, tmp_path):
     import pyarrow.parquet as pq
 
     from motion_data.loader import make_loader
-    from tokenizer_train.export_codes import load_model
+    from tokenizer_train.checkpoint import load_model
 
     run = tmp_path / "run"
     train(from_dict({}, TINY + ["training.epochs=1"]), build, run)

@@ -20,6 +20,9 @@ import torch
 
 from motion_data.atomic import atomic_open
 
+from .config import from_dict
+from .model import MotionTokenizer
+
 REQUIRED_KEYS = ("model", "optimizer", "step", "epoch")
 
 
@@ -201,3 +204,13 @@ def trim_metrics(path: Path, step: int):
         if isinstance(row, dict) and int(row.get("step", 0)) <= step:
             keep.append(line)
     atomic_write_text(path, "".join(f"{x}\n" for x in keep))
+
+
+def load_model(run_dir, which: str = "best", device="cpu"):
+    """(model in eval mode, config, checkpoint meta) of a run."""
+    st = load(Path(run_dir) / f"{which}.pt", map_location=device)
+    cfg = from_dict(st["config"])
+    meta = st["meta"]
+    model = MotionTokenizer(cfg.model, num_points=meta["N"], window_size=meta["W"])
+    model.load_state_dict(st["model"])
+    return model.to(device).eval(), cfg, meta

@@ -128,7 +128,7 @@ class ModelConfig:
 # ------------------------------------------------------------------------- training
 @dataclass
 class ClassWeightingConfig:
-    """``training.class_weighting``: per-class CE weights (see tokenizer_train/losses.py)."""
+    """``training.class_weighting``: per-class CE weights (see tokenizer_train/class_weights.py)."""
 
     method: str = "none"  # none | balanced | ring_decay
     center_gamma: float = 1.0  # extra factor on the centre class weight

@@ -25,10 +25,9 @@ from motion_data.loader import MANIFEST_COLUMNS, ClipDataset
 from motion_data.sampler import SequentialBatchSampler
 from motion_data.split import split_manifest
 
-from . import checkpoint as ckpt
-from .config import ConfigError, from_dict
+from .checkpoint import load_model
+from .config import ConfigError
 from .distributed import pick_device
-from .model import MotionTokenizer
 from .model_inputs import model_kwargs
 
 
@@ -44,16 +43,6 @@ def add_arguments(p):
 
 def _whole_batch(batch):
     return batch  # ClipDataset.__getitems__ already returns the batch dict
-
-
-def load_model(run_dir, which: str = "best", device="cpu"):
-    """(model in eval mode, config, checkpoint meta) of a run."""
-    st = ckpt.load(Path(run_dir) / f"{which}.pt", map_location=device)
-    cfg = from_dict(st["config"])
-    meta = st["meta"]
-    model = MotionTokenizer(cfg.model, num_points=meta["N"], window_size=meta["W"])
-    model.load_state_dict(st["model"])
-    return model.to(device).eval(), cfg, meta
 
 
 @torch.no_grad()

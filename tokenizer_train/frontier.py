@@ -45,7 +45,7 @@ from .distributed import pick_device
 from .model_inputs import model_kwargs
 from .quality import Quality
 from .validate import to_device
-from .export_codes import load_model
+from .checkpoint import load_model
 
 DEFAULT_OFFSETS = threshold_range(-3.0, 3.0, 0.5)  # centre-logit offsets
 
