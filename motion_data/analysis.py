@@ -1,6 +1,6 @@
 """Dataset figures before/after a static filter, and the threshold sweep of ``tune-filter``.
 
-Two ways to the same numbers (DESIGN.md "Dataset figures"):
+Two ways to the same numbers (docs/DESIGN.md "Dataset figures"):
 - fast: from the score-binned class histograms in ``stats.zarr`` (``stats.class_histograms``),
   exact at thresholds that are multiples of ``HIST_BIN_WIDTH``; elsewhere the threshold
   acts as the lower edge of its bin;
@@ -62,24 +62,29 @@ def score_hist_before_after(points: np.ndarray, topk: np.ndarray, threshold: flo
 
 
 # ---------------------------------------------------------------- thresholds and targets
+def threshold_range(start: float, stop: float, step: float) -> list[float]:
+    """``start, start + step, ..., stop`` (stop inclusive, robust to float error)."""
+    if step <= 0 or stop < start:
+        raise ValueError("need step > 0 and stop >= start")
+    n = int(math.floor((stop - start) / step + 1e-9)) + 1
+    # 0.01 + 6 * 0.005 is 0.04000000000000001; round so it lands on the bin edge it means
+    return [round(start + i * step, 10) for i in range(n)]
+
+
 def parse_range(spec: str, what: str = "threshold", nonnegative: bool = True) -> list[float]:
     """``"start:stop:step"`` (stop inclusive, robust to float error), ``"a,b,c"`` or ``"x"``;
     ``what`` names the values in errors."""
     try:
         if ":" in spec:
             start, stop, step = (float(x) for x in spec.split(":"))
-            if step <= 0 or stop < start:
-                raise ValueError("need step > 0 and stop >= start")
-            n = int(math.floor((stop - start) / step + 1e-9)) + 1
-            vals = [start + i * step for i in range(n)]
+            vals = threshold_range(start, stop, step)
         else:
             vals = [float(x) for x in spec.split(",") if x.strip()]
     except ValueError as e:
         raise ValueError(f"{what} range {spec!r} must look like 0.01:0.20:0.005 or 0.03,0.04 ({e})") from None
     if not vals or (nonnegative and min(vals) < 0):
         raise ValueError(f"{what} range {spec!r}: {what}s must be >= 0")
-    # 0.01 + 6 * 0.005 is 0.04000000000000001; round so it lands on the bin edge it means
-    return [round(v, 10) for v in vals]
+    return [round(v, 10) for v in vals]  # as threshold_range rounds
 
 
 def parse_interval(spec: str | None) -> tuple[float, float] | None:
@@ -276,67 +281,19 @@ class ExactSweep:
         return out
 
 
-# ---------------------------------------------------------------- reading a build folder
-class BuildError(RuntimeError):
-    """A build folder is missing or inconsistent; the message names the file."""
-
-
-def open_stats(build: str | Path):
-    """The ``stats.zarr`` group of a build folder (read-only) and its attributes.
-
-    ``store.open_store`` checks the format version and shapes; the histogram bins must also
-    be the ones this code answers thresholds with.
-    """
-    from .store import StoreError, open_store
-
-    path = Path(build) / "stats.zarr"
-    if not path.exists():
-        raise BuildError(f"{path}: not found (is {build} a build-shards output folder?)")
-    try:
-        g = open_store(path)
-        attrs = dict(g.attrs)
-    except (StoreError, KeyError) as e:
-        raise BuildError(str(e)) from None  # StoreError names the folder
-    missing = [a for a in ("W", "N", "metrics", "n_clips", "hist_bin_width", "hist_nbins", "hist_rank_max")
-               if a not in attrs]
-    if missing:
-        raise BuildError(f"{path}: attributes {missing} missing")
-    if abs(float(attrs["hist_bin_width"]) - S.HIST_BIN_WIDTH) > 1e-12 or int(attrs["hist_nbins"]) != S.HIST_NBINS:
-        raise BuildError(f"{path}: histogram bins (width {attrs['hist_bin_width']}, {attrs['hist_nbins']} bins) "
-                         f"differ from this version's ({S.HIST_BIN_WIDTH}, {S.HIST_NBINS}); rebuild")
-    return g, attrs
-
-
-def load_histograms(g, metrics) -> dict:
-    """``{metric: (points, topk)}`` from an open stats group."""
-    out = {}
-    for m in metrics:
-        try:
-            out[m] = (np.asarray(g[f"hist/{m}/points"][:]), np.asarray(g[f"hist/{m}/topk"][:]))
-        except KeyError:
-            raise BuildError(f"stats.zarr: no histograms for metric {m!r}") from None
-    return out
-
-
 def exact_from_build(build: str | Path, metrics, thresholds, min_keep: int, chunk: int = 256,
                      progress: bool = True) -> ExactSweep:
     """Recompute the sweep from ``stats.zarr`` scores and the shards' labels (manifest offsets)."""
-    import pyarrow.parquet as pq
     from tqdm import tqdm
 
+    from .builddir import BuildDir
     from .shards import ShardError, read_sample
 
-    build = Path(build)
-    g, attrs = open_stats(build)
-    W, N, C = int(attrs["W"]), int(attrs["N"]), int(attrs["n_clips"])
-    ref_size, rule = int(attrs["ref_size"]), str(attrs["label_rule"])  # the build's label rule
-    mpath = build / "manifest.parquet"
-    try:
-        man = pq.read_table(mpath, columns=["clip_id", "shard", "offset", "size", "checksum"]).to_pydict()
-    except Exception as e:
-        raise BuildError(f"{mpath}: cannot read ({e})") from None
-    if len(man["clip_id"]) != C:
-        raise BuildError(f"{mpath}: {len(man['clip_id'])} rows but stats.zarr holds {C} clips")
+    b = BuildDir(build)
+    g, W, N, C = b.store, b.W, b.N, b.n_clips
+    ref_size, rule = b.ref_size, b.label_rule  # the build's label rule
+    man = b.manifest(["clip_id", "shard", "offset", "size", "checksum"])
+    build = b.root
     acc = ExactSweep(metrics, thresholds, min_keep, W)
     bar = tqdm(total=C, desc="exact pass", unit="clip", disable=not progress)
     for lo in range(0, C, chunk):

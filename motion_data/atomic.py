@@ -87,10 +87,3 @@ def remove_stale(path) -> list[Path]:
                 p.unlink(missing_ok=True)
             gone.append(p)
     return gone
-
-
-def atomic_write_bytes(path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (like ``Path.write_bytes``)."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)

@@ -8,6 +8,11 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from .stats import SEED_FILTER
+
+# the seed's filter as a --filter default (docs/DESIGN.md: p95@0.04, min_keep 16)
+SEED_FILTER_SPEC = f"{SEED_FILTER.metric}@{SEED_FILTER.threshold:g}"
+
 
 def dispatch(prog: str, description: str, commands: dict[str, tuple[str, str]], argv=None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=description)

@@ -17,10 +17,10 @@ class Sequence:
     """One continuous track sequence of a source file, already in reference pixels.
 
     pos: ``(T, N, 2)`` float32 (x, y) positions in pixels of a ref_size x ref_size frame
-    (DESIGN.md "Units and labels"); vis: ``(T, N)`` bool; start_frame: frame index of
+    (docs/DESIGN.md "Units and labels"); vis: ``(T, N)`` bool; start_frame: frame index of
     frame 0 in the source (for time-block validation splits); group: the unit the
     train/validation split keeps together (the source file, or ``file#b`` for the b-th of
-    several independent sequences of one file, DESIGN.md).
+    several independent sequences of one file, docs/DESIGN.md).
     """
 
     source: str

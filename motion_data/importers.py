@@ -54,14 +54,14 @@ file yields nothing.
 from __future__ import annotations
 
 import os
-import re
-import zipfile
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from .clips import InputError, Sequence, tracks_to_sequence
+from .file_readers import (finite_or_raise, h5_read, h5_root, h5_views, h5_vis, load_npy, load_npz, load_pt_tracks,
+                           open_h5, to_numpy, torch_load)
 from .labels import DEFAULT_REF_SIZE, half_window
 
 FORMATS = ("tracks", "amplify-h5", "atm-h5", "laps-pt")
@@ -71,26 +71,6 @@ SUPPORTED_EXTS = TRACK_EXTS + H5_EXTS
 AMPLIFY_FRAME = 128
 LAPS_SCALE = half_window()  # (W-1)/2 with the default W = 15
 LAPS_ORIGIN = 0.5  # laps-pt positions start at the frame centre, in units of ref_size
-
-
-class MissingDependency(ImportError):
-    """An optional package needed for a format is not installed."""
-
-
-def _h5py():
-    try:
-        import h5py
-    except ImportError:
-        raise MissingDependency("reading HDF5 (.h5/.hdf5) inputs needs h5py: pip install h5py") from None
-    return h5py
-
-
-def _torch():
-    try:
-        import torch
-    except ImportError:
-        raise MissingDependency("reading .pt inputs needs torch: pip install torch") from None
-    return torch
 
 
 # ---------------------------------------------------------------- listing / detection
@@ -130,14 +110,14 @@ def detect_format(path) -> str:
     if ext in (".npz", ".npy"):
         return "tracks"
     if ext in H5_EXTS:
-        with _open_h5(path) as f:
-            root = _h5_root(f)
-            views = _h5_views(path, root, None)
+        with open_h5(path) as f:
+            root = h5_root(f)
+            views = h5_views(path, root, None)
             ds = root[views[0]]["tracks"]
             shape = ds.shape
             if len(shape) != 4 or shape[-1] != 2:
                 raise InputError(f"{path}: cannot detect format: {views[0]}/tracks has shape {shape}, expected (n,T,N,2)")
-            data = _finite_or_raise(path, f"{views[0]}/tracks", ds[: min(shape[0], 4)])
+            data = finite_or_raise(path, f"{views[0]}/tracks", ds[: min(shape[0], 4)])
             big = data.size > 0 and float(np.abs(data).max()) > 1.0
             if shape[0] > 1 or (shape[1] == 16 and big):
                 return "amplify-h5"
@@ -146,211 +126,18 @@ def detect_format(path) -> str:
             raise InputError(f"{path}: cannot detect format: {views[0]}/tracks {shape} is neither AMPLIFY "
                              "pixels (n,16,N,2) nor ATM [0,1] coordinates (1,T,N,2); pass --format")
     if ext == ".pt":
-        obj = _torch_load(path)
+        obj = torch_load(path)
         if isinstance(obj, dict):
             if "tracks" in obj or "pred_tracks" in obj:
                 return "tracks"
             raise InputError(f"{path}: cannot detect format: dict without 'tracks' (keys {sorted(map(str, obj))})")
-        arr = _to_numpy(path, "tensor", obj)
+        arr = to_numpy(path, "tensor", obj)
         if arr.ndim == 3 and arr.shape[-1] == 2 and arr.size and np.isfinite(arr).all() and np.abs(arr).max() <= 1.0:
             return "laps-pt"
         if arr.ndim in (3, 4):
             return "tracks"
         raise InputError(f"{path}: cannot detect format: tensor of shape {arr.shape}")
     raise InputError(f"{path}: cannot detect format from extension {ext!r} (supported: {' '.join(SUPPORTED_EXTS)})")
-
-
-# ---------------------------------------------------------------- low-level readers
-
-
-def _check_nonempty(path):
-    try:
-        size = os.path.getsize(path)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
-    if size == 0:
-        raise InputError(f"{path}: empty file")
-
-
-def _np_array(path, key, value) -> np.ndarray:
-    try:
-        return np.asarray(value)
-    except ValueError as e:
-        if "allow_pickle" in str(e) or "pickle" in str(e).lower():
-            raise InputError(f"{path}: {key} is a pickled object array; refused (save plain numeric arrays)") from None
-        raise InputError(f"{path}: cannot read {key}: {e}") from None
-
-
-# deflate cannot expand data more than ~1032:1: a larger claim is a lying archive
-_MAX_DEFLATE_RATIO = 1032
-
-
-def _check_npy_header(path, f, available: int, what: str):
-    """Refuse an ``.npy`` stream whose header declares more data than the file holds.
-
-    numpy allocates the declared array before reading it: a forged header could otherwise
-    ask for terabytes (MemoryError) or, under memory overcommit, get the process killed.
-    ``f`` is positioned at the start of the stream; ``available``: its bytes.
-    """
-    fmt = np.lib.format
-    try:
-        start = f.tell()
-        version = fmt.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = fmt.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, fortran, dtype = fmt.read_array_header_2_0(f)
-        else:
-            return  # let np.load report the unsupported version
-        header = f.tell() - start
-    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as e:
-        raise InputError(f"{path}: {what} is not a valid .npy array ({' '.join(str(e).split())})") from None
-    if dtype.hasobject:
-        raise InputError(f"{path}: {what} is a pickled object array; refused (save plain numeric arrays)")
-    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
-    if declared > available - header:
-        raise InputError(f"{path}: {what} is truncated or forged: its header declares shape {tuple(shape)} "
-                         f"({declared} bytes), the file holds {max(0, available - header)}")
-
-
-def _load_npy(path) -> dict:
-    _check_nonempty(path)
-    try:
-        with open(path, "rb") as f:
-            _check_npy_header(path, f, os.path.getsize(path), "the array")
-        arr = np.load(path, allow_pickle=False)
-    except InputError:
-        raise
-    except ValueError as e:
-        if "pickle" in str(e).lower():
-            raise InputError(f"{path}: holds a pickled object array; refused (save plain numeric arrays)") from None
-        raise InputError(f"{path}: not a valid .npy file ({e})") from None
-    except (OSError, EOFError) as e:
-        raise InputError(f"{path}: not a valid .npy file ({e})") from None
-    return {"tracks": arr}
-
-
-def _load_npz(path) -> dict:
-    _check_nonempty(path)
-    out = {}
-    try:
-        with zipfile.ZipFile(path) as zf:
-            for zi in zf.infolist():
-                if not zi.filename.endswith(".npy"):
-                    continue
-                what = zi.filename[:-4]
-                if zi.compress_type != zipfile.ZIP_STORED and zi.file_size > _MAX_DEFLATE_RATIO * max(zi.compress_size, 1):
-                    raise InputError(f"{path}: {what} claims {zi.file_size} bytes from {zi.compress_size} compressed; "
-                                     f"refused (not a plausible archive)")
-                with zf.open(zi) as f:
-                    _check_npy_header(path, f, zi.file_size, what)
-        with np.load(path, allow_pickle=False) as z:
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise InputError(f"{path}: not an .npz archive")
-            for k in z.files:
-                try:
-                    out[k] = z[k]
-                except ValueError as e:
-                    if "pickle" in str(e).lower():
-                        raise InputError(f"{path}: {k} is a pickled object array; refused (save plain numeric arrays)") from None
-                    raise InputError(f"{path}: cannot read {k} ({e})") from None
-    except InputError:
-        raise
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
-        raise InputError(f"{path}: truncated or not a valid .npz archive ({type(e).__name__}: {e})".replace("\n", " ")) from None
-    return out
-
-
-def _torch_load(path):
-    _check_nonempty(path)
-    torch = _torch()
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types (UnpicklingError, RuntimeError, EOFError)
-        raise InputError(f"{path}: {_torch_load_problem(e, path)}") from None
-
-
-def _torch_load_problem(e: Exception, path=None) -> str:
-    """One line out of torch's multi-paragraph load errors (which advise unsafe loading)."""
-    text = str(e)
-    if path is not None and not zipfile.is_zipfile(path):
-        with open(path, "rb") as f:
-            if f.read(4) == b"PK\x03\x04":  # a torch zip archive without its end: cut short
-                return "truncated torch file (the zip archive has no central directory)"
-    m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-    if m:
-        return f"holds a pickled object ({m.group(1)}); refused (only tensors and plain containers are loaded)"
-    if "Weights only load failed" in text or "invalid load key" in text:
-        return "not a torch tensor file, or truncated (torch.load(weights_only=True) failed)"
-    first = text.strip().splitlines()[0] if text.strip() else ""
-    first = re.split(r"(?<=\.)\s", first)[0]
-    return f"cannot load with torch.load(weights_only=True): {type(e).__name__}: {first}"
-
-
-def _to_numpy(path, key, value) -> np.ndarray:
-    if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
-    arr = _np_array(path, key, value)
-    if arr.dtype == object:
-        raise InputError(f"{path}: {key} is not a numeric array")
-    return arr
-
-
-def _load_pt_tracks(path) -> dict:
-    obj = _torch_load(path)
-    if isinstance(obj, dict):
-        return {str(k): _to_numpy(path, str(k), v) for k, v in obj.items()}
-    return {"tracks": _to_numpy(path, "tracks", obj)}
-
-
-def _open_h5(path):
-    h5py = _h5py()
-    _check_nonempty(path)
-    try:
-        return h5py.File(path, "r")
-    except OSError as e:
-        raise InputError(f"{path}: truncated or not a valid HDF5 file ({str(e).splitlines()[0]})") from None
-
-
-def _h5_root(f):
-    return f["root"] if "root" in f else f
-
-
-def _h5_views(path, root, views) -> list[str]:
-    h5py = _h5py()
-    avail = sorted(k for k in root.keys() if isinstance(root[k], h5py.Group) and "tracks" in root[k])
-    if views:
-        missing = [v for v in views if v not in avail]
-        if missing:
-            raise InputError(f"{path}: view(s) {missing} not found (available: {avail})")
-        return list(views)
-    if not avail:
-        raise InputError(f"{path}: no view group with a 'tracks' dataset")
-    return avail
-
-
-def _h5_read(path, group, name):
-    try:
-        return np.asarray(group[name][()])
-    except KeyError:
-        raise InputError(f"{path}: missing dataset {group.name}/{name}") from None
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: cannot read {group.name}/{name} ({str(e).splitlines()[0]})") from None
-
-
-def _h5_vis(path, group):
-    """``vis`` (the issue's layout) or ``visibility`` (AMPLIFY's generic preprocessing); None if absent."""
-    for name in ("vis", "visibility"):
-        if name in group:
-            return _h5_read(path, group, name)
-    return None
-
-
-def _finite_or_raise(path, key, arr):
-    arr = np.asarray(arr)
-    if not np.issubdtype(arr.dtype, np.number):
-        raise InputError(f"{path}: {key} must be numeric, got dtype {arr.dtype}")
-    return arr
 
 
 # ---------------------------------------------------------------- format readers
@@ -369,7 +156,7 @@ def _image_size(path, value, fallback):
 
 def _batched(path, tracks, vis, start_frame, kind="tracks"):
     """Bring tracks to (B, T, N, 2), vis to (B, T, N) or None, start_frame to (B,) int."""
-    tracks = _finite_or_raise(path, kind, tracks)
+    tracks = finite_or_raise(path, kind, tracks)
     if tracks.ndim == 3:
         tracks = tracks[None]
         if vis is not None:
@@ -400,7 +187,7 @@ def _batched(path, tracks, vis, start_frame, kind="tracks"):
 
 
 def _sequences(path, tracks, vis, sf, image_size, ref_size, index0=0, independent=False):
-    """Sequences of a batched file; ``independent``: each is its own split group (DESIGN.md)."""
+    """Sequences of a batched file; ``independent``: each is its own split group (docs/DESIGN.md)."""
     out = []
     for b in range(tracks.shape[0]):
         group = f"{path}#{index0 + b}" if independent and tracks.shape[0] > 1 else path
@@ -416,11 +203,11 @@ def _sequences(path, tracks, vis, sf, image_size, ref_size, index0=0, independen
 def _read_tracks(path, ref_size, image_size) -> list[Sequence]:
     ext = _ext(path)
     if ext == ".npz":
-        d = _load_npz(path)
+        d = load_npz(path)
     elif ext == ".npy":
-        d = _load_npy(path)
+        d = load_npy(path)
     elif ext == ".pt":
-        d = _load_pt_tracks(path)
+        d = load_pt_tracks(path)
     else:
         raise InputError(f"{path}: track files must be .npz, .npy or .pt, got {ext!r}")
     key = next((k for k in ("tracks", "pred_tracks") if k in d), None)  # ours, CoTracker's
@@ -435,12 +222,12 @@ def _read_tracks(path, ref_size, image_size) -> list[Sequence]:
 def _h5_view_tracks(path, views, expected: str):
     """``(view, group, tracks, vis)`` of each selected view of an HDF5 track file (kept open
     while the caller's loop body runs)."""
-    with _open_h5(path) as f:
-        root = _h5_root(f)
-        for view in _h5_views(path, root, views):
+    with open_h5(path) as f:
+        root = h5_root(f)
+        for view in h5_views(path, root, views):
             g = root[view]
-            tracks = _h5_read(path, g, "tracks")
-            vis = _h5_vis(path, g)
+            tracks = h5_read(path, g, "tracks")
+            vis = h5_vis(path, g)
             if tracks.ndim != 4:
                 raise InputError(f"{path}: {view}/tracks must be {expected}, got shape {tracks.shape}")
             yield view, g, tracks, vis
@@ -475,13 +262,13 @@ def _read_atm(path, ref_size, image_size, views) -> list[Sequence]:
 
 
 def _read_laps(path, ref_size) -> list[Sequence]:
-    obj = _torch_load(path)
+    obj = torch_load(path)
     if isinstance(obj, dict):
         keys = [k for k in ("velocities", "vel", "velocity") if k in obj]
         if not keys:
             raise InputError(f"{path}: laps-pt file holds a dict without a velocity tensor (keys {sorted(map(str, obj))})")
         obj = obj[keys[0]]
-    v = _finite_or_raise(path, "velocities", _to_numpy(path, "velocities", obj)).astype(np.float64)
+    v = finite_or_raise(path, "velocities", to_numpy(path, "velocities", obj)).astype(np.float64)
     if v.ndim != 3 or v.shape[-1] != 2:
         raise InputError(f"{path}: laps-pt velocities must be (T-1, N, 2), got shape {v.shape}")
     if v.shape[0] < 1 or v.shape[1] < 1:

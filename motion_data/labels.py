@@ -1,4 +1,4 @@
-"""The one definition of units, labels and rings (DESIGN.md "Units and labels").
+"""The one definition of units, labels and rings (docs/DESIGN.md "Units and labels").
 
 Positions are pixels of a ``ref_size x ref_size`` frame, (x, y) order; velocities are their
 per-step differences. Labels follow one of ``LABEL_RULES`` (the build records which):

@@ -1,11 +1,11 @@
 """``BUILD/manifest.parquet``: one row per clip, in the row order of ``stats.zarr``.
 
-Columns (DESIGN.md, binding): clip_id, source, sequence, start_frame, shard (relative to
+Columns (docs/DESIGN.md, binding): clip_id, source, sequence, start_frame, shard (relative to
 the build folder), offset, size (byte range of the sample in its tar), dynamic_ratio and
 center_share under the build filter, mean_speed, visible_fraction; checksum
 (``shards.array_checksum`` of the sample's arrays, compared by the readers); split_group
 (the unit the train/validation split keeps together: the source file, or ``file#b`` for
-the b-th independent sequence of a file without ``start_frame``, DESIGN.md).
+the b-th independent sequence of a file without ``start_frame``, docs/DESIGN.md).
 """
 from __future__ import annotations
 
@@ -131,7 +131,8 @@ def verify_build(build_dir, samples: bool = True) -> int:
     from .labels import step_valid
     from .shards import ShardError, index_shard, read_sample
     from .stats import METRICS
-    from .store import PER_CLIP, StoreError, open_store
+    from .builddir import BuildDir, BuildDirError
+    from .store import PER_CLIP
 
     build_dir = Path(build_dir)
     where = build_dir / MANIFEST_NAME
@@ -164,8 +165,8 @@ def verify_build(build_dir, samples: bool = True) -> int:
         if p.name not in listed:
             raise ManifestError(f"{where}: shards/{p.name} is not in the manifest")
     try:
-        g = open_store(build_dir)
-    except StoreError as e:
+        g = BuildDir(build_dir).store
+    except BuildDirError as e:
         raise ManifestError(f"{where}: disagrees with the store: {e}") from None
     if int(g.attrs["n_clips"]) != len(ids):
         raise ManifestError(f"{where}: {len(ids)} rows, {build_dir / 'stats.zarr'} has {g.attrs['n_clips']} clips")

@@ -55,10 +55,10 @@ def clip_weights(ratio: np.ndarray, cfg: SamplerConfig) -> np.ndarray:
 
 def load_dynamic_ratio(build_dir, flt: StaticFilter) -> np.ndarray:
     """``(C,)`` float32 kept share of every clip under ``flt``, from ``stats.zarr``."""
-    from .store import open_store
+    from .builddir import BuildDir
 
-    g = open_store(build_dir)
-    n = int(g.attrs["n_clips"])
+    b = BuildDir(build_dir)
+    g, n = b.store, b.n_clips
     if not flt.enable:
         return np.ones(n, np.float32)
     scores, vc = g[f"stats/{flt.metric}"], g["stats/valid_count"]

@@ -12,7 +12,7 @@ Rule (depends only on the manifest, never on file order or a random seed):
   no validation window shares a frame with a training window. Frames are indexed per
   source file, so clips of different sequences of one file are treated as sharing frames.
 A "source" here is the manifest's ``split_group``: the file, or ``file#b`` for each of B
-independent sequences of a file without ``start_frame`` (DESIGN.md).
+independent sequences of a file without ``start_frame`` (docs/DESIGN.md).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """``BUILD/stats.zarr``: per-clip per-point statistics, score histograms and build parameters.
 
-Layout (DESIGN.md, binding): attrs ``format_version``, ``W``, ``ref_size``, ``T``, ``N``,
+Layout (docs/DESIGN.md, binding): attrs ``format_version``, ``W``, ``ref_size``, ``T``, ``N``,
 ``metrics``, ``hist_bin_width``, ``hist_nbins``, ``hist_rank_max``, ``build_filter``,
 ``label_rule`` (``labels.LABEL_RULES``: which rule made every label of the build),
 ``n_clips``; arrays ``stats/<metric>`` (C, N) float32, ``stats/center_count`` and
@@ -174,18 +174,7 @@ def read_attrs(path) -> dict:
     return dict(open_store(path).attrs)
 
 
-def label_rule(build_dir) -> str:
-    """The rule (``labels.LABEL_RULES``) that made the labels of a build folder (or store)."""
-    return str(open_store(build_dir).attrs["label_rule"])
-
-
 def read_stats(path, names=PER_CLIP, rows=slice(None)) -> dict:
     """``{name: (C, N) ndarray}`` for the requested per-clip arrays (optionally a row range)."""
     g = open_store(path)
     return {k: np.asarray(g[f"stats/{k}"][rows]) for k in names}
-
-
-def read_hists(path, metrics=METRICS) -> dict:
-    """``{metric: (points, topk)}`` int64 histograms."""
-    g = open_store(path)
-    return {m: (np.asarray(g[f"hist/{m}/points"][:]), np.asarray(g[f"hist/{m}/topk"][:])) for m in metrics}

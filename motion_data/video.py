@@ -36,7 +36,7 @@ def _cv2():
     try:
         import cv2
     except ImportError:
-        from .importers import MissingDependency
+        from .file_readers import MissingDependency
 
         raise MissingDependency("tracking videos needs OpenCV: pip install opencv-python-headless") from None
     return cv2
@@ -66,16 +66,6 @@ def grid_points(H: int, W: int, grid: int) -> np.ndarray:
     ys = (np.arange(grid) + 0.5) * H / grid
     gx, gy = np.meshgrid(xs, ys)
     return np.stack([gx.ravel(), gy.ravel()], -1).astype(np.float32)
-
-
-def count_frames(path) -> int:
-    """Frame count the container reports (0 when unknown)."""
-    cv2 = _cv2()
-    cap = cv2.VideoCapture(str(path))
-    try:
-        return max(int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), 0) if cap.isOpened() else 0
-    finally:
-        cap.release()
 
 
 def track_video(path, cfg: TrackConfig | None = None, progress: bool = False) -> dict:

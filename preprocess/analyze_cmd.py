@@ -17,14 +17,17 @@ import numpy as np
 
 from motion_data.atomic import atomic_write_json
 from motion_data import analysis as A
+from motion_data.builddir import BuildDir
 from motion_data import stats as S
+from motion_data.cli import SEED_FILTER_SPEC
+from motion_data.stats import SEED_FILTER
 
 
 def add_arguments(p):
     p.add_argument("out", metavar="OUT", help="build folder written by build-shards (holds stats.zarr)")
-    p.add_argument("--filter", default="p95@0.04",
+    p.add_argument("--filter", default=SEED_FILTER_SPEC,
                    help="static filter METRIC@THRESHOLD, METRIC one of mean|p95|max (default: %(default)s)")
-    p.add_argument("--min-keep", type=int, default=16,
+    p.add_argument("--min-keep", type=int, default=SEED_FILTER.min_keep,
                    help="points kept per clip when fewer pass the threshold (default: %(default)s; above "
                         f"{S.HIST_RANK_MAX} needs --exact)")
     p.add_argument("--json", metavar="F", help="write the figures as JSON to F ('-' = stdout instead of the table)")
@@ -40,9 +43,9 @@ def run(args) -> int:
         if not args.exact and flt.min_keep > S.HIST_RANK_MAX:
             raise ValueError(f"--min-keep {flt.min_keep} exceeds the {S.HIST_RANK_MAX} ranks stored in the "
                              f"histograms; use --exact")
-        g, attrs = A.open_stats(args.out)
-        W = int(attrs["W"])
-        (points, topk), = A.load_histograms(g, [flt.metric]).values()
+        build = BuildDir(args.out)
+        W = build.W
+        (points, topk), = build.histograms([flt.metric]).values()
         if args.exact:
             acc = A.exact_from_build(args.out, [flt.metric], [0.0, flt.threshold], flt.min_keep,
                                      progress=not args.no_progress)
@@ -53,15 +56,15 @@ def run(args) -> int:
         else:
             result = A.before_after(points, topk, flt.threshold, flt.min_keep, W)
         result = {"filter": str(flt), "source": "exact" if args.exact else "histograms",
-                  "label_rule": attrs["label_rule"], **result}
+                  "label_rule": build.label_rule, **result}
         if args.plot:
             from motion_data.plots import plot_analysis
 
             k = min(flt.min_keep, S.HIST_RANK_MAX)
             sb, sa = A.score_hist_before_after(points, topk, flt.threshold, k)
             plot_analysis(result, sb, sa, flt.metric, flt.threshold, W, args.plot,
-                          title=f"{args.out}: {flt} ({attrs['n_clips']} clips)")
-    except (ValueError, A.BuildError, OSError, RuntimeError) as e:
+                          title=f"{args.out}: {flt} ({build.n_clips} clips)")
+    except (ValueError, OSError, RuntimeError) as e:
         print(f"analyze: error: {e}", file=sys.stderr)
         return 2
     if args.json:
@@ -70,8 +73,8 @@ def run(args) -> int:
         else:
             atomic_write_json(args.json, result)
     if args.json != "-":
-        print(f"{args.out}: {attrs['n_clips']} clips, filter {flt} ({result['source']}), "
-              f"labels by the {attrs['label_rule']} rule")
+        print(f"{args.out}: {build.n_clips} clips, filter {flt} ({result['source']}), "
+              f"labels by the {build.label_rule} rule")
         print(f"{'':8s} {'dynamic_point_ratio':>20s} {'center_prop':>12s} {'perplexity_ratio':>17s}")
         for key in ("before", "after"):
             f = result[key]

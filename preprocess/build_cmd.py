@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from motion_data.build import DEFAULT_MAXCOUNT, BuildError, build, format_summary
+from motion_data.build import DEFAULT_MAXCOUNT, BuildError, build
 from motion_data.importers import FORMATS
 from motion_data.labels import DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, DEFAULT_W, LABEL_RULES
-from motion_data.stats import StaticFilter
+from motion_data.cli import SEED_FILTER_SPEC
+from motion_data.stats import SEED_FILTER, StaticFilter
+
+from .summary import format_summary
 
 
 def _image_size(s: str):
@@ -32,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output build folder")
     p.add_argument("--format", default="auto", choices=("auto",) + tuple(FORMATS),
                    help="input format (default: auto-detect per file)")
-    p.add_argument("--window", type=int, default=16, help="frames per clip (default 16)")
+    p.add_argument("--window", type=int, default=16, help="frames per clip (default %(default)s)")
     p.add_argument("--stride", type=int, default=8, help="frames between clip starts (default 8)")
     p.add_argument("--ref-size", type=int, default=DEFAULT_REF_SIZE,
                    help="positions are stored in pixels of a REF x REF frame (default %(default)s)")
@@ -50,11 +53,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=_image_size, default=None, metavar="H,W",
                    help="frame size for files that do not store one (.npy, bare .pt, ATM without video)")
     p.add_argument("--views", nargs="+", default=None, help="HDF5 views to read (default: all)")
-    p.add_argument("--filter", default="p95@0.04", metavar="METRIC@THR",
-                   help="build filter for the manifest's dynamic_ratio/center_share (default p95@0.04); "
+    p.add_argument("--filter", default=SEED_FILTER_SPEC, metavar="METRIC@THR",
+                   help="build filter for the manifest's dynamic_ratio/center_share (default %(default)s); "
                         "the stored statistics do not depend on it")
-    p.add_argument("--min-keep", type=int, default=16,
-                   help="points kept per clip at least, by score, under the build filter (default 16)")
+    p.add_argument("--min-keep", type=int, default=SEED_FILTER.min_keep,
+                   help="points kept per clip at least, by score, under the build filter (default %(default)s)")
     p.add_argument("--label-rule", choices=LABEL_RULES, default=DEFAULT_LABEL_RULE,
                    help="how a step becomes a class (recorded in stats.zarr and build.json): amplify (default, "
                         "AMPLIFY's rule) = round(clip(p, 0, REF-1)) at both frames, then the difference; "

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import sys
 
-from motion_data.build import BuildError, format_summary, merge
+from motion_data.build import BuildError
+from motion_data.builddir import BuildDirError
 from motion_data.manifest import ManifestError
+from motion_data.merge import merge
 from motion_data.store import StoreError
+
+from .summary import format_summary
 
 
 def add_arguments(p) -> None:
@@ -20,7 +24,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     try:
         summary = merge(args.parts, args.out)
-    except (BuildError, ManifestError, StoreError) as e:
+    except (BuildError, BuildDirError, ManifestError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(format_summary(summary))

@@ -22,7 +22,9 @@ from pathlib import Path
 
 from motion_data.atomic import atomic_open
 from motion_data import analysis as A
+from motion_data.builddir import BuildDir
 from motion_data import stats as S
+from motion_data.tables import print_sweep
 
 
 def _float_or_none(s):
@@ -34,7 +36,7 @@ def add_arguments(p):
     p.add_argument("--metrics", default="p95,mean,max", help="comma list of mean|p95|max (default: %(default)s)")
     p.add_argument("--thresholds", default="0.01:0.20:0.005",
                    help="thresholds as start:stop:step (stop inclusive) or a comma list (default: %(default)s)")
-    p.add_argument("--min-keep", type=int, default=16,
+    p.add_argument("--min-keep", type=int, default=S.SEED_FILTER.min_keep,
                    help="points kept per clip when fewer pass the threshold (default: %(default)s; above "
                         f"{S.HIST_RANK_MAX} needs --exact)")
     p.add_argument("--target-dynamic", default="%g:%g" % A.DEFAULT_TARGET_DYNAMIC,
@@ -61,18 +63,6 @@ def _write_csv(path, rows):
             w.writerow([v[0], f"{v[1]:g}", v[2]] + [f"{x:.6f}" for x in v[3:6]] + [str(v[6]).lower()])
 
 
-def print_sweep(rows, rec: int, why: str) -> None:
-    """The sweep table with the recommended row marked, and the recommendation line."""
-    print(f"{'metric':6s} {'threshold':>9s} {'min_keep':>8s} {'dynamic_point_ratio':>19s} {'center_prop':>11s} "
-          f"{'perplexity_ratio':>16s} {'meets_targets':>13s}")
-    for i, r in enumerate(rows):
-        mark = "  <- recommended" if i == rec else ""
-        print(f"{r.metric:6s} {r.threshold:9.4f} {r.min_keep:8d} {r.dynamic_point_ratio:19.4f} "
-              f"{r.center_prop:11.4f} {r.perplexity_ratio:16.4f} {str(r.meets_targets):>13s}{mark}")
-    r = rows[rec]
-    print(f"recommended: {r.metric}@{r.threshold:g} min_keep {r.min_keep} -- {why}")
-
-
 def run(args) -> int:
     try:
         metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
@@ -86,13 +76,13 @@ def run(args) -> int:
             raise ValueError(f"--min-keep {args.min_keep} exceeds the {S.HIST_RANK_MAX} ranks stored in the "
                              f"histograms; use --exact")
         targets = A.Targets(A.parse_interval(args.target_dynamic), args.max_center, args.min_perplexity)
-        g, attrs = A.open_stats(args.out)
-        W = int(attrs["W"])
+        build = BuildDir(args.out)
+        W = build.W
         if args.exact:
             acc = A.exact_from_build(args.out, metrics, thresholds, args.min_keep, progress=not args.no_progress)
             rows = acc.rows(targets)
         else:
-            rows = A.sweep_from_hist(A.load_histograms(g, metrics), metrics, thresholds, args.min_keep, W, targets)
+            rows = A.sweep_from_hist(build.histograms(metrics), metrics, thresholds, args.min_keep, W, targets)
         rec, why = A.recommend(rows, targets)
         if args.csv:
             _write_csv(args.csv, rows)
@@ -101,10 +91,10 @@ def run(args) -> int:
 
             plot_tune(rows, targets, rec, args.plot,
                       title=f"{args.out}: min_keep {args.min_keep} ({'exact' if args.exact else 'histograms'})")
-    except (ValueError, A.BuildError, OSError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         print(f"tune-filter: error: {e}", file=sys.stderr)
         return 2
-    print(f"{args.out}: {attrs['n_clips']} clips, labels by the {attrs['label_rule']} rule, "
+    print(f"{args.out}: {build.n_clips} clips, labels by the {build.label_rule} rule, "
           f"{'exact pass' if args.exact else 'from histograms'}; "
           f"targets: {targets}")
     print_sweep(rows, rec, why)

@@ -8,8 +8,8 @@ from tokenizer_train import ablate as AB
 from tokenizer_train.__main__ import main
 from tokenizer_train.config import ConfigError
 
-TINY = ["model.hidden_dim=16", "model.num_layers=1", "model.num_heads=2", "training.batch_size=8",
-        "training.log_interval=1", "data.val_split=0.25", "training.device=cpu"]
+TINY = {"model.hidden_dim": 16, "model.num_layers": 1, "model.num_heads": 2, "training.batch_size": 8,
+        "training.log_interval": 1, "data.val_split": 0.25, "training.device": "cpu"}
 
 
 def test_default_variants_resolve_against_base():
@@ -48,7 +48,7 @@ def test_variants_file_include_order_and_errors(tmp_path):
     v = AB.load_variants(tmp_path / "v.yaml")
     assert v["combo"] == {"training.focal.enabled": True, "training.focal.gamma": 3.0}
     # variant overrides first, then the common --set
-    cfg = AB.resolve(None, v["combo"], ["training.focal.gamma=0.5"])
+    cfg = AB.resolve(None, v["combo"], {"training.focal.gamma": 0.5})
     assert cfg.training.focal.enabled and cfg.training.focal.gamma == 0.5
     (tmp_path / "bad.yaml").write_text("baseline:\n  training.epochs: 2\n")
     with pytest.raises(ConfigError, match="reserved"):
@@ -63,7 +63,7 @@ def test_ablate_writes_table_and_does_not_rerun(tiny_build, tmp_path, capsys):
                                      "  training.class_weighting.center_gamma: 0.2\n")
     out = tmp_path / "abl"
     argv = ["ablate", "--data", str(tiny_build), "--out", str(out), "--variants", str(tmp_path / "v.yaml"),
-            "--epochs", "1", "--seeds", "0", "--no-progress"] + [a for s in TINY for a in ("--set", s)]
+            "--epochs", "1", "--seeds", "0", "--no-progress"] + [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
     assert main(argv) == 0
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))

@@ -13,6 +13,7 @@ import pytest
 import zarr
 
 from motion_data import analysis as A
+from motion_data.builddir import BuildDir
 from motion_data import labels as L
 from motion_data import shards
 from motion_data import stats as S
@@ -185,8 +186,7 @@ def test_recommend_rule():
 # ---------------------------------------------------------------- exact pass vs fast answer
 def test_exact_pass_agrees_with_histograms_within_one_bin(build):
     root, pos, vis, st = build
-    g, attrs = A.open_stats(root)
-    hists = A.load_histograms(g, S.METRICS)
+    hists = BuildDir(root).histograms(S.METRICS)
     edges = [b * BW for b in (0, 2, 4, 9, 16, 23, 40, 80)]
     between = [0.0101, 0.04 + 0.4 * BW, 0.0555, 0.1337]
     for k in (0, 16):

@@ -3,14 +3,15 @@ import os
 
 import pytest
 
-from motion_data.atomic import atomic_open, atomic_path, atomic_write_bytes, atomic_write_text, temp_path
+from motion_data.atomic import atomic_open, atomic_path, atomic_write_text, temp_path
 
 
 def test_success_writes_and_leaves_no_temp(tmp_path):
     p = tmp_path / "a.json"
     atomic_write_text(p, "new")
     assert p.read_text() == "new"
-    atomic_write_bytes(p, b"\x00\x01")
+    with atomic_open(p, "wb") as f:
+        f.write(b"\x00\x01")
     assert p.read_bytes() == b"\x00\x01"
     with atomic_open(p, "w", newline="") as f:
         f.write("x,y\n")

@@ -18,11 +18,13 @@ import zarr
 
 from conftest import TINY_FILES, TINY_MAXCOUNT, TINY_T, make_track_file
 from motion_data import build as bld
+from motion_data.build_pool import window_starts
 from motion_data.clips import Sequence, cut_windows
 from motion_data.labels import labels_from_positions, normalize, ring_map, step_valid, velocities
 from motion_data.manifest import COLUMNS, SCHEMA, read_manifest
 from motion_data.shards import array_checksum, encode_sample, index_shard, read_sample, sample_checksum, write_shard
-from motion_data.store import FORMAT_VERSION, label_rule
+from motion_data.builddir import BuildDir
+from motion_data.store import FORMAT_VERSION
 from motion_data.stats import METRICS, class_histograms, point_stats
 from preprocess.__main__ import main
 
@@ -86,7 +88,7 @@ def test_tiny_build_layout(tiny_build):
     assert [t.column("shard").to_pylist().count(f"shards/shard-{i:06d}.tar") for i in range(3)] == [25, 25, 10]
     z, attrs = zarr_arrays(tiny_build)
     assert attrs["format_version"] == FORMAT_VERSION == 2 and attrs["n_clips"] == 60 and attrs["N"] == 100
-    assert attrs["T"] == 16 and attrs["label_rule"] == "amplify" == label_rule(tiny_build)
+    assert attrs["T"] == 16 and attrs["label_rule"] == "amplify" == BuildDir(tiny_build).label_rule
     assert attrs["W"] == 15 and attrs["ref_size"] == 128 and attrs["metrics"] == list(METRICS)
     assert attrs["build_filter"] == {"metric": "p95", "threshold": 0.04, "min_keep": 16}
     for m in METRICS:
@@ -197,7 +199,7 @@ def test_window_starts_agree_with_cut_windows():
         for window, stride in ((16, 8), (4, 3), (2, 1)):
             seq = Sequence("x", 0, rng.normal(size=(T, 2, 2)).astype(np.float32), np.ones((T, 2), bool), 5)
             ref = [sf for sf, _, _ in cut_windows(seq, window, stride)]
-            assert list(5 + bld.window_starts(T, window, stride)) == ref
+            assert list(5 + window_starts(T, window, stride)) == ref
 
 
 # ---------------------------------------------------------------- CLI, reruns, arguments

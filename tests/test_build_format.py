@@ -19,7 +19,8 @@ from motion_data.loader import make_loader
 from motion_data.manifest import ManifestError, verify_build
 from motion_data.sampler import SamplerConfig
 from motion_data.stats import StaticFilter
-from motion_data.store import label_rule, read_stats
+from motion_data.builddir import BuildDir
+from motion_data.store import read_stats
 from preprocess.__main__ import main as preprocess_main
 from test_build import run_cli
 from tokenizer_train.__main__ import main as train_main
@@ -111,7 +112,7 @@ def test_velocity_rule_selectable_recorded_and_followed(tiny_tracks, tiny_build,
     vel_build = tmp_path / "vel"
     assert run_cli("--input", tiny_tracks, "--out", vel_build, "--maxcount", 25, "--label-rule", "velocity",
                    "--no-progress") == 0
-    assert label_rule(vel_build) == "velocity" and label_rule(tiny_build) == "amplify"
+    assert BuildDir(vel_build).label_rule == "velocity" and BuildDir(tiny_build).label_rule == "amplify"
     doc = json.loads((vel_build / "build.json").read_text())
     assert doc["config"]["label_rule"] == "velocity" and doc["command"][-3:] == ["--label-rule", "velocity",
                                                                                 "--no-progress"]
@@ -121,7 +122,7 @@ def test_velocity_rule_selectable_recorded_and_followed(tiny_tracks, tiny_build,
     for b in (tiny_build, vel_build):
         ld = make_loader(b, split="all", batch_size=60, static_filter=flt)
         ld.set_epoch(0)
-        got[label_rule(b)] = next(iter(ld))
+        got[BuildDir(b).label_rule] = next(iter(ld))
     a, v = got["amplify"], got["velocity"]
     assert a["clip_id"] == v["clip_id"] and torch.equal(a["positions"], v["positions"])
     assert torch.equal(a["velocities"], v["velocities"])
@@ -142,7 +143,7 @@ def test_velocity_rule_selectable_recorded_and_followed(tiny_tracks, tiny_build,
 
 
 def test_four_batched_files_without_start_frame_split_per_sequence(tmp_path):
-    """DESIGN.md: (B,T,N,2) files without start_frame hold B independent sequences; four such
+    """docs/DESIGN.md: (B,T,N,2) files without start_frame hold B independent sequences; four such
     files used to leave the 'train' split empty (each file one source, every window at frame 0)."""
     d = tmp_path / "tracks"
     for i in range(4):

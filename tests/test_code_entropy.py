@@ -9,9 +9,14 @@ import torch.multiprocessing as mp
 from torch import nn
 from vector_quantize_pytorch import FSQ
 
-from tokenizer_train.losses import (MAX_EXACT_CODES, code_usage_loss, entropy_weight, fsq_levels_grid,
-                                    fsq_prerounding, fsq_prerounding_from_module, hard_code_entropy,
-                                    soft_code_distribution)
+from tokenizer_train.code_usage import MAX_EXACT_CODES, code_usage_loss, entropy_weight, soft_code_distribution
+from tokenizer_train.fsq_geometry import fsq_levels_grid, fsq_prerounding, fsq_prerounding_from_module
+from tokenizer_train.metrics import code_counts, entropy
+
+
+def hard_code_entropy(indices, K: int) -> float:
+    """Entropy (nats) of the histogram of hard code ids (the logged metric)."""
+    return entropy(code_counts(indices.numpy(), K))
 
 LEVELS = [[8, 8, 6, 5], [8, 8, 8, 4], [5, 3], [7]]
 

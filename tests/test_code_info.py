@@ -1,4 +1,4 @@
-"""Code information, CE in bits, AUC and EPE on hand-computable cases (DESIGN.md, Trainer)."""
+"""Code information, CE in bits, AUC and EPE on hand-computable cases (docs/DESIGN.md, Trainer)."""
 import math
 
 import numpy as np

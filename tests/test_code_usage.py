@@ -1,13 +1,13 @@
-"""The LFQ / MAGVIT-v2 form of the code-usage regulariser and its running average (DESIGN.md Trainer)."""
+"""The LFQ / MAGVIT-v2 form of the code-usage regulariser and its running average (docs/DESIGN.md Trainer)."""
 import math
 
 import pytest
 import torch
 
-from tokenizer_train.code_usage import CodeUsageRegulariser, RunningCodeAverage, avg_tokens_for
+from tokenizer_train.code_usage import (CodeUsageRegulariser, RunningCodeAverage, avg_tokens_for, code_usage_loss,
+                                        soft_code_distribution, token_code_entropy)
 from tokenizer_train.config import TrainingConfig
-from tokenizer_train.losses import (code_usage_loss, fsq_levels_grid, fsq_prerounding, soft_code_distribution,
-                                    token_code_entropy)
+from tokenizer_train.fsq_geometry import fsq_levels_grid, fsq_prerounding
 
 LEVELS = [8, 6, 5]
 K = math.prod(LEVELS)

@@ -84,3 +84,17 @@ def test_set_unknown_key_and_bad_values():
 def test_yaml_no_is_mixed_precision_no():
     assert from_dict({"training": {"mixed_precision": False}}).training.mixed_precision == "no"
     assert from_dict({}, ["training.mixed_precision=no"]).training.mixed_precision == "no"
+
+
+def test_override_takes_values_and_returns_a_new_validated_config():
+    from tokenizer_train.config import override, override_all
+
+    base = from_dict({})
+    c = override(base, "training.epochs", 5)
+    assert c.training.epochs == 5 and base.training.epochs != 5  # the original is untouched
+    c = override_all({"model": {"hidden_dim": 32}}, [("model.fsq_levels", [8, 5]), ("data.static_filter.enable", True)])
+    assert c.model.hidden_dim == 32 and c.model.fsq_levels == [8, 5] and c.data.static_filter.enable
+    with pytest.raises(ConfigError, match="unknown config key 'training.epoch'"):
+        override(base, "training.epoch", 5)
+    with pytest.raises(ConfigError, match="window_size"):  # validated like a YAML file
+        override(base, "data.window_size", 4)

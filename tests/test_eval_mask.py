@@ -1,4 +1,4 @@
-"""The evaluation mask (DESIGN.md, Trainer): valid AND the build's recorded filter, whatever
+"""The evaluation mask (docs/DESIGN.md, Trainer): valid AND the build's recorded filter, whatever
 filter the run trains with."""
 import shutil
 

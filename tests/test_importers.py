@@ -330,7 +330,7 @@ def test_cotracker_key_names(tmp_path):
 
 
 def test_batched_file_without_start_frame_is_independent_sequences(tmp_path):
-    """DESIGN.md: (B,T,N,2) without start_frame = B independent sequences, each its own
+    """docs/DESIGN.md: (B,T,N,2) without start_frame = B independent sequences, each its own
     split group; with start_frame = windows of one video, one group (the file)."""
     tr = RNG.uniform(0, 100, size=(3, 6, 5, 2)).astype(np.float32)
     np.savez(tmp_path / "indep.npz", tracks=tr, image_size=np.array([100, 100]))

@@ -1,6 +1,6 @@
 """build-shards + analyze on real LIBERO tracks (three rollouts copied from the shared
 LIBERO set into tests/data/libero/) against an independent numpy computation written here
-straight from the raw .npz arrays (DESIGN.md "Units and labels", "Dataset figures")."""
+straight from the raw .npz arrays (docs/DESIGN.md "Units and labels", "Dataset figures")."""
 from __future__ import annotations
 
 import json

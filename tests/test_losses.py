@@ -10,8 +10,9 @@ from motion_data.labels import center_class, labels_from_positions, ring_map, st
 from motion_data.stats import METRICS, StaticFilter, class_histograms, keep_mask, point_stats
 from motion_data.store import store_attrs, write_store
 from tokenizer_train.config import ConfigError, from_dict
-from tokenizer_train.losses import (Criterion, balanced_weights, class_counts_from_stats, class_weights_image,
-                                    count_classes, ring_decay_weights, save_class_weights)
+from motion_data.builddir import BuildDir
+from tokenizer_train.class_weights import balanced_weights, class_weights_image, ring_decay_weights, save_class_weights
+from tokenizer_train.losses import Criterion
 
 W = 5
 K = W * W
@@ -32,6 +33,11 @@ def batch(seed=0, B=2, S=3, N=7, keep=0.6, center_share=0.5):
 
 def counts_of(labels, mask):
     return np.bincount(labels[mask].numpy(), minlength=K)
+
+
+def count_classes(batches, num_classes: int) -> np.ndarray:
+    """Kept-label counts over loader-like batches (the library reads them from the build)."""
+    return sum(np.bincount(b["labels"][b["mask"]].reshape(-1).numpy(), minlength=num_classes) for b in batches)
 
 
 # ------------------------------------------------------------------ the baseline path
@@ -202,14 +208,12 @@ def test_runtime_counting():
     with pytest.raises(RuntimeError, match="class counts"):
         crit(logits, labels, mask)
     halves = [{"labels": labels[:1], "mask": mask[:1]}, {"labels": labels[1:], "mask": mask[1:]}]
-    for b in halves:
-        crit.update_counts(b["labels"], b["mask"])
+    crit = Criterion(tcfg(class_weighting={"method": "balanced"}), count_classes(halves, K), W)
     assert np.array_equal(crit.class_counts, counts_of(labels, mask))
     assert np.array_equal(count_classes(halves, K), counts_of(labels, mask))
     assert torch.equal(crit.class_weights, torch.from_numpy(balanced_weights(counts_of(labels, mask), W)))
     crit(logits, labels, mask)  # now usable
-    other = Criterion(tcfg(class_weighting={"method": "balanced"}), None, W)
-    other.set_class_counts(count_classes(halves, K))
+    other = Criterion(tcfg(class_weighting={"method": "balanced"}), counts_of(labels, mask), W)
     assert torch.equal(other.class_weights, crit.class_weights)
     # ring_decay needs no counts (normalised under uniform labels until it gets some)
     rd = Criterion(tcfg(class_weighting={"method": "ring_decay", "center_gamma": 0.3}), None, W)
@@ -243,7 +247,7 @@ def test_class_counts_from_stats_match_direct_count(tmp_path):
     for flt in (StaticFilter(enable=True, metric="p95", threshold=0.1, min_keep=4),
                 StaticFilter(enable=True, metric="mean", threshold=0.05, min_keep=2),
                 StaticFilter(enable=False)):
-        got = class_counts_from_stats(tmp_path, flt, W)
+        got = BuildDir(tmp_path).class_counts(flt)
         if flt.enable:
             keep = keep_mask(st[flt.metric], st["valid_count"], flt.threshold, flt.min_keep)
         else:
@@ -252,4 +256,4 @@ def test_class_counts_from_stats_match_direct_count(tmp_path):
         ref = np.bincount(labels_from_positions(pos, W)[sel], minlength=K)
         assert np.array_equal(got, ref)
     with pytest.raises(ValueError, match="stats.zarr"):  # no store there
-        class_counts_from_stats(tmp_path / "elsewhere", StaticFilter(enable=True, metric="max"), W)
+        BuildDir(tmp_path / "elsewhere").class_counts(StaticFilter(enable=True, metric="max"))

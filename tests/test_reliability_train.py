@@ -229,13 +229,13 @@ def test_resume_with_every_checkpoint_unreadable_is_a_clear_error(build, tmp_pat
 
 def test_rank_state_needs_the_same_world_size_mid_epoch():
     from tokenizer_train.distributed import Dist
-    from tokenizer_train.train import _rank_state
+    from tokenizer_train.checkpoint import rank_state
 
     ranks = [{"rng": r, "epoch_sums": {}, "seen": torch.zeros(2, dtype=torch.bool), "skipped": r} for r in range(2)]
     st = {"ranks": ranks, "rng": 0, "epoch_sums": {}, "seen": None, "loader": {}}
-    assert _rank_state(st, Dist(rank=1, world_size=2), start_batch=3)["skipped"] == 1
+    assert rank_state(st, Dist(rank=1, world_size=2), start_batch=3)["skipped"] == 1
     with pytest.raises(ValueError, match="mid-epoch by 2 processes"):
-        _rank_state(st, Dist(rank=0, world_size=1), start_batch=3)
-    assert _rank_state(st, Dist(rank=0, world_size=3), start_batch=0) is None  # epoch boundary: fresh seeds
+        rank_state(st, Dist(rank=0, world_size=1), start_batch=3)
+    assert rank_state(st, Dist(rank=0, world_size=3), start_batch=0) is None  # epoch boundary: fresh seeds
     old = {"rng": "r0", "epoch_sums": {"loss": 1.0}, "seen": None, "loader": {"skipped": 4}}  # no per-rank list
-    assert _rank_state(old, Dist(), start_batch=2)["rng"] == "r0"
+    assert rank_state(old, Dist(), start_batch=2)["rng"] == "r0"

@@ -349,7 +349,7 @@ def test_numba_label_step_equals_labels_py(ax, ay, bx, by, rule):
     got = S._label_step(pos[0, 0, 0], pos[0, 0, 1], pos[1, 0, 0], pos[1, 0, 1], v[0], v[1], W, 127.0,
                         L.rule_code(rule))
     assert got == ref
-    if rule == "amplify":  # DESIGN.md: q = round(clip(p, 0, ref_size-1)), d = q[t+1] - q[t]
+    if rule == "amplify":  # docs/DESIGN.md: q = round(clip(p, 0, ref_size-1)), d = q[t+1] - q[t]
         q = np.rint(np.clip(pos[:, 0].astype(np.float64), 0, 127))
         d = q[1] - q[0]
         c = W // 2
@@ -358,7 +358,7 @@ def test_numba_label_step_equals_labels_py(ax, ay, bx, by, rule):
 
 def test_amplify_rule_turns_steady_sub_pixel_motion_into_occasional_steps():
     """0.3 px a frame: always the centre under the velocity rule, a +1 step about every
-    third frame under AMPLIFY's rule (DESIGN.md)."""
+    third frame under AMPLIFY's rule (docs/DESIGN.md)."""
     x = 10.1 + 0.3 * np.arange(16)
     pos = np.stack([x, np.full(16, 20.0)], -1)[:, None, :].astype(np.float32)  # (16, 1, 2)
     vel_lab = L.labels_from_positions(pos, W, 128, "velocity")[:, 0]

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from motion_data.importers import iter_sequences, list_inputs
-from motion_data.synth import SynthConfig, clips_from_sequences, label_summary, synth_clips, write_synth
+from motion_data.synth import SynthConfig, clips_from_sequences, synth_clips, write_synth
+from synth_figures import label_summary
 from preprocess.__main__ import main
 
 

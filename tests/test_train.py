@@ -142,7 +142,7 @@ def test_run_folder_and_metric_names(build, tmp_path):
         "train/unique_codes_step_global", "train/entropy_norm_step_global", "train/acc_noncenter_step",
         "val/acc_noncenter_epoch", "val/epe_px_epoch", "train/zero_code_frac_step", "val/unique_codes_epoch",
         "val/entropy_norm_epoch",
-        # DESIGN.md, "Quality beyond the seed's accuracy"
+        # docs/DESIGN.md, "Quality beyond the seed's accuracy"
         "val/code_info_bits_epoch", "train/code_info_bits_step", "val/ce_bits_epoch", "val/auc_moving_epoch",
         "val/epe_zero_px_epoch", "train/acc_evalmask_epoch", "val/fsq_boundary_share_epoch"}
     assert expected <= tags, expected - tags
@@ -182,7 +182,7 @@ def test_tokenize_writes_every_clip(build, tmp_path):
     import pyarrow.parquet as pq
 
     from motion_data.loader import make_loader
-    from tokenizer_train.tokenize import load_model
+    from tokenizer_train.checkpoint import load_model
 
     run = tmp_path / "run"
     train(from_dict({}, TINY + ["training.epochs=1"]), build, run)

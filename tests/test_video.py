@@ -5,7 +5,8 @@ import pytest
 from motion_data.clips import InputError
 from motion_data.importers import iter_sequences
 from motion_data.labels import step_valid, velocities
-from motion_data.synth import clips_from_sequences, label_summary
+from motion_data.synth import clips_from_sequences
+from synth_figures import label_summary
 from motion_data.video import TrackConfig, find_sample_video, grid_points, track_video
 from preprocess.__main__ import main
 

@@ -46,7 +46,7 @@ from tqdm import tqdm
 from motion_data.atomic import atomic_open, atomic_write_json, atomic_write_text
 
 from . import check as C
-from .config import Config, ConfigError, _set_path, from_dict, read_yaml, to_dict
+from .config import Config, ConfigError, override_all, parse_override, read_yaml, to_dict
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_VARIANTS = CONFIG_DIR / "variants.yaml"
@@ -111,17 +111,16 @@ def load_variants(path: str | Path) -> dict[str, dict]:
 
 def resolve(base_cfg: str | Path | None, overrides: dict, sets=(), epochs: int | None = None,
             seed: int | None = None) -> Config:
-    """The config of one run: base file, then variant overrides, then --set, epochs, seed."""
+    """The config of one run: base file, then the variant's overrides, then ``sets`` (a mapping
+    or ``(dotted key, value)`` pairs, every run alike), epochs, seed."""
     tree = read_yaml(Path(base_cfg)) if base_cfg else {}
+    pairs = list(overrides.items()) + list(sets.items() if isinstance(sets, dict) else sets)
+    if epochs is not None:
+        pairs.append(("training.epochs", int(epochs)))
+    if seed is not None:
+        pairs.append(("training.seed", int(seed)))
     try:
-        for k, v in overrides.items():
-            _set_path(tree, k, v)
-        extra = list(sets)
-        if epochs is not None:
-            extra.append(f"training.epochs={int(epochs)}")
-        if seed is not None:
-            extra.append(f"training.seed={int(seed)}")
-        return from_dict(tree, extra)
+        return override_all(tree, pairs)
     except ConfigError as e:
         raise ConfigError(f"{base_cfg or 'defaults'}: {e}") from None
 
@@ -418,7 +417,7 @@ def run(args) -> int:
             raise ValueError("--epochs must be >= 1")
         if not Path(args.data).is_dir():
             raise FileNotFoundError(f"{args.data}: no such build folder")
-        ablate(args.config, args.data, args.out, variants, seeds, args.set, args.epochs,
+        ablate(args.config, args.data, args.out, variants, seeds, [parse_override(t) for t in args.set], args.epochs,
                progress=not args.no_progress, plots=not args.no_plots)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,5 +1,5 @@
 """AUC of "moves" (label != centre) against "static" from the score ``1 - p(centre)``
-(DESIGN.md, Trainer), in a mergeable form: per-class histograms of the score's log-odds
+(docs/DESIGN.md, Trainer), in a mergeable form: per-class histograms of the score's log-odds
 ``log((1 - p_c) / p_c) = logsumexp(other logits) - centre logit`` in fine bins. The
 log-odds is a monotone map of the score (same AUC) that keeps a collapsed model's scores,
 all within a hair of 0, in distinct bins. Histograms of batches, epochs and ranks add;

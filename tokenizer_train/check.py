@@ -17,7 +17,7 @@ Gates (seed section 7, plus this project's own gates):
 
 The baseline is ``configs/base.yaml`` as it is (no static filter: the seed's collapsing
 setting). Every validation figure is on the evaluation mask (valid AND the build's recorded
-filter, DESIGN.md), so a filtered run and the unfiltered baseline score the same labels;
+filter, docs/DESIGN.md), so a filtered run and the unfiltered baseline score the same labels;
 the training-accuracy gate reads train/acc_evalmask_epoch, the same mask on training
 batches (runs that lack it fall back to train/acc_epoch, and the gate says so).
 
@@ -27,7 +27,7 @@ Definitions (so that a gate is a number, not a judgement):
 - "rising": that late mean is above the mean of the first 20% of the steps logged.
 - "clearly up": late perplexity >= 1.5x the baseline's late perplexity (with --baseline),
   else >= 1.5x the run's own first logged value.
-- code information (DESIGN.md): CE with a mixture of the clip's own and 8 other clips'
+- code information (docs/DESIGN.md): CE with a mixture of the clip's own and 8 other clips'
   codes minus CE with its own, bits per label; 0 when the decoder ignores its codes.
 - multi-modal: in the last logged code-usage counts (train/code_usage_hist_global, the
   trainer's all-rank counts of a code-log step, else train/code_usage_hist) no code holds

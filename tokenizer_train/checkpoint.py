@@ -20,6 +20,9 @@ import torch
 
 from motion_data.atomic import atomic_open
 
+from .config import from_dict
+from .model import MotionTokenizer
+
 REQUIRED_KEYS = ("model", "optimizer", "step", "epoch")
 
 
@@ -164,3 +167,50 @@ def load_latest(path, map_location="cpu", required=REQUIRED_KEYS) -> tuple[dict,
             continue
         return st, p, problems
     raise CheckpointError(" ; ".join(problems))
+
+
+# ------------------------------------------------------------------ the trainer's state
+def rank_state(st: dict, dist, start_batch: int) -> dict | None:
+    """This rank's part of a checkpoint (RNG, loss sums, codes seen, skipped samples).
+
+    None when the checkpoint comes from another world size at an epoch boundary (the rank
+    keeps its fresh seed; the continuation is then not bit-exact); an error mid-epoch.
+    """
+    ranks = st.get("ranks") or [{"rng": st["rng"], "epoch_sums": st["epoch_sums"], "seen": st["seen"],
+                                 "skipped": st["loader"].get("skipped", 0)}]
+    if len(ranks) == dist.world_size:
+        return ranks[dist.rank]
+    if start_batch:
+        raise ValueError(f"the checkpoint was taken mid-epoch by {len(ranks)} processes; resume it with "
+                         f"{len(ranks)} (now {dist.world_size})")
+    return None
+
+
+def trim_metrics(path: Path, step: int):
+    """Keep the rows of ``metrics.jsonl`` up to ``step`` (those the resumed checkpoint has
+    seen); later ones, and a line torn by a kill, are logged again by the resumed run."""
+    import json
+
+    from motion_data.atomic import atomic_write_text
+
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and int(row.get("step", 0)) <= step:
+            keep.append(line)
+    atomic_write_text(path, "".join(f"{x}\n" for x in keep))
+
+
+def load_model(run_dir, which: str = "best", device="cpu"):
+    """(model in eval mode, config, checkpoint meta) of a run."""
+    st = load(Path(run_dir) / f"{which}.pt", map_location=device)
+    cfg = from_dict(st["config"])
+    meta = st["meta"]
+    model = MotionTokenizer(cfg.model, num_points=meta["N"], window_size=meta["W"])
+    model.load_state_dict(st["model"])
+    return model.to(device).eval(), cfg, meta

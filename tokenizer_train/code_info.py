@@ -1,4 +1,4 @@
-"""Code information and cross-entropy in bits per label (DESIGN.md, Trainer: "Quality beyond
+"""Code information and cross-entropy in bits per label (docs/DESIGN.md, Trainer: "Quality beyond
 the seed's accuracy"), as ``(sum, count)`` pairs so that batches, epochs and DDP ranks
 aggregate exactly before dividing.
 
@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-M_OTHERS = 8  # DESIGN.md: M = 8 other clips of the batch
+M_OTHERS = 8  # docs/DESIGN.md: M = 8 other clips of the batch
 LN2 = math.log(2.0)
 
 
@@ -45,7 +45,7 @@ def code_info_counts(decode: Callable[[torch.Tensor], torch.Tensor], quantized: 
 
     ``decode(q)`` maps quantised codes ``(B, L, d)`` (rows permuted) to logits
     ``(B, S, N, K)`` for the clips in their original order (so it keeps each clip's own
-    start positions, DESIGN.md / model.decode); ``own_logits`` saves one decode when the
+    start positions, docs/DESIGN.md / model.decode); ``own_logits`` saves one decode when the
     caller already has them. A batch of one clip has no other codes: ``(0.0, 0)``.
     """
     B = quantized.shape[0]

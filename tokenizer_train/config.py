@@ -2,7 +2,7 @@
 
 Every key of ``configs/base.yaml`` is a field here; an unknown key anywhere is an error that
 names its full path (``training.focal.gama``). Every mitigation switch defaults to off, so
-a plain config is the baseline (DESIGN.md "Config keys").
+a plain config is the baseline (docs/DESIGN.md "Config keys").
 """
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ class ModelConfig:
 # ------------------------------------------------------------------------- training
 @dataclass
 class ClassWeightingConfig:
-    """``training.class_weighting``: per-class CE weights (see tokenizer_train/losses.py)."""
+    """``training.class_weighting``: per-class CE weights (see tokenizer_train/class_weights.py)."""
 
     method: str = "none"  # none | balanced | ring_decay
     center_gamma: float = 1.0  # extra factor on the centre class weight
@@ -185,7 +185,7 @@ class TrainingConfig:
     code_entropy_warmup_epochs: float = 0.0
     code_entropy_type: str = "entropy"  # entropy | kl_uniform
     code_entropy_temperature: float = 0.1
-    # LFQ / MAGVIT-v2 form (DESIGN.md Trainer): weight of each token's own assignment entropy
+    # LFQ / MAGVIT-v2 form (docs/DESIGN.md Trainer): weight of each token's own assignment entropy
     # (pushed down) relative to the average's entropy (pushed up); 0: the average alone
     code_entropy_token_weight: float = 1.0
     # tokens the average code distribution is estimated over (running estimate when a batch
@@ -333,12 +333,24 @@ def parse_override(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
-def from_dict(data: dict | None, overrides: typing.Sequence[str] = ()) -> Config:
-    tree = _deep_copy(data or {})
-    for text in overrides:
-        key, value = parse_override(text)
+def override(cfg, dotted_key: str, value) -> Config:
+    """A new validated Config: ``cfg`` (a Config or its YAML mapping) with one key set, e.g.
+    ``override(cfg, "training.epochs", 5)``; an unknown key is a ConfigError."""
+    return override_all(cfg, [(dotted_key, value)])
+
+
+def override_all(cfg, pairs) -> Config:
+    """``override`` for several ``(dotted key, value)`` pairs (or a mapping), applied in order
+    and validated once at the end (a later key may depend on an earlier one)."""
+    tree = to_dict(cfg) if isinstance(cfg, Config) else _deep_copy(cfg or {})
+    for key, value in (pairs.items() if isinstance(pairs, dict) else pairs):
         _set_path(tree, key, value)
     return _build(Config, tree, "")
+
+
+def from_dict(data: dict | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """A Config from a YAML mapping and ``--set KEY=VALUE`` strings (the command line's form)."""
+    return override_all(data, [parse_override(text) for text in overrides])
 
 
 def _deep_copy(d):

@@ -44,15 +44,15 @@ class DemoSize:
     grid: int
     video_stride: int
     epochs: int
-    model: tuple  # --set overrides of the model and optimisation, common to both runs
+    model: dict  # config overrides (dotted key -> value) of the model and optimisation, common to both runs
 
 
 FULL = DemoSize(synth_clips=200, grid=20, video_stride=8, epochs=8,
-                model=("model.hidden_dim=64", "model.num_layers=1", "model.num_heads=4", "training.batch_size=16",
-                       "training.learning_rate=1e-3", "training.log_interval=4"))
+                model={"model.hidden_dim": 64, "model.num_layers": 1, "model.num_heads": 4, "training.batch_size": 16,
+                       "training.learning_rate": 1e-3, "training.log_interval": 4})
 QUICK = DemoSize(synth_clips=48, grid=6, video_stride=8, epochs=2,
-                 model=("model.hidden_dim=16", "model.num_layers=1", "model.num_heads=2", "training.batch_size=8",
-                        "training.learning_rate=1e-3", "training.log_interval=1", "data.val_split=0.25"))
+                 model={"model.hidden_dim": 16, "model.num_layers": 1, "model.num_heads": 2, "training.batch_size": 8,
+                        "training.learning_rate": 1e-3, "training.log_interval": 1, "data.val_split": 0.25})
 
 
 def _step(msg: str):
@@ -99,14 +99,15 @@ def tune(build_dir: Path) -> str:
     print tune-filter's table; return its recommendation as ``metric@threshold`` (shown for
     reference: the runs use their configs' filters)."""
     from motion_data import analysis as A
-    from preprocess.tune_cmd import print_sweep
+    from motion_data.builddir import BuildDir
+    from motion_data.stats import SEED_FILTER
+    from motion_data.tables import print_sweep
 
-    g, attrs = A.open_stats(build_dir)
+    b = BuildDir(build_dir)
     targets = A.Targets(A.DEFAULT_TARGET_DYNAMIC, A.DEFAULT_MAX_CENTER, A.DEFAULT_MIN_PERPLEXITY)
-    rows = A.sweep_from_hist(A.load_histograms(g, ["p95"]), ["p95"], A.parse_range("0.02:0.10:0.01"), 16,
-                             int(attrs["W"]), targets)
+    rows = A.sweep_from_hist(b.histograms(["p95"]), ["p95"], A.threshold_range(0.02, 0.10, 0.01), SEED_FILTER.min_keep, b.W, targets)
     rec, why = A.recommend(rows, targets)
-    print(f"{build_dir}: {attrs['n_clips']} clips, from histograms; targets: {targets}")
+    print(f"{build_dir}: {b.n_clips} clips, from histograms; targets: {targets}")
     print_sweep(rows, rec, why)
     return f"{rows[rec].metric}@{rows[rec].threshold:g}"
 
@@ -136,9 +137,8 @@ def demo(out, epochs: int | None = None, quick: bool = False, video: bool = True
 
     _step("4/6 train baseline (configs/base.yaml as it is) and recommended (configs/recommended.yaml)")
     variants = {"recommended": AB.load_variants(AB.DEFAULT_VARIANTS)["recommended"]}
-    sets = list(size.model)
     abl = out / "ablation"
-    table = AB.ablate(AB.CONFIG_DIR / "base.yaml", build_dir, abl, variants, seeds=[0], sets=sets,
+    table = AB.ablate(AB.CONFIG_DIR / "base.yaml", build_dir, abl, variants, seeds=[0], sets=size.model,
                       epochs=epochs or size.epochs, progress=progress)
     print()
     print((abl / "results.md").read_text())

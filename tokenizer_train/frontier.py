@@ -14,7 +14,7 @@ model can pass both of ``check``'s validation gates; the fix has to make the mod
 
 Per offset: accuracy, non-centre accuracy, EPE (px, the softmax expectation as in training)
 and the share of centre predictions, on the run's validation split (its val_split; every
-held-out clip once) and the evaluation mask (valid AND the build's recorded filter, DESIGN.md,
+held-out clip once) and the evaluation mask (valid AND the build's recorded filter, docs/DESIGN.md,
 whatever filter the run trained with). Summary: the all-centre accuracy (the split's centre
 share) and the best non-centre accuracy among offsets whose accuracy is at most
 ``check.ACC_TOL`` below it; and, of the unshifted model, code information and CE in bits
@@ -32,10 +32,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from motion_data.analysis import parse_range
+from motion_data.analysis import threshold_range
 from motion_data.atomic import atomic_write_json
 from motion_data.labels import center_class
-from motion_data.loader import make_loader, read_build_info
+from motion_data.builddir import BuildDir
+from motion_data.loader import make_loader
 
 from . import metrics as M
 from .check import ACC_TOL
@@ -44,9 +45,9 @@ from .distributed import pick_device
 from .model_inputs import model_kwargs
 from .quality import Quality
 from .validate import to_device
-from .tokenize import load_model
+from .checkpoint import load_model
 
-DEFAULT_OFFSETS = "-3:3:0.5"
+DEFAULT_OFFSETS = threshold_range(-3.0, 3.0, 0.5)  # centre-logit offsets
 
 
 def add_arguments(p):
@@ -54,7 +55,7 @@ def add_arguments(p):
     p.add_argument("--data", required=True, help="build folder the run was trained on")
     p.add_argument("--checkpoint", choices=("best", "last"), default="last",
                    help="which checkpoint; last is what check's validation gates read (default: last)")
-    p.add_argument("--offsets", default=DEFAULT_OFFSETS,
+    p.add_argument("--offsets", default="-3:3:0.5",
                    help="centre-logit offsets as start:stop:step (stop inclusive) or a comma list; "
                         "0 is always included; write a negative start as --offsets=-3:3:0.5 (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="clips per forward pass (default: 64)")
@@ -65,7 +66,16 @@ def add_arguments(p):
 
 def parse_offsets(spec: str) -> list[float]:
     """Offsets as ``start:stop:step`` (stop inclusive) or a comma list; negative values allowed."""
-    return parse_range(spec, what="offset", nonnegative=False)
+    try:
+        if ":" in spec:
+            start, stop, step = (float(x) for x in spec.split(":"))
+            return threshold_range(start, stop, step)
+        vals = [float(x) for x in spec.split(",") if x.strip()]
+    except ValueError as e:
+        raise ValueError(f"--offsets: offset range {spec!r} must look like -3:3:0.5 or -1,0,1 ({e})") from None
+    if not vals:
+        raise ValueError(f"--offsets {spec!r}: no offsets")
+    return [round(v, 10) for v in vals]  # as threshold_range rounds
 
 
 def shift_center(logits: torch.Tensor, center: int, offset: float) -> torch.Tensor:
@@ -118,10 +128,8 @@ def frontier(run_dir, data_dir, offsets, which="last", batch_size=64, device="cp
     device = torch.device(device)
     model, cfg, meta = load_model(run_dir, which, device)
     W = meta["W"]
-    info = read_build_info(data_dir)
-    if (info["W"], info["N"]) != (meta["W"], meta["N"]):
-        raise ValueError(f"{data_dir}: build has W={info['W']}, N={info['N']}; the run {run_dir} was trained on "
-                         f"W={meta['W']}, N={meta['N']}")
+    build = BuildDir(data_dir)
+    build.check_compatible(W=meta["W"], N=meta["N"], what=f"the run {run_dir}")
     loader = make_loader(data_dir, split=split, static_filter=cfg.data.static_filter, batch_size=batch_size,
                          val_split=cfg.data.val_split, seed=cfg.training.seed)
     loader.set_epoch(0)
@@ -147,7 +155,7 @@ def frontier(run_dir, data_dir, offsets, which="last", batch_size=64, device="cp
                     if k.split("/")[1] in ("code_info_bits_epoch", "ce_bits_epoch", "auc_moving_epoch",
                                            "epe_zero_px_epoch")})
     return {"run": str(run_dir), "data": str(data_dir), "split": split, "checkpoint": which,
-            "mask": f"evaluation mask (valid AND build filter {info['build_filter']})",
+            "mask": f"evaluation mask (valid AND build filter {build.build_filter})",
             "labels": int(n), "table": table, "summary": summary}
 
 
@@ -158,7 +166,7 @@ def cached_frontier(run_dir, data_dir, device="cpu") -> dict:
     cache, ckpt = run_dir / "frontier.json", run_dir / "last.pt"
     if cache.exists() and cache.stat().st_mtime >= ckpt.stat().st_mtime:
         return json.loads(cache.read_text())
-    res = frontier(run_dir, data_dir, parse_offsets(DEFAULT_OFFSETS), device=device, progress=False)
+    res = frontier(run_dir, data_dir, DEFAULT_OFFSETS, device=device, progress=False)
     atomic_write_json(cache, res)
     return res
 

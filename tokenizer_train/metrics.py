@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-from motion_data.labels import class_offsets, half_window
+from motion_data.labels import center_class, class_offsets, half_window
 
 
 # ------------------------------------------------------------------ code statistics
@@ -94,12 +94,19 @@ def code_scalars(prefix: str, when: str, codes: np.ndarray, levels, zero_codes=N
 
 
 # ------------------------------------------------------------------ prediction quality
+def accuracy_sums(pred: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(correct, count) of predicted class ids over the mask as 0-dim tensors on the
+    batch's device (no host sync: the trainer sums them and reads them at the log interval)."""
+    m = mask.bool()
+    return ((pred == labels) & m).sum(), m.sum()
+
+
 def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
     """(correct, count) of argmax predictions over the mask; ``logits`` may also be the
     predicted class ids already (same shape as labels), to take the argmax once."""
     pred = logits.argmax(-1) if logits.dim() == labels.dim() + 1 else logits
-    m = mask.bool()
-    return float(((pred == labels) & m).sum()), int(m.sum())
+    c, n = accuracy_sums(pred, labels, mask)
+    return float(c), int(n)
 
 
 def noncenter_counts(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, center: int) -> tuple[float, int]:
@@ -148,13 +155,86 @@ def boundary_counts(z_bounded: torch.Tensor, margin: float = BOUNDARY_MARGIN) ->
     return float((dist < margin).sum()), z.numel()
 
 
-def dynamic_point_counts(mask: torch.Tensor) -> tuple[int, int]:
-    """(kept points, all points) of a batch ``(B, S, N)``: a point is kept when any of its
-    steps is in the loss mask (DESIGN: dynamic_point_ratio = kept points / all points)."""
+def dynamic_point_sums(mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(kept points as a 0-dim tensor, all points) of a batch ``(B, S, N)``: a point is kept
+    when any of its steps is in the loss mask (docs/DESIGN.md: dynamic_point_ratio = kept
+    points / all points)."""
     B, S, N = mask.shape
-    return int(mask.bool().any(dim=1).sum()), B * N
+    return mask.bool().any(dim=1).sum(), B * N
+
+
+def dynamic_point_counts(mask: torch.Tensor) -> tuple[int, int]:
+    """:func:`dynamic_point_sums` as host numbers."""
+    kept, points = dynamic_point_sums(mask)
+    return int(kept), points
 
 
 def ratio(num_den) -> float:
     num, den = num_den
     return float(num) / den if den else 0.0
+
+
+# ------------------------------------------------------------------ the training loop's sums
+class Sums:
+    """Exact (sum, count) accumulators for a step, an epoch or a validation pass.
+
+    Values are float64: 0-dim tensors on the batch's device while training (adding a batch
+    never waits for the device, issue 13), host floats once read. ``reduced`` (all ranks)
+    and ``floats`` (a checkpoint) read them: call them at the log interval only.
+    """
+
+    KEYS = ("loss", "ce", "total", "count", "correct", "nc_correct", "nc_count", "epe", "epe_count",
+            "kept", "points", "clips", "e_correct", "e_count")
+
+    def __init__(self, values=None):
+        self.v = dict.fromkeys(self.KEYS, 0.0) | dict(values or {})
+
+    def add(self, **kw):
+        for k, x in kw.items():
+            self.v[k] = self.v[k] + x
+
+    def floats(self) -> dict:
+        """``{key: float}`` (one host sync for all keys)."""
+        dev = [k for k in self.KEYS if torch.is_tensor(self.v[k])]
+        got = dict(zip(dev, torch.stack([self.v[k].double() for k in dev]).tolist())) if dev else {}
+        return {k: float(got.get(k, self.v[k])) for k in self.KEYS}
+
+    def reduced(self, device) -> dict:
+        from .distributed import all_reduce_sum
+
+        f = self.floats()
+        return dict(zip(self.KEYS, all_reduce_sum([f[k] for k in self.KEYS], device)))
+
+
+def batch_sums(out, batch, loss, info, total, W) -> dict:
+    """A training batch's contribution to :class:`Sums`, as float64 device tensors (no sync)."""
+    logits, labels, mask = out["logits"], batch["labels"], batch["mask"]
+    n = info["count"].double()
+    pred = logits.detach().argmax(-1)
+    c, m = accuracy_sums(pred, labels, mask)
+    nc, nm = accuracy_sums(pred, labels, mask.bool() & (labels != center_class(W)))
+    kept, pts = dynamic_point_sums(mask)
+    ec, en = accuracy_sums(pred, labels, batch["eval_mask"])  # train/acc_evalmask_epoch: check's gate
+    return dict(loss=loss.double() * n, ce=info["ce"].double() * n, total=total.double() * n, count=n,
+                correct=c.double(), nc_correct=nc.double(), nc_count=nm.double(), kept=kept.double(),
+                points=float(pts), clips=float(labels.shape[0]), e_correct=ec.double(), e_count=en.double())
+
+
+def step_scalars(r: dict) -> dict:
+    """The ``train/*_step`` figures of reduced step sums."""
+    return {"train/loss_step": ratio((r["loss"], r["count"])),
+            "train/ce_step": ratio((r["ce"], r["count"])),
+            "train/loss_total_step": ratio((r["total"], r["count"])),
+            "train/total_loss_step": ratio((r["total"], r["count"])),
+            "train/acc_step": ratio((r["correct"], r["count"])),
+            "train/acc_noncenter_step": ratio((r["nc_correct"], r["nc_count"])),
+            "train/dynamic_point_ratio_step": ratio((r["kept"], r["points"]))}
+
+
+def epoch_scalars(r: dict) -> dict:
+    """The ``train/*_epoch`` figures of reduced epoch sums."""
+    return {"train/loss_epoch": ratio((r["loss"], r["count"])),
+            "train/acc_epoch": ratio((r["correct"], r["count"])),
+            "train/acc_evalmask_epoch": ratio((r["e_correct"], r["e_count"])),
+            "train/acc_noncenter_epoch": ratio((r["nc_correct"], r["nc_count"])),
+            "train/dynamic_point_ratio_epoch": ratio((r["kept"], r["points"]))}

@@ -28,7 +28,7 @@ from vector_quantize_pytorch import FSQ
 
 from .config import ModelConfig
 from .decoder_heads import AmplifyHead, CodeQueryHead
-from .losses import fsq_prerounding_from_module
+from .fsq_geometry import fsq_prerounding_from_module
 from .point_features import PointEncoder, fourier_features, group_of_points, motion_position_features
 from .shaping import QuantInputShaping
 
@@ -155,7 +155,7 @@ class MotionTokenizer(nn.Module):
         # FSQ quantises in float32 anyway; keep the bounded value (regulariser input) in f32
         with torch.autocast(device_type=velocities.device.type, enabled=False):
             zf = quant_in.float()
-            # on FSQ's integer level grid (losses.fsq_levels_grid): the regulariser's input
+            # on FSQ's integer level grid (fsq_geometry.fsq_levels_grid): the regulariser's input
             z_bounded = fsq_prerounding_from_module(self.fsq, zf)
             quantized, codes = self.fsq(zf)
         return {"quant_in": quant_in, "z_bounded": z_bounded, "quantized": quantized,

@@ -1,6 +1,6 @@
 """Per-point features of the tokenizer: start-position encoding, point groups, shared point encoder.
 
-Positions are in pixels of the ref_size x ref_size reference frame (DESIGN.md "Units"), so
+Positions are in pixels of the ref_size x ref_size reference frame (docs/DESIGN.md "Units"), so
 ``start_pos / DEFAULT_REF_SIZE`` lies in [0, 1) for a point inside the frame.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The validation figures of one pass on the evaluation mask (DESIGN.md, Trainer): accuracy,
+"""The validation figures of one pass on the evaluation mask (docs/DESIGN.md, Trainer): accuracy,
 non-centre accuracy, CE and code information in bits per label, AUC moving vs static, EPE
 next to the zero predictor's. Exact (sum, count) sums and the AUC histogram, so batches,
 epochs and DDP ranks aggregate before dividing."""

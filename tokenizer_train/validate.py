@@ -1,5 +1,5 @@
 """The validation pass of the trainer and the training-time code information, both on the
-evaluation mask (DESIGN.md, Trainer: one mask for every run's validation figures)."""
+evaluation mask (docs/DESIGN.md, Trainer: one mask for every run's validation figures)."""
 from __future__ import annotations
 
 import torch

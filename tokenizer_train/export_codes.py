@@ -1,4 +1,4 @@
-"""Write each clip's code ids with a trained tokenizer (what a dynamics model consumes).
+"""``tokenize``: write each clip's code ids with a trained tokenizer (what a dynamics model consumes).
 
   python -m tokenizer_train tokenize --run RUN --data BUILD --out codes.parquet
 
@@ -20,14 +20,14 @@ import torch
 from tqdm import tqdm
 
 from motion_data.atomic import atomic_path
-from motion_data.loader import MANIFEST_COLUMNS, ClipDataset, read_build_info
+from motion_data.builddir import BuildDir
+from motion_data.loader import MANIFEST_COLUMNS, ClipDataset
 from motion_data.sampler import SequentialBatchSampler
 from motion_data.split import split_manifest
 
-from . import checkpoint as ckpt
-from .config import ConfigError, from_dict
+from .checkpoint import load_model
+from .config import ConfigError
 from .distributed import pick_device
-from .model import MotionTokenizer
 from .model_inputs import model_kwargs
 
 
@@ -45,31 +45,18 @@ def _whole_batch(batch):
     return batch  # ClipDataset.__getitems__ already returns the batch dict
 
 
-def load_model(run_dir, which: str = "best", device="cpu"):
-    """(model in eval mode, config, checkpoint meta) of a run."""
-    st = ckpt.load(Path(run_dir) / f"{which}.pt", map_location=device)
-    cfg = from_dict(st["config"])
-    meta = st["meta"]
-    model = MotionTokenizer(cfg.model, num_points=meta["N"], window_size=meta["W"])
-    model.load_state_dict(st["model"])
-    return model.to(device).eval(), cfg, meta
-
-
 @torch.no_grad()
 def tokenize(run_dir, data_dir, out_path, which="best", batch_size=256, num_workers=0, device="cpu") -> Path:
     device = torch.device(device)
     model, cfg, meta = load_model(run_dir, which, device)
-    root = Path(data_dir)
-    info = read_build_info(root)
-    if (info["W"], info["N"]) != (meta["W"], meta["N"]):
-        raise ValueError(f"{root}: build has W={info['W']}, N={info['N']}; the run was trained on "
-                         f"W={meta['W']}, N={meta['N']}")
-    man = pq.read_table(root / "manifest.parquet", columns=MANIFEST_COLUMNS).to_pydict()
+    build = BuildDir(data_dir)
+    build.check_compatible(W=meta["W"], N=meta["N"], what=f"the run {run_dir}")
+    man = build.manifest(MANIFEST_COLUMNS)
     C = len(man["clip_id"])
-    _, val_rows = split_manifest(man, cfg.data.val_split, info["T"])
+    _, val_rows = split_manifest(man, cfg.data.val_split, build.T)
     split = np.full(C, "train", dtype=object)
     split[val_rows] = "val"
-    ds = ClipDataset(root, man, cfg.data.static_filter, info["W"], info["T"] - 1, info["N"])
+    ds = ClipDataset(build.root, man, cfg.data.static_filter, build.W, build.S, build.N)
     dl = torch.utils.data.DataLoader(ds, batch_sampler=SequentialBatchSampler(np.arange(C), batch_size),
                                      collate_fn=_whole_batch, num_workers=num_workers)
     ids, codes = [], []
