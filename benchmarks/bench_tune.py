@@ -27,6 +27,7 @@ import numpy as np
 from motion_data import analysis as A
 from motion_data import labels as L
 from motion_data import stats as S
+from motion_data.builddir import BuildDir
 from motion_data import store as ST
 from motion_data.stats import _top_ranks
 
@@ -153,8 +154,7 @@ def main():
     S.keep_mask(np.zeros((1, 4), np.float32), np.ones((1, 4), np.uint8), 0.1, 1)  # load kernel caches
 
     t0 = time.perf_counter()
-    g, attrs = A.open_stats(out)
-    hists = A.load_histograms(g, metrics)
+    hists = BuildDir(out).histograms(metrics)
     t_open = time.perf_counter() - t0
     t0 = time.perf_counter()
     rows = A.sweep_from_hist(hists, metrics, thresholds, 16, W, targets)

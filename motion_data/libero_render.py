@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .importers import MissingDependency
+from .file_readers import MissingDependency
 from .labels import DEFAULT_GRID, DEFAULT_T
 from .scripted_policy import OPEN, PickPlace, draw_motion
 from .sim_tracks import Recording, rollout_tracks, window_starts

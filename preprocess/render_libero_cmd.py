@@ -23,7 +23,7 @@ from __future__ import annotations
 import sys
 import time
 
-from motion_data.importers import MissingDependency
+from motion_data.file_readers import MissingDependency
 from motion_data.libero_render import DEFAULT_SUITES, RenderConfig, RenderUnavailable, require_sim, suite_size
 from motion_data.render_jobs import parse_tasks, pending, run_jobs
 
