@@ -7,7 +7,7 @@ from tokenizer_train.__main__ import main
 
 def test_quick_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--quick", "--no-video", "--no-progress"]) == 0
+    assert main(["demo", "--out", str(out), "--quick", "--no-video", "--no-libero", "--no-progress"]) == 0
     text = capsys.readouterr().out
     for step in ("1/6 data", "2/6 build-shards", "3/6 tune-filter", "4/6 train", "5/6 check", "6/6 frontier"):
         assert step in text
@@ -33,7 +33,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert any("val/code_info_bits_epoch" in r for r in rows)
 
     # rerun resumes: nothing is trained again, the same tables are printed
-    assert main(["demo", "--out", str(out), "--quick", "--no-video", "--no-progress"]) == 0
+    assert main(["demo", "--out", str(out), "--quick", "--no-video", "--no-libero", "--no-progress"]) == 0
     assert "| recommended |" in capsys.readouterr().out
     assert check.epochs_run(check.read_metrics(abl / "runs" / "baseline" / "seed0")) == 2
 
@@ -41,5 +41,5 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
 def test_demo_fails_on_real_error(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    assert main(["demo", "--out", str(blocker), "--quick", "--no-video", "--no-progress"]) != 0
+    assert main(["demo", "--out", str(blocker), "--quick", "--no-video", "--no-libero", "--no-progress"]) != 0
     assert "demo: error" in capsys.readouterr().err

@@ -1,10 +1,13 @@
 """End-to-end demo: data, filter tuning, baseline vs recommended, acceptance check.
 
-  python -m tokenizer_train demo [--out demo_out] [--epochs N] [--quick] [--no-video]
+  python -m tokenizer_train demo [--out demo_out] [--epochs N] [--quick] [--no-video] [--no-libero]
 
 On a fresh machine, in one folder (default demo_out/):
-  1. data/synth/      synthetic robot-like track files (motion_data.synth)
-     data/tracks/     vtest.avi tracked with OpenCV (when the sample video is installed,
+  1. data/libero/     with the simulator extra installed (pip install -e ".[sim]"): LIBERO
+                      rollouts rendered with ground-truth tracks (render-libero; AMPLIFY's
+                      domain), used instead of the two below (skip with --no-libero)
+     data/synth/      otherwise: synthetic robot-like track files (motion_data.synth)
+     data/tracks/     and vtest.avi tracked with OpenCV (when the sample video is installed,
                       Debian package opencv-doc; skip with --no-video)
   2. build/           build-shards of both
   3. tune-filter      threshold sweep and its recommendation (printed, for reference)
@@ -44,13 +47,14 @@ class DemoSize:
     grid: int
     video_stride: int
     epochs: int
+    libero_tasks: int  # LIBERO rollouts: tasks 0..n-1 of libero_90 and of libero_object, one episode each
     model: dict  # config overrides (dotted key -> value) of the model and optimisation, common to both runs
 
 
-FULL = DemoSize(synth_clips=200, grid=20, video_stride=8, epochs=8,
+FULL = DemoSize(synth_clips=200, grid=20, video_stride=8, epochs=8, libero_tasks=3,
                 model={"model.hidden_dim": 64, "model.num_layers": 1, "model.num_heads": 4, "training.batch_size": 16,
                        "training.learning_rate": 1e-3, "training.log_interval": 4})
-QUICK = DemoSize(synth_clips=48, grid=6, video_stride=8, epochs=2,
+QUICK = DemoSize(synth_clips=48, grid=6, video_stride=8, epochs=2, libero_tasks=1,
                  model={"model.hidden_dim": 16, "model.num_layers": 1, "model.num_heads": 2, "training.batch_size": 8,
                         "training.learning_rate": 1e-3, "training.log_interval": 1, "data.val_split": 0.25})
 
@@ -59,13 +63,42 @@ def _step(msg: str):
     print(f"\n== {msg}", flush=True)
 
 
-def make_data(out: Path, size: DemoSize, video: bool, progress: bool) -> list[str]:
-    """Synthetic track files, plus vtest.avi tracks when wanted and installed; the input folders."""
+def libero_data(out: Path, size: DemoSize, progress: bool) -> list[str] | None:
+    """Rendered LIBERO rollouts (resumable) when the simulator extra is installed, else None."""
+    from tqdm import tqdm
+
+    from motion_data.file_readers import MissingDependency
+    from motion_data.libero_render import RenderConfig, RenderUnavailable, require_sim
+    from motion_data.render_jobs import pending, run_jobs
+
+    try:
+        require_sim()
+    except (MissingDependency, RenderUnavailable) as e:
+        print(f"LIBERO: not used ({e})")
+        return None
+    folder = out / "data" / "libero"
+    tasks = list(range(size.libero_tasks))
+    jobs = [j for suite in ("libero_90", "libero_object") for j in pending(folder, suite, tasks, 1)]
+    n = sum(len(eps) for _, _, eps in jobs)
+    with tqdm(total=n, desc="render-libero", unit="rollout", disable=not progress) as bar:
+        run_jobs(jobs, RenderConfig(), folder, workers=2, on_done=lambda s: bar.update(1))
+    print(f"LIBERO: {2 * size.libero_tasks} rollouts (libero_90 and libero_object, tasks 0-{size.libero_tasks - 1}) "
+          f"with ground-truth tracks -> {folder}")
+    return [str(folder)]
+
+
+def make_data(out: Path, size: DemoSize, video: bool, progress: bool, libero: bool = True) -> list[str]:
+    """LIBERO rollouts when wanted and the simulator is installed; else synthetic track files,
+    plus vtest.avi tracks when wanted and installed. Returns the input folders."""
     from tqdm import tqdm
 
     from motion_data.synth import SynthConfig, write_synth
     from motion_data.video import TrackConfig, find_sample_video, track_video, write_track_file
 
+    if libero:
+        folders = libero_data(out, size, progress)
+        if folders:
+            return folders
     synth = out / "data" / "synth"
     done = synth / "done.json"
     if not done.exists():
@@ -112,7 +145,8 @@ def tune(build_dir: Path) -> str:
     return f"{rows[rec].metric}@{rows[rec].threshold:g}"
 
 
-def demo(out, epochs: int | None = None, quick: bool = False, video: bool = True, progress: bool = True) -> dict:
+def demo(out, epochs: int | None = None, quick: bool = False, video: bool = True, progress: bool = True,
+         libero: bool = True) -> dict:
     """Run every step; return {"gates": [...], "passed": bool, "table": [...], "wall_s": float}."""
     from motion_data.build import build
 
@@ -122,7 +156,7 @@ def demo(out, epochs: int | None = None, quick: bool = False, video: bool = True
     out.mkdir(parents=True, exist_ok=True)
 
     _step("1/6 data")
-    inputs = make_data(out, size, video, progress)
+    inputs = make_data(out, size, video, progress, libero)
 
     _step("2/6 build-shards")
     build_dir = out / "build"
@@ -165,6 +199,8 @@ def add_arguments(p: argparse.ArgumentParser):
                                               f"--quick: {QUICK.epochs})")
     p.add_argument("--quick", action="store_true", help="tiny data and model (a smoke test of every step)")
     p.add_argument("--no-video", action="store_true", help="synthetic data only, even when vtest.avi is installed")
+    p.add_argument("--no-libero", action="store_true",
+                   help="synthetic data (and vtest.avi) even when the LIBERO simulator extra is installed")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
@@ -173,7 +209,8 @@ def run(args) -> int:
         print("error: --epochs must be >= 1", file=sys.stderr)
         return 2
     try:
-        demo(args.out, args.epochs, args.quick, video=not args.no_video, progress=not args.no_progress)
+        demo(args.out, args.epochs, args.quick, video=not args.no_video, progress=not args.no_progress,
+             libero=not args.no_libero)
     except Exception as e:  # noqa: BLE001 -- any failed step: one line, non-zero exit
         print(f"demo: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
