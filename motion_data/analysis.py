@@ -324,7 +324,8 @@ def exact_from_build(build: str | Path, metrics, thresholds, min_keep: int, chun
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
-    from .shards import ShardError, read_sample
+    from .shard_reader import read_sample
+    from .shards import ShardError
 
     build = Path(build)
     g, attrs = open_stats(build)
