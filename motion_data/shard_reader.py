@@ -61,9 +61,10 @@ class FdCache:
     def __init__(self, max_open: int | None = None):
         self.max_open = max(1, int(max_open or default_max_open()))
         self._fds: OrderedDict = OrderedDict()  # path -> (fd, file size)
+        self._sizes: dict = {}  # path -> file size (shards do not change while read)
 
     def __getstate__(self):
-        return {"max_open": self.max_open, "_fds": OrderedDict()}  # descriptors are per process
+        return {"max_open": self.max_open, "_fds": OrderedDict(), "_sizes": {}}  # descriptors are per process
 
     def __len__(self):
         return len(self._fds)
@@ -87,7 +88,12 @@ class FdCache:
             os.close(fd)
             raise ShardError(f"{path}: cannot stat shard ({e})") from None
         self._fds[path] = (fd, size)
+        self._sizes[path] = size
         return fd, size
+
+    def file_size(self, path) -> int:
+        size = self._sizes.get(str(path))
+        return self.get(path)[1] if size is None else size
 
     def _open(self, path: str) -> int:
         try:
@@ -274,6 +280,8 @@ def _describe(code: int, buf, at: int, key: str) -> str:
         name = _name_at(buf, at)
         if name.startswith("/") or ".." in name.split("/"):
             return f"unsafe member name {name!r}"
+        if name.partition(".")[0] != key:
+            return f"member {name!r} does not belong to sample {key!r}"
         return f"member {name!r} is not the expected {key}.<{'|'.join(MEMBER_EXTS)}> in order"
     return {BAD_HEADER: "corrupt tar header (bad checksum, size or member type)",
             BAD_LAYOUT: f"the byte range is not exactly the four members {', '.join(MEMBER_EXTS)}",
@@ -316,21 +324,19 @@ def read_ranges(fds: FdCache, paths: list, offsets, sizes, where: list[str], ok:
     B = len(paths)
     sizes = np.asarray(sizes, np.int64)
     offsets = np.asarray(offsets, np.int64)
-    fds_sizes = []
     for j in range(B):
-        fd, fsize = -1, 0
-        if ok[j]:
-            try:
-                fd, fsize = fds.get(paths[j])
-            except ShardError as e:
-                ok[j], errors[j] = False, f"{e} ({where[j]})"
-            else:
-                # bound by the file: a damaged manifest never makes us allocate its size
-                if offsets[j] < 0 or sizes[j] < 0 or offsets[j] + sizes[j] > fsize:
-                    ok[j] = False
-                    errors[j] = (f"{where[j]}: byte range {offsets[j]}+{sizes[j]} lies outside the shard "
-                                 f"({fsize} bytes): truncated shard or damaged manifest; {_REBUILD}")
-        fds_sizes.append(fd)
+        if not ok[j]:
+            continue
+        try:
+            fsize = fds.file_size(paths[j])
+        except ShardError as e:
+            ok[j], errors[j] = False, f"{e} ({where[j]})"
+            continue
+        # bound by the file: a damaged manifest never makes us allocate its size
+        if offsets[j] < 0 or sizes[j] < 0 or offsets[j] + sizes[j] > fsize:
+            ok[j] = False
+            errors[j] = (f"{where[j]}: byte range {offsets[j]}+{sizes[j]} lies outside the shard "
+                         f"({fsize} bytes): truncated shard or damaged manifest; {_REBUILD}")
     used = np.where(ok, sizes, 0)
     starts = np.zeros(B, np.int64)
     starts[1:] = np.cumsum(used)[:-1]
@@ -339,8 +345,13 @@ def read_ranges(fds: FdCache, paths: list, offsets, sizes, where: list[str], ok:
     for j in np.flatnonzero(ok):
         a, n = int(starts[j]), int(sizes[j])
         try:
-            got = os.preadv(fds_sizes[j], [mv[a:a + n]], int(offsets[j]))
+            # the descriptor is used at once: a later get() may evict and close it
+            got = os.preadv(fds.get(paths[j])[0], [mv[a:a + n]], int(offsets[j]))
+        except ShardError as e:
+            got, errors[j] = -1, f"{e} ({where[j]})"
         except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                raise
             got, errors[j] = -1, f"{where[j]}: {e}"
         if got != n:
             ok[j] = False

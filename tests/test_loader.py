@@ -136,7 +136,7 @@ def test_batch_reader_equals_reference_and_names_the_unusual(tiny_build, tmp_pat
     pos, vis, st, got, err = ds.read_rows(rows)
     assert not got[2] and not got[5] and got.sum() == B - 2
     assert "corrupt tar header" in err[2] and m["shard"][i] in err[2]
-    assert "is not the expected" in err[5] and m["shard"][rows[5]] in err[5]
+    assert "does not belong to sample" in err[5] and m["shard"][rows[5]] in err[5]
 
 
 def test_val_loader_full_deterministic_pass(tiny_build):
