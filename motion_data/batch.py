@@ -52,10 +52,10 @@ def _step(pos, vis, keep, keep_eval, b, t, n, h, v_out, mask_out, valid_out, eva
     vy = pos[b, t + 1, n, 1] - pos[b, t, n, 1]
     v_out[b, t, n, 0] = min(max(vx / h, -one), one)
     v_out[b, t, n, 1] = min(max(vy / h, -one), one)
-    ok = vis[b, t, n] and vis[b, t + 1, n]
+    ok = vis[b, t, n] & vis[b, t + 1, n]
     valid_out[b, t, n] = ok
-    mask_out[b, t, n] = keep[b, n] and ok
-    eval_out[b, t, n] = keep_eval[b, n] and ok
+    mask_out[b, t, n] = keep[b, n] & ok
+    eval_out[b, t, n] = keep_eval[b, n] & ok
 
 
 @numba.njit(cache=True)

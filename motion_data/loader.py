@@ -64,6 +64,7 @@ class ClipDataset(torch.utils.data.Dataset):
         self.ref_size, self.label_rule = info["ref_size"], info["label_rule"]
         self.checksum = np.asarray(manifest["checksum"], np.int64)
         self.shard_paths = sorted(set(manifest["shard"]))
+        self._paths = [str(self.root / p) for p in self.shard_paths]
         code = {s: i for i, s in enumerate(self.shard_paths)}
         self.shard_of = np.fromiter((code[s] for s in manifest["shard"]), np.int32, len(manifest["shard"]))
         self.offset = np.asarray(manifest["offset"], np.int64)
@@ -84,18 +85,10 @@ class ClipDataset(torch.utils.data.Dataset):
         """``shard_reader.read_batch`` of manifest rows, in file order (sequential access
         within each shard); returns (pos, vis, stats, ok, errors) in ``rows`` order."""
         rows = np.asarray(rows, np.int64)
-        B = len(rows)
         order = np.lexsort((self.offset[rows], self.shard_of[rows]))
         r = rows[order]
-        pos, vis, st, ok, err = read_batch(self.fds, [str(self.root / self.shard_paths[s]) for s in self.shard_of[r]],
-                                           self.offset[r], self.size[r], [self.clip_id[i] for i in r],
-                                           self.checksum[r], self.S + 1, self.N)
-        if B and (order != np.arange(B)).any():
-            inv = np.empty(B, np.int64)
-            inv[order] = np.arange(B)
-            pos, vis, st, ok = pos[inv], vis[inv], st[inv], ok[inv]
-            err = [err[i] for i in inv]
-        return pos, vis, st, ok, err
+        return read_batch(self.fds, [self._paths[s] for s in self.shard_of[r]], self.offset[r], self.size[r],
+                          [self.clip_id[i] for i in r], self.checksum[r], self.S + 1, self.N, dest=order)
 
     def read(self, row: int) -> dict:
         """Raw arrays of one clip; ``ShardError`` naming the shard when it cannot be read."""

@@ -196,10 +196,12 @@ def _scan_kernel(buf, starts, sizes, keys, key_len, exts, ext_len, data_at, data
 
 
 @numba.njit(cache=True)
-def _copy_kernel(buf, data_at, data_len, heads, head_len, nbytes, code, pos_out, st_out, vis_out):
-    """For each OK sample: its three ``.npy`` members (pos, stats, vis) must be exactly the
-    expected header plus ``nbytes`` of data; copy the data into row j of the flat outputs
-    (vis bytes must be 0 or 1). Failures set ``code[j]``."""
+def _copy_kernel(buf, buf32, data_at, data_len, heads, head_len, nbytes, code, dest, pos_out, st_out, vis_out):
+    """For each OK sample j: its three ``.npy`` members (pos, stats, vis) must be exactly the
+    expected header plus ``nbytes`` of data; copy the data into row ``dest[j]`` of the flat
+    outputs (float members as float32 words: ``buf32`` is ``buf`` viewed as float32, and
+    npy data starts 64-byte aligned inside 512-byte aligned ranges; vis bytes must be 0/1).
+    Failures set ``code[j]``."""
     B = data_at.shape[0]
     for j in range(B):
         if code[j] != OK:
@@ -207,7 +209,7 @@ def _copy_kernel(buf, data_at, data_len, heads, head_len, nbytes, code, pos_out,
         for q in range(3):
             a = data_at[j, q + 1]
             hl = head_len[q]
-            if data_len[j, q + 1] != hl + nbytes[q]:
+            if data_len[j, q + 1] != hl + nbytes[q] or (q < 2 and (a + hl) % 4 != 0):
                 code[j] = BAD_NPY
                 break
             for i in range(hl):
@@ -216,15 +218,16 @@ def _copy_kernel(buf, data_at, data_len, heads, head_len, nbytes, code, pos_out,
                     break
         if code[j] != OK:
             continue
-        a = data_at[j, 1] + head_len[0]
-        pos_out[j, :] = buf[a:a + nbytes[0]]
-        a = data_at[j, 2] + head_len[1]
-        st_out[j, :] = buf[a:a + nbytes[1]]
+        d = dest[j]
+        a = (data_at[j, 1] + head_len[0]) // 4
+        pos_out[d, :] = buf32[a:a + nbytes[0] // 4]
+        a = (data_at[j, 2] + head_len[1]) // 4
+        st_out[d, :] = buf32[a:a + nbytes[1] // 4]
         a = data_at[j, 3] + head_len[2]
         bad = 0
         for i in range(nbytes[2]):
             v = buf[a + i]
-            vis_out[j, i] = v
+            vis_out[d, i] = v
             bad |= v
         if bad > 1:
             code[j] = BAD_BOOL
@@ -340,31 +343,45 @@ def read_ranges(fds: FdCache, paths: list, offsets, sizes, where: list[str], ok:
     used = np.where(ok, sizes, 0)
     starts = np.zeros(B, np.int64)
     starts[1:] = np.cumsum(used)[:-1]
-    buf = np.empty(int(used.sum()), np.uint8)
+    buf = np.empty((int(used.sum()) + 3) // 4 * 4, np.uint8)  # whole float32 words
     mv = memoryview(buf)
-    for j in np.flatnonzero(ok):
-        a, n = int(starts[j]), int(sizes[j])
+    todo = np.flatnonzero(ok)
+    k = 0
+    while k < len(todo):
+        # a run of ranges adjacent in the same file (consecutive samples): one call
+        e = k + 1
+        while (e < len(todo) and paths[todo[e]] == paths[todo[k]]
+               and offsets[todo[e]] == offsets[todo[e - 1]] + sizes[todo[e - 1]]):
+            e += 1
+        run = todo[k:e]
+        a, n = int(starts[run[0]]), int(used[run].sum())
         try:
             # the descriptor is used at once: a later get() may evict and close it
-            got = os.preadv(fds.get(paths[j])[0], [mv[a:a + n]], int(offsets[j]))
-        except ShardError as e:
-            got, errors[j] = -1, f"{e} ({where[j]})"
-        except OSError as e:
-            if e.errno in (errno.EMFILE, errno.ENFILE):
+            got, msg = os.preadv(fds.get(paths[run[0]])[0], [mv[a:a + n]], int(offsets[run[0]])), None
+        except ShardError as err:
+            got, msg = -1, str(err)
+        except OSError as err:
+            if err.errno in (errno.EMFILE, errno.ENFILE):
                 raise
-            got, errors[j] = -1, f"{where[j]}: {e}"
+            got, msg = -1, str(err)
         if got != n:
-            ok[j] = False
-            errors[j] = errors[j] or f"{where[j]}: truncated shard (wanted {n} bytes, got {got})"
+            for j in run:
+                ok[j] = False
+                errors[j] = (f"{where[j]}: {msg}" if msg else
+                             f"{where[j]}: truncated shard (wanted {n} bytes from offset {int(offsets[run[0]])}, "
+                             f"got {got})")
+        k = e
     return buf, starts, np.where(ok, sizes, 0)
 
 
 def read_batch(fds: FdCache, paths: list, offsets, sizes, keys: list[str], checksum, T: int, N: int, *,
-               out=None):
-    """Read and check B samples. Returns ``(pos (B,T,N,2) float32, vis (B,T,N) bool,
-    stats (B,3,N) float32, ok (B,) bool, errors)``: rows with ``ok[j]`` False hold garbage
-    and ``errors[j]`` the ShardError text naming the shard; ``checksum=None`` skips the CRC
-    (only ``read_sample`` without a manifest). ``out`` = (pos, vis, stats) to fill."""
+               dest=None, out=None):
+    """Read and check B samples (requests in file order read fastest). Returns ``(pos
+    (B,T,N,2) float32, vis (B,T,N) bool, stats (B,3,N) float32, ok (B,) bool, errors)``;
+    request j lands in row ``dest[j]`` (default j) of all of them. Rows with ``ok`` False
+    hold garbage and their ``errors`` entry the ShardError text naming the shard;
+    ``checksum=None`` skips the CRC (only ``read_sample`` without a manifest). ``out`` =
+    (pos, vis, stats) to fill."""
     B = len(paths)
     where = [f"{p}@{int(o)} ({k})" for p, o, k in zip(paths, offsets, keys)]
     ok = np.ones(B, bool)
@@ -374,6 +391,7 @@ def read_batch(fds: FdCache, paths: list, offsets, sizes, keys: list[str], check
     pos, vis, st = out
     if B == 0:
         return pos, vis, st, ok, errors
+    dest = np.arange(B, dtype=np.int64) if dest is None else np.asarray(dest, np.int64)
     buf, starts, sizes = read_ranges(fds, paths, offsets, sizes, where, ok, errors)
     K, kl = _key_matrix(keys)
     data_at = np.zeros((B, 4), np.int64)
@@ -383,13 +401,21 @@ def read_batch(fds: FdCache, paths: list, offsets, sizes, keys: list[str], check
     _scan_kernel(buf, starts, sizes, K, kl, _EXTS, _EXT_LEN, data_at, data_len, code, at)
     code[~ok] = -1
     H, hl, nb = _expected(T, N)
-    _copy_kernel(buf, data_at, data_len, H, hl, nb, code, pos.reshape(B, -1).view(np.uint8),
-                 st.reshape(B, -1).view(np.uint8), vis.reshape(B, -1).view(np.uint8))
+    _copy_kernel(buf, buf.view(np.float32), data_at, data_len, H, hl, nb, code, dest, pos.reshape(B, -1),
+                 st.reshape(B, -1), vis.reshape(B, -1).view(np.uint8))
     for j in np.flatnonzero(ok & (code != OK)):
         ok[j] = False
         errors[j] = f"{where[j]}: {_describe(int(code[j]), buf, int(at[j]), keys[j])}; {_REBUILD}"
-    check_arrays(pos, vis, st, checksum, where, ok, errors)
-    return pos, vis, st, ok, errors
+    # from here on, output row order
+    ok_out = np.empty(B, bool)
+    ok_out[dest] = ok
+    err_out, where_out, ck_out = [None] * B, [None] * B, None if checksum is None else [0] * B
+    for j, d in enumerate(dest):
+        err_out[d], where_out[d] = errors[j], where[j]
+        if ck_out is not None:
+            ck_out[d] = int(checksum[j])
+    check_arrays(pos, vis, st, ck_out, where_out, ok_out, err_out)
+    return pos, vis, st, ok_out, err_out
 
 
 def _npy_shape(blob, start: int, end: int):
