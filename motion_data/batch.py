@@ -6,7 +6,7 @@ Keys (docs/DESIGN.md): ``positions`` ``(B, T, N, 2)`` float32 reference pixels,
 ``valid``, ``eval_mask`` (the build's recorded filter AND valid), ``clip_id`` list and
 ``dynamic_ratio`` ``(B,)``.
 
-Labels come from ``stats._label_step``, the one numba label function (the numpy reference is
+Labels come from ``stats._clip_labels`` (``stats._label_step``'s rule), the one numba label function (the numpy reference is
 ``labels.labels_from_positions``; tests/test_loader.py compares them). A DataLoader worker
 (``packed=True``) sends only what cannot be derived cheaply: positions, visibility, narrow
 labels and the two kept-point masks, in one shared-memory buffer; ``unpack_batch`` derives
@@ -24,7 +24,7 @@ import torch
 
 from .augment import AugmentConfig, augment_batch
 from .labels import DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, rule_code, step_valid
-from .stats import METRICS, SEED_FILTER, StaticFilter, _label_step, keep_mask
+from .stats import METRICS, SEED_FILTER, StaticFilter, _clip_labels, keep_mask
 
 
 @contextmanager
@@ -45,58 +45,59 @@ def _numba_threads(n: int):
 # ----------------------------------------------------------------------------- kernels
 
 @numba.njit(cache=True, inline="always")
-def _step(pos, vis, keep, keep_eval, b, t, n, h, v_out, mask_out, valid_out, eval_out):
-    """Normalised velocity, valid, mask and eval mask of one (clip, step, point)."""
+def _derive_clip(pos, vis, keep, keep_eval, b, h, v_out, mask_out, valid_out, eval_out):
+    """Normalised velocities, valid steps, mask and eval mask of clip b; contiguous rows
+    of one step at a time, so the loops vectorise."""
+    T, N = vis.shape[1], vis.shape[2]
     one = np.float32(1.0)
-    vx = pos[b, t + 1, n, 0] - pos[b, t, n, 0]
-    vy = pos[b, t + 1, n, 1] - pos[b, t, n, 1]
-    v_out[b, t, n, 0] = min(max(vx / h, -one), one)
-    v_out[b, t, n, 1] = min(max(vy / h, -one), one)
-    ok = vis[b, t, n] & vis[b, t + 1, n]
-    valid_out[b, t, n] = ok
-    mask_out[b, t, n] = keep[b, n] & ok
-    eval_out[b, t, n] = keep_eval[b, n] & ok
+    for t in range(T - 1):
+        pa = pos[b, t].reshape(-1)
+        pb = pos[b, t + 1].reshape(-1)
+        vo = v_out[b, t].reshape(-1)
+        for i in range(2 * N):
+            vo[i] = min(max((pb[i] - pa[i]) / h, -one), one)
+        va, vb, ke, kv = vis[b, t], vis[b, t + 1], keep[b], keep_eval[b]
+        mo, vd, eo = mask_out[b, t], valid_out[b, t], eval_out[b, t]
+        for n in range(N):
+            ok = va[n] & vb[n]
+            vd[n] = ok
+            mo[n] = ke[n] & ok
+            eo[n] = kv[n] & ok
 
 
 @numba.njit(cache=True)
 def _batch_kernel(pos, vis, keep, keep_eval, W, ref_max, rule, v_out, lab_out, mask_out, valid_out, eval_out):
-    """In-process batches, one pass: ``labels.normalize(velocities(pos))``,
-    ``labels.labels_from_positions`` (by ``stats._label_step``), ``step_valid`` and both
+    """In-process batches: ``labels.normalize(velocities(pos))``,
+    ``labels.labels_from_positions`` (by ``stats._clip_labels``), ``step_valid`` and both
     masks; tests/test_loader.py checks it against those functions."""
     B, T, N = vis.shape
     h = np.float32((W - 1) / 2.0)
+    q = np.empty((T, N, 2), np.float32)
     for b in range(B):
-        for t in range(T - 1):
-            for n in range(N):
-                ax, ay = pos[b, t, n, 0], pos[b, t, n, 1]
-                bx, by = pos[b, t + 1, n, 0], pos[b, t + 1, n, 1]
-                lab_out[b, t, n] = _label_step(ax, ay, bx, by, bx - ax, by - ay, W, ref_max, rule)
-                _step(pos, vis, keep, keep_eval, b, t, n, h, v_out, mask_out, valid_out, eval_out)
+        _clip_labels(pos, b, W, ref_max, rule, q, lab_out, b)
+        _derive_clip(pos, vis, keep, keep_eval, b, h, v_out, mask_out, valid_out, eval_out)
 
 
 @numba.njit(cache=True)
 def _label_kernel(pos, W, ref_max, rule, lab_out):
     """Labels only (what a worker computes): ``labels.labels_from_positions``."""
     B, T, N, _ = pos.shape
+    q = np.empty((T, N, 2), np.float32)
     for b in range(B):
-        for t in range(T - 1):
-            for n in range(N):
-                ax, ay = pos[b, t, n, 0], pos[b, t, n, 1]
-                bx, by = pos[b, t + 1, n, 0], pos[b, t + 1, n, 1]
-                lab_out[b, t, n] = _label_step(ax, ay, bx, by, bx - ax, by - ay, W, ref_max, rule)
+        _clip_labels(pos, b, W, ref_max, rule, q, lab_out, b)
 
 
 @numba.njit(cache=True)
 def _derive_kernel(pos, vis, keep, keep_eval, lab_in, W, v_out, lab_out, mask_out, valid_out, eval_out):
     """A worker's batch in the main process: velocities, valid, masks, and the narrow labels
     widened to int64, in one pass."""
-    B, T, N = vis.shape
+    B = vis.shape[0]
     h = np.float32((W - 1) / 2.0)
+    flat_in, flat_out = lab_in.reshape(-1), lab_out.reshape(-1)
+    for i in range(flat_in.shape[0]):
+        flat_out[i] = flat_in[i]
     for b in range(B):
-        for t in range(T - 1):
-            for n in range(N):
-                lab_out[b, t, n] = lab_in[b, t, n]
-                _step(pos, vis, keep, keep_eval, b, t, n, h, v_out, mask_out, valid_out, eval_out)
+        _derive_clip(pos, vis, keep, keep_eval, b, h, v_out, mask_out, valid_out, eval_out)
 
 
 # ----------------------------------------------------------------------------- assembly

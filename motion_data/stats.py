@@ -110,6 +110,27 @@ def _label_step(ax, ay, bx, by, vx, vy, W, ref_max, rule):
 
 
 @numba.njit(cache=True, inline="always")
+def _clip_labels(pos, ci, W, ref_max, rule, q, lab_out, li):
+    """Labels ``(S, N)`` of clip ``ci`` of ``pos`` into ``lab_out[li]``: ``_label_step`` with
+    each frame's positions quantised once (rule 0, amplify) instead of twice; ``q`` is a
+    ``(T, N, 2)`` scratch buffer. tests/test_stats.py compares it with the reference."""
+    T, N = pos.shape[1], pos.shape[2]
+    if rule == 0:
+        for t in range(T):
+            for n in range(N):
+                q[t, n, 0] = _quantize(pos[ci, t, n, 0], ref_max)
+                q[t, n, 1] = _quantize(pos[ci, t, n, 1], ref_max)
+        for t in range(T - 1):
+            for n in range(N):
+                lab_out[li, t, n] = _label(q[t + 1, n, 0] - q[t, n, 0], q[t + 1, n, 1] - q[t, n, 1], W)
+    else:
+        for t in range(T - 1):
+            for n in range(N):
+                lab_out[li, t, n] = _label(pos[ci, t + 1, n, 0] - pos[ci, t, n, 0],
+                                           pos[ci, t + 1, n, 1] - pos[ci, t, n, 1], W)
+
+
+@numba.njit(cache=True, inline="always")
 def _clip_pass(pos, vis, ci, W, h, centre, ref_max, rule, sp, labs, kk, ssum, cc, top1, top2):
     """Speed ``sp`` and label ``labs`` ``(S, N)`` of every step of clip ``ci``, and per point
     its valid-step count, speed sum (in step order), centre count, largest and second
