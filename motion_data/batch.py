@@ -121,7 +121,7 @@ def _keep(stats, vis, flt: StaticFilter) -> np.ndarray:
 def make_batch(pos_px: np.ndarray, vis: np.ndarray, stats: np.ndarray, clip_ids: list, flt: StaticFilter,
                W: int, augment: AugmentConfig | None = None, rng: np.random.Generator | None = None, *,
                ref_size: int = DEFAULT_REF_SIZE, label_rule: str = DEFAULT_LABEL_RULE, packed: bool = False,
-               eval_filter: StaticFilter = SEED_FILTER) -> dict:
+               eval_filter: StaticFilter = SEED_FILTER, into: torch.Tensor | None = None) -> dict:
     """Raw arrays of B clips -> the batch dict.
 
     pos_px ``(B, T, N, 2)`` reference pixels, vis ``(B, T, N)``, stats ``(B, 3, N)`` the
@@ -134,7 +134,8 @@ def make_batch(pos_px: np.ndarray, vis: np.ndarray, stats: np.ndarray, clip_ids:
     positions, visibility, labels in ``label_dtype(W)`` and the kept-point masks, under half
     the bytes of the contract dict; ``unpack_batch`` makes the contract dict of it (same
     values). ``eval_filter``: the build's recorded filter; ``eval_mask`` = its kept points
-    AND valid, whatever ``flt`` is.
+    AND valid, whatever ``flt`` is. ``into``: bytes (a ``worker_ring`` slot) to pack into
+    instead of a new buffer.
     """
     B, T, N = vis.shape
     S = T - 1
@@ -146,7 +147,7 @@ def make_batch(pos_px: np.ndarray, vis: np.ndarray, stats: np.ndarray, clip_ids:
     if augment is not None and augment.enabled:
         pos_px = augment_batch(pos_px, keep, augment, rng, W)
     if packed:
-        buf, (p, dyn, labels, v_, k_, ke_) = _alloc(_packed_layout(B, S, N, label_dtype(W)))
+        buf, (p, dyn, labels, v_, k_, ke_) = _alloc(_packed_layout(B, S, N, label_dtype(W)), into)
         p[...] = pos_px
         v_[...] = vis
         k_[...] = keep
@@ -193,13 +194,18 @@ def _sections(layout):
     return out, off
 
 
-def _alloc(layout):
+def packed_bytes(B, S, N, W) -> int:
+    """Size of a packed batch of at most B clips."""
+    return _sections(_packed_layout(B, S, N, label_dtype(W)))[1]
+
+
+def _alloc(layout, into: torch.Tensor | None = None):
     """One byte buffer for the arrays and their numpy views. Inside a DataLoader worker it
     lives in shared memory from the start (as torch's default_collate does), so sending it
     to the main process neither copies it nor needs more than one descriptor."""
     secs, total = _sections(layout)
-    buf = None
-    if torch.utils.data.get_worker_info() is not None:
+    buf = into[:total] if into is not None else None
+    if buf is None and torch.utils.data.get_worker_info() is not None:
         try:
             buf = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(total))
         except (AttributeError, RuntimeError, TypeError):
@@ -210,24 +216,30 @@ def _alloc(layout):
     return buf, [raw[o:o + n].view(dt).reshape(shape) for (o, n), (dt, shape) in zip(secs, layout)]
 
 
-def unpack_batch(batch: dict, pin: bool = False) -> dict:
-    """A worker's packed batch -> the contract dict (derived arrays in pinned memory when
-    ``pin``); other batches pass through unchanged."""
+def unpack_batch(batch: dict, pin: bool = False, ring=None) -> dict:
+    """A worker's packed batch -> the contract dict (in pinned memory when ``pin``); other
+    batches pass through unchanged. ``_packed`` is the buffer, or a slot of ``ring``
+    (``worker_ring.WorkerRing``), which is copied out here: the worker reuses it."""
     if "_packed" not in batch:
         return batch
     B, S, N, W = batch.pop("_shape")
     layout = _packed_layout(B, S, N, label_dtype(W))
-    secs, _ = _sections(layout)
+    secs, total = _sections(layout)
     buf = batch.pop("_packed")
+    from_ring = not torch.is_tensor(buf)
+    buf = ring.slot(int(buf))[:total] if from_ring else buf
     raw = buf.numpy()
     pos, dyn, lab, vis, keep, keep_eval = [raw[o:o + n].view(dt).reshape(sh)
                                            for (o, n), (dt, sh) in zip(secs, layout)]
-    out = _contract_arrays(B, S, N, pin, positions=False)
+    out = _contract_arrays(B, S, N, pin, positions=from_ring)
     n = {k: v.numpy() for k, v in out.items()}
-    # positions and dynamic ratio stay views of the (shared, or pinned) buffer: not copied
-    (po, pn), (do, dn) = secs[0], secs[1]
-    out["positions"] = buf[po:po + pn].view(torch.float32).view(B, S + 1, N, 2)
-    out["dynamic_ratio"] = buf[do:do + dn].view(torch.float32)
+    if from_ring:
+        n["positions"][...] = pos
+        n["dynamic_ratio"][...] = dyn
+    else:  # positions and dynamic ratio stay views of the (shared, or pinned) buffer
+        (po, pn), (do, dn) = secs[0], secs[1]
+        out["positions"] = buf[po:po + pn].view(torch.float32).view(B, S + 1, N, 2)
+        out["dynamic_ratio"] = buf[do:do + dn].view(torch.float32)
     _derive_kernel(pos, vis, keep, keep_eval, lab, W, n["velocities"], n["labels"], n["mask"], n["valid"],
                    n["eval_mask"])
     out["clip_id"] = batch.pop("clip_id")

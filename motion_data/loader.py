@@ -33,13 +33,14 @@ import torch
 
 from . import shards
 from .augment import AugmentConfig
-from .batch import make_batch, unpack_batch
+from .batch import make_batch, packed_bytes, unpack_batch
 from .sampler import (IndexBatch, SamplerConfig, SequentialBatchSampler, WeightedBatchSampler, clip_weights,
                       epoch_rng, load_dynamic_ratio)
 from .shard_reader import FdCache, read_batch
 from .split import split_manifest
 from .stats import SEED_FILTER, StaticFilter, recorded_filter
 from .store import StoreError, read_attrs
+from .worker_ring import make_ring
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class ClipDataset(torch.utils.data.Dataset):
         # workers send packed batches only to a MotionLoader, which unpacks them; any other
         # DataLoader over this dataset gets contract dicts
         self.packed = False
+        self.ring = None  # worker_ring.WorkerRing the workers pack into (make_loader sets it)
         self.fds = FdCache()  # bounded: a 120-shard build trains under `ulimit -n 64`
 
     def __len__(self):
@@ -111,10 +113,12 @@ class ClipDataset(torch.utils.data.Dataset):
         if not ok.all():
             pos, vis, st = pos[ok], vis[ok], st[ok]
         rng = epoch_rng(self.seed, *key, 1)
+        packed = self.packed and torch.utils.data.get_worker_info() is not None
+        slot, into = self.ring.next_slot() if packed and self.ring is not None else (None, None)
         batch = make_batch(pos, vis, st, ids, self.flt, self.W, self.augment, rng, ref_size=self.ref_size,
-                           label_rule=self.label_rule,
-                           packed=self.packed and torch.utils.data.get_worker_info() is not None,
-                           eval_filter=self.eval_filter)
+                           label_rule=self.label_rule, packed=packed, eval_filter=self.eval_filter, into=into)
+        if slot is not None:
+            batch["_packed"] = slot  # the main process reads the slot (MotionLoader.ring)
         batch["skipped"] = errors
         return batch
 
@@ -288,8 +292,9 @@ class MotionLoader:
             self.batch_sampler.start_batch = self.batches_done
         if self.generator is not None:
             self.generator.manual_seed(int(epoch_rng(self.seed, self.epoch, self.rank, 2 ** 31 - 1).integers(2 ** 62)))
+        ring = getattr(getattr(self.dataloader, "dataset", None), "ring", None)
         for batch in self.dataloader:
-            batch = unpack_batch(batch, self.pin)
+            batch = unpack_batch(batch, self.pin, ring)
             errors = batch.pop("skipped", [])
             if errors:
                 self.skipped += len(errors)
@@ -375,6 +380,8 @@ def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter 
 
     dataset = ClipDataset(root, man, flt, W, T - 1, N, aug, seed, on_error, info["build_filter"])
     dataset.packed = True
+    if num_workers > 0:
+        dataset.ring = make_ring(num_workers, prefetch_factor, packed_bytes(batch_size, T - 1, N, W))
     if training:
         weights = clip_weights(load_dynamic_ratio(root, flt)[rows], sampler)
         bs = WeightedBatchSampler(rows, weights, batch_size, epoch_size, seed, rank, world_size)

@@ -208,6 +208,9 @@ def test_augmentation_seeded_by_batch_place(tiny_build):
 def test_workers_deliver_exactly_the_draw(tiny_build):
     kw = dict(split="all", static_filter=FLT, sampler=WEIGHTED, batch_size=5, seed=2, epoch_size=60)
     ld = make_loader(tiny_build, num_workers=2, **kw)
+    # batches come through the shared slots, 4 per worker: 12 batches reuse them, and the
+    # batches kept below must still equal the in-process ones
+    assert ld.dataset.ring is not None and ld.dataset.ring.per_worker == 4
     ld.set_epoch(1)
     got = Counter(c for b in ld for c in b["clip_id"])
     m = _manifest(tiny_build)
