@@ -41,6 +41,7 @@ from .split import split_manifest
 from .stats import SEED_FILTER, StaticFilter, recorded_filter
 from .store import StoreError, read_attrs
 from .worker_ring import make_ring
+from .workers import resolve_workers
 
 log = logging.getLogger(__name__)
 
@@ -329,19 +330,22 @@ def read_build_info(build_dir) -> dict:
 
 def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter | None = None,
                 sampler: SamplerConfig | None = None, augment: AugmentConfig | None = None, batch_size: int = 32,
-                num_workers: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1,
+                num_workers: int | str = 0, seed: int = 0, rank: int = 0, world_size: int = 1,
                 epoch_size: int | None = None, val_split: float = 0.1, pin_memory: bool = False,
                 persistent_workers: bool = False, on_error: str = "fail", shuffle_buffer: int = 1000,
-                prefetch_factor: int | None = None) -> MotionLoader:
+                prefetch_factor: int | None = None, device: str | None = None) -> MotionLoader:
     """The data loader of a build folder.
 
     split: ``train`` (weighted sampler, augmentation), ``val`` (every held-out clip once, in
     order, no weighting or augmentation) or ``all`` (every clip, weighted like train).
     ``epoch_size`` (clips per epoch over all ranks; default ``sampler.epoch_size``, else the
     split's clip count) sets ``len(loader) = max(1, epoch_size // (batch_size * world_size))``.
+    ``num_workers``: a count or ``"auto"`` (``workers.auto_workers`` for ``device``, the
+    device type the batches go to; default cuda when available).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    num_workers = resolve_workers(num_workers, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     flt = static_filter or StaticFilter()
     sampler = sampler or SamplerConfig()
     root = Path(build_dir)

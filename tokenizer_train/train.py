@@ -33,6 +33,7 @@ from tqdm import tqdm
 from motion_data.atomic import atomic_write_json, atomic_write_text
 from motion_data.labels import center_class
 from motion_data.loader import make_loader, read_build_info
+from motion_data.workers import resolve_workers
 
 from . import checkpoint as ckpt
 from . import distributed as D
@@ -106,12 +107,13 @@ def autocast_for(mode: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.float16 if mode == "fp16" else torch.bfloat16)
 
 
-def make_loaders(data_dir, cfg: Config, rank: int, world_size: int):
+def make_loaders(data_dir, cfg: Config, rank: int, world_size: int, device: torch.device = torch.device("cpu")):
     """(train loader, val loader or None) of the build under the config's data section."""
     dc, tc = cfg.data, cfg.training
-    common = dict(static_filter=dc.static_filter, batch_size=tc.batch_size, num_workers=dc.num_workers,
+    workers = resolve_workers(dc.num_workers, device.type)  # "auto" depends on the device
+    common = dict(static_filter=dc.static_filter, batch_size=tc.batch_size, num_workers=workers,
                   seed=tc.seed, rank=rank, world_size=world_size, val_split=dc.val_split,
-                  persistent_workers=dc.num_workers > 0, pin_memory=torch.cuda.is_available())
+                  persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
     train = make_loader(data_dir, split="train", sampler=dc.sampler, augment=dc.augment, **common)
     val = make_loader(data_dir, split="val", **common) if dc.val_split > 0 else None
     return train, val
@@ -208,7 +210,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
     W, N, S = info["W"], info["N"], info["T"] - 1
     if W != cfg.data.window_size:
         raise ValueError(f"{data_dir}: build has W={W} but data.window_size={cfg.data.window_size}")
-    train_loader, val_loader = make_loaders(data_dir, cfg, dist.rank, dist.world_size)
+    train_loader, val_loader = make_loaders(data_dir, cfg, dist.rank, dist.world_size, device)
 
     # model, optimisation
     model = MotionTokenizer(cfg.model, num_points=N, window_size=W).to(device)
