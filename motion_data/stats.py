@@ -110,8 +110,8 @@ def _label_step(ax, ay, bx, by, vx, vy, W, ref_max, rule):
 
 
 @numba.njit(cache=True, inline="always")
-def _clip_labels(pos, ci, W, ref_max, rule, q, lab_out, li):
-    """Labels ``(S, N)`` of clip ``ci`` of ``pos`` into ``lab_out[li]``: ``_label_step`` with
+def _clip_labels(pos, ci, W, ref_max, rule, q, lab_out):
+    """Labels ``(S, N)`` of clip ``ci`` of ``pos`` into ``lab_out`` ``(S, N)``: ``_label_step`` with
     each frame's positions quantised once (rule 0, amplify) instead of twice; ``q`` is a
     ``(T, N, 2)`` scratch buffer. tests/test_stats.py compares it with the reference."""
     T, N = pos.shape[1], pos.shape[2]
@@ -122,20 +122,21 @@ def _clip_labels(pos, ci, W, ref_max, rule, q, lab_out, li):
                 q[t, n, 1] = _quantize(pos[ci, t, n, 1], ref_max)
         for t in range(T - 1):
             for n in range(N):
-                lab_out[li, t, n] = _label(q[t + 1, n, 0] - q[t, n, 0], q[t + 1, n, 1] - q[t, n, 1], W)
+                lab_out[t, n] = _label(q[t + 1, n, 0] - q[t, n, 0], q[t + 1, n, 1] - q[t, n, 1], W)
     else:
         for t in range(T - 1):
             for n in range(N):
-                lab_out[li, t, n] = _label(pos[ci, t + 1, n, 0] - pos[ci, t, n, 0],
+                lab_out[t, n] = _label(pos[ci, t + 1, n, 0] - pos[ci, t, n, 0],
                                            pos[ci, t + 1, n, 1] - pos[ci, t, n, 1], W)
 
 
 @numba.njit(cache=True, inline="always")
-def _clip_pass(pos, vis, ci, W, h, centre, ref_max, rule, sp, labs, kk, ssum, cc, top1, top2):
+def _clip_pass(pos, vis, ci, W, h, centre, ref_max, rule, q, sp, labs, kk, ssum, cc, top1, top2):
     """Speed ``sp`` and label ``labs`` ``(S, N)`` of every step of clip ``ci``, and per point
     its valid-step count, speed sum (in step order), centre count, largest and second
-    largest speed. Steps outer, points inner."""
+    largest speed. Steps outer, points inner, branch-free, so the point loop vectorises."""
     S, N = sp.shape
+    _clip_labels(pos, ci, W, ref_max, rule, q, labs)
     for n in range(N):
         kk[n] = 0
         ssum[n] = 0.0
@@ -143,25 +144,23 @@ def _clip_pass(pos, vis, ci, W, h, centre, ref_max, rule, sp, labs, kk, ssum, cc
         top1[n] = -1.0
         top2[n] = -1.0
     for t in range(S):
+        pa, pb, va, vb, lt, st = pos[ci, t], pos[ci, t + 1], vis[ci, t], vis[ci, t + 1], labs[t], sp[t]
         for n in range(N):
-            ax, ay = pos[ci, t, n, 0], pos[ci, t, n, 1]
-            bx, by = pos[ci, t + 1, n, 0], pos[ci, t + 1, n, 1]
-            vx = bx - ax  # float32, as numpy's diff of the stored positions
-            vy = by - ay
+            vx = pb[n, 0] - pa[n, 0]  # float32, as numpy's diff of the stored positions
+            vy = pb[n, 1] - pa[n, 1]
             nx = min(max(vx / h, -1.0), 1.0)
             ny = min(max(vy / h, -1.0), 1.0)
             v = math.sqrt(nx * nx + ny * ny)
-            lab = _label_step(ax, ay, bx, by, vx, vy, W, ref_max, rule)
-            sp[t, n] = v
-            labs[t, n] = lab
-            ok = vis[ci, t, n] and vis[ci, t + 1, n]
+            st[n] = v
+            ok = va[n] & vb[n]
             kk[n] += ok
-            ssum[n] += v if ok else 0.0
-            cc[n] += ok and lab == centre
-            # (top1, top2) <- the two largest of (top1, top2, v)
+            ssum[n] += v * ok
+            cc[n] += ok & (lt[n] == centre)
+            # (top1, top2) <- the two largest of (top1, top2, v); an invalid step counts as -1
+            vv = v if ok else -1.0
             t1 = top1[n]
-            top2[n] = max(top2[n], min(t1, v)) if ok else top2[n]
-            top1[n] = max(t1, v) if ok else t1
+            top2[n] = max(top2[n], min(t1, vv))
+            top1[n] = max(t1, vv)
 
 
 @numba.njit(cache=True, inline="always")
@@ -199,11 +198,11 @@ def _store_clip(vis, ci, sp, kk, ssum, cc, top1, top2, buf, mean, p95, mx, cente
 
 
 @numba.njit(cache=True, inline="always")
-def _clip_stats(pos, vis, ci, W, ref_max, rule, sp, labs, kk, ssum, cc, top1, top2, buf, mean, p95, mx,
+def _clip_stats(pos, vis, ci, W, ref_max, rule, q, sp, labs, kk, ssum, cc, top1, top2, buf, mean, p95, mx,
                 center_count, valid_count):
     h = (W - 1) / 2.0
     centre = (W // 2) * W + W // 2
-    _clip_pass(pos, vis, ci, W, h, centre, ref_max, rule, sp, labs, kk, ssum, cc, top1, top2)
+    _clip_pass(pos, vis, ci, W, h, centre, ref_max, rule, q, sp, labs, kk, ssum, cc, top1, top2)
     _store_clip(vis, ci, sp, kk, ssum, cc, top1, top2, buf, mean, p95, mx, center_count, valid_count)
 
 
@@ -216,7 +215,8 @@ def _point_stats_kernel(pos, vis, W, ref_max, rule, mean, p95, mx, center_count,
         labs = np.empty((S, N), np.int32)
         kk, cc = np.empty(N, np.int64), np.empty(N, np.int64)
         ssum, top1, top2 = np.empty(N, np.float64), np.empty(N, np.float64), np.empty(N, np.float64)
-        _clip_stats(pos, vis, ci, W, ref_max, rule, sp, labs, kk, ssum, cc, top1, top2, np.empty(S, np.float64),
+        _clip_stats(pos, vis, ci, W, ref_max, rule, np.empty((T, N, 2), np.float32), sp, labs, kk, ssum, cc, top1,
+                    top2, np.empty(S, np.float64),
                     mean, p95, mx, center_count, valid_count)
 
 
@@ -440,11 +440,12 @@ def _shard_kernel(pos, vis, W, ref_max, rule, edges, bw, rank_max, mean, p95, mx
     kk, cc = np.empty(N, np.int64), np.empty(N, np.int64)
     ssum, top1, top2 = np.empty(N, np.float64), np.empty(N, np.float64), np.empty(N, np.float64)
     buf = np.empty(S, np.float64)
+    q = np.empty((T, N, 2), np.float32)
     top = np.empty(rank_max, np.int64)
     rank = np.empty((3, N), np.int64)
     bins = np.empty((3, N), np.int64)
     for ci in range(C):
-        _clip_stats(pos, vis, ci, W, ref_max, rule, sp, labs, kk, ssum, cc, top1, top2, buf, mean, p95, mx,
+        _clip_stats(pos, vis, ci, W, ref_max, rule, q, sp, labs, kk, ssum, cc, top1, top2, buf, mean, p95, mx,
                     center_count, valid_count)
         # METRICS order: mean, p95, max; the stored float32 scores, as class_histograms bins them
         for m in range(3):
