@@ -72,7 +72,7 @@ def _batch_kernel(pos, vis, keep, keep_eval, W, ref_max, rule, v_out, lab_out, m
     masks; tests/test_loader.py checks it against those functions."""
     B, T, N = vis.shape
     h = np.float32((W - 1) / 2.0)
-    q = np.empty((T, N, 2), np.float32)
+    q = np.empty((T, 2 * N), np.int32)
     for b in range(B):
         _clip_labels(pos, b, W, ref_max, rule, q, lab_out[b])
         _derive_clip(pos, vis, keep, keep_eval, b, h, v_out, mask_out, valid_out, eval_out)
@@ -82,7 +82,7 @@ def _batch_kernel(pos, vis, keep, keep_eval, W, ref_max, rule, v_out, lab_out, m
 def _label_kernel(pos, W, ref_max, rule, lab_out):
     """Labels only (what a worker computes): ``labels.labels_from_positions``."""
     B, T, N, _ = pos.shape
-    q = np.empty((T, N, 2), np.float32)
+    q = np.empty((T, 2 * N), np.int32)
     for b in range(B):
         _clip_labels(pos, b, W, ref_max, rule, q, lab_out[b])
 
