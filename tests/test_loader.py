@@ -75,6 +75,8 @@ def test_kernel_matches_label_functions(rule):
     pos = np.concatenate([start, start + np.cumsum(v, axis=1)], axis=1).astype(np.float32)
     pos[1, :, :5] = np.array([63.5, 64.5], np.float32)  # half-pixel positions (round half to even)
     pos[1, 3::2, :5] += np.float32(1.0)
+    pos[2, 4:7, :4] = np.array([[1e30, -1e30], [3e9, -3e9], [np.float32(127.5), -0.5], [128.5, 126.5]],
+                               np.float32)[None]  # far outside the frame: clamped before the int conversion
     vis = rng.random((3, 16, 50)) < 0.9
     keep = rng.random((3, 50)) < 0.5
     keep_eval = rng.random((3, 50)) < 0.5
