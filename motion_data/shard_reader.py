@@ -114,7 +114,7 @@ class FdCache:
         while self._fds:
             try:
                 os.close(self._fds.popitem()[1][0])
-            except OSError:
+            except (OSError, TypeError):  # TypeError: os already torn down at interpreter exit
                 pass
 
     def __del__(self):

@@ -169,3 +169,12 @@ def test_training_on_120_shards_under_ulimit_64(tmp_path):
     assert "Too many open files" not in r.stderr
     assert (tmp_path / "run" / "metrics.jsonl").stat().st_size > 0
     shutil.rmtree(tmp_path / "run")
+    # two loader workers (each with its own bounded descriptor cache) under the same limit
+    code = ("import sys\nfrom motion_data.loader import make_loader\n"
+            "if __name__ == '__main__':\n"
+            "    ld = make_loader(sys.argv[1], split='all', batch_size=20, num_workers=2)\n"
+            "    print(sum(len(b['clip_id']) for b in ld), ld.skipped)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, env=env, cwd=REPO,
+                       timeout=600, preexec_fn=_limited(64))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["120", "0"]

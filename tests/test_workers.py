@@ -47,3 +47,18 @@ def test_make_loader_resolves_auto(tmp_path):
     assert ld.dataloader.num_workers == 0 and sum(len(b["clip_id"]) for b in ld) == 8
     ld = make_loader(root, split="all", batch_size=4, num_workers="auto", device="cuda")
     assert ld.dataloader.num_workers == auto_workers("cuda")
+
+
+def test_worker_ring_only_when_shared_memory_has_room(monkeypatch):
+    import os
+
+    from motion_data import worker_ring
+
+    class Small:
+        f_bavail, f_frsize = 10, 4096  # 40 KiB free
+
+    ring = worker_ring.make_ring(2, None, 1 << 20)
+    assert ring is not None and ring.per_worker == 4 and ring.buf.numel() >= 2 * 4 * (1 << 20)
+    assert ring.slot(7).numel() == ring.slot_bytes
+    monkeypatch.setattr(os, "statvfs", lambda p: Small())
+    assert worker_ring.make_ring(2, None, 1 << 20) is None  # per-batch segments instead
