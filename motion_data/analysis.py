@@ -287,7 +287,8 @@ def exact_from_build(build: str | Path, metrics, thresholds, min_keep: int, chun
     from tqdm import tqdm
 
     from .builddir import BuildDir
-    from .shards import ShardError, read_sample
+    from .shard_reader import read_sample
+    from .shards import ShardError
 
     b = BuildDir(build)
     g, W, N, C = b.store, b.W, b.N, b.n_clips

@@ -129,7 +129,8 @@ def verify_build(build_dir, samples: bool = True) -> int:
     manifest and the shard at the first disagreement; returns the number of clips.
     """
     from .labels import step_valid
-    from .shards import ShardError, index_shard, read_sample
+    from .shard_reader import read_sample
+    from .shards import ShardError, index_shard
     from .stats import METRICS
     from .builddir import BuildDir, BuildDirError
     from .store import PER_CLIP

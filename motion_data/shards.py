@@ -7,8 +7,8 @@ A sample (key = clip id) holds (DESIGN.md "Artifacts")
   ``json``       small metadata (source, sequence, start frame, ref_size, W, label rule).
 Any webdataset reader can read the shards. For exact random access the writer returns, per
 sample, the byte offset of its first tar header and the byte length up to the end of its
-last member; ``read_sample`` parses just that range. ``array_checksum`` of each sample's
-arrays goes into the manifest (column ``checksum``); readers compare it.
+last member; ``shard_reader`` (the one reader) parses just that range. ``array_checksum`` of
+each sample's arrays goes into the manifest (column ``checksum``); the reader compares it.
 """
 from __future__ import annotations
 
@@ -154,71 +154,3 @@ def index_shard(path: str | os.PathLike) -> list[tuple[str, int, int]]:
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ShardError(f"{path}: cannot read shard ({e})") from None
     return [tuple(x) for x in out]
-
-
-def decode_members(members: dict[str, bytes], where: str) -> dict:
-    """Bytes of one sample's members -> arrays; never unpickles."""
-    missing = [e for e in SAMPLE_EXTS if e not in members]
-    if missing:
-        raise ShardError(f"{where}: sample lacks {missing}")
-    try:
-        out = {e[:-4]: np.load(io.BytesIO(members[e]), allow_pickle=False) for e in SAMPLE_EXTS if e.endswith(".npy")}
-        out["meta"] = json.loads(members["json"])
-    except (ValueError, OSError, json.JSONDecodeError) as e:
-        raise ShardError(f"{where}: malformed sample ({e})") from None
-    pos, vis, st = out["pos"], out["vis"], out["stats"]
-    if pos.ndim != 3 or pos.shape[-1] != 2 or vis.shape != pos.shape[:2] or st.shape != (3, pos.shape[1]):
-        raise ShardError(f"{where}: inconsistent shapes pos {pos.shape} vis {vis.shape} stats {st.shape}")
-    if pos.dtype != np.float32 or vis.dtype != np.bool_ or st.dtype != np.float32:
-        raise ShardError(f"{where}: dtypes pos {pos.dtype} vis {vis.dtype} stats {st.dtype}, "
-                         f"expected float32, bool, float32")
-    if not (np.isfinite(pos).all() and np.isfinite(st).all()):
-        raise ShardError(f"{where}: non-finite values in the sample")
-    out["checksum"] = array_checksum(pos, vis, st)
-    return out
-
-
-def check_checksum(sample: dict, expected: int, where: str) -> None:
-    """ShardError naming ``where`` when a decoded sample's ``checksum`` is not ``expected``."""
-    if int(sample["checksum"]) != int(expected):
-        raise ShardError(f"{where}: checksum mismatch (manifest {int(expected):#010x}, data "
-                         f"{int(sample['checksum']):#010x}): the shard is damaged; rebuild it with "
-                         f"`python -m preprocess build-shards`")
-
-
-def read_sample(shard: str | os.PathLike, offset: int, size: int, key: str | None = None,
-                checksum: int | None = None) -> dict:
-    """Read one sample by its byte range (from the manifest); errors name the shard. With
-    ``checksum`` (the manifest's) the arrays must match it."""
-    where = f"{shard}@{offset}" + (f" ({key})" if key else "")
-    try:
-        with open(shard, "rb") as f:
-            f.seek(offset)
-            blob = f.read(size)
-    except OSError as e:
-        raise ShardError(f"{where}: {e}") from None
-    if len(blob) != size:
-        raise ShardError(f"{where}: truncated shard (wanted {size} bytes, got {len(blob)})")
-    members = {}
-    seen_key = key
-    try:
-        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:") as tf:
-            for m in tf:
-                name = m.name
-                if name.startswith("/") or ".." in name.split("/"):
-                    raise ShardError(f"{where}: unsafe member name {name!r}")
-                k, _, ext = name.partition(".")
-                if key is not None and k != key:
-                    raise ShardError(f"{where}: member {name!r} does not belong to sample {key!r}")
-                fo = tf.extractfile(m)
-                if fo is None:
-                    raise ShardError(f"{where}: member {name!r} is not a regular file")
-                members[ext] = fo.read()
-                seen_key = k
-    except (tarfile.TarError, EOFError) as e:
-        raise ShardError(f"{where}: corrupt tar data ({e})") from None
-    out = decode_members(members, where)
-    out["key"] = seen_key
-    if checksum is not None:
-        check_checksum(out, checksum, where)
-    return out

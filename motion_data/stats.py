@@ -110,11 +110,48 @@ def _label_step(ax, ay, bx, by, vx, vy, W, ref_max, rule):
 
 
 @numba.njit(cache=True, inline="always")
-def _clip_pass(pos, vis, ci, W, h, centre, ref_max, rule, sp, labs, kk, ssum, cc, top1, top2):
+def _clip_labels(pos, ci, W, ref_max, rule, q, lab_out):
+    """Labels ``(S, N)`` of clip ``ci`` of ``pos`` into ``lab_out`` ``(S, N)``: ``_label_step``'s
+    rule in integers, each frame's positions quantised once (rule 0, amplify), so the point
+    loops vectorise (4-5x faster); ``q`` is a ``(T, 2N)`` int32 scratch buffer.
+    ``round(clip(p, 0, ref_max))`` equals ``clip(round(p), 0, ref_max)`` for integer bounds;
+    values are clamped to a float range first only so that the int conversion is defined.
+    tests/test_stats.py and tests/test_loader.py compare it with ``labels.labels_from_positions``."""
+    T, N = pos.shape[1], pos.shape[2]
+    c = W // 2
+    top = np.int32(ref_max)
+    if rule == 0:
+        lo, hi = np.float32(-1.0), np.float32(ref_max + 1.0)
+        for t in range(T):
+            p = pos[ci, t].reshape(-1)
+            qt = q[t]
+            for i in range(2 * N):
+                r = np.int32(np.rint(min(max(p[i], lo), hi)))
+                qt[i] = min(max(r, np.int32(0)), top)
+        for t in range(T - 1):
+            a, b, o = q[t], q[t + 1], lab_out[t]
+            for n in range(N):
+                col = min(max(b[2 * n] - a[2 * n] + c, 0), W - 1)
+                row = min(max(b[2 * n + 1] - a[2 * n + 1] + c, 0), W - 1)
+                o[n] = row * W + col
+    else:
+        lo, hi = np.float32(-W), np.float32(W)
+        for t in range(T - 1):
+            a, b, o = pos[ci, t].reshape(-1), pos[ci, t + 1].reshape(-1), lab_out[t]
+            for n in range(N):
+                dx = np.int32(np.rint(min(max(b[2 * n] - a[2 * n], lo), hi)))
+                dy = np.int32(np.rint(min(max(b[2 * n + 1] - a[2 * n + 1], lo), hi)))
+                o[n] = min(max(dy + c, 0), W - 1) * W + min(max(dx + c, 0), W - 1)
+
+
+@numba.njit(cache=True, inline="always")
+def _clip_pass(pos, vis, ci, W, h, centre, ref_max, rule, q, sp, labs, kk, ssum, cc, top1, top2):
     """Speed ``sp`` and label ``labs`` ``(S, N)`` of every step of clip ``ci``, and per point
     its valid-step count, speed sum (in step order), centre count, largest and second
-    largest speed. Steps outer, points inner."""
+    largest speed. Steps outer, points inner, branch-free, so the point loop vectorises."""
     S, N = sp.shape
+    hf, one = np.float32(h), np.float32(1.0)
+    _clip_labels(pos, ci, W, ref_max, rule, q, labs)
     for n in range(N):
         kk[n] = 0
         ssum[n] = 0.0
@@ -122,25 +159,28 @@ def _clip_pass(pos, vis, ci, W, h, centre, ref_max, rule, sp, labs, kk, ssum, cc
         top1[n] = -1.0
         top2[n] = -1.0
     for t in range(S):
+        # one step, in loops simple enough to vectorise over the points
+        pa, pb, st = pos[ci, t].reshape(-1), pos[ci, t + 1].reshape(-1), sp[t]
         for n in range(N):
-            ax, ay = pos[ci, t, n, 0], pos[ci, t, n, 1]
-            bx, by = pos[ci, t + 1, n, 0], pos[ci, t + 1, n, 1]
-            vx = bx - ax  # float32, as numpy's diff of the stored positions
-            vy = by - ay
-            nx = min(max(vx / h, -1.0), 1.0)
-            ny = min(max(vy / h, -1.0), 1.0)
-            v = math.sqrt(nx * nx + ny * ny)
-            lab = _label_step(ax, ay, bx, by, vx, vy, W, ref_max, rule)
-            sp[t, n] = v
-            labs[t, n] = lab
-            ok = vis[ci, t, n] and vis[ci, t + 1, n]
+            vx = pb[2 * n] - pa[2 * n]  # float32, as numpy's diff of the stored positions
+            vy = pb[2 * n + 1] - pa[2 * n + 1]
+            nx = min(max(vx / hf, -one), one)  # float32 throughout: twice the lanes of float64
+            ny = min(max(vy / hf, -one), one)
+            st[n] = math.sqrt(nx * nx + ny * ny)
+        va, vb, lt = vis[ci, t], vis[ci, t + 1], labs[t]
+        for n in range(N):
+            ok = va[n] & vb[n]
             kk[n] += ok
-            ssum[n] += v if ok else 0.0
-            cc[n] += ok and lab == centre
-            # (top1, top2) <- the two largest of (top1, top2, v)
+            cc[n] += ok & (lt[n] == centre)
+        for n in range(N):
+            ok = va[n] & vb[n]
+            v = st[n]
+            ssum[n] += v * ok
+            # (top1, top2) <- the two largest of (top1, top2, v); an invalid step counts as -1
+            vv = v if ok else -1.0
             t1 = top1[n]
-            top2[n] = max(top2[n], min(t1, v)) if ok else top2[n]
-            top1[n] = max(t1, v) if ok else t1
+            top2[n] = max(top2[n], min(t1, vv))
+            top1[n] = max(t1, vv)
 
 
 @numba.njit(cache=True, inline="always")
@@ -178,11 +218,11 @@ def _store_clip(vis, ci, sp, kk, ssum, cc, top1, top2, buf, mean, p95, mx, cente
 
 
 @numba.njit(cache=True, inline="always")
-def _clip_stats(pos, vis, ci, W, ref_max, rule, sp, labs, kk, ssum, cc, top1, top2, buf, mean, p95, mx,
+def _clip_stats(pos, vis, ci, W, ref_max, rule, q, sp, labs, kk, ssum, cc, top1, top2, buf, mean, p95, mx,
                 center_count, valid_count):
     h = (W - 1) / 2.0
     centre = (W // 2) * W + W // 2
-    _clip_pass(pos, vis, ci, W, h, centre, ref_max, rule, sp, labs, kk, ssum, cc, top1, top2)
+    _clip_pass(pos, vis, ci, W, h, centre, ref_max, rule, q, sp, labs, kk, ssum, cc, top1, top2)
     _store_clip(vis, ci, sp, kk, ssum, cc, top1, top2, buf, mean, p95, mx, center_count, valid_count)
 
 
@@ -190,13 +230,16 @@ def _clip_stats(pos, vis, ci, W, ref_max, rule, sp, labs, kk, ssum, cc, top1, to
 def _point_stats_kernel(pos, vis, W, ref_max, rule, mean, p95, mx, center_count, valid_count):
     C, T, N = vis.shape
     S = T - 1
-    for ci in numba.prange(C):
-        sp = np.empty((S, N), np.float64)
+    nblk = min(C, 64)  # blocks of clips: scratch buffers allocated once per block, not per clip
+    for bi in numba.prange(nblk):
+        sp = np.empty((S, N), np.float32)
         labs = np.empty((S, N), np.int32)
-        kk, cc = np.empty(N, np.int64), np.empty(N, np.int64)
+        kk, cc = np.empty(N, np.int32), np.empty(N, np.int32)
         ssum, top1, top2 = np.empty(N, np.float64), np.empty(N, np.float64), np.empty(N, np.float64)
-        _clip_stats(pos, vis, ci, W, ref_max, rule, sp, labs, kk, ssum, cc, top1, top2, np.empty(S, np.float64),
-                    mean, p95, mx, center_count, valid_count)
+        q, buf = np.empty((T, 2 * N), np.int32), np.empty(S, np.float64)
+        for ci in range(bi * C // nblk, (bi + 1) * C // nblk):
+            _clip_stats(pos, vis, ci, W, ref_max, rule, q, sp, labs, kk, ssum, cc, top1, top2, buf,
+                        mean, p95, mx, center_count, valid_count)
 
 
 def _clips(pos, vis, who: str):
@@ -414,16 +457,17 @@ def _shard_kernel(pos, vis, W, ref_max, rule, edges, bw, rank_max, mean, p95, mx
     S = T - 1
     K = W * W
     centre = (W // 2) * W + W // 2
-    sp = np.empty((S, N), np.float64)
+    sp = np.empty((S, N), np.float32)
     labs = np.empty((S, N), np.int32)
-    kk, cc = np.empty(N, np.int64), np.empty(N, np.int64)
+    kk, cc = np.empty(N, np.int32), np.empty(N, np.int32)
     ssum, top1, top2 = np.empty(N, np.float64), np.empty(N, np.float64), np.empty(N, np.float64)
     buf = np.empty(S, np.float64)
+    q = np.empty((T, 2 * N), np.int32)
     top = np.empty(rank_max, np.int64)
     rank = np.empty((3, N), np.int64)
     bins = np.empty((3, N), np.int64)
     for ci in range(C):
-        _clip_stats(pos, vis, ci, W, ref_max, rule, sp, labs, kk, ssum, cc, top1, top2, buf, mean, p95, mx,
+        _clip_stats(pos, vis, ci, W, ref_max, rule, q, sp, labs, kk, ssum, cc, top1, top2, buf, mean, p95, mx,
                     center_count, valid_count)
         # METRICS order: mean, p95, max; the stored float32 scores, as class_histograms bins them
         for m in range(3):

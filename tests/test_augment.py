@@ -3,7 +3,7 @@ import pytest
 
 from motion_data.augment import AugmentConfig, augment_batch
 from motion_data.labels import center_class, half_window, labels_from_positions, normalize, velocities
-from motion_data.loader import make_batch
+from motion_data.batch import make_batch
 from motion_data.stats import StaticFilter
 
 

@@ -22,7 +22,8 @@ from motion_data.build_pool import window_starts
 from motion_data.clips import Sequence, cut_windows
 from motion_data.labels import labels_from_positions, normalize, ring_map, step_valid, velocities
 from motion_data.manifest import COLUMNS, SCHEMA, read_manifest
-from motion_data.shards import array_checksum, encode_sample, index_shard, read_sample, sample_checksum, write_shard
+from motion_data.shard_reader import read_sample
+from motion_data.shards import array_checksum, encode_sample, index_shard, sample_checksum, write_shard
 from motion_data.builddir import BuildDir
 from motion_data.store import FORMAT_VERSION
 from motion_data.stats import METRICS, class_histograms, point_stats

@@ -10,7 +10,9 @@ import zarr
 from motion_data import shards
 from motion_data.augment import AugmentConfig
 from motion_data.labels import step_valid
-from motion_data.loader import make_batch, make_loader, read_build_info
+from motion_data.batch import make_batch
+from motion_data.loader import make_loader, read_build_info
+from motion_data.shard_reader import read_sample
 from motion_data.stats import METRICS, SEED_FILTER, StaticFilter, keep_mask, recorded_filter
 
 import pyarrow.parquet as pq
@@ -34,7 +36,7 @@ def _with_filter(src, dst, bf: dict | None):
 def _expected_eval(root, cid, flt):
     m = pq.read_table(root / "manifest.parquet").to_pydict()
     i = m["clip_id"].index(cid)
-    s = shards.read_sample(root / m["shard"][i], m["offset"][i], m["size"][i], cid)
+    s = read_sample(root / m["shard"][i], m["offset"][i], m["size"][i], cid)
     valid = step_valid(s["vis"])
     keep = keep_mask(s["stats"][METRICS.index(flt.metric)][None], valid.sum(0, dtype=np.uint8)[None],
                      flt.threshold, flt.min_keep)[0]

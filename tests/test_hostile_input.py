@@ -20,7 +20,8 @@ from motion_data.clips import InputError
 from motion_data.importers import iter_sequences
 from motion_data.loader import make_loader
 from motion_data.manifest import ManifestError, verify_build
-from motion_data.shards import ShardError, read_sample
+from motion_data.shard_reader import read_sample
+from motion_data.shards import ShardError
 from preprocess.__main__ import main
 from test_build import assert_same_content
 

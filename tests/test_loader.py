@@ -11,7 +11,9 @@ from loader_fixtures import write_build
 from motion_data import shards
 from motion_data.augment import AugmentConfig
 from motion_data.labels import labels_from_positions, normalize, step_valid, velocities
-from motion_data.loader import ClipDataset, _batch_kernel, _identity, _worker_context, make_loader, parse_sample
+from motion_data.batch import _batch_kernel, _derive_kernel, _label_kernel
+from motion_data.loader import ClipDataset, _identity, _worker_context, make_loader
+from motion_data.shard_reader import FdCache, read_batch, read_sample
 from motion_data.sampler import IndexBatch, SamplerConfig, SequentialBatchSampler, load_dynamic_ratio
 from motion_data.split import split_manifest
 from motion_data.stats import StaticFilter, keep_mask
@@ -27,7 +29,7 @@ def _manifest(root):
 def _reference(root, m, cid, flt):
     """Expected batch row of a clip, via the reference reader and the core functions."""
     i = m["clip_id"].index(cid)
-    s = shards.read_sample(root / m["shard"][i], m["offset"][i], m["size"][i], cid, m["checksum"][i])
+    s = read_sample(root / m["shard"][i], m["offset"][i], m["size"][i], cid, m["checksum"][i])
     s["vel"], s["valid"] = velocities(s["pos"]), step_valid(s["vis"])
     st = s["stats"][["mean", "p95", "max"].index(flt.metric)][None]
     vc = s["valid"].sum(0, dtype=np.uint8)[None]
@@ -73,43 +75,58 @@ def test_kernel_matches_label_functions(rule):
     pos = np.concatenate([start, start + np.cumsum(v, axis=1)], axis=1).astype(np.float32)
     pos[1, :, :5] = np.array([63.5, 64.5], np.float32)  # half-pixel positions (round half to even)
     pos[1, 3::2, :5] += np.float32(1.0)
+    pos[2, 4:7, :4] = np.array([[1e30, -1e30], [3e9, -3e9], [np.float32(127.5), -0.5], [128.5, 126.5]],
+                               np.float32)[None]  # far outside the frame: clamped before the int conversion
     vis = rng.random((3, 16, 50)) < 0.9
     keep = rng.random((3, 50)) < 0.5
+    keep_eval = rng.random((3, 50)) < 0.5
     valid = step_valid(vis)
-    vo, lo, mo, va = (np.empty((3, 15, 50, 2), np.float32), np.empty(valid.shape, np.int64), np.empty_like(valid),
-                      np.empty_like(valid))
-    _batch_kernel(pos, vis, keep, 15, 127.0, ["amplify", "velocity"].index(rule), vo, lo, mo, va)
+    vo, lo, mo, va, eo = (np.empty((3, 15, 50, 2), np.float32), np.empty(valid.shape, np.int64), np.empty_like(valid),
+                          np.empty_like(valid), np.empty_like(valid))
+    code = ["amplify", "velocity"].index(rule)
+    _batch_kernel(pos, vis, keep, keep_eval, 15, 127.0, code, vo, lo, mo, va, eo)
     np.testing.assert_array_equal(vo, normalize(velocities(pos)))
     np.testing.assert_array_equal(lo, labels_from_positions(pos, 15, 128, rule))
     np.testing.assert_array_equal(va, valid)
     np.testing.assert_array_equal(mo, keep[:, None] & valid)
+    np.testing.assert_array_equal(eo, keep_eval[:, None] & valid)
+    # a worker's labels-only pass, and the main process's pass over a worker's batch
+    narrow = np.empty(valid.shape, np.uint8)
+    _label_kernel(pos, 15, 127.0, code, narrow)
+    np.testing.assert_array_equal(narrow, labels_from_positions(pos, 15, 128, rule))
+    outs = [np.zeros_like(x) for x in (vo, lo, mo, va, eo)]
+    _derive_kernel(pos, vis, keep, keep_eval, narrow, 15, *outs)
+    for got, want in zip(outs, (vo, lo, mo, va, eo)):
+        np.testing.assert_array_equal(got, want)
 
 
-def test_fast_parser_equals_reference_reader(tiny_build):
+def test_batch_reader_equals_single_sample_reader(tiny_build):
     m = _manifest(tiny_build)
+    fds = FdCache(2)
     for i in range(0, 60, 7):
-        blob = (tiny_build / m["shard"][i]).read_bytes()[m["offset"][i]:m["offset"][i] + m["size"][i]]
-        fast = parse_sample(blob, m["clip_id"][i])
-        ref = shards.read_sample(tiny_build / m["shard"][i], m["offset"][i], m["size"][i], m["clip_id"][i])
-        for k in ("pos", "vis", "stats", "checksum"):
-            np.testing.assert_array_equal(fast[k], ref[k])
-        assert fast["checksum"] == m["checksum"][i]
+        pos, vis, st, ok, err = read_batch(fds, [str(tiny_build / m["shard"][i])], [m["offset"][i]], [m["size"][i]],
+                                           [m["clip_id"][i]], [m["checksum"][i]], 16, 100)
+        assert ok.all() and err == [None]
+        ref = read_sample(tiny_build / m["shard"][i], m["offset"][i], m["size"][i], m["clip_id"][i])
+        for a, k in zip((pos[0], vis[0], st[0]), ("pos", "vis", "stats")):
+            np.testing.assert_array_equal(a, ref[k])
+        assert ref["checksum"] == m["checksum"][i] and ref["key"] == m["clip_id"][i]
+    assert len(fds) <= 2
 
 
-def test_batch_parser_equals_reference_reader_and_declines_the_unusual(tiny_build, tmp_path):
+def test_batch_reader_equals_reference_and_names_the_unusual(tiny_build, tmp_path):
     m = _manifest(tiny_build)
     ds = make_loader(tiny_build, split="all", batch_size=4).dataset
     rows = list(range(59, -1, -3))  # not in file order
-    B, S, N = len(rows), ds.S, ds.N
-    out = (np.empty((B, S + 1, N, 2), np.float32), np.empty((B, S + 1, N), bool), np.empty((B, 3, N), np.float32))
-    order = sorted(range(B), key=lambda j: (ds.shard_of[rows[j]], ds.offset[rows[j]]))
-    assert ds._read_fast(rows, order, *out).all()
+    B = len(rows)
+    pos, vis, st, ok, err = ds.read_rows(rows)
+    assert ok.all()
     for j, r in enumerate(rows):
-        ref = shards.read_sample(tiny_build / m["shard"][r], m["offset"][r], m["size"][r], m["clip_id"][r])
-        for a, k in zip(out, ("pos", "vis", "stats")):
+        ref = read_sample(tiny_build / m["shard"][r], m["offset"][r], m["size"][r], m["clip_id"][r])
+        for a, k in zip((pos, vis, st), ("pos", "vis", "stats")):
             np.testing.assert_array_equal(a[j], ref[k])
-    # a member header with a wrong checksum, or a sample read under another key: left to
-    # the reference reader
+    # a member header with a wrong checksum, or a sample read under another key: refused,
+    # each by a message naming its shard; the other rows are read
     root, _ = _corrupt(tiny_build, tmp_path, "none")
     i = rows[2]
     shard = root / m["shard"][i]
@@ -118,8 +135,10 @@ def test_batch_parser_equals_reference_reader_and_declines_the_unusual(tiny_buil
     shard.write_bytes(data)
     ds = make_loader(root, split="all", batch_size=4).dataset
     ds.clip_id[rows[5]] = ds.clip_id[rows[5]][:-1] + "x"
-    got = ds._read_fast(rows, order, *out)
+    pos, vis, st, got, err = ds.read_rows(rows)
     assert not got[2] and not got[5] and got.sum() == B - 2
+    assert "corrupt tar header" in err[2] and m["shard"][i] in err[2]
+    assert "does not belong to sample" in err[5] and m["shard"][rows[5]] in err[5]
 
 
 def test_val_loader_full_deterministic_pass(tiny_build):
@@ -191,6 +210,9 @@ def test_augmentation_seeded_by_batch_place(tiny_build):
 def test_workers_deliver_exactly_the_draw(tiny_build):
     kw = dict(split="all", static_filter=FLT, sampler=WEIGHTED, batch_size=5, seed=2, epoch_size=60)
     ld = make_loader(tiny_build, num_workers=2, **kw)
+    # batches come through the shared slots, 4 per worker: 12 batches reuse them, and the
+    # batches kept below must still equal the in-process ones
+    assert ld.dataset.ring is not None and ld.dataset.ring.per_worker == 4
     ld.set_epoch(1)
     got = Counter(c for b in ld for c in b["clip_id"])
     m = _manifest(tiny_build)

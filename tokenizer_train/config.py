@@ -36,9 +36,11 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     val_split: float = 0.1  # share of clips held out (whole sources, else time blocks)
     window_size: int = 15  # W; must match the build's stats.zarr attribute
-    num_workers: int = 0
+    num_workers: int | str = "auto"  # loader worker processes, or auto (motion_data.workers)
 
     def __post_init__(self):
+        if self.num_workers != "auto" and (isinstance(self.num_workers, (bool, str)) or self.num_workers < 0):
+            raise ConfigError(f"data.num_workers must be an integer >= 0 or auto, got {self.num_workers!r}")
         if not 0.0 <= self.val_split < 1.0:
             raise ConfigError(f"data.val_split must be in [0, 1), got {self.val_split}")
         if self.window_size < 3 or self.window_size % 2 == 0:

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from motion_data.atomic import atomic_write_json, atomic_write_text
 from motion_data.builddir import BuildDir
 from motion_data.loader import make_loader
+from motion_data.workers import resolve_workers
 
 from . import checkpoint as ckpt
 from . import distributed as D
@@ -108,12 +109,13 @@ def autocast_for(mode: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.float16 if mode == "fp16" else torch.bfloat16)
 
 
-def make_loaders(data_dir, cfg: Config, rank: int, world_size: int):
+def make_loaders(data_dir, cfg: Config, rank: int, world_size: int, device: torch.device = torch.device("cpu")):
     """(train loader, val loader or None) of the build under the config's data section."""
     dc, tc = cfg.data, cfg.training
-    common = dict(static_filter=dc.static_filter, batch_size=tc.batch_size, num_workers=dc.num_workers,
+    workers = resolve_workers(dc.num_workers, device.type)  # "auto" depends on the device
+    common = dict(static_filter=dc.static_filter, batch_size=tc.batch_size, num_workers=workers,
                   seed=tc.seed, rank=rank, world_size=world_size, val_split=dc.val_split,
-                  persistent_workers=dc.num_workers > 0, pin_memory=torch.cuda.is_available())
+                  persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
     train = make_loader(data_dir, split="train", sampler=dc.sampler, augment=dc.augment, **common)
     val = make_loader(data_dir, split="val", **common) if dc.val_split > 0 else None
     return train, val
@@ -150,7 +152,7 @@ class Trainer:
         self.cfg, self.tc, self.build, self.out_dir, self.dist = cfg, tc, build, out_dir, dist
         self.debug_codes, self.progress = debug_codes, progress
         self.W, self.N, self.S = build.W, build.N, build.S
-        self.train_loader, self.val_loader = make_loaders(build.root, cfg, dist.rank, dist.world_size)
+        self.train_loader, self.val_loader = make_loaders(build.root, cfg, dist.rank, dist.world_size, dist.device)
         self.model = model = MotionTokenizer(cfg.model, num_points=self.N, window_size=self.W).to(self.device)
         self.levels, self.K = cfg.model.fsq_levels, model.codebook_size
         self.L = self.S * model.tokens_per_step  # tokens per clip (model.groups per step)
