@@ -153,7 +153,7 @@ def frontier(run_dir, data_dir, offsets, which="last", batch_size=64, device="cp
     summary = summarize(table, centre / n)
     summary.update({k.split("/")[1].removesuffix("_epoch"): v for k, v in quality.scalars("val", "epoch").items()
                     if k.split("/")[1] in ("code_info_bits_epoch", "ce_bits_epoch", "auc_moving_epoch",
-                                           "epe_zero_px_epoch")})
+                                           "epe_zero_px_epoch", "fsq_boundary_share_epoch")})
     return {"run": str(run_dir), "data": str(data_dir), "split": split, "checkpoint": which,
             "mask": f"evaluation mask (valid AND build filter {build.build_filter})",
             "labels": int(n), "table": table, "summary": summary}
@@ -184,6 +184,8 @@ def format_result(res: dict) -> str:
     if "code_info_bits" in s:  # caches written before these figures lack them
         lines.append(f"code information {s['code_info_bits']:.3f} bits/label; CE {s['ce_bits']:.3f} bits/label; "
                      f"AUC moving vs static {s['auc_moving']:.3f}; EPE of zero motion {s['epe_zero_px']:.3f} px")
+    if "fsq_boundary_share" in s:
+        lines.append(f"FSQ channel values within 0.1 of a rounding boundary: {s['fsq_boundary_share']:.3f}")
     lines.append(f"all-centre accuracy {s['all_centre_acc']:.3f}; best non-centre accuracy with accuracy "
                  f">= {s['all_centre_acc'] - s['acc_tolerance']:.3f}: {best}")
     return "\n".join(lines)
