@@ -28,7 +28,6 @@ import multiprocessing
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from . import shards
@@ -38,8 +37,8 @@ from .sampler import (IndexBatch, SamplerConfig, SequentialBatchSampler, Weighte
                       epoch_rng, load_dynamic_ratio)
 from .shard_reader import FdCache, read_batch
 from .split import split_manifest
-from .stats import SEED_FILTER, StaticFilter, recorded_filter
-from .store import StoreError, read_attrs
+from .stats import SEED_FILTER, StaticFilter
+from .builddir import BuildDir
 from .worker_ring import make_ring
 from .workers import resolve_workers
 
@@ -62,8 +61,8 @@ class ClipDataset(torch.utils.data.Dataset):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         self.root = Path(build_dir)
-        info = read_build_info(self.root)
-        self.ref_size, self.label_rule = info["ref_size"], info["label_rule"]
+        b = BuildDir(self.root)
+        self.ref_size, self.label_rule = b.ref_size, b.label_rule
         self.checksum = np.asarray(manifest["checksum"], np.int64)
         self.shard_paths = sorted(set(manifest["shard"]))
         self._paths = [str(self.root / p) for p in self.shard_paths]
@@ -142,8 +141,8 @@ class _StreamState:
     def __init__(self, root, shard_rows: dict, flt, W, S, N, augment, seed, rank, on_error, eval_filter=SEED_FILTER):
         self.root, self.shard_rows, self.flt, self.W, self.S, self.N = root, shard_rows, flt, W, S, N
         self.eval_filter = eval_filter
-        info = read_build_info(root)
-        self.ref_size, self.label_rule = info["ref_size"], info["label_rule"]
+        b = BuildDir(root)
+        self.ref_size, self.label_rule = b.ref_size, b.label_rule
         self.augment, self.seed, self.rank, self.on_error = augment, seed, rank, on_error
         self.epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.errors: list = []
@@ -317,17 +316,6 @@ def _worker_context():
     return ctx
 
 
-def read_build_info(build_dir) -> dict:
-    """The build's shape, label parameters and recorded filter (``stats.zarr`` attributes); a
-    missing or old-format store is a ValueError with StoreError's one line (folder and way out)."""
-    try:
-        a = read_attrs(build_dir)
-    except StoreError as e:
-        raise ValueError(str(e)) from None
-    return {"W": int(a["W"]), "T": int(a["T"]), "N": int(a["N"]), "n_clips": int(a["n_clips"]),
-            "ref_size": int(a["ref_size"]), "label_rule": str(a["label_rule"]), "build_filter": recorded_filter(a)}
-
-
 def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter | None = None,
                 sampler: SamplerConfig | None = None, augment: AugmentConfig | None = None, batch_size: int = 32,
                 num_workers: int | str = 0, seed: int = 0, rank: int = 0, world_size: int = 1,
@@ -349,11 +337,10 @@ def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter 
     flt = static_filter or StaticFilter()
     sampler = sampler or SamplerConfig()
     root = Path(build_dir)
-    info = read_build_info(root)
+    build = BuildDir(root)
+    info = build.info()
     W, T, N = info["W"], info["T"], info["N"]
-    man = pq.read_table(root / "manifest.parquet", columns=MANIFEST_COLUMNS).to_pydict()
-    if len(man["clip_id"]) != info["n_clips"]:
-        raise ValueError(f"{root}: manifest has {len(man['clip_id'])} clips, stats.zarr {info['n_clips']}")
+    man = build.manifest(MANIFEST_COLUMNS)  # checked against the store's clip count
     train_rows, val_rows = split_manifest(man, val_split, T)
     rows = {"train": train_rows, "val": val_rows, "all": np.arange(len(man["clip_id"]))}[split]
     if len(rows) == 0:

@@ -11,7 +11,8 @@ from motion_data import shards
 from motion_data.augment import AugmentConfig
 from motion_data.labels import step_valid
 from motion_data.batch import make_batch
-from motion_data.loader import make_loader, read_build_info
+from motion_data.builddir import BuildDir
+from motion_data.loader import make_loader
 from motion_data.shard_reader import read_sample
 from motion_data.stats import METRICS, SEED_FILTER, StaticFilter, keep_mask, recorded_filter
 
@@ -48,7 +49,7 @@ def _expected_eval(root, cid, flt):
 @pytest.mark.parametrize("workers", [0, 1])
 def test_eval_mask_is_the_build_filter_whatever_the_training_filter(tiny_build, tmp_path, train_filter, workers):
     root = _with_filter(tiny_build, tmp_path / "b", {"metric": "mean", "threshold": 0.02, "min_keep": 5})
-    assert read_build_info(root)["build_filter"] == RECORDED
+    assert BuildDir(root).build_filter == RECORDED
     aug = AugmentConfig(enabled=True, p=1.0)
     for split in ("val", "train"):
         ld = make_loader(root, split=split, static_filter=train_filter, augment=aug, batch_size=4,
@@ -67,7 +68,7 @@ def test_eval_mask_is_the_build_filter_whatever_the_training_filter(tiny_build, 
 
 def test_store_without_recorded_filter_uses_the_seed_filter(tiny_build, tmp_path):
     root = _with_filter(tiny_build, tmp_path / "b", None)
-    assert read_build_info(root)["build_filter"] == SEED_FILTER
+    assert BuildDir(root).build_filter == SEED_FILTER
     assert recorded_filter({}) == SEED_FILTER == StaticFilter(True, "p95", 0.04, 16)
     b = next(iter(make_loader(root, split="all", batch_size=4)))
     for j, cid in enumerate(b["clip_id"]):
