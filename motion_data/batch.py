@@ -6,7 +6,7 @@ Keys (docs/DESIGN.md): ``positions`` ``(B, T, N, 2)`` float32 reference pixels,
 ``valid``, ``eval_mask`` (the build's recorded filter AND valid), ``clip_id`` list and
 ``dynamic_ratio`` ``(B,)``.
 
-Labels come from ``stats._clip_labels`` (``stats._label_step``'s rule), the one numba label function (the numpy reference is
+Labels come from ``label_kernels._clip_labels`` (``label_kernels._label_step``'s rule), the one numba label function (the numpy reference is
 ``labels.labels_from_positions``; tests/test_loader.py compares them). A DataLoader worker
 (``packed=True``) sends only what cannot be derived cheaply: positions, visibility, narrow
 labels and the two kept-point masks, in one shared-memory buffer; ``unpack_batch`` derives
@@ -24,7 +24,8 @@ import torch
 
 from .augment import AugmentConfig, augment_batch
 from .labels import DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, rule_code, step_valid
-from .stats import METRICS, SEED_FILTER, StaticFilter, _clip_labels, keep_mask
+from .label_kernels import _clip_labels
+from .stats import METRICS, SEED_FILTER, StaticFilter, keep_mask
 
 
 @contextmanager
@@ -68,7 +69,7 @@ def _derive_clip(pos, vis, keep, keep_eval, b, h, v_out, mask_out, valid_out, ev
 @numba.njit(cache=True)
 def _batch_kernel(pos, vis, keep, keep_eval, W, ref_max, rule, v_out, lab_out, mask_out, valid_out, eval_out):
     """In-process batches: ``labels.normalize(velocities(pos))``,
-    ``labels.labels_from_positions`` (by ``stats._clip_labels``), ``step_valid`` and both
+    ``labels.labels_from_positions`` (by ``label_kernels._clip_labels``), ``step_valid`` and both
     masks; tests/test_loader.py checks it against those functions."""
     B, T, N = vis.shape
     h = np.float32((W - 1) / 2.0)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from .label_kernels import _clip_labels, _label_step  # the numba label functions (labels.py: reference)
 from .labels import DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, DEFAULT_W, rule_code
 
 METRICS = ("mean", "p95", "max")
@@ -76,72 +77,6 @@ def recorded_filter(attrs: dict) -> StaticFilter:
     if not bf:
         return SEED_FILTER
     return StaticFilter(True, str(bf["metric"]), float(bf["threshold"]), int(bf["min_keep"]))
-
-
-@numba.njit(cache=True, inline="always")
-def _round_half_even(x):
-    # np.rint compiles to the rint intrinsic (half to even, like numpy); a floor-and-compare
-    # version was the kernels' hot spot (~6x slower labels)
-    return np.rint(x)
-
-
-@numba.njit(cache=True, inline="always")
-def _label(vx, vy, W):
-    c = W // 2
-    col = min(max(_round_half_even(vx) + c, 0.0), W - 1.0)
-    row = min(max(_round_half_even(vy) + c, 0.0), W - 1.0)
-    return int(row) * W + int(col)
-
-
-@numba.njit(cache=True, inline="always")
-def _quantize(p, ref_max):
-    """AMPLIFY's ``round(clip(p, 0, ref_size - 1))`` (``labels.quantize_positions``)."""
-    return _round_half_even(min(max(p, 0.0), ref_max))
-
-
-@numba.njit(cache=True, inline="always")
-def _label_step(ax, ay, bx, by, vx, vy, W, ref_max, rule):
-    """Label of the step from (ax, ay) to (bx, by) with displacement (vx, vy): rule 0
-    (amplify) differences the quantised positions, rule 1 (velocity) rounds (vx, vy);
-    ``labels.labels_from_positions`` is the reference."""
-    if rule == 0:
-        return _label(_quantize(bx, ref_max) - _quantize(ax, ref_max), _quantize(by, ref_max) - _quantize(ay, ref_max), W)
-    return _label(vx, vy, W)
-
-
-@numba.njit(cache=True, inline="always")
-def _clip_labels(pos, ci, W, ref_max, rule, q, lab_out):
-    """Labels ``(S, N)`` of clip ``ci`` of ``pos`` into ``lab_out`` ``(S, N)``: ``_label_step``'s
-    rule in integers, each frame's positions quantised once (rule 0, amplify), so the point
-    loops vectorise (4-5x faster); ``q`` is a ``(T, 2N)`` int32 scratch buffer.
-    ``round(clip(p, 0, ref_max))`` equals ``clip(round(p), 0, ref_max)`` for integer bounds;
-    values are clamped to a float range first only so that the int conversion is defined.
-    tests/test_stats.py and tests/test_loader.py compare it with ``labels.labels_from_positions``."""
-    T, N = pos.shape[1], pos.shape[2]
-    c = W // 2
-    top = np.int32(ref_max)
-    if rule == 0:
-        lo, hi = np.float32(-1.0), np.float32(ref_max + 1.0)
-        for t in range(T):
-            p = pos[ci, t].reshape(-1)
-            qt = q[t]
-            for i in range(2 * N):
-                r = np.int32(np.rint(min(max(p[i], lo), hi)))
-                qt[i] = min(max(r, np.int32(0)), top)
-        for t in range(T - 1):
-            a, b, o = q[t], q[t + 1], lab_out[t]
-            for n in range(N):
-                col = min(max(b[2 * n] - a[2 * n] + c, 0), W - 1)
-                row = min(max(b[2 * n + 1] - a[2 * n + 1] + c, 0), W - 1)
-                o[n] = row * W + col
-    else:
-        lo, hi = np.float32(-W), np.float32(W)
-        for t in range(T - 1):
-            a, b, o = pos[ci, t].reshape(-1), pos[ci, t + 1].reshape(-1), lab_out[t]
-            for n in range(N):
-                dx = np.int32(np.rint(min(max(b[2 * n] - a[2 * n], lo), hi)))
-                dy = np.int32(np.rint(min(max(b[2 * n + 1] - a[2 * n + 1], lo), hi)))
-                o[n] = min(max(dy + c, 0), W - 1) * W + min(max(dx + c, 0), W - 1)
 
 
 @numba.njit(cache=True, inline="always")

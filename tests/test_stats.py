@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from motion_data import labels as L
+from motion_data import label_kernels as LK
 from motion_data import stats as S
 
 W = 15
@@ -300,7 +301,7 @@ def test_label_round_trip_of_class_centres():
         off = L.class_offsets(w)
         np.testing.assert_array_equal(L.labels_from_px(off, w), np.arange(w * w))
         # the numba label used by the kernels agrees
-        assert [S._label(float(x), float(y), w) for x, y in off] == list(range(w * w))
+        assert [LK._label(float(x), float(y), w) for x, y in off] == list(range(w * w))
         np.testing.assert_array_equal(L.labels_from_norm(L.normalize(off, w), w), np.arange(w * w))
         assert L.center_class(w) == int(L.labels_from_px(np.zeros(2, np.float32), w))
 
@@ -311,7 +312,7 @@ def test_label_round_trip_of_class_centres():
 def test_labels_clamp_and_ring(vx, vy):
     v = np.array([vx, vy], np.float32)
     lab = int(L.labels_from_px(v, W))
-    assert lab == S._label(float(v[0]), float(v[1]), W)
+    assert lab == LK._label(float(v[0]), float(v[1]), W)
     row, col = divmod(lab, W)
     c = W // 2
     assert col == min(max(int(np.rint(v[0])) + c, 0), W - 1)
@@ -338,7 +339,7 @@ coord = st.floats(-20, 150, width=32) | st.sampled_from([-0.5, 0.5, 1.5, 63.5, 1
 @settings(max_examples=300, deadline=None)
 @given(ax=coord, ay=coord, bx=coord, by=coord, rule=st.sampled_from(L.LABEL_RULES))
 def test_numba_label_step_equals_labels_py(ax, ay, bx, by, rule):
-    """The kernels' numba label (stats._label_step) == labels.labels_from_positions, numpy
+    """The kernels' numba label (label_kernels._label_step) == labels.labels_from_positions, numpy
     and torch, for either rule, with clamping at the frame border and half-pixel ties."""
     import torch
 
@@ -346,7 +347,7 @@ def test_numba_label_step_equals_labels_py(ax, ay, bx, by, rule):
     ref = int(L.labels_from_positions(pos, W, 128, rule)[0, 0])
     assert ref == int(L.labels_from_positions(torch.from_numpy(pos), W, 128, rule)[0, 0])
     v = pos[1, 0] - pos[0, 0]
-    got = S._label_step(pos[0, 0, 0], pos[0, 0, 1], pos[1, 0, 0], pos[1, 0, 1], v[0], v[1], W, 127.0,
+    got = LK._label_step(pos[0, 0, 0], pos[0, 0, 1], pos[1, 0, 0], pos[1, 0, 1], v[0], v[1], W, 127.0,
                         L.rule_code(rule))
     assert got == ref
     if rule == "amplify":  # docs/DESIGN.md: q = round(clip(p, 0, ref_size-1)), d = q[t+1] - q[t]
