@@ -109,12 +109,12 @@ def label_dtype(W: int):
     return np.uint8 if W * W <= 256 else np.int16
 
 
-def _keep(stats, vis, flt: StaticFilter) -> np.ndarray:
-    """``(B, N)`` kept points of a batch under ``flt`` (every point when it is off)."""
-    B, _, N = vis.shape
+def _keep(stats, vc, flt: StaticFilter) -> np.ndarray:
+    """``(B, N)`` kept points of a batch under ``flt`` (every point when it is off); ``vc``
+    ``(B, N)`` valid-step counts."""
+    B, N = vc.shape
     if not (flt.enable and B):
         return np.ones((B, N), bool)
-    vc = step_valid(vis).sum(axis=1, dtype=np.uint8)
     with _numba_threads(1):  # thread start-up costs more than a batch's keep mask
         return keep_mask(stats[:, METRICS.index(flt.metric)], vc, flt.threshold, flt.min_keep)
 
@@ -142,8 +142,9 @@ def make_batch(pos_px: np.ndarray, vis: np.ndarray, stats: np.ndarray, clip_ids:
     S = T - 1
     pos_px = np.ascontiguousarray(pos_px, np.float32)
     vis = np.ascontiguousarray(vis, np.bool_)
-    keep = _keep(stats, vis, flt)
-    keep_eval = keep if eval_filter == flt else _keep(stats, vis, eval_filter)
+    vc = step_valid(vis).sum(axis=1, dtype=np.uint8)  # once for both masks
+    keep = _keep(stats, vc, flt)
+    keep_eval = keep if eval_filter == flt else _keep(stats, vc, eval_filter)
     ref_max, rule = float(ref_size - 1), rule_code(label_rule)
     if augment is not None and augment.enabled:
         pos_px = augment_batch(pos_px, keep, augment, rng, W)
