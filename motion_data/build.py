@@ -33,6 +33,7 @@ from .shard_records import ShardContext, add_sparse, load_records, write_shard_a
 from .shards import shard_name
 from .stats import METRICS, SEED_FILTER, StaticFilter
 from .store import PER_CLIP, STORE_NAME, StoreWriter, empty_hists, store_attrs
+from .errors import UserError
 
 BUILD_JSON = "build.json"
 WORK = ".work"
@@ -41,7 +42,7 @@ DEFAULT_MAXCOUNT = 1000
 DEFAULT_FILTER = SEED_FILTER
 
 
-class BuildError(RuntimeError):
+class BuildError(UserError, RuntimeError):
     """A build cannot go on; the message is one line (names the file where there is one)."""
 
 

@@ -22,9 +22,10 @@ import numpy as np
 from .manifest import MANIFEST_NAME, read_manifest
 from .stats import HIST_BIN_WIDTH, HIST_NBINS, StaticFilter, filtered_counts_from_hist, recorded_filter
 from .store import REBUILD_HINT, STORE_NAME, StoreError, open_store
+from .errors import UserError
 
 
-class BuildDirError(ValueError):
+class BuildDirError(UserError, ValueError):
     """A build folder is missing, of another format or inconsistent; names the file."""
 
 

@@ -1,13 +1,16 @@
 """Shared command dispatch for ``python -m preprocess`` and ``python -m tokenizer_train``.
 
 Each command is a module with ``add_arguments(parser)`` and ``run(args) -> int``; its
-docstring is the command's ``--help`` text.
+docstring is the command's ``--help`` text. A ``UserError`` (``motion_data.errors``) raised by
+a command is printed as one line (exit 2); Ctrl-C is one line too (exit 130).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 
+from .errors import UserError
 from .stats import SEED_FILTER
 
 # the seed's filter as a --filter default (docs/DESIGN.md: p95@0.04, min_keep 16)
@@ -29,4 +32,11 @@ def dispatch(prog: str, description: str, commands: dict[str, tuple[str, str]], 
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         modules[name].add_arguments(p)
     args = parser.parse_args(argv)
-    return int(modules[args.command].run(args) or 0)
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except UserError as e:  # the user's to fix: one line naming the path, no traceback
+        print(f"{prog} {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # commands that can resume catch it first and say how
+        print(f"{prog} {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .labels import step_valid, velocities
+from .errors import UserError
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """Bad input: the message names the file and the problem (one line)."""
 
 

@@ -11,9 +11,10 @@ import zipfile
 import numpy as np
 
 from .clips import InputError
+from .errors import UserError
 
 
-class MissingDependency(ImportError):
+class MissingDependency(UserError, ImportError):
     """An optional package needed for a format is not installed."""
 
 

@@ -32,6 +32,7 @@ from .file_readers import MissingDependency
 from .labels import DEFAULT_GRID, DEFAULT_T
 from .scripted_policy import OPEN, PickPlace, draw_motion
 from .sim_tracks import Recording, rollout_tracks, window_starts
+from .errors import UserError
 
 SIM_INSTALL = 'pip install torch==2.13.0 -e ".[sim]"'
 DEFAULT_SUITES = ("libero_90", "libero_spatial", "libero_object")
@@ -39,7 +40,7 @@ CAMERA = "agentview"
 EE_SITE = "gripper0_grip_site"
 
 
-class RenderUnavailable(RuntimeError):
+class RenderUnavailable(UserError, RuntimeError):
     """No offscreen GL context could be opened (MUJOCO_GL backend missing)."""
 
 

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .atomic import atomic_path, remove_stale
+from .errors import UserError
 
 MANIFEST_NAME = "manifest.parquet"
 SCHEMA = pa.schema([
@@ -38,7 +39,7 @@ SCHEMA = pa.schema([
 COLUMNS = tuple(SCHEMA.names)
 
 
-class ManifestError(RuntimeError):
+class ManifestError(UserError, RuntimeError):
     """A manifest is missing, malformed or inconsistent; the message names the file."""
 
 

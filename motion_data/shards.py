@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_open
+from .errors import UserError
 
 SAMPLE_EXTS = ("pos.npy", "vis.npy", "stats.npy", "json")
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError, RuntimeError):
     """A shard (or a sample in it) is missing, truncated or malformed; the message names it."""
 
 

@@ -23,6 +23,7 @@ import zarr
 from .atomic import remove_stale, temp_path
 from .labels import LABEL_RULES, ring_map
 from .stats import HIST_BIN_WIDTH, HIST_NBINS, HIST_RANK_MAX, METRICS
+from .errors import UserError
 
 # 2: shards hold positions + visibility, manifest checksums, label_rule attribute
 FORMAT_VERSION = 2
@@ -35,7 +36,7 @@ PER_CLIP = FLOAT_ARRAYS + COUNT_ARRAYS
 CHUNK_ROWS = 1024
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """A stats store is missing, of another format version or inconsistent; names the path."""
 
 

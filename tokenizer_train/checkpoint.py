@@ -22,11 +22,12 @@ from motion_data.atomic import atomic_open
 
 from .config import from_dict
 from .model import MotionTokenizer
+from motion_data.errors import UserError
 
 REQUIRED_KEYS = ("model", "optimizer", "step", "epoch")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint cannot be read; the one-line message names the file."""
 
 

@@ -17,9 +17,10 @@ import yaml
 from motion_data.augment import AugmentConfig
 from motion_data.sampler import SamplerConfig
 from motion_data.stats import StaticFilter
+from motion_data.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that does not match the schema."""
 
 

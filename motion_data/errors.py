@@ -1,0 +1,10 @@
+"""The one base class of errors that are the user's to fix (a path, a file, a flag).
+
+The command dispatcher (``motion_data.cli``) prints these as one line and exits with 2,
+without a traceback; anything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """Bad input, a missing or foreign folder, a refused flag; the message names the path
+    and the way out, in one line."""
