@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .errors import UserError
@@ -18,6 +19,8 @@ SEED_FILTER_SPEC = f"{SEED_FILTER.metric}@{SEED_FILTER.threshold:g}"
 
 
 def dispatch(prog: str, description: str, commands: dict[str, tuple[str, str]], argv=None) -> int:
+    if argv is None and not sys.argv[0].endswith("__main__.py"):  # a console script (pyproject.toml)
+        prog = os.path.basename(sys.argv[0])
     parser = argparse.ArgumentParser(prog=prog, description=description)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     modules = {}

@@ -1,4 +1,4 @@
-"""``python -m preprocess COMMAND ...``: tracks in; Zarr statistics, shards, manifest out."""
+"""motion-preprocess (or python -m preprocess) COMMAND ...: tracks in; Zarr statistics, shards, manifest out."""
 import sys
 
 from motion_data.cli import dispatch

@@ -1,4 +1,4 @@
-"""``python -m tokenizer_train COMMAND ...``: train, tokenize, ablate, check, frontier, demo."""
+"""motion-tokenizer (or python -m tokenizer_train) COMMAND ...: train, tokenize, ablate, check, frontier, demo."""
 import os
 import sys
 
