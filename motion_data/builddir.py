@@ -6,7 +6,8 @@ label rule, the class counts under a filter and the W/N/T compatibility check.
     b.W, b.N, b.T, b.label_rule, b.build_filter   # attributes
     b.manifest(["clip_id", "shard"])              # {column: list}, one row per clip
     b.histograms(["p95"])                         # {metric: (points, topk)}
-    b.class_counts(static_filter)                 # (W*W,) kept-label counts
+    b.class_counts(static_filter)                 # (W*W,) kept-label counts, every clip
+    b.class_counts(static_filter, rows=train_rows)  # the same over some clips (read from the shards)
     b.check_compatible(W=15, N=400, what="...")   # one-line error when they differ
 
 Every failure is a :class:`BuildDirError` (a ValueError) whose one line names the file
@@ -20,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from .manifest import MANIFEST_NAME, read_manifest
-from .stats import HIST_BIN_WIDTH, HIST_NBINS, StaticFilter, filtered_counts_from_hist, recorded_filter
+from .stats import (HIST_BIN_WIDTH, HIST_EDGES, HIST_NBINS, HIST_RANK_MAX, StaticFilter, filtered_counts_from_hist,
+                    recorded_filter, threshold_bin)
 from .store import REBUILD_HINT, STORE_NAME, StoreError, open_store
 from .errors import UserError
 
@@ -117,8 +119,21 @@ class BuildDir:
                 raise BuildDirError(f"{self.store_path}: no class histograms for metric {m!r}") from None
         return out
 
-    def class_counts(self, static_filter: StaticFilter) -> np.ndarray:
-        """Kept-label counts ``(W*W,)`` int64 under ``static_filter`` (all valid labels when off)."""
+    def class_counts(self, static_filter: StaticFilter, rows=None, progress: bool = False) -> np.ndarray:
+        """Kept-label counts ``(W*W,)`` int64 under ``static_filter`` (all valid labels when off).
+
+        ``rows=None``: every clip, from the build's histograms (no shard is read). ``rows``:
+        manifest row indices (e.g. the training split of ``split.split_manifest``); the
+        histograms sum over all clips, so shards are read and labelled as the loader does
+        (``batch.make_batch``: same labels, same loss mask). When the histograms are exact
+        for the filter, only the other clips (the smaller validation split) are read and
+        their counts subtracted from the whole build's."""
+        if rows is not None:
+            rows = np.unique(np.asarray(rows, np.int64))
+            rest = np.setdiff1d(np.arange(self.n_clips), rows)
+            if len(rest) < len(rows) and self._hist_exact(static_filter):
+                return self.class_counts(static_filter) - self._rows_class_counts(static_filter, rest, progress)
+            return self._rows_class_counts(static_filter, rows, progress)
         (points, topk), = self.histograms([static_filter.metric]).values()
         if points.shape[-1] != self.W * self.W + 1:
             raise BuildDirError(f"{self.store_path}: histograms are for {points.shape[-1] - 1} classes, "
@@ -128,6 +143,41 @@ class BuildDir:
         else:
             counts = points.sum(axis=0)[:-1]
         return np.asarray(counts).astype(np.int64)
+
+    def _hist_exact(self, flt: StaticFilter) -> bool:
+        """Whether the histograms count ``flt``'s kept labels exactly (off, or a threshold on a
+        bin edge with min_keep within the recorded ranks)."""
+        if not flt.enable:
+            return True
+        edge = HIST_EDGES[threshold_bin(flt.threshold)]
+        return flt.min_keep <= HIST_RANK_MAX and (np.float32(flt.threshold) == edge or flt.threshold <= 0)
+
+    def _rows_class_counts(self, flt: StaticFilter, rows: np.ndarray, progress: bool, chunk: int = 256) -> np.ndarray:
+        from tqdm import tqdm
+
+        from .batch import make_batch  # imports torch: only for this path
+        from .shard_reader import FdCache, read_batch
+        from .shards import ShardError
+
+        K = self.W * self.W
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_clips):
+            raise ValueError(f"clip rows must be in [0, {self.n_clips}), got {rows.min()}..{rows.max()}")
+        man = self.manifest(["clip_id", "shard", "offset", "size", "checksum"])
+        fds, counts = FdCache(), np.zeros(K, np.int64)
+        try:
+            for lo in tqdm(range(0, len(rows), chunk), desc="class counts", unit="chunk", disable=not progress):
+                r = rows[lo:lo + chunk]
+                ids = [man["clip_id"][i] for i in r]
+                pos, vis, st, ok, err = read_batch(
+                    fds, [str(self.root / man["shard"][i]) for i in r], [man["offset"][i] for i in r],
+                    [man["size"][i] for i in r], ids, [man["checksum"][i] for i in r], self.T, self.N)
+                if not ok.all():
+                    raise ShardError(next(e for e in err if e is not None))
+                b = make_batch(pos, vis, st, ids, flt, self.W, ref_size=self.ref_size, label_rule=self.label_rule)
+                counts += np.bincount(b["labels"][b["mask"]].numpy(), minlength=K)[:K]
+        finally:
+            fds.close()
+        return counts
 
     # ---------------------------------------------------------------- the manifest
     def manifest(self, columns=None) -> dict:
