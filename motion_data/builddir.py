@@ -9,6 +9,7 @@ label rule, the class counts under a filter and the W/N/T compatibility check.
     b.class_counts(static_filter)                 # (W*W,) kept-label counts, every clip
     b.class_counts(static_filter, rows=train_rows)  # the same over some clips (read from the shards)
     b.check_compatible(W=15, N=400, what="...")   # one-line error when they differ
+    b.read_clips(b.rows_of(["clip-id"]))         # (positions, visibility, stats) from the shards
 
 Every failure is a :class:`BuildDirError` (a ValueError) whose one line names the file
 and the way out.
@@ -156,28 +157,52 @@ class BuildDir:
         from tqdm import tqdm
 
         from .batch import make_batch  # imports torch: only for this path
+
+        K = self.W * self.W
+        counts = np.zeros(K, np.int64)
+        for lo in tqdm(range(0, len(rows), chunk), desc="class counts", unit="chunk", disable=not progress):
+            r = rows[lo:lo + chunk]
+            pos, vis, st = self.read_clips(r)
+            b = make_batch(pos, vis, st, [""] * len(r), flt, self.W, ref_size=self.ref_size, label_rule=self.label_rule)
+            counts += np.bincount(b["labels"][b["mask"]].numpy(), minlength=K)[:K]
+        return counts
+
+    # ---------------------------------------------------------------- clips
+    def read_clips(self, rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(positions (B, T, N, 2) reference px, visibility (B, T, N), stats (B, 3, N))`` of
+        manifest rows, read from the shards and checked (``shard_reader.read_batch``);
+        ShardError names the shard."""
         from .shard_reader import FdCache, read_batch
         from .shards import ShardError
 
-        K = self.W * self.W
+        rows = np.asarray(rows, np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= self.n_clips):
             raise ValueError(f"clip rows must be in [0, {self.n_clips}), got {rows.min()}..{rows.max()}")
-        man = self.manifest(["clip_id", "shard", "offset", "size", "checksum"])
-        fds, counts = FdCache(), np.zeros(K, np.int64)
+        man = self._read_columns
+        fds = FdCache()
         try:
-            for lo in tqdm(range(0, len(rows), chunk), desc="class counts", unit="chunk", disable=not progress):
-                r = rows[lo:lo + chunk]
-                ids = [man["clip_id"][i] for i in r]
-                pos, vis, st, ok, err = read_batch(
-                    fds, [str(self.root / man["shard"][i]) for i in r], [man["offset"][i] for i in r],
-                    [man["size"][i] for i in r], ids, [man["checksum"][i] for i in r], self.T, self.N)
-                if not ok.all():
-                    raise ShardError(next(e for e in err if e is not None))
-                b = make_batch(pos, vis, st, ids, flt, self.W, ref_size=self.ref_size, label_rule=self.label_rule)
-                counts += np.bincount(b["labels"][b["mask"]].numpy(), minlength=K)[:K]
+            pos, vis, st, ok, err = read_batch(
+                fds, [str(self.root / man["shard"][i]) for i in rows], [man["offset"][i] for i in rows],
+                [man["size"][i] for i in rows], [man["clip_id"][i] for i in rows],
+                [man["checksum"][i] for i in rows], self.T, self.N)
         finally:
             fds.close()
-        return counts
+        if not ok.all():
+            raise ShardError(next(e for e in err if e is not None))
+        return pos, vis, st
+
+    def rows_of(self, clip_ids) -> np.ndarray:
+        """Manifest rows of ``clip_ids``; BuildDirError naming the first one the build lacks."""
+        row = {c: i for i, c in enumerate(self._read_columns["clip_id"])}
+        missing = [c for c in clip_ids if c not in row]
+        if missing:
+            raise BuildDirError(f"{self.manifest_path}: no clip {missing[0]!r} ({len(missing)} of {len(clip_ids)} "
+                                f"missing); pass the build those clips come from")
+        return np.fromiter((row[c] for c in clip_ids), np.int64, len(clip_ids))
+
+    @cached_property
+    def _read_columns(self) -> dict:
+        return self.manifest(["clip_id", "shard", "offset", "size", "checksum"])
 
     # ---------------------------------------------------------------- the manifest
     def manifest(self, columns=None) -> dict:
