@@ -1,8 +1,8 @@
-"""``decode``: code ids back to the motion the decoder predicts (per clip, step and point).
+"""decode: code ids back to the motion the decoder predicts (per clip, step and point).
 
   python -m tokenizer_train decode --run RUN --codes codes.parquet --out decoded.npz [--data BUILD]
 
-Reads the Parquet of ``tokenize`` (columns clip_id and codes) and writes one npz with, for
+Reads the Parquet of tokenize (columns clip_id and codes) and writes one npz with, for
 C clips, S = T-1 steps and N points:
   clip_id       (C,) str      the clips, in the Parquet's row order
   classes       (C, S, N) int16    predicted displacement class (row * W + col; centre = no motion)

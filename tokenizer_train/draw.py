@@ -1,4 +1,4 @@
-"""``draw``: a picture of one clip: its tracks, its labels and (with --run) the predicted motion.
+"""draw: a picture of one clip: its tracks, its labels and (with --run) the predicted motion.
 
   python -m tokenizer_train draw --data BUILD [--clip CLIP_ID] [--run RUN] --out clip.png
   python -m tokenizer_train draw --data BUILD --run RUN --frame first_frame.jpg --out clip.gif
@@ -12,7 +12,7 @@ PNG (whole clip): observed tracks (blue, visible frames only), the label path of
 the predicted path (red, dashed: start plus the sum of the decoder's predicted classes).
 GIF (one frame per step): the points at that step, the step's ground-truth displacement
 (green arrow) and the predicted one (red arrow), over the tracks so far. Arrows are drawn
-ARROW_SCALE times their length in px so that one-pixel steps are visible.
+3 times their length (ARROW_SCALE) in px so that one-pixel steps are visible.
 """
 from __future__ import annotations
 
