@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from motion_data.builddir import BuildDir
+from motion_data.errors import UserError
 from motion_data.labels import class_offsets, normalize, velocities
 from tokenizer_train.__main__ import main
 from tokenizer_train.api import load_tokenizer
@@ -93,6 +94,9 @@ def test_api_errors_name_the_problem(runs, tmp_path):
         tok.decode(codes + tok.codebook_size, pos[:2, 0])
     with pytest.raises(ValueError, match="exactly one"):
         tok.encode()
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA device"):
+            load_tokenizer(run["pos"], device="cuda")
 
 
 @pytest.mark.parametrize("kind", ["pos", "plain"])

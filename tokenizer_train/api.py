@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from motion_data.errors import UserError
 from motion_data.labels import class_offsets, normalize, velocities
 
 from .checkpoint import CheckpointError, load_model
@@ -152,6 +153,8 @@ def load_tokenizer(run_dir, checkpoint: str = "best", device: str | torch.device
     """
     if checkpoint not in ("best", "last"):
         raise ValueError(f"checkpoint must be best or last, got {checkpoint!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device cuda was asked for but no CUDA device is available; use device auto or cpu")
     dev = device if isinstance(device, torch.device) else pick_device(device)
     path = Path(run_dir) / f"{checkpoint}.pt"
     try:
