@@ -6,8 +6,10 @@ label rule, the class counts under a filter and the W/N/T compatibility check.
     b.W, b.N, b.T, b.label_rule, b.build_filter   # attributes
     b.manifest(["clip_id", "shard"])              # {column: list}, one row per clip
     b.histograms(["p95"])                         # {metric: (points, topk)}
-    b.class_counts(static_filter)                 # (W*W,) kept-label counts
+    b.class_counts(static_filter)                 # (W*W,) kept-label counts, every clip
+    b.class_counts(static_filter, rows=train_rows)  # the same over some clips (read from the shards)
     b.check_compatible(W=15, N=400, what="...")   # one-line error when they differ
+    b.read_clips(b.rows_of(["clip-id"]))         # (positions, visibility, stats) from the shards
 
 Every failure is a :class:`BuildDirError` (a ValueError) whose one line names the file
 and the way out.
@@ -20,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from .manifest import MANIFEST_NAME, read_manifest
-from .stats import HIST_BIN_WIDTH, HIST_NBINS, StaticFilter, filtered_counts_from_hist, recorded_filter
+from .stats import (HIST_BIN_WIDTH, HIST_EDGES, HIST_NBINS, HIST_RANK_MAX, StaticFilter, filtered_counts_from_hist,
+                    recorded_filter, threshold_bin)
 from .store import REBUILD_HINT, STORE_NAME, StoreError, open_store
 from .errors import UserError
 
@@ -117,8 +120,21 @@ class BuildDir:
                 raise BuildDirError(f"{self.store_path}: no class histograms for metric {m!r}") from None
         return out
 
-    def class_counts(self, static_filter: StaticFilter) -> np.ndarray:
-        """Kept-label counts ``(W*W,)`` int64 under ``static_filter`` (all valid labels when off)."""
+    def class_counts(self, static_filter: StaticFilter, rows=None, progress: bool = False) -> np.ndarray:
+        """Kept-label counts ``(W*W,)`` int64 under ``static_filter`` (all valid labels when off).
+
+        ``rows=None``: every clip, from the build's histograms (no shard is read). ``rows``:
+        manifest row indices (e.g. the training split of ``split.split_manifest``); the
+        histograms sum over all clips, so shards are read and labelled as the loader does
+        (``batch.make_batch``: same labels, same loss mask). When the histograms are exact
+        for the filter, only the other clips (the smaller validation split) are read and
+        their counts subtracted from the whole build's."""
+        if rows is not None:
+            rows = np.unique(np.asarray(rows, np.int64))
+            rest = np.setdiff1d(np.arange(self.n_clips), rows)
+            if len(rest) < len(rows) and self._hist_exact(static_filter):
+                return self.class_counts(static_filter) - self._rows_class_counts(static_filter, rest, progress)
+            return self._rows_class_counts(static_filter, rows, progress)
         (points, topk), = self.histograms([static_filter.metric]).values()
         if points.shape[-1] != self.W * self.W + 1:
             raise BuildDirError(f"{self.store_path}: histograms are for {points.shape[-1] - 1} classes, "
@@ -128,6 +144,65 @@ class BuildDir:
         else:
             counts = points.sum(axis=0)[:-1]
         return np.asarray(counts).astype(np.int64)
+
+    def _hist_exact(self, flt: StaticFilter) -> bool:
+        """Whether the histograms count ``flt``'s kept labels exactly (off, or a threshold on a
+        bin edge with min_keep within the recorded ranks)."""
+        if not flt.enable:
+            return True
+        edge = HIST_EDGES[threshold_bin(flt.threshold)]
+        return flt.min_keep <= HIST_RANK_MAX and (np.float32(flt.threshold) == edge or flt.threshold <= 0)
+
+    def _rows_class_counts(self, flt: StaticFilter, rows: np.ndarray, progress: bool, chunk: int = 256) -> np.ndarray:
+        from tqdm import tqdm
+
+        from .batch import make_batch  # imports torch: only for this path
+
+        K = self.W * self.W
+        counts = np.zeros(K, np.int64)
+        for lo in tqdm(range(0, len(rows), chunk), desc="class counts", unit="chunk", disable=not progress):
+            r = rows[lo:lo + chunk]
+            pos, vis, st = self.read_clips(r)
+            b = make_batch(pos, vis, st, [""] * len(r), flt, self.W, ref_size=self.ref_size, label_rule=self.label_rule)
+            counts += np.bincount(b["labels"][b["mask"]].numpy(), minlength=K)[:K]
+        return counts
+
+    # ---------------------------------------------------------------- clips
+    def read_clips(self, rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(positions (B, T, N, 2) reference px, visibility (B, T, N), stats (B, 3, N))`` of
+        manifest rows, read from the shards and checked (``shard_reader.read_batch``);
+        ShardError names the shard."""
+        from .shard_reader import FdCache, read_batch
+        from .shards import ShardError
+
+        rows = np.asarray(rows, np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_clips):
+            raise ValueError(f"clip rows must be in [0, {self.n_clips}), got {rows.min()}..{rows.max()}")
+        man = self._read_columns
+        fds = FdCache()
+        try:
+            pos, vis, st, ok, err = read_batch(
+                fds, [str(self.root / man["shard"][i]) for i in rows], [man["offset"][i] for i in rows],
+                [man["size"][i] for i in rows], [man["clip_id"][i] for i in rows],
+                [man["checksum"][i] for i in rows], self.T, self.N)
+        finally:
+            fds.close()
+        if not ok.all():
+            raise ShardError(next(e for e in err if e is not None))
+        return pos, vis, st
+
+    def rows_of(self, clip_ids) -> np.ndarray:
+        """Manifest rows of ``clip_ids``; BuildDirError naming the first one the build lacks."""
+        row = {c: i for i, c in enumerate(self._read_columns["clip_id"])}
+        missing = [c for c in clip_ids if c not in row]
+        if missing:
+            raise BuildDirError(f"{self.manifest_path}: no clip {missing[0]!r} ({len(missing)} of {len(clip_ids)} "
+                                f"missing); pass the build those clips come from")
+        return np.fromiter((row[c] for c in clip_ids), np.int64, len(clip_ids))
+
+    @cached_property
+    def _read_columns(self) -> dict:
+        return self.manifest(["clip_id", "shard", "offset", "size", "checksum"])
 
     # ---------------------------------------------------------------- the manifest
     def manifest(self, columns=None) -> dict:

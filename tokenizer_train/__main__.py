@@ -1,4 +1,4 @@
-"""motion-tokenizer (or python -m tokenizer_train) COMMAND ...: train, tokenize, ablate, check, frontier, demo."""
+"""motion-tokenizer (or python -m tokenizer_train) COMMAND ...: train, tokenize, ablate, check, frontier, demo, decode, draw."""
 import os
 import sys
 
@@ -16,6 +16,8 @@ COMMANDS = {
     "check": ("tokenizer_train.check", "evaluate the seed's acceptance gates on a run"),
     "frontier": ("tokenizer_train.frontier", "accuracy vs non-centre accuracy as the centre logit is shifted"),
     "demo": ("tokenizer_train.demo", "end-to-end demo: data, filter tuning, baseline vs recommended"),
+    "decode": ("tokenizer_train.decode", "code ids back to predicted per-point displacements (npz)"),
+    "draw": ("tokenizer_train.draw", "picture of a clip: tracks, labels and predicted motion (PNG or GIF)"),
 }
 
 

@@ -1,7 +1,7 @@
 """Class weights of ``training.class_weighting`` (stage 2) and their run artifacts.
 
-The weights need the label distribution under the run's static filter:
-``BuildDir.class_counts(filter)`` reads it from the build's histograms.
+The weights need the label distribution under the run's static filter over the training
+split only (validation labels must not shape the loss): ``training_class_counts``.
 """
 from __future__ import annotations
 
@@ -13,6 +13,15 @@ import torch
 
 from motion_data.atomic import atomic_open
 from motion_data.labels import center_class, ring_map
+from motion_data.split import split_manifest
+
+
+def training_class_counts(build, data_cfg, progress: bool = False) -> np.ndarray:
+    """``(W*W,)`` kept-label counts of the training clips of ``build`` (a ``BuildDir``) under
+    ``data_cfg.static_filter``, the split being the loader's (``split_manifest`` at
+    ``data_cfg.val_split``)."""
+    train_rows, _ = split_manifest(build.manifest(["split_group", "start_frame"]), data_cfg.val_split, build.T)
+    return build.class_counts(data_cfg.static_filter, rows=train_rows, progress=progress)
 
 
 def _normalise_under(weights: np.ndarray, freq: np.ndarray) -> np.ndarray:

@@ -40,7 +40,7 @@ from . import checkpoint as ckpt
 from . import distributed as D
 from . import metrics as M
 from . import prior
-from .class_weights import class_weights_image, save_class_weights
+from .class_weights import class_weights_image, save_class_weights, training_class_counts
 from .code_usage import CodeUsageRegulariser, entropy_weight
 from .config import Config, ConfigError, load_config, to_dict
 from .logger import RunLogger
@@ -167,7 +167,7 @@ class Trainer:
                                          tc.learning_rate)
         autocast_for(tc.mixed_precision, self.device)  # fail now on fp16 without CUDA
         self.scaler = torch.amp.GradScaler("cuda", enabled=tc.mixed_precision == "fp16")
-        counts = build.class_counts(cfg.data.static_filter) if tc.class_weighting.method != "none" else None
+        counts = training_class_counts(build, cfg.data) if tc.class_weighting.method != "none" else None
         self.criterion = prior.wrap(Criterion(tc, counts, self.W), tc)  # training.logit_adjustment (off: unchanged)
         self.regulariser = CodeUsageRegulariser(tc, self.levels, distributed=dist.enabled)  # checkpointed
 

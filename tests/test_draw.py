@@ -1,0 +1,89 @@
+"""``draw``: PNG and GIF pictures of a clip, with and without a run and a frame image."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from motion_data.split import split_manifest
+from tokenizer_train.__main__ import main
+from tokenizer_train.config import from_dict
+from tokenizer_train.draw import draw_clip
+from tokenizer_train.train import train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from loader_fixtures import write_build  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    build = write_build(tmp_path_factory.mktemp("build"), shard_sizes=(6, 6), sources=["v/a.h5", "v/b.h5"])
+    run = tmp_path_factory.mktemp("run")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(from_dict({}, ["model.hidden_dim=16", "model.num_layers=1", "model.num_heads=2", "training.batch_size=4",
+                             "training.epochs=1", "data.val_split=0.25", "training.device=cpu",
+                             "model.decoder=code_query", "model.point_pos_enc.enabled=true"]), build, run)
+    finally:
+        torch.set_num_threads(n)
+    return build, run
+
+
+def test_png_default_clip_is_the_first_validation_clip(tiny, tmp_path):
+    build, run = tiny
+    out, cid = draw_clip(build, tmp_path / "a" / "clip.png", run=run, size=200, device="cpu", progress=False)
+    man = pq.read_table(build / "manifest.parquet").to_pydict()
+    _, val = split_manifest(man, 0.25, 16)  # the run's data.val_split
+    assert cid == man["clip_id"][val[0]]
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size == (200, 200)
+        px = np.asarray(im.convert("RGB"))
+    # something was drawn on the blank canvas: green labels and red predictions among white
+    assert (px == 255).all(-1).mean() > 0.5
+    green = (px[..., 1] > 100) & (px[..., 0] < 100) & (px[..., 2] < 100)
+    red = (px[..., 0] > 150) & (px[..., 1] < 100) & (px[..., 2] < 100)
+    assert green.any() and red.any()
+
+
+def test_gif_has_one_frame_per_step_over_the_frame_image(tiny, tmp_path):
+    build, run = tiny
+    frame = tmp_path / "first.png"
+    Image.new("RGB", (96, 64), (0, 0, 200)).save(frame)  # any size: stretched to the reference frame
+    cid = pq.read_table(build / "manifest.parquet").to_pydict()["clip_id"][2]
+    out = tmp_path / "clip.gif"
+    assert main(["draw", "--data", str(build), "--clip", cid, "--run", str(run), "--frame", str(frame),
+                 "--out", str(out), "--size", "160", "--device", "cpu"]) == 0
+    with Image.open(out) as im:
+        assert im.format == "GIF" and im.size == (160, 160) and im.n_frames == 15  # T - 1 steps
+        im.seek(0)
+        px = np.asarray(im.convert("RGB"))
+    assert ((px[..., 2] > 150) & (px[..., 0] < 80)).mean() > 0.3  # the blue frame image is the background
+
+
+def test_png_without_run(tiny, tmp_path):
+    build, _ = tiny
+    out = tmp_path / "plain.png"
+    assert main(["draw", "--data", str(build), "--out", str(out), "--size", "128", "--val-split", "0"]) == 0
+    with Image.open(out) as im:
+        assert im.size == (128, 128)
+        px = np.asarray(im.convert("RGB"))
+    red = (px[..., 0] > 150) & (px[..., 1] < 100) & (px[..., 2] < 100)
+    assert not red.any() and out.stat().st_size > 0
+
+
+def test_errors_are_one_line(tiny, tmp_path, capsys):
+    build, run = tiny
+    bad_frame = tmp_path / "x.png"
+    bad_frame.write_text("no image")
+    for argv, needle in ((["--out", str(tmp_path / "c.jpg")], ".png"),
+                         (["--out", str(tmp_path / "c.png"), "--clip", "nope"], "nope"),
+                         (["--out", str(tmp_path / "c.png"), "--frame", str(bad_frame)], str(bad_frame)),
+                         (["--out", str(tmp_path / "c.png"), "--run", str(tmp_path / "norun")], "best.pt")):
+        assert main(["draw", "--data", str(build)] + argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "c.png").exists()
