@@ -274,3 +274,17 @@ def test_tag_the_trainer_never_writes_is_not_read(tmp_path):
     rows.append({"step": 999, "epoch": 29, "train/code_usage_counts": [20, 20, 20, 20, 20]})
     g = {x.name: x for x in check.evaluate(rows)}
     assert not g["code usage multi-modal"].passed and g["code usage multi-modal"].value is None
+
+
+@pytest.mark.parametrize("command", ["check", "ablate", "frontier"])
+def test_help_has_no_rst_and_explains_the_seed(command, capsys):
+    from tokenizer_train.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    assert "`" not in text
+    # "the seed" (the original plan) is never used unexplained; training seeds are named as such
+    for line in text.splitlines():
+        if "the seed" in line:
+            assert "called \"the seed\"" in line, line

@@ -305,7 +305,7 @@ def verdict(gates: list[Gate]) -> str:
         lead = (f"CODES {'CARRY' if info.passed else 'DO NOT CARRY'} INFORMATION "
                 f"({info.value:.3f} bits/label, target {info.target})")
     passed, failed, waiting = counts(gates)
-    state = "SOME GATES FAIL" if failed else "ALL REACHED GATES PASS" if waiting else "ALL GATES PASS"
+    state = "SOME GATES FAIL" if failed else "ALL GATES PASS that the run reached" if waiting else "ALL GATES PASS"
     tail = f"; {waiting} not reached: the run is shorter than their horizon" if waiting else ""
     return f"{lead}; {state} ({passed}/{passed + failed} reached gates pass{tail})"
 
