@@ -91,6 +91,19 @@ def test_ablate_writes_table_and_does_not_rerun(tiny_build, tmp_path, capsys):
     assert float(rows[0]["ce_bits"]) > 0 and float(rows[0]["code_info_bits"]) <= 3.17
     for png in ("code_usage.png", "entropy.png", "accuracy.png"):
         assert (out / png).stat().st_size > 1000
+    # the plots of this 1-epoch ablation again, warnings as errors: one validation point per run shows
+    import warnings
+    from tokenizer_train import ablate_plots as AP
+    from tokenizer_train import check as C
+
+    rows_by_run = {(v, 0): C.read_metrics(out / "runs" / v / "seed0") for v in ("baseline", "entropy", "ring")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AP.plot_all(tmp_path, rows_by_run, ["baseline", "entropy", "ring"], 0)
+        fig = AP.curves_figure({v: rows_by_run[(v, 0)] for v in ("baseline", "entropy", "ring")}, AP.ACCURACY_PANELS)
+    for ax in fig.axes:  # one validation epoch: a single point per run, drawn as a marker
+        assert len(ax.lines) == 3 and len(ax.get_legend().get_texts()) == 3
+        assert all(len(line.get_xdata()) == 1 and line.get_marker() != "None" for line in ax.lines)
     for v in ("baseline", "entropy", "ring"):
         assert (out / "runs" / v / "seed0" / "done.json").exists()
         assert (out / "runs" / v / "seed0" / "tensorboard").is_dir()
@@ -126,6 +139,16 @@ def test_cli_errors(tiny_build, tmp_path, capsys):
     assert main(["ablate", "--data", str(tiny_build), "--out", str(tmp_path / "o"), "--only", "nope"]) == 2
     assert "unknown variant" in capsys.readouterr().err
     assert main(["ablate", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_only_baseline_is_a_valid_selection(tiny_build, tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(AB, "ablate", lambda cfg, data, out, variants, *a, **k: seen.setdefault("v", variants))
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "results.md").write_text("table\n")
+    argv = ["ablate", "--data", str(tiny_build), "--out", str(tmp_path / "o"), "--no-progress"]
+    assert main(argv + ["--only", "baseline"]) == 0 and seen.pop("v") == {}
+    assert main(argv + ["--only", "baseline,entropy"]) == 0 and list(seen.pop("v")) == ["entropy"]
 
 
 def test_run_with_only_last_prev_resumes_not_wiped(tmp_path):

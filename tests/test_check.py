@@ -74,9 +74,95 @@ def test_short_run_is_marked_on_30_epoch_gates(tmp_path):
     assert "run has 5 epochs < 30" in g["unique_codes@30"].note
 
 
-def test_missing_metrics_names_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
-        check.read_metrics(tmp_path)
+def _cli_error(argv, capsys) -> str:
+    """Run the CLI, expect exit 2 and return its one stderr line."""
+    from tokenizer_train.__main__ import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_missing_run_not_a_run_and_damaged_metrics_are_one_line(tmp_path, capsys):
+    err = _cli_error(["check", str(tmp_path / "nope")], capsys)
+    assert f"{tmp_path / 'nope'}: no such folder" in err and "--out folder of python -m tokenizer_train train" in err
+    (tmp_path / "plain").mkdir()
+    err = _cli_error(["check", str(tmp_path / "plain")], capsys)
+    assert "metrics.jsonl: not found" in err and "not a training run folder" in err
+    (tmp_path / "abl" / "runs").mkdir(parents=True)  # an ablate output: point at its runs
+    assert "runs" + "/VARIANT/seedK" in _cli_error(["check", str(tmp_path / "abl")], capsys)
+    good = _healthy(tmp_path, "good")
+    bad = tmp_path / "garbage"
+    bad.mkdir()
+    lines = (good / "metrics.jsonl").read_text().splitlines()
+    (bad / "metrics.jsonl").write_text("\n".join(lines[:3] + ["xx garbage"] + lines[3:]) + "\n")
+    err = _cli_error(["check", str(bad)], capsys)
+    assert f"{bad / 'metrics.jsonl'}:4: not a JSON object" in err
+    (bad / "metrics.jsonl").write_text(lines[0] + "\n" + "[1, 2]\n")  # a complete line that is no row
+    assert ":2: not a JSON object" in _cli_error(["check", str(bad)], capsys)
+    (bad / "metrics.jsonl").write_text("")
+    assert "no metrics logged yet" in _cli_error(["check", str(bad)], capsys)
+    err = _cli_error(["check", str(good), "--baseline", str(tmp_path / "nobase")], capsys)
+    assert str(tmp_path / "nobase") in err
+
+
+def test_torn_last_line_is_dropped_with_one_warning(tmp_path, capsys):
+    """A run killed mid-write leaves a last line without its newline: ignored, with a warning."""
+    r = _healthy(tmp_path, "r")
+    whole = check.read_metrics(r)
+    text = (r / "metrics.jsonl").read_text()
+    (r / "metrics.jsonl").write_text(text + '{"step": 999, "epoch": 29, "train/uni')
+    assert check.read_metrics(r) == whole
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "metrics.jsonl" in err and "torn last line" in err
+    from tokenizer_train.__main__ import main
+
+    assert main(["check", str(r)]) == 0
+    out, err = capsys.readouterr()
+    assert "ALL GATES PASS" in out and "torn last line" in err and "Traceback" not in err
+
+
+def _table(text: str) -> dict[str, str]:
+    """{gate name: its table row} of a printed table."""
+    return {g: line for line in text.splitlines() for g in [line.split("  ")[0].strip()] if g}
+
+
+def test_table_rounds_shows_whole_targets_and_not_logged(tmp_path, capsys):
+    base = _run(tmp_path, "base", lambda f: 1, lambda f: 0.0, lambda f: 1.0, 0.6123456789, 0.0, info=0.0123456789)
+    r = _healthy(tmp_path, "r")
+    rows = [{k: v for k, v in x.items() if k != "val/ce_bits_epoch"} for x in check.read_metrics(r)]
+    gates = check.evaluate(rows, check.read_metrics(base))
+    text = check.format_table(gates)
+    assert "None" not in text and "0.6123456789" not in text and "0.0123456789" not in text
+    rows_by = _table(text)
+    ce = rows_by["val CE bits <= baseline"]
+    assert "not logged" in ce and ce.rstrip().endswith("FAIL")
+    vnw = rows_by["val not worse than baseline"]
+    assert "acc >= 0.592, epe 0.6 <= 1.02" in vnw  # rounded, whole
+    for g in gates:  # every target printed whole: none cut to a fixed width
+        assert g.target in rows_by[g.name], (g.target, rows_by[g.name])
+
+
+def test_short_run_gates_say_not_reached_and_count_neither_way(tmp_path, capsys):
+    r = _run(tmp_path, "short", lambda f: 4 + 60 * f, lambda f: 0.1 + 0.5 * f, lambda f: 2 + 40 * f, 0.6, 0.4, epochs=5,
+             usage=[1] * 10)
+    gates = check.evaluate(check.read_metrics(r))
+    g = {x.name: x for x in gates}
+    for name in ("unique_codes@10", "entropy_norm@10", "unique_codes@30", "entropy_norm@30", "code usage multi-modal"):
+        assert not g[name].reached and g[name].result == "not reached", name
+    assert g["unique_codes@30"].passed and "so far meets the target" in g["unique_codes@30"].note
+    text = check.format_table(gates)
+    row = _table(text)["unique_codes@30"]
+    assert "not reached" in row and "PASS" not in row
+    assert check.report(gates)  # nothing reached fails: exit 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    passed, failed, waiting = check.counts(gates)
+    assert waiting == 7 and failed == 0  # the 10- and 30-epoch gates; the code information gate is reached
+    assert f"({passed}/{passed} reached gates pass; 7 not reached" in last
+    # a 30-epoch run reaches them all
+    full = check.evaluate(check.read_metrics(_healthy(tmp_path, "full")))
+    assert all(x.reached for x in full) and "not reached" not in check.format_table(full)
 
 
 def test_multimodal_reads_the_trainers_global_histogram(tmp_path):
@@ -188,3 +274,17 @@ def test_tag_the_trainer_never_writes_is_not_read(tmp_path):
     rows.append({"step": 999, "epoch": 29, "train/code_usage_counts": [20, 20, 20, 20, 20]})
     g = {x.name: x for x in check.evaluate(rows)}
     assert not g["code usage multi-modal"].passed and g["code usage multi-modal"].value is None
+
+
+@pytest.mark.parametrize("command", ["check", "ablate", "frontier"])
+def test_help_has_no_rst_and_explains_the_seed(command, capsys):
+    from tokenizer_train.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    assert "`" not in text
+    # "the seed" (the original plan) is never used unexplained; training seeds are named as such
+    for line in text.splitlines():
+        if "the seed" in line:
+            assert "called \"the seed\"" in line, line

@@ -20,12 +20,37 @@ W = 15
 C = center_class(W)
 
 
-def test_shift_center_moves_only_the_centre_logit():
-    x = torch.randn(2, 3, 4, W * W)
-    y = F.shift_center(x, C, 1.5)
-    assert torch.equal(y[..., C], x[..., C] + 1.5)
-    y[..., C] = x[..., C]
-    assert torch.equal(y, x)
+def reference_sweep(logits, labels, velocities, mask, offsets, W):
+    """The straightforward sweep: shift the centre logit, take argmax and softmax anew per offset."""
+    c, m = center_class(W), mask.bool()
+    out = torch.zeros(len(offsets), 5, dtype=torch.float64)
+    for i, b in enumerate(offsets):
+        g = logits.clone()
+        g[..., c] += b
+        pred = g.argmax(-1)
+        out[i] = torch.tensor([accuracy_counts(pred, labels, m)[0], noncenter_counts(pred, labels, m, c)[0],
+                               epe_px_counts(g, velocities, m, W)[0], float(((pred == c) & m).sum()),
+                               float(m.sum())], dtype=torch.float64)
+    return out
+
+
+def test_sweep_sums_equals_the_reference_with_ties():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 4, 6, W * W, generator=g) * 2
+    logits[0, 0, :, C] = logits[0, 0, :, C + 3]  # exact ties with another class ...
+    logits[0, 0, :, C + 3] += 10  # ... that is the best other class
+    logits[0, 0, :3, C] = logits[0, 0, :3, C + 3]  # centre ties the best class after it
+    logits[0, 1, :, C - 2] = 50.0
+    logits[0, 1, :, C] = 49.5  # the best class before the centre ties it at offset 0.5
+    labels = torch.randint(0, W * W, (3, 4, 6), generator=g)
+    labels[1] = C
+    mask = torch.rand(3, 4, 6, generator=g) > 0.2
+    vel = torch.rand(3, 4, 6, 2, generator=g) * 2 - 1
+    offsets = [-3.0, -0.5, 0.0, 0.5, 1.0, 2.5, 20.0]
+    got = F.sweep_sums(logits, labels, vel, mask, offsets, W)
+    ref = reference_sweep(logits, labels, vel, mask, offsets, W)
+    assert torch.equal(got[:, [0, 1, 3, 4]], ref[:, [0, 1, 3, 4]])  # counts: exact, ties included
+    assert torch.allclose(got[:, 2], ref[:, 2], rtol=1e-5)
 
 
 def test_sweep_counts_hand_computed():
@@ -41,7 +66,7 @@ def test_sweep_counts_hand_computed():
     logits[0, 0, 1, right] = 1.0
     logits[0, 0, 2, right] = 0.5
     logits[0, 0, 3, right] = 3.0
-    s = F.sweep_counts(logits, labels, vel, mask, [0.0, 0.75, 10.0], W)
+    s = F.sweep_sums(logits, labels, vel, mask, [0.0, 0.75, 10.0], W)
     assert s[:, 4].tolist() == [4, 4, 4]
     # offset 0: correct = points 0, 2; non-centre correct = point 2; centre predictions = point 0
     assert s[0, :2].tolist() == [2, 1] and s[0, 3] == 1
@@ -119,3 +144,43 @@ def test_cli_errors_name_the_problem(trained, tmp_path, capsys):
     assert main(["frontier", "--run", str(run), "--data", str(other), "--device", "cpu", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert str(other) in err and "N=5" in err
+
+
+def test_one_pass_frontier_equals_the_reference_on_a_run(trained):
+    """The frontier of a trained run equals shifting the logits per offset, batch by batch."""
+    from motion_data.loader import make_loader
+    from tokenizer_train.checkpoint import load_model
+    from tokenizer_train.model_inputs import model_kwargs
+
+    build, run = trained
+    offsets = [-2.0, -0.5, 0.0, 0.5, 3.0]
+    res = F.frontier(run, build, offsets, batch_size=4, progress=False)
+    model, cfg, meta = load_model(run, "last")
+    loader = make_loader(build, split="val", static_filter=cfg.data.static_filter, batch_size=4,
+                         val_split=cfg.data.val_split, seed=cfg.training.seed)
+    loader.set_epoch(0)
+    ref = torch.zeros(len(offsets), 5, dtype=torch.float64)
+    n_nc = 0.0
+    with torch.no_grad():
+        for b in loader:
+            logits = model(b["velocities"], **model_kwargs(b))["logits"].float()
+            m = b["eval_mask"].bool()
+            ref += reference_sweep(logits, b["labels"], b["velocities"], m, offsets, meta["W"])
+            n_nc += float((m & (b["labels"] != center_class(meta["W"]))).sum())
+    want = F.table_from_counts(offsets, ref.numpy(), n_nc)
+    assert res["labels"] == int(ref[0, 4]) > 0
+    for got, exp in zip(res["table"], want):
+        assert got == pytest.approx(exp, rel=1e-5, abs=1e-9)
+
+
+def test_missing_build_is_one_line(trained, tmp_path, capsys):
+    build, run = trained
+    assert main(["frontier", "--run", str(run), "--data", str(tmp_path / "nobuild"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"{tmp_path / 'nobuild'}: no such build folder" in err and "--data" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["frontier", "--run", str(run), "--data", str(empty), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert str(empty) in err and len(err.strip().splitlines()) == 1

@@ -13,7 +13,7 @@ COMMANDS = {
     "train": ("tokenizer_train.train", "train a motion tokenizer (also under torchrun)"),
     "tokenize": ("tokenizer_train.export_codes", "write each clip's code ids to Parquet"),
     "ablate": ("tokenizer_train.ablate", "train the baseline and each mitigation; results table"),
-    "check": ("tokenizer_train.check", "evaluate the acceptance gates (of the original plan and this project) on a run"),
+    "check": ("tokenizer_train.check", "evaluate the original plan's acceptance gates (and this project's) on a run"),
     "frontier": ("tokenizer_train.frontier", "accuracy vs non-centre accuracy as the centre logit is shifted"),
     "demo": ("tokenizer_train.demo", "end-to-end demo: data, filter tuning, baseline vs recommended"),
     "decode": ("tokenizer_train.decode", "code ids back to predicted per-point displacements (npz)"),

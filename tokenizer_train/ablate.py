@@ -4,12 +4,12 @@
       [--variants configs/variants.yaml] [--epochs N] [--seeds 0,1] [--set k=v ...]
 
 Each run's config is: --config, then the variant's overrides, then the --set overrides
-(common to every run, e.g. the model size), then --epochs and the seed. The baseline is
---config alone (configs/base.yaml as it is: no static filter, the seed's collapsing
-setting); a variant that trains with a filter carries it (configs/recommended.yaml does).
+(common to every run, e.g. the model size), then --epochs and the training seed. The baseline is
+--config alone (configs/base.yaml as it is: no static filter, the collapsing setting of
+the original plan, the staged plan this project implements); a variant that trains with a filter carries it (configs/recommended.yaml does).
 Validation figures need no common filter: every run is scored on the evaluation mask.
 
-A variants file maps a name to dotted overrides; ``include: FILE`` (relative to the
+A variants file maps a name to dotted overrides; "include: FILE" (relative to the
 variants file) first applies every leaf of that YAML file, e.g. the recommended config:
 
   entropy:
@@ -21,12 +21,15 @@ DIR/runs/<variant>/seed<k>/ holds each training run (TensorBoard logs, metrics.j
 checkpoints) and, once finished, done.json; a run with done.json is not rerun, an
 interrupted one resumes from its last.pt. DIR/results.csv and DIR/results.md get one row per
 variant: code information in bits per label first (validation, last epoch), unique codes,
-normalised entropy and perplexity (train steps of the last epoch, as the seed logs them),
+normalised entropy and perplexity (train steps of the last epoch, as the original plan logs them),
 accuracy, non-centre accuracy, CE in bits, AUC moving vs static, EPE in px next to the zero
 predictor's and the zero-motion code share (validation, last epoch, all on the evaluation
 mask: valid AND the build's recorded filter, whatever filter the variant trains with), each as mean ± spread (std over seeds) and as delta against
-the baseline of the same seed, plus how many acceptance gates (``check``) the variant
-passes against that baseline. Plots: DIR/code_usage.png, DIR/entropy.png, DIR/accuracy.png.
+the baseline of the same seed, plus how many acceptance gates (see check) the variant
+passes against that baseline (gates at 10 or 30 epochs that the runs are too short for are
+not counted). --only baseline runs the baseline alone. Plots: DIR/code_usage.png,
+DIR/entropy.png, DIR/accuracy.png. Progress bars (stderr): the runs, each run's training
+and validation, then each run's frontier.
 """
 from __future__ import annotations
 
@@ -162,7 +165,7 @@ def run_one(spec: RunSpec, data_dir: Path, train_fn=None, progress: bool = True)
     return "resumed" if resume else "trained"
 
 
-def frontier_summary(spec: RunSpec, data_dir: Path) -> float:
+def frontier_summary(spec: RunSpec, data_dir: Path, progress: bool = False) -> float:
     """noncentre_at_acc_tol of a finished run (frontier.cached_frontier); nan without a
     validation split or checkpoint."""
     from . import frontier as F
@@ -170,7 +173,7 @@ def frontier_summary(spec: RunSpec, data_dir: Path) -> float:
 
     if spec.cfg.data.val_split <= 0 or not (spec.dir / "last.pt").exists():
         return math.nan
-    best = F.cached_frontier(spec.dir, data_dir, pick_device(spec.cfg.training.device))["summary"][
+    best = F.cached_frontier(spec.dir, data_dir, pick_device(spec.cfg.training.device), progress)["summary"][
         "best_noncenter_within_tol"]
     return math.nan if best is None else float(best)
 
@@ -215,9 +218,10 @@ def aggregate(per_run: dict[tuple[str, int], dict], gates: dict[tuple[str, int],
             row[col], row[f"{col}_std"] = _mean_spread(vals)
             row[f"{col}_delta"], row[f"{col}_delta_std"] = _mean_spread(deltas)
         gl = [gates[(v, s)] for s in seeds] if v != BASELINE else []
-        row["gates_passed"] = float(np.mean([sum(g.passed for g in x) for x in gl])) if gl else math.nan
-        row["gates_total"] = len(gl[0]) if gl else 0
-        failed = sorted({g.name for x in gl for g in x if not g.passed})
+        # gates the runs are too short for count neither way (check: "not reached")
+        row["gates_passed"] = float(np.mean([C.counts(x)[0] for x in gl])) if gl else math.nan
+        row["gates_total"] = sum(C.counts(gl[0])[:2]) if gl else 0
+        failed = sorted({g.name for x in gl for g in x if g.result == "FAIL"})
         row["failed_gates"] = "; ".join(failed)
         table.append(row)
     return table
@@ -287,59 +291,6 @@ def markdown(table: list[dict], title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-# --------------------------------------------------------------------------- plots
-def plot_all(out: Path, rows_by_run: dict[tuple[str, int], list], variants: list[str], seed: int):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(variants)
-    cols = min(4, n)
-    nrow = math.ceil(n / cols)
-    fig, axes = plt.subplots(nrow, cols, figsize=(3.2 * cols, 2.4 * nrow), squeeze=False)
-    for ax, v in zip(axes.ravel(), variants):
-        rows = rows_by_run[(v, seed)]
-        h = C.series(rows, "val/code_usage_hist") or C.series(rows, "train/code_usage_hist")
-        if h:
-            c = np.sort(np.asarray(h[-1][2], np.float64))[::-1]
-            c = c[c > 0]
-            ax.bar(np.arange(len(c)), c / c.sum(), width=1.0)
-            ax.set_yscale("log")
-        ax.set_title(f"{v} ({len(c) if h else 0} codes)", fontsize=9)
-        ax.set_xlabel("code rank", fontsize=8)
-        ax.set_ylabel("share", fontsize=8)
-    for ax in axes.ravel()[n:]:
-        ax.axis("off")
-    fig.suptitle(f"code usage (last validation pass, seed {seed})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out / "code_usage.png", dpi=90)
-    plt.close(fig)
-
-    def curves(fname, panels, ylabel):
-        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), squeeze=False)
-        for ax, (tag, title) in zip(axes[0], panels):
-            for v in variants:
-                s = C.series(rows_by_run[(v, seed)], tag)
-                if not s:
-                    continue
-                steps = [st for st, _, _ in s]
-                ax.plot(steps, [x for _, _, x in s], label=v, lw=2.2 if v in (BASELINE, "recommended") else 1.0)
-            ax.set_title(title, fontsize=10)
-            ax.set_xlabel("optimizer step")
-            ax.set_ylabel(ylabel)
-        axes[0][-1].legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=90)
-        plt.close(fig)
-
-    curves("entropy.png", [("train/entropy_norm_step", "train/entropy_norm_step"),
-                           ("train/unique_codes_step", "train/unique_codes_step")], "value")
-    curves("accuracy.png", [("val/code_info_bits_epoch", "val/code_info_bits_epoch (bits/label)"),
-                            ("val/acc_epoch", "val/acc_epoch"),
-                            ("val/acc_noncenter_epoch", "val/acc_noncenter_epoch")], "value")
-
-
 # --------------------------------------------------------------------------- driver
 def plan(base_cfg, variants: dict[str, dict], out: Path, seeds: list[int], sets=(), epochs=None) -> list[RunSpec]:
     specs = []
@@ -365,8 +316,11 @@ def ablate(base_cfg, data_dir, out, variants: dict[str, dict], seeds=(0,), sets=
     names = [BASELINE] + list(variants)
     rows = {(s.variant, s.seed): C.read_metrics(s.dir) for s in specs}
     per_run = {k: summarize(r) for k, r in rows.items()}
-    for spec in specs:
-        per_run[(spec.variant, spec.seed)]["noncentre_at_acc_tol"] = frontier_summary(spec, data_dir)
+    bar = tqdm(specs, desc="ablate: frontier of each run", unit="run", disable=not progress, dynamic_ncols=True)
+    for spec in bar:
+        bar.set_postfix_str(f"{spec.variant} seed {spec.seed}")
+        per_run[(spec.variant, spec.seed)]["noncentre_at_acc_tol"] = frontier_summary(spec, data_dir, progress)
+    bar.close()
     gates = {(v, s): C.evaluate(rows[(v, s)], rows[(BASELINE, s)]) for v in variants for s in seeds}
     table = aggregate(per_run, gates, names, seeds)
     write_csv(out / "results.csv", table)
@@ -374,6 +328,8 @@ def ablate(base_cfg, data_dir, out, variants: dict[str, dict], seeds=(0,), sets=
                                                     f"{', '.join(map(str, seeds))})"))
     atomic_write_json(out / "status.json", {f"{v}/seed{s}": st for (v, s), st in status.items()})
     if plots:
+        from .ablate_plots import plot_all  # matplotlib only when plotting
+
         plot_all(out, rows, names, seeds[0])
     return table
 
@@ -390,17 +346,18 @@ def parse_seeds(text: str) -> list[int]:
 
 def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--config", default=str(CONFIG_DIR / "base.yaml"), help="baseline YAML config (default: %(default)s)")
-    p.add_argument("--data", required=True, help="build folder from `python -m preprocess build-shards`")
+    p.add_argument("--data", required=True, help="build folder from python -m preprocess build-shards")
     p.add_argument("--out", required=True, help="output folder (runs/, results.csv, results.md, plots); rerun to resume")
     p.add_argument("--variants", default=str(DEFAULT_VARIANTS),
                    help="YAML mapping variant name -> dotted overrides (default: %(default)s)")
-    p.add_argument("--only", help="comma list of variant names to run (default: all in --variants)")
-    p.add_argument("--epochs", type=int, help="override training.epochs for every run")
-    p.add_argument("--seeds", default="0", help="comma list of seeds; every variant runs each (default: %(default)s)")
+    p.add_argument("--only", help="comma list of variant names to run, besides the baseline, which always runs; "
+                                  "--only baseline runs it alone (default: all in --variants)")
+    p.add_argument("--epochs", type=int, help="training epochs of every run (overrides training.epochs)")
+    p.add_argument("--seeds", default="0", help="comma list of training seeds (training.seed); every variant runs each (default: %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key in every run, baseline included (repeatable)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar over runs")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars (runs, training, frontiers)")
 
 
 def run(args) -> int:
@@ -409,10 +366,11 @@ def run(args) -> int:
         variants = load_variants(args.variants)
         if args.only:
             keep = [x.strip() for x in args.only.split(",") if x.strip()]
-            unknown = [x for x in keep if x not in variants]
+            unknown = [x for x in keep if x not in variants and x != BASELINE]
             if unknown:
-                raise ConfigError(f"--only: unknown variant(s) {', '.join(unknown)} (have {', '.join(variants)})")
-            variants = {k: variants[k] for k in keep}
+                raise ConfigError(f"--only: unknown variant(s) {', '.join(unknown)} "
+                                  f"(have {', '.join([BASELINE, *variants])})")
+            variants = {k: variants[k] for k in keep if k != BASELINE}  # the baseline always runs
         if args.epochs is not None and args.epochs < 1:
             raise ValueError("--epochs must be >= 1")
         if not Path(args.data).is_dir():

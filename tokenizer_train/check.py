@@ -1,6 +1,7 @@
-"""Evaluate the seed's acceptance gates on a run's metrics.jsonl.
+"""Evaluate the acceptance gates on a run's metrics.jsonl.
 
-Gates (seed section 7, plus this project's own gates):
+The gates come from section 7 of the original plan (the staged plan this project
+implements, called "the seed" in docs/DESIGN.md), plus this project's own gates:
 
   codes              val/code_info_bits_epoch >= max(0.25, 4x the baseline's) bits per label
                      (without --baseline: >= 0.25)
@@ -15,8 +16,8 @@ Gates (seed section 7, plus this project's own gates):
                      validation metrics not worse than the baseline's     (needs --baseline)
   project            val/acc_noncenter_epoch at least 0.25 above the baseline's (needs --baseline)
 
-The baseline is ``configs/base.yaml`` as it is (no static filter: the seed's collapsing
-setting). Every validation figure is on the evaluation mask (valid AND the build's recorded
+The baseline is configs/base.yaml as it is (no static filter: the original plan's
+collapsing setting). Every validation figure is on the evaluation mask (valid AND the build's recorded
 filter, docs/DESIGN.md), so a filtered run and the unfiltered baseline score the same labels;
 the training-accuracy gate reads train/acc_evalmask_epoch, the same mask on training
 batches (runs that lack it fall back to train/acc_epoch, and the gate says so).
@@ -35,29 +36,32 @@ Definitions (so that a gate is a number, not a judgement):
   usage shares) is at least 3 -- a collapsed tokenizer has one code with ~100% (exp(H) ~ 1),
   a two-state one ("static" / "moving") has exp(H) <= 2, and a healthy spread over many
   codes, each holding well under 2% of a step's tokens, passes.
-- validation not worse (the seed: "no obvious degradation"): val/acc_epoch >= baseline - 0.02
+- validation not worse (the original plan: "no obvious degradation"): val/acc_epoch >= baseline - 0.02
   (the same tolerance as the training-accuracy gate) and val/epe_px_epoch at most 2% above
   the baseline's.
 - Every validation gate reads each run at ONE epoch, its last (what the run ends with and
-  what ``ablate`` tabulates). Taking each metric's best epoch separately would let a run pass
+  what ablate tabulates). Taking each metric's best epoch separately would let a run pass
   on a mix of epochs, e.g. non-centre accuracy from an early epoch that predicts one motion
   class everywhere and accuracy from another that predicts the centre everywhere.
-A gate whose horizon the run did not reach (fewer epochs) is evaluated on what was run and
-marked as such: meeting a 30-epoch target after 5 epochs is within 30 epochs. A gate with
-no data fails.
-Exit code 0 only when every evaluated gate passes.
+A gate whose horizon the run did not reach (fewer epochs than 10 or 30) says "not reached":
+it counts neither as a pass nor as a fail, and its note says where the run stands so far. A
+gate with no data fails; a missing figure reads "not logged".
+Exit code 0 when no reached gate fails, 1 when one does, 2 when a metrics file is missing or
+damaged.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from motion_data.atomic import atomic_write_json
+from motion_data.errors import UserError
 
 MODE_COUNT = 3  # effective number of codes (exp of the usage entropy) a multi-modal histogram needs
 MAX_TOP_SHARE = 0.5
@@ -72,30 +76,61 @@ USAGE_TAGS = ("train/code_usage_hist_global", "train/code_usage_hist")
 TRAIN_ACC_TAGS = ("train/acc_evalmask_epoch", "train/acc_epoch")  # evaluation mask first
 
 
+class MetricsError(UserError, ValueError):
+    """A run's metrics.jsonl is missing or damaged."""
+
+
 @dataclass
 class Gate:
     name: str
     value: float | None
     target: str
-    passed: bool
+    passed: bool  # the target is met on what was run
     note: str = ""
+    reached: bool = True  # False: the run is shorter than the gate's horizon (neither pass nor fail)
+
+    @property
+    def result(self) -> str:
+        return "not reached" if not self.reached else "PASS" if self.passed else "FAIL"
+
+
+def _run_hint(run_dir: Path) -> str:
+    if (run_dir / "runs").is_dir():  # an ablate output folder
+        return f"an ablate output holds its runs under {run_dir / 'runs'}/VARIANT/seedK; pass one of those"
+    return "pass the --out folder of python -m tokenizer_train train (it holds metrics.jsonl)"
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no metrics.jsonl (is {run_dir} a training run folder?)")
+    """The rows of RUN/metrics.jsonl. A last line cut mid-write (no newline: a killed run) is
+    dropped with a one-line warning on stderr; any other damage is a MetricsError."""
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.jsonl"
+    if not run_dir.is_dir():
+        what = "not a folder" if run_dir.exists() else "no such folder"
+        raise MetricsError(f"{run_dir}: {what}; {_run_hint(run_dir)}")
+    if not path.is_file():
+        raise MetricsError(f"{path}: not found, so {run_dir} is not a training run folder; {_run_hint(run_dir)}")
+    try:
+        lines = path.read_text().split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MetricsError(f"{path}: cannot read ({type(e).__name__}); rerun the training into a new --out") from None
     rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                # a run killed mid-write leaves at most one torn last line
-                raise ValueError(f"{path}:{i}: malformed JSON line") from None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif i == len(lines):  # no newline after it: the write was cut by a kill
+            print(f"warning: {path}:{i}: ignored a torn last line (the run was stopped mid-write)", file=sys.stderr)
+        else:
+            raise MetricsError(f"{path}:{i}: not a JSON object (the file is damaged); delete that line or "
+                               f"rerun the training")
+    if not rows:
+        raise MetricsError(f"{path}: no metrics logged yet; check the run after its first logged step")
     return rows
 
 
@@ -146,6 +181,16 @@ def _last(rows, tag):
     return s[-1][2] if s else None
 
 
+def num(x) -> str:
+    """A figure as the table prints it: 3 significant digits, "not logged" when missing."""
+    return "not logged" if x is None else f"{x:.3g}"
+
+
+def _missing(what: str) -> str:
+    """The target of a gate whose baseline figure is missing."""
+    return f"baseline's {what} not logged"
+
+
 def code_gates(rows: list[dict], base: list[dict] | None = None) -> list[Gate]:
     """Code information >= max(0.25, 4x baseline) and, with a baseline, CE not above it
     (each run at its last validation epoch)."""
@@ -154,14 +199,15 @@ def code_gates(rows: list[dict], base: list[dict] | None = None) -> list[Gate]:
     if base is None:
         thr, target = INFO_MIN_BITS, f">= {INFO_MIN_BITS} bits/label"
     elif b_info is None:
-        thr, target = None, "baseline's val/code_info_bits_epoch"
+        thr, target = None, _missing("val/code_info_bits_epoch")
     else:
         thr = max(INFO_MIN_BITS, INFO_BASE_FACTOR * b_info)
-        target = f">= max({INFO_MIN_BITS}, {INFO_BASE_FACTOR:g} x {b_info:.4g})"
+        target = f">= max({INFO_MIN_BITS}, {INFO_BASE_FACTOR:g} x {num(b_info)})"
     gates = [Gate(INFO_GATE, info, target, info is not None and thr is not None and info >= thr)]
     if base is not None:
         b_ce = _last(base, "val/ce_bits_epoch")
-        gates.append(Gate("val CE bits <= baseline", ce, f"<= {b_ce:.4g}" if b_ce is not None else "baseline",
+        gates.append(Gate("val CE bits <= baseline", ce,
+                          f"<= {num(b_ce)}" if b_ce is not None else _missing("val/ce_bits_epoch"),
                           None not in (ce, b_ce) and ce <= b_ce))
     return gates
 
@@ -176,65 +222,76 @@ def evaluate(rows: list[dict], base: list[dict] | None = None) -> list[Gate]:
     gates: list[Gate] = code_gates(rows, base)
     n_ep = epochs_run(rows)
 
-    def horizon(E):
-        return "" if n_ep >= E else f"run has {n_ep} epochs < {E}"
+    def add(name, value, target, ok, E=None, note=""):
+        """A gate; one with horizon ``E`` the run did not reach is "not reached" (its note: where it stands)."""
+        ok = bool(ok)
+        reached = E is None or n_ep >= E
+        if not reached:
+            so_far = "so far meets the target" if ok else "so far below the target"
+            note = "; ".join(x for x in (f"run has {n_ep} epochs < {E}, {so_far}", note) if x)
+        gates.append(Gate(name, value, target, ok, note, reached))
 
     def ge(name, tag, E, thr):
         v = late_mean(rows, tag, E)
-        gates.append(Gate(name, v, f">= {thr}", v is not None and v >= thr, horizon(E)))
+        add(name, v, f">= {thr}", v is not None and v >= thr, E)
 
     ge("unique_codes@10", "train/unique_codes_step", 10, 8)
     late, early = late_mean(rows, "train/unique_codes_step", 10), early_mean(rows, "train/unique_codes_step")
-    gates.append(Gate("unique_codes rising", late, f"> first {early}", late is not None and early is not None and late > early,
-                      horizon(10)))
+    add("unique_codes rising", late, f"> first logged {num(early)}", None not in (late, early) and late > early, 10)
     ge("entropy_norm@10", "train/entropy_norm_step", 10, 0.2)
     ppl = late_mean(rows, "train/perplexity_step", 10)
     ref = late_mean(base, "train/perplexity_step", 10) if base else early_mean(rows, "train/perplexity_step")
-    gates.append(Gate("perplexity clearly up", ppl, f">= {PERPLEXITY_FACTOR} x {ref}",
-                      ppl is not None and ref is not None and ppl >= PERPLEXITY_FACTOR * ref, horizon(10)))
+    add("perplexity clearly up", ppl, f">= {PERPLEXITY_FACTOR} x {num(ref)}",
+        None not in (ppl, ref) and ppl >= PERPLEXITY_FACTOR * ref, 10)
     if base is not None:
         tag = _train_acc_tag(rows, base)
         a = [v for _, _, v in series(rows, tag, 10)]
         b = [v for _, _, v in series(base, tag, 10)]
-        ok = bool(a and b and a[-1] >= b[-1] - ACC_TOL)
-        note = "; ".join(x for x in (horizon(10), "" if tag == TRAIN_ACC_TAGS[0] else f"{tag}: the runs' own loss masks")
-                         if x)
-        gates.append(Gate("acc_epoch vs baseline@10", a[-1] if a else None, f">= {b[-1] - ACC_TOL:.4f}" if b else "baseline",
-                          ok, note))
+        add("acc_epoch vs baseline@10", a[-1] if a else None,
+            f">= {num(b[-1] - ACC_TOL)}" if b else _missing(tag), a and b and a[-1] >= b[-1] - ACC_TOL, 10,
+            "" if tag == TRAIN_ACC_TAGS[0] else f"{tag}: the runs' own loss masks")
     ge("unique_codes@30", "train/unique_codes_step", 30, 32)
     ge("entropy_norm@30", "train/entropy_norm_step", 30, 0.35)
     hist = next((h for h in (series(rows, t) for t in USAGE_TAGS) if h), None)
+    target = f"exp(H) >= {MODE_COUNT} codes, top <= {MAX_TOP_SHARE:.0%}"
     if hist and isinstance(hist[-1][2], list):
         ok, effective, top = is_multimodal(hist[-1][2])
-        gates.append(Gate("code usage multi-modal", effective, f"exp(H) >= {MODE_COUNT} codes, top <= {MAX_TOP_SHARE:.0%}",
-                          ok, f"top code share {top:.2f}; " + horizon(30)))
+        add("code usage multi-modal", effective, target, ok, 30, f"top code share {top:.2f}")
     else:
-        gates.append(Gate("code usage multi-modal", None, "code usage counts logged", False, "no code usage counts in metrics.jsonl"))
+        add("code usage multi-modal", None, target, False, note="no code usage counts in metrics.jsonl")
     if base is not None:
         va, vb = _last(rows, "val/acc_epoch"), _last(base, "val/acc_epoch")
         ea, eb = _last(rows, "val/epe_px_epoch"), _last(base, "val/epe_px_epoch")
         ok = None not in (va, vb, ea, eb) and va >= vb - ACC_TOL and ea <= eb * (1 + EPE_REL_TOL)
-        gates.append(Gate("val not worse than baseline", va,
-                          f"acc >= {vb} - {ACC_TOL}, epe {ea} <= {eb} x {1 + EPE_REL_TOL}", bool(ok)))
+        acc_t = f"acc >= {num(vb - ACC_TOL)}" if vb is not None else _missing("val/acc_epoch")
+        epe_t = (f"epe {num(ea)} <= {num(eb * (1 + EPE_REL_TOL))}" if eb is not None
+                 else _missing("val/epe_px_epoch"))
+        add("val not worse than baseline", va, f"{acc_t}, {epe_t}", ok)
         na, nb = _last(rows, "val/acc_noncenter_epoch"), _last(base, "val/acc_noncenter_epoch")
-        ok = na is not None and nb is not None and na >= nb + 0.25
-        gates.append(Gate("val non-centre acc >= baseline + 0.25", na, f">= {nb} + 0.25" if nb is not None else "baseline", ok))
+        add("val non-centre acc >= baseline + 0.25", na,
+            f">= {num(nb + 0.25)}" if nb is not None else _missing("val/acc_noncenter_epoch"),
+            None not in (na, nb) and na >= nb + 0.25)
     return gates
 
 
 def format_table(gates: list[Gate]) -> str:
-    lines = [f"{'gate':42s} {'value':>10s}  {'target':40s} result"]
-    for g in gates:
-        v = "-" if g.value is None else f"{g.value:.4g}"
-        lines.append(f"{g.name:42s} {v:>10s}  {g.target[:40]:40s} {'PASS' if g.passed else 'FAIL'}"
-                     + (f"  ({g.note})" if g.note else ""))
-    return "\n".join(lines)
+    """The gate table: every column as wide as its widest cell (targets are never cut)."""
+    cells = [(g.name, num(g.value), g.target, g.result + (f"  ({g.note})" if g.note else "")) for g in gates]
+    head = ("gate", "value", "target", "result")
+    w = [max(len(r[i]) for r in cells + [head]) for i in range(3)]
+    return "\n".join(f"{a:{w[0]}s}  {v:>{w[1]}s}  {t:{w[2]}s}  {r}".rstrip() for a, v, t, r in [head] + cells)
 
 
 def add_arguments(p: argparse.ArgumentParser):
-    p.add_argument("run", help="training run folder (holds metrics.jsonl)")
+    p.add_argument("run", help="training run folder: the --out of train, holding metrics.jsonl")
     p.add_argument("--baseline", help="run folder of the baseline to compare against (enables the relative gates)")
     p.add_argument("--json", help="also write the gate results to this JSON file")
+
+
+def counts(gates: list[Gate]) -> tuple[int, int, int]:
+    """(passed, failed, not reached)."""
+    res = [g.result for g in gates]
+    return res.count("PASS"), res.count("FAIL"), res.count("not reached")
 
 
 def verdict(gates: list[Gate]) -> str:
@@ -247,17 +304,20 @@ def verdict(gates: list[Gate]) -> str:
     else:
         lead = (f"CODES {'CARRY' if info.passed else 'DO NOT CARRY'} INFORMATION "
                 f"({info.value:.3f} bits/label, target {info.target})")
-    ok = all(g.passed for g in gates)
-    return f"{lead}; {'ALL GATES PASS' if ok else 'SOME GATES FAIL'} ({sum(g.passed for g in gates)}/{len(gates)})"
+    passed, failed, waiting = counts(gates)
+    state = "SOME GATES FAIL" if failed else "ALL GATES PASS that the run reached" if waiting else "ALL GATES PASS"
+    tail = f"; {waiting} not reached: the run is shorter than their horizon" if waiting else ""
+    return f"{lead}; {state} ({passed}/{passed + failed} reached gates pass{tail})"
 
 
 def report(gates: list[Gate], json_path=None) -> bool:
-    """Print the gate table and the verdict line, write ``json_path`` if given; all passed?"""
+    """Print the gate table and the verdict line, write ``json_path`` if given; no reached gate failed?"""
     print(format_table(gates))
-    ok = all(g.passed for g in gates)
+    ok = counts(gates)[1] == 0
     print(f"\n{verdict(gates)}")
     if json_path:
-        atomic_write_json(json_path, {"passed": ok, "gates": [asdict(g) for g in gates]}, indent=2)
+        atomic_write_json(json_path, {"passed": ok, "gates": [asdict(g) | {"result": g.result} for g in gates]},
+                          indent=2)
     return ok
 
 
@@ -266,7 +326,7 @@ def run(args) -> int:
     base = read_metrics(args.baseline) if args.baseline else None
     gates = evaluate(rows, base)
     ok = report(gates, args.json)
-    if any(not g.passed and g.name.startswith(("val non-centre", "val not worse")) for g in gates):
+    if any(g.result == "FAIL" and g.name.startswith(("val non-centre", "val not worse")) for g in gates):
         print(f"hint: python -m tokenizer_train frontier --run {args.run} --data BUILD shows whether any "
               f"centre-logit offset (i.e. any re-weighting) of this model could meet the validation gates")
     return 0 if ok else 1

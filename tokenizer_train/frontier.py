@@ -1,6 +1,6 @@
 """Accuracy vs non-centre accuracy of a trained run as the centre class's logit is shifted.
 
-  python -m tokenizer_train frontier --run RUN --data BUILD [--offsets -3:3:0.5] [--json F]
+  python -m tokenizer_train frontier --run RUN --data BUILD [--offsets=-3:3:0.5] [--json F]
 
 Tells a decision-rule problem from a model problem. Class weighting, focal loss and logit
 adjustment all move the same thing at prediction time: how readily the model leaves the
@@ -9,23 +9,24 @@ centre ("no motion") class. Adding an offset b to the centre logit before the ar
 the run's logits allow, without retraining. If no offset gives non-centre accuracy while
 keeping accuracy near the all-centre predictor's (what a collapsed tokenizer scores), the
 model has no usable motion information on that split and no loss re-weighting of the same
-model can pass both of ``check``'s validation gates; the fix has to make the model better
+model can pass both of check's validation gates; the fix has to make the model better
 (more or more varied data, more steps, capacity).
 
 Per offset: accuracy, non-centre accuracy, EPE (px, the softmax expectation as in training)
 and the share of centre predictions, on the run's validation split (its val_split; every
-held-out clip once) and the evaluation mask (valid AND the build's recorded filter, docs/DESIGN.md,
-whatever filter the run trained with). Summary: the all-centre accuracy (the split's centre
-share) and the best non-centre accuracy among offsets whose accuracy is at most
-``check.ACC_TOL`` below it; and, of the unshifted model, code information and CE in bits
-per label, AUC moving vs static and EPE next to the zero predictor's (``quality.Quality``,
-the trainer's validation figures; code information mixes each clip with the other clips of
-its batch, so it equals the logged value at the run's batch size).
+held-out clip once) and the evaluation mask (valid AND the build's recorded filter,
+docs/DESIGN.md, whatever filter the run trained with). One forward pass per batch serves
+every offset. Summary: the all-centre accuracy (the split's centre share) and the best
+non-centre accuracy among offsets whose accuracy is at most 0.02 (check's accuracy
+tolerance) below it; and, of the unshifted model, code information and CE in bits per
+label, AUC moving vs static and EPE next to the zero predictor's (the trainer's validation
+figures; code information mixes each clip with the other clips of its batch, so it equals
+the logged value at the run's batch size).
 """
 from __future__ import annotations
 
 import json
-import sys
+import math
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +35,13 @@ from tqdm import tqdm
 
 from motion_data.analysis import threshold_range
 from motion_data.atomic import atomic_write_json
-from motion_data.labels import center_class
+from motion_data.labels import center_class, class_offsets, half_window
 from motion_data.builddir import BuildDir
+from motion_data.errors import UserError
 from motion_data.loader import make_loader
 
 from . import metrics as M
 from .check import ACC_TOL
-from .config import ConfigError
 from .distributed import pick_device
 from .model_inputs import model_kwargs
 from .quality import Quality
@@ -61,7 +62,7 @@ def add_arguments(p):
     p.add_argument("--batch-size", type=int, default=64, help="clips per forward pass (default: 64)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run the model")
     p.add_argument("--json", help="also write the table and summary to this JSON file")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar (shown on stderr)")
 
 
 def parse_offsets(spec: str) -> list[float]:
@@ -72,34 +73,48 @@ def parse_offsets(spec: str) -> list[float]:
             return threshold_range(start, stop, step)
         vals = [float(x) for x in spec.split(",") if x.strip()]
     except ValueError as e:
-        raise ValueError(f"--offsets: offset range {spec!r} must look like -3:3:0.5 or -1,0,1 ({e})") from None
+        raise FrontierError(f"--offsets: offset range {spec!r} must look like -3:3:0.5 or -1,0,1 ({e})") from None
     if not vals:
-        raise ValueError(f"--offsets {spec!r}: no offsets")
+        raise FrontierError(f"--offsets {spec!r}: no offsets; give e.g. -1,0,1")
     return [round(v, 10) for v in vals]  # as threshold_range rounds
 
 
-def shift_center(logits: torch.Tensor, center: int, offset: float) -> torch.Tensor:
-    """Copy of ``logits`` with ``offset`` added to the centre class's logit."""
-    out = logits.clone()
-    out[..., center] += offset
-    return out
+def sweep_sums(logits: torch.Tensor, labels: torch.Tensor, velocities: torch.Tensor, mask: torch.Tensor,
+               offsets, W: int) -> torch.Tensor:
+    """``(len(offsets), 5)`` float64 sums of one batch on its device (no host sync): correct,
+    non-centre correct, EPE px sum, centre predictions, and the mask count in the last column.
 
-
-def sweep_counts(logits: torch.Tensor, labels: torch.Tensor, velocities: torch.Tensor, mask: torch.Tensor,
-                 offsets, W: int) -> np.ndarray:
-    """``(len(offsets), 5)`` sums of one batch: correct, non-centre correct, EPE px sum, centre
-    predictions, and the mask count in the last column (same for every offset)."""
+    The same as adding each offset b to the centre logit and scoring argmax and softmax anew,
+    from one argmax and one softmax: the shifted argmax is the centre when its shifted logit
+    beats the best other logit (on a tie the lower class index wins, as in argmax), else that
+    other class; the shifted softmax rescales the centre probability p_c by e^b, so the
+    expected displacement is (E + p_c (e^b - 1) o_c) / (1 + p_c (e^b - 1)), o_c the centre's offset.
+    """
     c = center_class(W)
     m = mask.bool()
-    out = np.zeros((len(offsets), 5))
+    z, lab = logits[m].float(), labels[m]
+    true_px = velocities[m].float() * half_window(W)
+    zc = z[:, c]
+    others = z.clone()
+    others[:, c] = -torch.inf
+    best, arg = others.max(-1)  # first index of the max, as argmax
+    p = torch.softmax(z, dim=-1)
+    off = torch.as_tensor(class_offsets(W), device=z.device)
+    expected, pc, oc = (p @ off).double(), p[:, c].double(), off[c].double()
+    moving = lab != c
+    other_ok, centre_ok = arg == lab, ~moving
+    out = torch.zeros((len(offsets), 5), dtype=torch.float64, device=z.device)
+    out[:, 4] = m.sum()
     for i, b in enumerate(offsets):
-        g = shift_center(logits, c, b)
-        pred = g.argmax(-1)
-        out[i, 0] = M.accuracy_counts(pred, labels, m)[0]
-        out[i, 1] = M.noncenter_counts(pred, labels, m, c)[0]
-        out[i, 2] = M.epe_px_counts(g, velocities, m, W)[0]
-        out[i, 3] = float(((pred == c) & m).sum())
-        out[i, 4] = float(m.sum())
+        shifted = zc + b  # float32, as the shifted logit itself
+        centre = (shifted > best) | ((shifted == best) & (arg > c))
+        correct = torch.where(centre, centre_ok, other_ok)
+        out[i, 0] = correct.sum()
+        out[i, 1] = (correct & moving).sum()
+        g = pc * math.expm1(b)
+        disp = (expected + g[:, None] * oc) / (1 + g)[:, None]
+        out[i, 2] = torch.linalg.vector_norm(disp - true_px.double(), dim=-1).sum()
+        out[i, 3] = centre.sum()
     return out
 
 
@@ -120,37 +135,59 @@ def summarize(table: list[dict], centre_share: float, tol: float = ACC_TOL) -> d
             "best_offset": best["offset"] if best else None}
 
 
+class FrontierError(UserError, ValueError):
+    """A frontier the user's input cannot give (bad offsets, a split without labels)."""
+
+
+def check_inputs(run_dir, data_dir, which: str) -> BuildDir:
+    """The build of ``data_dir``, once RUN/<which>.pt and the build folder are known to exist
+    (each a one-line error naming the path and what to pass instead)."""
+    run_dir, data_dir = Path(run_dir), Path(data_dir)
+    if not (run_dir / f"{which}.pt").is_file():
+        what = "no such folder" if not run_dir.exists() else f"no {which}.pt in it"
+        raise FrontierError(f"{run_dir}: {what}; pass --run the --out folder of python -m tokenizer_train train"
+                            f" (it holds {which}.pt)")
+    if not data_dir.is_dir():
+        raise FrontierError(f"{data_dir}: no such build folder; pass --data the build the run was trained on "
+                            f"(the --out of python -m preprocess build-shards)")
+    return BuildDir(data_dir)
+
+
 @torch.no_grad()
 def frontier(run_dir, data_dir, offsets, which="last", batch_size=64, device="cpu", progress=True) -> dict:
-    """Sweep ``offsets`` over every clip of the run's validation split (each scored once)."""
+    """Sweep ``offsets`` over every clip of the run's validation split (each scored once):
+    one forward per batch; every offset's sums come from that forward's logits."""
     split = "val"
     offsets = sorted(set(float(b) for b in offsets) | {0.0})
+    build = check_inputs(run_dir, data_dir, which)
     device = torch.device(device)
     model, cfg, meta = load_model(run_dir, which, device)
     W = meta["W"]
-    build = BuildDir(data_dir)
     build.check_compatible(W=meta["W"], N=meta["N"], what=f"the run {run_dir}")
     loader = make_loader(data_dir, split=split, static_filter=cfg.data.static_filter, batch_size=batch_size,
                          val_split=cfg.data.val_split, seed=cfg.training.seed)
     loader.set_epoch(0)
-    sums = np.zeros((len(offsets), 5))
-    n_nc = centre = 0.0
+    sums = torch.zeros((len(offsets), 5), dtype=torch.float64, device=device)
+    n_nc = torch.zeros((), dtype=torch.float64, device=device)
     quality = Quality(W)
-    for b in tqdm(loader, desc=f"frontier ({split})", unit="batch", disable=not progress, dynamic_ncols=True):
+    for b in tqdm(loader, desc=f"frontier ({split})", unit="batch", disable=not progress, dynamic_ncols=True,
+                  leave=False):
         b = to_device(b, device)
         lab, m, vel, kw = b["labels"], b["eval_mask"].bool(), b["velocities"], model_kwargs(b)
         out = model(vel, **kw)
         logits = out["logits"].float()
-        sums += sweep_counts(logits, lab, vel, m, offsets, W)
+        sums += sweep_sums(logits, lab, vel, m, offsets, W)
         quality.add(logits, lab, vel, m, lambda z, kw=kw: model.decode(z, **kw).float(), out["quantized"],
                     out["z_bounded"])
-        n_nc += float((m & (lab != center_class(W))).sum())
-        centre += float((m & (lab == center_class(W))).sum())
+        n_nc += (m & (lab != center_class(W))).sum()
+    sums, n_nc = sums.cpu().numpy(), float(n_nc)  # the one host read of the sweep
     n = sums[0, 4]
     if n == 0:
-        raise ValueError(f"{data_dir}: the {split} split has no labelled (kept, valid) point steps")
+        raise FrontierError(f"{data_dir}: the {split} split has no labelled (kept, valid) point steps; "
+                            f"train with data.val_split > 0 on a build with more clips")
     table = table_from_counts(offsets, sums, n_nc)
-    summary = summarize(table, centre / n)
+    # at an offset that predicts the centre everywhere the accuracy is the centre share; from the counts:
+    summary = summarize(table, (n - n_nc) / n)
     summary.update({k.split("/")[1].removesuffix("_epoch"): v for k, v in quality.scalars("val", "epoch").items()
                     if k.split("/")[1] in ("code_info_bits_epoch", "ce_bits_epoch", "auc_moving_epoch",
                                            "epe_zero_px_epoch", "fsq_boundary_share_epoch")})
@@ -159,14 +196,14 @@ def frontier(run_dir, data_dir, offsets, which="last", batch_size=64, device="cp
             "labels": int(n), "table": table, "summary": summary}
 
 
-def cached_frontier(run_dir, data_dir, device="cpu") -> dict:
+def cached_frontier(run_dir, data_dir, device="cpu", progress=False) -> dict:
     """``frontier`` of RUN's last.pt at the default offsets, kept in RUN/frontier.json and
     recomputed only when last.pt is newer (ablate and the demo share one pass per run)."""
     run_dir = Path(run_dir)
     cache, ckpt = run_dir / "frontier.json", run_dir / "last.pt"
     if cache.exists() and cache.stat().st_mtime >= ckpt.stat().st_mtime:
         return json.loads(cache.read_text())
-    res = frontier(run_dir, data_dir, DEFAULT_OFFSETS, device=device, progress=False)
+    res = frontier(run_dir, data_dir, DEFAULT_OFFSETS, device=device, progress=progress)
     atomic_write_json(cache, res)
     return res
 
@@ -192,13 +229,8 @@ def format_result(res: dict) -> str:
 
 
 def run(args) -> int:
-    try:
-        offsets = parse_offsets(args.offsets)
-        res = frontier(args.run, args.data, offsets, args.checkpoint, args.batch_size,
-                       pick_device(args.device), progress=not args.no_progress)
-    except (FileNotFoundError, ValueError, ConfigError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    res = frontier(args.run, args.data, parse_offsets(args.offsets), args.checkpoint, args.batch_size,
+                   pick_device(args.device), progress=not args.no_progress)
     print(format_result(res))
     if args.json:
         atomic_write_json(args.json, res)

@@ -3,6 +3,7 @@ evaluation mask (docs/DESIGN.md, Trainer: one mask for every run's validation fi
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 
 from . import distributed as D
 from . import metrics as M
@@ -17,8 +18,10 @@ def to_device(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, loader, criterion, cfg, dist, W: int, zero_codes, autocast) -> tuple[dict, dict]:
-    """``val/*_epoch`` scalars and code-usage histograms of one pass over ``loader``.
+def evaluate(model, loader, criterion, cfg, dist, W: int, zero_codes, autocast,
+             progress: bool = False) -> tuple[dict, dict]:
+    """``val/*_epoch`` scalars and code-usage histograms of one pass over ``loader`` (a
+    progress bar on stderr with ``progress``).
 
     Every figure (loss, CE, accuracies, code information, AUC, EPE) is on ``eval_mask``;
     ``val/dynamic_point_ratio_epoch`` describes the run's own filter (``mask``).
@@ -26,7 +29,8 @@ def evaluate(model, loader, criterion, cfg, dist, W: int, zero_codes, autocast) 
     model.eval()
     q, codes = Quality(W), []
     loss_sum = ce_sum = n_sum = kept = points = 0.0
-    for batch in loader:
+    for batch in tqdm(loader, desc="validation", unit="batch", disable=not progress, leave=False,
+                      dynamic_ncols=True):
         if len(batch["clip_id"]) == 0:
             continue  # an empty share of a tiny validation split under DDP
         batch = to_device(batch, dist.device)
