@@ -17,6 +17,7 @@ import numpy as np
 
 from .clips import InputError
 from .importers import iter_sequences
+from .parent_death import exit_with_parent
 
 
 def _one_line(msg: str, path: str) -> str:
@@ -100,7 +101,8 @@ def load_input(task) -> dict:
     return out
 
 
-def _worker_init():
+def _worker_init(main_pid: int):
+    exit_with_parent(main_pid)  # a killed build must not leave its workers behind
     # each worker is one core's worth of work; numba threads would oversubscribe
     import numba
 
@@ -145,7 +147,7 @@ class Runner:
             spool.mkdir(exist_ok=True)
             self.spool = str(spool)
             self.ex = ProcessPoolExecutor(max_workers=self.workers, mp_context=_mp_context(),
-                                          initializer=_worker_init)
+                                          initializer=_worker_init, initargs=(os.getpid(),))
         self.writes: deque = deque()
 
     def loads(self, tasks):
