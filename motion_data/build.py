@@ -144,17 +144,19 @@ class ShardPacker:
         self.new_clips = 0
 
     def skip(self, j: int, err: str):
-        self.waiting.append([{"j": j, "clips": 0, "sequences": 0, "error": err}, 0])
+        self.waiting.append([{"j": j, "clips": 0, "sequences": 0, "error": err, "bad_sequences": []}, 0])
 
-    def add(self, j: int, arr: dict, sequences: int, skip: int, maxcount: int) -> int:
+    def add(self, j: int, arr: dict, sequences: int, skip: int, maxcount: int, bad_sequences=()) -> int:
         """Queue input ``j``'s clips after its first ``skip`` (written before a resume); emit
-        every full shard. Returns the number of clips queued."""
+        every full shard. ``bad_sequences``: errors of its sequences left out (--on-error
+        skip). Returns the number of clips queued."""
         if isinstance(arr["pos"], SpoolRef):
             self.spooled[j] = (arr["pos"], arr["vis"])
         C = len(arr["sequence"])
         if skip:
             arr = {key: v[skip:] for key, v in arr.items()}
-        self.waiting.append([{"j": j, "clips": C, "sequences": sequences, "error": None}, C - skip])
+        self.waiting.append([{"j": j, "clips": C, "sequences": sequences, "error": None,
+                              "bad_sequences": list(bad_sequences)}, C - skip])
         if C - skip:
             self.buf.append((j, skip, arr))
             self.buffered += C - skip
@@ -267,7 +269,7 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
     M = len(sources)
 
     tasks = ((j, sources[j], fmt, ref_size, tuple(image_size) if image_size is not None else None,
-              tuple(views) if views else None, window, stride) for j in range(j0, M))
+              tuple(views) if views else None, window, stride, on_error == "skip") for j in range(j0, M))
     from tqdm import tqdm
     runner = Runner(workers, work / "spool", write_shard_and_record)
     packer = ShardPacker(runner, ctx, sources, prefixes, infos, k=len(recs), N=int(recs[-1]["N"]) if recs else None,
@@ -290,7 +292,10 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
                 continue
             packer.N = res["N"] if packer.N is None else packer.N
             arr = {key: res[key] for key in ("pos", "vis", "sequence", "start_frame", "independent")}
-            bar.update(packer.add(j, arr, res["sequences"], c0 if j == j0 else 0, maxcount))
+            if progress:
+                for msg in res["bad_sequences"]:
+                    bar.write(f"skipped sequence {msg}")
+            bar.update(packer.add(j, arr, res["sequences"], c0 if j == j0 else 0, maxcount, res["bad_sequences"]))
             bar.set_postfix(files=f"{j + 1}/{M}", shards=packer.k)
         packer.flush()
         runner.drain()
@@ -377,12 +382,14 @@ def finalize(run: BuildRun) -> dict:
     for j, (path, size, mtime) in enumerate(run.in_stats):
         info = infos.get(j, {"clips": 0, "sequences": 0, "error": "not processed"})
         inputs.append({"path": path, "global_index": run.global_index[j], "size": size, "mtime_ns": mtime,
-                       "clips": int(info["clips"]), "sequences": int(info["sequences"]), "error": info["error"]})
+                       "clips": int(info["clips"]), "sequences": int(info["sequences"]), "error": info["error"],
+                       "bad_sequences": list(info.get("bad_sequences", []))})
     skipped = [{"path": i["path"], "reason": i["error"]} for i in inputs if i["error"]]
     total = time.perf_counter() - t0
     summary = {"status": "resumed" if resumed else "built", "out": str(out), "inputs": len(inputs),
                "inputs_used": len(inputs) - len(skipped), "skipped": skipped,
-               "sequences": sum(i["sequences"] for i in inputs), "clips": C, "shards": n_shards, "N": N,
+               "sequences": sum(i["sequences"] for i in inputs),
+               "sequences_skipped": [m for i in inputs for m in i["bad_sequences"]], "clips": C, "shards": n_shards, "N": N,
                "T": S + 1, "resumed_shards": resumed, "clips_this_run": run.new_clips, "seconds": round(total, 3),
                "clips_per_s": round(run.new_clips / total, 1) if total > 0 else None}
     doc = {"build_format": BUILD_FORMAT, "command": run.command, "config": config,

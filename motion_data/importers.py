@@ -49,7 +49,8 @@ Safety: nothing is unpickled (``np.load(allow_pickle=False)``,
 ``torch.load(weights_only=True)``). Every problem (empty or truncated file, wrong ranks or
 keys, NaN/inf, zero points) raises :class:`InputError` with a one-line message starting with
 the path. A whole file is read and checked before its first Sequence is yielded, so a bad
-file yields nothing.
+file yields nothing. With ``bad_sequences`` (build-shards ``--on-error skip``) a sequence
+that fails its own checks is left out and reported, and the rest of the file is kept.
 """
 from __future__ import annotations
 
@@ -186,8 +187,10 @@ def _batched(path, tracks, vis, start_frame, kind="tracks"):
     return tracks, vis, sf
 
 
-def _sequences(path, tracks, vis, sf, image_size, ref_size, index0=0, independent=False):
-    """Sequences of a batched file; ``independent``: each is its own split group (docs/DESIGN.md)."""
+def _sequences(path, tracks, vis, sf, image_size, ref_size, index0=0, independent=False, bad=None):
+    """Sequences of a batched file; ``independent``: each is its own split group (docs/DESIGN.md).
+    ``bad``: a list to collect the InputError of each sequence that fails its own checks
+    (it is left out); None: the first such error fails the file."""
     out = []
     for b in range(tracks.shape[0]):
         group = f"{path}#{index0 + b}" if independent and tracks.shape[0] > 1 else path
@@ -196,11 +199,14 @@ def _sequences(path, tracks, vis, sf, image_size, ref_size, index0=0, independen
                                           image_size, ref_size, int(sf[b]), group))
         except InputError as e:
             # tracks_to_sequence names "path[i]"; keep the path first, one line
-            raise InputError(str(e).replace("\n", " ")) from None
+            e = InputError(" ".join(str(e).split()))
+            if bad is None:
+                raise e from None
+            bad.append(e)
     return out
 
 
-def _read_tracks(path, ref_size, image_size) -> list[Sequence]:
+def _read_tracks(path, ref_size, image_size, bad=None) -> list[Sequence]:
     ext = _ext(path)
     if ext == ".npz":
         d = load_npz(path)
@@ -216,7 +222,7 @@ def _read_tracks(path, ref_size, image_size) -> list[Sequence]:
     vis = next((d[k] for k in ("visibility", "vis", "pred_visibility") if k in d), None)
     tracks, vis, sf = _batched(path, d[key], vis, d.get("start_frame"))
     size = _image_size(path, d.get("image_size"), image_size)
-    return _sequences(path, tracks, vis, sf, size, ref_size, independent="start_frame" not in d)
+    return _sequences(path, tracks, vis, sf, size, ref_size, independent="start_frame" not in d, bad=bad)
 
 
 def _h5_view_tracks(path, views, expected: str):
@@ -233,11 +239,12 @@ def _h5_view_tracks(path, views, expected: str):
             yield view, g, tracks, vis
 
 
-def _read_amplify(path, ref_size, views) -> list[Sequence]:
-    out = []
+def _read_amplify(path, ref_size, views, bad=None) -> list[Sequence]:
+    out, n = [], 0  # n: sequences so far, skipped ones included (indices stay those of the file)
     for view, _, tracks, vis in _h5_view_tracks(path, views, "(n, T, N, 2)"):
         tracks, vis, sf = _batched(path, tracks, vis, np.arange(tracks.shape[0]), f"{view}/tracks")
-        out += _sequences(path, tracks, vis, sf, (AMPLIFY_FRAME, AMPLIFY_FRAME), ref_size, len(out))
+        out += _sequences(path, tracks, vis, sf, (AMPLIFY_FRAME, AMPLIFY_FRAME), ref_size, n, bad=bad)
+        n += tracks.shape[0]
     return out
 
 
@@ -250,14 +257,15 @@ def _video_size(video_shape):
     return video_shape[-2], video_shape[-1]
 
 
-def _read_atm(path, ref_size, image_size, views) -> list[Sequence]:
-    out = []
+def _read_atm(path, ref_size, image_size, views, bad=None) -> list[Sequence]:
+    out, n = [], 0
     for view, g, tracks, vis in _h5_view_tracks(path, views, "(1, T, N, 2)"):
         tracks, vis, sf = _batched(path, tracks, vis, None, f"{view}/tracks")
         size = _image_size(path, _video_size(g["video"].shape) if "video" in g else None, image_size)
         # normalised [0, 1] -> pixels of the frame (x by W, y by H)
         px = tracks.astype(np.float64) * np.array([size[1], size[0]])
-        out += _sequences(path, px, vis, sf, size, ref_size, len(out))
+        out += _sequences(path, px, vis, sf, size, ref_size, n, bad=bad)
+        n += px.shape[0]
     return out
 
 
@@ -285,14 +293,20 @@ def _read_laps(path, ref_size) -> list[Sequence]:
 
 
 def read_sequences(path, fmt: str = "auto", *, ref_size: int = DEFAULT_REF_SIZE, image_size=None,
-                   views=None) -> list[Sequence]:
-    """All sequences of one input file, fully checked (see :func:`iter_sequences`)."""
+                   views=None, bad_sequences: list | None = None) -> list[Sequence]:
+    """All sequences of one input file, fully checked (see :func:`iter_sequences`).
+
+    ``bad_sequences``: when a list, a sequence that fails its own checks (e.g. a non-finite
+    coordinate of a visible point) is left out and its InputError appended there, and the
+    file's other sequences are returned; otherwise it fails the whole file.
+    """
     path = str(path)
     if fmt == "auto":
         fmt = detect_format(path)
-    readers = {"tracks": lambda: _read_tracks(path, ref_size, image_size),
-               "amplify-h5": lambda: _read_amplify(path, ref_size, views),
-               "atm-h5": lambda: _read_atm(path, ref_size, image_size, views),
+    bad = bad_sequences
+    readers = {"tracks": lambda: _read_tracks(path, ref_size, image_size, bad),
+               "amplify-h5": lambda: _read_amplify(path, ref_size, views, bad),
+               "atm-h5": lambda: _read_atm(path, ref_size, image_size, views, bad),
                "laps-pt": lambda: _read_laps(path, ref_size)}
     if fmt not in readers:
         raise ValueError(f"unknown format {fmt!r}; choose auto or one of {FORMATS}")
@@ -303,12 +317,13 @@ def read_sequences(path, fmt: str = "auto", *, ref_size: int = DEFAULT_REF_SIZE,
 
 
 def iter_sequences(path, fmt: str = "auto", *, ref_size: int = DEFAULT_REF_SIZE, image_size=None,
-                   views=None) -> Iterator[Sequence]:
+                   views=None, bad_sequences: list | None = None) -> Iterator[Sequence]:
     """Yield the :class:`Sequence` s of one input file.
 
     ``fmt``: ``auto`` or one of :data:`FORMATS`; ``ref_size``: side of the reference frame
     velocities are expressed in; ``image_size``: fallback ``(H, W)`` for files without one;
     ``views``: HDF5 views to read (all when None). Raises InputError ("<path>: <problem>")
-    before yielding anything when the file is bad.
+    before yielding anything when the file is bad; ``bad_sequences`` as in :func:`read_sequences`.
     """
-    yield from read_sequences(path, fmt, ref_size=ref_size, image_size=image_size, views=views)
+    yield from read_sequences(path, fmt, ref_size=ref_size, image_size=image_size, views=views,
+                              bad_sequences=bad_sequences)

@@ -149,7 +149,9 @@ def merge(parts, out, *, progress: bool = False) -> dict:
         total = time.perf_counter() - t0
         summary = {"status": "merged", "out": str(out), "inputs": len(inputs),
                    "inputs_used": len(inputs) - len(skipped), "skipped": skipped,
-                   "sequences": sum(i["sequences"] for i in inputs), "clips": C, "shards": k, "N": a0["N"],
+                   "sequences": sum(i["sequences"] for i in inputs),
+                   "sequences_skipped": [m for i in inputs for m in i.get("bad_sequences", [])],
+                   "clips": C, "shards": k, "N": a0["N"],
                    "T": a0["T"], "resumed_shards": 0, "clips_this_run": C, "seconds": round(total, 3),
                    "clips_per_s": round(C / total, 1) if total > 0 else None}
         doc = {"build_format": BUILD_FORMAT, "command": None, "config": config,

@@ -287,6 +287,33 @@ def test_on_error_skip_reports_and_keeps_good_clips(bad_inputs, tmp_path, capsys
     assert doc["summary"]["clips"] == 5 and doc["summary"]["inputs_used"] == 2
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_on_error_skip_drops_only_the_bad_sequence(tmp_path, capsys, workers):
+    """A (B,T,N,2) file with a visible NaN in one sequence: skip keeps its 3 good sequences."""
+    tr = make_track_file(tmp_path / "tmp.npz", B=4, T=32, seed=5)
+    with np.load(tr) as f:
+        tracks, vis, size = f["tracks"].copy(), f["visibility"].copy(), f["image_size"]
+    tracks[2, 7, 4] = np.nan
+    vis[2, 7, 4] = True
+    d = tmp_path / "in"
+    d.mkdir()
+    np.savez(d / "x.npz", tracks=tracks, visibility=vis, image_size=size)
+    assert run_cli("--input", d, "--out", tmp_path / "fail", "--no-progress") == 1
+    err = capsys.readouterr().err
+    assert "x.npz[2]" in err and "non-finite" in err
+    out = tmp_path / "o"
+    assert run_cli("--input", d, "--out", out, "--on-error", "skip", "--workers", workers) == 0
+    text = capsys.readouterr().out
+    assert "skipped 1 bad sequences" in text and "x.npz[2]" in text
+    t = read_manifest(out)
+    assert t.column("sequence").to_pylist() == [0] * 3 + [1] * 3 + [3] * 3  # T=32: 3 windows each
+    doc = json.loads((out / "build.json").read_text())
+    s = doc["summary"]
+    assert s["clips"] == 9 and s["sequences"] == 3 and s["skipped"] == [] and s["inputs_used"] == 1
+    assert len(s["sequences_skipped"]) == 1 and "x.npz[2]" in s["sequences_skipped"][0]
+    assert doc["inputs"][0]["bad_sequences"] == s["sequences_skipped"]
+
+
 def test_point_count_mismatch_is_an_error_naming_the_file(tmp_path, capsys):
     make_track_file(tmp_path / "in" / "a.npz", B=1, T=20, grid=10)
     make_track_file(tmp_path / "in" / "b.npz", B=1, T=20, grid=8)
