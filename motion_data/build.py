@@ -27,7 +27,7 @@ from . import manifest as mf
 from .atomic import atomic_write_json, remove_stale
 from .build_pool import Runner, SpoolRef
 from .clips import InputError
-from .importers import FORMATS, list_inputs
+from .importers import FORMATS, input_root, list_inputs, source_name
 from .labels import DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, DEFAULT_W, LABEL_RULES
 from .shard_records import ShardContext, add_sparse, load_records, write_shard_and_record
 from .shards import shard_name
@@ -134,8 +134,8 @@ class ShardPacker:
     and hands each full shard to the runner with its resume cursor (the first clip not yet
     in a shard) and the inputs it finished."""
 
-    def __init__(self, runner, ctx: ShardContext, sources, prefixes, infos: dict, k: int, N, last_j: int):
-        self.runner, self.ctx, self.sources, self.prefixes, self.infos = runner, ctx, sources, prefixes, infos
+    def __init__(self, runner, ctx: ShardContext, names, prefixes, infos: dict, k: int, N, last_j: int):
+        self.runner, self.ctx, self.names, self.prefixes, self.infos = runner, ctx, names, prefixes, infos
         self.k, self.N, self.last_j = k, N, last_j  # next shard number, points per clip, last input seen
         self.buf: deque = deque()      # (j, first clip index, arrays dict), oldest first
         self.buffered = 0
@@ -201,7 +201,7 @@ class ShardPacker:
             cursor = (first[0]["j"], first[0]["clips"] - first[1])
         else:
             cursor = (self.last_j + 1, 0)
-        names = {int(jj): (self.sources[jj], self.prefixes[jj]) for jj in np.unique(clips["input"])}
+        names = {int(jj): (self.names[jj], self.prefixes[jj]) for jj in np.unique(clips["input"])}
         done = [self.spooled.pop(f["j"]) for f in finished if f["j"] in self.spooled]
         self.runner.write(self.ctx, self.k, clips, names, cursor, finished, self.N,
                           done_refs=[r for pair in done for r in pair])
@@ -238,6 +238,10 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
     if not globals_:
         raise BuildError(f"--part {i_part}/{n_part} gets no input: there are only {len(all_inputs)} input files")
     sources = [all_inputs[g] for g in globals_]
+    # what the build records (manifest source, clip ids, split): paths relative to the input
+    # root, so moving the input folder leaves them unchanged
+    root = input_root(inputs)
+    names = [source_name(p, root) for p in sources]
     in_stats = [_input_stat(p) for p in sources]
     fingerprint = {"config": config, "inputs_digest": inputs_digest(in_stats)}
     out = Path(out)
@@ -259,7 +263,7 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
         atomic_write_json(work / "config.json", fingerprint)
 
     ctx = ShardContext(out, work, W, ref_size, build_filter, label_rule)
-    prefixes = [mf.clip_prefix(x) for x in sources]
+    prefixes = [mf.clip_prefix(x) for x in names]
     recs = load_records(work, out)
     infos: dict[int, dict] = {}
     for r in recs:
@@ -272,7 +276,7 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
               tuple(views) if views else None, window, stride, on_error == "skip") for j in range(j0, M))
     from tqdm import tqdm
     runner = Runner(workers, work / "spool", write_shard_and_record)
-    packer = ShardPacker(runner, ctx, sources, prefixes, infos, k=len(recs), N=int(recs[-1]["N"]) if recs else None,
+    packer = ShardPacker(runner, ctx, names, prefixes, infos, k=len(recs), N=int(recs[-1]["N"]) if recs else None,
                          last_j=j0 - 1)
     bar = tqdm(total=None, unit="clip", desc="build-shards", disable=not progress, file=sys.stderr,
                initial=sum(len(r["input"]) for r in recs))
@@ -302,7 +306,7 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
     finally:
         runner.close()
         bar.close()
-    run = BuildRun(out=out, ctx=ctx, sources=sources, prefixes=prefixes, config=config, fingerprint=fingerprint,
+    run = BuildRun(out=out, ctx=ctx, sources=sources, names=names, root=root, prefixes=prefixes, config=config, fingerprint=fingerprint,
                    in_stats=in_stats, global_index=globals_, n_all=len(all_inputs), infos=infos, n_shards=packer.k,
                    command=command, on_error=on_error, workers=workers, resumed=len(recs),
                    new_clips=packer.new_clips, t0=t0, t_stream=time.perf_counter() - t0)
@@ -314,7 +318,9 @@ class BuildRun:
     """What ``finalize`` needs of a build whose shards are all written."""
     out: Path
     ctx: ShardContext
-    sources: list           # this part's input paths, sorted
+    sources: list           # this part's input paths, sorted by name
+    names: list             # their names relative to the input root (manifest source)
+    root: Path              # the input root (importers.input_root)
     prefixes: list          # their clip id prefixes
     config: dict            # make_config's output
     fingerprint: dict       # config + inputs digest
@@ -334,7 +340,7 @@ class BuildRun:
 
 def finalize(run: BuildRun) -> dict:
     """Store, manifest and build.json from the shard records (each written whole, then renamed)."""
-    out, ctx, sources, prefixes, config, infos = run.out, run.ctx, run.sources, run.prefixes, run.config, run.infos
+    out, ctx, names, prefixes, config, infos = run.out, run.ctx, run.names, run.prefixes, run.config, run.infos
     n_shards, t0, resumed = run.n_shards, run.t0, run.resumed
     work = ctx.work
     recs = load_records(work, out)
@@ -355,7 +361,7 @@ def finalize(run: BuildRun) -> dict:
             for m in METRICS:
                 add_sparse(hists[m][0], r[f"{m}_points_idx"], r[f"{m}_points_val"])
                 add_sparse(hists[m][1], r[f"{m}_topk_idx"], r[f"{m}_topk_val"])
-            src = [sources[j] for j in r["input"]]
+            src = [names[j] for j in r["input"]]
             cols["source"] += src
             cols["clip_id"] += [mf.clip_id(s, q, f, prefixes[j])
                                 for s, j, q, f in zip(src, r["input"], r["sequence"], r["start_frame"])]
@@ -381,7 +387,7 @@ def finalize(run: BuildRun) -> dict:
     inputs = []
     for j, (path, size, mtime) in enumerate(run.in_stats):
         info = infos.get(j, {"clips": 0, "sequences": 0, "error": "not processed"})
-        inputs.append({"path": path, "global_index": run.global_index[j], "size": size, "mtime_ns": mtime,
+        inputs.append({"path": path, "name": names[j], "global_index": run.global_index[j], "size": size, "mtime_ns": mtime,
                        "clips": int(info["clips"]), "sequences": int(info["sequences"]), "error": info["error"],
                        "bad_sequences": list(info.get("bad_sequences", []))})
     skipped = [{"path": i["path"], "reason": i["error"]} for i in inputs if i["error"]]
@@ -394,7 +400,7 @@ def finalize(run: BuildRun) -> dict:
                "clips_per_s": round(run.new_clips / total, 1) if total > 0 else None}
     doc = {"build_format": BUILD_FORMAT, "command": run.command, "config": config,
            "inputs_digest": run.fingerprint["inputs_digest"], "options": {"on_error": run.on_error, "workers": run.workers},
-           "part": config["part"], "n_inputs_all": run.n_all, "inputs": inputs, "summary": summary,
+           "part": config["part"], "input_root": str(run.root), "n_inputs_all": run.n_all, "inputs": inputs, "summary": summary,
            "timings": {"total_s": round(total, 3), "stream_s": round(run.t_stream, 3),
                        "finalize_s": round(total - run.t_stream, 3)},
            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -77,27 +77,46 @@ LAPS_ORIGIN = 0.5  # laps-pt positions start at the frame centre, in units of re
 # ---------------------------------------------------------------- listing / detection
 
 
+def input_root(paths) -> Path:
+    """The folder input files are named relative to (:func:`source_name`): the deepest
+    folder holding every given input (a folder given is its own base, a file its parent),
+    as an absolute path."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    bases = [os.path.abspath(p) if Path(p).is_dir() else os.path.dirname(os.path.abspath(p)) for p in paths]
+    return Path(os.path.commonpath(bases))
+
+
+def source_name(path, root) -> str:
+    """``path`` relative to ``root`` (``/`` separated): the name a build records for an
+    input (manifest ``source``, clip ids, the train/validation split), so moving the input
+    folder changes none of them."""
+    return Path(os.path.relpath(os.path.abspath(path), root)).as_posix()
+
+
 def list_inputs(paths) -> list[str]:
     """Files to import: folders are searched recursively for supported files
     (``.npz .npy .pt .h5 .hdf5``; a laps-pt folder is just a folder of ``.pt`` files, one
-    input each); files are taken as given. Returns a sorted, de-duplicated list of str.
+    input each); files are taken as given. Returns a de-duplicated list of str sorted by
+    :func:`source_name` (so the order does not depend on where the inputs lie).
     A missing path raises InputError; a folder with no supported file gives no inputs.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    out = set()
+    out = {}  # absolute path -> the path as found (one entry per file, however it was spelled)
     for p in paths:
         p = Path(p)
         if p.is_dir():
             for root, _dirs, files in os.walk(p):
                 for f in files:
                     if f.lower().endswith(SUPPORTED_EXTS):
-                        out.add(str(Path(root) / f))
+                        out.setdefault(os.path.abspath(Path(root) / f), str(Path(root) / f))
         elif p.is_file():
-            out.add(str(p))
+            out.setdefault(os.path.abspath(p), str(p))
         else:
             raise InputError(f"{p}: no such file or folder")
-    return sorted(out)
+    root = input_root(paths) if out else None
+    return sorted(out.values(), key=lambda f: (source_name(f, root), f))
 
 
 def _ext(path) -> str:

@@ -69,7 +69,7 @@ def merge(parts, out, *, progress: bool = False) -> dict:
     order = np.argsort(idx)
     inputs_all = sorted((i for d in docs for i in d["inputs"]), key=lambda i: i["global_index"])
     if [i["global_index"] for i in inputs_all] != list(range(docs[0]["n_inputs_all"])) or \
-            [i["path"] for i in inputs_all] != sorted(i["path"] for i in inputs_all):
+            [i.get("name", i["path"]) for i in inputs_all] != sorted(i.get("name", i["path"]) for i in inputs_all):
         raise BuildError("the parts were not built from the same input list")
     dirs, docs = [dirs[i] for i in order], [docs[i] for i in order]
     builds = [BuildDir(d) for d in dirs]
