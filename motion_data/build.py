@@ -105,8 +105,33 @@ def diff_keys(a: dict, b: dict) -> list[str]:
 
 
 # ------------------------------------------------------------------ the pipeline
-def _prepare_out(out: Path, fingerprint: dict, force_msg: str) -> str:
-    """'done' (finished, same args), 'resume' or 'fresh'; raises on a different build."""
+# what a build writes into its folder (and the temporaries of those: ``.NAME.tmp*``/``.NAME.old*``)
+BUILD_ENTRIES = (BUILD_JSON, WORK, "shards", STORE_NAME, mf.MANIFEST_NAME)
+OVERWRITE_HINT = "pass --overwrite to discard it and start afresh"
+
+
+def holds_build(out: Path) -> bool:
+    return (out / BUILD_JSON).exists() or (out / WORK / "config.json").exists()
+
+
+def remove_build(out: Path) -> None:
+    """Remove a build's own entries from ``out``; other files there are left alone."""
+    for p in out.iterdir():
+        name = p.name.lstrip(".")
+        if p.name in BUILD_ENTRIES or any(name.startswith(f"{e}.tmp") or name.startswith(f"{e}.old")
+                                          for e in BUILD_ENTRIES):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+
+def _prepare_out(out: Path, fingerprint: dict, force_msg, overwrite: bool = False) -> str:
+    """'done' (finished, same args), 'resume' or 'fresh'; raises on a different build.
+    ``overwrite``: a build found in ``out`` (finished or not) is removed: 'fresh'."""
+    if overwrite and out.is_dir() and holds_build(out):
+        remove_build(out)
+        return "fresh"
     bj = out / BUILD_JSON
     if bj.exists():
         try:
@@ -116,16 +141,18 @@ def _prepare_out(out: Path, fingerprint: dict, force_msg: str) -> str:
         prev = {"config": old.get("config"), "inputs_digest": old.get("inputs_digest")}
         if prev == fingerprint:
             return "done"
-        raise BuildError(f"{out} holds a finished build made with different {force_msg(prev)}; use another --out")
+        raise BuildError(f"{out} holds a finished build made with different {force_msg(prev)}; use another --out "
+                         f"or {OVERWRITE_HINT}")
     cfg = out / WORK / "config.json"
     if cfg.exists():
         prev = json.loads(cfg.read_text())
         if prev != fingerprint:
             raise BuildError(f"{out} holds an unfinished build made with different {force_msg(prev)}; "
-                             f"re-run that command to finish it or use another --out")
+                             f"re-run that command to finish it, use another --out, or {OVERWRITE_HINT}")
         return "resume"
     if out.exists() and any(out.iterdir()):
-        raise BuildError(f"{out} is not empty and holds no build; use a new or empty --out")
+        raise BuildError(f"{out} is not empty and holds no build; use a new or empty --out (--overwrite replaces "
+                         f"only a build)")
     return "fresh"
 
 
@@ -214,11 +241,13 @@ class ShardPacker:
 def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, ref_size: int = DEFAULT_REF_SIZE,
           W: int = DEFAULT_W, workers: int = 1, maxcount: int = DEFAULT_MAXCOUNT, part=None, on_error: str = "fail",
           image_size=None, views=None, build_filter: StaticFilter = DEFAULT_FILTER, progress: bool = True,
-          command=None, label_rule: str = DEFAULT_LABEL_RULE) -> dict:
+          command=None, label_rule: str = DEFAULT_LABEL_RULE, overwrite: bool = False) -> dict:
     """Build (or resume, or confirm) ``out``; returns the summary dict (also in build.json).
 
     Raises BuildError with a one-line message on bad input (``on_error="fail"``) or an
-    ``out`` that holds a different build.
+    ``out`` that holds a different build. ``overwrite``: discard a build found in ``out``
+    (finished or not, same arguments or not) and build afresh; without it an interrupted
+    build of the same arguments resumes.
     """
     t0 = time.perf_counter()
     if on_error not in ("fail", "skip"):
@@ -252,7 +281,7 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
             keys.append("inputs (files or their size/mtime)")
         return "arguments: " + ", ".join(keys or ["?"])
 
-    state = _prepare_out(out, fingerprint, what_differs)
+    state = _prepare_out(out, fingerprint, what_differs, overwrite)
     if state == "done":
         summary = json.loads((out / BUILD_JSON).read_text())["summary"]
         return {**summary, "status": "up-to-date"}
@@ -288,8 +317,11 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
             if err is None and packer.N is not None and res["N"] != packer.N:
                 err = f"{sources[j]}: N={res['N']} points per frame, earlier inputs have N={packer.N}"
             if err is not None:
-                if on_error == "fail" or res.get("fatal"):
+                if res.get("fatal"):
                     raise BuildError(err)
+                if on_error == "fail":
+                    raise BuildError(f"{err} (--on-error skip leaves it out and resumes this build; after fixing "
+                                     f"the file, re-run with --overwrite)")
                 packer.skip(j, err)
                 if progress:
                     bar.write(f"skipped {err}")

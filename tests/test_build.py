@@ -16,7 +16,7 @@ import pytest
 import webdataset as wds
 import zarr
 
-from conftest import TINY_FILES, TINY_MAXCOUNT, TINY_T, make_track_file
+from conftest import TINY_FILES, TINY_MAXCOUNT, TINY_T, make_track_file, make_tracks
 from motion_data import build as bld
 from motion_data.build_pool import window_starts
 from motion_data.clips import Sequence, cut_windows
@@ -222,6 +222,44 @@ def test_cli_build_rerun_is_noop_and_other_args_are_refused(tmp_path, tiny_track
     assert "\n" not in err and "stride" in err and str(out) in err
 
 
+def test_overwrite_unblocks_a_failed_build_and_keeps_other_files(tmp_path, capsys):
+    d = tmp_path / "in"
+    make_track_file(d / "a.npz", B=1, T=32, seed=1)
+    tracks, vis = make_tracks(B=1, T=32, seed=2)
+    tracks[0, 3, 5], vis[0, 3, 5] = np.nan, True
+    np.savez(d / "b.npz", tracks=tracks, visibility=vis, image_size=np.array([96, 128]))
+    out = tmp_path / "o"
+    args = ["--input", d, "--out", out, "--maxcount", 2, "--no-progress"]
+    assert run_cli(*args) == 1
+    err = capsys.readouterr().err
+    assert "b.npz" in err and "--on-error skip" in err and "--overwrite" in err
+    assert (out / ".work" / "config.json").exists() and not (out / "build.json").exists()
+    # fixing the file changes the inputs: the unfinished build blocks OUT, and says how out
+    make_track_file(d / "b.npz", B=1, T=32, seed=2)
+    assert run_cli(*args) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "unfinished build" in err and "--overwrite" in err
+    (out / "notes.txt").write_text("mine")
+    assert run_cli(*args, "--overwrite") == 0
+    assert (out / "notes.txt").read_text() == "mine"  # not the build's: left alone
+    (out / "notes.txt").unlink()
+    ref = tmp_path / "ref"
+    assert run_cli("--input", d, "--out", ref, "--maxcount", 2, "--no-progress") == 0
+    assert_same_content(out, ref)
+    # a finished build with other arguments: refused, naming --overwrite; replaced with it
+    assert run_cli(*args, "--stride", 4) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert run_cli(*args, "--stride", 4, "--overwrite") == 0
+    assert json.loads((out / "build.json").read_text())["config"]["stride"] == 4
+    assert read_manifest(out).num_rows == 2 * 5  # T=32, window 16, stride 4: 5 clips per file
+    # a folder that holds no build is never emptied, not even with --overwrite
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x.txt").write_text("keep")
+    assert run_cli("--input", d, "--out", other, "--overwrite", "--no-progress") == 1
+    assert "holds no build" in capsys.readouterr().err and (other / "x.txt").read_text() == "keep"
+
+
 def test_cli_help_documents_every_option(capsys):
     with pytest.raises(SystemExit) as e:
         main(["build-shards", "--help"])
@@ -229,7 +267,7 @@ def test_cli_help_documents_every_option(capsys):
     text = capsys.readouterr().out
     for opt in ("--input", "--out", "--format", "--window", "--stride", "--ref-size", "--window-size", "--workers",
                 "--maxcount", "--part", "--on-error", "--image-size", "--views", "--filter", "--min-keep",
-                "--no-progress"):
+                "--overwrite", "--no-progress"):
         assert opt in text
     import argparse
     from preprocess import build_cmd
