@@ -167,7 +167,7 @@ def _image_size(path, value, fallback):
     if value is None:
         value = fallback
     if value is None:
-        raise InputError(f"{path}: no image_size in the file; pass --image-size H W")
+        raise InputError(f"{path}: no image_size in the file; pass its frame size as --image-size H,W (e.g. 480,640)")
     arr = np.asarray(value, dtype=np.float64).reshape(-1)
     if arr.size != 2 or not np.isfinite(arr).all() or (arr <= 0).any():
         raise InputError(f"{path}: image_size must be two positive numbers (H, W), got {np.asarray(value).tolist()}")

@@ -1,4 +1,5 @@
-"""``python -m preprocess COMMAND ...``: tracks in; Zarr statistics, shards, manifest out."""
+"""python -m preprocess COMMAND ...: point tracks in; per-point statistics (Zarr), webdataset shards and a
+manifest out. Run python -m preprocess COMMAND --help for a command's options."""
 import sys
 
 from motion_data.cli import dispatch

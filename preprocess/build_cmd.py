@@ -49,11 +49,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="clips per shard (the last shard may hold fewer; default %(default)s)")
     p.add_argument("--part", default=None, metavar="I/N",
                    help="build only every N-th input starting at I (0-based) of the sorted input list; "
-                        "join the parts with `merge`")
+                        "join the parts with the merge command")
     p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
                    help="bad input file: stop with an error (fail, default) or skip it and report it (skip)")
     p.add_argument("--image-size", type=_image_size, default=None, metavar="H,W",
-                   help="frame size for files that do not store one (.npy, bare .pt, ATM without video)")
+                   help="frame height and width in pixels, e.g. 480,640, for files that do not store one "
+                        "(.npy, bare .pt, ATM without video)")
     p.add_argument("--views", nargs="+", default=None, help="HDF5 views to read (default: all)")
     p.add_argument("--filter", default=SEED_FILTER_SPEC, metavar="METRIC@THR",
                    help="build filter for the manifest's dynamic_ratio/center_share (default %(default)s); "
