@@ -97,6 +97,9 @@ def make_config(*, fmt, window, stride, ref_size, W, maxcount, part, image_size,
         "build_filter": {"metric": build_filter.metric, "threshold": float(build_filter.threshold),
                          "min_keep": int(build_filter.min_keep)},
         "label_rule": label_rule,
+        # manifest source / clip ids are paths relative to the input root (importers.source_name);
+        # recorded so an unfinished build of the earlier absolute naming is never resumed into a mix
+        "source_names": "relative",
     }
 
 
