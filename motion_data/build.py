@@ -27,7 +27,7 @@ from . import manifest as mf
 from .atomic import atomic_write_json, remove_stale
 from .build_pool import Runner, SpoolRef
 from .clips import InputError
-from .importers import FORMATS, list_inputs
+from .importers import FORMATS, input_root, list_inputs, source_name
 from .labels import DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, DEFAULT_W, LABEL_RULES
 from .shard_records import ShardContext, add_sparse, load_records, write_shard_and_record
 from .shards import shard_name
@@ -97,6 +97,9 @@ def make_config(*, fmt, window, stride, ref_size, W, maxcount, part, image_size,
         "build_filter": {"metric": build_filter.metric, "threshold": float(build_filter.threshold),
                          "min_keep": int(build_filter.min_keep)},
         "label_rule": label_rule,
+        # manifest source / clip ids are paths relative to the input root (importers.source_name);
+        # recorded so an unfinished build of the earlier absolute naming is never resumed into a mix
+        "source_names": "relative",
     }
 
 
@@ -105,8 +108,33 @@ def diff_keys(a: dict, b: dict) -> list[str]:
 
 
 # ------------------------------------------------------------------ the pipeline
-def _prepare_out(out: Path, fingerprint: dict, force_msg: str) -> str:
-    """'done' (finished, same args), 'resume' or 'fresh'; raises on a different build."""
+# what a build writes into its folder (and the temporaries of those: ``.NAME.tmp*``/``.NAME.old*``)
+BUILD_ENTRIES = (BUILD_JSON, WORK, "shards", STORE_NAME, mf.MANIFEST_NAME)
+OVERWRITE_HINT = "pass --overwrite to discard it and start afresh"
+
+
+def holds_build(out: Path) -> bool:
+    return (out / BUILD_JSON).exists() or (out / WORK / "config.json").exists()
+
+
+def remove_build(out: Path) -> None:
+    """Remove a build's own entries from ``out``; other files there are left alone."""
+    for p in out.iterdir():
+        name = p.name.lstrip(".")
+        if p.name in BUILD_ENTRIES or any(name.startswith(f"{e}.tmp") or name.startswith(f"{e}.old")
+                                          for e in BUILD_ENTRIES):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+
+def _prepare_out(out: Path, fingerprint: dict, force_msg, overwrite: bool = False) -> str:
+    """'done' (finished, same args), 'resume' or 'fresh'; raises on a different build.
+    ``overwrite``: a build found in ``out`` (finished or not) is removed: 'fresh'."""
+    if overwrite and out.is_dir() and holds_build(out):
+        remove_build(out)
+        return "fresh"
     bj = out / BUILD_JSON
     if bj.exists():
         try:
@@ -116,16 +144,18 @@ def _prepare_out(out: Path, fingerprint: dict, force_msg: str) -> str:
         prev = {"config": old.get("config"), "inputs_digest": old.get("inputs_digest")}
         if prev == fingerprint:
             return "done"
-        raise BuildError(f"{out} holds a finished build made with different {force_msg(prev)}; use another --out")
+        raise BuildError(f"{out} holds a finished build made with different {force_msg(prev)}; use another --out "
+                         f"or {OVERWRITE_HINT}")
     cfg = out / WORK / "config.json"
     if cfg.exists():
         prev = json.loads(cfg.read_text())
         if prev != fingerprint:
             raise BuildError(f"{out} holds an unfinished build made with different {force_msg(prev)}; "
-                             f"re-run that command to finish it or use another --out")
+                             f"re-run that command to finish it, use another --out, or {OVERWRITE_HINT}")
         return "resume"
     if out.exists() and any(out.iterdir()):
-        raise BuildError(f"{out} is not empty and holds no build; use a new or empty --out")
+        raise BuildError(f"{out} is not empty and holds no build; use a new or empty --out (--overwrite replaces "
+                         f"only a build)")
     return "fresh"
 
 
@@ -134,8 +164,8 @@ class ShardPacker:
     and hands each full shard to the runner with its resume cursor (the first clip not yet
     in a shard) and the inputs it finished."""
 
-    def __init__(self, runner, ctx: ShardContext, sources, prefixes, infos: dict, k: int, N, last_j: int):
-        self.runner, self.ctx, self.sources, self.prefixes, self.infos = runner, ctx, sources, prefixes, infos
+    def __init__(self, runner, ctx: ShardContext, names, prefixes, infos: dict, k: int, N, last_j: int):
+        self.runner, self.ctx, self.names, self.prefixes, self.infos = runner, ctx, names, prefixes, infos
         self.k, self.N, self.last_j = k, N, last_j  # next shard number, points per clip, last input seen
         self.buf: deque = deque()      # (j, first clip index, arrays dict), oldest first
         self.buffered = 0
@@ -144,17 +174,19 @@ class ShardPacker:
         self.new_clips = 0
 
     def skip(self, j: int, err: str):
-        self.waiting.append([{"j": j, "clips": 0, "sequences": 0, "error": err}, 0])
+        self.waiting.append([{"j": j, "clips": 0, "sequences": 0, "error": err, "bad_sequences": []}, 0])
 
-    def add(self, j: int, arr: dict, sequences: int, skip: int, maxcount: int) -> int:
+    def add(self, j: int, arr: dict, sequences: int, skip: int, maxcount: int, bad_sequences=()) -> int:
         """Queue input ``j``'s clips after its first ``skip`` (written before a resume); emit
-        every full shard. Returns the number of clips queued."""
+        every full shard. ``bad_sequences``: errors of its sequences left out (--on-error
+        skip). Returns the number of clips queued."""
         if isinstance(arr["pos"], SpoolRef):
             self.spooled[j] = (arr["pos"], arr["vis"])
         C = len(arr["sequence"])
         if skip:
             arr = {key: v[skip:] for key, v in arr.items()}
-        self.waiting.append([{"j": j, "clips": C, "sequences": sequences, "error": None}, C - skip])
+        self.waiting.append([{"j": j, "clips": C, "sequences": sequences, "error": None,
+                              "bad_sequences": list(bad_sequences)}, C - skip])
         if C - skip:
             self.buf.append((j, skip, arr))
             self.buffered += C - skip
@@ -199,7 +231,7 @@ class ShardPacker:
             cursor = (first[0]["j"], first[0]["clips"] - first[1])
         else:
             cursor = (self.last_j + 1, 0)
-        names = {int(jj): (self.sources[jj], self.prefixes[jj]) for jj in np.unique(clips["input"])}
+        names = {int(jj): (self.names[jj], self.prefixes[jj]) for jj in np.unique(clips["input"])}
         done = [self.spooled.pop(f["j"]) for f in finished if f["j"] in self.spooled]
         self.runner.write(self.ctx, self.k, clips, names, cursor, finished, self.N,
                           done_refs=[r for pair in done for r in pair])
@@ -212,11 +244,13 @@ class ShardPacker:
 def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, ref_size: int = DEFAULT_REF_SIZE,
           W: int = DEFAULT_W, workers: int = 1, maxcount: int = DEFAULT_MAXCOUNT, part=None, on_error: str = "fail",
           image_size=None, views=None, build_filter: StaticFilter = DEFAULT_FILTER, progress: bool = True,
-          command=None, label_rule: str = DEFAULT_LABEL_RULE) -> dict:
+          command=None, label_rule: str = DEFAULT_LABEL_RULE, overwrite: bool = False) -> dict:
     """Build (or resume, or confirm) ``out``; returns the summary dict (also in build.json).
 
     Raises BuildError with a one-line message on bad input (``on_error="fail"``) or an
-    ``out`` that holds a different build.
+    ``out`` that holds a different build. ``overwrite``: discard a build found in ``out``
+    (finished or not, same arguments or not) and build afresh; without it an interrupted
+    build of the same arguments resumes.
     """
     t0 = time.perf_counter()
     if on_error not in ("fail", "skip"):
@@ -236,6 +270,10 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
     if not globals_:
         raise BuildError(f"--part {i_part}/{n_part} gets no input: there are only {len(all_inputs)} input files")
     sources = [all_inputs[g] for g in globals_]
+    # what the build records (manifest source, clip ids, split): paths relative to the input
+    # root, so moving the input folder leaves them unchanged
+    root = input_root(inputs)
+    names = [source_name(p, root) for p in sources]
     in_stats = [_input_stat(p) for p in sources]
     fingerprint = {"config": config, "inputs_digest": inputs_digest(in_stats)}
     out = Path(out)
@@ -246,7 +284,7 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
             keys.append("inputs (files or their size/mtime)")
         return "arguments: " + ", ".join(keys or ["?"])
 
-    state = _prepare_out(out, fingerprint, what_differs)
+    state = _prepare_out(out, fingerprint, what_differs, overwrite)
     if state == "done":
         summary = json.loads((out / BUILD_JSON).read_text())["summary"]
         return {**summary, "status": "up-to-date"}
@@ -257,7 +295,7 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
         atomic_write_json(work / "config.json", fingerprint)
 
     ctx = ShardContext(out, work, W, ref_size, build_filter, label_rule)
-    prefixes = [mf.clip_prefix(x) for x in sources]
+    prefixes = [mf.clip_prefix(x) for x in names]
     recs = load_records(work, out)
     infos: dict[int, dict] = {}
     for r in recs:
@@ -267,10 +305,10 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
     M = len(sources)
 
     tasks = ((j, sources[j], fmt, ref_size, tuple(image_size) if image_size is not None else None,
-              tuple(views) if views else None, window, stride) for j in range(j0, M))
+              tuple(views) if views else None, window, stride, on_error == "skip") for j in range(j0, M))
     from tqdm import tqdm
     runner = Runner(workers, work / "spool", write_shard_and_record)
-    packer = ShardPacker(runner, ctx, sources, prefixes, infos, k=len(recs), N=int(recs[-1]["N"]) if recs else None,
+    packer = ShardPacker(runner, ctx, names, prefixes, infos, k=len(recs), N=int(recs[-1]["N"]) if recs else None,
                          last_j=j0 - 1)
     bar = tqdm(total=None, unit="clip", desc="build-shards", disable=not progress, file=sys.stderr,
                initial=sum(len(r["input"]) for r in recs))
@@ -282,22 +320,28 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
             if err is None and packer.N is not None and res["N"] != packer.N:
                 err = f"{sources[j]}: N={res['N']} points per frame, earlier inputs have N={packer.N}"
             if err is not None:
-                if on_error == "fail" or res.get("fatal"):
+                if res.get("fatal"):
                     raise BuildError(err)
+                if on_error == "fail":
+                    raise BuildError(f"{err} (--on-error skip leaves it out and resumes this build; after fixing "
+                                     f"the file, re-run with --overwrite)")
                 packer.skip(j, err)
                 if progress:
                     bar.write(f"skipped {err}")
                 continue
             packer.N = res["N"] if packer.N is None else packer.N
             arr = {key: res[key] for key in ("pos", "vis", "sequence", "start_frame", "independent")}
-            bar.update(packer.add(j, arr, res["sequences"], c0 if j == j0 else 0, maxcount))
+            if progress:
+                for msg in res["bad_sequences"]:
+                    bar.write(f"skipped sequence {msg}")
+            bar.update(packer.add(j, arr, res["sequences"], c0 if j == j0 else 0, maxcount, res["bad_sequences"]))
             bar.set_postfix(files=f"{j + 1}/{M}", shards=packer.k)
         packer.flush()
         runner.drain()
     finally:
         runner.close()
         bar.close()
-    run = BuildRun(out=out, ctx=ctx, sources=sources, prefixes=prefixes, config=config, fingerprint=fingerprint,
+    run = BuildRun(out=out, ctx=ctx, sources=sources, names=names, root=root, prefixes=prefixes, config=config, fingerprint=fingerprint,
                    in_stats=in_stats, global_index=globals_, n_all=len(all_inputs), infos=infos, n_shards=packer.k,
                    command=command, on_error=on_error, workers=workers, resumed=len(recs),
                    new_clips=packer.new_clips, t0=t0, t_stream=time.perf_counter() - t0)
@@ -309,7 +353,9 @@ class BuildRun:
     """What ``finalize`` needs of a build whose shards are all written."""
     out: Path
     ctx: ShardContext
-    sources: list           # this part's input paths, sorted
+    sources: list           # this part's input paths, sorted by name
+    names: list             # their names relative to the input root (manifest source)
+    root: Path              # the input root (importers.input_root)
     prefixes: list          # their clip id prefixes
     config: dict            # make_config's output
     fingerprint: dict       # config + inputs digest
@@ -329,7 +375,7 @@ class BuildRun:
 
 def finalize(run: BuildRun) -> dict:
     """Store, manifest and build.json from the shard records (each written whole, then renamed)."""
-    out, ctx, sources, prefixes, config, infos = run.out, run.ctx, run.sources, run.prefixes, run.config, run.infos
+    out, ctx, names, prefixes, config, infos = run.out, run.ctx, run.names, run.prefixes, run.config, run.infos
     n_shards, t0, resumed = run.n_shards, run.t0, run.resumed
     work = ctx.work
     recs = load_records(work, out)
@@ -350,7 +396,7 @@ def finalize(run: BuildRun) -> dict:
             for m in METRICS:
                 add_sparse(hists[m][0], r[f"{m}_points_idx"], r[f"{m}_points_val"])
                 add_sparse(hists[m][1], r[f"{m}_topk_idx"], r[f"{m}_topk_val"])
-            src = [sources[j] for j in r["input"]]
+            src = [names[j] for j in r["input"]]
             cols["source"] += src
             cols["clip_id"] += [mf.clip_id(s, q, f, prefixes[j])
                                 for s, j, q, f in zip(src, r["input"], r["sequence"], r["start_frame"])]
@@ -376,18 +422,20 @@ def finalize(run: BuildRun) -> dict:
     inputs = []
     for j, (path, size, mtime) in enumerate(run.in_stats):
         info = infos.get(j, {"clips": 0, "sequences": 0, "error": "not processed"})
-        inputs.append({"path": path, "global_index": run.global_index[j], "size": size, "mtime_ns": mtime,
-                       "clips": int(info["clips"]), "sequences": int(info["sequences"]), "error": info["error"]})
+        inputs.append({"path": path, "name": names[j], "global_index": run.global_index[j], "size": size, "mtime_ns": mtime,
+                       "clips": int(info["clips"]), "sequences": int(info["sequences"]), "error": info["error"],
+                       "bad_sequences": list(info.get("bad_sequences", []))})
     skipped = [{"path": i["path"], "reason": i["error"]} for i in inputs if i["error"]]
     total = time.perf_counter() - t0
     summary = {"status": "resumed" if resumed else "built", "out": str(out), "inputs": len(inputs),
                "inputs_used": len(inputs) - len(skipped), "skipped": skipped,
-               "sequences": sum(i["sequences"] for i in inputs), "clips": C, "shards": n_shards, "N": N,
+               "sequences": sum(i["sequences"] for i in inputs),
+               "sequences_skipped": [m for i in inputs for m in i["bad_sequences"]], "clips": C, "shards": n_shards, "N": N,
                "T": S + 1, "resumed_shards": resumed, "clips_this_run": run.new_clips, "seconds": round(total, 3),
                "clips_per_s": round(run.new_clips / total, 1) if total > 0 else None}
     doc = {"build_format": BUILD_FORMAT, "command": run.command, "config": config,
            "inputs_digest": run.fingerprint["inputs_digest"], "options": {"on_error": run.on_error, "workers": run.workers},
-           "part": config["part"], "n_inputs_all": run.n_all, "inputs": inputs, "summary": summary,
+           "part": config["part"], "input_root": str(run.root), "n_inputs_all": run.n_all, "inputs": inputs, "summary": summary,
            "timings": {"total_s": round(total, 3), "stream_s": round(run.t_stream, 3),
                        "finalize_s": round(total - run.t_stream, 3)},
            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -17,6 +17,7 @@ import numpy as np
 
 from .clips import InputError
 from .importers import iter_sequences
+from .parent_death import exit_with_parent
 
 
 def _one_line(msg: str, path: str) -> str:
@@ -56,13 +57,16 @@ def load_input(task) -> dict:
     """Load one file and cut it into clips. Runs in a worker; errors come back as text.
 
     With a spool folder the clip arrays are written there as ``.npy`` and only references
-    travel back: the main process never copies or pickles the bulk data.
+    travel back: the main process never copies or pickles the bulk data. ``skip_bad``: a
+    sequence that fails its own checks is left out (its one-line error listed under
+    ``bad_sequences``) and the file's other sequences are kept.
     """
-    j, path, fmt, ref_size, image_size, views, window, stride, spool = task
+    j, path, fmt, ref_size, image_size, views, window, stride, skip_bad, spool = task
     pos, vis, seq, start, indep = [], [], [], [], []
     n_seq, max_T, N = 0, 0, None
+    bad = [] if skip_bad else None
     try:
-        for s in iter_sequences(path, fmt, ref_size=ref_size, image_size=image_size, views=views):
+        for s in iter_sequences(path, fmt, ref_size=ref_size, image_size=image_size, views=views, bad_sequences=bad):
             n_seq += 1
             T, n = s.vis.shape
             max_T = max(max_T, T)
@@ -85,10 +89,13 @@ def load_input(task) -> dict:
         return {"j": j, "error": _one_line(e, path), "fatal": True}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
         return {"j": j, "error": _one_line(f"{type(e).__name__}: {e}", path)}
+    bad = [str(e) for e in bad or ()]
     if not pos:
-        why = "no sequences" if not n_seq else f"every sequence is shorter than the window (T={max_T} < {window})"
+        why = ("no sequences" if not n_seq and not bad else
+               f"every sequence is bad (first: {bad[0]})" if not n_seq else
+               f"every sequence is shorter than the window (T={max_T} < {window})")
         return {"j": j, "error": f"{path}: no clips: {why}"}
-    out = {"j": j, "error": None, "N": N, "sequences": n_seq, "pos": np.concatenate(pos),
+    out = {"j": j, "error": None, "N": N, "sequences": n_seq, "bad_sequences": bad, "pos": np.concatenate(pos),
            "vis": np.concatenate(vis), "sequence": np.concatenate(seq), "start_frame": np.concatenate(start),
            "independent": np.concatenate(indep)}
     if spool is not None:
@@ -100,7 +107,8 @@ def load_input(task) -> dict:
     return out
 
 
-def _worker_init():
+def _worker_init(main_pid: int):
+    exit_with_parent(main_pid)  # a killed build must not leave its workers behind
     # each worker is one core's worth of work; numba threads would oversubscribe
     import numba
 
@@ -145,7 +153,7 @@ class Runner:
             spool.mkdir(exist_ok=True)
             self.spool = str(spool)
             self.ex = ProcessPoolExecutor(max_workers=self.workers, mp_context=_mp_context(),
-                                          initializer=_worker_init)
+                                          initializer=_worker_init, initargs=(os.getpid(),))
         self.writes: deque = deque()
 
     def loads(self, tasks):

@@ -49,7 +49,8 @@ Safety: nothing is unpickled (``np.load(allow_pickle=False)``,
 ``torch.load(weights_only=True)``). Every problem (empty or truncated file, wrong ranks or
 keys, NaN/inf, zero points) raises :class:`InputError` with a one-line message starting with
 the path. A whole file is read and checked before its first Sequence is yielded, so a bad
-file yields nothing.
+file yields nothing. With ``bad_sequences`` (build-shards ``--on-error skip``) a sequence
+that fails its own checks is left out and reported, and the rest of the file is kept.
 """
 from __future__ import annotations
 
@@ -76,27 +77,46 @@ LAPS_ORIGIN = 0.5  # laps-pt positions start at the frame centre, in units of re
 # ---------------------------------------------------------------- listing / detection
 
 
+def input_root(paths) -> Path:
+    """The folder input files are named relative to (:func:`source_name`): the deepest
+    folder holding every given input (a folder given is its own base, a file its parent),
+    as an absolute path."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    bases = [os.path.abspath(p) if Path(p).is_dir() else os.path.dirname(os.path.abspath(p)) for p in paths]
+    return Path(os.path.commonpath(bases))
+
+
+def source_name(path, root) -> str:
+    """``path`` relative to ``root`` (``/`` separated): the name a build records for an
+    input (manifest ``source``, clip ids, the train/validation split), so moving the input
+    folder changes none of them."""
+    return Path(os.path.relpath(os.path.abspath(path), root)).as_posix()
+
+
 def list_inputs(paths) -> list[str]:
     """Files to import: folders are searched recursively for supported files
     (``.npz .npy .pt .h5 .hdf5``; a laps-pt folder is just a folder of ``.pt`` files, one
-    input each); files are taken as given. Returns a sorted, de-duplicated list of str.
+    input each); files are taken as given. Returns a de-duplicated list of str sorted by
+    :func:`source_name` (so the order does not depend on where the inputs lie).
     A missing path raises InputError; a folder with no supported file gives no inputs.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    out = set()
+    out = {}  # absolute path -> the path as found (one entry per file, however it was spelled)
     for p in paths:
         p = Path(p)
         if p.is_dir():
             for root, _dirs, files in os.walk(p):
                 for f in files:
                     if f.lower().endswith(SUPPORTED_EXTS):
-                        out.add(str(Path(root) / f))
+                        out.setdefault(os.path.abspath(Path(root) / f), str(Path(root) / f))
         elif p.is_file():
-            out.add(str(p))
+            out.setdefault(os.path.abspath(p), str(p))
         else:
             raise InputError(f"{p}: no such file or folder")
-    return sorted(out)
+    root = input_root(paths) if out else None
+    return sorted(out.values(), key=lambda f: (source_name(f, root), f))
 
 
 def _ext(path) -> str:
@@ -147,7 +167,7 @@ def _image_size(path, value, fallback):
     if value is None:
         value = fallback
     if value is None:
-        raise InputError(f"{path}: no image_size in the file; pass --image-size H W")
+        raise InputError(f"{path}: no image_size in the file; pass its frame size as --image-size H,W (e.g. 480,640)")
     arr = np.asarray(value, dtype=np.float64).reshape(-1)
     if arr.size != 2 or not np.isfinite(arr).all() or (arr <= 0).any():
         raise InputError(f"{path}: image_size must be two positive numbers (H, W), got {np.asarray(value).tolist()}")
@@ -186,8 +206,10 @@ def _batched(path, tracks, vis, start_frame, kind="tracks"):
     return tracks, vis, sf
 
 
-def _sequences(path, tracks, vis, sf, image_size, ref_size, index0=0, independent=False):
-    """Sequences of a batched file; ``independent``: each is its own split group (docs/DESIGN.md)."""
+def _sequences(path, tracks, vis, sf, image_size, ref_size, index0=0, independent=False, bad=None):
+    """Sequences of a batched file; ``independent``: each is its own split group (docs/DESIGN.md).
+    ``bad``: a list to collect the InputError of each sequence that fails its own checks
+    (it is left out); None: the first such error fails the file."""
     out = []
     for b in range(tracks.shape[0]):
         group = f"{path}#{index0 + b}" if independent and tracks.shape[0] > 1 else path
@@ -196,11 +218,14 @@ def _sequences(path, tracks, vis, sf, image_size, ref_size, index0=0, independen
                                           image_size, ref_size, int(sf[b]), group))
         except InputError as e:
             # tracks_to_sequence names "path[i]"; keep the path first, one line
-            raise InputError(str(e).replace("\n", " ")) from None
+            e = InputError(" ".join(str(e).split()))
+            if bad is None:
+                raise e from None
+            bad.append(e)
     return out
 
 
-def _read_tracks(path, ref_size, image_size) -> list[Sequence]:
+def _read_tracks(path, ref_size, image_size, bad=None) -> list[Sequence]:
     ext = _ext(path)
     if ext == ".npz":
         d = load_npz(path)
@@ -216,7 +241,7 @@ def _read_tracks(path, ref_size, image_size) -> list[Sequence]:
     vis = next((d[k] for k in ("visibility", "vis", "pred_visibility") if k in d), None)
     tracks, vis, sf = _batched(path, d[key], vis, d.get("start_frame"))
     size = _image_size(path, d.get("image_size"), image_size)
-    return _sequences(path, tracks, vis, sf, size, ref_size, independent="start_frame" not in d)
+    return _sequences(path, tracks, vis, sf, size, ref_size, independent="start_frame" not in d, bad=bad)
 
 
 def _h5_view_tracks(path, views, expected: str):
@@ -233,11 +258,12 @@ def _h5_view_tracks(path, views, expected: str):
             yield view, g, tracks, vis
 
 
-def _read_amplify(path, ref_size, views) -> list[Sequence]:
-    out = []
+def _read_amplify(path, ref_size, views, bad=None) -> list[Sequence]:
+    out, n = [], 0  # n: sequences so far, skipped ones included (indices stay those of the file)
     for view, _, tracks, vis in _h5_view_tracks(path, views, "(n, T, N, 2)"):
         tracks, vis, sf = _batched(path, tracks, vis, np.arange(tracks.shape[0]), f"{view}/tracks")
-        out += _sequences(path, tracks, vis, sf, (AMPLIFY_FRAME, AMPLIFY_FRAME), ref_size, len(out))
+        out += _sequences(path, tracks, vis, sf, (AMPLIFY_FRAME, AMPLIFY_FRAME), ref_size, n, bad=bad)
+        n += tracks.shape[0]
     return out
 
 
@@ -250,14 +276,15 @@ def _video_size(video_shape):
     return video_shape[-2], video_shape[-1]
 
 
-def _read_atm(path, ref_size, image_size, views) -> list[Sequence]:
-    out = []
+def _read_atm(path, ref_size, image_size, views, bad=None) -> list[Sequence]:
+    out, n = [], 0
     for view, g, tracks, vis in _h5_view_tracks(path, views, "(1, T, N, 2)"):
         tracks, vis, sf = _batched(path, tracks, vis, None, f"{view}/tracks")
         size = _image_size(path, _video_size(g["video"].shape) if "video" in g else None, image_size)
         # normalised [0, 1] -> pixels of the frame (x by W, y by H)
         px = tracks.astype(np.float64) * np.array([size[1], size[0]])
-        out += _sequences(path, px, vis, sf, size, ref_size, len(out))
+        out += _sequences(path, px, vis, sf, size, ref_size, n, bad=bad)
+        n += px.shape[0]
     return out
 
 
@@ -285,14 +312,20 @@ def _read_laps(path, ref_size) -> list[Sequence]:
 
 
 def read_sequences(path, fmt: str = "auto", *, ref_size: int = DEFAULT_REF_SIZE, image_size=None,
-                   views=None) -> list[Sequence]:
-    """All sequences of one input file, fully checked (see :func:`iter_sequences`)."""
+                   views=None, bad_sequences: list | None = None) -> list[Sequence]:
+    """All sequences of one input file, fully checked (see :func:`iter_sequences`).
+
+    ``bad_sequences``: when a list, a sequence that fails its own checks (e.g. a non-finite
+    coordinate of a visible point) is left out and its InputError appended there, and the
+    file's other sequences are returned; otherwise it fails the whole file.
+    """
     path = str(path)
     if fmt == "auto":
         fmt = detect_format(path)
-    readers = {"tracks": lambda: _read_tracks(path, ref_size, image_size),
-               "amplify-h5": lambda: _read_amplify(path, ref_size, views),
-               "atm-h5": lambda: _read_atm(path, ref_size, image_size, views),
+    bad = bad_sequences
+    readers = {"tracks": lambda: _read_tracks(path, ref_size, image_size, bad),
+               "amplify-h5": lambda: _read_amplify(path, ref_size, views, bad),
+               "atm-h5": lambda: _read_atm(path, ref_size, image_size, views, bad),
                "laps-pt": lambda: _read_laps(path, ref_size)}
     if fmt not in readers:
         raise ValueError(f"unknown format {fmt!r}; choose auto or one of {FORMATS}")
@@ -303,12 +336,13 @@ def read_sequences(path, fmt: str = "auto", *, ref_size: int = DEFAULT_REF_SIZE,
 
 
 def iter_sequences(path, fmt: str = "auto", *, ref_size: int = DEFAULT_REF_SIZE, image_size=None,
-                   views=None) -> Iterator[Sequence]:
+                   views=None, bad_sequences: list | None = None) -> Iterator[Sequence]:
     """Yield the :class:`Sequence` s of one input file.
 
     ``fmt``: ``auto`` or one of :data:`FORMATS`; ``ref_size``: side of the reference frame
     velocities are expressed in; ``image_size``: fallback ``(H, W)`` for files without one;
     ``views``: HDF5 views to read (all when None). Raises InputError ("<path>: <problem>")
-    before yielding anything when the file is bad.
+    before yielding anything when the file is bad; ``bad_sequences`` as in :func:`read_sequences`.
     """
-    yield from read_sequences(path, fmt, ref_size=ref_size, image_size=image_size, views=views)
+    yield from read_sequences(path, fmt, ref_size=ref_size, image_size=image_size, views=views,
+                              bad_sequences=bad_sequences)

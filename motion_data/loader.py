@@ -23,8 +23,10 @@ one warning per sample.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
+import os
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,7 @@ from .shard_reader import FdCache, read_batch
 from .split import split_manifest
 from .stats import SEED_FILTER, StaticFilter
 from .builddir import BuildDir
+from .parent_death import exit_with_parent
 from .worker_ring import make_ring
 from .workers import resolve_workers
 
@@ -352,7 +355,9 @@ def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter 
     loader_kw = {"generator": gen, "seed": seed, "rank": rank, "pin": bool(pin_memory and torch.cuda.is_available())}
     worker_kw = {}
     if num_workers > 0:
-        worker_kw = {"persistent_workers": persistent_workers, "multiprocessing_context": _worker_context()}
+        # exit_with_parent: workers die at once with the trainer (torch's own check polls every 5 s)
+        worker_kw = {"persistent_workers": persistent_workers, "multiprocessing_context": _worker_context(),
+                     "worker_init_fn": functools.partial(exit_with_parent, os.getpid())}
         if prefetch_factor is not None:
             worker_kw["prefetch_factor"] = prefetch_factor
 

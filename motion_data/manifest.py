@@ -1,6 +1,7 @@
 """``BUILD/manifest.parquet``: one row per clip, in the row order of ``stats.zarr``.
 
-Columns (docs/DESIGN.md, binding): clip_id, source, sequence, start_frame, shard (relative to
+Columns (docs/DESIGN.md, binding): clip_id, source (the input file's path relative to the
+input root, ``importers.source_name``), sequence, start_frame, shard (relative to
 the build folder), offset, size (byte range of the sample in its tar), dynamic_ratio and
 center_share under the build filter, mean_speed, visible_fraction; checksum
 (``shards.array_checksum`` of the sample's arrays, compared by the readers); split_group
@@ -54,7 +55,8 @@ def clip_prefix(source: str) -> str:
 
 def clip_id(source: str, sequence: int, start_frame: int, prefix: str | None = None) -> str:
     """``{stem}-{hash8}-s{sequence:04d}-f{start_frame:06d}``; hash8 = first 8 hex digits of
-    the sha1 of the path as given. ``prefix`` (from ``clip_prefix``) skips recomputing it."""
+    the sha1 of ``source`` (the name relative to the input root, so moving the input folder
+    keeps the ids). ``prefix`` (from ``clip_prefix``) skips recomputing it."""
     return f"{prefix or clip_prefix(source)}-s{int(sequence):04d}-f{int(start_frame):06d}"
 
 

@@ -69,7 +69,7 @@ def merge(parts, out, *, progress: bool = False) -> dict:
     order = np.argsort(idx)
     inputs_all = sorted((i for d in docs for i in d["inputs"]), key=lambda i: i["global_index"])
     if [i["global_index"] for i in inputs_all] != list(range(docs[0]["n_inputs_all"])) or \
-            [i["path"] for i in inputs_all] != sorted(i["path"] for i in inputs_all):
+            [i.get("name", i["path"]) for i in inputs_all] != sorted(i.get("name", i["path"]) for i in inputs_all):
         raise BuildError("the parts were not built from the same input list")
     dirs, docs = [dirs[i] for i in order], [docs[i] for i in order]
     builds = [BuildDir(d) for d in dirs]
@@ -149,7 +149,9 @@ def merge(parts, out, *, progress: bool = False) -> dict:
         total = time.perf_counter() - t0
         summary = {"status": "merged", "out": str(out), "inputs": len(inputs),
                    "inputs_used": len(inputs) - len(skipped), "skipped": skipped,
-                   "sequences": sum(i["sequences"] for i in inputs), "clips": C, "shards": k, "N": a0["N"],
+                   "sequences": sum(i["sequences"] for i in inputs),
+                   "sequences_skipped": [m for i in inputs for m in i.get("bad_sequences", [])],
+                   "clips": C, "shards": k, "N": a0["N"],
                    "T": a0["T"], "resumed_shards": 0, "clips_this_run": C, "seconds": round(total, 3),
                    "clips_per_s": round(C / total, 1) if total > 0 else None}
         doc = {"build_format": BUILD_FORMAT, "command": None, "config": config,

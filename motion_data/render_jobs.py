@@ -9,9 +9,11 @@ one scene at a time (EGL: one GL context per process).
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 from pathlib import Path
 
 from .atomic import remove_stale
+from .parent_death import exit_with_parent
 
 
 def parse_tasks(spec: str, n_tasks: int, suite: str = "") -> list[int]:
@@ -77,7 +79,9 @@ def run_jobs(jobs, cfg, out, workers: int = 1, on_done=None) -> list[dict]:
         return [s for suite, task, eps in jobs for s in render_task(suite, task, eps, cfg, out, on_done)]
     summaries = []
     # spawn: a fresh interpreter per worker, no GL state inherited; one task (one scene) per process
-    with mp.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool:
+    # workers die with this process (exit_with_parent): a killed render leaves none behind
+    with mp.get_context("spawn").Pool(workers, initializer=exit_with_parent, initargs=(os.getpid(),),
+                                      maxtasksperchild=1) as pool:
         for done in pool.imap_unordered(_worker, [(s, t, e, cfg, out) for s, t, e in jobs]):
             summaries.extend(done)
             for s in done:

@@ -2,7 +2,8 @@
 
 Rule (depends only on the manifest, never on file order or a random seed):
 - With at least ``MIN_SOURCES_FOR_FILE_SPLIT`` source files, whole sources are held out:
-  sources are ordered by the sha1 of their path and taken until the held-out clips reach
+  sources are ordered by the sha1 of their name (relative to the build's input root, so
+  moving the input folder keeps the split) and taken until the held-out clips reach
   ``val_split`` of all clips (at least one source, never all of them). Clips of a held-out
   video never leak into training.
 - With fewer sources, each source contributes a contiguous block of time: the last

@@ -22,12 +22,19 @@ the centre class holds ~94% of valid labels before filtering and ~60% after the
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
 from .atomic import atomic_open
+from .errors import UserError
 from .labels import DEFAULT_GRID, DEFAULT_REF_SIZE, DEFAULT_T
+
+SYNTH_JSON = "synth.json"
+# synth's own files: data files, the record, and their atomic-write temporaries
+_OWN = re.compile(r"^\.?(synth-\d{6}\.npz|synth\.json)(\.tmp\d+)?$")
 
 
 @dataclass
@@ -216,6 +223,33 @@ def synth_clips(n_clips: int, seed=0, cfg: SynthConfig | None = None, with_layer
     if with_layers:
         out["layer"] = layer
     return out
+
+
+def prepare_out(out_dir, overwrite: bool = False) -> list[Path]:
+    """Make ``out_dir`` ready for synth; returns the earlier synth files it removed.
+
+    A new or empty folder is used as it is. A folder holding anything else is refused
+    (UserError), since build-shards would read old and new files together; with
+    ``overwrite`` earlier synth output (``synth-NNNNNN.npz``, ``synth.json`` and their
+    temporaries) is removed, but a folder that also holds other files is still refused
+    and nothing is removed.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder; choose another --out")
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    own = [p for p in entries if p.is_file() and _OWN.match(p.name)]
+    other = [p for p in entries if p not in own]
+    if other:
+        shown = ", ".join(p.name for p in other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+        raise UserError(f"{out}: holds files that synth did not write ({shown}); build-shards would read them "
+                        f"with the synthetic ones; choose a new or empty --out")
+    if own and not overwrite:
+        raise UserError(f"{out}: holds earlier synth output ({len(own)} files); pass --overwrite to replace it, "
+                        f"or choose a new or empty --out")
+    for p in own:
+        p.unlink()
+    return own
 
 
 def write_synth(out_dir, n_clips: int, seed: int = 0, cfg: SynthConfig | None = None,

@@ -1,1 +1,1 @@
-"""``python -m preprocess``: the command-line stage; thin wrappers over motion_data."""
+"""python -m preprocess: the command-line stage; thin wrappers over motion_data."""

@@ -1,4 +1,5 @@
-"""motion-preprocess (or python -m preprocess) COMMAND ...: tracks in; Zarr statistics, shards, manifest out."""
+"""motion-preprocess (or python -m preprocess) COMMAND ...: point tracks in; per-point statistics
+(Zarr), webdataset shards and a manifest out. Add --help after a command for its options."""
 import sys
 
 from motion_data.cli import dispatch

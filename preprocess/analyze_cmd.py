@@ -1,12 +1,16 @@
 """Label statistics of a build before and after a static filter.
 
-Prints the seed's dataset figures -- dynamic_point_ratio, center_prop, perplexity_ratio and
-the W*W class counts -- for every point kept ("before") and under the filter ("after"),
-answered from the histograms in OUT/stats.zarr (no pass over the shards; exact at thresholds
-that are multiples of the histogram bin width, 0.0025). --exact recomputes from the per-clip
-scores and the shards' labels instead. --json writes {"filter", "source", "before", "after"}; --plot
-writes a PNG with the label heatmap on the W x W window and the per-point speed histogram,
-before and after.
+Prints four dataset figures for every point kept ("before") and under the filter ("after"):
+dynamic_point_ratio (share of points the filter keeps), center_prop (share of kept labels in
+the centre class, i.e. no motion), perplexity_ratio (exp(entropy of the labels) / W*W) and the
+W*W class counts. The filter default, p95@0.04 with min_keep 16, is the static filter of the
+original staged plan this project implements.
+
+The figures come from the histograms in BUILD/stats.zarr (no pass over the shards; exact at
+thresholds that are multiples of the histogram bin width, 0.0025). --exact recomputes them
+from the per-clip scores and the shards' labels instead. --json writes {"filter", "source",
+"before", "after"}; --plot writes a PNG with the label heatmap on the W x W window and the
+per-point speed histogram, before and after.
 """
 from __future__ import annotations
 
@@ -24,9 +28,11 @@ from motion_data.stats import SEED_FILTER
 
 
 def add_arguments(p):
-    p.add_argument("out", metavar="OUT", help="build folder written by build-shards (holds stats.zarr)")
+    p.add_argument("build", metavar="BUILD", help="build folder written by build-shards (holds stats.zarr)")
     p.add_argument("--filter", default=SEED_FILTER_SPEC,
-                   help="static filter METRIC@THRESHOLD, METRIC one of mean|p95|max (default: %(default)s)")
+                   help="static filter METRIC@THRESHOLD, METRIC one of mean|p95|max: a point is kept when that "
+                        "statistic of its per-step speed over the clip reaches THRESHOLD; speed is in units of "
+                        "half the label window, (W-1)/2 reference pixels (default: %(default)s)")
     p.add_argument("--min-keep", type=int, default=SEED_FILTER.min_keep,
                    help="points kept per clip when fewer pass the threshold (default: %(default)s; above "
                         f"{S.HIST_RANK_MAX} needs --exact)")
@@ -43,11 +49,11 @@ def run(args) -> int:
         if not args.exact and flt.min_keep > S.HIST_RANK_MAX:
             raise ValueError(f"--min-keep {flt.min_keep} exceeds the {S.HIST_RANK_MAX} ranks stored in the "
                              f"histograms; use --exact")
-        build = BuildDir(args.out)
+        build = BuildDir(args.build)
         W = build.W
         (points, topk), = build.histograms([flt.metric]).values()
         if args.exact:
-            acc = A.exact_from_build(args.out, [flt.metric], [0.0, flt.threshold], flt.min_keep,
+            acc = A.exact_from_build(args.build, [flt.metric], [0.0, flt.threshold], flt.min_keep,
                                      progress=not args.no_progress)
             c = acc.counts(flt.metric)
             total = acc.total_points
@@ -63,7 +69,7 @@ def run(args) -> int:
             k = min(flt.min_keep, S.HIST_RANK_MAX)
             sb, sa = A.score_hist_before_after(points, topk, flt.threshold, k)
             plot_analysis(result, sb, sa, flt.metric, flt.threshold, W, args.plot,
-                          title=f"{args.out}: {flt} ({build.n_clips} clips)")
+                          title=f"{args.build}: {flt} ({build.n_clips} clips)")
     except (ValueError, OSError, RuntimeError) as e:
         print(f"analyze: error: {e}", file=sys.stderr)
         return 2
@@ -73,7 +79,7 @@ def run(args) -> int:
         else:
             atomic_write_json(args.json, result)
     if args.json != "-":
-        print(f"{args.out}: {build.n_clips} clips, filter {flt} ({result['source']}), "
+        print(f"{args.build}: {build.n_clips} clips, filter {flt} ({result['source']}), "
               f"labels by the {build.label_rule} rule")
         print(f"{'':8s} {'dynamic_point_ratio':>20s} {'center_prop':>12s} {'perplexity_ratio':>17s}")
         for key in ("before", "after"):

@@ -3,7 +3,9 @@ histograms), OUT/shards/shard-NNNNNN.tar (webdataset samples), OUT/manifest.parq
 row per clip) and OUT/build.json (command, config, counts, skipped inputs, timings).
 
 Re-running the same command after an interruption resumes where it stopped; re-running it
-on a finished build does nothing. Another command on an existing OUT is an error.
+on a finished build does nothing. Another command on an existing OUT is an error unless
+--overwrite is given, which discards the build there (finished or not) and starts afresh;
+files in OUT that a build does not write are never removed.
 """
 from __future__ import annotations
 
@@ -47,11 +49,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="clips per shard (the last shard may hold fewer; default %(default)s)")
     p.add_argument("--part", default=None, metavar="I/N",
                    help="build only every N-th input starting at I (0-based) of the sorted input list; "
-                        "join the parts with `merge`")
+                        "join the parts with the merge command")
     p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
                    help="bad input file: stop with an error (fail, default) or skip it and report it (skip)")
     p.add_argument("--image-size", type=_image_size, default=None, metavar="H,W",
-                   help="frame size for files that do not store one (.npy, bare .pt, ATM without video)")
+                   help="frame height and width in pixels, e.g. 480,640, for files that do not store one "
+                        "(.npy, bare .pt, ATM without video)")
     p.add_argument("--views", nargs="+", default=None, help="HDF5 views to read (default: all)")
     p.add_argument("--filter", default=SEED_FILTER_SPEC, metavar="METRIC@THR",
                    help="build filter for the manifest's dynamic_ratio/center_share (default %(default)s); "
@@ -62,7 +65,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how a step becomes a class (recorded in stats.zarr and build.json): amplify (default, "
                         "AMPLIFY's rule) = round(clip(p, 0, REF-1)) at both frames, then the difference; "
                         "velocity = round(p[t+1] - p[t]) (this project's earlier rule)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar and no summary")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard the build in OUT (finished or not, e.g. one that failed or was made with other "
+                        "arguments) and build afresh; only the build's own files are removed. Without it an "
+                        "interrupted build of the same command resumes")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar and the lines naming skipped inputs as they happen (the summary at the end lists them)")
 
 
 def command_line(args) -> list[str]:
@@ -80,6 +87,8 @@ def command_line(args) -> list[str]:
         cmd += ["--views", *args.views]
     if args.no_progress:
         cmd.append("--no-progress")
+    if args.overwrite:
+        cmd.append("--overwrite")
     return cmd
 
 
@@ -90,7 +99,7 @@ def run(args) -> int:
                         ref_size=args.ref_size, W=args.W, workers=args.workers, maxcount=args.maxcount,
                         part=args.part, on_error=args.on_error, image_size=args.image_size, views=args.views,
                         build_filter=flt, progress=not args.no_progress, command=command_line(args),
-                        label_rule=args.label_rule)
+                        label_rule=args.label_rule, overwrite=args.overwrite)
     except (BuildError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

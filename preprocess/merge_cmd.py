@@ -1,4 +1,4 @@
-"""Join the outputs of several `build-shards --part i/n` runs (e.g. the tasks of a cluster
+"""Join the outputs of several build-shards --part i/n runs (e.g. the tasks of a cluster
 array job) into one build folder, equal in content to a single run over all inputs: the
 same clips in the same order, the same statistics and histograms. Shards are hard-linked
 (copied across file systems) under new consecutive numbers; the parts are left as they are.

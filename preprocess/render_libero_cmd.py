@@ -11,7 +11,7 @@ projected back; a point is visible where the depth test passes.
 
 Writes OUT/<suite>_<task>_<episode>.npz (tracks (B,16,400,2) px, visibility (B,16,400),
 image_size, start_frame; with --frames also frames (steps,128,128,3) uint8), which
-`build-shards --input OUT` reads. Finished rollouts are skipped, so re-running the same
+build-shards --input OUT reads. Finished rollouts are skipped, so re-running the same
 command after a kill goes on where it stopped. Deterministic given --seed.
 
 Needs the simulator extra: pip install torch==2.13.0 -e ".[sim]"

@@ -11,6 +11,9 @@ def format_summary(s: dict) -> str:
         lines.append(f"  resumed after {s['resumed_shards']} finished shards")
     if s.get("seconds") is not None:
         lines.append(f"  {s['clips_this_run']} clips this run in {s['seconds']:.2f} s ({s['clips_per_s']} clips/s)")
+    if s.get("sequences_skipped"):
+        lines.append(f"  skipped {len(s['sequences_skipped'])} bad sequences (the rest of their files kept):")
+        lines += [f"    {x}" for x in s["sequences_skipped"]]
     if s["skipped"]:
         lines.append(f"  skipped {len(s['skipped'])} inputs:")
         lines += [f"    {x['reason']}" for x in s["skipped"]]

@@ -4,9 +4,13 @@ Each clip tracks a grid of points over a mostly static background (tracker noise
 0-3 rigid objects that translate and rotate, an arm-like articulated mover (2-3 links) in
 most clips, optional camera shake, and occlusion (points behind nearer movers or outside the
 frame are invisible). Files are CoTracker-style .npz track files (tracks (B,T,N,2) pixels,
-visibility, image_size, start_frame) that `build-shards --format tracks` reads. With the
-defaults the centre class holds ~94% of valid labels before filtering and ~60% after
-p95@0.04, min_keep 16. Deterministic given --seed.
+visibility, image_size, start_frame) that build-shards --format tracks reads. With the
+defaults the centre class holds ~94% of valid labels before filtering and ~60% after the
+default static filter (p95@0.04, min_keep 16). Deterministic given --seed.
+
+OUT must be new or empty: build-shards reads every track file of a folder, so synth never
+adds its files to others. --overwrite replaces earlier synth output in OUT (synth-NNNNNN.npz,
+synth.json); a folder holding any other file is refused even then, and nothing is removed.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import os
 import sys
 
 from motion_data.atomic import atomic_open
-from motion_data.synth import SynthConfig, config_dict, write_synth
+from motion_data.synth import SYNTH_JSON, SynthConfig, config_dict, prepare_out, write_synth
 
 
 def add_arguments(p):
@@ -39,6 +43,9 @@ def add_arguments(p):
                    help="share of clips with an articulated arm (default: %(default)s)")
     p.add_argument("--noise", type=float, default=d.noise_std,
                    help="tracker noise std in reference px (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="remove earlier synth output in OUT (synth-NNNNNN.npz, synth.json) first; other files "
+                        "are never removed, and a folder holding any is refused")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -52,13 +59,16 @@ def run(args) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    removed = prepare_out(args.out, overwrite=args.overwrite)  # UserError: refused, nothing removed
+    if removed:
+        print(f"removed {len(removed)} earlier synth files from {args.out}")
     from tqdm import tqdm
 
     with tqdm(total=args.clips, unit="clip", desc="synth", disable=args.no_progress) as bar:
         paths = write_synth(args.out, args.clips, args.seed, cfg, args.clips_per_file, progress=bar.update)
     meta = {"command": "synth", "clips": args.clips, "seed": args.seed, "clips_per_file": args.clips_per_file,
             "files": [os.path.basename(p) for p in paths], "config": config_dict(cfg)}
-    with atomic_open(os.path.join(args.out, "synth.json"), "w") as f:
+    with atomic_open(os.path.join(args.out, SYNTH_JSON), "w") as f:
         json.dump(meta, f, indent=1)
     print(f"wrote {args.clips} clips in {len(paths)} files to {args.out}")
     return 0

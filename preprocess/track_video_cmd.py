@@ -5,7 +5,7 @@ one starting every --stride frames) and tracked frame to frame with
 cv2.calcOpticalFlowPyrLK; visibility comes from LK's status, a forward-backward check
 (--fb-threshold px) and the frame border. Writes one CoTracker-style track file per video,
 OUT/<video stem>.npz, holding tracks (B, window, N, 2) pixels, visibility (B, window, N),
-image_size (H, W) and start_frame (B,), which `build-shards --format tracks` reads (use the
+image_size (H, W) and start_frame (B,), which build-shards --format tracks reads (use the
 same --window: each stored sequence is exactly one window). Needs opencv-python-headless.
 
 Example: python -m preprocess track-video /usr/share/doc/opencv-doc/examples/data/vtest.avi --out tracks/

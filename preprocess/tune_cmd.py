@@ -7,7 +7,7 @@ center_prop, then lower threshold); if no row meets them, the row with the small
 shortfall -- the sum of the amounts by which it misses each target (all figures are shares,
 so the misses add up in one unit) -- ties broken by higher perplexity_ratio.
 
-The fast answer comes from the score-binned histograms in OUT/stats.zarr and is exact at
+The fast answer comes from the score-binned histograms in BUILD/stats.zarr and is exact at
 thresholds that are multiples of the bin width (0.0025); a threshold between two edges acts
 as the lower edge. --exact recomputes from the per-clip scores and the labels in the shards
 (one pass, with a progress bar); it agrees with the fast answer at bin edges and lies
@@ -32,7 +32,7 @@ def _float_or_none(s):
 
 
 def add_arguments(p):
-    p.add_argument("out", metavar="OUT", help="build folder written by build-shards (holds stats.zarr)")
+    p.add_argument("build", metavar="BUILD", help="build folder written by build-shards (holds stats.zarr)")
     p.add_argument("--metrics", default="p95,mean,max", help="comma list of mean|p95|max (default: %(default)s)")
     p.add_argument("--thresholds", default="0.01:0.20:0.005",
                    help="thresholds as start:stop:step (stop inclusive) or a comma list (default: %(default)s)")
@@ -40,7 +40,8 @@ def add_arguments(p):
                    help="points kept per clip when fewer pass the threshold (default: %(default)s; above "
                         f"{S.HIST_RANK_MAX} needs --exact)")
     p.add_argument("--target-dynamic", default="%g:%g" % A.DEFAULT_TARGET_DYNAMIC,
-                   help="target interval LO:HI of dynamic_point_ratio, or 'none' (default: %(default)s, the seed's)")
+                   help="target interval LO:HI of dynamic_point_ratio, or 'none' (default: %(default)s, the "
+                        "target of the original staged plan this project implements)")
     p.add_argument("--max-center", type=_float_or_none, default=A.DEFAULT_MAX_CENTER,
                    help="target upper bound of center_prop, or 'none' (default: %(default)s)")
     p.add_argument("--min-perplexity", type=_float_or_none, default=A.DEFAULT_MIN_PERPLEXITY,
@@ -76,10 +77,10 @@ def run(args) -> int:
             raise ValueError(f"--min-keep {args.min_keep} exceeds the {S.HIST_RANK_MAX} ranks stored in the "
                              f"histograms; use --exact")
         targets = A.Targets(A.parse_interval(args.target_dynamic), args.max_center, args.min_perplexity)
-        build = BuildDir(args.out)
+        build = BuildDir(args.build)
         W = build.W
         if args.exact:
-            acc = A.exact_from_build(args.out, metrics, thresholds, args.min_keep, progress=not args.no_progress)
+            acc = A.exact_from_build(args.build, metrics, thresholds, args.min_keep, progress=not args.no_progress)
             rows = acc.rows(targets)
         else:
             rows = A.sweep_from_hist(build.histograms(metrics), metrics, thresholds, args.min_keep, W, targets)
@@ -90,11 +91,11 @@ def run(args) -> int:
             from motion_data.plots import plot_tune
 
             plot_tune(rows, targets, rec, args.plot,
-                      title=f"{args.out}: min_keep {args.min_keep} ({'exact' if args.exact else 'histograms'})")
+                      title=f"{args.build}: min_keep {args.min_keep} ({'exact' if args.exact else 'histograms'})")
     except (ValueError, OSError, RuntimeError) as e:
         print(f"tune-filter: error: {e}", file=sys.stderr)
         return 2
-    print(f"{args.out}: {build.n_clips} clips, labels by the {build.label_rule} rule, "
+    print(f"{args.build}: {build.n_clips} clips, labels by the {build.label_rule} rule, "
           f"{'exact pass' if args.exact else 'from histograms'}; "
           f"targets: {targets}")
     print_sweep(rows, rec, why)

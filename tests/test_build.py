@@ -16,7 +16,7 @@ import pytest
 import webdataset as wds
 import zarr
 
-from conftest import TINY_FILES, TINY_MAXCOUNT, TINY_T, make_track_file
+from conftest import TINY_FILES, TINY_MAXCOUNT, TINY_T, make_track_file, make_tracks
 from motion_data import build as bld
 from motion_data.build_pool import window_starts
 from motion_data.clips import Sequence, cut_windows
@@ -180,7 +180,7 @@ def test_clips_are_the_windows_of_the_track_files(tiny_build, tiny_tracks):
                 tr = tracks[b, s0:s0 + 16].astype(np.float64)
                 p = (tr * [128 / W, 128 / H]).astype(np.float32)
                 v = np.diff(p, axis=0)
-                expect.append((str(tiny_tracks / name), b, s0, p, v, vis[b, s0:s0 + 16],
+                expect.append((name, b, s0, p, v, vis[b, s0:s0 + 16],  # named relative to the --input folder
                                vis[b, s0:s0 + 15] & vis[b, s0 + 1:s0 + 16]))
     assert len(expect) == len(rows)
     for r, s, (src, b, s0, p, v, vs, m) in zip(rows, ss, expect):
@@ -222,6 +222,44 @@ def test_cli_build_rerun_is_noop_and_other_args_are_refused(tmp_path, tiny_track
     assert "\n" not in err and "stride" in err and str(out) in err
 
 
+def test_overwrite_unblocks_a_failed_build_and_keeps_other_files(tmp_path, capsys):
+    d = tmp_path / "in"
+    make_track_file(d / "a.npz", B=1, T=32, seed=1)
+    tracks, vis = make_tracks(B=1, T=32, seed=2)
+    tracks[0, 3, 5], vis[0, 3, 5] = np.nan, True
+    np.savez(d / "b.npz", tracks=tracks, visibility=vis, image_size=np.array([96, 128]))
+    out = tmp_path / "o"
+    args = ["--input", d, "--out", out, "--maxcount", 2, "--no-progress"]
+    assert run_cli(*args) == 1
+    err = capsys.readouterr().err
+    assert "b.npz" in err and "--on-error skip" in err and "--overwrite" in err
+    assert (out / ".work" / "config.json").exists() and not (out / "build.json").exists()
+    # fixing the file changes the inputs: the unfinished build blocks OUT, and says how out
+    make_track_file(d / "b.npz", B=1, T=32, seed=2)
+    assert run_cli(*args) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "unfinished build" in err and "--overwrite" in err
+    (out / "notes.txt").write_text("mine")
+    assert run_cli(*args, "--overwrite") == 0
+    assert (out / "notes.txt").read_text() == "mine"  # not the build's: left alone
+    (out / "notes.txt").unlink()
+    ref = tmp_path / "ref"
+    assert run_cli("--input", d, "--out", ref, "--maxcount", 2, "--no-progress") == 0
+    assert_same_content(out, ref)
+    # a finished build with other arguments: refused, naming --overwrite; replaced with it
+    assert run_cli(*args, "--stride", 4) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert run_cli(*args, "--stride", 4, "--overwrite") == 0
+    assert json.loads((out / "build.json").read_text())["config"]["stride"] == 4
+    assert read_manifest(out).num_rows == 2 * 5  # T=32, window 16, stride 4: 5 clips per file
+    # a folder that holds no build is never emptied, not even with --overwrite
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x.txt").write_text("keep")
+    assert run_cli("--input", d, "--out", other, "--overwrite", "--no-progress") == 1
+    assert "holds no build" in capsys.readouterr().err and (other / "x.txt").read_text() == "keep"
+
+
 def test_cli_help_documents_every_option(capsys):
     with pytest.raises(SystemExit) as e:
         main(["build-shards", "--help"])
@@ -229,7 +267,7 @@ def test_cli_help_documents_every_option(capsys):
     text = capsys.readouterr().out
     for opt in ("--input", "--out", "--format", "--window", "--stride", "--ref-size", "--window-size", "--workers",
                 "--maxcount", "--part", "--on-error", "--image-size", "--views", "--filter", "--min-keep",
-                "--no-progress"):
+                "--overwrite", "--no-progress"):
         assert opt in text
     import argparse
     from preprocess import build_cmd
@@ -285,6 +323,33 @@ def test_on_error_skip_reports_and_keeps_good_clips(bad_inputs, tmp_path, capsys
     # a_good: T=32 -> 3 windows; f_good: T=24 -> 2 windows
     assert [Path(s).name for s in t.column("source").to_pylist()] == ["a_good.npz"] * 3 + ["f_good.npz"] * 2
     assert doc["summary"]["clips"] == 5 and doc["summary"]["inputs_used"] == 2
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_on_error_skip_drops_only_the_bad_sequence(tmp_path, capsys, workers):
+    """A (B,T,N,2) file with a visible NaN in one sequence: skip keeps its 3 good sequences."""
+    tr = make_track_file(tmp_path / "tmp.npz", B=4, T=32, seed=5)
+    with np.load(tr) as f:
+        tracks, vis, size = f["tracks"].copy(), f["visibility"].copy(), f["image_size"]
+    tracks[2, 7, 4] = np.nan
+    vis[2, 7, 4] = True
+    d = tmp_path / "in"
+    d.mkdir()
+    np.savez(d / "x.npz", tracks=tracks, visibility=vis, image_size=size)
+    assert run_cli("--input", d, "--out", tmp_path / "fail", "--no-progress") == 1
+    err = capsys.readouterr().err
+    assert "x.npz[2]" in err and "non-finite" in err
+    out = tmp_path / "o"
+    assert run_cli("--input", d, "--out", out, "--on-error", "skip", "--workers", workers) == 0
+    text = capsys.readouterr().out
+    assert "skipped 1 bad sequences" in text and "x.npz[2]" in text
+    t = read_manifest(out)
+    assert t.column("sequence").to_pylist() == [0] * 3 + [1] * 3 + [3] * 3  # T=32: 3 windows each
+    doc = json.loads((out / "build.json").read_text())
+    s = doc["summary"]
+    assert s["clips"] == 9 and s["sequences"] == 3 and s["skipped"] == [] and s["inputs_used"] == 1
+    assert len(s["sequences_skipped"]) == 1 and "x.npz[2]" in s["sequences_skipped"][0]
+    assert doc["inputs"][0]["bad_sequences"] == s["sequences_skipped"]
 
 
 def test_point_count_mismatch_is_an_error_naming_the_file(tmp_path, capsys):
@@ -371,7 +436,7 @@ def test_laps_pt_folder_of_single_clip_files(tmp_path):
     out = tmp_path / "o"
     assert run_cli("--input", d, "--out", out, "--format", "laps-pt", "--maxcount", 2, "--no-progress") == 0
     rows, ss = samples(out)
-    assert [r["source"] for r in rows] == [str(d / f"clip{i}.pt") for i in range(5)]
+    assert [r["source"] for r in rows] == [f"clip{i}.pt" for i in range(5)]
     assert sorted({r["shard"] for r in rows}) == [f"shards/shard-{i:06d}.tar" for i in range(3)]
     v = torch.load(d / "clip3.pt", weights_only=True).numpy()
     # (W-1)/2 = 7 px per unit; float32 positions about the frame centre round to ~1e-5 px

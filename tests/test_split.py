@@ -62,3 +62,35 @@ def test_zero_split_and_bad_fraction():
     assert len(train) == 5 and len(val) == 0
     with pytest.raises(ValueError):
         split_clips(["a"], [0], 1.0, 16)
+
+
+@pytest.mark.parametrize("n_files", [2, 6])  # time-block split and whole-source split
+def test_moving_the_input_folder_keeps_split_and_clip_ids(tmp_path, n_files):
+    import shutil
+
+    from conftest import make_track_file
+    from motion_data.build import build
+    from motion_data.builddir import BuildDir
+    from motion_data.split import split_manifest
+
+    a = tmp_path / "here" / "tracks"
+    for i in range(n_files):
+        make_track_file(a / f"cam{i}.npz", B=2, T=40, seed=i)
+    make_track_file(a / "sub" / "deep.npz", B=1, T=40, seed=99)  # names keep the sub-folder
+    b = tmp_path / "somewhere" / "else" / "moved"
+    shutil.copytree(a, b)
+    results = []
+    for src, out in ((a, tmp_path / "out_a"), (b, tmp_path / "out_b")):
+        build([str(src)], out, maxcount=7, progress=False)
+        man = BuildDir(out).manifest(["clip_id", "source", "split_group", "start_frame"])
+        tr, va = split_manifest(man, 0.25, 16)
+        results.append((man, tr, va))
+        assert "sub/deep.npz" in man["source"] and not any(s.startswith("/") for s in man["source"])
+    (ma, tra, vaa), (mb, trb, vab) = results
+    assert ma == mb  # clip ids, sources and split groups
+    assert len(vaa) and len(tra)
+    np.testing.assert_array_equal(tra, trb)
+    np.testing.assert_array_equal(vaa, vab)
+    # the shards (whose samples carry the source name and clip id) are byte-identical too
+    for s in sorted((tmp_path / "out_a" / "shards").iterdir()):
+        assert s.read_bytes() == (tmp_path / "out_b" / "shards" / s.name).read_bytes()

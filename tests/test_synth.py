@@ -102,3 +102,31 @@ def test_synth_command_end_to_end(tmp_path, capsys):
     meta = json.loads((out / "synth.json").read_text())
     assert meta["clips"] == 7 and meta["config"]["grid"] == 8
     assert main(["synth", "--out", str(out), "--clips", "0"]) == 2
+
+
+def test_synth_never_mixes_with_older_files(tmp_path, capsys):
+    out = tmp_path / "syn"
+    small = ["--grid", "4", "--frames", "12", "--no-progress"]
+    assert main(["synth", "--out", str(out), "--clips", "6", "--clips-per-file", "2", *small]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len(before) == 4  # 3 data files + synth.json
+    capsys.readouterr()
+    # earlier synth output: refused without --overwrite, untouched
+    assert main(["synth", "--out", str(out), "--clips", "2", "--clips-per-file", "2", "--seed", "1", *small]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and str(out) in err and "\n" not in err.strip()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # --overwrite replaces it: no file of the earlier run is left for build-shards to pick up
+    assert main(["synth", "--out", str(out), "--clips", "2", "--clips-per-file", "2", "--seed", "1", "--overwrite",
+                 *small]) == 0
+    assert "removed 4 earlier synth files" in capsys.readouterr().out
+    assert [f.rsplit("/", 1)[1] for f in list_inputs([out])] == ["synth-000000.npz"]
+    assert json.loads((out / "synth.json").read_text())["seed"] == 1
+    # a file synth did not write: refused even with --overwrite, and nothing is removed
+    (out / "mine.npz").write_bytes(b"user data")
+    kept = {p.name: p.read_bytes() for p in out.iterdir()}
+    for extra in ([], ["--overwrite"]):
+        assert main(["synth", "--out", str(out), "--clips", "2", *small, *extra]) == 2
+        err = capsys.readouterr().err
+        assert "mine.npz" in err and "new or empty --out" in err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == kept
