@@ -8,12 +8,48 @@ one scene at a time (EGL: one GL context per process).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import multiprocessing as mp
 import os
+import re
 from pathlib import Path
 
-from .atomic import remove_stale
+from .atomic import atomic_write_json, remove_stale
+from .errors import UserError
 from .parent_death import exit_with_parent
+
+SETTINGS_FILE = "render.json"
+_ROLLOUT = re.compile(r".+_\d+_\d+\.npz$")  # rollout_name's pattern: <suite>_<task>_<episode>.npz
+
+
+def claim_folder(out, cfg, overwrite: bool = False) -> None:
+    """Record ``cfg`` in ``OUT/render.json``, so that rollouts of other settings are never mixed.
+
+    A folder whose rollouts were rendered with other settings (or by an older version, with no
+    render.json) is refused; ``overwrite`` removes those rollouts (only ``<suite>_<task>_<ep>.npz``
+    and render.json, never other files) and starts afresh.
+    """
+    out = Path(out)
+    want = {"format": 1, **dataclasses.asdict(cfg)}
+    path = out / SETTINGS_FILE
+    try:
+        have = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        have = {"unreadable": True}
+    rollouts = sorted(p for p in out.glob("*.npz") if _ROLLOUT.match(p.name)) if out.is_dir() else []
+    if have == want:
+        return
+    if have is not None or rollouts:
+        if not overwrite:
+            what = (", ".join(f"{k} {have.get(k)} -> {v}" for k, v in want.items() if have.get(k) != v)
+                    if have is not None else f"{len(rollouts)} rollouts and no {SETTINGS_FILE} (an older version)")
+            raise UserError(f"{out}: holds rollouts rendered with other settings ({what}); pass --overwrite to "
+                            f"remove them and render afresh, or choose another --out")
+        for p in rollouts:
+            p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, want)
 
 
 def parse_tasks(spec: str, n_tasks: int, suite: str = "") -> list[int]:

@@ -12,7 +12,9 @@ projected back; a point is visible where the depth test passes.
 Writes OUT/<suite>_<task>_<episode>.npz (tracks (B,16,400,2) px, visibility (B,16,400),
 image_size, start_frame; with --frames also frames (steps,128,128,3) uint8), which
 build-shards --input OUT reads. Finished rollouts are skipped, so re-running the same
-command after a kill goes on where it stopped. Deterministic given --seed.
+command after a kill goes on where it stopped; OUT/render.json records the settings, and a
+folder rendered with other settings is refused (--overwrite starts it afresh). Deterministic
+given --seed.
 
 Needs the simulator extra: pip install torch==2.13.0 -e ".[sim]"
 
@@ -25,7 +27,7 @@ import time
 
 from motion_data.file_readers import MissingDependency
 from motion_data.libero_render import DEFAULT_SUITES, RenderConfig, RenderUnavailable, require_sim, suite_size
-from motion_data.render_jobs import parse_tasks, pending, run_jobs
+from motion_data.render_jobs import claim_folder, parse_tasks, pending, run_jobs
 
 
 def add_arguments(p):
@@ -47,6 +49,10 @@ def add_arguments(p):
                    help="worker processes, each rendering one scene at a time (default: %(default)s)")
     p.add_argument("--frames", action="store_true",
                    help="also store the RGB agentview frames in each file (key 'frames'), for pictures")
+    p.add_argument("--overwrite", action="store_true",
+                   help="OUT holds rollouts rendered with other settings (OUT/render.json records them): remove "
+                        "those rollout files (only <suite>_<task>_<episode>.npz and render.json) and render afresh; "
+                        "without it such a folder is refused")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -58,6 +64,7 @@ def run(args) -> int:
             raise ValueError(f"render-libero: --episodes-per-task and --workers must be >= 1, "
                              f"got {args.episodes_per_task}, {args.workers}")
         suites = [s.strip() for s in args.suites.split(",") if s.strip()]
+        claim_folder(args.out, cfg, args.overwrite)
         jobs = []
         for suite in suites:
             tasks = parse_tasks(args.tasks, suite_size(suite), suite)

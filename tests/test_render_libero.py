@@ -1,5 +1,6 @@
 """render-libero: ground-truth tracks from a simulator recording, the scripted policy, the job
 list, the missing-extra error, and (with the [sim] extra installed) one real LIBERO rollout."""
+import json
 import sys
 
 import numpy as np
@@ -283,3 +284,28 @@ def test_render_one_libero_rollout(tmp_path, capsys):
     capsys.readouterr()
     assert main(args) == 0
     assert "nothing to render" in capsys.readouterr().out and path.stat().st_mtime_ns == before
+
+
+def test_render_folder_refuses_other_settings_and_overwrite_keeps_other_files(tmp_path):
+    # no simulator needed: the settings guard of render-libero's output folder
+    from motion_data.errors import UserError
+    from motion_data.libero_render import RenderConfig
+    from motion_data.render_jobs import SETTINGS_FILE, claim_folder
+
+    out = tmp_path / "libero"
+    claim_folder(out, RenderConfig(seed=0))
+    (out / "libero_90_0_0.npz").write_bytes(b"x")
+    (out / "notes.txt").write_text("mine")
+    claim_folder(out, RenderConfig(seed=0))  # same settings: resume, nothing removed
+    assert (out / "libero_90_0_0.npz").exists()
+    with pytest.raises(UserError, match=r"seed 0 -> 1.*--overwrite"):
+        claim_folder(out, RenderConfig(seed=1))
+    assert (out / "libero_90_0_0.npz").exists()
+    claim_folder(out, RenderConfig(seed=1), overwrite=True)
+    assert not (out / "libero_90_0_0.npz").exists() and (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / SETTINGS_FILE).read_text())["seed"] == 1
+    # rollouts from a version that wrote no settings file are refused too
+    (out / SETTINGS_FILE).unlink()
+    (out / "libero_object_3_1.npz").write_bytes(b"x")
+    with pytest.raises(UserError, match="no render.json"):
+        claim_folder(out, RenderConfig(seed=1))

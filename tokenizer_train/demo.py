@@ -69,7 +69,7 @@ def libero_data(out: Path, size: DemoSize, progress: bool) -> list[str] | None:
 
     from motion_data.file_readers import MissingDependency
     from motion_data.libero_render import RenderConfig, RenderUnavailable, require_sim
-    from motion_data.render_jobs import pending, run_jobs
+    from motion_data.render_jobs import claim_folder, pending, run_jobs
 
     try:
         require_sim()
@@ -78,6 +78,7 @@ def libero_data(out: Path, size: DemoSize, progress: bool) -> list[str] | None:
         return None
     folder = out / "data" / "libero"
     tasks = list(range(size.libero_tasks))
+    claim_folder(folder, RenderConfig())  # a folder rendered with other settings is refused, never mixed
     jobs = [j for suite in ("libero_90", "libero_object") for j in pending(folder, suite, tasks, 1)]
     n = sum(len(eps) for _, _, eps in jobs)
     with tqdm(total=n, desc="render-libero", unit="rollout", disable=not progress) as bar:
