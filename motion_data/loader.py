@@ -307,6 +307,15 @@ class MotionLoader:
                 break
 
 
+def _ignore_stop_signals(_worker_id: int):
+    """Ctrl-C and SIGTERM reach the workers too: the trainer finishes its step and saves
+    first (tokenizer_train.stop), then ends them itself; a worker that died would fail it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _worker_context():
     """Workers come from a forkserver that has imported this module: forking the trainer
     itself is unsafe once numba's OpenMP threads have run in it (the stats kernels do), and
@@ -352,7 +361,8 @@ def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter 
     loader_kw = {"generator": gen, "seed": seed, "rank": rank, "pin": bool(pin_memory and torch.cuda.is_available())}
     worker_kw = {}
     if num_workers > 0:
-        worker_kw = {"persistent_workers": persistent_workers, "multiprocessing_context": _worker_context()}
+        worker_kw = {"persistent_workers": persistent_workers, "multiprocessing_context": _worker_context(),
+                     "worker_init_fn": _ignore_stop_signals}
         if prefetch_factor is not None:
             worker_kw["prefetch_factor"] = prefetch_factor
 

@@ -165,7 +165,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(build, reference, tm
 def _tb_steps(run, tag):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run / "tensorboard"))
+    acc = EventAccumulator(str(run))
     acc.Reload()
     return [e.step for e in acc.Scalars(tag)]
 

@@ -46,7 +46,7 @@ from tqdm import tqdm
 from motion_data.atomic import atomic_open, atomic_write_json, atomic_write_text
 
 from . import check as C
-from .config import Config, ConfigError, override_all, parse_override, read_yaml, to_dict
+from .config import Config, ConfigError, add_set_argument, override_all, parse_override, read_yaml, to_dict
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_VARIANTS = CONFIG_DIR / "variants.yaml"
@@ -397,8 +397,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--only", help="comma list of variant names to run (default: all in --variants)")
     p.add_argument("--epochs", type=int, help="override training.epochs for every run")
     p.add_argument("--seeds", default="0", help="comma list of seeds; every variant runs each (default: %(default)s)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key in every run, baseline included (repeatable)")
+    add_set_argument(p, "override a config key in every run, baseline included")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar over runs")
 
