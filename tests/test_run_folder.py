@@ -183,3 +183,26 @@ def test_old_tensorboard_folder_is_adopted_and_counts_as_the_run(tmp_path):
     (run / "keep.txt").write_text("x")
     RF.remove_run(run)
     assert [p.name for p in run.iterdir()] == ["keep.txt"]
+
+
+def test_ctrl_c_in_demo_is_one_line_saying_rerun_resumes(tmp_path, capsys, monkeypatch):
+    from tokenizer_train import demo as DM
+    from tokenizer_train.stop import Stopped
+
+    for exc in (KeyboardInterrupt(), Stopped(2, 3, tmp_path / "run")):
+        def interrupted(*a, **k):
+            raise exc
+
+        monkeypatch.setattr(DM, "demo", interrupted)
+        assert main(["demo", "--out", str(tmp_path / "d"), "--no-progress"]) == 130
+        line = _one_error_line(capsys)
+        assert "interrupted" in line and "run the same command again to resume" in line
+
+
+@pytest.mark.parametrize("cmd", ["train", "tokenize", "demo"])
+def test_help_has_no_rst_markup(cmd, capsys):
+    with pytest.raises(SystemExit):
+        main([cmd, "--help"])
+    text = capsys.readouterr().out
+    assert "`" not in text and "the seed" not in text
+    assert cmd == "tokenize" or "--no-progress" in text

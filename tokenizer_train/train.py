@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from motion_data.atomic import atomic_write_json, atomic_write_text
 from motion_data.builddir import BuildDir
+from motion_data.errors import UserError
 from motion_data.loader import make_loader
 from motion_data.workers import resolve_workers
 
@@ -53,7 +54,7 @@ from . import prior
 from . import run_folder as RF
 from .class_weights import class_weights_image, save_class_weights
 from .code_usage import CodeUsageRegulariser, entropy_weight
-from .config import Config, ConfigError, add_set_argument, flatten, load_config, to_dict
+from .config import Config, add_set_argument, flatten, load_config, to_dict
 from .logger import RunLogger
 from .losses import Criterion
 from .metrics import Sums
@@ -85,23 +86,27 @@ def add_arguments(p: argparse.ArgumentParser):
 def run(args) -> int:
     try:
         cfg, data_dir, out_dir, resume, overwrite = _resolve(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, FileNotFoundError) as e:
+        raise _user_error(e) from None
     dist = D.init(cfg.training.device)
     try:
         train(cfg, data_dir, out_dir, resume=resume, dist=dist, debug_codes=args.debug_codes, overwrite=overwrite,
               progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise _user_error(e) from None
     except Stopped as e:  # checkpoint saved: one line that says how to continue
         if dist.is_main:
             print(f"python -m tokenizer_train train: {e.message()}", file=sys.stderr, flush=True)
+        D.barrier()  # no rank exits (torchrun then ends the others) before rank 0 has said it
         return e.exit_code
     finally:
         D.cleanup()
     return 0
+
+
+def _user_error(e: Exception) -> UserError:
+    """The one-line UserError (printed by the dispatcher) of a refused input."""
+    return e if isinstance(e, UserError) else UserError(" ".join(str(e).split()))
 
 
 def _resolve(args):
