@@ -445,10 +445,10 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
     seed_everything(cfg.training.seed)
     build = BuildDir(data_dir)  # before the run folder is touched: a wrong --data leaves nothing behind
     build.check_compatible(W=cfg.data.window_size, what="the config (data.window_size)")
-    if clear:
-        if dist.is_main:
-            RF.remove_run(out_dir)
-        D.barrier()
+    D.barrier()  # every rank has looked at the folder before rank 0 changes it
+    if clear and dist.is_main:
+        RF.remove_run(out_dir)
+    D.barrier()
     with StopSignals() as stop:
         tr = Trainer(cfg, build, out_dir, dist, debug_codes, progress, stop)
         pg = tr.restore() if resume else Progress()
