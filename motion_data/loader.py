@@ -310,6 +310,17 @@ class MotionLoader:
                 break
 
 
+def _worker_init(main_pid: int, worker_id: int):
+    """A loader worker dies with the trainer (exit_with_parent) but ignores Ctrl-C and SIGTERM:
+    those reach the workers too, and the trainer finishes its step and saves first
+    (tokenizer_train.stop), then ends them itself; a worker that died would fail it."""
+    import signal
+
+    exit_with_parent(main_pid, worker_id)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _worker_context():
     """Workers come from a forkserver that has imported this module: forking the trainer
     itself is unsafe once numba's OpenMP threads have run in it (the stats kernels do), and
@@ -355,9 +366,10 @@ def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter 
     loader_kw = {"generator": gen, "seed": seed, "rank": rank, "pin": bool(pin_memory and torch.cuda.is_available())}
     worker_kw = {}
     if num_workers > 0:
-        # exit_with_parent: workers die at once with the trainer (torch's own check polls every 5 s)
+        # exit_with_parent: workers die at once with the trainer (torch's own check polls every 5 s);
+        # they ignore Ctrl-C/SIGTERM so that the trainer can save a checkpoint first
         worker_kw = {"persistent_workers": persistent_workers, "multiprocessing_context": _worker_context(),
-                     "worker_init_fn": functools.partial(exit_with_parent, os.getpid())}
+                     "worker_init_fn": functools.partial(_worker_init, os.getpid())}
         if prefetch_factor is not None:
             worker_kw["prefetch_factor"] = prefetch_factor
 

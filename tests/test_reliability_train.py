@@ -165,7 +165,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(build, reference, tm
 def _tb_steps(run, tag):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run / "tensorboard"))
+    acc = EventAccumulator(str(run))
     acc.Reload()
     return [e.step for e in acc.Scalars(tag)]
 
@@ -239,3 +239,77 @@ def test_rank_state_needs_the_same_world_size_mid_epoch():
     assert rank_state(st, Dist(rank=0, world_size=3), start_batch=0) is None  # epoch boundary: fresh seeds
     old = {"rng": "r0", "epoch_sums": {"loss": 1.0}, "seen": None, "loader": {"skipped": 4}}  # no per-rank list
     assert rank_state(old, Dist(), start_batch=2)["rng"] == "r0"
+
+
+# runs the CLI, waiting after optimizer step AT until a signal has arrived (the test sends it)
+SIGNAL_WRAPPER = """
+import os, sys, time, torch
+torch.set_num_threads(1)
+import tokenizer_train.train as T
+marker, at = os.environ["E_MARKER"], int(os.environ["E_AT"])
+real_step = T.Trainer.optimizer_step
+def optimizer_step(self):
+    out = real_step(self)
+    self.steps_here = getattr(self, "steps_here", 0) + 1
+    if self.steps_here == at:
+        open(marker, "w").close()
+        t0 = time.time()
+        while not self.stop.signum and time.time() - t0 < 120:
+            time.sleep(0.01)
+    return out
+T.Trainer.optimizer_step = optimizer_step
+from tokenizer_train.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_prints_resume_line_and_resume_equals_uninterrupted(build, reference, tmp_path, sig, capsys):
+    out = tmp_path / "run"
+    marker = tmp_path / "at-step"
+    env = dict(os.environ, OMP_NUM_THREADS="1", E_MARKER=str(marker), E_AT=str(KILL_STEP))
+    p = subprocess.Popen([sys.executable, "-c", SIGNAL_WRAPPER, "train", "--data", str(build), "--out", str(out),
+                          "--no-progress", *_cli_sets(), "--set", "training.save_interval=0"],  # epoch ends only:
+                         cwd=REPO, env=env, start_new_session=True,  # the mid-epoch checkpoint is the signal's
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not marker.exists():
+        if p.poll() is not None:
+            pytest.fail(f"training ended before step {KILL_STEP}: {p.stderr.read()[-2000:]}")
+        assert time.time() < deadline, "training never reached the signal point"
+        time.sleep(0.02)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + sig, err
+    assert "Traceback" not in err
+    lines = [x for x in err.splitlines() if "resume" in x]
+    assert len(lines) == 1 and lines[0].endswith(f"resume with: python -m tokenizer_train train --resume {out}"), err
+    assert signal.Signals(sig).name in lines[0] and f"step {KILL_STEP}" in lines[0]
+    st = C.load(out / "last.pt")  # saved at the step the signal interrupted, mid-epoch
+    assert (st["step"], st["epoch"], st["batches_done"]) == (KILL_STEP, 1, KILL_STEP - 4)
+    assert max(json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()) == KILL_STEP
+    time.sleep(1.1)  # the resumed event file must sort after the first one (names carry the second)
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+    _assert_same_params(reference / "last.pt", out / "last.pt")
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss_step" in r] == list(range(1, 9))
+    assert sorted(_tb_steps(out, "train/loss_step")) == list(range(1, 9))
+
+
+def test_stop_signals_flag_and_second_ctrl_c():
+    from tokenizer_train.stop import StopSignals
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignals() as stop:
+        assert stop.agreed() == 0
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop.signum == signal.SIGTERM and stop.agreed() == signal.SIGTERM  # no exit: a flag
+    assert signal.getsignal(signal.SIGTERM) is before
+    with pytest.raises(KeyboardInterrupt):
+        with StopSignals() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert stop.signum == signal.SIGINT
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C twice: at once
+            time.sleep(0.05)

@@ -25,13 +25,15 @@ def test_torchrun_two_ranks_global_code_stats(tmp_path):
     out = tmp_path / "run"
     sets = ["model.hidden_dim=32", "model.num_layers=1", "model.num_heads=2", "training.batch_size=2",
             "training.epochs=1", "training.log_interval=1", "data.val_split=0.2", "training.device=cpu",
-            "data.sampler.method=dynamic_ratio"]
+            "data.sampler.method=dynamic_ratio", "training.code_entropy_weight=0.1",
+            "training.code_entropy_token_weight=0.1"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "tokenizer_train", "train", "--data", str(build), "--out", str(out), "--debug-codes",
            *sum((["--set", s] for s in sets), [])]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert "FutureWarning" not in p.stderr, p.stderr[-3000:]  # DDP's broadcast_buffers, distributed.nn's all_reduce
 
     run = json.loads((out / "run.json").read_text())
     assert run["world_size"] == 2
@@ -60,3 +62,65 @@ def test_torchrun_two_ranks_global_code_stats(tmp_path):
         seen_g[np.concatenate([r0[step], r1[step]]).ravel()] = True
         assert rows[step]["train/effective_codebook_size_seen"] == int(seen.sum())
         assert rows[step]["train/effective_codebook_size_seen_global"] == int(seen_g.sum())
+
+
+# each rank waits after optimizer step AT: rank 1 until the test's SIGTERM has reached it,
+# rank 0 not at all (it never gets a signal and must stop at the same step)
+DDP_WRAPPER = """
+import os, sys, time
+import tokenizer_train.train as T
+marker, at = os.environ["E_MARKER"], int(os.environ["E_AT"])
+real_step = T.Trainer.optimizer_step
+def optimizer_step(self):
+    out = real_step(self)
+    self.steps_here = getattr(self, "steps_here", 0) + 1
+    if self.steps_here == at and self.dist.rank == 1:
+        with open(marker + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(marker + ".tmp", marker)
+        t0 = time.time()
+        while not self.stop.signum and time.time() - t0 < 120:
+            time.sleep(0.01)
+    return out
+T.Trainer.optimizer_step = optimizer_step
+from tokenizer_train.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_to_one_rank_stops_both_at_one_step_then_resume(tmp_path):
+    import signal
+    import time
+
+    build = write_build(tmp_path / "build", shard_sizes=(6, 6, 6), sources=["v/a.h5", "v/b.h5", "v/c.h5"])
+    out, marker, wrapper = tmp_path / "run", tmp_path / "rank1.pid", tmp_path / "wrapper.py"
+    wrapper.write_text(DDP_WRAPPER)
+    sets = ["model.hidden_dim=16", "model.num_layers=1", "model.num_heads=2", "training.batch_size=2",
+            "training.epochs=2", "training.log_interval=1", "data.val_split=0.0", "training.device=cpu"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", E_MARKER=str(marker), E_AT="2")
+    p = subprocess.Popen([*launch, str(wrapper), "train", "--data", str(build), "--out", str(out), "--no-progress",
+                          "--set", *sets], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    deadline = time.time() + 240
+    while not marker.exists():
+        if p.poll() is not None:
+            pytest.fail(f"training ended before step 2: {p.stderr.read()[-3000:]}")
+        assert time.time() < deadline, "training never reached step 2"
+        time.sleep(0.05)
+    os.kill(int(marker.read_text()), signal.SIGTERM)
+    _, err = p.communicate(timeout=240)  # no hang: rank 0 agrees to stop at the same step
+    assert p.returncode != 0
+    lines = [x for x in err.splitlines() if "resume with:" in x]
+    assert len(lines) == 1 and lines[0].endswith(
+        f"resume with: torchrun --nproc-per-node 2 -m tokenizer_train train --resume {out}"), err[-3000:]
+    st = checkpoint.load(out / "last.pt")
+    assert (st["step"], st["epoch"], st["batches_done"], len(st["ranks"])) == (2, 0, 2, 2)
+    assert max(r["step"] for r in _rows(out / "metrics.jsonl")) == 2
+    time.sleep(1.1)  # the resumed event file sorts after the first
+    p = subprocess.run([*launch, "-m", "tokenizer_train", "train", "--resume", str(out), "--no-progress"],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    per_epoch = json.loads((out / "run.json").read_text())["steps_per_epoch"]
+    steps = [r["step"] for r in _rows(out / "metrics.jsonl") if "train/loss_step" in r]
+    assert steps == list(range(1, 2 * per_epoch + 1))  # each step once: none stale, none missing

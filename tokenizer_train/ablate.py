@@ -49,7 +49,7 @@ from tqdm import tqdm
 from motion_data.atomic import atomic_open, atomic_write_json, atomic_write_text
 
 from . import check as C
-from .config import Config, ConfigError, override_all, parse_override, read_yaml, to_dict
+from .config import Config, ConfigError, add_set_argument, flatten, override_all, parse_override, read_yaml, to_dict
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_VARIANTS = CONFIG_DIR / "variants.yaml"
@@ -79,18 +79,6 @@ FALLBACK = {"val/code_info_bits_epoch": "train/code_info_bits_step", "val/acc_ep
 
 
 # --------------------------------------------------------------------------- variants
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists are leaves)."""
-    out = {}
-    for k, v in (tree or {}).items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict):
-            out.update(flatten(v, key))
-        else:
-            out[key] = v
-    return out
-
-
 def load_variants(path: str | Path) -> dict[str, dict]:
     """``{name: {dotted key: value}}`` of a variants file, ``include:`` expanded."""
     path = Path(path)
@@ -354,8 +342,7 @@ def add_arguments(p: argparse.ArgumentParser):
                                   "--only baseline runs it alone (default: all in --variants)")
     p.add_argument("--epochs", type=int, help="training epochs of every run (overrides training.epochs)")
     p.add_argument("--seeds", default="0", help="comma list of training seeds (training.seed); every variant runs each (default: %(default)s)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key in every run, baseline included (repeatable)")
+    add_set_argument(p, "override a config key in every run, baseline included")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars (runs, training, frontiers)")
 

@@ -73,9 +73,9 @@ def soft_code_distribution(z_bounded, levels, temperature: float, distributed: b
         P = qa.sum(0)
     n = torch.tensor(float(z_bounded.shape[0]), device=P.device)
     if _dist_ready(distributed):
-        import torch.distributed.nn.functional as dnn
+        from .distributed import all_reduce_with_grad
 
-        P = dnn.all_reduce(P)
+        P = all_reduce_with_grad(P)
         torch.distributed.all_reduce(n)
     P = P / n.clamp_min(1.0)
     return (P, n) if return_count else P
@@ -140,9 +140,9 @@ def _code_usage_loss_f32(z_bounded, levels, kind, temperature, distributed, toke
     if token_weight:
         own = token_code_entropy(z_bounded, levels, temperature).sum()
         if _dist_ready(distributed):
-            import torch.distributed.nn.functional as dnn
+            from .distributed import all_reduce_with_grad
 
-            own = dnn.all_reduce(own)
+            own = all_reduce_with_grad(own)
         own = own / n.clamp_min(1.0)
         term = term + token_weight * (own / log_k if kind == "entropy" else own)
     return term, (H / log_k).detach()

@@ -385,3 +385,23 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         return from_dict(data, overrides)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def add_set_argument(p, help: str = "override a config key"):
+    """The ``--set KEY=VALUE ...`` option of every command that takes overrides: several pairs
+    after one --set, and --set repeatable; ``args.set`` is the list of all pairs in order."""
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help=f"{help}, e.g. --set training.epochs=5 model.hidden_dim=64 (several pairs after "
+                        f"one --set, and --set may repeat; the value is parsed as YAML; an unknown key is an error)")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists are leaves)."""
+    out = {}
+    for k, v in (tree or {}).items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out

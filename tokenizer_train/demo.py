@@ -22,7 +22,7 @@ On a fresh machine, in one folder (default demo_out/):
                       the centre logit is shifted, and its code information, CE, AUC and
                       EPE next to zero motion's (printed; also ablation/frontier.json)
 TensorBoard logs are in OUT/ablation/runs: tensorboard --logdir OUT/ablation/runs
-Rerunning resumes: finished steps are kept. A failing gate is reported in the table, not
+Rerunning resumes (also after Ctrl-C): finished steps are kept. A failing gate is reported in the table, not
 as an error; the exit code is non-zero only when a step fails.
 """
 from __future__ import annotations
@@ -215,4 +215,9 @@ def run(args) -> int:
     except Exception as e:  # noqa: BLE001 -- any failed step: one line, non-zero exit
         print(f"demo: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C; training saved a checkpoint first (tokenizer_train.stop)
+        print(f"python -m tokenizer_train demo: interrupted; run the same command again to resume "
+              f"(finished steps are kept, training continues from its last checkpoint in {args.out})",
+              file=sys.stderr)
+        return 130
     return 0

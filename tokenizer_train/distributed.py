@@ -5,6 +5,7 @@ no-op on local data, so the loop has a single code path.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -51,12 +52,66 @@ def init(device_pref: str = "auto") -> Dist:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    global _cpu_group
+    # host-side agreements (a stop request) without a CUDA sync: gloo beside nccl
+    _cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
 
 
 def cleanup():
+    global _cpu_group
+    _cpu_group = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+_cpu_group = None  # gloo group for agree_max under nccl (None: the default group is gloo)
+
+
+def _ready() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel, buffers not broadcast on every forward (the
+    model's buffers are constants, identical on every rank)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [device.index] if device.type == "cuda" else None
+    # torch 2.13 deprecated broadcast_buffers (a FutureWarning) for forward_sync_buffers
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        return DDP(model, device_ids=ids, forward_sync_buffers=False)
+    return DDP(model, device_ids=ids, broadcast_buffers=False)
+
+
+def agree_max(value: int) -> int:
+    """The largest of every rank's ``value`` (a host integer; every rank must call it at the
+    same point), without touching the CUDA stream; ``value`` itself in a single process."""
+    if not _ready():
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_cpu_group)
+    return int(t.item())
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)  # d(sum over ranks)/dx_r: every rank's gradient of the sum
+        return grad
+
+
+def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over ranks that passes gradients back (torch.distributed.nn.functional's
+    all_reduce, which is deprecated with a FutureWarning); ``x`` in a single process."""
+    return _AllReduceSum.apply(x) if _ready() else x
 
 
 def all_gather_1d(x: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,10 @@
-"""``tokenize``: write each clip's code ids with a trained tokenizer (what a dynamics model consumes).
+"""tokenize: write each clip's code ids with a trained tokenizer (what a dynamics model consumes).
 
   python -m tokenizer_train tokenize --run RUN --data BUILD --out codes.parquet
 
-The Parquet file has one row per clip of the build, in manifest order: ``clip_id`` (str),
-``split`` (train | val, under the run's data.val_split) and ``codes`` (list of int32, one
-code id per time step). The schema metadata records the run, checkpoint, FSQ levels and
+The Parquet file has one row per clip of the build, in manifest order: clip_id (str),
+split (train | val, under the run's data.val_split) and codes (list of int32, one code id
+per time step). The schema metadata records the run, checkpoint, FSQ levels and
 codebook size. Uses RUN/best.pt unless --checkpoint last.
 """
 from __future__ import annotations
@@ -21,12 +21,12 @@ from tqdm import tqdm
 
 from motion_data.atomic import atomic_path
 from motion_data.builddir import BuildDir
+from motion_data.errors import UserError
 from motion_data.loader import MANIFEST_COLUMNS, ClipDataset
 from motion_data.sampler import SequentialBatchSampler
 from motion_data.split import split_manifest
 
 from .checkpoint import load_model
-from .config import ConfigError
 from .distributed import pick_device
 from .model_inputs import model_kwargs
 
@@ -85,8 +85,9 @@ def run(args) -> int:
     try:
         out = tokenize(args.run, args.data, args.out, args.checkpoint, args.batch_size, args.num_workers,
                        pick_device(args.device))
-    except (FileNotFoundError, ValueError, ConfigError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, ValueError, KeyError) as e:  # a UserError passes; the others become one
+        if isinstance(e, UserError):
+            raise
+        raise UserError(" ".join(str(e).split())) from None  # the dispatcher prints one line
     print(f"wrote {out}", file=sys.stderr)
     return 0

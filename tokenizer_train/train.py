@@ -1,18 +1,27 @@
-"""Train a motion tokenizer on a build folder (also under ``torchrun``).
+"""Train a motion tokenizer on a build folder (also under torchrun).
 
   python -m tokenizer_train train --config configs/base.yaml --data BUILD --out RUN
   torchrun --nproc-per-node 2 -m tokenizer_train train --config ... --data BUILD --out RUN
   python -m tokenizer_train train --resume RUN          # continue exactly where RUN stopped
 
 RUN receives config.yaml (the resolved config), run.json, metrics.jsonl (one JSON object per
-log event), tensorboard/ (event files), last.pt (and last.prev.pt, the one before it) and
-best.pt (lowest val/loss_epoch).
+log event), TensorBoard event files (tensorboard --logdir RUN, or the folder above several
+runs to compare them: the config is logged as text, and as hparams with the run's final
+metrics), last.pt (and last.prev.pt, the one before it) and best.pt (lowest val/loss_epoch).
 
-Interruptions: a run killed at any moment resumes with --resume RUN from its newest readable
-checkpoint (last.pt, else last.prev.pt); every rank's RNG state, loss sums and code counts
-are in it, so on CPU with the same world size the continuation is bit-exact. The rows of
-metrics.jsonl logged after that checkpoint are dropped on resume (they are logged again).
-Override any config key with --set a.b=value (repeatable); an unknown key is an error.
+RUN must be new or empty. A folder that holds a run is continued with --resume RUN or
+replaced with --overwrite (that run's files are removed first, nothing else); a folder
+that holds other files is refused.
+
+Interruptions: Ctrl-C or SIGTERM finishes the current step, saves last.pt and prints the
+command that resumes (exit 130 or 143; under torchrun every rank stops at the same step); a
+second Ctrl-C quits at once. A run killed at any moment resumes with --resume RUN from its
+newest readable checkpoint (last.pt, else last.prev.pt); every rank's RNG state, loss sums
+and code counts are in it, so on CPU with the same world size the continuation is bit-exact.
+What the killed run logged after that checkpoint (metrics.jsonl rows, TensorBoard events)
+is dropped on resume and logged again. A run killed before its first checkpoint starts
+again from step 0 with --resume RUN (the config and build it recorded), its old logs removed.
+Override any config key with --set KEY=VALUE ...; an unknown key is an error.
 """
 from __future__ import annotations
 
@@ -20,6 +29,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -33,6 +43,7 @@ from tqdm import tqdm
 
 from motion_data.atomic import atomic_write_json, atomic_write_text
 from motion_data.builddir import BuildDir
+from motion_data.errors import UserError
 from motion_data.loader import make_loader
 from motion_data.workers import resolve_workers
 
@@ -40,26 +51,33 @@ from . import checkpoint as ckpt
 from . import distributed as D
 from . import metrics as M
 from . import prior
+from . import run_folder as RF
 from .class_weights import class_weights_image, save_class_weights, training_class_counts
 from .code_usage import CodeUsageRegulariser, entropy_weight
-from .config import Config, ConfigError, load_config, to_dict
+from .config import Config, add_set_argument, flatten, load_config, to_dict
 from .logger import RunLogger
 from .losses import Criterion
 from .metrics import Sums
 from .model import MotionTokenizer
 from .model_inputs import model_kwargs
 from .schedule import build_scheduler, clip_gradients
+from .stop import StopSignals, Stopped
 from .validate import evaluate, to_device, train_code_info
 
 
 def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--config", help="YAML config (default: built-in defaults; with --resume: RUN/config.yaml)")
-    p.add_argument("--data", help="build folder from `python -m preprocess build-shards` (with --resume: as recorded in RUN/run.json)")
-    p.add_argument("--out", help="run folder to create or continue (with --resume: RUN)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set training.epochs=5 (repeatable; value parsed as YAML)")
+    p.add_argument("--data", help="build folder written by python -m preprocess build-shards "
+                                  "(with --resume: the one recorded in RUN/run.json)")
+    p.add_argument("--out", help="run folder to create: absent or empty, or a run with --overwrite (with --resume: RUN)")
+    add_set_argument(p)
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its last.pt: model, optimizer, scheduler, "
-                   "grad scaler, sampler position, RNG states, step and epoch")
+                   "grad scaler, sampler position, RNG states, step and epoch (a run stopped before its first "
+                   "checkpoint starts again from step 0)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in --out although it holds a run: that run's files (checkpoints, logs, "
+                        "config.yaml, run.json, event files) are removed first; other files are kept")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--debug-codes", action="store_true",
                    help="each rank also appends its code ids of every code-log step to RUN/debug_codes_rank<r>.jsonl "
                         "(to check the *_global statistics)")
@@ -67,38 +85,54 @@ def add_arguments(p: argparse.ArgumentParser):
 
 def run(args) -> int:
     try:
-        cfg, data_dir, out_dir, resume = _resolve(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        cfg, data_dir, out_dir, resume, overwrite = _resolve(args)
+    except (ValueError, FileNotFoundError) as e:
+        raise _user_error(e) from None
     dist = D.init(cfg.training.device)
     try:
-        train(cfg, data_dir, out_dir, resume=resume, dist=dist, debug_codes=args.debug_codes)
+        train(cfg, data_dir, out_dir, resume=resume, dist=dist, debug_codes=args.debug_codes, overwrite=overwrite,
+              progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise _user_error(e) from None
+    except Stopped as e:  # checkpoint saved: one line that says how to continue
+        if dist.is_main:
+            print(f"python -m tokenizer_train train: {e.message()}", file=sys.stderr, flush=True)
+        D.barrier()  # no rank exits (torchrun then ends the others) before rank 0 has said it
+        return e.exit_code
     finally:
         D.cleanup()
     return 0
 
 
+def _user_error(e: Exception) -> UserError:
+    """The one-line UserError (printed by the dispatcher) of a refused input."""
+    return e if isinstance(e, UserError) else UserError(" ".join(str(e).split()))
+
+
 def _resolve(args):
-    """(config, data dir, run dir, resume?) from the command line and, on resume, the run."""
+    """(config, data dir, run dir, resume?, overwrite?) from the command line and, on resume,
+    the run; a run stopped before its first checkpoint is started again (overwrite)."""
     if args.resume:
         run_dir = Path(args.resume)
-        if not ckpt.has_last(run_dir):
-            raise FileNotFoundError(f"{run_dir}: nothing to resume (no last.pt)")
         if args.out and Path(args.out) != run_dir:
             raise ValueError("--out must be omitted or equal to --resume RUN")
+        if args.overwrite:
+            raise ValueError("--overwrite starts afresh and --resume continues: give one of them")
+        started = ckpt.has_last(run_dir)
+        if not started and not (run_dir / "run.json").exists():
+            raise FileNotFoundError(f"{run_dir}: nothing to resume (no last.pt, no run.json); start a run "
+                                    f"there with --data BUILD --out {run_dir} (add --overwrite if it holds one)")
         try:
             recorded = json.loads((run_dir / "run.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{run_dir / 'run.json'}: unreadable ({' '.join(str(e).split())})") from None
         cfg = load_config(args.config or run_dir / "config.yaml", args.set)
-        return cfg, Path(args.data or recorded["data"]), run_dir, True
+        if not started and int(os.environ.get("RANK", "0")) == 0:
+            print(f"{run_dir}: stopped before its first checkpoint; starting it again from step 0", file=sys.stderr)
+        return cfg, Path(args.data or recorded["data"]), run_dir, started, not started
     if not args.data or not args.out:
         raise ValueError("--data and --out are required (or --resume RUN)")
-    return load_config(args.config, args.set), Path(args.data), Path(args.out), False
+    return load_config(args.config, args.set), Path(args.data), Path(args.out), False, args.overwrite
 
 
 def autocast_for(mode: str, device: torch.device):
@@ -147,19 +181,18 @@ class Progress:
 class Trainer:
     """The objects of one run (model, optimisation, data, logging) and the steps of its loop."""
 
-    def __init__(self, cfg: Config, build: BuildDir, out_dir: Path, dist: D.Dist, debug_codes: bool, progress: bool):
+    def __init__(self, cfg: Config, build: BuildDir, out_dir: Path, dist: D.Dist, debug_codes: bool, progress: bool,
+                 stop: StopSignals):
         tc, self.device = cfg.training, dist.device
         self.cfg, self.tc, self.build, self.out_dir, self.dist = cfg, tc, build, out_dir, dist
-        self.debug_codes, self.progress = debug_codes, progress
+        self.debug_codes, self.progress, self.stop = debug_codes, progress, stop
         self.W, self.N, self.S = build.W, build.N, build.S
         self.train_loader, self.val_loader = make_loaders(build.root, cfg, dist.rank, dist.world_size, dist.device)
         self.model = model = MotionTokenizer(cfg.model, num_points=self.N, window_size=self.W).to(self.device)
         self.levels, self.K = cfg.model.fsq_levels, model.codebook_size
         self.L = self.S * model.tokens_per_step  # tokens per clip (model.groups per step)
         seed_everything(tc.seed + 1000 * dist.rank)  # dropout and noise differ between ranks
-        self.net = (torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[self.device.index] if self.device.type == "cuda" else None, broadcast_buffers=False)
-            if dist.enabled else model)
+        self.net = D.wrap_ddp(model, self.device) if dist.enabled else model
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
         self.accum = tc.gradient_accumulation_steps
         self.steps_per_epoch = math.ceil(len(self.train_loader) / self.accum)
@@ -225,7 +258,7 @@ class Trainer:
             if best_too:
                 ckpt.save(self.out_dir / "best.pt", st)
 
-    def write_run_files(self, logger: RunLogger):
+    def write_run_files(self, logger: RunLogger, step: int = 0):
         if not self.dist.is_main:
             return
         tc, W = self.tc, self.W
@@ -233,7 +266,9 @@ class Trainer:
             w = self.criterion.class_weights.detach().cpu().numpy()
             save_class_weights(self.out_dir / "class_weights", w, W, meta={"method": tc.class_weighting.method})
             logger.writer.add_image("train/class_weights", class_weights_image(w, W), 0)
-        atomic_write_text(self.out_dir / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        text = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
+        atomic_write_text(self.out_dir / "config.yaml", text)
+        logger.log_text("config", text, step)  # a resume with --set logs its own
         atomic_write_json(self.out_dir / "run.json", {
             "data": str(self.build.root), "world_size": self.dist.world_size, "W": W, "N": self.N, "T": self.build.T,
             "codebook_size": self.K, "train_batches_per_epoch": len(self.train_loader),
@@ -346,9 +381,17 @@ class Trainer:
                                 acc=f"{scalars.get('train/acc_step', float('nan')):.3f}",
                                 codes=scalars.get("train/unique_codes_step", "-"), refresh=False)
             step_sums, step_codes = Sums(), []
-            if tc.save_interval and pg.step % tc.save_interval == 0 and i + 1 < n_batches:
+            saved = bool(tc.save_interval) and pg.step % tc.save_interval == 0 and i + 1 < n_batches
+            if saved:
                 self.save(pg, epoch, i + 1)
                 D.barrier()
+            # the last batch of the epoch: end_epoch saves, and the caller checks after it
+            if i + 1 < n_batches and (signum := self.stop.agreed()):
+                bar.close()
+                if not saved:
+                    self.save(pg, epoch, i + 1)
+                    D.barrier()
+                raise Stopped(signum, pg.step, self.out_dir, self.dist.world_size)
         bar.close()
         pg.batches_done = 0
 
@@ -381,31 +424,55 @@ EPOCH_LINE = ("train/loss_epoch", "train/acc_epoch", "val/loss_epoch", "val/acc_
 
 
 def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist: D.Dist | None = None,
-          debug_codes: bool = False, stop_after_epochs: int | None = None, progress: bool = True) -> dict:
+          debug_codes: bool = False, stop_after_epochs: int | None = None, progress: bool = True,
+          overwrite: bool = False) -> dict:
     """Run the loop; return the last logged values for callers and tests.
 
-    ``debug_codes``: every rank appends its code ids of each code-log step to
-    RUN/debug_codes_rank{r}.jsonl.
-    ``stop_after_epochs``: return after that many epochs of this call, as if interrupted
-    (tests of exact resume).
+    ``out_dir`` must be new or empty, or hold a run: continued with ``resume``, replaced with
+    ``overwrite`` (run_folder). ``debug_codes``: every rank appends its code ids of each
+    code-log step to RUN/debug_codes_rank{r}.jsonl. ``stop_after_epochs``: return after that
+    many epochs of this call, as if interrupted (tests of exact resume). SIGINT/SIGTERM: a
+    checkpoint, then ``Stopped`` (a KeyboardInterrupt) naming the resume command.
     """
     dist = dist or D.Dist()
     out_dir = Path(out_dir)
-    if not resume and ckpt.has_last(out_dir):
-        raise ValueError(f"{out_dir}: already holds a run (last.pt); use --resume {out_dir} or another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        if not ckpt.has_last(out_dir):
+            raise RF.RunFolderError(f"{out_dir}: nothing to resume (no last.pt)")
+        clear = False
+    else:
+        clear = RF.check_fresh(out_dir, overwrite, ckpt.has_last(out_dir))
     seed_everything(cfg.training.seed)
-    build = BuildDir(data_dir)
+    build = BuildDir(data_dir)  # before the run folder is touched: a wrong --data leaves nothing behind
     build.check_compatible(W=cfg.data.window_size, what="the config (data.window_size)")
-    tr = Trainer(cfg, build, out_dir, dist, debug_codes, progress)
-    pg = tr.restore() if resume else Progress()
-    logger = RunLogger(out_dir, enabled=dist.is_main, purge_step=pg.step + 1 if resume else None)
-    tr.write_run_files(logger)
-    last: dict = {}
-    first = pg.epoch
-    end = cfg.training.epochs if stop_after_epochs is None else min(cfg.training.epochs, first + stop_after_epochs)
-    for epoch in range(first, end):
-        tr.train_epoch(pg, epoch, logger, last)
-        tr.end_epoch(pg, epoch, logger, last)
-    logger.close()
+    D.barrier()  # every rank has looked at the folder before rank 0 changes it
+    if clear and dist.is_main:
+        RF.remove_run(out_dir)
+    D.barrier()
+    with StopSignals() as stop:
+        tr = Trainer(cfg, build, out_dir, dist, debug_codes, progress, stop)
+        pg = tr.restore() if resume else Progress()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if resume and dist.is_main:
+            RF.adopt_old_events(out_dir)
+        logger = RunLogger(out_dir, enabled=dist.is_main, purge_step=pg.step + 1 if resume else None)
+        try:
+            tr.write_run_files(logger, pg.step)
+            last: dict = {}
+            first = pg.epoch
+            end = cfg.training.epochs if stop_after_epochs is None else min(cfg.training.epochs,
+                                                                            first + stop_after_epochs)
+            for epoch in range(first, end):
+                # a signal during set-up or the previous epoch's validation (end_epoch saved then)
+                if signum := stop.agreed():
+                    if epoch == first:
+                        tr.save(pg, epoch, pg.batches_done)
+                        D.barrier()
+                    raise Stopped(signum, pg.step, out_dir, dist.world_size)
+                tr.train_epoch(pg, epoch, logger, last)
+                tr.end_epoch(pg, epoch, logger, last)
+            if end == cfg.training.epochs and last:  # the run is complete: compare runs in TensorBoard
+                logger.log_hparams(flatten(to_dict(cfg)), {k: v for k, v in last.items() if k.endswith("_epoch")})
+        finally:
+            logger.close()
     return last
