@@ -404,7 +404,7 @@ class Trainer:
             self.val_loader.set_epoch(epoch)
             # the unwrapped model: no DDP collectives in a forward that a rank may skip
             vs, hists = evaluate(self.model, self.val_loader, self.criterion, self.cfg, self.dist, self.W, zc,
-                                 self.autocast)
+                                 self.autocast, progress=self.dist.is_main and self.progress)
             scalars.update(vs)
         logger.log(pg.step, epoch, scalars, hists)
         last.update(scalars)
