@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import os
 import shutil
 import sys
@@ -70,7 +71,8 @@ def _input_stat(path: str) -> list:
 
 
 def inputs_digest(stats: list) -> str:
-    """Digest of (path, size, mtime) of the inputs: a build never mixes changed inputs."""
+    """Digest of (path, size, mtime, name) of the inputs: a build never mixes changed inputs,
+    nor the same files named from another input root (the names are in the clip ids)."""
     return hashlib.sha1(json.dumps(stats).encode()).hexdigest()
 
 
@@ -119,10 +121,9 @@ def holds_build(out: Path) -> bool:
 
 def remove_build(out: Path) -> None:
     """Remove a build's own entries from ``out``; other files there are left alone."""
+    temp = re.compile(r"\.(%s)\.(tmp|old)\d*" % "|".join(map(re.escape, BUILD_ENTRIES)))  # atomic.temp_path
     for p in out.iterdir():
-        name = p.name.lstrip(".")
-        if p.name in BUILD_ENTRIES or any(name.startswith(f"{e}.tmp") or name.startswith(f"{e}.old")
-                                          for e in BUILD_ENTRIES):
+        if p.name in BUILD_ENTRIES or temp.fullmatch(p.name):
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
             else:
@@ -275,13 +276,13 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
     root = input_root(inputs)
     names = [source_name(p, root) for p in sources]
     in_stats = [_input_stat(p) for p in sources]
-    fingerprint = {"config": config, "inputs_digest": inputs_digest(in_stats)}
+    fingerprint = {"config": config, "inputs_digest": inputs_digest([[*st, n] for st, n in zip(in_stats, names)])}
     out = Path(out)
 
     def what_differs(prev):
         keys = diff_keys(prev.get("config") or {}, config)
         if prev.get("inputs_digest") != fingerprint["inputs_digest"]:
-            keys.append("inputs (files or their size/mtime)")
+            keys.append("inputs (files, their size/mtime, or their names relative to the input root)")
         return "arguments: " + ", ".join(keys or ["?"])
 
     state = _prepare_out(out, fingerprint, what_differs, overwrite)

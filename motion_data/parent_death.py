@@ -10,7 +10,8 @@ prevents that: on Linux the kernel sends SIGKILL when the parent exits
 A forkserver's workers are children of the fork server, not of the main process, and the
 fork server does not exit while they live (they hold its "alive" pipe), so PDEATHSIG alone
 would wait forever there; a daemon thread then watches the main process itself (a pidfd
-where the kernel has them, else polling). The same thread polls the parent id where prctl
+where the kernel has them, else polling), and nothing ties them to the fork server, which a
+group SIGTERM ends before the trainer has saved. The same thread polls the parent id where prctl
 is unavailable (not Linux).
 """
 from __future__ import annotations
@@ -55,9 +56,11 @@ def _pidfd(pid: int | None):
 
 
 def _watch(ppid: int, main_pid: int | None, pidfd) -> None:
-    while os.getppid() == ppid and (main_pid is None or _alive(main_pid)):
+    """Exit once ``main_pid`` has exited (when given), else once the parent ``ppid`` has."""
+    while (_alive(main_pid) if main_pid is not None else os.getppid() == ppid):
         if pidfd is not None:
-            select.select([pidfd], [], [], POLL_S)  # readable once main_pid has exited
+            if select.select([pidfd], [], [], POLL_S)[0]:  # main_pid has exited (maybe an unreaped zombie)
+                break
         else:
             time.sleep(POLL_S)
     os._exit(1)
@@ -71,8 +74,11 @@ def exit_with_parent(main_pid: int | None = None, *_ignored) -> None:
     Extra positional arguments are ignored, so a DataLoader can pass its worker id.
     """
     ppid = os.getppid()
-    armed = _set_pdeathsig(signal.SIGKILL)
     far = main_pid is not None and main_pid != ppid
+    # A far parent (a fork server) is in the trainer's process group and dies of the SIGTERM
+    # that torchrun or a scheduler sends the group, while the trainer saves first
+    # (tokenizer_train/stop.py): tie a far worker to main_pid only, not to that parent.
+    armed = False if far else _set_pdeathsig(signal.SIGKILL)
     pidfd = _pidfd(main_pid) if far else None  # opened before the check: no pid-reuse race after it
     # the parent may have died before prctl: then we are already someone else's child
     if os.getppid() != ppid or (main_pid is not None and not _alive(main_pid)):

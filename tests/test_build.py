@@ -239,10 +239,16 @@ def test_overwrite_unblocks_a_failed_build_and_keeps_other_files(tmp_path, capsy
     assert run_cli(*args) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "unfinished build" in err and "--overwrite" in err
-    (out / "notes.txt").write_text("mine")
+    mine = ("notes.txt", "build.json.old", "shards.tmp-notes.txt")  # not the build's, however named
+    for n in mine:
+        (out / n).write_text("mine")
+    (out / ".stats.zarr.tmp123").mkdir()  # temporaries of the build's (atomic.temp_path)
+    (out / ".manifest.parquet.tmp99").write_text("x")
     assert run_cli(*args, "--overwrite") == 0
-    assert (out / "notes.txt").read_text() == "mine"  # not the build's: left alone
-    (out / "notes.txt").unlink()
+    assert all((out / n).read_text() == "mine" for n in mine)  # left alone
+    assert not (out / ".stats.zarr.tmp123").exists() and not (out / ".manifest.parquet.tmp99").exists()
+    for n in mine:
+        (out / n).unlink()
     ref = tmp_path / "ref"
     assert run_cli("--input", d, "--out", ref, "--maxcount", 2, "--no-progress") == 0
     assert_same_content(out, ref)

@@ -94,3 +94,20 @@ def test_moving_the_input_folder_keeps_split_and_clip_ids(tmp_path, n_files):
     # the shards (whose samples carry the source name and clip id) are byte-identical too
     for s in sorted((tmp_path / "out_a" / "shards").iterdir()):
         assert s.read_bytes() == (tmp_path / "out_b" / "shards" / s.name).read_bytes()
+
+
+def test_the_same_files_named_from_another_root_are_another_build(tmp_path):
+    # `--input data/a` and `--input data/a/sub` list the same file but name it differently
+    # (sub/x.npz vs x.npz); the names are in the clip ids, so the second is not "up to date"
+    import pytest
+
+    from conftest import make_track_file
+    from motion_data.build import BuildError, build
+
+    a = tmp_path / "a"
+    make_track_file(a / "sub" / "x.npz", B=1, T=40, seed=1)
+    out = tmp_path / "out"
+    build([str(a)], out, maxcount=7, progress=False)
+    assert build([str(a)], out, maxcount=7, progress=False)["status"] == "up-to-date"
+    with pytest.raises(BuildError, match="names relative to the input root"):
+        build([str(a / "sub")], out, maxcount=7, progress=False)
