@@ -20,7 +20,7 @@ from .errors import UserError
 from .parent_death import exit_with_parent
 
 SETTINGS_FILE = "render.json"
-_ROLLOUT = re.compile(r".+_\d+_\d+\.npz$")  # rollout_name's pattern: <suite>_<task>_<episode>.npz
+_ROLLOUT = re.compile(r"libero_[a-z0-9]+_\d+_\d+\.npz")  # rollout_name's <suite>_<task>_<episode>.npz
 
 
 def claim_folder(out, cfg, overwrite: bool = False) -> None:
@@ -37,7 +37,7 @@ def claim_folder(out, cfg, overwrite: bool = False) -> None:
         have = json.loads(path.read_text()) if path.is_file() else None
     except (OSError, ValueError):
         have = {"unreadable": True}
-    rollouts = sorted(p for p in out.glob("*.npz") if _ROLLOUT.match(p.name)) if out.is_dir() else []
+    rollouts = sorted(p for p in out.glob("*.npz") if _ROLLOUT.fullmatch(p.name)) if out.is_dir() else []
     if have == want:
         return
     if have is not None or rollouts:

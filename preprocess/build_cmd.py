@@ -87,8 +87,7 @@ def command_line(args) -> list[str]:
         cmd += ["--views", *args.views]
     if args.no_progress:
         cmd.append("--no-progress")
-    if args.overwrite:
-        cmd.append("--overwrite")
+    # --overwrite is not recorded: re-running the recorded command must resume, not start afresh
     return cmd
 
 

@@ -64,11 +64,10 @@ def run(args) -> int:
             raise ValueError(f"render-libero: --episodes-per-task and --workers must be >= 1, "
                              f"got {args.episodes_per_task}, {args.workers}")
         suites = [s.strip() for s in args.suites.split(",") if s.strip()]
+        # every argument is checked before --overwrite removes anything
+        tasks = {suite: parse_tasks(args.tasks, suite_size(suite), suite) for suite in suites}
         claim_folder(args.out, cfg, args.overwrite)
-        jobs = []
-        for suite in suites:
-            tasks = parse_tasks(args.tasks, suite_size(suite), suite)
-            jobs += pending(args.out, suite, tasks, args.episodes_per_task)
+        jobs = [j for suite in suites for j in pending(args.out, suite, tasks[suite], args.episodes_per_task)]
     except (MissingDependency, RenderUnavailable, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

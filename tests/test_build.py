@@ -257,6 +257,7 @@ def test_overwrite_unblocks_a_failed_build_and_keeps_other_files(tmp_path, capsy
     assert "--overwrite" in capsys.readouterr().err
     assert run_cli(*args, "--stride", 4, "--overwrite") == 0
     assert json.loads((out / "build.json").read_text())["config"]["stride"] == 4
+    assert "--overwrite" not in json.loads((out / "build.json").read_text())["command"]  # re-running it resumes
     assert read_manifest(out).num_rows == 2 * 5  # T=32, window 16, stride 4: 5 clips per file
     # a folder that holds no build is never emptied, not even with --overwrite
     other = tmp_path / "other"

@@ -56,6 +56,7 @@ def test_a_second_start_is_refused_and_overwrite_replaces_only_the_run(build, tm
     first = _steps(out)
     assert first == list(range(1, len(first) + 1))
     (out / "notes.txt").write_text("mine")
+    (out / "frontier.json").write_text("{}")  # the frontier's cache of this run (tokenizer_train.frontier)
     capsys.readouterr()
     assert main(_cli(build, out)) == 2  # the same command again: refused, nothing appended
     line = _one_error_line(capsys)
@@ -64,6 +65,7 @@ def test_a_second_start_is_refused_and_overwrite_replaces_only_the_run(build, tm
     assert main(_cli(build, out, "--overwrite")) == 0
     assert _steps(out) == first  # each step once: the old rows are gone, not appended to
     assert len(list(out.glob("events.out.tfevents.*"))) == 1
+    assert not (out / "frontier.json").exists()  # a stale cache of the old run: gone
     assert (out / "notes.txt").read_text() == "mine"  # not the run's: kept
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from motion_data.errors import UserError
 
-# the files train writes in RUN (docs/DESIGN.md, Artifacts); done.json is ablate's mark of a finished run
+# the files train writes in RUN (docs/DESIGN.md, Trainer); done.json is ablate's mark of a finished
+# run, frontier.json the frontier's cache of it
 OWN_NAMES = ("config.yaml", "run.json", "metrics.jsonl", "last.pt", "last.prev.pt", "best.pt",
-             "class_weights.npy", "class_weights.json", "done.json")
+             "class_weights.npy", "class_weights.json", "done.json", "frontier.json")
 # plus the temporary names of interrupted atomic writes (motion_data.atomic.temp_path, checkpoint.keep_previous)
 OWN_GLOBS = ("events.out.tfevents.*", "debug_codes_rank*.jsonl", ".*.pt.*.link",
              *(f".{n}.tmp*" for n in OWN_NAMES))
