@@ -40,6 +40,7 @@ def dispatch(prog: str, description: str, commands: dict[str, tuple[str, str]], 
     except UserError as e:  # the user's to fix: one line naming the path, no traceback
         print(f"{prog} {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # commands that can resume catch it first and say how
-        print(f"{prog} {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # commands that can resume catch it first and say how
+        detail = f": {e}" if str(e) else ""  # a training stopped by a signal says where it saved
+        print(f"{prog} {args.command}: interrupted{detail}", file=sys.stderr)
+        return int(getattr(e, "exit_code", 130))

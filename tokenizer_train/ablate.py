@@ -6,7 +6,8 @@
 Each run's config is: --config, then the variant's overrides, then the --set overrides
 (common to every run, e.g. the model size), then --epochs and the training seed. The baseline is
 --config alone (configs/base.yaml as it is: no static filter, the collapsing setting of
-the original plan, the staged plan this project implements); a variant that trains with a filter carries it (configs/recommended.yaml does).
+the original plan, the staged plan this project implements); a variant that trains with a
+filter carries it (configs/recommended.yaml does).
 Validation figures need no common filter: every run is scored on the evaluation mask.
 
 A variants file maps a name to dotted overrides; "include: FILE" (relative to the
@@ -24,12 +25,16 @@ variant: code information in bits per label first (validation, last epoch), uniq
 normalised entropy and perplexity (train steps of the last epoch, as the original plan logs them),
 accuracy, non-centre accuracy, CE in bits, AUC moving vs static, EPE in px next to the zero
 predictor's and the zero-motion code share (validation, last epoch, all on the evaluation
-mask: valid AND the build's recorded filter, whatever filter the variant trains with), each as mean ± spread (std over seeds) and as delta against
-the baseline of the same seed, plus how many acceptance gates (see check) the variant
+mask: valid AND the build's recorded filter, whatever filter the variant trains with), each
+as mean ± spread (std over seeds) and as delta against the baseline of the same seed, plus
+how many acceptance gates (see check) the variant
 passes against that baseline (gates at 10 or 30 epochs that the runs are too short for are
 not counted). --only baseline runs the baseline alone. Plots: DIR/code_usage.png,
 DIR/entropy.png, DIR/accuracy.png. Progress bars (stderr): the runs, each run's training
 and validation, then each run's frontier.
+(CE: cross-entropy of the labels under the decoder, bits per label; AUC: area under the ROC
+curve of moving vs static points scored by 1 - p(centre); EPE: end-point error of the
+predicted displacement, px)
 """
 from __future__ import annotations
 

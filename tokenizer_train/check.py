@@ -45,7 +45,7 @@ Definitions (so that a gate is a number, not a judgement):
   class everywhere and accuracy from another that predicts the centre everywhere.
 A gate whose horizon the run did not reach (fewer epochs than 10 or 30) says "not reached":
 it counts neither as a pass nor as a fail, and its note says where the run stands so far. A
-gate with no data fails; a missing figure reads "not logged".
+reached gate with no data fails; a missing figure reads "not logged".
 Exit code 0 when no reached gate fails, 1 when one does, 2 when a metrics file is missing or
 damaged.
 """

@@ -58,6 +58,8 @@ def read_codes(path) -> tuple[list[str], np.ndarray]:
     except (OSError, pa.ArrowInvalid, KeyError) as e:
         raise DecodeError(f"{path}: cannot read codes ({' '.join(str(e).split())}); write it with "
                           f"python -m tokenizer_train tokenize") from None
+    if not t["clip_id"]:
+        raise DecodeError(f"{path}: holds no clips; tokenize a build that has clips")
     lengths = {len(c) for c in t["codes"]}
     if len(lengths) > 1:
         raise DecodeError(f"{path}: clips have different code counts {sorted(lengths)}; tokenize one build with one run")

@@ -24,6 +24,9 @@ On a fresh machine, in one folder (default demo_out/):
 TensorBoard logs are in OUT/ablation/runs: tensorboard --logdir OUT/ablation/runs
 Rerunning resumes (also after Ctrl-C): finished steps are kept. A failing gate is reported in the table, not
 as an error; the exit code is non-zero only when a step fails.
+(CE: cross-entropy of the labels under the decoder, bits per label; AUC: area under the ROC
+curve of moving vs static points scored by 1 - p(centre); EPE: end-point error of the
+predicted displacement, px)
 """
 from __future__ import annotations
 
@@ -215,9 +218,9 @@ def run(args) -> int:
     except Exception as e:  # noqa: BLE001 -- any failed step: one line, non-zero exit
         print(f"demo: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C; training saved a checkpoint first (tokenizer_train.stop)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM; training saved a checkpoint first (tokenizer_train.stop)
         print(f"python -m tokenizer_train demo: interrupted; run the same command again to resume "
               f"(finished steps are kept, training continues from its last checkpoint in {args.out})",
               file=sys.stderr)
-        return 130
+        return int(getattr(e, "exit_code", 130))
     return 0

@@ -29,8 +29,10 @@ from motion_data.errors import UserError
 from motion_data.labels import class_offsets, labels_from_positions, step_valid
 from motion_data.split import split_manifest
 
+from .config import DataConfig
+
 ARROW_SCALE = 3.0
-DEFAULT_VAL_SPLIT = 0.1  # config.DataConfig's default, for builds drawn without a run
+DEFAULT_VAL_SPLIT = DataConfig().val_split  # the trainer's default, for builds drawn without a run
 
 
 class DrawError(UserError, ValueError):

@@ -22,6 +22,9 @@ tolerance) below it; and, of the unshifted model, code information and CE in bit
 label, AUC moving vs static and EPE next to the zero predictor's (the trainer's validation
 figures; code information mixes each clip with the other clips of its batch, so it equals
 the logged value at the run's batch size).
+(CE: cross-entropy of the labels under the decoder, bits per label; AUC: area under the ROC
+curve of moving vs static points scored by 1 - p(centre); EPE: end-point error of the
+predicted displacement, px)
 """
 from __future__ import annotations
 
@@ -40,7 +43,6 @@ from motion_data.builddir import BuildDir
 from motion_data.errors import UserError
 from motion_data.loader import make_loader
 
-from . import metrics as M
 from .check import ACC_TOL
 from .distributed import pick_device
 from .model_inputs import model_kwargs

@@ -52,7 +52,8 @@ class StopSignals:
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
-            signal.signal(s, h)
+            if h is not None:  # None: a handler installed outside Python, which cannot be restored
+                signal.signal(s, h)
         self._old = {}
 
     def _handle(self, signum, frame):

@@ -200,7 +200,8 @@ class Trainer:
                                          tc.learning_rate)
         autocast_for(tc.mixed_precision, self.device)  # fail now on fp16 without CUDA
         self.scaler = torch.amp.GradScaler("cuda", enabled=tc.mixed_precision == "fp16")
-        counts = training_class_counts(build, cfg.data) if tc.class_weighting.method != "none" else None
+        counts = (training_class_counts(build, cfg.data, progress=dist.is_main and progress)  # may read shards
+                  if tc.class_weighting.method != "none" else None)
         self.criterion = prior.wrap(Criterion(tc, counts, self.W), tc)  # training.logit_adjustment (off: unchanged)
         self.regulariser = CodeUsageRegulariser(tc, self.levels, distributed=dist.enabled)  # checkpointed
 
