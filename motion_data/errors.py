@@ -8,3 +8,8 @@ without a traceback; anything else is a bug and keeps its traceback.
 class UserError(Exception):
     """Bad input, a missing or foreign folder, a refused flag; the message names the path
     and the way out, in one line."""
+
+
+class SettingError(UserError, ValueError):
+    """A setting (a config key, a flag) whose value cannot work here, e.g. fp16 without CUDA
+    or a validation split that leaves no clips; the message names the setting."""

@@ -44,6 +44,7 @@ from .builddir import BuildDir
 from .parent_death import exit_with_parent
 from .worker_ring import make_ring
 from .workers import resolve_workers
+from .errors import SettingError
 
 log = logging.getLogger(__name__)
 
@@ -358,7 +359,7 @@ def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter 
     train_rows, val_rows = split_manifest(man, val_split, T)
     rows = {"train": train_rows, "val": val_rows, "all": np.arange(len(man["clip_id"]))}[split]
     if len(rows) == 0:
-        raise ValueError(f"{root}: the {split!r} split is empty (val_split={val_split})")
+        raise SettingError(f"{root}: the {split!r} split is empty (val_split={val_split})")
     training = split != "val"
     aug = augment if (training and augment is not None and augment.enabled) else None
     epoch_size = epoch_size if epoch_size is not None else sampler.epoch_size

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .stats import StaticFilter, dynamic_ratio
+from .errors import SettingError
 
 METHODS = ("uniform", "dynamic_ratio")
 MODES = ("exact", "streaming")
@@ -38,11 +39,11 @@ class SamplerConfig:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ValueError(f"sampler.method must be one of {METHODS}, got {self.method!r}")
+            raise SettingError(f"sampler.method must be one of {METHODS}, got {self.method!r}")
         if self.mode not in MODES:
-            raise ValueError(f"sampler.mode must be one of {MODES}, got {self.mode!r}")
+            raise SettingError(f"sampler.mode must be one of {MODES}, got {self.mode!r}")
         if self.epoch_size is not None and self.epoch_size < 1:
-            raise ValueError(f"sampler.epoch_size must be >= 1, got {self.epoch_size}")
+            raise SettingError(f"sampler.epoch_size must be >= 1, got {self.epoch_size}")
 
 
 def clip_weights(ratio: np.ndarray, cfg: SamplerConfig) -> np.ndarray:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+from .errors import SettingError
 
 MIN_SOURCES_FOR_FILE_SPLIT = 5
 
@@ -37,7 +38,7 @@ def split_clips(source, start_frame, val_split: float, T: int) -> tuple[np.ndarr
     start = np.asarray(start_frame, dtype=np.int64)
     C = len(source)
     if not 0.0 <= val_split < 1.0:
-        raise ValueError(f"data.val_split must be in [0, 1), got {val_split}")
+        raise SettingError(f"data.val_split must be in [0, 1), got {val_split}")
     if C == 0 or val_split == 0.0:
         return np.arange(C, dtype=np.int64), np.zeros(0, np.int64)
     order = _source_order(source.tolist())

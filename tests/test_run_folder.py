@@ -208,3 +208,15 @@ def test_help_has_no_rst_markup(cmd, capsys):
     text = capsys.readouterr().out
     assert "`" not in text and "the seed" not in text
     assert cmd == "tokenize" or "--no-progress" in text
+
+
+def test_a_bug_while_training_keeps_its_traceback(build, tmp_path, monkeypatch):
+    # only the user's errors (UserError) become one line; a ValueError from the code itself
+    # must surface with its traceback, not be passed off as the user's mistake
+    from tokenizer_train import train as T
+
+    def bug(self, *a, **k):
+        raise ValueError("an internal shape bug")
+    monkeypatch.setattr(T.Trainer, "train_epoch", bug)
+    with pytest.raises(ValueError, match="internal shape bug"):
+        main(_cli(build, tmp_path / "run"))

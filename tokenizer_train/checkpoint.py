@@ -23,6 +23,7 @@ from motion_data.atomic import atomic_open
 from .config import from_dict
 from .model import MotionTokenizer
 from motion_data.errors import UserError
+from motion_data.errors import SettingError
 
 REQUIRED_KEYS = ("model", "optimizer", "step", "epoch")
 
@@ -182,7 +183,7 @@ def rank_state(st: dict, dist, start_batch: int) -> dict | None:
     if len(ranks) == dist.world_size:
         return ranks[dist.rank]
     if start_batch:
-        raise ValueError(f"the checkpoint was taken mid-epoch by {len(ranks)} processes; resume it with "
+        raise SettingError(f"the checkpoint was taken mid-epoch by {len(ranks)} processes; resume it with "
                          f"{len(ranks)} (now {dist.world_size})")
     return None
 

@@ -14,6 +14,7 @@ import torch
 from motion_data.atomic import atomic_open
 from motion_data.labels import center_class, ring_map
 from motion_data.split import split_manifest
+from motion_data.errors import SettingError
 
 
 def training_class_counts(build, data_cfg, progress: bool = False) -> np.ndarray:
@@ -42,7 +43,7 @@ def balanced_weights(counts, W: int, power: float = 1.0, min_weight: float = 0.0
         raise ValueError(f"class counts must have shape ({W * W},), got {counts.shape}")
     total = counts.sum()
     if total <= 0:
-        raise ValueError("class counts are all zero: no kept labels to weight by")
+        raise SettingError("class counts are all zero: no kept labels to weight by")
     freq = counts / total
     seen = freq > 0
     w = np.zeros_like(freq)
@@ -71,7 +72,7 @@ def ring_decay_weights(counts, W: int, center_gamma: float = 1.0, full_weight_ri
         if counts.shape != (W * W,):
             raise ValueError(f"class counts must have shape ({W * W},), got {counts.shape}")
         if counts.sum() <= 0:
-            raise ValueError("class counts are all zero: no kept labels to weight by")
+            raise SettingError("class counts are all zero: no kept labels to weight by")
         freq = counts / counts.sum()
     w = np.clip(_normalise_under(w, freq), min_weight, max_weight)
     return w.astype(np.float32)
@@ -88,7 +89,7 @@ def class_weights_for(cw_cfg, counts, W: int) -> np.ndarray | None:
     if cw_cfg.method == "ring_decay":
         return ring_decay_weights(counts, W, cw_cfg.center_gamma, cw_cfg.full_weight_ring,
                                   cw_cfg.min_weight, cw_cfg.max_weight)
-    raise ValueError(f"unknown class_weighting.method {cw_cfg.method!r}")
+    raise SettingError(f"unknown class_weighting.method {cw_cfg.method!r}")
 
 
 def class_weights_image(weights, W: int) -> np.ndarray:

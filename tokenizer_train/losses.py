@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .class_weights import class_weights_for
+from motion_data.errors import SettingError
 
 IGNORE = -100
 
@@ -40,7 +41,7 @@ class Criterion:
         self.focal_cfg = training_cfg.focal
         alpha = self.focal_cfg.alpha if self.focal_cfg.enabled else None
         if alpha == "per_class" and self.cw_cfg.method == "none":
-            raise ValueError("training.focal.alpha 'per_class' needs training.class_weighting.method "
+            raise SettingError("training.focal.alpha 'per_class' needs training.class_weighting.method "
                              "balanced or ring_decay (the per-class alphas are the class weights)")
         self.alpha = float(alpha) if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) else None
         self.gamma = float(self.focal_cfg.gamma) if self.focal_cfg.enabled else 0.0

@@ -63,6 +63,7 @@ from .model_inputs import model_kwargs
 from .schedule import build_scheduler, clip_gradients
 from .stop import StopSignals, Stopped
 from .validate import evaluate, to_device, train_code_info
+from motion_data.errors import SettingError
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -92,8 +93,8 @@ def run(args) -> int:
     try:
         train(cfg, data_dir, out_dir, resume=resume, dist=dist, debug_codes=args.debug_codes, overwrite=overwrite,
               progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:
-        raise _user_error(e) from None
+    # the user's errors (UserError) are printed by the dispatcher as one line; anything else
+    # raised while training is a bug and keeps its traceback
     except Stopped as e:  # checkpoint saved: one line that says how to continue
         if dist.is_main:
             print(f"python -m tokenizer_train train: {e.message()}", file=sys.stderr, flush=True)
@@ -139,7 +140,7 @@ def autocast_for(mode: str, device: torch.device):
     if mode == "no":
         return contextlib.nullcontext()
     if mode == "fp16" and device.type != "cuda":
-        raise ValueError("training.mixed_precision fp16 needs CUDA (its GradScaler is CUDA-only); use bf16 on CPU")
+        raise SettingError("training.mixed_precision fp16 needs CUDA (its GradScaler is CUDA-only); use bf16 on CPU")
     return torch.autocast(device.type, dtype=torch.float16 if mode == "fp16" else torch.bfloat16)
 
 
