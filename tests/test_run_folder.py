@@ -220,3 +220,15 @@ def test_a_bug_while_training_keeps_its_traceback(build, tmp_path, monkeypatch):
     monkeypatch.setattr(T.Trainer, "train_epoch", bug)
     with pytest.raises(ValueError, match="internal shape bug"):
         main(_cli(build, tmp_path / "run"))
+
+
+def test_each_epoch_end_logs_step_figures_even_under_a_long_interval(build, tmp_path):
+    # a short run (fewer steps than log_interval) used to log no step row at all, so check's
+    # step gates and ablate's entropy plots had nothing to show
+    out = tmp_path / "run"
+    assert main(_cli(build, out, "training.log_interval=1000", "training.epochs=2")) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    step_rows = [r for r in rows if "train/loss_step" in r]
+    epoch_ends = [r["step"] for r in rows if "train/loss_epoch" in r]
+    assert len(epoch_ends) == 2 and [r["step"] for r in step_rows] == epoch_ends
+    assert all("train/unique_codes_step" in r and "train/entropy_norm_step" in r for r in step_rows)

@@ -370,9 +370,12 @@ class Trainer:
             grad_norm = self.optimizer_step()
             pg.step += 1
             scalars, hists = {}, {}
-            if pg.step % tc.log_interval == 0:
+            # the epoch's last step always logs: a short run (fewer steps than the interval) still
+            # has step figures for check and ablate's plots
+            epoch_end = i + 1 == n_batches
+            if pg.step % tc.log_interval == 0 or epoch_end:
                 scalars = self.step_log(step_sums, out, grad_norm, lam, soft, t_wait, time.perf_counter() - t0, clips)
-            if pg.step % tc.code_interval == 0:
+            if pg.step % tc.code_interval == 0 or epoch_end:
                 cs, hists = self.code_log(pg, step_codes, batch, out)
                 scalars.update(cs)
             if scalars:
