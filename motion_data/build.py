@@ -280,6 +280,8 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
     out = Path(out)
 
     def what_differs(prev):
+        if "source_names" not in (prev.get("config") or {}):
+            return "arguments (an older build-shards, which named sources by their full path)"
         keys = diff_keys(prev.get("config") or {}, config)
         if prev.get("inputs_digest") != fingerprint["inputs_digest"]:
             keys.append("inputs (files, their size/mtime, or their names relative to the input root)")

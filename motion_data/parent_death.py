@@ -39,13 +39,18 @@ def _set_pdeathsig(sig: int) -> bool:
 
 
 def _alive(pid: int) -> bool:
+    """Exists and has not exited: a zombie (exited, not yet reaped) counts as gone."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (not Linux): os.kill's answer
         return True
-    return True
 
 
 def _pidfd(pid: int | None):

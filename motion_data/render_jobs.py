@@ -20,7 +20,8 @@ from .errors import UserError
 from .parent_death import exit_with_parent
 
 SETTINGS_FILE = "render.json"
-_ROLLOUT = re.compile(r"libero_[a-z0-9]+_\d+_\d+\.npz")  # rollout_name's <suite>_<task>_<episode>.npz
+# rollout_name's <suite>_<task>_<episode>.npz; suite names hold underscores (libero_goal_swap)
+_ROLLOUT = re.compile(r"libero_\w+_\d+_\d+\.npz", re.IGNORECASE)
 
 
 def claim_folder(out, cfg, overwrite: bool = False) -> None:

@@ -31,3 +31,16 @@ def test_a_signal_stopped_training_inside_another_command_says_where_it_saved(mo
 def test_ctrl_c_is_one_line_exit_130(monkeypatch, capsys):
     rc, err = _run(monkeypatch, capsys, KeyboardInterrupt())
     assert rc == 130 and err.strip().endswith("ablate: interrupted")
+
+
+def test_ablate_stopped_by_a_signal_says_to_rerun_the_sweep(monkeypatch, capsys, tmp_path):
+    # the run in progress saved; re-running the same ablate command finishes the sweep
+    def stopped(*a, **k):
+        raise Stopped(signal.SIGTERM, 3, tmp_path / "runs" / "baseline" / "seed0")
+    monkeypatch.setattr(ablate, "ablate", stopped)
+    (tmp_path / "build").mkdir()
+    rc = main(["ablate", "--data", str(tmp_path / "build"), "--out", str(tmp_path / "ab")])
+    err = capsys.readouterr().err
+    assert rc == 128 + signal.SIGTERM and len(err.strip().splitlines()) == 1
+    assert "stopped by SIGTERM at step 3" in err and "run the same ablate command again" in err
+    assert "train --resume" not in err

@@ -173,26 +173,24 @@ def test_fallback_watcher_exits_when_the_parent_goes():
 def test_far_worker_outlives_its_middle_parent_but_not_the_main_process():
     # a DataLoader worker's parent is the fork server, which a group SIGTERM (torchrun, a
     # scheduler) ends while the trainer is still saving: the worker must follow the trainer only
-    worker = ("import sys, time; from motion_data.parent_death import exit_with_parent; "
-              "exit_with_parent(int(sys.argv[1])); time.sleep(120)")
-    middle = f"import os, subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {worker!r}, sys.argv[1]]); time.sleep(120)"
+    worker = ("import os, sys, time; from motion_data.parent_death import exit_with_parent; "
+              "exit_with_parent(int(sys.argv[1])); print('armed', os.getpid(), flush=True); time.sleep(120)")
+    middle = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {worker!r}, sys.argv[1]]); time.sleep(120)"
     main = textwrap.dedent(f"""
         import os, subprocess, sys, time
         m = subprocess.Popen([sys.executable, "-c", {middle!r}, str(os.getpid())])
-        time.sleep(1.5)  # the worker has armed itself
-        print(m.pid, flush=True)
+        print("middle", m.pid, flush=True)
         time.sleep(120)
     """)
     p = subprocess.Popen([sys.executable, "-c", main], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                          stdout=subprocess.PIPE, text=True)
     try:
-        mid = int(p.stdout.readline())
-        workers = descendants(mid)
-        assert len(workers) == 1
+        got = dict(p.stdout.readline().split() for _ in range(2))  # both lines, in either order
+        mid, worker_pid = int(got["middle"]), int(got["armed"])
         os.kill(mid, signal.SIGTERM)
         time.sleep(1.5)
-        assert all(running(w) for w in workers), "the worker died with its middle parent"
-        kill_and_expect_orphans_gone(p, workers)
+        assert running(worker_pid), "the worker died with its middle parent"
+        kill_and_expect_orphans_gone(p, {worker_pid})
     finally:
         if p.poll() is None:
             p.kill()

@@ -301,6 +301,7 @@ def test_render_folder_refuses_other_settings_and_overwrite_keeps_other_files(tm
     (out / "libero_90_0_0.npz").write_bytes(b"x")
     (out / "notes.txt").write_text("mine")
     (out / "my_1_2.npz").write_bytes(b"mine")  # named like a rollout, but no LIBERO suite's
+    (out / "libero_goal_swap_3_0.npz").write_bytes(b"x")  # a LIBERO-PRO suite: a rollout
     claim_folder(out, RenderConfig(seed=0))  # same settings: resume, nothing removed
     assert (out / "libero_90_0_0.npz").exists()
     with pytest.raises(UserError, match=r"seed 0 -> 1.*--overwrite"):
@@ -308,7 +309,7 @@ def test_render_folder_refuses_other_settings_and_overwrite_keeps_other_files(tm
     assert (out / "libero_90_0_0.npz").exists()
     claim_folder(out, RenderConfig(seed=1), overwrite=True)
     assert not (out / "libero_90_0_0.npz").exists() and (out / "notes.txt").read_text() == "mine"
-    assert (out / "my_1_2.npz").read_bytes() == b"mine"
+    assert (out / "my_1_2.npz").read_bytes() == b"mine" and not (out / "libero_goal_swap_3_0.npz").exists()
     assert json.loads((out / SETTINGS_FILE).read_text())["seed"] == 1
     # rollouts from a version that wrote no settings file are refused too
     (out / SETTINGS_FILE).unlink()

@@ -232,3 +232,20 @@ def test_each_epoch_end_logs_step_figures_even_under_a_long_interval(build, tmp_
     epoch_ends = [r["step"] for r in rows if "train/loss_epoch" in r]
     assert len(epoch_ends) == 2 and [r["step"] for r in step_rows] == epoch_ends
     assert all("train/unique_codes_step" in r and "train/entropy_norm_step" in r for r in step_rows)
+
+
+@pytest.mark.parametrize("setting", [
+    "training.logit_adjustment=1.0",           # needs class weights (class_weighting.method none)
+    "model.groups=7",                           # must divide the build's points
+    "model.max_steps=2",                        # fewer than the build's steps
+    "training.lr_schedule.type=step training.lr_schedule.step_size=0",
+    "training.device=cuda",                     # no CUDA here (skipped where there is)
+])
+def test_a_setting_that_cannot_work_is_one_line(build, tmp_path, capsys, setting):
+    if "cuda" in setting and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert main(_cli(build, out, *setting.split())) == 2
+    line = _one_error_line(capsys)
+    assert setting.split()[-1].split("=")[0].rsplit(".", 1)[-1] in line or "cuda" in line.lower()

@@ -55,6 +55,7 @@ from motion_data.atomic import atomic_open, atomic_write_json, atomic_write_text
 
 from . import check as C
 from .config import Config, ConfigError, add_set_argument, flatten, override_all, parse_override, read_yaml, to_dict
+from .stop import Stopped
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_VARIANTS = CONFIG_DIR / "variants.yaml"
@@ -144,7 +145,7 @@ def run_one(spec: RunSpec, data_dir: Path, train_fn=None, progress: bool = True)
     if spec.done.exists():
         have = json.loads(spec.done.read_text()).get("config")
         if have != want:
-            raise ValueError(f"{spec.dir}: finished with a different config; delete it or use another --out")
+            raise ConfigError(f"{spec.dir}: finished with a different config; delete it or use another --out")
         return "done"
     resume = ckpt.has_last(spec.dir)  # last.prev.pt alone (a torn last.pt) is resumable too
     if not resume and spec.dir.exists():
@@ -367,11 +368,18 @@ def run(args) -> int:
             raise ValueError("--epochs must be >= 1")
         if not Path(args.data).is_dir():
             raise FileNotFoundError(f"{args.data}: no such build folder")
-        ablate(args.config, args.data, args.out, variants, seeds, [parse_override(t) for t in args.set], args.epochs,
-               progress=not args.no_progress, plots=not args.no_plots)
+        overrides = [parse_override(t) for t in args.set]
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # the user's errors while training (UserError) are one line from the dispatcher; a bug keeps its traceback
+    try:
+        ablate(args.config, args.data, args.out, variants, seeds, overrides, args.epochs,
+               progress=not args.no_progress, plots=not args.no_plots)
+    except Stopped as e:  # Ctrl-C or SIGTERM: the run in progress saved its checkpoint
+        print(f"python -m tokenizer_train ablate: {e.message().split('; resume with')[0]}; run the same ablate "
+              f"command again to go on (finished runs are kept)", file=sys.stderr)
+        return e.exit_code
     print((Path(args.out) / "results.md").read_text())
     print(f"wrote {args.out}/results.csv, results.md, code_usage.png, entropy.png, accuracy.png"
           if not args.no_plots else f"wrote {args.out}/results.csv, results.md")

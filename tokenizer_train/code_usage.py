@@ -22,6 +22,7 @@ import math
 import torch
 
 from .fsq_geometry import levels_grid_on
+from motion_data.errors import SettingError
 
 
 def _soft_assign(z_bounded, levels, temperature):
@@ -118,7 +119,7 @@ def code_usage_loss(z_bounded, levels, kind: str = "entropy", temperature: float
         raise ValueError(f"z_bounded must be (M, {len(levels)}), got {tuple(z_bounded.shape)}")
     K = math.prod(int(L) for L in levels)
     if K > MAX_EXACT_CODES:
-        raise ValueError(f"model.fsq_levels {list(levels)} give K={K} codes, more than the regulariser's exact "
+        raise SettingError(f"model.fsq_levels {list(levels)} give K={K} codes, more than the regulariser's exact "
                          f"joint distribution supports ({MAX_EXACT_CODES}); use fewer or smaller levels, or "
                          f"set training.code_entropy_weight=0")
     # float32 throughout: under autocast the matmul would otherwise run in bf16/fp16 and

@@ -167,6 +167,8 @@ class LRScheduleConfig:
 
     def __post_init__(self):
         _one_of("training.lr_schedule.type", self.type, ("none", "cosine", "step"))
+        if self.type == "step" and int(self.step_size) < 1:
+            raise ConfigError(f"training.lr_schedule.step_size must be >= 1, got {self.step_size}")
 
 
 @dataclass

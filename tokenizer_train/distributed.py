@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from motion_data.errors import SettingError
 
 
 @dataclass
@@ -33,7 +34,7 @@ class Dist:
 def pick_device(pref: str, local_rank: int = 0) -> torch.device:
     if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("training.device is cuda but no CUDA device is available")
+            raise SettingError("training.device is cuda but no CUDA device is available; use training.device=cpu or auto")
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 

@@ -31,6 +31,7 @@ from .decoder_heads import AmplifyHead, CodeQueryHead
 from .fsq_geometry import fsq_prerounding_from_module
 from .point_features import PointEncoder, fourier_features, group_of_points, motion_position_features
 from .shaping import QuantInputShaping
+from motion_data.errors import SettingError
 
 
 def _causal_mask(S: int, device) -> torch.Tensor:
@@ -141,9 +142,9 @@ class MotionTokenizer(nn.Module):
         with L = S * model.groups tokens (step-major)."""
         B, S, N, _ = velocities.shape
         if N != self.num_points:
-            raise ValueError(f"model was built for {self.num_points} points, batch has {N}")
+            raise SettingError(f"model was built for {self.num_points} points, batch has {N}")
         if S > self.cfg.max_steps:
-            raise ValueError(f"clip has {S} steps > model.max_steps={self.cfg.max_steps}")
+            raise SettingError(f"clip has {S} steps > model.max_steps={self.cfg.max_steps}")
         G = self.cfg.groups
         step = self._step_of_token(S, velocities.device)
         x = self._tokens(velocities, self._phi(start_pos, B)) + self.enc_time(step)

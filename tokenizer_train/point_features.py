@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from motion_data.labels import DEFAULT_REF_SIZE
+from motion_data.errors import SettingError
 
 
 def fourier_features(start_pos: torch.Tensor, num_freqs: int) -> torch.Tensor:
@@ -25,7 +26,7 @@ def fourier_features(start_pos: torch.Tensor, num_freqs: int) -> torch.Tensor:
 def group_of_points(num_points: int, groups: int) -> torch.Tensor:
     """``(N,)`` group of each point: contiguous index blocks (rows of a row-major grid)."""
     if num_points % groups:
-        raise ValueError(f"model.groups={groups} must divide the number of points {num_points}")
+        raise SettingError(f"model.groups={groups} must divide the number of points {num_points}")
     return torch.arange(num_points) // (num_points // groups)
 
 

@@ -18,6 +18,7 @@ accuracy, EPE, ``tokenize`` -- reads the model's logits, so it needs no change.
 from __future__ import annotations
 
 import torch
+from motion_data.errors import SettingError
 
 
 class LogitAdjusted:
@@ -26,11 +27,11 @@ class LogitAdjusted:
     def __init__(self, criterion, tau: float):
         w = getattr(criterion, "class_weights", None)
         if w is None:
-            raise ValueError("training.logit_adjustment needs class weights: set training.class_weighting.method "
+            raise SettingError("training.logit_adjustment needs class weights: set training.class_weighting.method "
                              "to balanced or ring_decay")
         w = torch.as_tensor(w, dtype=torch.float32)
         if (w <= 0).any():
-            raise ValueError("training.logit_adjustment needs class weights > 0 (raise class_weighting.min_weight)")
+            raise SettingError("training.logit_adjustment needs class weights > 0 (raise class_weighting.min_weight)")
         self.inner = criterion
         self.tau = float(tau)
         self.offset = self.tau * torch.log(w)

@@ -10,6 +10,7 @@ import math
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
+from motion_data.errors import SettingError
 
 
 def lr_factor(step: int, lr_cfg, total_steps: int, base_lr: float) -> float:
@@ -33,9 +34,9 @@ def lr_factor(step: int, lr_cfg, total_steps: int, base_lr: float) -> float:
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     if lr_cfg.type == "step":
         if lr_cfg.step_size < 1:
-            raise ValueError(f"training.lr_schedule.step_size must be >= 1, got {lr_cfg.step_size}")
+            raise SettingError(f"training.lr_schedule.step_size must be >= 1, got {lr_cfg.step_size}")
         return max(lr_cfg.gamma ** (k // int(lr_cfg.step_size)), floor)
-    raise ValueError(f"training.lr_schedule.type must be none, cosine or step, got {lr_cfg.type!r}")
+    raise SettingError(f"training.lr_schedule.type must be none, cosine or step, got {lr_cfg.type!r}")
 
 
 def build_scheduler(optimizer, lr_cfg, total_steps: int, base_lr: float) -> LambdaLR:

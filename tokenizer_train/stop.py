@@ -52,8 +52,9 @@ class StopSignals:
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
-            if h is not None:  # None: a handler installed outside Python, which cannot be restored
-                signal.signal(s, h)
+            # None: a handler installed outside Python, which cannot be restored: the default then,
+            # never ours (a later Ctrl-C would only set a flag nobody reads)
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
         self._old = {}
 
     def _handle(self, signum, frame):
