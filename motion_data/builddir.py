@@ -25,7 +25,7 @@ from .manifest import MANIFEST_NAME, read_manifest
 from .stats import (HIST_BIN_WIDTH, HIST_EDGES, HIST_NBINS, HIST_RANK_MAX, StaticFilter, filtered_counts_from_hist,
                     recorded_filter, threshold_bin)
 from .store import REBUILD_HINT, STORE_NAME, StoreError, open_store
-from .errors import UserError
+from .errors import UserError, one_line
 
 
 class BuildDirError(UserError, ValueError):
@@ -214,7 +214,7 @@ class BuildDir:
         try:
             man = pq.read_table(self.manifest_path, columns=None if columns is None else list(columns)).to_pydict()
         except (OSError, pa.ArrowInvalid, KeyError) as e:
-            raise BuildDirError(f"{self.manifest_path}: cannot read ({' '.join(str(e).split())}); "
+            raise BuildDirError(f"{self.manifest_path}: cannot read ({one_line(e)}); "
                                 f"{REBUILD_HINT}") from None
         n = len(next(iter(man.values()))) if man else 0
         if n != self.n_clips:

@@ -13,3 +13,14 @@ class UserError(Exception):
 class SettingError(UserError, ValueError):
     """A setting (a config key, a flag) whose value cannot work here, e.g. fp16 without CUDA
     or a validation split that leaves no clips; the message names the setting."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (libraries put newlines in theirs)."""
+    return " ".join(str(e).split())
+
+
+def some_names(names, n: int = 4) -> str:
+    """``a, b, c and 5 more``: the first ``n`` of ``names``, for a one-line message."""
+    names = list(names)
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")

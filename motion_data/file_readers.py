@@ -11,7 +11,7 @@ import zipfile
 import numpy as np
 
 from .clips import InputError
-from .errors import UserError
+from .errors import UserError, one_line
 
 
 class MissingDependency(UserError, ImportError):
@@ -77,7 +77,7 @@ def check_npy_header(path, f, available: int, what: str):
             return  # let np.load report the unsupported version
         header = f.tell() - start
     except (ValueError, OSError, EOFError, SyntaxError, TypeError) as e:
-        raise InputError(f"{path}: {what} is not a valid .npy array ({' '.join(str(e).split())})") from None
+        raise InputError(f"{path}: {what} is not a valid .npy array ({one_line(e)})") from None
     if dtype.hasobject:
         raise InputError(f"{path}: {what} is a pickled object array; refused (save plain numeric arrays)")
     declared = int(np.prod(shape, dtype=object)) * dtype.itemsize

@@ -64,6 +64,7 @@ from .clips import InputError, Sequence, tracks_to_sequence
 from .file_readers import (finite_or_raise, h5_read, h5_root, h5_views, h5_vis, load_npy, load_npz, load_pt_tracks,
                            open_h5, to_numpy, torch_load)
 from .labels import DEFAULT_REF_SIZE, half_window
+from .errors import one_line
 
 FORMATS = ("tracks", "amplify-h5", "atm-h5", "laps-pt")
 TRACK_EXTS = (".npz", ".npy", ".pt")
@@ -218,7 +219,7 @@ def _sequences(path, tracks, vis, sf, image_size, ref_size, index0=0, independen
                                           image_size, ref_size, int(sf[b]), group))
         except InputError as e:
             # tracks_to_sequence names "path[i]"; keep the path first, one line
-            e = InputError(" ".join(str(e).split()))
+            e = InputError(one_line(e))
             if bad is None:
                 raise e from None
             bad.append(e)
@@ -332,7 +333,7 @@ def read_sequences(path, fmt: str = "auto", *, ref_size: int = DEFAULT_REF_SIZE,
     try:
         return readers[fmt]()
     except MemoryError as e:  # e.g. an HDF5 dataset declaring an enormous shape
-        raise InputError(f"{path}: too large to load ({' '.join(str(e).split())})") from None
+        raise InputError(f"{path}: too large to load ({one_line(e)})") from None
 
 
 def iter_sequences(path, fmt: str = "auto", *, ref_size: int = DEFAULT_REF_SIZE, image_size=None,

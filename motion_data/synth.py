@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_open
-from .errors import UserError
+from .errors import UserError, some_names
 from .labels import DEFAULT_GRID, DEFAULT_REF_SIZE, DEFAULT_T
 
 SYNTH_JSON = "synth.json"
@@ -241,8 +241,8 @@ def prepare_out(out_dir, overwrite: bool = False) -> list[Path]:
     own = [p for p in entries if p.is_file() and _OWN.match(p.name)]
     other = [p for p in entries if p not in own]
     if other:
-        shown = ", ".join(p.name for p in other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
-        raise UserError(f"{out}: holds files that synth did not write ({shown}); build-shards would read them "
+        raise UserError(f"{out}: holds files that synth did not write ({some_names((p.name for p in other), 3)}); "
+                        f"build-shards would read them "
                         f"with the synthetic ones; choose a new or empty --out")
     if own and not overwrite:
         raise UserError(f"{out}: holds earlier synth output ({len(own)} files); pass --overwrite to replace it, "

@@ -22,8 +22,7 @@ from motion_data.atomic import atomic_open
 
 from .config import from_dict
 from .model import MotionTokenizer
-from motion_data.errors import UserError
-from motion_data.errors import SettingError
+from motion_data.errors import SettingError, UserError, one_line
 
 REQUIRED_KEYS = ("model", "optimizer", "step", "epoch")
 
@@ -137,7 +136,7 @@ def load(path, map_location="cpu") -> dict:
     try:
         st = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for a torn or foreign file
-        msg = " ".join(str(e).split()).split(". This is an internal")[0][:160]
+        msg = one_line(e).split(". This is an internal")[0][:160]
         raise CheckpointError(f"{path}: cannot read checkpoint (truncated or not a checkpoint: "
                               f"{type(e).__name__}: {msg})") from None
     if not isinstance(st, dict):

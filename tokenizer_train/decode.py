@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from motion_data.atomic import atomic_open
 from motion_data.builddir import BuildDir
-from motion_data.errors import UserError
+from motion_data.errors import UserError, one_line
 
 from .api import load_tokenizer
 
@@ -56,7 +56,7 @@ def read_codes(path) -> tuple[list[str], np.ndarray]:
     try:
         t = pq.read_table(path, columns=["clip_id", "codes"]).to_pydict()
     except (OSError, pa.ArrowInvalid, KeyError) as e:
-        raise DecodeError(f"{path}: cannot read codes ({' '.join(str(e).split())}); write it with "
+        raise DecodeError(f"{path}: cannot read codes ({one_line(e)}); write it with "
                           f"python -m tokenizer_train tokenize") from None
     if not t["clip_id"]:
         raise DecodeError(f"{path}: holds no clips; tokenize a build that has clips")

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from motion_data.atomic import atomic_path
 from motion_data.builddir import BuildDir
-from motion_data.errors import UserError
+from motion_data.errors import UserError, one_line
 from motion_data.labels import class_offsets, labels_from_positions, step_valid
 from motion_data.split import split_manifest
 
@@ -107,7 +107,7 @@ def _read_frame(path):
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
     except (OSError, UnidentifiedImageError) as e:
-        raise DrawError(f"{path}: cannot read the frame image ({' '.join(str(e).split())}); pass a PNG or JPEG "
+        raise DrawError(f"{path}: cannot read the frame image ({one_line(e)}); pass a PNG or JPEG "
                         f"or leave --frame out for a blank canvas") from None
 
 

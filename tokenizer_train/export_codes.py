@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from motion_data.atomic import atomic_path
 from motion_data.builddir import BuildDir
-from motion_data.errors import UserError
+from motion_data.errors import UserError, one_line
 from motion_data.loader import MANIFEST_COLUMNS, ClipDataset
 from motion_data.sampler import SequentialBatchSampler
 from motion_data.split import split_manifest
@@ -88,6 +88,6 @@ def run(args) -> int:
     except (FileNotFoundError, ValueError, KeyError) as e:  # a UserError passes; the others become one
         if isinstance(e, UserError):
             raise
-        raise UserError(" ".join(str(e).split())) from None  # the dispatcher prints one line
+        raise UserError(one_line(e)) from None  # the dispatcher prints one line
     print(f"wrote {out}", file=sys.stderr)
     return 0

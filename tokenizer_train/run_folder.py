@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from motion_data.errors import UserError
+from motion_data.errors import UserError, some_names
 
 # the files train writes in RUN (docs/DESIGN.md, Trainer); done.json is ablate's mark of a finished
 # run, frontier.json the frontier's cache of it
@@ -52,11 +52,6 @@ def remove_run(run_dir) -> list[Path]:
     return gone
 
 
-def _names(paths, n: int = 4) -> str:
-    names = [p.name for p in paths]
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
-
-
 def check_fresh(out_dir, overwrite: bool, has_checkpoint: bool) -> bool:
     """Refuse a fresh start in ``out_dir`` unless it is new, or holds a run and ``overwrite``.
 
@@ -72,7 +67,7 @@ def check_fresh(out_dir, overwrite: bool, has_checkpoint: bool) -> bool:
     if not ours:
         others = sorted(d.iterdir())
         if others:
-            raise RunFolderError(f"{d}: not empty and not a run folder (holds {_names(others)}); "
+            raise RunFolderError(f"{d}: not empty and not a run folder (holds {some_names(p.name for p in others)}); "
                                  f"choose another --out (--overwrite only replaces a run)")
         return False
     if overwrite:
@@ -80,7 +75,7 @@ def check_fresh(out_dir, overwrite: bool, has_checkpoint: bool) -> bool:
     if has_checkpoint:
         raise RunFolderError(f"{d}: already holds a run (last.pt); continue it with --resume {d}, "
                              f"or start afresh with --overwrite (removes that run's files)")
-    raise RunFolderError(f"{d}: holds a run that stopped before its first checkpoint ({_names(ours)}); "
+    raise RunFolderError(f"{d}: holds a run that stopped before its first checkpoint ({some_names(p.name for p in ours)}); "
                          f"start it again with --resume {d} (its recorded config) or --overwrite")
 
 

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from motion_data.atomic import atomic_write_json, atomic_write_text
 from motion_data.builddir import BuildDir
-from motion_data.errors import UserError
+from motion_data.errors import SettingError, UserError, one_line
 from motion_data.loader import make_loader
 from motion_data.workers import resolve_workers
 
@@ -63,7 +63,6 @@ from .model_inputs import model_kwargs
 from .schedule import build_scheduler, clip_gradients
 from .stop import StopSignals, Stopped
 from .validate import evaluate, to_device, train_code_info
-from motion_data.errors import SettingError
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -107,7 +106,7 @@ def run(args) -> int:
 
 def _user_error(e: Exception) -> UserError:
     """The one-line UserError (printed by the dispatcher) of a refused input."""
-    return e if isinstance(e, UserError) else UserError(" ".join(str(e).split()))
+    return e if isinstance(e, UserError) else UserError(one_line(e))
 
 
 def _resolve(args):
@@ -126,7 +125,7 @@ def _resolve(args):
         try:
             recorded = json.loads((run_dir / "run.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{run_dir / 'run.json'}: unreadable ({' '.join(str(e).split())})") from None
+            raise ValueError(f"{run_dir / 'run.json'}: unreadable ({one_line(e)})") from None
         cfg = load_config(args.config or run_dir / "config.yaml", args.set)
         if not started and int(os.environ.get("RANK", "0")) == 0:
             print(f"{run_dir}: stopped before its first checkpoint; starting it again from step 0", file=sys.stderr)
