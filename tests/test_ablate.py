@@ -158,9 +158,9 @@ def test_run_with_only_last_prev_resumes_not_wiped(tmp_path):
     (spec.dir / "last.prev.pt").write_bytes(b"x")
     (spec.dir / "metrics.jsonl").write_text("{}\n")
     calls = []
-    assert AB.run_one(spec, tmp_path, train_fn=lambda cfg, data, out, resume, progress: calls.append(resume),
+    assert AB.run_one(spec, tmp_path, train_fn=lambda cfg, data, out, resume, progress, overwrite: calls.append((resume, overwrite)),
                       progress=False) == "resumed"
-    assert calls == [True] and (spec.dir / "last.prev.pt").exists() and (spec.dir / "metrics.jsonl").exists()
+    assert calls == [(True, False)] and (spec.dir / "last.prev.pt").exists() and (spec.dir / "metrics.jsonl").exists()
 
 
 def test_summarize_reads_a_null_last_value_as_nan():
@@ -170,3 +170,30 @@ def test_summarize_reads_a_null_last_value_as_nan():
     rows = [{"step": 1, "epoch": 0, "val/auc_moving_epoch": None, "val/code_info_bits_epoch": 0.5}]
     out = AB.summarize(rows)
     assert math.isnan(out["auc_moving"]) and out["code_info_bits"] == 0.5
+
+
+def test_run_that_died_before_its_first_checkpoint_restarts_through_the_run_folder_rule(tiny_build, tmp_path):
+    """No checkpoint: the run starts afresh; its stale rows go, a file that is not the run's stays
+    (the run folder's rule, run_folder.check_fresh, instead of wiping the folder)."""
+    from tokenizer_train.run_folder import RunFolderError
+
+    spec = AB.plan(None, {}, tmp_path, [0], TINY, 1)[0]
+    spec.dir.mkdir(parents=True)
+    (spec.dir / "metrics.jsonl").write_text('{"step": 99, "train/loss_step": 1.0}\n')
+    (spec.dir / "run.json").write_text("{}")
+    assert AB.run_one(spec, tiny_build, progress=False) == "trained"
+    steps = [json.loads(x)["step"] for x in (spec.dir / "metrics.jsonl").read_text().splitlines()]
+    assert 99 not in steps
+    (spec.dir / "done.json").unlink()
+    for p in spec.dir.glob("last*.pt"):
+        p.unlink()
+    (spec.dir / "notes.txt").write_text("mine")
+    assert AB.run_one(spec, tiny_build, progress=False) == "trained"  # the run's files replaced
+    assert (spec.dir / "notes.txt").read_text() == "mine"  # not the run's: kept (it was wiped before)
+    # a folder holding only files that are not a run's is refused, not wiped
+    other = AB.plan(None, {}, tmp_path / "o", [0], TINY, 1)[0]
+    other.dir.mkdir(parents=True)
+    (other.dir / "notes.txt").write_text("mine")
+    with pytest.raises(RunFolderError):
+        AB.run_one(other, tiny_build, progress=False)
+    assert (other.dir / "notes.txt").read_text() == "mine"

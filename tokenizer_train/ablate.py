@@ -42,7 +42,6 @@ import argparse
 import csv
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -148,12 +147,11 @@ def run_one(spec: RunSpec, data_dir: Path, train_fn=None, progress: bool = True)
             raise ConfigError(f"{spec.dir}: finished with a different config; delete it or use another --out")
         return "done"
     resume = ckpt.has_last(spec.dir)  # last.prev.pt alone (a torn last.pt) is resumable too
-    if not resume and spec.dir.exists():
-        shutil.rmtree(spec.dir)  # died before its first checkpoint: stale logs only
-    spec.dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     T.seed_everything(spec.cfg.training.seed)
-    train_fn(spec.cfg, data_dir, spec.dir, resume=resume, progress=progress)
+    # a run that died before its first checkpoint starts afresh: the run folder's own rule
+    # (run_folder.check_fresh) removes its stale files, and only those
+    train_fn(spec.cfg, data_dir, spec.dir, resume=resume, progress=progress, overwrite=not resume)
     atomic_write_json(spec.done, {"variant": spec.variant, "seed": spec.seed, "config": want,
                             "wall_s": round(time.perf_counter() - t0, 2), "resumed": resume})
     return "resumed" if resume else "trained"
