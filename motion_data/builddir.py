@@ -158,20 +158,27 @@ class BuildDir:
 
         from .batch import make_batch  # imports torch: only for this path
 
+        from .shard_reader import FdCache
+
         K = self.W * self.W
         counts = np.zeros(K, np.int64)
-        for lo in tqdm(range(0, len(rows), chunk), desc="class counts", unit="chunk", disable=not progress):
-            r = rows[lo:lo + chunk]
-            pos, vis, st = self.read_clips(r)
-            b = make_batch(pos, vis, st, [""] * len(r), flt, self.W, ref_size=self.ref_size, label_rule=self.label_rule)
-            counts += np.bincount(b["labels"][b["mask"]].numpy(), minlength=K)[:K]
+        fds = FdCache()  # one descriptor per shard for the whole pass, not per chunk
+        try:
+            for lo in tqdm(range(0, len(rows), chunk), desc="class counts", unit="chunk", disable=not progress):
+                r = rows[lo:lo + chunk]
+                pos, vis, st = self.read_clips(r, fds)
+                b = make_batch(pos, vis, st, [""] * len(r), flt, self.W, ref_size=self.ref_size,
+                               label_rule=self.label_rule)
+                counts += np.bincount(b["labels"][b["mask"]].numpy(), minlength=K)[:K]
+        finally:
+            fds.close()
         return counts
 
     # ---------------------------------------------------------------- clips
-    def read_clips(self, rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def read_clips(self, rows, fds=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(positions (B, T, N, 2) reference px, visibility (B, T, N), stats (B, 3, N))`` of
         manifest rows, read from the shards and checked (``shard_reader.read_batch``);
-        ShardError names the shard."""
+        ShardError names the shard. ``fds``: a caller's ``FdCache`` kept open across calls."""
         from .shard_reader import FdCache, read_batch
         from .shards import ShardError
 
@@ -179,14 +186,16 @@ class BuildDir:
         if rows.size and (rows.min() < 0 or rows.max() >= self.n_clips):
             raise ValueError(f"clip rows must be in [0, {self.n_clips}), got {rows.min()}..{rows.max()}")
         man = self._read_columns
-        fds = FdCache()
+        own = fds is None
+        fds = FdCache() if own else fds
         try:
             pos, vis, st, ok, err = read_batch(
                 fds, [str(self.root / man["shard"][i]) for i in rows], [man["offset"][i] for i in rows],
                 [man["size"][i] for i in rows], [man["clip_id"][i] for i in rows],
                 [man["checksum"][i] for i in rows], self.T, self.N)
         finally:
-            fds.close()
+            if own:
+                fds.close()
         if not ok.all():
             raise ShardError(next(e for e in err if e is not None))
         return pos, vis, st

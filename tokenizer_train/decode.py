@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from motion_data.atomic import atomic_open
 from motion_data.builddir import BuildDir
+from motion_data.shard_reader import FdCache
 from motion_data.errors import UserError, one_line
 
 from .api import load_tokenizer
@@ -86,16 +87,20 @@ def decode_codes(run_dir, codes_path, out_path, data_dir=None, which="best", bat
         build.check_compatible(N=N, what=f"the run {run_dir}")
         rows = build.rows_of(ids)
         out.update(start_pos=np.zeros((C, N, 2), np.float32), ref_size=np.int64(build.ref_size))
-    for lo in tqdm(range(0, C, batch_size), desc="decode", unit="batch", dynamic_ncols=True, disable=not progress):
-        hi = min(C, lo + batch_size)
-        start = None
-        if build is not None:
-            out["start_pos"][lo:hi] = build.read_clips(rows[lo:hi])[0][:, 0]
-            start = out["start_pos"][lo:hi] if tok.needs_start_pos else None
-        d = tok.decode(codes[lo:hi], start)
-        out["classes"][lo:hi] = d.classes.cpu().numpy()
-        out["displacement"][lo:hi] = d.displacement.cpu().numpy()
-        out["confidence"][lo:hi] = d.confidence.cpu().numpy()
+    fds = FdCache()  # one descriptor per shard for the whole pass
+    try:
+        for lo in tqdm(range(0, C, batch_size), desc="decode", unit="batch", dynamic_ncols=True, disable=not progress):
+            hi = min(C, lo + batch_size)
+            start = None
+            if build is not None:
+                out["start_pos"][lo:hi] = build.read_clips(rows[lo:hi], fds)[0][:, 0]
+                start = out["start_pos"][lo:hi] if tok.needs_start_pos else None
+            d = tok.decode(codes[lo:hi], start)
+            out["classes"][lo:hi] = d.classes.cpu().numpy()
+            out["displacement"][lo:hi] = d.displacement.cpu().numpy()
+            out["confidence"][lo:hi] = d.confidence.cpu().numpy()
+    finally:
+        fds.close()
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(out_path, "wb") as f:
         np.savez(f, **out)
