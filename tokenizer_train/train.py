@@ -84,10 +84,7 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def run(args) -> int:
-    try:
-        cfg, data_dir, out_dir, resume, overwrite = _resolve(args)
-    except (ValueError, FileNotFoundError) as e:
-        raise _user_error(e) from None
+    cfg, data_dir, out_dir, resume, overwrite = _resolve(args)  # a UserError: one line from the dispatcher
     dist = D.init(cfg.training.device)
     try:
         train(cfg, data_dir, out_dir, resume=resume, dist=dist, debug_codes=args.debug_codes, overwrite=overwrite,
@@ -104,34 +101,29 @@ def run(args) -> int:
     return 0
 
 
-def _user_error(e: Exception) -> UserError:
-    """The one-line UserError (printed by the dispatcher) of a refused input."""
-    return e if isinstance(e, UserError) else UserError(one_line(e))
-
-
 def _resolve(args):
     """(config, data dir, run dir, resume?, overwrite?) from the command line and, on resume,
     the run; a run stopped before its first checkpoint is started again (overwrite)."""
     if args.resume:
         run_dir = Path(args.resume)
         if args.out and Path(args.out) != run_dir:
-            raise ValueError("--out must be omitted or equal to --resume RUN")
+            raise UserError("--out must be omitted or equal to --resume RUN")
         if args.overwrite:
-            raise ValueError("--overwrite starts afresh and --resume continues: give one of them")
+            raise UserError("--overwrite starts afresh and --resume continues: give one of them")
         started = ckpt.has_last(run_dir)
         if not started and not (run_dir / "run.json").exists():
-            raise FileNotFoundError(f"{run_dir}: nothing to resume (no last.pt, no run.json); start a run "
+            raise UserError(f"{run_dir}: nothing to resume (no last.pt, no run.json); start a run "
                                     f"there with --data BUILD --out {run_dir} (add --overwrite if it holds one)")
         try:
             recorded = json.loads((run_dir / "run.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{run_dir / 'run.json'}: unreadable ({one_line(e)})") from None
+            raise UserError(f"{run_dir / 'run.json'}: unreadable ({one_line(e)})") from None
         cfg = load_config(args.config or run_dir / "config.yaml", args.set)
         if not started and int(os.environ.get("RANK", "0")) == 0:
             print(f"{run_dir}: stopped before its first checkpoint; starting it again from step 0", file=sys.stderr)
         return cfg, Path(args.data or recorded["data"]), run_dir, started, not started
     if not args.data or not args.out:
-        raise ValueError("--data and --out are required (or --resume RUN)")
+        raise UserError("--data and --out are required (or --resume RUN)")
     return load_config(args.config, args.set), Path(args.data), Path(args.out), False, args.overwrite
 
 
