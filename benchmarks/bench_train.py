@@ -1,158 +1,177 @@
-"""Training throughput (clips/s) of the real loop at several loader worker counts, next to
-the model alone.
+"""Training cost of the full-logits path (``training.decode_points=all``, what every run did
+before masked decoding) next to the masked path (``masked``, the default), side by side in
+one run, for each config.
 
-Writes synthetic tracks (N = 400 points, 20x20 grid), builds them, then prints
-- the model alone: forward + loss + backward + AdamW on one batch held on the device (no
-  loader): the ceiling the loop could reach;
-- the real training loop (``tokenizer_train.train.train``: loader, forward, loss, backward,
-  AdamW) at each ``--workers`` setting (default 0, auto, 2, 4, 8; ``auto`` is resolved by
-  ``motion_data.workers`` for the device): its ``perf/clips_per_s`` and
-  ``perf/loader_wait_share`` (time waiting for the next batch / wall time) from
-  metrics.jsonl, the first log interval dropped as warm-up, and peak GPU memory.
-Each setting is capped at ``--steps`` optimizer steps; settings left when ``--time-limit``
-seconds have passed are skipped (and said so), so a GPU run finishes in under 2 minutes.
+Each (config, path) runs in a subprocess of its own, so that its peak memory is its own:
+- train clips/s: ``perf/clips_per_s`` of the real loop (loader, forward, loss, backward,
+  AdamW), the first log interval dropped as warm-up;
+- val clips/s: ``perf/val_clips_per_s_epoch``, the validation pass with code information
+  (9 decoder passes a batch);
+- activation MB: the bytes autograd keeps for the backward pass of one training batch
+  (tensors saved by the forward and the loss, each storage counted once);
+- peak RSS GB (CPU) or peak CUDA GB: of the whole subprocess, imports included (~0.4 GB).
+Ratios are masked / all of the same config in the same run.
 
-    python benchmarks/bench_train.py --device cpu --clips 64 --steps 4 --workers 0 auto   # tiny, on CPU
-    python benchmarks/bench_train.py --preset amplify --device cuda   # hidden 768, 2+2, bf16, batch 256
+    python benchmarks/bench_train.py --data BUILD                       # 1 epoch per setting
+    python benchmarks/bench_train.py --data BUILD --configs recommended --max-steps 60
+    python benchmarks/bench_train.py --device cuda --data BUILD         # on a GPU
+Without ``--data`` a synthetic build of ``--clips`` clips is made (speed only, not quality).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from motion_data.build import build
-from motion_data.loader import make_loader
-from motion_data.synth import write_synth
-from motion_data.workers import AUTO, resolve_workers, usable_cores
-from tokenizer_train.config import from_dict
-from tokenizer_train.losses import Criterion
-from tokenizer_train.model import MotionTokenizer
-from tokenizer_train.model_inputs import model_kwargs
-from tokenizer_train.train import autocast_for, train
-
-PRESETS = {
-    "default": [],
-    "tiny": ["model.hidden_dim=32", "model.num_layers=1", "model.num_heads=2", "training.batch_size=8"],  # tests
-    "amplify": ["model.hidden_dim=768", "model.num_layers=2", "model.num_heads=8",
-                "training.mixed_precision=bf16", "training.batch_size=256"],
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = {  # name -> (config file, extra --set)
+    "base": ("configs/base.yaml", []),
+    "base+filter": ("configs/base.yaml", ["data.static_filter.enable=true"]),
+    "recommended": ("configs/recommended.yaml", []),
+    "amplify": ("configs/amplify.yaml", []),
 }
+PATHS = ("all", "masked")
 
 
-def _peak_gib(device) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+def activation_bytes(trainer, batch) -> int:
+    """Bytes of the tensors autograd saves for backward in one forward + loss (each storage once)."""
+    import torch
+
+    seen: dict = {}
+
+    def pack(t):
+        try:
+            st = t.untyped_storage()
+            seen[(st.data_ptr(), t.device)] = st.nbytes()
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, loss, *_ = trainer.forward_backward(batch, 0.5, True)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return int(sum(seen.values()))
 
 
-def _reset_peak(device):
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+def child(args) -> dict:
+    """One (config, path) setting: a 1-epoch training (or --max-steps), then its figures."""
+    import numpy as np
+    import torch
+
+    from motion_data.builddir import BuildDir
+    from tokenizer_train import distributed as D
+    from tokenizer_train import train as T
+    from tokenizer_train.config import load_config
+    from tokenizer_train.model_inputs import with_index
+    from tokenizer_train.stop import StopSignals
+
+    cfg = load_config(args.config, args.set)
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    T.train(cfg, Path(args.data), out, progress=False)
+    wall = time.perf_counter() - t0
+    dev = torch.device(cfg.training.device if cfg.training.device != "auto" else
+                       ("cuda" if torch.cuda.is_available() else "cpu"))
+    peak = (torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)  # kB -> GB on Linux
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    perf = [r["perf/clips_per_s"] for r in rows if "perf/clips_per_s" in r]
+    perf = perf[1:] or perf
+    val = [r["perf/val_clips_per_s_epoch"] for r in rows if "perf/val_clips_per_s_epoch" in r]
+    last = [r for r in rows if "val/code_info_bits_epoch" in r]
+    with StopSignals() as stop:
+        tr = T.Trainer(cfg, BuildDir(args.data), out / "probe", D.Dist(), False, False, stop)
+    tr.train_loader.set_epoch(0)
+    batch = next(iter(tr.train_loader))
+    if cfg.training.decode_points == "masked":
+        batch = with_index(batch, "decode_index", "mask", "eval_mask")
+    batch = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    act = activation_bytes(tr, batch)
+    return {"train_clips_per_s": float(np.mean(perf)), "val_clips_per_s": val[-1] if val else float("nan"),
+            "activation_mb": act / 1e6, "peak_gb": peak, "wall_s": wall, "steps": rows[-1]["step"],
+            "val_code_info_bits": last[-1]["val/code_info_bits_epoch"] if last else float("nan"),
+            "cuda": dev.type == "cuda"}
 
 
-def model_only(cfg, batch, steps, device) -> tuple[float, float]:
-    """(clips/s, peak GiB) of forward + loss + backward + AdamW on one batch on ``device``."""
-    torch.manual_seed(0)
-    _reset_peak(device)
-    W = cfg.data.window_size
-    N = batch["velocities"].shape[2]
-    model = MotionTokenizer(cfg.model, N, W).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.training.learning_rate)
-    crit = Criterion(cfg.training, None, W)
-    b = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+def run_setting(name, path, data, tmp, args) -> dict:
+    cfg_file, sets = CONFIGS[name]
+    sets = sets + [f"training.decode_points={path}", "training.epochs=1", f"training.device={args.device}",
+                   "training.code_log_interval=1000000"] + args.set
+    if args.max_steps:
+        from tokenizer_train.config import load_config
 
-    def one():
-        with autocast_for(cfg.training.mixed_precision, device):
-            out = model(b["velocities"], **model_kwargs(b))
-            loss, _ = crit(out["logits"], b["labels"], b["mask"])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    one()  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(steps):
-        one()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * b["velocities"].shape[0] / (time.perf_counter() - t), _peak_gib(device)
-
-
-def loop(cfg, data, out, device) -> tuple[float, float, float]:
-    """(clips/s, loader-wait share, peak GiB) of the real loop, warm-up interval dropped."""
-    _reset_peak(device)
-    train(cfg, data, out, progress=False)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    perf = [r for r in rows if "perf/clips_per_s" in r]
-    perf = perf[1:] or perf  # the first interval holds the start-up
-    return (float(np.mean([r["perf/clips_per_s"] for r in perf])),
-            float(np.mean([r["perf/loader_wait_share"] for r in perf])), _peak_gib(device))
-
-
-def _workers(v: str):
-    if v == AUTO:
-        return v
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--workers takes integers >= 0 or auto, got {v!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"--workers takes integers >= 0 or auto, got {v!r}")
-    return n
+        bs = load_config(REPO / cfg_file, sets).training.batch_size
+        sets.append(f"data.sampler.epoch_size={args.max_steps * bs}")
+    out = tmp / f"{name}_{path}".replace("+", "_")
+    cmd = [sys.executable, __file__, "--child", "--config", str(REPO / cfg_file), "--data", str(data), "--out",
+           str(out), "--set", *sets]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    if p.returncode:
+        raise SystemExit(f"{name} ({path}) failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="default", help="model/batch setting")
+    ap.add_argument("--data", help="a build folder (python -m preprocess build-shards); default: a synthetic build")
+    ap.add_argument("--clips", type=int, default=600, help="synthetic clips when --data is not given")
+    ap.add_argument("--configs", default="base,base+filter,recommended,amplify",
+                    help=f"comma-separated settings among {', '.join(CONFIGS)}")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to train")
-    ap.add_argument("--steps", type=int, default=12, help="optimizer steps per setting (the cap), after a warm-up "
-                    "interval of steps // 3 that is dropped")
-    ap.add_argument("--workers", type=_workers, nargs="+", default=[0, AUTO, 2, 4, 8],
-                    help="loader worker counts to measure (integers or auto)")
-    ap.add_argument("--clips", type=int, default=1000, help="synthetic clips to generate and build")
-    ap.add_argument("--batch-size", type=int, default=None, help="override the preset's batch size")
-    ap.add_argument("--time-limit", type=float, default=110.0,
-                    help="seconds after which the remaining settings are skipped (reported as skipped)")
+    ap.add_argument("--max-steps", type=int, default=0,
+                    help="cap each training at this many optimizer steps (0: one whole epoch)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every setting")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--config", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    t_start = time.perf_counter()
-    device = torch.device(args.device)
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    bad = [n for n in names if n not in CONFIGS]
+    if bad:
+        ap.error(f"--configs: unknown {', '.join(bad)}; choose among {', '.join(CONFIGS)}")
+    import torch
 
+    t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_synth(tmp / "in", args.clips, seed=0)
-        build([str(tmp / "in")], tmp / "build", progress=False)
-        base = PRESETS[args.preset] + [f"training.device={args.device}", "data.val_split=0.0", "training.epochs=1"]
-        if args.batch_size:
-            base.append(f"training.batch_size={args.batch_size}")
-        cfg0 = from_dict({}, base)
-        bs = cfg0.training.batch_size
-        log = max(1, args.steps // 3)  # the first log interval is warm-up and dropped
-        sets = base + [f"data.sampler.epoch_size={(args.steps + log) * bs}", f"training.log_interval={log}",
-                       f"training.code_log_interval={10**6}"]
-        batch = next(iter(make_loader(tmp / "build", batch_size=bs, val_split=0.0)))
-        print(f"preset {args.preset}: hidden {cfg0.model.hidden_dim}, {cfg0.model.num_layers}+"
-              f"{cfg0.model.n_decoder_layers} layers, batch {bs}, {cfg0.training.mixed_precision}, "
-              f"device {args.device}, N={batch['velocities'].shape[2]}, S={batch['velocities'].shape[1]}, "
-              f"torch threads {torch.get_num_threads()}, usable cores {usable_cores()}, "
-              f"{args.steps} steps per setting", flush=True)
-        ceiling, peak = model_only(cfg0, batch, args.steps, device)
-        print(f"{'setting':<34}{'clips/s':>10}{'loader wait':>13}{'vs model-only':>15}{'peak GPU GiB':>14}")
-        print(f"{'model only (batch on the device)':<34}{ceiling:>10.1f}{'-':>13}{'1.00x':>15}{peak:>14.2f}", flush=True)
-        for w in args.workers:
-            n = resolve_workers(w, device.type)
-            name = f"train loop, {w} workers" + (f" (= {n})" if w == AUTO else "")
-            if time.perf_counter() - t_start > args.time_limit:
-                print(f"{name:<34}  skipped: --time-limit {args.time_limit:g} s reached", flush=True)
-                continue
-            cfg = from_dict({}, sets + [f"data.num_workers={w}"])
-            cps, wait, peak = loop(cfg, tmp / "build", tmp / f"run_{w}", device)
-            print(f"{name:<34}{cps:>10.1f}{wait:>12.1%}{cps / ceiling:>14.2f}x{peak:>14.2f}", flush=True)
-    print(f"total {time.perf_counter() - t_start:.0f} s")
+        data = args.data
+        if data is None:
+            from motion_data.build import build
+            from motion_data.synth import write_synth
+
+            write_synth(tmp / "in", args.clips, seed=0)
+            build([str(tmp / "in")], tmp / "build", progress=False)
+            data = tmp / "build"
+        print(f"data {data}; device {args.device}; torch threads {torch.get_num_threads()}; "
+              f"cores {os.cpu_count()}; load {os.getloadavg()[0]:.2f}; "
+              f"{'max ' + str(args.max_steps) + ' steps' if args.max_steps else '1 epoch'} per setting", flush=True)
+        mem = "peak CUDA GB" if args.device == "cuda" else "peak RSS GB"
+        head = (f"{'config':<13}{'path':<8}{'train clips/s':>14}{'val clips/s':>12}{'activ. MB':>11}{mem:>14}"
+                f"{'wall s':>8}{'code info':>10}")
+        print(head, flush=True)
+        for name in names:
+            res = {}
+            for path in PATHS:
+                r = res[path] = run_setting(name, path, data, tmp, args)
+                print(f"{name:<13}{path:<8}{r['train_clips_per_s']:>14.1f}{r['val_clips_per_s']:>12.1f}"
+                      f"{r['activation_mb']:>11.1f}{r['peak_gb']:>14.2f}{r['wall_s']:>8.0f}"
+                      f"{r['val_code_info_bits']:>10.3f}", flush=True)
+            a, m = res["all"], res["masked"]
+            print(f"{name:<13}{'ratio':<8}{m['train_clips_per_s'] / a['train_clips_per_s']:>13.2f}x"
+                  f"{m['val_clips_per_s'] / a['val_clips_per_s']:>11.2f}x"
+                  f"{m['activation_mb'] / a['activation_mb']:>10.2f}x{m['peak_gb'] / a['peak_gb']:>13.2f}x",
+                  flush=True)
+    print(f"total {time.perf_counter() - t_start:.0f} s; load {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -30,11 +30,30 @@ def test_ce_bits_by_hand():
     assert (s, n) == (pytest.approx(1.0), 1)
 
 
-def test_others_choice():
-    assert CI.others(20) == list(range(1, 9))
-    assert CI.others(5) == [1, 2, 3, 4]  # B <= M: all others
-    assert CI.others(1) == []
-    assert CI.max_bits(20) == pytest.approx(math.log2(9)) and CI.max_bits(3) == pytest.approx(math.log2(3))
+def _own_groups(B, m=CI.M_OTHERS):
+    return CI.other_clips([f"clip{i}" for i in range(B)], m)
+
+
+def test_other_clips_are_of_other_groups_fixed_and_as_many_as_there_are():
+    groups = [f"rollout{i // 4}" for i in range(40)]  # 10 rollouts of 4 overlapping windows
+    o = CI.other_clips(groups, 8, seed=0)
+    assert o.shape == (40, 8) and (o >= 0).all()
+    for i in range(40):
+        assert len(set(o[i])) == 8 and all(groups[j] != groups[i] for j in o[i])
+    assert np.array_equal(o, CI.other_clips(groups, 8, seed=0))  # fixed by the seed
+    assert not np.array_equal(o, CI.other_clips(groups, 8, seed=1))
+    # two groups of 3: each clip has only 3 clips of another group
+    o = CI.other_clips(["a", "a", "a", "b", "b", "b"], 8)
+    assert ((o >= 0).sum(1) == 3).all()
+    assert all(set(o[i][o[i] >= 0]) == ({3, 4, 5} if i < 3 else {0, 1, 2}) for i in range(6))
+    assert (CI.other_clips(["a"] * 5, 8) == -1).all()  # one group: nobody to pair with
+    # ... unless its windows are far enough apart: one video, windows every 4 frames, 16 long
+    o = CI.other_clips(["v"] * 12, 8, starts=np.arange(12) * 4, frames=16)
+    for i in range(12):
+        got = o[i][o[i] >= 0]
+        assert len(got) == sum(abs(j - i) >= 4 for j in range(12)) or len(got) == 8
+        assert all(abs(j - i) * 4 >= 16 for j in got)
+    assert CI.max_bits() == pytest.approx(math.log2(9)) and CI.max_bits(2) == pytest.approx(math.log2(3))
 
 
 def _batch(B=12, S=3, N=5, seed=0):
@@ -52,7 +71,7 @@ def test_decoder_that_ignores_its_codes_scores_zero():
     def decode(qz):  # the per-cell prior, whatever the codes
         return fixed.expand(qz.shape[0], -1, -1, -1)
 
-    s, n = CI.code_info_counts(decode, q, labels, mask)
+    s, n = CI.code_info_counts(decode, q, q, _own_groups(12), labels, mask)
     assert n == int(mask.sum()) and abs(s / n) < 1e-6
 
 
@@ -69,7 +88,7 @@ def test_perfect_deterministic_decoder_scores_log2_m_plus_1(B):
     def decode(qz):
         return _onehot_logits((qz[:, 0, 0].long()[:, None, None] + pattern) % k, k)
 
-    s, n = CI.code_info_counts(decode, q, labels, torch.ones(B, 3, 5, dtype=torch.bool))
+    s, n = CI.code_info_counts(decode, q, q, _own_groups(B), labels, torch.ones(B, 3, 5, dtype=torch.bool))
     assert n == B * 15 and s / n == pytest.approx(math.log2(min(8, B - 1) + 1), abs=1e-6)
 
 
@@ -83,11 +102,12 @@ def test_never_above_log2_m_plus_1_and_confidently_wrong_does_not_inflate():
         def decode(qz):
             return (qz @ w).reshape(qz.shape[0], 3, 5, K)
 
-        s, n = CI.code_info_counts(decode, q, labels, mask)
+        s, n = CI.code_info_counts(decode, q, q, _own_groups(16), labels, mask)
         assert s / n <= math.log2(9) + 1e-9
     # a decoder that is sure of a wrong class whatever the codes: own and mixture equally wrong
     wrong = _onehot_logits((labels + 1) % K, big=30.0)
-    s, n = CI.code_info_counts(lambda qz: wrong, torch.randn(16, 3, 4), labels, mask)
+    q = torch.randn(16, 3, 4)
+    s, n = CI.code_info_counts(lambda qz: wrong, q, q, _own_groups(16), labels, mask)
     assert abs(s / n) < 1e-6
 
 
@@ -103,7 +123,7 @@ def test_mixture_by_hand():
                             for r, c in enumerate(qz[:, 0, 0])])[:, None, None, :]
 
     q = torch.tensor([0.0, 1.0])[:, None, None]
-    s, n = CI.code_info_counts(decode, q, labels, torch.ones(2, 1, 1, dtype=torch.bool))
+    s, n = CI.code_info_counts(decode, q, q, _own_groups(2), labels, torch.ones(2, 1, 1, dtype=torch.bool))
     # clip 0: own 0.5, other 0.25 -> log2(0.5/0.375); clip 1: own 0.5 (probs[1-1]), other 0.25: the same
     assert n == 2 and s == pytest.approx(2 * math.log2(0.5 / 0.375))
 
@@ -160,8 +180,9 @@ def test_quality_scalars_by_hand():
     v = torch.zeros(2, 1, 1, 2)
     v[1, 0, 0] = torch.tensor([-1.0, -1.0])  # class 0 of a 3x3 window: (-1, -1) px, half window 1
     q = Quality(3)
-    q.add(logits, labels, v, torch.ones(2, 1, 1, dtype=torch.bool),
-          decode=lambda z: logits, quantized=torch.zeros(2, 1, 2))
+    mask = torch.ones(2, 1, 1, dtype=torch.bool)
+    z = torch.zeros(2, 1, 2)
+    q.add(logits, labels, v, mask, info=CI.code_info_counts(lambda _: logits, z, z, _own_groups(2), labels, mask))
     s = q.reduce(torch.device("cpu")).scalars("val", "epoch")
     assert s["val/acc_epoch"] == 0.5 and s["val/acc_noncenter_epoch"] == 0.0
     assert s["val/epe_zero_px_epoch"] == pytest.approx(math.sqrt(2) / 2)
@@ -187,7 +208,49 @@ def test_train_code_info_scores_the_first_m_plus_1_clips_in_eval_mode():
     toy = Toy().train()
     labels, mask = _batch(B=20)
     q = torch.randn(20, 3, 4, generator=torch.Generator().manual_seed(2))
-    got = train_code_info(toy, {"labels": labels, "eval_mask": mask}, q, torch.device("cpu"))
+    ids = [f"c{i:02d}" for i in range(20)]
+    where = {c: (f"rollout{i // 3}", 0) for i, c in enumerate(ids)}  # windows of a rollout share frames
+    got = train_code_info(toy, {"labels": labels, "eval_mask": mask, "clip_id": ids}, q, torch.device("cpu"), where)
     assert toy.training and not any(toy.modes)  # decoded in eval mode, training mode restored
-    s, n = CI.code_info_counts(toy.decode, q[:9], labels[:9], mask[:9])
+    others = CI.other_clips([where[c][0] for c in ids])[:9]
+    assert all(where[ids[j]][0] != where[ids[i]][0] for i in range(9) for j in others[i])
+    s, n = CI.code_info_counts(toy.decode, q[:9], q, others, labels[:9], mask[:9])
     assert got == pytest.approx(s / n) and got <= math.log2(9)
+
+
+def test_validation_code_info_does_not_change_with_batch_size_or_order(tiny_build):
+    """The figure pairs clips by other_clips over the whole split, never by batch neighbours."""
+    import contextlib
+
+    from motion_data.builddir import BuildDir
+    from motion_data.loader import make_loader
+    from tokenizer_train.config import from_dict
+    from tokenizer_train.distributed import Dist
+    from tokenizer_train.losses import Criterion
+    from tokenizer_train.model import MotionTokenizer
+    from tokenizer_train.validate import clip_places, evaluate
+
+    cfg = from_dict({"model": {"hidden_dim": 16, "num_layers": 1, "num_heads": 2}})
+    where = clip_places(BuildDir(tiny_build))
+    loader = make_loader(tiny_build, split="train", batch_size=64, val_split=0.0)
+    loader.set_epoch(0)
+    whole = next(iter(loader))
+    C = len(whole["clip_id"])
+    torch.manual_seed(0)
+    model = MotionTokenizer(cfg.model, whole["velocities"].shape[2], 15)
+
+    def batches(order, bs):
+        for lo in range(0, C, bs):
+            idx = order[lo:lo + bs]
+            yield {k: (v[idx] if torch.is_tensor(v) else [v[i] for i in idx]) for k, v in whole.items()}
+
+    def info(order, bs):
+        s, _ = evaluate(model, list(batches(order, bs)), Criterion(cfg.training, None, 15), cfg, Dist(), 15,
+                        np.zeros(15, np.int64), contextlib.nullcontext, where=where)
+        return s["val/code_info_bits_epoch"]
+
+    ref = info(list(range(C)), 8)
+    assert ref > 0
+    rng = np.random.default_rng(0)
+    for order, bs in ((list(range(C)), 3), (list(rng.permutation(C)), 8), (list(rng.permutation(C)), 17)):
+        assert info(order, bs) == pytest.approx(ref, rel=1e-5)

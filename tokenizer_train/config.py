@@ -199,6 +199,10 @@ class TrainingConfig:
     class_weighting: ClassWeightingConfig = field(default_factory=ClassWeightingConfig)
     focal: FocalConfig = field(default_factory=FocalConfig)
     logit_adjustment: float = 0.0  # tau of tokenizer_train/prior.py; 0: off
+    # masked: the decoder computes logits only for the entries the loss or the evaluation mask
+    # scores, the loss in chunks (fused_ce); all: every entry's logits (the earlier path, the
+    # same results within float tolerance; for comparison)
+    decode_points: str = "masked"
 
     def __post_init__(self):
         # YAML 1.1 reads a bare `no` as False
@@ -207,6 +211,7 @@ class TrainingConfig:
         _one_of("training.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
         _one_of("training.device", self.device, ("auto", "cpu", "cuda"))
         _one_of("training.code_entropy_type", self.code_entropy_type, ("entropy", "kl_uniform"))
+        _one_of("training.decode_points", self.decode_points, ("masked", "all"))
         for k in ("batch_size", "epochs", "gradient_accumulation_steps", "log_interval"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"training.{k} must be >= 1, got {getattr(self, k)}")

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .gather import gather_rows, point_rows
+
 
 class CodeQueryHead(nn.Module):
     """One-head attention of (step, point) queries over code features: ``(B, S, N, H)``."""
@@ -42,6 +44,45 @@ class CodeQueryHead(nn.Module):
         scores = scores.masked_fill(~seen[None, :, None, :], float("-inf"))
         return torch.einsum("bsnl,blh->bsnh", torch.softmax(scores, dim=-1), v)
 
+    def select(self, code_feat, point_query, steps: int, step_of_token, b, s, n):
+        """``forward`` at the entries ``(b, s, n)`` only: ``(P, H)``. The scores are gathered from
+        the same per-step and per-point products as ``forward``'s; the weighted sum of values
+        runs row by row (``_RowsMix``), never building a ``(P, L, H)`` gather."""
+        B = code_feat.shape[0]
+        k, v = self.key(code_feat), self.value(code_feat)
+        qs = self.step_query(torch.arange(steps, device=code_feat.device))
+        by_point = torch.einsum("bnd,bld->bnl", point_query.expand(B, -1, -1), k)
+        by_step = torch.einsum("sd,bld->bsl", qs, k)
+        scores = (gather_rows(by_step, b, s) + gather_rows(by_point, b, n)) * self.scale  # (P, L)
+        scores = scores.masked_fill(step_of_token[None, :] > s[:, None], float("-inf"))
+        return _RowsMix.apply(torch.softmax(scores, dim=-1), v, b)
+
+
+class _RowsMix(torch.autograd.Function):
+    """``out[p] = sum_l w[p, l] * v[b[p], l]`` for ``w (P, L)``, ``v (B, L, H)``: one ``(P, H)``
+    product per token, so memory stays ``O(P * H)`` forward and backward (a batched matmul
+    over a ``v[b]`` gather would hold ``(P, L, H)``)."""
+
+    @staticmethod
+    def forward(ctx, w, v, b):
+        out = torch.zeros(w.shape[0], v.shape[2], dtype=torch.promote_types(w.dtype, v.dtype), device=w.device)
+        for j in range(w.shape[1]):
+            out += w[:, j, None] * v[:, j].index_select(0, b)
+        ctx.save_for_backward(w, v, b)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        w, v, b = ctx.saved_tensors
+        gw = torch.empty_like(w) if ctx.needs_input_grad[0] else None
+        gv = torch.zeros_like(v) if ctx.needs_input_grad[1] else None
+        for j in range(w.shape[1]):
+            if gw is not None:
+                gw[:, j] = (g * v[:, j].index_select(0, b)).sum(-1).to(w.dtype)
+            if gv is not None:
+                gv[:, j].index_add_(0, b, (w[:, j, None] * g).to(v.dtype))
+        return gw, gv, None
+
 
 class AmplifyHead(nn.Module):
     """``h (B, S, G, D)`` token features, ``point (B or 1, N, D)``, ``group (N,)`` -> logits ``(B, S, N, C)``."""
@@ -56,6 +97,14 @@ class AmplifyHead(nn.Module):
         self.proj = nn.Linear(dim, num_classes)
 
     def forward(self, h, point, group):
-        a = self.mlp_step(h)[:, :, group]  # per token, then spread over its points
-        x = h[:, :, group] + self.mlp_out(F.relu(a + self.mlp_point(point)[:, None]))
-        return self.proj(x)
+        return self.proj(self.features(h, point, group))
+
+    def features(self, h, point, group, sel=None):
+        """What ``proj`` reads: ``(B, S, N, D)``, or ``(P, D)`` at the entries ``sel = (b, s, n)``."""
+        a = self.mlp_step(h)  # per token, then spread over its points
+        p = self.mlp_point(point)  # (B or 1, N, mlp)
+        if sel is None:
+            return h[:, :, group] + self.mlp_out(F.relu(a[:, :, group] + p[:, None]))
+        b, s, n = sel
+        g = group[n]
+        return gather_rows(h, b, s, g) + self.mlp_out(F.relu(gather_rows(a, b, s, g) + point_rows(p, b, n)))

@@ -28,6 +28,7 @@ predicted displacement, px)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -44,10 +45,11 @@ from motion_data.errors import UserError
 from motion_data.loader import make_loader
 
 from .check import ACC_TOL
-from .distributed import pick_device
-from .model_inputs import model_kwargs
+from .distributed import Dist, pick_device
+from .code_info import code_info_counts
+from .model_inputs import entry_clip, model_kwargs, take, with_index
 from .quality import Quality
-from .validate import to_device
+from .validate import clip_places, code_pool, decoder_at, to_device
 from .checkpoint import load_model
 
 DEFAULT_OFFSETS = threshold_range(-3.0, 3.0, 0.5)  # centre-logit offsets
@@ -169,18 +171,23 @@ def frontier(run_dir, data_dir, offsets, which="last", batch_size=64, device="cp
     loader = make_loader(data_dir, split=split, static_filter=cfg.data.static_filter, batch_size=batch_size,
                          val_split=cfg.data.val_split, seed=cfg.training.seed)
     loader.set_epoch(0)
+    pool, row, others = code_pool(model, loader, clip_places(build), Dist(device=device), contextlib.nullcontext)
+    loader.set_epoch(0)
     sums = torch.zeros((len(offsets), 5), dtype=torch.float64, device=device)
     n_nc = torch.zeros((), dtype=torch.float64, device=device)
     quality = Quality(W)
     for b in tqdm(loader, desc=f"frontier ({split})", unit="batch", disable=not progress, dynamic_ncols=True,
                   leave=False):
-        b = to_device(b, device)
-        lab, m, vel, kw = b["labels"], b["eval_mask"].bool(), b["velocities"], model_kwargs(b)
-        out = model(vel, **kw)
-        logits = out["logits"].float()
+        b = to_device(with_index(b, "eval_index", "eval_mask"), device)
+        sel, kw = b["eval_index"], model_kwargs(b)  # the evaluation mask's entries only
+        lab, m, vel = take(b["labels"], sel), take(b["eval_mask"], sel), take(b["velocities"], sel)
+        out = model.encode(b["velocities"], **kw)
+        decode = decoder_at(model, kw, sel)
+        logits = decode(out["quantized"]).float()
         sums += sweep_sums(logits, lab, vel, m, offsets, W)
-        quality.add(logits, lab, vel, m, lambda z, kw=kw: model.decode(z, **kw).float(), out["quantized"],
-                    out["z_bounded"])
+        info = code_info_counts(decode, out["quantized"], pool, others[[row[c] for c in b["clip_id"]]], lab, m,
+                                entry_clip(sel, b["labels"].shape).to(lab.device), own_logits=logits)
+        quality.add(logits, lab, vel, m, info, out["z_bounded"])
         n_nc += (m & (lab != center_class(W))).sum()
     sums, n_nc = sums.cpu().numpy(), float(n_nc)  # the one host read of the sweep
     n = sums[0, 4]

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from .class_weights import class_weights_for
+from .fused_ce import IGNORE, linear_ce
 from motion_data.errors import SettingError
 
-IGNORE = -100
 
 
 # ====================================================================== the criterion
@@ -69,24 +69,44 @@ class Criterion:
             self._weights_dev = self.class_weights.to(device)
         return self._weights_dev
 
-    def __call__(self, logits, labels, mask):
-        K = logits.shape[-1]
+    def _check(self, K):
         if K != self.num_classes:
             raise ValueError(f"logits have {K} classes, expected W*W={self.num_classes}")
         if self.needs_counts:
             raise RuntimeError("class_weighting.method balanced has no class counts: pass class_counts "
                                "(BuildDir.class_counts of the build under the run's filter)")
+
+    def _plain(self) -> bool:
+        return self.gamma == 0.0 and self.class_weights is None and self.alpha is None
+
+    def __call__(self, logits, labels, mask):
+        K = logits.shape[-1]
+        self._check(K)
         flat = logits.reshape(-1, K)
         m = mask.reshape(-1)
         target = labels.reshape(-1).masked_fill(~m, IGNORE)
         count = m.sum()
-        denom = count.clamp_min(1).to(torch.float32)
-        if self.gamma == 0.0 and self.class_weights is None and self.alpha is None:
+        if self._plain():
             # the baseline: bitwise F.cross_entropy(..., ignore_index) mean, but 0 (with a
             # gradient) instead of NaN for an empty mask
-            loss = F.cross_entropy(flat, target, ignore_index=IGNORE, reduction="sum") / denom
+            loss = F.cross_entropy(flat, target, ignore_index=IGNORE, reduction="sum") / count.clamp_min(1).float()
             return loss, {"ce": loss.detach(), "count": count.detach()}
-        ce = F.cross_entropy(flat, target, ignore_index=IGNORE, reduction="none")  # 0 where ignored
+        return self.from_ce(F.cross_entropy(flat, target, ignore_index=IGNORE, reduction="none"), target, count)
+
+    def fused(self, features, layer, labels, mask, offset=None):
+        """The loss of ``layer(features) + offset`` without materialising those logits
+        (fused_ce): ``features (P, H)`` of the decoded entries, ``labels``/``mask`` ``(P,)``.
+        Returns ``(loss, info, pred)``, ``pred`` the argmax of ``layer(features)``."""
+        self._check(layer.out_features)
+        m = mask.reshape(-1)
+        target = labels.reshape(-1).masked_fill(~m, IGNORE)
+        ce, pred = linear_ce(features, layer, target, offset)
+        loss, info = self.from_ce(ce, target, m.sum())
+        return loss, info, pred
+
+    def from_ce(self, ce, target, count):
+        """``(loss, info)`` from the per-entry CE (0 where ``target`` is ``IGNORE``)."""
+        denom = count.clamp_min(1).to(torch.float32)
         per = ce
         if self.gamma != 0.0:
             # 1 - p = -expm1(-ce) is exact near p = 1; the floor keeps (.)**gamma finite in
@@ -98,5 +118,3 @@ class Criterion:
             per = per * self.alpha
         loss = per.sum() / denom
         return loss, {"ce": ce.detach().sum() / denom, "count": count.detach()}
-
-

@@ -13,6 +13,8 @@ import torch
 
 from motion_data.labels import center_class, class_offsets, half_window
 
+from .model_inputs import take
+
 
 # ------------------------------------------------------------------ code statistics
 def code_counts(codes, codebook_size: int) -> np.ndarray:
@@ -207,17 +209,20 @@ class Sums:
 
 
 def batch_sums(out, batch, loss, info, total, W) -> dict:
-    """A training batch's contribution to :class:`Sums`, as float64 device tensors (no sync)."""
-    logits, labels, mask = out["logits"], batch["labels"], batch["mask"]
+    """A training batch's contribution to :class:`Sums`, as float64 device tensors (no sync).
+
+    ``out["pred"]``: the predicted class of each decoded entry, at ``batch["decode_index"]``
+    (every entry, flattened, when the batch has none)."""
+    sel = batch.get("decode_index")
+    pred, labels, mask = out["pred"], take(batch["labels"], sel), take(batch["mask"], sel)
     n = info["count"].double()
-    pred = logits.detach().argmax(-1)
     c, m = accuracy_sums(pred, labels, mask)
     nc, nm = accuracy_sums(pred, labels, mask.bool() & (labels != center_class(W)))
-    kept, pts = dynamic_point_sums(mask)
-    ec, en = accuracy_sums(pred, labels, batch["eval_mask"])  # train/acc_evalmask_epoch: check's gate
+    kept, pts = dynamic_point_sums(batch["mask"])
+    ec, en = accuracy_sums(pred, labels, take(batch["eval_mask"], sel))  # train/acc_evalmask_epoch: check's gate
     return dict(loss=loss.double() * n, ce=info["ce"].double() * n, total=total.double() * n, count=n,
                 correct=c.double(), nc_correct=nc.double(), nc_count=nm.double(), kept=kept.double(),
-                points=float(pts), clips=float(labels.shape[0]), e_correct=ec.double(), e_count=en.double())
+                points=float(pts), clips=float(batch["labels"].shape[0]), e_correct=ec.double(), e_count=en.double())
 
 
 def step_scalars(r: dict) -> dict:

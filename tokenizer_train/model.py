@@ -6,8 +6,11 @@ predicts, for every (step, point), a distribution over the W*W displacement clas
 the step's feature plus a learned per-point embedding. Nothing is copied across time.
 
 Memory: the head's first layer is split into a per-step part ``(B, S, H)`` and a per-point
-part ``(N, H)`` that are broadcast-added, so no ``(B, S, N, 3*hidden)`` concatenation exists;
-with ``H = min(hidden_dim, W*W)`` the logits ``(B, S, N, W*W)`` are the largest activation.
+part ``(N, H)`` that are broadcast-added, so no ``(B, S, N, 3*hidden)`` concatenation exists.
+Training and validation decode only the entries their masks score (``index``: the per-step
+and per-point parts are gathered first), and the trainer's loss applies the last layer in
+chunks (fused_ce), so the ``(B, S, N, W*W)`` logits exist only where a caller asks for every
+point (decode, draw, the Python API).
 
 Switches (issue 12; each off by default, the default model is the one above bit for bit):
 ``model.decoder`` (``code_query``: no free per-point prior path; ``amplify``: AMPLIFY's
@@ -28,6 +31,7 @@ from vector_quantize_pytorch import FSQ
 
 from .config import ModelConfig
 from .decoder_heads import AmplifyHead, CodeQueryHead
+from .gather import gather_rows, point_rows, unravel
 from .fsq_geometry import fsq_prerounding_from_module
 from .point_features import PointEncoder, fourier_features, group_of_points, motion_position_features
 from .shaping import QuantInputShaping
@@ -166,26 +170,42 @@ class MotionTokenizer(nn.Module):
         """The decoder's point query: ``(N, D)`` learned per index, or ``(B, N, D)`` from the start positions."""
         return self.point_emb if phi is None else self.point_pos(phi)
 
-    def decode(self, quantized: torch.Tensor, start_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """quantized ``(B, L, d)`` (L = S * model.groups) -> logits ``(B, S, N, W*W)``.
+    @property
+    def out_layer(self) -> nn.Linear:
+        """The decoder's last layer: features ``(..., H)`` -> logits ``(..., W*W)`` (fused_ce
+        applies it chunk by chunk in training)."""
+        return self.amplify.proj if self.cfg.decoder == "amplify" else self.head_out
+
+    def decode(self, quantized: torch.Tensor, start_pos: torch.Tensor | None = None,
+               index: torch.Tensor | None = None) -> torch.Tensor:
+        """quantized ``(B, L, d)`` (L = S * model.groups) -> logits ``(B, S, N, W*W)``, or
+        ``(P, W*W)`` for the ``P`` entries of ``index`` (flat indices into ``(B, S, N)``,
+        model_inputs.flat_index): only those entries are computed.
 
         Depends on the codes only through ``quantized`` (code information decodes one clip's
         quantized with another clip's start_pos)."""
+        return self.out_layer(self.decode_features(quantized, start_pos, index))
+
+    def decode_features(self, quantized: torch.Tensor, start_pos: torch.Tensor | None = None,
+                        index: torch.Tensor | None = None) -> torch.Tensor:
+        """What ``decode`` feeds its last layer: ``(B, S, N, H)``, or ``(P, H)`` for ``index``."""
         B, L, _ = quantized.shape
         G = self.cfg.groups
         if L % G:
             raise ValueError(f"quantized has {L} tokens, not a multiple of model.groups={G}")
-        S = L // G
+        S, N = L // G, self.num_points
         step = self._step_of_token(S, quantized.device)
         point = self._point_query(self._phi(start_pos, B))
+        point = point if point.ndim == 3 else point[None]  # (B or 1, N, D)
         code_feat = self.from_fsq(quantized)
+        sel = None if index is None else unravel(index, S, N)
         if self.cfg.decoder == "amplify":
             # zero queries plus their step (and group) embedding, non-causal attention to the codes
             tgt = self.dec_time(step).expand(B, -1, -1)
             if G > 1:
                 tgt = tgt + self.dec_group.repeat(S, 1)
             h = self.decoder(tgt, code_feat)
-            return self.amplify(h.reshape(B, S, G, -1), point if point.ndim == 3 else point[None], self.group)
+            return self.amplify.features(h.reshape(B, S, G, -1), point, self.group, sel)
         y = code_feat + self.dec_time(step)
         if G == 1:
             mask = _causal_mask(S, quantized.device)
@@ -198,17 +218,26 @@ class MotionTokenizer(nn.Module):
         if self.cfg.decoder == "code_query":
             # one step feature for all points (group tokens averaged: no per-group prior either);
             # what differs between points comes only through the codes
-            a = a[:, :, None, :] if G == 1 else a.reshape(B, S, G, -1).mean(2, keepdim=True)
-            b = self.code_query(code_feat, point if point.ndim == 3 else point[None], S, step)
-        else:
-            a = a[:, :, None, :] if G == 1 else a.reshape(B, S, G, -1)[:, :, self.group]
-            b = self.head_point(point)  # (N, H) or (B, N, H)
-            b = b[None, None] if b.ndim == 2 else b[:, None]
-        return self.head_out(F.gelu(a + b))
+            a = a[:, :, None, :] if G == 1 else a.reshape(B, S, G, -1).mean(2, keepdim=True)  # (B, S, 1, H)
+            if sel is None:
+                return F.gelu(a + self.code_query(code_feat, point, S, step))
+            b, s, n = sel
+            return F.gelu(gather_rows(a[:, :, 0], b, s) + self.code_query.select(code_feat, point, S, step, b, s, n))
+        a = a.reshape(B, S, G, -1)  # (B, S, G, H): the step feature of each point's group
+        p = self.head_point(point)  # (B or 1, N, H)
+        if sel is None:
+            return F.gelu((a if G == 1 else a[:, :, self.group]) + p[:, None])
+        b, s, n = sel
+        return F.gelu(gather_rows(a, b, s, self.group[n]) + point_rows(p, b, n))
 
-    def forward(self, velocities: torch.Tensor, start_pos: torch.Tensor | None = None) -> dict:
+    def forward(self, velocities: torch.Tensor, start_pos: torch.Tensor | None = None,
+                index: torch.Tensor | None = None, features: bool = False) -> dict:
+        """``encode``'s outputs plus ``logits`` (``decode``), or ``features`` with ``features=True``
+        (``decode_features``: the trainer's fused loss applies ``out_layer``); ``index``
+        limits decoding to those entries."""
         out = self.encode(velocities, start_pos)
-        out["logits"] = self.decode(out["quantized"], start_pos)
+        f = self.decode_features(out["quantized"], start_pos, index)
+        out["features" if features else "logits"] = f if features else self.out_layer(f)
         return out
 
     @torch.no_grad()

@@ -45,6 +45,10 @@ class LogitAdjusted:
     def __call__(self, logits, labels, mask):
         return self.inner(logits + self._offset_on(logits), labels, mask)
 
+    def fused(self, features, layer, labels, mask):
+        """``__call__`` without materialising the logits (losses.Criterion.fused)."""
+        return self.inner.fused(features, layer, labels, mask, offset=self.offset)
+
     def __getattr__(self, name):
         return getattr(self.inner, name)
 

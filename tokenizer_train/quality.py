@@ -26,10 +26,10 @@ class Quality:
         self.v = dict.fromkeys(KEYS, 0.0)
         self.hist = np.zeros((2, A.NBINS), np.int64)
 
-    def add(self, logits, labels, velocities, mask, decode=None, quantized=None, z_bounded=None):
-        """One batch: ``mask`` is its ``eval_mask``; ``decode``/``quantized`` (the model's
-        decoder for this batch and its codes) enable code information; ``z_bounded`` (FSQ's
-        pre-rounding values) the share of channel values near a rounding boundary."""
+    def add(self, logits, labels, velocities, mask, info=None, z_bounded=None):
+        """One batch: ``mask`` is its ``eval_mask``; ``info``: its code information as
+        ``code_info.code_info_counts``' (sum, count); ``z_bounded`` (FSQ's pre-rounding
+        values) the share of channel values near a rounding boundary."""
         m = mask.bool()
         pred = logits.argmax(-1)
         v = self.v
@@ -41,8 +41,8 @@ class Quality:
         for k, x in zip(("correct", "count", "nc_correct", "nc_count", "ce_bits", "epe", "epe_zero"),
                         (c, n, nc, nn, ce, epe, ez)):
             v[k] += float(x)
-        if decode is not None:
-            s, k = CI.code_info_counts(decode, quantized, labels, m, own_logits=logits)
+        if info is not None:
+            s, k = info
             v["info_bits"] += s
             v["info_count"] += k
         if z_bounded is not None:

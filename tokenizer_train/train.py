@@ -53,16 +53,17 @@ from . import metrics as M
 from . import prior
 from . import run_folder as RF
 from .class_weights import class_weights_image, save_class_weights, training_class_counts
+from .code_info import CODE_INFO_SEED, M_OTHERS
 from .code_usage import CodeUsageRegulariser, entropy_weight
 from .config import Config, add_set_argument, flatten, load_config, to_dict
 from .logger import RunLogger
 from .losses import Criterion
 from .metrics import Sums
 from .model import MotionTokenizer
-from .model_inputs import model_kwargs
+from .model_inputs import model_kwargs, take, with_index
 from .schedule import build_scheduler, clip_gradients
 from .stop import StopSignals, Stopped
-from .validate import evaluate, to_device, train_code_info
+from .validate import clip_places, evaluate, to_device, train_code_info
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -196,6 +197,7 @@ class Trainer:
                   if tc.class_weighting.method != "none" else None)
         self.criterion = prior.wrap(Criterion(tc, counts, self.W), tc)  # training.logit_adjustment (off: unchanged)
         self.regulariser = CodeUsageRegulariser(tc, self.levels, distributed=dist.enabled)  # checkpointed
+        self.places = clip_places(build)  # code information pairs clips that share no frame
 
     def autocast(self):
         return autocast_for(self.tc.mixed_precision, self.device)
@@ -265,7 +267,10 @@ class Trainer:
         atomic_write_json(self.out_dir / "run.json", {
             "data": str(self.build.root), "world_size": self.dist.world_size, "W": W, "N": self.N, "T": self.build.T,
             "codebook_size": self.K, "train_batches_per_epoch": len(self.train_loader),
-            "steps_per_epoch": self.steps_per_epoch, "parameters": sum(p.numel() for p in self.model.parameters())})
+            "steps_per_epoch": self.steps_per_epoch, "parameters": sum(p.numel() for p in self.model.parameters()),
+            "code_info": {"others": M_OTHERS, "seed": CODE_INFO_SEED,
+                          "rule": "clips sharing no frame (other split groups, or windows of one at least T frames "
+                                  "apart), in one fixed permutation of the clips sorted by id"}})
 
     # ------------------------------------------------------------------ the loop
     def forward_backward(self, batch, epoch_float: float, sync: bool):
@@ -273,10 +278,17 @@ class Trainer:
         tc = self.tc
         ctx = contextlib.nullcontext() if (sync or not self.dist.enabled) else self.net.no_sync()
         soft = None
+        sel = batch.get("decode_index")  # None: every entry (training.decode_points: all)
         with ctx:
             with self.autocast():
-                out = self.net(batch["velocities"], **model_kwargs(batch))
-                loss, info = self.criterion(out["logits"], batch["labels"], batch["mask"])
+                if sel is None:
+                    out = self.net(batch["velocities"], **model_kwargs(batch))
+                    loss, info = self.criterion(out["logits"], batch["labels"], batch["mask"])
+                    out["pred"] = out["logits"].detach().argmax(-1).reshape(-1)
+                else:  # the loss mask's and the evaluation mask's entries only, the loss in chunks
+                    out = self.net(batch["velocities"], **model_kwargs(batch), index=sel, features=True)
+                    loss, info, out["pred"] = self.criterion.fused(out["features"], self.model.out_layer,
+                                                                   take(batch["labels"], sel), take(batch["mask"], sel))
                 lam = entropy_weight(tc.code_entropy_weight, tc.code_entropy_warmup_epochs, epoch_float)
                 total = loss
                 if lam > 0:
@@ -319,7 +331,8 @@ class Trainer:
         cs, ch = M.code_scalars("train", "step", local, self.levels, zc, seen)
         gs, gh = M.code_scalars("train", "step", gathered, self.levels, zc, pg.seen_g, tag_suffix="_global")
         scalars = cs | gs
-        scalars["train/code_info_bits_step"] = train_code_info(self.model, batch, out["quantized"], self.device)
+        scalars["train/code_info_bits_step"] = train_code_info(self.model, batch, out["quantized"], self.device,
+                                                                     self.places)
         if self.debug_codes:  # each rank's own codes: a test recomputes the *_global statistics
             with open(self.out_dir / f"debug_codes_rank{self.dist.rank}.jsonl", "a") as f:
                 f.write(json.dumps({"step": pg.step, "codes": local.tolist()}) + "\n")
@@ -344,7 +357,10 @@ class Trainer:
             # the loader never draws from the global torch RNG (its DataLoader has its own
             # generator, reseeded per (seed, epoch, rank)), so dropout and noise draw the same
             # numbers in a run resumed mid-epoch as in an uninterrupted one
-            batch = to_device(next(it), self.device)
+            batch = next(it)
+            if self.tc.decode_points == "masked":  # on the host: the device never waits for a count
+                batch = with_index(batch, "decode_index", "mask", "eval_mask")
+            batch = to_device(batch, self.device)
             t_wait += time.perf_counter() - tw
             boundary = (i + 1) % self.accum == 0 or i + 1 == n_batches
             out, loss, info, total, lam, soft = self.forward_backward(batch, epoch + i / n_batches, boundary)
@@ -398,10 +414,12 @@ class Trainer:
         hists = {}
         if self.val_loader is not None:
             self.val_loader.set_epoch(epoch)
+            t0 = time.perf_counter()
             # the unwrapped model: no DDP collectives in a forward that a rank may skip
             vs, hists = evaluate(self.model, self.val_loader, self.criterion, self.cfg, self.dist, self.W, zc,
-                                 self.autocast, progress=self.dist.is_main and self.progress)
-            scalars.update(vs)
+                                 self.autocast, progress=self.dist.is_main and self.progress, where=self.places)
+            scalars.update(vs)  # the validation split's clips (all ranks) per second of the pass:
+            scalars["perf/val_clips_per_s_epoch"] = len(self.val_loader.dataset) / max(time.perf_counter() - t0, 1e-9)
         logger.log(pg.step, epoch, scalars, hists)
         last.update(scalars)
         score = scalars.get("val/loss_epoch", scalars["train/loss_epoch"])

@@ -2,13 +2,16 @@
 evaluation mask (docs/DESIGN.md, Trainer: one mask for every run's validation figures)."""
 from __future__ import annotations
 
+import contextlib
+
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from . import distributed as D
 from . import metrics as M
-from .code_info import M_OTHERS, code_info_counts
-from .model_inputs import model_kwargs
+from .code_info import CODE_INFO_SEED, M_OTHERS, code_info_counts, other_clips
+from .model_inputs import entry_clip, flat_index, model_kwargs, take, with_index
 from .quality import Quality
 
 
@@ -17,11 +20,21 @@ def to_device(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+def decoder_at(model, kw: dict, sel, autocast=None):
+    """``decode(quantized) -> (P, W*W)`` logits of a batch's entries at the flat index ``sel``
+    (every entry, flattened, for None), with the batch's own start positions ``kw``."""
+    def decode(qz):
+        with autocast() if autocast else contextlib.nullcontext():
+            return take(model.decode(qz, **kw), None) if sel is None else model.decode(qz, **kw, index=sel)
+    return decode
+
+
 @torch.no_grad()
 def evaluate(model, loader, criterion, cfg, dist, W: int, zero_codes, autocast,
-             progress: bool = False) -> tuple[dict, dict]:
+             progress: bool = False, where: dict | None = None) -> tuple[dict, dict]:
     """``val/*_epoch`` scalars and code-usage histograms of one pass over ``loader`` (a
-    progress bar on stderr with ``progress``).
+    progress bar on stderr with ``progress``), after an encoder pass that gives code
+    information every clip's codes (``code_pool``; ``where``: ``clip_places`` of the build).
 
     Every figure (loss, CE, accuracies, code information, AUC, EPE) is on ``eval_mask``;
     ``val/dynamic_point_ratio_epoch`` describes the run's own filter (``mask``).
@@ -29,26 +42,27 @@ def evaluate(model, loader, criterion, cfg, dist, W: int, zero_codes, autocast,
     model.eval()
     q, codes = Quality(W), []
     loss_sum = ce_sum = n_sum = kept = points = 0.0
+    masked = cfg.training.decode_points == "masked"
+    pool, row, others = code_pool(model, loader, where, dist, autocast)
     for batch in tqdm(loader, desc="validation", unit="batch", disable=not progress, leave=False,
                       dynamic_ncols=True):
         if len(batch["clip_id"]) == 0:
             continue  # an empty share of a tiny validation split under DDP
-        batch = to_device(batch, dist.device)
-        kw = model_kwargs(batch)
+        batch = to_device(with_index(batch, "eval_index", "eval_mask") if masked else batch, dist.device)
+        kw, sel = model_kwargs(batch), batch.get("eval_index")
+        lab, m = take(batch["labels"], sel), take(batch["eval_mask"], sel)
         with autocast():
-            out = model(batch["velocities"], **kw)
-            loss, info = criterion(out["logits"], batch["labels"], batch["eval_mask"])
+            out = model.encode(batch["velocities"], **kw)
+            decode = decoder_at(model, kw, sel, autocast)
+            logits = decode(out["quantized"])
+            loss, info = criterion(logits, lab, m)
         n = float(info["count"])
         loss_sum, ce_sum, n_sum = loss_sum + float(loss) * n, ce_sum + float(info["ce"]) * n, n_sum + n
         k, p = M.dynamic_point_counts(batch["mask"])
         kept, points = kept + k, points + p
-
-        def decode(qz, kw=kw):
-            with autocast():
-                return model.decode(qz, **kw)
-
-        q.add(out["logits"].float(), batch["labels"], batch["velocities"], batch["eval_mask"], decode,
-              out["quantized"], out["z_bounded"])
+        info = code_info_counts(decode, out["quantized"], pool, others[[row[c] for c in batch["clip_id"]]], lab, m,
+                                entry_clip(sel, batch["labels"].shape).to(lab.device), own_logits=logits)
+        q.add(logits.float(), lab, take(batch["velocities"], sel), m, info, out["z_bounded"])
         codes.append(out["codes"].reshape(-1))
     loss_sum, ce_sum, n_sum, kept, points = D.all_reduce_sum([loss_sum, ce_sum, n_sum, kept, points], dist.device)
     scalars = {"val/loss_epoch": M.ratio((loss_sum, n_sum)), "val/ce_epoch": M.ratio((ce_sum, n_sum)),
@@ -65,23 +79,71 @@ def evaluate(model, loader, criterion, cfg, dist, W: int, zero_codes, autocast,
 
 
 @torch.no_grad()
-def train_code_info(model, batch: dict, quantized: torch.Tensor, device) -> float:
+def code_pool(model, loader, where: dict | None, dist, autocast) -> tuple[torch.Tensor, dict, np.ndarray]:
+    """The codes code information decodes with: every clip of one pass over ``loader`` (all
+    ranks), encoded in eval mode, as ``(quantized (C, L, d) on the device, {clip id: row},
+    other_clips of the rows)``; ``where``: clip id -> (split group, start frame), ``clip_places``.
+    Rows are sorted by clip id, so neither the batch size nor the order of the pass changes
+    which clips pair up (docs/DESIGN.md, Metrics)."""
+    model.eval()
+    found: dict = {}
+    frames = 0
+    for batch in loader:
+        if len(batch["clip_id"]) == 0:
+            continue
+        b = to_device(batch, dist.device)
+        with autocast():
+            q = model.encode(b["velocities"], **model_kwargs(b))["quantized"].float().cpu()
+        found.update(zip(batch["clip_id"], q))
+        frames = batch["labels"].shape[1] + 1
+    merged: dict = {}
+    for part in D.gather_object(found):
+        merged.update(part)
+    ids = sorted(merged)
+    row = {c: i for i, c in enumerate(ids)}
+    pool = torch.stack([merged[c] for c in ids]).to(dist.device) if ids else torch.zeros(0)
+    return pool, row, pair_up(ids, where, frames)
+
+
+def clip_places(build) -> dict:
+    """``{clip id: (split group, start frame)}`` of a build: what ``other_clips`` pairs by."""
+    man = build.manifest(["clip_id", "split_group", "start_frame"])
+    return {c: (g, int(s)) for c, g, s in zip(man["clip_id"], man["split_group"], man["start_frame"])}
+
+
+def pair_up(ids: list, where: dict | None, frames: int) -> np.ndarray:
+    """``other_clips`` of the clips ``ids`` (each its own group when ``where`` is None)."""
+    if where is None:
+        return other_clips(ids, M_OTHERS, CODE_INFO_SEED)
+    places = [where[c] for c in ids]
+    return other_clips([p[0] for p in places], M_OTHERS, CODE_INFO_SEED, [p[1] for p in places], frames)
+
+
+@torch.no_grad()
+def train_code_info(model, batch: dict, quantized: torch.Tensor, device, where: dict | None = None) -> float:
     """``train/code_info_bits_step``: code information of a training batch's codes on its
     ``eval_mask``, decoded in eval mode (no dropout: the training RNG stream is untouched),
-    summed over ranks (collective); nan (logged as null) when every batch holds one clip.
+    summed over ranks (collective); nan (logged as null) when no clip has another clip of
+    another split group in the batch.
 
-    Only the first M + 1 clips of the batch are scored, each against the other M: the
-    estimator of a batch of M + 1, at (M + 1)^2 clip decodes whatever the batch size (CPU,
-    B=16, N=400, hidden 64: 1.7x a training step; all 16 clips: 2.6x).
+    The first M + 1 clips of the batch are scored, each against M other clips of the batch
+    chosen by the validation's rule (``pair_up``: clips that share no frame): (M + 1)^2 clip
+    decodes whatever the batch size.
     """
     was = model.training
     model.eval()
     try:
         r = M_OTHERS + 1
+        ids = list(batch["clip_id"])
+        others = pair_up(ids, where, batch["labels"].shape[1] + 1)[:r]
         kw = {k: v[:r] for k, v in model_kwargs(batch).items()}
-        qz = quantized[:r].detach().float()
-        s, n = code_info_counts(lambda z: model.decode(z, **kw), qz, batch["labels"][:r], batch["eval_mask"][:r])
+        m = batch["eval_mask"][:r]
+        # a code-log step reads the host anyway: the index may count on the device here
+        sel = flat_index(m) if "decode_index" in batch else None
+        s, n = code_info_counts(decoder_at(model, kw, sel), quantized[:r].detach().float(),
+                                quantized.detach().float(), others, take(batch["labels"][:r], sel), take(m, sel),
+                                entry_clip(sel, m.shape).to(m.device))
     finally:
         model.train(was)
     s, n = D.all_reduce_sum([s, n], device)
-    return s / n if n else float("nan")  # no clip had another's codes (batches of one): no estimate
+    return s / n if n else float("nan")  # no clip had another's codes: no estimate
