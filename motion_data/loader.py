@@ -35,8 +35,8 @@ import torch
 from . import shards
 from .augment import AugmentConfig
 from .batch import make_batch, packed_bytes, unpack_batch
-from .sampler import (IndexBatch, SamplerConfig, SequentialBatchSampler, WeightedBatchSampler, clip_weights,
-                      epoch_rng, load_dynamic_ratio)
+from .sampler import (IndexBatch, SamplerConfig, SequentialBatchSampler, WeightedBatchSampler, sampling_weights,
+                      epoch_rng)
 from .shard_reader import FdCache, read_batch
 from .split import split_manifest
 from .stats import SEED_FILTER, StaticFilter
@@ -375,7 +375,7 @@ def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter 
             worker_kw["prefetch_factor"] = prefetch_factor
 
     if training and sampler.mode == "streaming":
-        weights = clip_weights(load_dynamic_ratio(root, flt)[rows], sampler)
+        weights = sampling_weights(root, flt, sampler, rows)
         state = _StreamState(root, _shard_rows(root, man, rows, weights), flt, W, T - 1, N, aug, seed, rank, on_error,
                              info["build_filter"])
         pipe = _streaming_pipeline(state, batch_size, shuffle_buffer)
@@ -392,7 +392,7 @@ def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter 
     if num_workers > 0:
         dataset.ring = make_ring(num_workers, prefetch_factor, packed_bytes(batch_size, T - 1, N, W))
     if training:
-        weights = clip_weights(load_dynamic_ratio(root, flt)[rows], sampler)
+        weights = sampling_weights(root, flt, sampler, rows)
         bs = WeightedBatchSampler(rows, weights, batch_size, epoch_size, seed, rank, world_size)
     else:
         bs = SequentialBatchSampler(rows, batch_size, rank, world_size)

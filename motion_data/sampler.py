@@ -13,6 +13,7 @@ equal per-rank slices and batches.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +53,16 @@ def clip_weights(ratio: np.ndarray, cfg: SamplerConfig) -> np.ndarray:
     if cfg.method == "uniform":
         return np.ones_like(ratio)
     return np.maximum(cfg.min_weight, ratio) ** cfg.power
+
+
+def sampling_weights(build_dir, flt: StaticFilter, cfg: SamplerConfig, rows) -> np.ndarray:
+    """``(len(rows),)`` weights of the clips ``rows``. ``dynamic_ratio`` measures a clip's
+    dynamic share by the configured filter's definition (metric, threshold, min_keep) also
+    when ``flt.enable`` is off: ``enable`` decides which points enter the loss, not what the
+    sampler weighs by (with it off the ratio would be 1 for every clip: uniform in silence)."""
+    if cfg.method == "uniform":
+        return np.ones(len(rows), np.float64)
+    return clip_weights(load_dynamic_ratio(build_dir, dataclasses.replace(flt, enable=True))[rows], cfg)
 
 
 def load_dynamic_ratio(build_dir, flt: StaticFilter) -> np.ndarray:

@@ -132,3 +132,21 @@ def test_weights_from_store_match_build_filter(tmp_path):
     stricter = load_dynamic_ratio(root, StaticFilter(enable=True, metric="p95", threshold=0.3, min_keep=2))
     assert (stricter <= r + 1e-6).all() and (stricter < r).any()
     assert epoch_rng(1, 2).random() == epoch_rng(1, 2).random()
+
+
+@pytest.mark.parametrize("enable", [True, False])
+def test_dynamic_ratio_weighs_by_the_filters_definition_with_the_filter_on_or_off(tmp_path, enable):
+    """data.sampler.method dynamic_ratio never falls back to uniform weights in silence: with the
+    static filter off for the loss, clips are still weighed by the share of points the
+    configured metric, threshold and min_keep call dynamic."""
+    from motion_data.sampler import sampling_weights
+
+    root = write_build(tmp_path / "b", shard_sizes=(6, 6, 6), n_points=16)
+    rows = np.arange(18)
+    flt = StaticFilter(enable=enable, metric="p95", threshold=0.04, min_keep=2)
+    cfg = SamplerConfig(method="dynamic_ratio", power=1.0, min_weight=0.01)
+    w = sampling_weights(root, flt, cfg, rows)
+    on = clip_weights(load_dynamic_ratio(root, StaticFilter(enable=True, metric="p95", threshold=0.04, min_keep=2)),
+                      cfg)
+    assert np.allclose(w, on) and w.std() > 0  # the clips' dynamic shares differ: not uniform
+    assert (sampling_weights(root, flt, SamplerConfig(method="uniform"), rows) == 1).all()
