@@ -197,3 +197,19 @@ def test_run_that_died_before_its_first_checkpoint_restarts_through_the_run_fold
     with pytest.raises(RunFolderError):
         AB.run_one(other, tiny_build, progress=False)
     assert (other.dir / "notes.txt").read_text() == "mine"
+
+
+def test_a_figure_not_logged_reads_not_logged_and_is_never_replaced():
+    """No validation split: the validation columns say "not logged" instead of showing the
+    training figure under a validation heading."""
+    rows = [{"step": 1, "epoch": 0, "train/acc_epoch": 0.7, "train/code_info_bits_step": 0.4,
+             "train/unique_codes_step": 12, "train/entropy_norm_step": 0.5, "train/perplexity_step": 9.0}]
+    out = AB.summarize(rows)
+    assert out["acc"] is None and out["code_info_bits"] is None and out["unique_codes"] == 12
+    out["noncentre_at_acc_tol"] = None  # frontier_summary without a validation split
+    per = {("baseline", 0): out, ("v", 0): dict(out)}
+    table = AB.aggregate(per, {("v", 0): []}, ["baseline", "v"], [0])
+    md = AB.markdown(table)
+    line = next(ln for ln in md.splitlines() if ln.startswith("| v |"))
+    assert line.count("not logged") == sum(1 for c, _, how in AB.METRICS if how != "late") == 9
+    assert "0.7" not in md and "0.40" not in md

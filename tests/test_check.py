@@ -51,6 +51,7 @@ def test_collapsed_run_fails_and_healthy_run_passes(tmp_path, capsys):
 
     class A:
         run, baseline, json = str(good), str(base), str(tmp_path / "g.json")
+        filtered_baseline = None
     assert check.run(A) == 0
     assert json.loads((tmp_path / "g.json").read_text())["passed"] is True
     assert "hint: python -m tokenizer_train frontier" not in capsys.readouterr().out
@@ -288,3 +289,42 @@ def test_help_has_no_rst_and_explains_the_seed(command, capsys):
     for line in text.splitlines():
         if "the seed" in line:
             assert "called \"the seed\"" in line, line
+
+
+@pytest.mark.parametrize("f_info, f_ce, info_ok, ce_ok", [(0.7, 2.2, True, True), (0.9, 2.2, False, True),
+                                                          (0.7, 2.0, True, False)])
+def test_filtered_baseline_gates_and_the_table_of_both_baselines(tmp_path, capsys, f_info, f_ce, info_ok, ce_ok):
+    base = _run(tmp_path, "base", lambda f: 1, lambda f: 0.0, lambda f: 1.0, 0.60, 0.0)
+    fb = _run(tmp_path, "fb", lambda f: 1, lambda f: 0.0, lambda f: 1.0, 0.60, 0.3, info=f_info, ce=f_ce)
+    r = _healthy(tmp_path, "r", info=0.8, ce=2.1)
+    g = {x.name: x for x in check.evaluate(check.read_metrics(r), check.read_metrics(base), check.read_metrics(fb))}
+    gi, gc = g["code information >= filtered baseline"], g["val CE bits <= filtered baseline"]
+    assert gi.passed is info_ok and gc.passed is ce_ok
+    assert f"gap {0.8 - f_info:+.3g} bits (goal +0.2)" in gi.note
+    # without it, no such gate
+    assert "code information >= filtered baseline" not in {x.name for x in check.evaluate(check.read_metrics(r))}
+    # the CLI shows the run and both baselines side by side before the gates
+    check_main = __import__("tokenizer_train.__main__", fromlist=["main"]).main
+    check_main(["check", str(r), "--baseline", str(base), "--filtered-baseline", str(fb)])
+    out = capsys.readouterr().out
+    table = out.split("\n\n")[0].splitlines()
+    assert [ln.split("  ")[0].strip() for ln in table[1:]] == ["this run", "baseline", "filtered baseline"]
+    assert "code information >= filtered baseline" in out
+
+
+def test_a_baseline_code_information_below_zero_is_clamped_in_the_target(tmp_path):
+    base = _run(tmp_path, "base", lambda f: 1, lambda f: 0.0, lambda f: 1.0, 0.60, 0.0, info=-1.61e-05)
+    g = {x.name: x for x in check.evaluate(check.read_metrics(_healthy(tmp_path, "r")), check.read_metrics(base))}
+    assert "-" not in g[check.INFO_GATE].target and "4 x 0" in g[check.INFO_GATE].target
+
+
+def test_the_filtered_baseline_variant_is_base_with_recommendeds_filter():
+    from tokenizer_train import ablate as AB
+    from tokenizer_train.config import load_config
+
+    v = AB.load_variants(AB.DEFAULT_VARIANTS)[AB.FILTERED]
+    cfg = AB.resolve(AB.CONFIG_DIR / "base.yaml", v)
+    rec = load_config(AB.CONFIG_DIR / "recommended.yaml")
+    assert cfg.data.static_filter == rec.data.static_filter and cfg.data.static_filter.enable
+    base = load_config(AB.CONFIG_DIR / "base.yaml")
+    assert cfg.training == base.training and cfg.model == base.model  # nothing else changes

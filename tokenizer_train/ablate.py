@@ -59,10 +59,11 @@ from .stop import Stopped
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_VARIANTS = CONFIG_DIR / "variants.yaml"
 BASELINE = "baseline"
+FILTERED = "filtered_baseline"  # base.yaml with recommended.yaml's static filter (configs/variants.yaml)
 DONE = "done.json"
 
 # (column, metrics.jsonl tag, how): "late" = mean over the last 20% of the step logs of the
-# last epoch; "last" = value of the last epoch (validation, or the train tag without val)
+# last epoch; "last" = value of the last epoch
 METRICS = [
     ("code_info_bits", "val/code_info_bits_epoch", "last"),  # first: do the codes carry motion?
     ("unique_codes", "train/unique_codes_step", "late"),
@@ -79,8 +80,7 @@ METRICS = [
     # offsets that keep val accuracy within check.ACC_TOL of the all-centre predictor's
     ("noncentre_at_acc_tol", None, "frontier"),
 ]
-FALLBACK = {"val/code_info_bits_epoch": "train/code_info_bits_step", "val/acc_epoch": "train/acc_epoch", "val/acc_noncenter_epoch": "train/acc_noncenter_epoch",
-            "val/zero_code_frac_epoch": "train/zero_code_frac_step"}
+NOT_LOGGED = "not logged"  # a figure a run did not log is never replaced by another one
 
 
 # --------------------------------------------------------------------------- variants
@@ -157,14 +157,14 @@ def run_one(spec: RunSpec, data_dir: Path, train_fn=None, progress: bool = True)
     return "resumed" if resume else "trained"
 
 
-def frontier_summary(spec: RunSpec, data_dir: Path, progress: bool = False) -> float:
-    """noncentre_at_acc_tol of a finished run (frontier.cached_frontier); nan without a
-    validation split or checkpoint."""
+def frontier_summary(spec: RunSpec, data_dir: Path, progress: bool = False) -> float | None:
+    """noncentre_at_acc_tol of a finished run (frontier.cached_frontier); None (not logged)
+    without a validation split or checkpoint; nan when no offset stays within the tolerance."""
     from . import frontier as F
     from .distributed import pick_device
 
     if spec.cfg.data.val_split <= 0 or not (spec.dir / "last.pt").exists():
-        return math.nan
+        return None
     best = F.cached_frontier(spec.dir, data_dir, pick_device(spec.cfg.training.device), progress)["summary"][
         "best_noncenter_within_tol"]
     return math.nan if best is None else float(best)
@@ -176,10 +176,9 @@ def summarize(rows: list[dict]) -> dict:
     for col, tag, how in METRICS:
         if how == "frontier":
             continue
-        t = tag if C.series(rows, tag) else FALLBACK.get(tag, tag)
-        s = C.series(rows, t)
+        s = C.series(rows, tag)
         if not s:
-            out[col] = math.nan
+            out[col] = None  # not logged (e.g. no validation split): said so, never filled in
         elif how == "late":
             # the mean over the last 20% of the last epoch's step logs
             last_ep = s[-1][1]
@@ -206,9 +205,15 @@ def aggregate(per_run: dict[tuple[str, int], dict], gates: dict[tuple[str, int],
         row = {"variant": v, "seeds": len(seeds)}
         for col, _, _ in METRICS:
             vals = [per_run[(v, s)][col] for s in seeds]
-            deltas = [per_run[(v, s)][col] - per_run[(BASELINE, s)][col] for s in seeds]
+            base = [per_run[(BASELINE, s)][col] for s in seeds]
+            if any(x is None for x in vals):
+                row[col] = row[f"{col}_std"] = row[f"{col}_delta"] = row[f"{col}_delta_std"] = None
+                continue
             row[col], row[f"{col}_std"] = _mean_spread(vals)
-            row[f"{col}_delta"], row[f"{col}_delta_std"] = _mean_spread(deltas)
+            if any(x is None for x in base):
+                row[f"{col}_delta"] = row[f"{col}_delta_std"] = None
+            else:
+                row[f"{col}_delta"], row[f"{col}_delta_std"] = _mean_spread([a - b for a, b in zip(vals, base)])
         gl = [gates[(v, s)] for s in seeds] if v != BASELINE else []
         # gates the runs are too short for count neither way (check: "not reached")
         row["gates_passed"] = float(np.mean([C.counts(x)[0] for x in gl])) if gl else math.nan
@@ -232,10 +237,13 @@ def write_csv(path: Path, table: list[dict]):
         w = csv.writer(f)
         w.writerow(cols)
         for r in table:
-            w.writerow([f"{r[c]:.6g}" if isinstance(r[c], float) else r[c] for c in cols])
+            w.writerow([f"{r[c]:.6g}" if isinstance(r[c], float) else NOT_LOGGED if r[c] is None else r[c]
+                        for c in cols])
 
 
 def _fmt(m, s, digits=3, sign=False):
+    if m is None:
+        return NOT_LOGGED
     if math.isnan(m):
         return "-"
     f = f"{{:{'+' if sign else ''}.{digits}f}}"
@@ -260,7 +268,7 @@ def markdown(table: list[dict], title: str = "") -> str:
         for c in cols:
             d = 1 if c in ("unique_codes", "perplexity") else 2 if c == "code_info_bits" else 3
             cell = _fmt(r[c], r[f"{c}_std"], d)
-            if r["variant"] != BASELINE and not math.isnan(r[f"{c}_delta"]):
+            if r["variant"] != BASELINE and r[f"{c}_delta"] is not None and not math.isnan(r[f"{c}_delta"]):
                 cell += f" ({_fmt(r[f'{c}_delta'], r[f'{c}_delta_std'], d, sign=True)})"
             cells.append(cell)
         g = "-" if r["variant"] == BASELINE else f"{r['gates_passed']:g}/{r['gates_total']}"
@@ -313,7 +321,10 @@ def ablate(base_cfg, data_dir, out, variants: dict[str, dict], seeds=(0,), sets=
         bar.set_postfix_str(f"{spec.variant} seed {spec.seed}")
         per_run[(spec.variant, spec.seed)]["noncentre_at_acc_tol"] = frontier_summary(spec, data_dir, progress)
     bar.close()
-    gates = {(v, s): C.evaluate(rows[(v, s)], rows[(BASELINE, s)]) for v in variants for s in seeds}
+    # with the filtered baseline among the variants, every other variant is also gated against it
+    fb = {s: rows[(FILTERED, s)] for s in seeds} if FILTERED in variants else {}
+    gates = {(v, s): C.evaluate(rows[(v, s)], rows[(BASELINE, s)], fb.get(s) if v != FILTERED else None)
+             for v in variants for s in seeds}
     table = aggregate(per_run, gates, names, seeds)
     write_csv(out / "results.csv", table)
     atomic_write_text(out / "results.md", markdown(table, f"# Ablation on {data_dir} ({len(seeds)} seed(s): "

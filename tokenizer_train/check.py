@@ -15,6 +15,9 @@ implements, called "the seed" in docs/DESIGN.md), plus this project's own gates:
                      code-usage histogram multi-modal
                      validation metrics not worse than the baseline's     (needs --baseline)
   project            val/acc_noncenter_epoch at least 0.25 above the baseline's (needs --baseline)
+  filtered baseline  val/code_info_bits_epoch and val/ce_bits_epoch no worse than those of
+                     base.yaml with the same static filter  (needs --filtered-baseline; the
+                     gap is reported, +0.2 bits is the project's goal, not a gate)
 
 The baseline is configs/base.yaml as it is (no static filter: the original plan's
 collapsing setting). Every validation figure is on the evaluation mask (valid AND the build's recorded
@@ -71,6 +74,7 @@ EPE_REL_TOL = 0.02
 INFO_MIN_BITS = 0.25  # code information a run's codes must carry, bits per label
 INFO_BASE_FACTOR = 4.0  # ... and at least this multiple of the baseline's
 INFO_GATE = "codes carry information"
+FILTERED_GOAL_BITS = 0.2  # the project's goal over the filtered baseline (reported, not gated)
 # per-code counts of a code-log step, first found wins: all ranks (the trainer's *_global), this rank
 USAGE_TAGS = ("train/code_usage_hist_global", "train/code_usage_hist")
 TRAIN_ACC_TAGS = ("train/acc_evalmask_epoch", "train/acc_epoch")  # evaluation mask first
@@ -186,9 +190,9 @@ def num(x) -> str:
     return "not logged" if x is None else f"{x:.3g}"
 
 
-def _missing(what: str) -> str:
+def _missing(what: str, whose: str = "baseline") -> str:
     """The target of a gate whose baseline figure is missing."""
-    return f"baseline's {what} not logged"
+    return f"{whose}'s {what} not logged"
 
 
 def code_gates(rows: list[dict], base: list[dict] | None = None) -> list[Gate]:
@@ -201,6 +205,8 @@ def code_gates(rows: list[dict], base: list[dict] | None = None) -> list[Gate]:
     elif b_info is None:
         thr, target = None, _missing("val/code_info_bits_epoch")
     else:
+        # an estimate of a mutual information: a collapsed baseline's can come out a hair below 0
+        b_info = max(0.0, b_info)
         thr = max(INFO_MIN_BITS, INFO_BASE_FACTOR * b_info)
         target = f">= max({INFO_MIN_BITS}, {INFO_BASE_FACTOR:g} x {num(b_info)})"
     gates = [Gate(INFO_GATE, info, target, info is not None and thr is not None and info >= thr)]
@@ -218,8 +224,28 @@ def _train_acc_tag(rows, base) -> str:
     return evalmask if series(rows, evalmask) and series(base, evalmask) else lossmask
 
 
-def evaluate(rows: list[dict], base: list[dict] | None = None) -> list[Gate]:
+def filtered_gates(rows: list[dict], fb: list[dict]) -> list[Gate]:
+    """The fair question: do the mitigations beyond the static filter add anything? Code
+    information and val CE no worse than base.yaml's with the same filter (``fb``); the gap
+    is in the note (the project's goal is +0.2 bits, not a gate)."""
+    info, ce = _last(rows, "val/code_info_bits_epoch"), _last(rows, "val/ce_bits_epoch")
+    f_info, f_ce = _last(fb, "val/code_info_bits_epoch"), _last(fb, "val/ce_bits_epoch")
+    gap = f"gap {info - f_info:+.3g} bits (goal +{FILTERED_GOAL_BITS:g})" if None not in (info, f_info) else ""
+    return [Gate("code information >= filtered baseline", info,
+                 f">= {num(f_info)}" if f_info is not None else _missing("val/code_info_bits_epoch", "filtered baseline"),
+                 None not in (info, f_info) and info >= f_info, gap),
+            Gate("val CE bits <= filtered baseline", ce,
+                 f"<= {num(f_ce)}" if f_ce is not None else _missing("val/ce_bits_epoch", "filtered baseline"),
+                 None not in (ce, f_ce) and ce <= f_ce,
+                 f"gap {ce - f_ce:+.3g} bits" if None not in (ce, f_ce) else "")]
+
+
+def evaluate(rows: list[dict], base: list[dict] | None = None, filtered: list[dict] | None = None) -> list[Gate]:
+    """The gates of a run (``rows``) against the baseline (base.yaml as it is) and, when
+    given, the filtered baseline (base.yaml with the recommended static filter)."""
     gates: list[Gate] = code_gates(rows, base)
+    if filtered is not None:
+        gates += filtered_gates(rows, filtered)
     n_ep = epochs_run(rows)
 
     def add(name, value, target, ok, E=None, note=""):
@@ -282,9 +308,26 @@ def format_table(gates: list[Gate]) -> str:
     return "\n".join(f"{a:{w[0]}s}  {v:>{w[1]}s}  {t:{w[2]}s}  {r}".rstrip() for a, v, t, r in [head] + cells)
 
 
+def baseline_table(named: dict) -> str:
+    """The baselines' (and the run's) last validation figures side by side."""
+    cols = (("code info bits", "val/code_info_bits_epoch"), ("val CE bits", "val/ce_bits_epoch"),
+            ("val non-centre acc", "val/acc_noncenter_epoch"), ("val EPE px", "val/epe_px_epoch"),
+            ("zero-motion EPE px", "val/epe_zero_px_epoch"))
+    w = max(len(n) for n in named)
+    lines = [f"{'':{w}s}  " + "  ".join(f"{c:>18s}" for c, _ in cols)]
+    for name, rows in named.items():
+        lines.append(f"{name:{w}s}  " + "  ".join(f"{num(_last(rows, t)):>18s}" for _, t in cols))
+    return "\n".join(lines)
+
+
 def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("run", help="training run folder: the --out of train, holding metrics.jsonl")
-    p.add_argument("--baseline", help="run folder of the baseline to compare against (enables the relative gates)")
+    p.add_argument("--baseline", help="run folder of the baseline to compare against (enables the relative gates): "
+                                      "configs/base.yaml as it is (no static filter)")
+    p.add_argument("--filtered-baseline", metavar="RUN",
+                   help="run folder of configs/base.yaml with the recommended static filter "
+                        "(--set data.static_filter.enable=true): adds the gates code information and val CE "
+                        "no worse than that run's, i.e. do the mitigations beyond the filter add anything")
     p.add_argument("--json", help="also write the gate results to this JSON file")
 
 
@@ -324,7 +367,11 @@ def report(gates: list[Gate], json_path=None) -> bool:
 def run(args) -> int:
     rows = read_metrics(args.run)
     base = read_metrics(args.baseline) if args.baseline else None
-    gates = evaluate(rows, base)
+    fb = read_metrics(args.filtered_baseline) if args.filtered_baseline else None
+    named = {"this run": rows} | ({"baseline": base} if base else {}) | ({"filtered baseline": fb} if fb else {})
+    if len(named) > 1:
+        print(baseline_table(named) + "\n")
+    gates = evaluate(rows, base, fb)
     ok = report(gates, args.json)
     if any(g.result == "FAIL" and g.name.startswith(("val non-centre", "val not worse")) for g in gates):
         print(f"hint: python -m tokenizer_train frontier --run {args.run} --data BUILD shows whether any "

@@ -228,7 +228,9 @@ def batch_sums(out, batch, loss, info, total, W) -> dict:
 def step_scalars(r: dict) -> dict:
     """The ``train/*_step`` figures of reduced step sums."""
     return {"train/loss_step": ratio((r["loss"], r["count"])),
-            "train/ce_step": ratio((r["ce"], r["count"])),
+            # the objective's unweighted CE (nats) on the logits the loss sees (logit-adjusted when
+            # training.logit_adjustment is on); the quality figure is val/ce_bits_epoch
+            "train/objective_ce_step": ratio((r["ce"], r["count"])),
             "train/loss_total_step": ratio((r["total"], r["count"])),
             "train/total_loss_step": ratio((r["total"], r["count"])),
             "train/acc_step": ratio((r["correct"], r["count"])),

@@ -48,6 +48,7 @@ from motion_data.loader import make_loader
 from motion_data.workers import resolve_workers
 
 from . import checkpoint as ckpt
+from . import heap
 from . import distributed as D
 from . import metrics as M
 from . import prior
@@ -393,6 +394,8 @@ class Trainer:
                                 acc=f"{scalars.get('train/acc_step', float('nan')):.3f}",
                                 codes=scalars.get("train/unique_codes_step", "-"), refresh=False)
             step_sums, step_codes = Sums(), []
+            if scalars:
+                heap.trim()  # rows of masked decoding vary per step: freed blocks would pile up
             saved = bool(tc.save_interval) and pg.step % tc.save_interval == 0 and i + 1 < n_batches
             if saved:
                 self.save(pg, epoch, i + 1)
@@ -420,6 +423,7 @@ class Trainer:
                                  self.autocast, progress=self.dist.is_main and self.progress, where=self.places)
             scalars.update(vs)  # the validation split's clips (all ranks) per second of the pass:
             scalars["perf/val_clips_per_s_epoch"] = len(self.val_loader.dataset) / max(time.perf_counter() - t0, 1e-9)
+            heap.trim()
         logger.log(pg.step, epoch, scalars, hists)
         last.update(scalars)
         score = scalars.get("val/loss_epoch", scalars["train/loss_epoch"])
