@@ -371,3 +371,21 @@ def test_amplify_rule_turns_steady_sub_pixel_motion_into_occasional_steps():
     vis = np.ones((1, 16, 1), bool)
     assert S.point_stats(pos[None], vis, W, 128, "velocity")["center_count"][0, 0] == 15
     assert S.point_stats(pos[None], vis, W, 128, "amplify")["center_count"][0, 0] == 15 - (amp_lab != c).sum()
+
+
+def test_the_builds_shard_kernel_equals_the_vectorised_numpy_form_of_the_benchmark():
+    """benchmarks/bench_stats.py times shard_stats against numpy_shard_stats: the same outputs."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_stats", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_stats.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pos, vis = bench.make_chunk(np.random.default_rng(3), 40)
+    ks, kh = S.shard_stats(pos, vis)
+    ns, nh = bench.numpy_shard_stats(pos, vis)
+    for m in S.METRICS:
+        assert np.allclose(ks[m], ns[m], atol=1e-6)
+        assert np.array_equal(kh[m][0], nh[m][0]) and np.array_equal(kh[m][1], nh[m][1])
+    assert np.array_equal(ks["center_count"], ns["center_count"])
