@@ -4,6 +4,10 @@ Baseline (written here, as the seed's pipeline did it): one ``.pt`` file per cli
 normalised velocities and visibility, read with ``torch.load`` in ``__getitem__``, the
 static mask computed per clip with ``torch.quantile`` (p95 of the speed over valid steps,
 min_keep top points) and labels per clip; torch's default collate.
+wids (webdataset's indexed reader, ``pip install wids``), what a user would pick instead: its
+``ShardListDataset`` over the same tar shards (random access by sample index, the tar member
+index built by wids), a shuffled DataLoader, and the same per-batch assembly as ours
+(``motion_data.batch.make_batch``: labels, masks, velocities).
 New: ``motion_data.loader.make_loader`` over a ``build-shards`` output of the same clips
 (byte-range reads from the tar shards, mask/labels per batch).
 
@@ -100,6 +104,45 @@ def baseline_loader(files, workers: int, batch: int):
 _TCK = os.sysconf("SC_CLK_TCK")
 
 
+class WidsClips(torch.utils.data.Dataset):
+    """The build's shards through wids.ShardListDataset: one raw clip per index."""
+
+    def __init__(self, build_dir: Path):
+        import pyarrow.parquet as pq
+        import wids
+
+        shard = pq.read_table(build_dir / "manifest.parquet", columns=["shard"]).column("shard").to_pylist()
+        counts = {s: shard.count(s) for s in sorted(set(shard))}
+        self.shards = [{"url": str(build_dir / s), "nsamples": n} for s, n in counts.items()]
+        self.ds = None  # opened in each worker (file handles do not cross a fork)
+        self.n = len(shard)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        import wids
+
+        if self.ds is None:
+            self.ds = wids.ShardListDataset(self.shards, localname=lambda u: u, transformations=[])
+        s = self.ds[i]
+        return (np.load(s[".pos.npy"]), np.load(s[".vis.npy"]), np.load(s[".stats.npy"]), s["__key__"])
+
+
+def wids_collate(items):
+    from motion_data.batch import make_batch
+
+    pos, vis, st, ids = zip(*items)
+    return make_batch(np.stack(pos), np.stack(vis), np.stack(st), list(ids), FLT, 15)
+
+
+def wids_loader(build_dir: Path, workers: int, batch: int):
+    kw = {"persistent_workers": True, "multiprocessing_context": multiprocessing.get_context("forkserver")} \
+        if workers else {}
+    return torch.utils.data.DataLoader(WidsClips(build_dir), batch_size=batch, shuffle=True, num_workers=workers,
+                                       collate_fn=wids_collate, generator=torch.Generator().manual_seed(0), **kw)
+
+
 def _cpu_s(pid: int) -> float:
     """user + system CPU seconds of a process (Linux /proc)."""
     f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
@@ -149,18 +192,20 @@ def main() -> None:
         build([str(tmp / "in")], tmp / "build", workers=1, maxcount=256, progress=False)
         files = write_pt(tmp / "build", tmp / "pt")
         print(f"{len(files)} clips of 16 frames x 400 points, batch {args.batch}, filter {FLT}")
-        print(f"{'':>7} | {'clips per wall second':^36} | {'clips per CPU second (main + workers)':^36}")
-        print(f"{'workers':>7} | {'baseline .pt':>12} {'loader':>10} {'speed-up':>10} | "
-              f"{'baseline .pt':>12} {'loader':>10} {'speed-up':>10}")
+        print(f"{'':>7} | {'clips per wall second':^48} | {'clips per CPU second (main + workers)':^48}")
+        print(f"{'workers':>7} | {'baseline .pt':>12} {'wids':>10} {'loader':>10} {'vs wids':>10} | "
+              f"{'baseline .pt':>12} {'wids':>10} {'loader':>10} {'vs wids':>10}")
         for w in args.workers:
             bl = baseline_loader(files, w, args.batch)
             base, base_cpu = throughput(bl, args.epochs)
+            wl = wids_loader(tmp / "build", w, args.batch)
+            wd, wd_cpu = throughput(wl, args.epochs)
             ld = make_loader(tmp / "build", split="all", static_filter=FLT, batch_size=args.batch, num_workers=w,
                              persistent_workers=w > 0, seed=0)
             new, new_cpu = throughput(ld, args.epochs, ld.set_epoch, ld.dataloader)
-            print(f"{w:>7} | {base:>12,.0f} {new:>10,.0f} {new / base:>9.1f}x | "
-                  f"{base_cpu:>12,.0f} {new_cpu:>10,.0f} {new_cpu / base_cpu:>9.1f}x", flush=True)
-            del bl, ld
+            print(f"{w:>7} | {base:>12,.0f} {wd:>10,.0f} {new:>10,.0f} {new / wd:>9.1f}x | "
+                  f"{base_cpu:>12,.0f} {wd_cpu:>10,.0f} {new_cpu:>10,.0f} {new_cpu / wd_cpu:>9.1f}x", flush=True)
+            del bl, wl, ld
         print(f"load average {os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} usable CPUs; targets: "
               ">= 5x the baseline per worker count, >= 5,000 clips/s with 2 workers, 2 workers >= in process")
     finally:
