@@ -109,7 +109,6 @@ class WidsClips(torch.utils.data.Dataset):
 
     def __init__(self, build_dir: Path):
         import pyarrow.parquet as pq
-        import wids
 
         shard = pq.read_table(build_dir / "manifest.parquet", columns=["shard"]).column("shard").to_pylist()
         counts = {s: shard.count(s) for s in sorted(set(shard))}

@@ -28,7 +28,7 @@ from . import manifest as mf
 from .atomic import atomic_write_json, remove_stale
 from .build_pool import Runner, SpoolRef
 from .clips import InputError
-from .importers import FORMATS, input_root, list_inputs, source_name
+from .importers import FORMATS, SUPPORTED_EXTS, input_root, list_inputs, source_name
 from .labels import DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, DEFAULT_W, LABEL_RULES
 from .shard_records import ShardContext, add_sparse, load_records, write_shard_and_record
 from .shards import shard_name
@@ -265,7 +265,8 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
     except InputError as e:
         raise BuildError(str(e)) from None
     if not all_inputs:
-        raise BuildError(f"no input files found in {', '.join(map(str, inputs))}")
+        raise BuildError(f"no input files found in {', '.join(map(str, inputs))} (looked for "
+                         f"{', '.join(SUPPORTED_EXTS)}; point --input at track files or folders of them)")
     i_part, n_part = part or (0, 1)
     globals_ = list(range(i_part, len(all_inputs), n_part))
     if not globals_:

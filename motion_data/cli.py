@@ -23,7 +23,7 @@ def dispatch(prog: str, description: str, commands: dict[str, tuple[str, str]], 
         prog = os.path.basename(sys.argv[0])
     parser = argparse.ArgumentParser(prog=prog, description=description)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    modules = {}
+    modules, parsers = {}, {}
     for name, (mod, help_) in commands.items():
         try:
             modules[name] = importlib.import_module(mod)
@@ -34,7 +34,10 @@ def dispatch(prog: str, description: str, commands: dict[str, tuple[str, str]], 
         p = sub.add_parser(name, help=help_, description=(modules[name].__doc__ or help_).strip(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         modules[name].add_arguments(p)
-    args = parser.parse_args(argv)
+        parsers[name] = p
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the command's own usage, not the top-level one (e.g. train --epochs 1)
+        parsers[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(modules[args.command].run(args) or 0)
     except UserError as e:  # the user's to fix: one line naming the path, no traceback

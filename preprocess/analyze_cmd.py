@@ -14,8 +14,9 @@ per-point speed histogram, before and after.
 """
 from __future__ import annotations
 
+from motion_data.errors import UserError
+
 import json
-import sys
 
 import numpy as np
 
@@ -71,8 +72,7 @@ def run(args) -> int:
             plot_analysis(result, sb, sa, flt.metric, flt.threshold, W, args.plot,
                           title=f"{args.build}: {flt} ({build.n_clips} clips)")
     except (ValueError, OSError, RuntimeError) as e:
-        print(f"analyze: error: {e}", file=sys.stderr)
-        return 2
+        raise UserError(str(e)) from None  # one line from the dispatcher (exit 2)
     if args.json:
         if args.json == "-":
             print(json.dumps(result))

@@ -10,7 +10,6 @@ files in OUT that a build does not write are never removed.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from motion_data.build import DEFAULT_MAXCOUNT, BuildError, build
 from motion_data.importers import FORMATS
@@ -99,11 +98,11 @@ def run(args) -> int:
                         part=args.part, on_error=args.on_error, image_size=args.image_size, views=args.views,
                         build_filter=flt, progress=not args.no_progress, command=command_line(args),
                         label_rule=args.label_rule, overwrite=args.overwrite)
-    except (BuildError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except BuildError:
+        raise  # a UserError: the dispatcher prints it as one line (exit 2)
+    except ValueError as e:  # a bad option value (e.g. --filter)
+        raise BuildError(str(e)) from None
     except KeyboardInterrupt:
-        print(f"interrupted: re-run the same command to resume the build in {args.out}", file=sys.stderr)
-        return 130
+        raise KeyboardInterrupt(f"re-run the same command to resume the build in {args.out}") from None
     print(format_summary(summary))
     return 0

@@ -5,7 +5,8 @@ same clips in the same order, the same statistics and histograms. Shards are har
 """
 from __future__ import annotations
 
-import sys
+from motion_data.errors import UserError
+
 
 from motion_data.build import BuildError
 from motion_data.builddir import BuildDirError
@@ -25,7 +26,6 @@ def run(args) -> int:
     try:
         summary = merge(args.parts, args.out)
     except (BuildError, BuildDirError, ManifestError, StoreError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise UserError(str(e)) from None  # one line from the dispatcher (exit 2)
     print(format_summary(summary))
     return 0

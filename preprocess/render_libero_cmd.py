@@ -22,7 +22,8 @@ Example: python -m preprocess render-libero --out libero_tracks/ --suites libero
 """
 from __future__ import annotations
 
-import sys
+from motion_data.errors import UserError
+
 import time
 
 from motion_data.file_readers import MissingDependency
@@ -69,8 +70,7 @@ def run(args) -> int:
         claim_folder(args.out, cfg, args.overwrite)
         jobs = [j for suite in suites for j in pending(args.out, suite, tasks[suite], args.episodes_per_task)]
     except (MissingDependency, RenderUnavailable, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UserError(str(e)) from None  # one line from the dispatcher (exit 2)
     from tqdm import tqdm
 
     total = sum(len(e) for _, _, e in jobs)
@@ -84,8 +84,7 @@ def run(args) -> int:
         try:
             summaries = run_jobs(jobs, cfg, args.out, args.workers, on_done=done)
         except RenderUnavailable as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            raise UserError(str(e)) from None  # one line from the dispatcher (exit 2)
         wall = time.perf_counter() - t0
     if summaries:
         n = len(summaries)

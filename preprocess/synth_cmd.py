@@ -14,9 +14,10 @@ synth.json); a folder holding any other file is refused even then, and nothing i
 """
 from __future__ import annotations
 
+from motion_data.errors import UserError
+
 import json
 import os
-import sys
 
 from motion_data.atomic import atomic_open
 from motion_data.synth import SYNTH_JSON, SynthConfig, config_dict, prepare_out, write_synth
@@ -57,8 +58,7 @@ def run(args) -> int:
         if args.clips < 1 or args.clips_per_file < 1:
             raise ValueError(f"--clips and --clips-per-file must be >= 1, got {args.clips}, {args.clips_per_file}")
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UserError(str(e)) from None  # one line from the dispatcher (exit 2)
     removed = prepare_out(args.out, overwrite=args.overwrite)  # UserError: refused, nothing removed
     if removed:
         print(f"removed {len(removed)} earlier synth files from {args.out}")

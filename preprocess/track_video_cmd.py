@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from motion_data.clips import InputError
+from motion_data.errors import SettingError
 from motion_data.video import TrackConfig, track_video, write_track_file
 
 
@@ -53,8 +54,7 @@ def run(args) -> int:
         cfg = TrackConfig(window=args.window, stride=args.stride, grid=args.grid, max_frames=args.max_frames,
                           win_size=args.win_size, max_level=args.max_level, fb_threshold=args.fb_threshold)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise SettingError(str(e)) from None
     from tqdm import tqdm
 
     out = Path(args.out)
@@ -66,8 +66,7 @@ def run(args) -> int:
             d = track_video(video, cfg, progress=not args.no_progress)
         except InputError as e:
             if args.on_error == "fail":
-                print(f"error: {e}", file=sys.stderr)
-                return 1
+                raise  # a UserError: one line from the dispatcher (exit 2)
             skipped.append(str(e))
             continue
         path = write_track_file(out / name, d)

@@ -16,8 +16,9 @@ with stop inclusive, or comma lists.
 """
 from __future__ import annotations
 
+from motion_data.errors import UserError
+
 import csv
-import sys
 from pathlib import Path
 
 from motion_data.atomic import atomic_open
@@ -93,8 +94,7 @@ def run(args) -> int:
             plot_tune(rows, targets, rec, args.plot,
                       title=f"{args.build}: min_keep {args.min_keep} ({'exact' if args.exact else 'histograms'})")
     except (ValueError, OSError, RuntimeError) as e:
-        print(f"tune-filter: error: {e}", file=sys.stderr)
-        return 2
+        raise UserError(str(e)) from None  # one line from the dispatcher (exit 2)
     print(f"{args.build}: {build.n_clips} clips, labels by the {build.label_rule} rule, "
           f"{'exact pass' if args.exact else 'from histograms'}; "
           f"targets: {targets}")

@@ -217,7 +217,7 @@ def test_cli_build_rerun_is_noop_and_other_args_are_refused(tmp_path, tiny_track
     assert run_cli("--input", tiny_tracks, "--out", out, "--maxcount", 25, "--no-progress") == 0
     assert "nothing to do" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()} == before
-    assert run_cli("--input", tiny_tracks, "--out", out, "--maxcount", 25, "--stride", 4, "--no-progress") == 1
+    assert run_cli("--input", tiny_tracks, "--out", out, "--maxcount", 25, "--stride", 4, "--no-progress") == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "stride" in err and str(out) in err
 
@@ -230,13 +230,13 @@ def test_overwrite_unblocks_a_failed_build_and_keeps_other_files(tmp_path, capsy
     np.savez(d / "b.npz", tracks=tracks, visibility=vis, image_size=np.array([96, 128]))
     out = tmp_path / "o"
     args = ["--input", d, "--out", out, "--maxcount", 2, "--no-progress"]
-    assert run_cli(*args) == 1
+    assert run_cli(*args) == 2
     err = capsys.readouterr().err
     assert "b.npz" in err and "--on-error skip" in err and "--overwrite" in err
     assert (out / ".work" / "config.json").exists() and not (out / "build.json").exists()
     # fixing the file changes the inputs: the unfinished build blocks OUT, and says how out
     make_track_file(d / "b.npz", B=1, T=32, seed=2)
-    assert run_cli(*args) == 1
+    assert run_cli(*args) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "unfinished build" in err and "--overwrite" in err
     mine = ("notes.txt", "build.json.old", "shards.tmp-notes.txt")  # not the build's, however named
@@ -253,7 +253,7 @@ def test_overwrite_unblocks_a_failed_build_and_keeps_other_files(tmp_path, capsy
     assert run_cli("--input", d, "--out", ref, "--maxcount", 2, "--no-progress") == 0
     assert_same_content(out, ref)
     # a finished build with other arguments: refused, naming --overwrite; replaced with it
-    assert run_cli(*args, "--stride", 4) == 1
+    assert run_cli(*args, "--stride", 4) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert run_cli(*args, "--stride", 4, "--overwrite") == 0
     assert json.loads((out / "build.json").read_text())["config"]["stride"] == 4
@@ -263,7 +263,7 @@ def test_overwrite_unblocks_a_failed_build_and_keeps_other_files(tmp_path, capsy
     other = tmp_path / "other"
     other.mkdir()
     (other / "x.txt").write_text("keep")
-    assert run_cli("--input", d, "--out", other, "--overwrite", "--no-progress") == 1
+    assert run_cli("--input", d, "--out", other, "--overwrite", "--no-progress") == 2
     assert "holds no build" in capsys.readouterr().err and (other / "x.txt").read_text() == "keep"
 
 
@@ -306,13 +306,13 @@ def bad_inputs(tmp_path):
 def test_on_error_fail_names_the_file_in_one_line(bad_inputs, tmp_path, capsys):
     rc = run_cli("--input", bad_inputs, "--out", tmp_path / "o", "--no-progress")
     err = capsys.readouterr().err.strip()
-    assert rc == 1 and "\n" not in err
+    assert rc == 2 and "\n" not in err
     assert "b_corrupt.npz" in err
     for name in ("c_empty.npz", "d_nan.npz", "e_short.npz"):
         rc = run_cli("--input", bad_inputs / "a_good.npz", bad_inputs / name, "--out", tmp_path / name,
                      "--no-progress")
         err = capsys.readouterr().err.strip()
-        assert rc == 1 and "\n" not in err and name in err, err
+        assert rc == 2 and "\n" not in err and name in err, err
     assert "shorter than the window" in err  # the last one: T=10 < 16
 
 
@@ -343,7 +343,7 @@ def test_on_error_skip_drops_only_the_bad_sequence(tmp_path, capsys, workers):
     d = tmp_path / "in"
     d.mkdir()
     np.savez(d / "x.npz", tracks=tracks, visibility=vis, image_size=size)
-    assert run_cli("--input", d, "--out", tmp_path / "fail", "--no-progress") == 1
+    assert run_cli("--input", d, "--out", tmp_path / "fail", "--no-progress") == 2
     err = capsys.readouterr().err
     assert "x.npz[2]" in err and "non-finite" in err
     out = tmp_path / "o"
@@ -362,7 +362,7 @@ def test_on_error_skip_drops_only_the_bad_sequence(tmp_path, capsys, workers):
 def test_point_count_mismatch_is_an_error_naming_the_file(tmp_path, capsys):
     make_track_file(tmp_path / "in" / "a.npz", B=1, T=20, grid=10)
     make_track_file(tmp_path / "in" / "b.npz", B=1, T=20, grid=8)
-    assert run_cli("--input", tmp_path / "in", "--out", tmp_path / "o", "--no-progress") == 1
+    assert run_cli("--input", tmp_path / "in", "--out", tmp_path / "o", "--no-progress") == 2
     err = capsys.readouterr().err
     assert "b.npz" in err and "N=64" in err and "N=100" in err
 

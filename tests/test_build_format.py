@@ -64,7 +64,7 @@ def test_old_format_build_is_refused_everywhere_with_one_line(tiny_build, tmp_pa
     _one_line_naming(capsys.readouterr().err, old)
     assert not (tmp_path / "run" / "last.pt").exists()
     # merge reads build.json first: an old part is refused by name too
-    assert preprocess_main(["merge", str(old), "--out", str(tmp_path / "m")]) == 1
+    assert preprocess_main(["merge", str(old), "--out", str(tmp_path / "m")]) == 2
     _one_line_naming(capsys.readouterr().err, old)
     with pytest.raises(ManifestError, match="rebuild it with"):
         verify_build(old)

@@ -1,6 +1,8 @@
 """The command dispatcher: a user's error is one line (exit 2); an interrupt is one line too."""
 import signal
 
+import pytest
+
 from motion_data.errors import UserError
 from tokenizer_train import ablate
 from tokenizer_train.__main__ import main
@@ -44,3 +46,31 @@ def test_ablate_stopped_by_a_signal_says_to_rerun_the_sweep(monkeypatch, capsys,
     assert rc == 128 + signal.SIGTERM and len(err.strip().splitlines()) == 1
     assert "stopped by SIGTERM at step 3" in err and "run the same ablate command again" in err
     assert "train --resume" not in err
+
+
+def test_user_errors_of_every_preprocess_command_share_one_format_and_exit_2(tmp_path, capsys):
+    from preprocess.__main__ import main as pre
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (["build-shards", "--input", str(empty), "--out", str(tmp_path / "b"), "--no-progress"], "build-shards"),
+        (["track-video", str(tmp_path / "missing.avi"), "--out", str(tmp_path / "t"), "--no-progress"], "track-video"),
+        (["merge", str(tmp_path / "nothing"), "--out", str(tmp_path / "m")], "merge"),
+        (["analyze", str(tmp_path / "nothing")], "analyze"),
+    ]
+    for argv, name in cases:
+        assert pre(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"python -m preprocess {name}: error: ") and "\n" not in err, err
+    pre(cases[0][0])
+    err = capsys.readouterr().err
+    assert "no input files found" in err and ".npz" in err and ".h5" in err  # names what it looked for
+
+
+def test_an_unknown_option_shows_the_commands_own_usage(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--epochs", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: python -m tokenizer_train train" in err and "unrecognized arguments: --epochs 1" in err

@@ -35,7 +35,7 @@ def test_image_size_message_names_the_form_the_parser_takes(tmp_path, capsys):
     d = tmp_path / "in"
     d.mkdir()
     np.save(d / "t.npy", make_tracks(B=1, T=20)[0][0])  # bare tracks: no frame size stored
-    assert main(["build-shards", "--input", str(d), "--out", str(tmp_path / "a"), "--no-progress"]) == 1
+    assert main(["build-shards", "--input", str(d), "--out", str(tmp_path / "a"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     m = re.search(r"--image-size (\S+) \(e\.g\. (\S+)\)", err)
     assert m, err

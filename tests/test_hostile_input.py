@@ -132,7 +132,7 @@ def test_every_bad_file_alone_fails_with_one_line_naming_it(corpus, tmp_path, ca
     for case, path in bad.items():
         rc = _build("--input", good[0], path, "--out", tmp_path / case)
         err = capsys.readouterr().err.strip()
-        assert rc == 1, case
+        assert rc == 2, case
         assert "\n" not in err and str(path) in err, (case, err)
         assert "Traceback" not in err
     assert not marker.exists()

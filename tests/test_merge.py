@@ -50,22 +50,22 @@ def test_merge_equals_a_single_run(parts, tiny_tracks, tmp_path, capsys):
 
 
 def test_merge_refuses_incomplete_or_mixed_parts(parts, tiny_tracks, tmp_path, capsys):
-    assert main(["merge", str(parts / "p0"), "--out", str(tmp_path / "m1")]) == 1
+    assert main(["merge", str(parts / "p0"), "--out", str(tmp_path / "m1")]) == 2
     assert "parts missing: 1/2" in capsys.readouterr().err
-    assert main(["merge", str(parts / "p0"), str(parts / "p0"), "--out", str(tmp_path / "m2")]) == 1
+    assert main(["merge", str(parts / "p0"), str(parts / "p0"), "--out", str(tmp_path / "m2")]) == 2
     assert "part given twice" in capsys.readouterr().err
     other = tmp_path / "other"
     assert run_cli("--input", tiny_tracks, "--out", other, "--maxcount", 9, "--part", "1/2", "--no-progress") == 0
     capsys.readouterr()
-    assert main(["merge", str(parts / "p0"), str(other), "--out", str(tmp_path / "m3")]) == 1
+    assert main(["merge", str(parts / "p0"), str(other), "--out", str(tmp_path / "m3")]) == 2
     assert "maxcount" in capsys.readouterr().err
-    assert main(["merge", str(parts / "p0"), str(tmp_path / "nothing"), "--out", str(tmp_path / "m4")]) == 1
+    assert main(["merge", str(parts / "p0"), str(tmp_path / "nothing"), "--out", str(tmp_path / "m4")]) == 2
     assert "not a finished build" in capsys.readouterr().err
     assert not (tmp_path / "m1").exists() and not (tmp_path / "m3").exists()
 
 
 def test_part_without_inputs_is_an_error(tiny_tracks, tmp_path, capsys):
-    assert run_cli("--input", tiny_tracks, "--out", tmp_path / "o", "--part", "5/6", "--no-progress") == 1
+    assert run_cli("--input", tiny_tracks, "--out", tmp_path / "o", "--part", "5/6", "--no-progress") == 2
     assert "only 4 input files" in capsys.readouterr().err
-    assert run_cli("--input", tiny_tracks, "--out", tmp_path / "o", "--part", "2/2", "--no-progress") == 1
+    assert run_cli("--input", tiny_tracks, "--out", tmp_path / "o", "--part", "2/2", "--no-progress") == 2
     assert "0 <= i < n" in capsys.readouterr().err

@@ -93,7 +93,7 @@ def test_bad_videos(tmp_path, square_video, capsys):
     with pytest.raises(InputError, match=r"missing\.avi"):
         track_video(tmp_path / "missing.avi")
     out = tmp_path / "o"
-    assert main(["track-video", str(junk), "--out", str(out), "--no-progress"]) == 1
+    assert main(["track-video", str(junk), "--out", str(out), "--no-progress"]) == 2
     assert "junk.avi" in capsys.readouterr().err
     rc = main(["track-video", str(junk), str(square_video), "--out", str(out), "--window", "8",
                "--on-error", "skip", "--no-progress"])

@@ -38,6 +38,8 @@ predicted displacement, px)
 """
 from __future__ import annotations
 
+from motion_data.errors import UserError
+
 import argparse
 import csv
 import json
@@ -379,8 +381,7 @@ def run(args) -> int:
             raise FileNotFoundError(f"{args.data}: no such build folder")
         overrides = [parse_override(t) for t in args.set]
     except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UserError(str(e)) from None  # one line from the dispatcher (exit 2)
     # the user's errors while training (UserError) are one line from the dispatcher; a bug keeps its traceback
     try:
         ablate(args.config, args.data, args.out, variants, seeds, overrides, args.epochs,

@@ -5,7 +5,6 @@ epochs and DDP ranks aggregate before dividing."""
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from motion_data.labels import center_class
 
