@@ -313,3 +313,67 @@ def test_stop_signals_flag_and_second_ctrl_c():
             assert stop.signum == signal.SIGINT
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C twice: at once
             time.sleep(0.05)
+
+
+# runs the CLI, waiting inside the last epoch's validation until a signal has arrived
+VAL_WRAPPER = """
+import os, sys, time, torch
+torch.set_num_threads(1)
+import tokenizer_train.validate as V
+marker, last_epoch = os.environ["E_MARKER"], int(os.environ["E_LAST"])
+real_pool = V.code_pool
+calls = []
+def code_pool(model, loader, where, dist, autocast, should_stop=None):
+    calls.append(1)
+    if len(calls) == last_epoch + 1:  # the last epoch's validation has begun
+        open(marker, "w").close()
+        t0 = time.time()
+        while not should_stop() and time.time() - t0 < 120:
+            time.sleep(0.01)
+    return real_pool(model, loader, where, dist, autocast, should_stop)
+V.code_pool = code_pool
+from tokenizer_train.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigint_during_the_final_validation_saves_exits_130_and_resume_runs_that_validation(build, tmp_path):
+    out = tmp_path / "run"
+    marker = tmp_path / "in-validation"
+    sets = [s for s in SETS if not s.startswith("data.val_split")] + ["data.val_split=0.3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", E_MARKER=str(marker), E_LAST="1")
+    p = subprocess.Popen([sys.executable, "-c", VAL_WRAPPER, "train", "--data", str(build), "--out", str(out),
+                          "--no-progress", *sum((["--set", s] for s in sets), [])],
+                         cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not marker.exists():
+        if p.poll() is not None:
+            pytest.fail(f"training ended before its last validation: {p.stderr.read()[-2000:]}")
+        assert time.time() < deadline, "training never reached its last validation"
+        time.sleep(0.02)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and sum("resume with:" in x for x in err.splitlines()) == 1, err
+    st = C.load(out / "last.pt")
+    assert st["epoch"] == 2 and st["val_due"]["epoch"] == 1  # the validation is recorded as still due
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert not any("val/loss_epoch" in r and r["epoch"] == 1 for r in rows)
+    # --resume runs that validation and ends the run with its one closing line
+    r = subprocess.run([sys.executable, "-m", "tokenizer_train", "train", "--resume", str(out), "--no-progress"],
+                       cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    import re
+
+    m = re.search(r"resumed at step (\d+) of (\d+) \(epoch 2, its validation first\)", r.stderr)
+    assert m and m.group(1) == m.group(2) == str(st["step"]), r.stderr
+    assert f"done: {out / 'best.pt'}; last validation: code information" in r.stderr
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if "val/loss_epoch" in r] == [0, 1]
+    assert C.load(out / "last.pt")["val_due"] is None
+    # a finished run says so, and how to train longer
+    r = subprocess.run([sys.executable, "-m", "tokenizer_train", "train", "--resume", str(out), "--no-progress"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "finished (2 of 2 epochs)" in r.stderr and "--set training.epochs=N" in r.stderr

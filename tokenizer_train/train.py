@@ -64,7 +64,7 @@ from .model import MotionTokenizer
 from .model_inputs import model_kwargs, take, with_index
 from .schedule import build_scheduler, clip_gradients
 from .stop import StopSignals, Stopped
-from .validate import clip_places, evaluate, to_device, train_code_info
+from .validate import ValidationStopped, clip_places, evaluate, to_device, train_code_info
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -164,6 +164,7 @@ class Progress:
     epoch: int = 0
     batches_done: int = 0
     best: float = math.inf
+    val_due: dict | None = None  # {"epoch", "scalars"}: a validation a stop signal interrupted
     sums: Sums = field(default_factory=Sums)
     seen: torch.Tensor | None = None
     seen_g: np.ndarray | None = None
@@ -215,7 +216,8 @@ class Trainer:
                           (self.scaler, "scaler")):
             part.load_state_dict(st[key])
         self.regulariser.load_state_dict(st.get("code_usage", {}))
-        pg = Progress(step=st["step"], epoch=st["epoch"], batches_done=st["batches_done"], best=st["best_val"])
+        pg = Progress(step=st["step"], epoch=st["epoch"], batches_done=st["batches_done"], best=st["best_val"],
+                      val_due=st.get("val_due"))
         pg.new_epoch(self.K, self.device)
         mine = ckpt.rank_state(st, dist, pg.batches_done)
         if pg.batches_done:
@@ -231,7 +233,7 @@ class Trainer:
             ckpt.remove_stale_temps(out_dir)
         return pg
 
-    def save(self, pg: Progress, epoch: int, batches_done: int, best_too: bool = False):
+    def save(self, pg: Progress, epoch: int, batches_done: int, best_too: bool = False, val_due: dict | None = None):
         """Checkpoint at (epoch, batches_done) (collective: every rank gives its own state);
         at an epoch boundary the sums and codes seen start afresh."""
         boundary = batches_done == 0
@@ -248,6 +250,7 @@ class Trainer:
                   "best_val": pg.best, "epoch_sums": sums.floats(), "seen": torch.from_numpy(seen.copy()),
                   "seen_global": torch.from_numpy(seen_g.copy()),
                   "loader": {"epoch": epoch, "batches_done": batches_done, "skipped": self.train_loader.skipped},
+                  "val_due": val_due,
                   "config": to_dict(self.cfg),
                   "meta": {"W": self.W, "N": self.N, "T": self.build.T, "levels": list(self.levels)}}
             ckpt.save_last(self.out_dir / "last.pt", st)
@@ -410,17 +413,26 @@ class Trainer:
         bar.close()
         pg.batches_done = 0
 
-    def end_epoch(self, pg: Progress, epoch: int, logger: RunLogger, last: dict):
-        """Train aggregates, validation, checkpoints (last.pt; best.pt when the score improved)."""
-        scalars = M.epoch_scalars(pg.sums.reduced(self.device))
+    def end_epoch(self, pg: Progress, epoch: int, logger: RunLogger, last: dict, scalars: dict | None = None):
+        """Train aggregates (``scalars``: those of a validation a signal interrupted, on resume),
+        validation, checkpoints (last.pt; best.pt when the score improved). A stop signal during
+        validation saves a checkpoint that records the validation as due and raises Stopped."""
+        scalars = dict(scalars) if scalars is not None else M.epoch_scalars(pg.sums.reduced(self.device))
         zc = self.model.zero_codes(self.S).cpu().numpy()
         hists = {}
         if self.val_loader is not None:
             self.val_loader.set_epoch(epoch)
             t0 = time.perf_counter()
-            # the unwrapped model: no DDP collectives in a forward that a rank may skip
-            vs, hists = evaluate(self.model, self.val_loader, self.criterion, self.cfg, self.dist, self.W, zc,
-                                 self.autocast, progress=self.dist.is_main and self.progress, where=self.places)
+            try:
+                # the unwrapped model: no DDP collectives in a forward that a rank may skip
+                vs, hists = evaluate(self.model, self.val_loader, self.criterion, self.cfg, self.dist, self.W, zc,
+                                     self.autocast, progress=self.dist.is_main and self.progress, where=self.places,
+                                     should_stop=self.stop.agreed)
+            except ValidationStopped as e:
+                self.model.train()
+                self.save(pg, epoch + 1, 0, val_due={"epoch": epoch, "scalars": scalars})
+                D.barrier()
+                raise Stopped(e.signum, pg.step, self.out_dir, self.dist.world_size) from None
             scalars.update(vs)  # the validation split's clips (all ranks) per second of the pass:
             scalars["perf/val_clips_per_s_epoch"] = len(self.val_loader.dataset) / max(time.perf_counter() - t0, 1e-9)
             heap.trim()
@@ -434,6 +446,15 @@ class Trainer:
             print(f"epoch {epoch}: " + " ".join(f"{k}={v:.4g}" for k, v in scalars.items() if k in EPOCH_LINE),
                   file=sys.stderr, flush=True)
         D.barrier()
+
+
+def final_line(out_dir: Path, last: dict) -> str:
+    """The one line a finished run ends with: where best.pt is and what its codes carry."""
+    def f(k):
+        v = last.get(k)
+        return "not logged" if v is None else f"{v:.3f}"
+    return (f"done: {out_dir / 'best.pt'}; last validation: code information {f('val/code_info_bits_epoch')} "
+            f"bits/label, CE {f('val/ce_bits_epoch')} bits/label, non-centre accuracy {f('val/acc_noncenter_epoch')}")
 
 
 # the figures of the one line printed per epoch
@@ -480,6 +501,17 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
             first = pg.epoch
             end = cfg.training.epochs if stop_after_epochs is None else min(cfg.training.epochs,
                                                                             first + stop_after_epochs)
+            if resume and dist.is_main:
+                total = tr.steps_per_epoch * cfg.training.epochs
+                print(f"{out_dir}: resumed at step {pg.step} of {total} (epoch {pg.epoch}"
+                      f"{', its validation first' if pg.val_due else ''})", file=sys.stderr, flush=True)
+            if pg.val_due:  # a stop signal interrupted that epoch's validation: run it now
+                tr.end_epoch(pg, pg.val_due["epoch"], logger, last, scalars=pg.val_due["scalars"])
+                pg.val_due = None
+            if resume and first >= cfg.training.epochs and dist.is_main:
+                print(f"{out_dir}: finished ({cfg.training.epochs} of {cfg.training.epochs} epochs); to train "
+                      f"longer: python -m tokenizer_train train --resume {out_dir} --set training.epochs=N "
+                      f"(N > {cfg.training.epochs})", file=sys.stderr, flush=True)
             for epoch in range(first, end):
                 # a signal during set-up or the previous epoch's validation (end_epoch saved then)
                 if signum := stop.agreed():
@@ -491,6 +523,8 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
                 tr.end_epoch(pg, epoch, logger, last)
             if end == cfg.training.epochs and last:  # the run is complete: compare runs in TensorBoard
                 logger.log_hparams(flatten(to_dict(cfg)), {k: v for k, v in last.items() if k.endswith("_epoch")})
+                if dist.is_main:
+                    print(final_line(out_dir, last), file=sys.stderr, flush=True)
         finally:
             logger.close()
     return last

@@ -29,23 +29,34 @@ def decoder_at(model, kw: dict, sel, autocast=None):
     return decode
 
 
+class ValidationStopped(Exception):
+    """A stop signal arrived during validation (``evaluate``'s ``should_stop``)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 @torch.no_grad()
 def evaluate(model, loader, criterion, cfg, dist, W: int, zero_codes, autocast,
-             progress: bool = False, where: dict | None = None) -> tuple[dict, dict]:
+             progress: bool = False, where: dict | None = None, should_stop=None) -> tuple[dict, dict]:
     """``val/*_epoch`` scalars and code-usage histograms of one pass over ``loader`` (a
     progress bar on stderr with ``progress``), after an encoder pass that gives code
     information every clip's codes (``code_pool``; ``where``: ``clip_places`` of the build).
 
     Every figure (loss, CE, accuracies, code information, AUC, EPE) is on ``eval_mask``;
     ``val/dynamic_point_ratio_epoch`` describes the run's own filter (``mask``).
+    ``should_stop()`` (collective: every rank calls it once a batch) returning a signal number
+    ends the pass with ``ValidationStopped``.
     """
     model.eval()
     q, codes = Quality(W), []
     loss_sum = n_sum = kept = points = 0.0
     masked = cfg.training.decode_points == "masked"
-    pool, row, others = code_pool(model, loader, where, dist, autocast)
+    pool, row, others = code_pool(model, loader, where, dist, autocast, should_stop)
     for batch in tqdm(loader, desc="validation", unit="batch", disable=not progress, leave=False,
                       dynamic_ncols=True):
+        _check(should_stop)
         if len(batch["clip_id"]) == 0:
             continue  # an empty share of a tiny validation split under DDP
         batch = to_device(with_index(batch, "eval_index", "eval_mask") if masked else batch, dist.device)
@@ -81,7 +92,12 @@ def evaluate(model, loader, criterion, cfg, dist, W: int, zero_codes, autocast,
 
 
 @torch.no_grad()
-def code_pool(model, loader, where: dict | None, dist, autocast) -> tuple[torch.Tensor, dict, np.ndarray]:
+def _check(should_stop):
+    if should_stop is not None and (signum := should_stop()):
+        raise ValidationStopped(signum)
+
+
+def code_pool(model, loader, where: dict | None, dist, autocast, should_stop=None) -> tuple[torch.Tensor, dict, np.ndarray]:
     """The codes code information decodes with: every clip of one pass over ``loader`` (all
     ranks), encoded in eval mode, as ``(quantized (C, L, d) on the device, {clip id: row},
     other_clips of the rows)``; ``where``: clip id -> (split group, start frame), ``clip_places``.
@@ -91,6 +107,7 @@ def code_pool(model, loader, where: dict | None, dist, autocast) -> tuple[torch.
     found: dict = {}
     frames = 0
     for batch in loader:
+        _check(should_stop)
         if len(batch["clip_id"]) == 0:
             continue
         b = to_device(batch, dist.device)
