@@ -120,12 +120,13 @@ class Tokenizer:
         return self.model.fsq.indices_to_codes(c)
 
     @torch.inference_mode()
-    def decode(self, codes, start_pos=None) -> Decoded:
+    def decode(self, codes, start_pos=None, logits: bool = True) -> Decoded:
         """The decoder's prediction (:class:`Decoded`) for code ids ``(B, L)`` or ``(L,)``.
 
         ``start_pos`` ``(B, N, 2)`` reference px is needed when ``needs_start_pos``. The
         classes equal the argmax of the model's own forward logits on the clips the codes
         came from. Example: ``tok.decode(tok.encode(pos), pos[:, 0]).displacement``.
+        ``logits=False`` leaves ``logits`` None and holds one ``(B, T-1, N, W*W)`` tensor fewer.
         """
         c = _tensor(codes, self.device, torch.long)
         one = c.ndim == 1
@@ -133,11 +134,13 @@ class Tokenizer:
         if c.ndim != 2 or c.shape[1] % self.tokens_per_step:
             raise ValueError(f"codes must be (B, L) with L a multiple of {self.tokens_per_step} tokens per step, "
                              f"got {tuple(c.shape)}")
-        logits = self.model.decode(self.codes_to_quantized(c), self._start(start_pos, len(c), one)).float()
-        prob, classes = logits.softmax(-1).max(-1)
-        out = Decoded(classes, self._offsets[classes], prob, logits)
+        z = self.model.decode(self.codes_to_quantized(c), self._start(start_pos, len(c), one)).float()
+        top, classes = z.max(-1)
+        prob = torch.exp(top - torch.logsumexp(z, -1))  # the softmax probability of the argmax class
+        out = Decoded(classes, self._offsets[classes], prob, z if logits else None)
         if one:
-            out = Decoded(*(x[0] for x in (out.classes, out.displacement, out.confidence, out.logits)))
+            out = Decoded(*(None if x is None else x[0] for x in (out.classes, out.displacement, out.confidence,
+                                                                   out.logits)))
         return out
 
 

@@ -19,6 +19,8 @@ otherwise it is optional and only adds start_pos. Uses RUN/best.pt unless --chec
 from __future__ import annotations
 
 import sys
+import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +46,8 @@ def add_arguments(p):
                    help="build folder the codes came from; needed when the run uses model.point_pos_enc "
                         "(start positions by clip id), otherwise optional (adds start_pos)")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint (default: best)")
-    p.add_argument("--batch-size", type=int, default=256, help="clips per decoder pass (default: 256)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="clips per decoder pass; memory grows with it, about 40 MB a clip at 400 points (default: 32)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to run the model (auto: CUDA when available)")
 
@@ -67,9 +70,9 @@ def read_codes(path) -> tuple[list[str], np.ndarray]:
     return list(t["clip_id"]), np.asarray(t["codes"], np.int64).reshape(len(t["clip_id"]), -1)
 
 
-def decode_codes(run_dir, codes_path, out_path, data_dir=None, which="best", batch_size=256, device="auto",
-                 progress=True) -> dict:
-    """Write the npz of the module docstring; returns its arrays."""
+def decode_codes(run_dir, codes_path, out_path, data_dir=None, which="best", batch_size=32, device="auto",
+                 progress=True) -> Path:
+    """Write the npz of the module docstring (memory bounded by one batch); returns its path."""
     tok = load_tokenizer(run_dir, which, device)
     ids, codes = read_codes(codes_path)
     if codes.shape[1] % tok.tokens_per_step or (codes.size and (codes.min() < 0 or codes.max() >= tok.codebook_size)):
@@ -79,32 +82,49 @@ def decode_codes(run_dir, codes_path, out_path, data_dir=None, which="best", bat
         raise DecodeError(f"{run_dir}: the run uses model.point_pos_enc, its decoder needs each point's start "
                           f"position: pass --data BUILD (the build the codes were made from)")
     C, S, N = len(ids), codes.shape[1] // tok.tokens_per_step, tok.N
-    out = {"clip_id": np.asarray(ids, dtype=str), "W": np.int64(tok.W), "classes": np.zeros((C, S, N), np.int16),
-           "displacement": np.zeros((C, S, N, 2), np.float32), "confidence": np.zeros((C, S, N), np.float32)}
     build = rows = None
     if data_dir is not None:
         build = BuildDir(data_dir)
         build.check_compatible(N=N, what=f"the run {run_dir}")
         rows = build.rows_of(ids)
-        out.update(start_pos=np.zeros((C, N, 2), np.float32), ref_size=np.int64(build.ref_size))
-    fds = FdCache()  # one descriptor per shard for the whole pass
-    try:
-        for lo in tqdm(range(0, C, batch_size), desc="decode", unit="batch", dynamic_ncols=True, disable=not progress):
-            hi = min(C, lo + batch_size)
-            start = None
-            if build is not None:
-                out["start_pos"][lo:hi] = build.read_clips(rows[lo:hi], fds)[0][:, 0]
-                start = out["start_pos"][lo:hi] if tok.needs_start_pos else None
-            d = tok.decode(codes[lo:hi], start)
-            out["classes"][lo:hi] = d.classes.cpu().numpy()
-            out["displacement"][lo:hi] = d.displacement.cpu().numpy()
-            out["confidence"][lo:hi] = d.confidence.cpu().numpy()
-    finally:
-        fds.close()
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(out_path, "wb") as f:
-        np.savez(f, **out)
-    return out
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=f".{out_path.name}.") as tmp:
+        # every output array is a .npy file filled chunk by chunk (memory-mapped: memory stays
+        # bounded by one chunk), then the files are stored into the npz
+        big = {"classes": ((C, S, N), np.int16), "displacement": ((C, S, N, 2), np.float32),
+               "confidence": ((C, S, N), np.float32)}
+        if build is not None:
+            big["start_pos"] = ((C, N, 2), np.float32)
+        arr = {k: np.lib.format.open_memmap(Path(tmp) / f"{k}.npy", "w+", dt, shape) for k, (shape, dt) in big.items()}
+        fds = FdCache()  # one descriptor per shard for the whole pass
+        try:
+            for lo in tqdm(range(0, C, batch_size), desc="decode", unit="batch", dynamic_ncols=True,
+                           disable=not progress):
+                hi = min(C, lo + batch_size)
+                start = None
+                if build is not None:
+                    arr["start_pos"][lo:hi] = build.read_clips(rows[lo:hi], fds)[0][:, 0]
+                    start = arr["start_pos"][lo:hi] if tok.needs_start_pos else None
+                d = tok.decode(codes[lo:hi], start, logits=False)
+                arr["classes"][lo:hi] = d.classes.cpu().numpy()
+                arr["displacement"][lo:hi] = d.displacement.cpu().numpy()
+                arr["confidence"][lo:hi] = d.confidence.cpu().numpy()
+        finally:
+            fds.close()
+        for a in arr.values():
+            a.flush()
+        small = {"clip_id": np.asarray(ids, dtype=str), "W": np.int64(tok.W)}
+        if build is not None:
+            small["ref_size"] = np.int64(build.ref_size)
+        with atomic_open(out_path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+            for k, v in small.items():
+                with z.open(f"{k}.npy", "w", force_zip64=True) as m:
+                    np.lib.format.write_array(m, v, allow_pickle=False)
+            for k in big:
+                z.write(Path(tmp) / f"{k}.npy", f"{k}.npy")
+        del arr
+    return out_path
 
 
 def run(args) -> int:
