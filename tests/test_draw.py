@@ -11,7 +11,7 @@ from PIL import Image
 from motion_data.split import split_manifest
 from tokenizer_train.__main__ import main
 from tokenizer_train.config import from_dict
-from tokenizer_train.draw import draw_clip
+from tokenizer_train.draw import BAND, draw_clip
 from tokenizer_train.train import train
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -40,8 +40,8 @@ def test_png_default_clip_is_the_first_validation_clip(tiny, tmp_path):
     _, val = split_manifest(man, 0.25, 16)  # the run's data.val_split
     assert cid == man["clip_id"][val[0]]
     with Image.open(out) as im:
-        assert im.format == "PNG" and im.size == (200, 200)
-        px = np.asarray(im.convert("RGB"))
+        assert im.format == "PNG" and im.size == (200, 200 + BAND)  # the title and legend band on top
+        px = np.asarray(im.convert("RGB"))[BAND:]  # the image itself
     # something was drawn on the blank canvas: green labels and red predictions among white
     assert (px == 255).all(-1).mean() > 0.5
     green = (px[..., 1] > 100) & (px[..., 0] < 100) & (px[..., 2] < 100)
@@ -49,7 +49,7 @@ def test_png_default_clip_is_the_first_validation_clip(tiny, tmp_path):
     assert green.any() and red.any()
 
 
-def test_gif_has_one_frame_per_step_over_the_frame_image(tiny, tmp_path):
+def test_gif_has_one_frame_per_step_over_the_frame_image(tiny, tmp_path, capsys):
     build, run = tiny
     frame = tmp_path / "first.png"
     Image.new("RGB", (96, 64), (0, 0, 200)).save(frame)  # any size: stretched to the reference frame
@@ -58,9 +58,11 @@ def test_gif_has_one_frame_per_step_over_the_frame_image(tiny, tmp_path):
     assert main(["draw", "--data", str(build), "--clip", cid, "--run", str(run), "--frame", str(frame),
                  "--out", str(out), "--size", "160", "--device", "cpu"]) == 0
     with Image.open(out) as im:
-        assert im.format == "GIF" and im.size == (160, 160) and im.n_frames == 15  # T - 1 steps
+        assert im.format == "GIF" and im.size == (160, 160 + BAND) and im.n_frames == 15  # T - 1 steps
         im.seek(0)
-        px = np.asarray(im.convert("RGB"))
+        px = np.asarray(im.convert("RGB"))[BAND:]
+    err = capsys.readouterr().err
+    assert "15/15" in err and "16/15" not in err  # the progress bar counts each frame once
     assert ((px[..., 2] > 150) & (px[..., 0] < 80)).mean() > 0.3  # the blue frame image is the background
 
 
@@ -69,8 +71,8 @@ def test_png_without_run(tiny, tmp_path):
     out = tmp_path / "plain.png"
     assert main(["draw", "--data", str(build), "--out", str(out), "--size", "128", "--val-split", "0"]) == 0
     with Image.open(out) as im:
-        assert im.size == (128, 128)
-        px = np.asarray(im.convert("RGB"))
+        assert im.size == (128, 128 + BAND)
+        px = np.asarray(im.convert("RGB"))  # band included: no red in the legend either
     red = (px[..., 0] > 150) & (px[..., 1] < 100) & (px[..., 2] < 100)
     assert not red.any() and out.stat().st_size > 0
 

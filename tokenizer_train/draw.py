@@ -111,6 +111,9 @@ def _read_frame(path):
                         f"or leave --frame out for a blank canvas") from None
 
 
+BAND = 44  # px above the image for the title and the legend, so that neither covers a point
+
+
 def _figure(size: int):
     import matplotlib
 
@@ -118,9 +121,29 @@ def _figure(size: int):
     import matplotlib.pyplot as plt
 
     dpi = 100
-    fig = plt.figure(figsize=(size / dpi, size / dpi), dpi=dpi)
-    ax = fig.add_axes((0, 0, 1, 1))
+    fig = plt.figure(figsize=(size / dpi, (size + BAND) / dpi), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, size / (size + BAND)))
     return fig, ax, plt
+
+
+def _legend(fig, m: dict, points: str):
+    """A legend of exactly what is drawn (in the band above the image)."""
+    from matplotlib.lines import Line2D
+
+    items = [(Line2D([], [], ls="", marker="o", ms=3, color="black"), points),
+             (Line2D([], [], color="tab:blue"), "observed tracks"),
+             (Line2D([], [], color="tab:green"), "label motion")]
+    if "pred_disp" in m:
+        if np.abs(m["pred_disp"]).any():
+            items.append((Line2D([], [], color="tab:red", ls="--"), "predicted motion"))
+        else:
+            items.append((Line2D([], [], ls=""), "predicted: no motion anywhere"))
+    fig.legend(*zip(*items), loc="upper center", bbox_to_anchor=(0.5, 1.0 - 18 / fig.bbox.height), ncol=len(items),
+               fontsize=7, frameon=False, handlelength=1.5, columnspacing=1.0)
+
+
+def _title(fig, text: str):
+    return fig.text(0.5, 1.0 - 3 / fig.bbox.height, text, ha="center", va="top", fontsize=7)
 
 
 def draw_png(m: dict, path, ref: int, title: str, frame=None, size: int = 512):
@@ -135,8 +158,8 @@ def draw_png(m: dict, path, ref: int, title: str, frame=None, size: int = 512):
             pred = _paths(m["pos"][0], m["pred_disp"])
             ax.plot(pred[..., 0], pred[..., 1], color="tab:red", lw=0.9, ls="--", alpha=0.8)
         ax.scatter(m["pos"][0, :, 0], m["pos"][0, :, 1], s=4, color="black", zorder=3)
-        ax.text(2, 2, title, va="top", fontsize=7, color="black",
-                bbox={"facecolor": "white", "alpha": 0.7, "lw": 0})
+        _title(fig, title)
+        _legend(fig, m, "start points")
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=100)
     finally:
@@ -149,6 +172,8 @@ def draw_gif(m: dict, path, ref: int, title: str, frame=None, size: int = 512, f
     fig, ax, plt = _figure(size)
     S, N = m["labels"].shape
     obs = np.where(m["vis"][..., None], m["pos"], np.nan)
+    _legend(fig, m, "points at this step")
+    head = _title(fig, title)
     try:
         bar = tqdm(total=S, desc="draw", unit="frame", dynamic_ncols=True, disable=not progress)
 
@@ -165,11 +190,14 @@ def draw_gif(m: dict, path, ref: int, title: str, frame=None, size: int = 512, f
                 d = m["pred_disp"][t] * ARROW_SCALE
                 ax.quiver(p[:, 0], p[:, 1], d[:, 0], d[:, 1], color="tab:red", angles="xy", scale_units="xy",
                           scale=1, width=0.003, alpha=0.8)
-            ax.text(2, 2, f"{title}  step {t + 1}/{S}", va="top", fontsize=7,
-                    bbox={"facecolor": "white", "alpha": 0.7, "lw": 0})
+            head.set_text(f"{title}  step {t + 1}/{S}")
+
+        def frame_done(t):
+            step(t)
             bar.update(1)
 
-        anim = FuncAnimation(fig, step, frames=S, interval=1000 / fps)
+        # init_func: matplotlib would otherwise draw frame 0 once more to initialise
+        anim = FuncAnimation(fig, frame_done, frames=S, init_func=lambda: step(0), interval=1000 / fps)
         with atomic_path(path) as tmp:
             named = tmp.with_name(tmp.name + ".gif")  # Pillow picks the format by the extension
             try:
@@ -206,7 +234,7 @@ def draw_clip(data, out, clip_id=None, run=None, which="best", frame=None, size=
     cid = build.manifest(["clip_id"])["clip_id"][row]
     img = _read_frame(frame) if frame is not None else None
     m = clip_motion(build, row, tok)
-    title = f"{cid}  blue: tracks  green: labels" + ("  red: predicted" if run is not None else "")
+    title = cid
     if "pred" in m:
         ok = m["valid"]
         title += f"  (acc {float((m['pred'] == m['labels'])[ok].mean()) if ok.any() else 0.0:.2f})"
