@@ -139,3 +139,19 @@ def test_decode_command_errors_are_one_line(runs, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "no clip" in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_load_clips_gives_a_splits_positions_and_a_wrong_point_count_names_the_positions_shape(runs):
+    from motion_data.split import split_manifest
+    from tokenizer_train.api import load_clips, load_tokenizer
+
+    build, out, _ = runs
+    tok = load_tokenizer(out["plain"], device="cpu")
+    val = load_clips(build, "val", tok.config.data.val_split)
+    man = pq.read_table(build / "manifest.parquet").to_pydict()
+    _, rows = split_manifest(man, tok.config.data.val_split, 16)
+    assert val["clip_id"] == [man["clip_id"][r] for r in rows] and val["positions"].shape[0] == len(rows)
+    assert tok.encode(val["positions"]).shape[0] == len(rows)
+    assert len(load_clips(build, "all", limit=3)["clip_id"]) == 3
+    with pytest.raises(ValueError, match=r"positions must be \(B, T, N, 2\).*N = 16"):
+        tok.encode(val["positions"][:, :, :10])

@@ -97,6 +97,9 @@ class Tokenizer:
             p = _tensor(positions, self.device, torch.float32)
             one = p.ndim == 3
             p = p[None] if one else p
+            if p.ndim != 4 or p.shape[-2:] != (self.N, 2) or p.shape[1] < 2:
+                raise ValueError(f"positions must be (B, T, N, 2) or (T, N, 2) reference px with N = {self.N} "
+                                 f"points (this run's) and T >= 2 frames, got {tuple(p.shape)}")
             v = normalize(velocities(p), self.W)
             start = p[:, 0] if start_pos is None else self._start(start_pos, len(p), one)
             if not self.needs_start_pos:
@@ -107,7 +110,8 @@ class Tokenizer:
             v = v[None] if one else v
             start = self._start(start_pos, len(v), one)
         if v.ndim != 4 or v.shape[-2:] != (self.N, 2):
-            raise ValueError(f"motion must be (B, T, {self.N}, 2), got {tuple(v.shape)} (as velocities)")
+            raise ValueError(f"velocities_norm must be (B, T-1, N, 2) or (T-1, N, 2) with N = {self.N} points "
+                             f"(this run's), got {tuple(v.shape)}")
         codes = self.model.encode(v, start)["codes"]
         return codes[0] if one else codes
 
@@ -142,6 +146,28 @@ class Tokenizer:
             out = Decoded(*(None if x is None else x[0] for x in (out.classes, out.displacement, out.confidence,
                                                                    out.logits)))
         return out
+
+
+def load_clips(build_dir, split: str = "val", val_split: float | None = 0.1, limit: int | None = None) -> dict:
+    """The clips of a build's split as arrays for ``encode``/``decode``: ``positions``
+    ``(C, T, N, 2)`` float32 reference px, ``visibility`` ``(C, T, N)``, ``clip_id`` (C,).
+    ``split``: ``train``, ``val`` (the trainer's split under ``val_split``: pass the run's
+    ``tok.config.data.val_split``) or ``all``; ``limit``: the first clips only."""
+    from motion_data.builddir import BuildDir
+    from motion_data.split import split_manifest
+
+    b = BuildDir(build_dir)
+    if split == "all":
+        rows = np.arange(b.n_clips)
+    elif split in ("train", "val"):
+        tr, va = split_manifest(b.manifest(["split_group", "start_frame"]), val_split or 0.0, b.T)
+        rows = tr if split == "train" else va
+    else:
+        raise ValueError(f"split must be train, val or all, got {split!r}")
+    rows = rows[:limit] if limit is not None else rows
+    pos, vis, _ = b.read_clips(rows)
+    ids = b.manifest(["clip_id"])["clip_id"]
+    return {"positions": pos, "visibility": vis, "clip_id": [ids[r] for r in rows]}
 
 
 def load_tokenizer(run_dir, checkpoint: str = "best", device: str | torch.device = "auto") -> Tokenizer:
