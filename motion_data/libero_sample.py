@@ -13,6 +13,8 @@ labels. The velocity label rule (``round(p[t+1] - p[t])``) is not guaranteed unc
 from __future__ import annotations
 
 import json
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +92,6 @@ def pack(track_files, out: Path, info: dict, frames_per_rollout: int = 2) -> dic
 def labels_crc(tracks, vis, ref_size: int) -> int:
     """CRC-32 of a rollout's AMPLIFY-rule labels (W = 15) and valid steps: recorded at pack
     time from the rendered float32 tracks, checked against the unpacked ones by the tests."""
-    import zlib
 
     from .labels import labels_from_positions, step_valid
 
@@ -112,7 +113,7 @@ def index(path: Path = SAMPLE) -> list[dict]:
     try:
         with np.load(path, allow_pickle=False) as z:
             return json.loads(z["index"].tobytes().decode())
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise SampleError(f"{path}: cannot read the LIBERO sample ({e}); reinstall the package "
                           f"(pip install -e .) or pass --data synthetic") from None
 
@@ -123,7 +124,7 @@ def read(path: Path = SAMPLE):
     path = Path(path)
     try:
         z = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise SampleError(f"{path}: cannot read the LIBERO sample ({e}); reinstall the package "
                           f"(pip install -e .) or pass --data synthetic") from None
     with z:
@@ -135,7 +136,7 @@ def read(path: Path = SAMPLE):
                 vis = np.unpackbits(z[f"{n}/vis"])[:int(np.prod(shape[:3]))].reshape(shape[:3]).astype(bool)
                 frames = {int(fr): z[f"{n}/frame{fr}"].tobytes() for fr in r["frames"]}
                 yield n, from_fixed(q), vis, z[f"{n}/start_frame"].astype(np.int64), r["image_size"], frames
-        except (KeyError, ValueError, json.JSONDecodeError) as e:
+        except (KeyError, ValueError, EOFError, json.JSONDecodeError, zipfile.BadZipFile, zlib.error) as e:
             raise SampleError(f"{path}: damaged LIBERO sample ({e}); reinstall the package") from None
 
 

@@ -63,3 +63,14 @@ def test_the_shipped_sample_unpacks_to_the_rendered_labels_and_stays_small(tmp_p
     for (name, tracks, vis, start, size, frames), r in zip(LS.read(), idx):
         assert LS.labels_crc(tracks, vis, max(size)) == r["labels_crc32"], name
         assert frames
+
+
+def test_a_truncated_sample_is_one_line_too(tmp_path):
+    good = tmp_path / "s.npz"
+    LS.pack(RENDERED[:1], good, {"command": "test"})
+    bad = tmp_path / "cut.npz"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(LS.SampleError, match="cut.npz"):
+        LS.index(bad)
+    with pytest.raises(LS.SampleError, match="cut.npz"):
+        list(LS.read(bad))

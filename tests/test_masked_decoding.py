@@ -168,3 +168,14 @@ def test_masked_backward_repeats_itself_bit_for_bit(decoder):
         grads.append([p.grad.clone() for p in m.parameters() if p.grad is not None])
     for g in grads[1:]:
         assert all(torch.equal(a, b) for a, b in zip(grads[0], g))
+
+
+def test_linear_ce_is_float32_under_autocast_as_its_backward_recomputes_it():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 12, generator=g)
+    layer = torch.nn.Linear(12, 225)
+    target = torch.randint(0, 225, (40,), generator=g)
+    ref, _ = linear_ce(x, layer, target)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = linear_ce(x, layer, target)
+    assert got.dtype == torch.float32 and torch.allclose(got, ref, atol=1e-5)

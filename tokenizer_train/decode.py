@@ -18,6 +18,7 @@ otherwise it is optional and only adds start_pos. Uses RUN/best.pt unless --chec
 """
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 import zipfile
@@ -89,7 +90,10 @@ def decode_codes(run_dir, codes_path, out_path, data_dir=None, which="best", bat
         rows = build.rows_of(ids)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=f".{out_path.name}.") as tmp:
+    prefix = f".{out_path.name}.decoding-"
+    for old in out_path.parent.glob(prefix + "*"):  # a killed decode's arrays: only ours, by their exact prefix
+        shutil.rmtree(old, ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=prefix) as tmp:
         # every output array is a .npy file filled chunk by chunk (memory-mapped: memory stays
         # bounded by one chunk), then the files are stored into the npz
         big = {"classes": ((C, S, N), np.int16), "displacement": ((C, S, N, 2), np.float32),

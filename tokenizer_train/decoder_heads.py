@@ -75,13 +75,14 @@ class _RowsMix(torch.autograd.Function):
     def backward(ctx, g):
         w, v, b = ctx.saved_tensors
         gw = torch.empty_like(w) if ctx.needs_input_grad[0] else None
-        gv = torch.zeros_like(v) if ctx.needs_input_grad[1] else None
+        # summed in float32: each row of v gathers about P / B contributions
+        gv = torch.zeros(v.shape, dtype=torch.float32, device=v.device) if ctx.needs_input_grad[1] else None
         for j in range(w.shape[1]):
             if gw is not None:
                 gw[:, j] = (g * v[:, j].index_select(0, b)).sum(-1).to(w.dtype)
             if gv is not None:
-                gv[:, j].index_add_(0, b, (w[:, j, None] * g).to(v.dtype))
-        return gw, gv, None
+                gv[:, j].index_add_(0, b, (w[:, j, None] * g).float())
+        return gw, None if gv is None else gv.to(v.dtype), None
 
 
 class AmplifyHead(nn.Module):

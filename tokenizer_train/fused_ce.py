@@ -24,6 +24,11 @@ def _chunks(n: int, size: int):
 class _LinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, offset, target, chunk):
+        with torch.autocast(x.device.type, enabled=False):  # float32 throughout, as backward recomputes it
+            return _LinearCE._forward(ctx, x, weight, bias, offset, target, chunk)
+
+    @staticmethod
+    def _forward(ctx, x, weight, bias, offset, target, chunk):
         P = x.shape[0]
         ce = torch.zeros(P, dtype=torch.float32, device=x.device)
         pred = torch.zeros(P, dtype=torch.int64, device=x.device)
@@ -44,6 +49,11 @@ class _LinearCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_ce, _g_pred):
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return _LinearCE._backward(ctx, g_ce)
+
+    @staticmethod
+    def _backward(ctx, g_ce):
         x, weight, bias, offset, target = ctx.saved_tensors
         w, b = weight.float(), None if bias is None else bias.float()
         gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None

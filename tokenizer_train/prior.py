@@ -47,7 +47,13 @@ class LogitAdjusted:
 
     def fused(self, features, layer, labels, mask):
         """``__call__`` without materialising the logits (losses.Criterion.fused)."""
-        return self.inner.fused(features, layer, labels, mask, offset=self.offset)
+        return self.inner.fused(features, layer, labels, mask, offset=self._offset_f32(features))
+
+    def _offset_f32(self, x):
+        """The offset in float32 on ``x``'s device, copied there once (no copy, no sync per step)."""
+        if getattr(self, "_dev32", None) is None or self._dev32.device != x.device:
+            self._dev32 = self.offset.to(x.device, torch.float32)
+        return self._dev32
 
     def __getattr__(self, name):
         return getattr(self.inner, name)

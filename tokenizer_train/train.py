@@ -422,7 +422,6 @@ class Trainer:
         hists = {}
         if self.val_loader is not None:
             self.val_loader.set_epoch(epoch)
-            t0 = time.perf_counter()
             try:
                 # the unwrapped model: no DDP collectives in a forward that a rank may skip
                 vs, hists = evaluate(self.model, self.val_loader, self.criterion, self.cfg, self.dist, self.W, zc,
@@ -433,8 +432,7 @@ class Trainer:
                 self.save(pg, epoch + 1, 0, val_due={"epoch": epoch, "scalars": scalars})
                 D.barrier()
                 raise Stopped(e.signum, pg.step, self.out_dir, self.dist.world_size) from None
-            scalars.update(vs)  # the validation split's clips (all ranks) per second of the pass:
-            scalars["perf/val_clips_per_s_epoch"] = len(self.val_loader.dataset) / max(time.perf_counter() - t0, 1e-9)
+            scalars.update(vs)
             heap.trim()
         logger.log(pg.step, epoch, scalars, hists)
         last.update(scalars)

@@ -3,6 +3,7 @@ evaluation mask (docs/DESIGN.md, Trainer: one mask for every run's validation fi
 from __future__ import annotations
 
 import contextlib
+import time
 
 import numpy as np
 import torch
@@ -50,8 +51,9 @@ def evaluate(model, loader, criterion, cfg, dist, W: int, zero_codes, autocast,
     ends the pass with ``ValidationStopped``.
     """
     model.eval()
+    t0 = time.perf_counter()
     q, codes = Quality(W), []
-    loss_sum = n_sum = kept = points = 0.0
+    loss_sum = n_sum = kept = points = clips = 0.0
     masked = cfg.training.decode_points == "masked"
     pool, row, others = code_pool(model, loader, where, dist, autocast, should_stop)
     for batch in tqdm(loader, desc="validation", unit="batch", disable=not progress, leave=False,
@@ -70,17 +72,19 @@ def evaluate(model, loader, criterion, cfg, dist, W: int, zero_codes, autocast,
         n = float(info["count"])
         loss_sum, n_sum = loss_sum + float(loss) * n, n_sum + n
         k, p = M.dynamic_point_counts(batch["mask"])
-        kept, points = kept + k, points + p
+        kept, points, clips = kept + k, points + p, clips + len(batch["clip_id"])
         info = code_info_counts(decode, out["quantized"], pool, others[[row[c] for c in batch["clip_id"]]], lab, m,
                                 entry_clip(sel, batch["labels"].shape).to(lab.device), own_logits=logits)
         q.add(logits.float(), lab, take(batch["velocities"], sel), m, info, out["z_bounded"])
         codes.append(out["codes"].reshape(-1))
-    loss_sum, n_sum, kept, points = D.all_reduce_sum([loss_sum, n_sum, kept, points], dist.device)
+    loss_sum, n_sum, kept, points, clips = D.all_reduce_sum([loss_sum, n_sum, kept, points, clips], dist.device)
     # one CE: val/ce_bits_epoch (raw logits, bits) is the quality figure; val/loss_epoch is the
     # training objective on the evaluation mask (weighted, focal, logit-adjusted as configured)
     scalars = {"val/loss_epoch": M.ratio((loss_sum, n_sum)),
                **q.reduce(dist.device).scalars("val", "epoch"),
-               "val/dynamic_point_ratio_epoch": M.ratio((kept, points))}
+               "val/dynamic_point_ratio_epoch": M.ratio((kept, points)),
+               # the split's clips (all ranks) per second of the whole pass, code_pool's included
+               "perf/val_clips_per_s_epoch": clips / max(time.perf_counter() - t0, 1e-9)}
     all_codes = D.gather_codes(torch.cat(codes) if codes else torch.zeros(0, dtype=torch.int64, device=dist.device))
     hists = {}
     if all_codes.size:
@@ -104,20 +108,21 @@ def code_pool(model, loader, where: dict | None, dist, autocast, should_stop=Non
     Rows are sorted by clip id, so neither the batch size nor the order of the pass changes
     which clips pair up (docs/DESIGN.md, Metrics)."""
     model.eval()
-    found: dict = {}
-    frames = 0
+    ids, qs, frames = [], [], 0
     for batch in loader:
         _check(should_stop)
         if len(batch["clip_id"]) == 0:
             continue
         b = to_device(batch, dist.device)
         with autocast():
-            q = model.encode(b["velocities"], **model_kwargs(b))["quantized"].float().cpu()
-        found.update(zip(batch["clip_id"], q))
+            qs.append(model.encode(b["velocities"], **model_kwargs(b))["quantized"].float().cpu())
+        ids += batch["clip_id"]
         frames = batch["labels"].shape[1] + 1
     merged: dict = {}
-    for part in D.gather_object(found):
-        merged.update(part)
+    # one tensor a rank; every rank pairs the same clips the same way (frames from any rank that has clips)
+    for part_ids, part_q, part_frames in D.gather_object((ids, torch.cat(qs) if qs else None, frames)):
+        merged.update(zip(part_ids, part_q) if part_q is not None else ())
+        frames = max(frames, part_frames)
     ids = sorted(merged)
     row = {c: i for i, c in enumerate(ids)}
     pool = torch.stack([merged[c] for c in ids]).to(dist.device) if ids else torch.zeros(0)
