@@ -70,3 +70,15 @@ def tiny_build(tmp_path_factory, tiny_tracks) -> Path:
     out = tmp_path_factory.mktemp("tiny_build") / "build"
     build([str(tiny_tracks)], out, maxcount=TINY_MAXCOUNT, progress=False)
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny ops run faster without thread hand-offs, and float
+    sums do not depend on the machine's core count."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -28,12 +28,7 @@ LOSS_SIDE = {"code_entropy_weight": 0.1, "class_weighting": {"method": "ring_dec
              "focal": {"enabled": True, "gamma": 2.0}, "logit_adjustment": 0.5}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture
