@@ -89,3 +89,19 @@ def test_errors_are_one_line(tiny, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "c.png").exists()
+
+
+def test_compare_draws_one_panel_per_run_of_the_moving_points(tiny, tmp_path, capsys):
+    build, run = tiny
+    out = tmp_path / "cmp.png"
+    assert main(["draw", "--data", str(build), "--compare", f"a={run}", f"b={run}", "--out", str(out), "--size", "200",
+                 "--device", "cpu"]) == 0
+    with Image.open(out) as im:
+        assert im.size == (400, 200 + BAND)
+        px = np.asarray(im.convert("RGB"))[BAND:]
+    left, right = px[:, :200], px[:, 200:]
+    # the same run twice: the same panel (but for anti-aliasing at the panels' shared edge)
+    assert (np.abs(left[:, 4:-4].astype(int) - right[:, 4:-4].astype(int)) > 8).mean() < 0.01
+    green = (left[..., 1] > 100) & (left[..., 0] < 100) & (left[..., 2] < 100)
+    assert green.any()  # the true motion of the moving points
+    assert main(["draw", "--data", str(build), "--compare", str(run), "--out", str(tmp_path / "c.gif")]) == 2

@@ -49,6 +49,9 @@ def add_arguments(p):
     p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint of --run "
                                                                                   "(default: best)")
     p.add_argument("--out", required=True, help="output file: .png (the whole clip) or .gif (one frame per step)")
+    p.add_argument("--compare", nargs="+", metavar="[NAME=]RUN",
+                   help="instead of --run: one panel per run side by side (.png), the true and the decoded motion of "
+                        "the clip's moving points (the evaluation mask's), e.g. baseline=runs/base recommended=runs/rec")
     p.add_argument("--frame", default=None,
                    help="image of the clip's first video frame to draw over (any size; stretched to the reference "
                         "frame); default: a blank canvas of the reference size, since shards hold no images")
@@ -210,6 +213,70 @@ def draw_gif(m: dict, path, ref: int, title: str, frame=None, size: int = 512, f
         plt.close(fig)
 
 
+def moving_points(build: BuildDir, row: int) -> np.ndarray:
+    """``(N,)`` bool: the clip's points the build's recorded filter keeps (the evaluation mask's points)."""
+    from motion_data.stats import METRICS, keep_mask
+
+    flt = build.build_filter
+    _, vis, st = build.read_clips([row])
+    vc = step_valid(vis).sum(axis=1).astype(np.uint8)
+    return keep_mask(st[:, METRICS.index(flt.metric)], vc, flt.threshold, flt.min_keep)[0]
+
+
+def draw_compare(data, runs: dict, out, clip_id=None, frame=None, size: int = 384, which="best", device="auto",
+                 val_split=None) -> tuple[Path, str]:
+    """One PNG, one panel per run side by side: for the clip's moving points (the evaluation
+    mask's), the true motion (green: start plus the label displacements) and the motion the
+    run decodes from the clip's codes (red, dashed), over ``frame``. Collapse shows as red paths
+    that stay on their start points."""
+    from .api import load_tokenizer
+
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise DrawError(f"{out}: a comparison is a .png")
+    build = BuildDir(data)
+    toks = {name: load_tokenizer(r, which, device) for name, r in runs.items()}
+    first = next(iter(toks.values()))
+    row = pick_clip(build, clip_id, first.config.data.val_split if val_split is None else val_split)
+    cid = build.manifest(["clip_id"])["clip_id"][row]
+    img = _read_frame(frame) if isinstance(frame, (str, Path)) else frame
+    keep = moving_points(build, row)
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    n = len(toks)
+    fig = plt.figure(figsize=(n * size / 100, (size + BAND) / 100), dpi=100)
+    try:
+        for i, (name, tok) in enumerate(toks.items()):
+            ax = fig.add_axes((i / n, 0, 1 / n, size / (size + BAND)))
+            m = clip_motion(build, row, tok)
+            _background(ax, img, build.ref_size)
+            lab = _paths(m["pos"][0], m["label_disp"])[:, keep]
+            pred = _paths(m["pos"][0], m["pred_disp"])[:, keep]
+            ax.plot(lab[..., 0], lab[..., 1], color="tab:green", lw=1.2, alpha=0.9)
+            ax.plot(pred[..., 0], pred[..., 1], color="tab:red", lw=1.2, ls="--", alpha=0.9)
+            ax.scatter(m["pos"][0, keep, 0], m["pos"][0, keep, 1], s=5, color="black", zorder=3)
+            ok = m["valid"][:, keep]
+            moving = ok & (m["labels"][:, keep] != (build.W // 2) * (build.W + 1))
+            acc = float((m["pred"][:, keep] == m["labels"][:, keep])[moving].mean()) if moving.any() else float("nan")
+            fig.text((i + 0.5) / n, 1.0 - 3 / fig.bbox.height, f"{name}: non-centre accuracy {acc:.2f}",
+                     ha="center", va="top", fontsize=8)
+        items = [(Line2D([], [], ls="", marker="o", ms=3, color="black"), f"start of the {int(keep.sum())} moving points"),
+                 (Line2D([], [], color="tab:green"), "true motion"),
+                 (Line2D([], [], color="tab:red", ls="--"), "decoded from the codes")]
+        fig.legend(*zip(*items), loc="upper center", bbox_to_anchor=(0.5, 1.0 - 18 / fig.bbox.height), ncol=3,
+                   fontsize=7, frameon=False)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    return out, cid
+
+
 def draw_clip(data, out, clip_id=None, run=None, which="best", frame=None, size=512, fps=4.0, val_split=None,
               device="auto", progress=True) -> tuple[Path, str]:
     """Draw one clip to ``out`` (.png or .gif); returns (out, the clip id drawn)."""
@@ -247,6 +314,12 @@ def draw_clip(data, out, clip_id=None, run=None, which="best", frame=None, size=
 
 
 def run(args) -> int:
+    if args.compare:
+        runs = dict(x.split("=", 1) if "=" in x else (Path(x).name, x) for x in args.compare)
+        out, cid = draw_compare(args.data, runs, args.out, args.clip, args.frame, min(args.size, 512),
+                                args.checkpoint, args.device, args.val_split)
+        print(f"wrote {out} (clip {cid})", file=sys.stderr)
+        return 0
     out, cid = draw_clip(args.data, args.out, args.clip, args.run, args.checkpoint, args.frame, args.size, args.fps,
                          args.val_split, args.device)
     print(f"wrote {out} (clip {cid})", file=sys.stderr)
