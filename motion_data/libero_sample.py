@@ -108,8 +108,9 @@ def _png(rgb: np.ndarray) -> np.ndarray:
     return buf.reshape(-1)
 
 
-def index(path: Path = SAMPLE) -> list[dict]:
+def index(path: Path | None = None) -> list[dict]:
     """The sample's table of rollouts: name, shape, image_size, frames, labels_crc32."""
+    path = Path(path or SAMPLE)
     try:
         with np.load(path, allow_pickle=False) as z:
             return json.loads(z["index"].tobytes().decode())
@@ -118,10 +119,10 @@ def index(path: Path = SAMPLE) -> list[dict]:
                           f"(pip install -e .) or pass --data synthetic") from None
 
 
-def read(path: Path = SAMPLE):
+def read(path: Path | None = None):
     """Yield ``(name, tracks (B,T,N,2) float32 px, visibility (B,T,N) bool, start_frame,
     image_size, {frame index: PNG bytes})`` of every rollout of the sample."""
-    path = Path(path)
+    path = Path(path or SAMPLE)
     try:
         z = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
@@ -140,7 +141,7 @@ def read(path: Path = SAMPLE):
             raise SampleError(f"{path}: damaged LIBERO sample ({e}); reinstall the package") from None
 
 
-def unpack(out_dir: Path, path: Path = SAMPLE) -> list[Path]:
+def unpack(out_dir: Path, path: Path | None = None) -> list[Path]:
     """Write the sample as ordinary track files ``OUT/<rollout>.npz`` (what build-shards reads)
     and its frames as ``OUT/frames/<rollout>_f<frame>.png``; returns the track files."""
     out_dir = Path(out_dir)

@@ -43,3 +43,28 @@ def test_demo_fails_on_real_error(tmp_path, capsys):
     blocker.write_text("not a folder")
     assert main(["demo", "--out", str(blocker), "--quick", "--no-video", "--no-libero", "--no-progress"]) != 0
     assert "demo: error" in capsys.readouterr().err
+
+
+def test_quick_demo_on_a_libero_sample_ends_with_the_side_by_side_picture(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    from PIL import Image
+
+    from motion_data import libero_sample as LS
+
+    rendered = sorted((Path(__file__).parent / "data" / "libero").glob("*.npz"))
+    sample = tmp_path / "sample" / "libero_sample.npz"
+    LS.pack(rendered, sample, {"command": "python -m preprocess render-libero --seed 0 (test)"})
+    monkeypatch.setattr(LS, "SAMPLE", sample)
+    monkeypatch.setattr(LS, "SAMPLE_INFO", sample.with_suffix(".json"))
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quick", "--data", "libero-sample", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "LIBERO sample: 3 rollouts" in text and "| filtered_baseline |" in text
+    assert "code information >= filtered baseline" in text  # check against both baselines
+    pic = out / "ablation" / "compare.png"
+    assert f"held-out clip's moving points: {pic}" in text
+    with Image.open(pic) as im:
+        assert im.size[0] == 2 * im.size[1] - 2 * 44 or im.size[0] == 640  # two panels of 320 px
+    # a wrong --data is one line
+    assert main(["demo", "--out", str(out), "--data", str(tmp_path / "nope")]) == 2

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from motion_data.atomic import atomic_write_json
+from motion_data.errors import UserError
 
 from . import ablate as AB
 from . import check as C
@@ -91,15 +92,46 @@ def libero_data(out: Path, size: DemoSize, progress: bool) -> list[str] | None:
     return [str(folder)]
 
 
-def make_data(out: Path, size: DemoSize, video: bool, progress: bool, libero: bool = True) -> list[str]:
-    """LIBERO rollouts when wanted and the simulator is installed; else synthetic track files,
-    plus vtest.avi tracks when wanted and installed. Returns the input folders."""
+DATA_CHOICES = ("auto", "libero-sample", "synthetic", "vtest")
+
+
+def sample_data(out: Path) -> list[str]:
+    """The LIBERO sample shipped with the package, unpacked to track files and frames (once)."""
+    from motion_data import libero_sample as LS
+
+    folder = out / "data" / "libero_sample"
+    done = folder / "done.json"
+    if not done.exists():
+        files = LS.unpack(folder)
+        done.write_text(json.dumps({"rollouts": len(files)}))
+    info = json.loads(LS.SAMPLE_INFO.read_text()) if LS.SAMPLE_INFO.exists() else {}
+    print(f"LIBERO sample: {json.loads(done.read_text())['rollouts']} rollouts with ground-truth tracks "
+          f"(made by: {info.get('command', 'render-libero')}) -> {folder}")
+    return [str(folder)]
+
+
+def make_data(out: Path, size: DemoSize, video: bool, progress: bool, libero: bool = True,
+              data: str = "auto") -> list[str]:
+    """The demo's input folders. ``data``: ``libero-sample`` (the package's LIBERO sample),
+    ``synthetic`` (plus vtest.avi tracks when ``video`` and installed), ``vtest`` (the same),
+    a folder of track files, or ``auto``: the LIBERO sample when the package ships it, else
+    rendered LIBERO rollouts when ``libero`` and the simulator is installed, else synthetic."""
     from tqdm import tqdm
 
+    from motion_data import libero_sample as LS
+    from motion_data.errors import UserError
     from motion_data.synth import SynthConfig, write_synth
     from motion_data.video import TrackConfig, find_sample_video, track_video, write_track_file
 
-    if libero:
+    if data not in DATA_CHOICES:
+        if not Path(data).is_dir():
+            raise UserError(f"--data {data}: neither one of {', '.join(DATA_CHOICES)} nor a folder of track files")
+        print(f"track files: {data}")
+        return [str(data)]
+    if data == "libero-sample" or (data == "auto" and libero and LS.SAMPLE.exists()):
+        return sample_data(out)
+    video = video and data != "synthetic"
+    if data == "auto" and libero:
         folders = libero_data(out, size, progress)
         if folders:
             return folders
@@ -150,7 +182,7 @@ def tune(build_dir: Path) -> str:
 
 
 def demo(out, epochs: int | None = None, quick: bool = False, video: bool = True, progress: bool = True,
-         libero: bool = True) -> dict:
+         libero: bool = True, data: str = "auto") -> dict:
     """Run every step; return {"gates": [...], "passed": bool, "table": [...], "wall_s": float}."""
     from motion_data.build import build
 
@@ -160,7 +192,7 @@ def demo(out, epochs: int | None = None, quick: bool = False, video: bool = True
     out.mkdir(parents=True, exist_ok=True)
 
     _step("1/6 data")
-    inputs = make_data(out, size, video, progress, libero)
+    inputs = make_data(out, size, video, progress, libero, data)
 
     _step("2/6 build-shards")
     build_dir = out / "build"
@@ -195,13 +227,50 @@ def demo(out, epochs: int | None = None, quick: bool = False, video: bool = True
     fr = F.cached_frontier(abl / "runs" / "recommended" / "seed0", build_dir)  # computed by ablate above
     print(F.format_result(fr))
     atomic_write_json(abl / "frontier.json", fr)
+    picture = compare_picture(build_dir, abl, inputs)
     wall = time.perf_counter() - t0
-    print(f"\ndemo finished in {wall:.0f} s. Results: {abl}/results.md, plots {abl}/*.png")
+    print(f"\nthe baseline's and recommended's decoded motion of a held-out clip's moving points: {picture}")
+    print(f"demo finished in {wall:.0f} s. Results: {abl}/results.md, plots {abl}/*.png")
     print(f"TensorBoard: tensorboard --logdir {abl / 'runs'}")
     return {"gates": gates, "passed": ok, "table": table, "wall_s": wall}
 
 
+def compare_picture(build_dir: Path, abl: Path, inputs: list[str]) -> Path:
+    """draw --compare of the baseline and recommended on a validation clip, over its start frame
+    when the data has one (the LIBERO sample's frames/<rollout>_f<start>.png)."""
+    from motion_data.builddir import BuildDir
+    from motion_data.split import split_manifest
+
+    from .draw import draw_compare
+
+    runs = {"base.yaml": abl / "runs" / AB.BASELINE / "seed0", "recommended": abl / "runs" / "recommended" / "seed0"}
+    b = BuildDir(build_dir)
+    man = b.manifest(["clip_id", "source", "split_group", "start_frame"])
+    _, val = split_manifest(man, _val_split(runs["recommended"]), b.T)
+    clip, frame = (man["clip_id"][val[0]] if len(val) else None), None
+    for r in val:  # the first held-out clip whose start frame was kept
+        stem = Path(man["source"][r]).stem
+        f = [Path(d) / "frames" / f"{stem}_f{int(man['start_frame'][r]):04d}.png" for d in inputs]
+        f = next((x for x in f if x.exists()), None)
+        if f is not None:
+            clip, frame = man["clip_id"][r], f
+            break
+    out, _ = draw_compare(build_dir, runs, abl / "compare.png", clip, frame, size=320, device="cpu")
+    return out
+
+
+def _val_split(run_dir: Path) -> float:
+    from .config import load_config
+
+    return load_config(run_dir / "config.yaml").data.val_split
+
+
 def add_arguments(p: argparse.ArgumentParser):
+    p.add_argument("--data", default="auto",
+                   help="the demo's tracks: libero-sample (the LIBERO rollouts shipped with the package), synthetic, "
+                        "vtest (synthetic plus vtest.avi tracked, when installed), or a folder of track files; auto "
+                        "(default): the LIBERO sample when the package ships it, else LIBERO rendered with the "
+                        "simulator extra when installed, else synthetic (plus vtest)")
     p.add_argument("--out", default="demo_out", help="output folder (default: %(default)s); rerun to resume")
     p.add_argument("--epochs", type=int, help=f"training epochs of each run (default: {FULL.epochs}; "
                                               f"--quick: {QUICK.epochs})")
@@ -218,7 +287,9 @@ def run(args) -> int:
         return 2
     try:
         demo(args.out, args.epochs, args.quick, video=not args.no_video, progress=not args.no_progress,
-             libero=not args.no_libero)
+             libero=not args.no_libero, data=args.data)
+    except UserError:
+        raise  # the user's to fix: the dispatcher's one line (exit 2)
     except Exception as e:  # noqa: BLE001 -- any failed step: one line, non-zero exit
         print(f"demo: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
