@@ -249,10 +249,12 @@ def draw_compare(data, runs: dict, out, clip_id=None, frame=None, size: int = 38
 
     n = len(toks)
     fig = plt.figure(figsize=(n * size / 100, (size + BAND) / 100), dpi=100)
+    moved = False
     try:
         for i, (name, tok) in enumerate(toks.items()):
             ax = fig.add_axes((i / n, 0, 1 / n, size / (size + BAND)))
             m = clip_motion(build, row, tok)
+            moved |= bool(np.abs(m["pred_disp"][:, keep]).any())
             _background(ax, img, build.ref_size)
             lab = _paths(m["pos"][0], m["label_disp"])[:, keep]
             pred = _paths(m["pos"][0], m["pred_disp"])[:, keep]
@@ -266,7 +268,8 @@ def draw_compare(data, runs: dict, out, clip_id=None, frame=None, size: int = 38
                      ha="center", va="top", fontsize=8)
         items = [(Line2D([], [], ls="", marker="o", ms=3, color="black"), f"start of the {int(keep.sum())} moving points"),
                  (Line2D([], [], color="tab:green"), "true motion"),
-                 (Line2D([], [], color="tab:red", ls="--"), "decoded from the codes")]
+                 (Line2D([], [], color="tab:red", ls="--"), "decoded from the codes") if moved else
+                 (Line2D([], [], ls=""), "decoded from the codes: no motion anywhere")]
         fig.legend(*zip(*items), loc="upper center", bbox_to_anchor=(0.5, 1.0 - 18 / fig.bbox.height), ncol=3,
                    fontsize=7, frameon=False)
         out.parent.mkdir(parents=True, exist_ok=True)
