@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .labels import quantize_positions
 
 SCALE = 512  # fixed point: 1/512 px
 SAMPLE = Path(__file__).resolve().parent / "data" / "libero_sample.npz"
@@ -30,22 +31,18 @@ class SampleError(UserError, ValueError):
     """The sample file is missing or damaged."""
 
 
-def _label_pos(p: np.ndarray, ref_size: int) -> np.ndarray:
-    return np.rint(np.clip(p, 0, ref_size - 1))
-
-
 def to_fixed(p: np.ndarray, ref_size: int) -> np.ndarray:
     """int32 ``round(p * 512)``, nudged by one unit wherever that would change the label position."""
     p = np.asarray(p, np.float32)
     q = np.rint(p.astype(np.float64) * SCALE).astype(np.int64)
-    want = _label_pos(p, ref_size)
+    want = quantize_positions(p, ref_size)
     for _ in range(2):
-        bad = _label_pos((q / SCALE).astype(np.float32), ref_size) != want
+        bad = quantize_positions((q / SCALE).astype(np.float32), ref_size) != want
         if not bad.any():
             break
         # the value lies within 1/1024 px of a rounding boundary: step to its side of it
         q[bad] += np.where(p[bad] > q[bad] / SCALE, 1, -1)
-    if (_label_pos((q / SCALE).astype(np.float32), ref_size) != want).any():
+    if (quantize_positions((q / SCALE).astype(np.float32), ref_size) != want).any():
         raise AssertionError("fixed point changed a label position")  # cannot happen: one step always suffices
     return q.astype(np.int32)
 

@@ -117,16 +117,17 @@ def _read_frame(path):
 BAND = 44  # px above the image for the title and the legend, so that neither covers a point
 
 
-def _figure(size: int):
+def _figure(size: int, panels: int = 1):
+    """A figure of ``panels`` square image axes side by side under the title/legend band."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     dpi = 100
-    fig = plt.figure(figsize=(size / dpi, (size + BAND) / dpi), dpi=dpi)
-    ax = fig.add_axes((0, 0, 1, size / (size + BAND)))
-    return fig, ax, plt
+    fig = plt.figure(figsize=(panels * size / dpi, (size + BAND) / dpi), dpi=dpi)
+    axes = [fig.add_axes((i / panels, 0, 1 / panels, size / (size + BAND))) for i in range(panels)]
+    return fig, (axes[0] if panels == 1 else axes), plt
 
 
 def _legend(fig, m: dict, points: str):
@@ -241,18 +242,14 @@ def draw_compare(data, runs: dict, out, clip_id=None, frame=None, size: int = 38
     cid = build.manifest(["clip_id"])["clip_id"][row]
     img = _read_frame(frame) if isinstance(frame, (str, Path)) else frame
     keep = moving_points(build, row)
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
     n = len(toks)
-    fig = plt.figure(figsize=(n * size / 100, (size + BAND) / 100), dpi=100)
+    fig, axes, plt = _figure(size, panels=n)
+    axes = axes if n > 1 else [axes]
     moved = False
     try:
-        for i, (name, tok) in enumerate(toks.items()):
-            ax = fig.add_axes((i / n, 0, 1 / n, size / (size + BAND)))
+        for i, ((name, tok), ax) in enumerate(zip(toks.items(), axes)):
             m = clip_motion(build, row, tok)
             moved |= bool(np.abs(m["pred_disp"][:, keep]).any())
             _background(ax, img, build.ref_size)
