@@ -40,7 +40,7 @@ def _one_build(inp: str, out: str, maxcount: int, workers: int) -> None:
     """Runs in a fresh interpreter, as the CLI would: prints seconds and clip count."""
     import resource
 
-    from motion_data.build import build
+    from motion_data.build.build_shards import build
 
     def cpu():
         a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -7,8 +7,8 @@ min_keep top points) and labels per clip; torch's default collate.
 wids (webdataset's indexed reader, ``pip install wids``), what a user would pick instead: its
 ``ShardListDataset`` over the same tar shards (random access by sample index, the tar member
 index built by wids), a shuffled DataLoader, and the same per-batch assembly as ours
-(``motion_data.batch.make_batch``: labels, masks, velocities).
-New: ``motion_data.loader.make_loader`` over a ``build-shards`` output of the same clips
+(``motion_data.read.batch.make_batch``: labels, masks, velocities).
+New: ``motion_data.read.loader.make_loader`` over a ``build-shards`` output of the same clips
 (byte-range reads from the tar shards, mask/labels per batch).
 
 Both use the static filter p95@0.04 (min_keep 16), batch 64, the same worker start method
@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from motion_data.build import build
-from motion_data.labels import labels_from_norm
-from motion_data.loader import make_loader
-from motion_data.stats import StaticFilter
+from motion_data.build.build_shards import build
+from motion_data.common.labels import labels_from_norm
+from motion_data.read.loader import make_loader
+from motion_data.common.static_filter import StaticFilter
 
 FLT = StaticFilter(enable=True, metric="p95", threshold=0.04, min_keep=16)
 
@@ -129,7 +129,7 @@ class WidsClips(torch.utils.data.Dataset):
 
 
 def wids_collate(items):
-    from motion_data.batch import make_batch
+    from motion_data.read.batch import make_batch
 
     pos, vis, st, ids = zip(*items)
     return make_batch(np.stack(pos), np.stack(vis), np.stack(st), list(ids), FLT, 15)

@@ -45,15 +45,15 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from motion_data.builddir import BuildDir  # noqa: E402
-from motion_data.labels import center_class, class_offsets, half_window  # noqa: E402
-from motion_data.loader import make_loader  # noqa: E402
-from tokenizer_train.code_info import code_info_counts  # noqa: E402
-from tokenizer_train.config import load_config  # noqa: E402
-from tokenizer_train.model_inputs import entry_clip, model_kwargs, take, with_index  # noqa: E402
-from tokenizer_train.quality import Quality  # noqa: E402
-from tokenizer_train.schedule import build_scheduler, clip_gradients  # noqa: E402
-from tokenizer_train.validate import clip_places, pair_up  # noqa: E402
+from motion_data.build.folder import BuildDir  # noqa: E402
+from motion_data.common.labels import center_class, class_offsets, half_window  # noqa: E402
+from motion_data.read.loader import make_loader  # noqa: E402
+from tokenizer_train.evaluate.code_info import code_info_counts  # noqa: E402
+from tokenizer_train.common.config import load_config  # noqa: E402
+from tokenizer_train.model.model_inputs import entry_clip, model_kwargs, take, with_index  # noqa: E402
+from tokenizer_train.evaluate.quality import Quality  # noqa: E402
+from tokenizer_train.train.schedule import build_scheduler, clip_gradients  # noqa: E402
+from tokenizer_train.evaluate.validate import clip_places, pair_up  # noqa: E402
 
 # what AMPLIFY's package imports but its track-only tokenizer never calls
 STUBS = {
@@ -233,7 +233,7 @@ def amplify_scorer(amp: Amplify, model, ref_size: int, N: int):
 
 
 def run_scorer(run_dir, device):
-    from tokenizer_train.checkpoint import load_model
+    from tokenizer_train.model.checkpoint import load_model
 
     model, _, _ = load_model(run_dir, "best", device)
     model.eval()

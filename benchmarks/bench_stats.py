@@ -23,8 +23,9 @@ import time
 
 import numpy as np
 
-from motion_data import labels as L
-from motion_data import stats as S
+from motion_data.common import labels as L
+from motion_data.build import stats as S
+from motion_data.common import static_filter as SF
 
 
 def make_chunk(rng, C, S_=15, N=400):
@@ -85,7 +86,7 @@ def numpy_shard_stats(pos, vis, W=L.DEFAULT_W):
     vc = valid.sum(axis=1)
     labs = L.labels_from_positions(pos, W)
     hists = {}
-    for m in S.METRICS:
+    for m in SF.METRICS:
         sc = st[m]
         b = np.clip(np.searchsorted(S.HIST_EDGES, sc, side="right") - 1, 0, nb - 1)  # (C, N)
         order = np.argsort(np.where(vc > 0, -sc, np.inf), axis=1, kind="stable")[:, :R]
@@ -141,7 +142,7 @@ def main():
     a = ap.parse_args()
     import numba
 
-    from motion_data.batch import _numba_threads as numba_threads
+    from motion_data.read.batch import _numba_threads as numba_threads
 
     rng = np.random.default_rng(0)
     n_chunks = max(1, -(-a.clips // a.chunk))
@@ -172,15 +173,15 @@ def main():
     print(f"{'plain copy of the same arrays':48s} {best['copy']:11,.0f} {k / best['copy']:11.2f}x")
     ks, kh = S.shard_stats(chunks[0][0][:300], chunks[0][1][:300])
     ns, nh = numpy_shard_stats(chunks[0][0][:300], chunks[0][1][:300])
-    same = all(np.array_equal(kh[m][i], nh[m][i]) for m in S.METRICS for i in (0, 1))
-    close = max(float(np.abs(ks[m] - ns[m]).max()) for m in S.METRICS)
+    same = all(np.array_equal(kh[m][i], nh[m][i]) for m in SF.METRICS for i in (0, 1))
+    close = max(float(np.abs(ks[m] - ns[m]).max()) for m in SF.METRICS)
     print(f"numpy form vs kernel on 300 clips: histograms equal: {same}; max |stat difference|: {close:.2e}")
 
     # correctness on a few clips: kernel vs np.nanquantile reference vs torch loop vs sort form
     pos, vis = chunks[0][0][:200], chunks[0][1][:200]
     ks, ref, srt = S.point_stats(pos, vis), numpy_reference(pos, vis), numpy_sorted(pos, vis)
-    err = max(float(np.abs(ks[m] - ref[m]).max()) for m in S.METRICS)
-    err_s = max(float(np.abs(srt[m] - ref[m]).max()) for m in S.METRICS)
+    err = max(float(np.abs(ks[m] - ref[m]).max()) for m in SF.METRICS)
+    err_s = max(float(np.abs(srt[m] - ref[m]).max()) for m in SF.METRICS)
     err_t = float(np.abs(ks["p95"] - torch_loop(pos, vis)).max())
     cc_ok = bool((ks["center_count"] == ref["center_count"]).all())
     print(f"max |kernel - np.nanquantile reference| over mean/p95/max: {err:.2e}; |numpy sort - reference|: "

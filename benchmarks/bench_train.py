@@ -64,12 +64,12 @@ def child(args) -> dict:
     import numpy as np
     import torch
 
-    from motion_data.builddir import BuildDir
-    from tokenizer_train import distributed as D
-    from tokenizer_train import train as T
-    from tokenizer_train.config import load_config
-    from tokenizer_train.model_inputs import with_index
-    from tokenizer_train.stop import StopSignals
+    from motion_data.build.folder import BuildDir
+    from tokenizer_train.common import distributed as D
+    from tokenizer_train.train import trainer as T
+    from tokenizer_train.common.config import load_config
+    from tokenizer_train.model.model_inputs import with_index
+    from tokenizer_train.train.stop import StopSignals
 
     cfg = load_config(args.config, args.set)
     out = Path(args.out)
@@ -104,7 +104,7 @@ def run_setting(name, path, data, tmp, args) -> dict:
     sets = sets + [f"training.decode_points={path}", "training.epochs=1", f"training.device={args.device}",
                    "training.code_log_interval=1000000"] + args.set
     if args.max_steps:
-        from tokenizer_train.config import load_config
+        from tokenizer_train.common.config import load_config
 
         bs = load_config(REPO / cfg_file, sets).training.batch_size
         sets.append(f"data.sampler.epoch_size={args.max_steps * bs}")
@@ -146,8 +146,8 @@ def main(argv=None):
         tmp = Path(tmp)
         data = args.data
         if data is None:
-            from motion_data.build import build
-            from motion_data.synth import write_synth
+            from motion_data.build.build_shards import build
+            from motion_data.sources.synth import write_synth
 
             write_synth(tmp / "in", args.clips, seed=0)
             build([str(tmp / "in")], tmp / "build", progress=False)

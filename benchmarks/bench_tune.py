@@ -24,12 +24,13 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from motion_data import analysis as A
-from motion_data import labels as L
-from motion_data import stats as S
-from motion_data.builddir import BuildDir
-from motion_data import store as ST
-from motion_data.stats import _top_ranks
+from motion_data.inspect import analysis as A
+from motion_data.common import labels as L
+from motion_data.build import stats as S
+from motion_data.common import static_filter as SF
+from motion_data.build.folder import BuildDir
+from motion_data.build import store as ST
+from motion_data.build.stats import _top_ranks
 
 N = 400
 W = L.DEFAULT_W
@@ -92,22 +93,22 @@ def build_store(path: Path, C: int, chunk: int, seed=0):
     import zarr
 
     rng = np.random.default_rng(seed)
-    attrs = ST.store_attrs(W=W, ref_size=L.DEFAULT_REF_SIZE, T=16, N=N, build_filter=S.StaticFilter(enable=True),
+    attrs = ST.store_attrs(W=W, ref_size=L.DEFAULT_REF_SIZE, T=16, N=N, build_filter=SF.StaticFilter(enable=True),
                            n_clips=C, label_rule=L.DEFAULT_LABEL_RULE)
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / (".tmp-" + ST.STORE_NAME)
     g = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-    arrays = {k: g.create_array(f"stats/{k}", shape=(C, N), dtype="float32" if k in S.METRICS else "uint8",
+    arrays = {k: g.create_array(f"stats/{k}", shape=(C, N), dtype="float32" if k in SF.METRICS else "uint8",
                                 chunks=(min(C, ST.CHUNK_ROWS), N), compressors=None) for k in ST.PER_CLIP}
     counts = {m: (np.zeros(S.HIST_NBINS, np.int64), np.zeros((S.HIST_NBINS, S.HIST_RANK_MAX), np.int64))
-              for m in S.METRICS}
+              for m in SF.METRICS}
     for lo in range(0, C, chunk):
         rows = synth_scores(rng, min(chunk, C - lo))
         for k in ST.PER_CLIP:
             arrays[k][lo:lo + len(rows[k])] = rows[k]
-        for m in S.METRICS:
+        for m in SF.METRICS:
             add_hist_counts(counts[m], rows[m], rows["valid_count"])
-    for m in S.METRICS:
+    for m in SF.METRICS:
         pts, top = counts[m]
         g.create_array(f"hist/{m}/points", data=np.concatenate([label_columns(pts, rng), pts[:, None]], axis=1))
         g.create_array(f"hist/{m}/topk", data=np.concatenate([label_columns(top, rng), top[..., None]], axis=2))
@@ -147,7 +148,7 @@ def main():
     du = sum(f.stat().st_size for f in (out / ST.STORE_NAME).rglob("*") if f.is_file())
     print(f"store size {du / 2**30:.2f} GiB; numba threads {numba.get_num_threads()}")
 
-    metrics = list(S.METRICS)
+    metrics = list(SF.METRICS)
     thresholds = A.parse_range("0.005:0.5:0.005")
     assert len(thresholds) == 100
     targets = A.Targets()
@@ -190,7 +191,7 @@ def main():
     t0 = time.perf_counter()
     st = ST.read_stats(out / ST.STORE_NAME, names=("p95", "valid_count"))
     t_read = time.perf_counter() - t0
-    flt = S.StaticFilter(enable=True, metric="p95", threshold=0.04, min_keep=16)
+    flt = SF.StaticFilter(enable=True, metric="p95", threshold=0.04, min_keep=16)
     S.dynamic_ratio(st["p95"][:10], st["valid_count"][:10], flt)
     t0 = time.perf_counter()
     dr = S.dynamic_ratio(st["p95"], st["valid_count"], flt)

@@ -2,7 +2,7 @@
 (Zarr), webdataset shards and a manifest out. Add --help after a command for its options."""
 import sys
 
-from motion_data.cli import dispatch
+from motion_data.common.cli import dispatch
 
 COMMANDS = {
     "synth": ("preprocess.synth_cmd", "write synthetic track files (static background, movers, an arm)"),

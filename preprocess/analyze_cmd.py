@@ -14,27 +14,28 @@ per-point speed histogram, before and after.
 """
 from __future__ import annotations
 
-from motion_data.errors import UserError
+from motion_data.common.errors import UserError
 
 import json
 
 import numpy as np
 
-from motion_data.atomic import atomic_write_json
-from motion_data import analysis as A
-from motion_data.builddir import BuildDir
-from motion_data import stats as S
-from motion_data.cli import SEED_FILTER_SPEC
-from motion_data.stats import SEED_FILTER
+from motion_data.common.atomic import atomic_write_json
+from motion_data.inspect import analysis as A
+from motion_data.build.folder import BuildDir
+from motion_data.build import stats as S
+from motion_data.common import static_filter as SF
+from motion_data.common.cli import DEFAULT_FILTER_SPEC
+from motion_data.common.static_filter import DEFAULT_FILTER
 
 
 def add_arguments(p):
     p.add_argument("build", metavar="BUILD", help="build folder written by build-shards (holds stats.zarr)")
-    p.add_argument("--filter", default=SEED_FILTER_SPEC,
+    p.add_argument("--filter", default=DEFAULT_FILTER_SPEC,
                    help="static filter METRIC@THRESHOLD, METRIC one of mean|p95|max: a point is kept when that "
                         "statistic of its per-step speed over the clip reaches THRESHOLD; speed is in units of "
                         "half the label window, (W-1)/2 reference pixels (default: %(default)s)")
-    p.add_argument("--min-keep", type=int, default=SEED_FILTER.min_keep,
+    p.add_argument("--min-keep", type=int, default=DEFAULT_FILTER.min_keep,
                    help="points kept per clip when fewer pass the threshold (default: %(default)s; above "
                         f"{S.HIST_RANK_MAX} needs --exact)")
     p.add_argument("--json", metavar="F", help="write the figures as JSON to F ('-' = stdout instead of the table)")
@@ -46,7 +47,7 @@ def add_arguments(p):
 
 def run(args) -> int:
     try:
-        flt = S.StaticFilter.parse(args.filter, min_keep=args.min_keep)
+        flt = SF.StaticFilter.parse(args.filter, min_keep=args.min_keep)
         if not args.exact and flt.min_keep > S.HIST_RANK_MAX:
             raise ValueError(f"--min-keep {flt.min_keep} exceeds the {S.HIST_RANK_MAX} ranks stored in the "
                              f"histograms; use --exact")
@@ -65,7 +66,7 @@ def run(args) -> int:
         result = {"filter": str(flt), "source": "exact" if args.exact else "histograms",
                   "label_rule": build.label_rule, **result}
         if args.plot:
-            from motion_data.plots import plot_analysis
+            from motion_data.inspect.plots import plot_analysis
 
             k = min(flt.min_keep, S.HIST_RANK_MAX)
             sb, sa = A.score_hist_before_after(points, topk, flt.threshold, k)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 
-from motion_data.build import DEFAULT_MAXCOUNT, BuildError, build
-from motion_data.importers import FORMATS
-from motion_data.labels import DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, DEFAULT_W, LABEL_RULES
-from motion_data.cli import SEED_FILTER_SPEC
-from motion_data.stats import SEED_FILTER, StaticFilter
+from motion_data.build.build_shards import DEFAULT_MAXCOUNT, BuildError, build
+from motion_data.sources.importers import FORMATS
+from motion_data.common.labels import DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, DEFAULT_W, LABEL_RULES
+from motion_data.common.cli import DEFAULT_FILTER_SPEC
+from motion_data.common.static_filter import DEFAULT_FILTER, StaticFilter
 
 from .summary import format_summary
 
@@ -55,10 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="frame height and width in pixels, e.g. 480,640, for files that do not store one "
                         "(.npy, bare .pt, ATM without video)")
     p.add_argument("--views", nargs="+", default=None, help="HDF5 views to read (default: all)")
-    p.add_argument("--filter", default=SEED_FILTER_SPEC, metavar="METRIC@THR",
+    p.add_argument("--filter", default=DEFAULT_FILTER_SPEC, metavar="METRIC@THR",
                    help="build filter for the manifest's dynamic_ratio/center_share (default %(default)s); "
                         "the stored statistics do not depend on it")
-    p.add_argument("--min-keep", type=int, default=SEED_FILTER.min_keep,
+    p.add_argument("--min-keep", type=int, default=DEFAULT_FILTER.min_keep,
                    help="points kept per clip at least, by score, under the build filter (default %(default)s)")
     p.add_argument("--label-rule", choices=LABEL_RULES, default=DEFAULT_LABEL_RULE,
                    help="how a step becomes a class (recorded in stats.zarr and build.json): amplify (default, "

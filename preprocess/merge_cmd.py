@@ -5,14 +5,14 @@ same clips in the same order, the same statistics and histograms. Shards are har
 """
 from __future__ import annotations
 
-from motion_data.errors import UserError
+from motion_data.common.errors import UserError
 
 
-from motion_data.build import BuildError
-from motion_data.builddir import BuildDirError
-from motion_data.manifest import ManifestError
-from motion_data.merge import merge
-from motion_data.store import StoreError
+from motion_data.build.build_shards import BuildError
+from motion_data.build.folder import BuildDirError
+from motion_data.build.manifest import ManifestError
+from motion_data.build.merge import merge
+from motion_data.build.store import StoreError
 
 from .summary import format_summary
 

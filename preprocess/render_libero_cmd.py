@@ -22,13 +22,13 @@ Example: python -m preprocess render-libero --out libero_tracks/ --suites libero
 """
 from __future__ import annotations
 
-from motion_data.errors import UserError
+from motion_data.common.errors import UserError
 
 import time
 
-from motion_data.file_readers import MissingDependency
-from motion_data.libero_render import DEFAULT_SUITES, RenderConfig, RenderUnavailable, require_sim, suite_size
-from motion_data.render_jobs import claim_folder, parse_tasks, pending, run_jobs
+from motion_data.sources.file_readers import MissingDependency
+from motion_data.sources.libero.render import DEFAULT_SUITES, RenderConfig, RenderUnavailable, require_sim, suite_size
+from motion_data.sources.libero.jobs import claim_folder, parse_tasks, pending, run_jobs
 
 
 def add_arguments(p):

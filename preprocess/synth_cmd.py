@@ -14,13 +14,13 @@ synth.json); a folder holding any other file is refused even then, and nothing i
 """
 from __future__ import annotations
 
-from motion_data.errors import UserError
+from motion_data.common.errors import UserError
 
 import json
 import os
 
-from motion_data.atomic import atomic_open
-from motion_data.synth import SYNTH_JSON, SynthConfig, config_dict, prepare_out, write_synth
+from motion_data.common.atomic import atomic_open
+from motion_data.sources.synth import SYNTH_JSON, SynthConfig, config_dict, prepare_out, write_synth
 
 
 def add_arguments(p):

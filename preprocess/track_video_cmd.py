@@ -16,9 +16,9 @@ import hashlib
 import sys
 from pathlib import Path
 
-from motion_data.clips import InputError
-from motion_data.errors import SettingError
-from motion_data.video import TrackConfig, track_video, write_track_file
+from motion_data.common.clips import InputError
+from motion_data.common.errors import SettingError
+from motion_data.sources.video import TrackConfig, track_video, write_track_file
 
 
 def add_arguments(p):

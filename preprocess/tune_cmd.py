@@ -16,16 +16,17 @@ with stop inclusive, or comma lists.
 """
 from __future__ import annotations
 
-from motion_data.errors import UserError
+from motion_data.common.errors import UserError
 
 import csv
 from pathlib import Path
 
-from motion_data.atomic import atomic_open
-from motion_data import analysis as A
-from motion_data.builddir import BuildDir
-from motion_data import stats as S
-from motion_data.tables import print_sweep
+from motion_data.common.atomic import atomic_open
+from motion_data.inspect import analysis as A
+from motion_data.build.folder import BuildDir
+from motion_data.build import stats as S
+from motion_data.common import static_filter as SF
+from motion_data.inspect.tables import print_sweep
 
 
 def _float_or_none(s):
@@ -37,7 +38,7 @@ def add_arguments(p):
     p.add_argument("--metrics", default="p95,mean,max", help="comma list of mean|p95|max (default: %(default)s)")
     p.add_argument("--thresholds", default="0.01:0.20:0.005",
                    help="thresholds as start:stop:step (stop inclusive) or a comma list (default: %(default)s)")
-    p.add_argument("--min-keep", type=int, default=S.SEED_FILTER.min_keep,
+    p.add_argument("--min-keep", type=int, default=SF.DEFAULT_FILTER.min_keep,
                    help="points kept per clip when fewer pass the threshold (default: %(default)s; above "
                         f"{S.HIST_RANK_MAX} needs --exact)")
     p.add_argument("--target-dynamic", default="%g:%g" % A.DEFAULT_TARGET_DYNAMIC,
@@ -68,9 +69,9 @@ def _write_csv(path, rows):
 def run(args) -> int:
     try:
         metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-        bad = [m for m in metrics if m not in S.METRICS]
+        bad = [m for m in metrics if m not in SF.METRICS]
         if bad or not metrics:
-            raise ValueError(f"--metrics {args.metrics!r}: each must be one of {', '.join(S.METRICS)}")
+            raise ValueError(f"--metrics {args.metrics!r}: each must be one of {', '.join(SF.METRICS)}")
         thresholds = A.parse_range(args.thresholds)
         if args.min_keep < 0:
             raise ValueError(f"--min-keep must be >= 0, got {args.min_keep}")
@@ -89,7 +90,7 @@ def run(args) -> int:
         if args.csv:
             _write_csv(args.csv, rows)
         if args.plot:
-            from motion_data.plots import plot_tune
+            from motion_data.inspect.plots import plot_tune
 
             plot_tune(rows, targets, rec, args.plot,
                       title=f"{args.build}: min_keep {args.min_keep} ({'exact' if args.exact else 'histograms'})")

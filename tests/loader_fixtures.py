@@ -14,10 +14,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from motion_data import shards
-from motion_data.labels import DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, DEFAULT_W, normalize, step_valid, velocities
-from motion_data.stats import METRICS, StaticFilter, dynamic_ratio, point_stats
-from motion_data.store import store_attrs
+from motion_data.build import shards
+from motion_data.common.labels import DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, DEFAULT_W, normalize, step_valid, velocities
+from motion_data.common.static_filter import METRICS, StaticFilter
+from motion_data.build.stats import dynamic_ratio, point_stats
+from motion_data.build.store import store_attrs
 
 
 def synth_clips(n_clips: int, n_points: int = 16, steps: int = 15, seed: int = 0):

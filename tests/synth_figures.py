@@ -2,9 +2,9 @@
 (what test_synth and test_video check the generators against)."""
 import numpy as np
 
-from motion_data.labels import (DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, DEFAULT_W, center_class, labels_from_positions,
+from motion_data.common.labels import (DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, DEFAULT_W, center_class, labels_from_positions,
                                 step_valid)
-from motion_data.stats import keep_mask, point_stats
+from motion_data.build.stats import keep_mask, point_stats
 
 
 def label_summary(pos_px: np.ndarray, vis: np.ndarray, metric: str = "p95", threshold: float = 0.04,

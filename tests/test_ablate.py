@@ -4,57 +4,58 @@ import json
 
 import pytest
 
-from tokenizer_train import ablate as AB
+from tokenizer_train.experiments import ablate as AB
+from tokenizer_train.experiments import variants as V
 from tokenizer_train.__main__ import main
-from tokenizer_train.config import ConfigError
+from tokenizer_train.common.config import ConfigError
 
 TINY = {"model.hidden_dim": 16, "model.num_layers": 1, "model.num_heads": 2, "training.batch_size": 8,
         "training.log_interval": 1, "data.val_split": 0.25, "training.device": "cpu"}
 
 
 def test_default_variants_resolve_against_base():
-    variants = AB.load_variants(AB.DEFAULT_VARIANTS)
+    variants = V.load_variants(V.DEFAULT_VARIANTS)
     seed_stages = {"entropy", "balanced", "ring_decay", "focal", "layernorm", "rmsnorm", "tanh_scale", "noise",
                    "sampler", "augment", "recommended"}
     assert seed_stages <= set(variants)
-    base = AB.resolve(AB.CONFIG_DIR / "base.yaml", {})
+    base = V.resolve(V.CONFIG_DIR / "base.yaml", {})
     for name, ov in variants.items():
         assert ov, name
-        cfg = AB.resolve(AB.CONFIG_DIR / "base.yaml", ov, epochs=3, seed=1)
+        cfg = V.resolve(V.CONFIG_DIR / "base.yaml", ov, epochs=3, seed=1)
         assert cfg != base, name  # every variant changes something
         assert cfg.training.epochs == 3 and cfg.training.seed == 1
-    assert AB.resolve(AB.CONFIG_DIR / "base.yaml", variants["sampler"]).data.sampler.method == "dynamic_ratio"
+    assert V.resolve(V.CONFIG_DIR / "base.yaml", variants["sampler"]).data.sampler.method == "dynamic_ratio"
 
 
 def test_recommended_config_is_self_contained():
     """configs/recommended.yaml alone is the recommendation, the seed's static filter included;
     the baseline is base.yaml as it is, unfiltered."""
-    from motion_data.stats import SEED_FILTER
-    from tokenizer_train.config import load_config
+    from motion_data.common.static_filter import DEFAULT_FILTER
+    from tokenizer_train.common.config import load_config
 
-    rec = load_config(AB.CONFIG_DIR / "recommended.yaml").data.static_filter
+    rec = load_config(V.CONFIG_DIR / "recommended.yaml").data.static_filter
     assert (rec.enable, rec.metric, rec.threshold, rec.min_keep) == (True, "p95", 0.04, 16)
-    assert (rec.enable, rec.metric, rec.threshold, rec.min_keep) == (SEED_FILTER.enable, SEED_FILTER.metric,
-                                                                     SEED_FILTER.threshold, SEED_FILTER.min_keep)
-    assert not load_config(AB.CONFIG_DIR / "base.yaml").data.static_filter.enable
-    v = AB.load_variants(AB.DEFAULT_VARIANTS)["recommended"]
-    assert AB.resolve(AB.CONFIG_DIR / "base.yaml", v).data.static_filter.enable
+    assert (rec.enable, rec.metric, rec.threshold, rec.min_keep) == (DEFAULT_FILTER.enable, DEFAULT_FILTER.metric,
+                                                                     DEFAULT_FILTER.threshold, DEFAULT_FILTER.min_keep)
+    assert not load_config(V.CONFIG_DIR / "base.yaml").data.static_filter.enable
+    v = V.load_variants(V.DEFAULT_VARIANTS)["recommended"]
+    assert V.resolve(V.CONFIG_DIR / "base.yaml", v).data.static_filter.enable
 
 
 def test_variants_file_include_order_and_errors(tmp_path):
     (tmp_path / "rec.yaml").write_text("training:\n  focal:\n    enabled: true\n    gamma: 1.0\n")
     (tmp_path / "v.yaml").write_text("combo:\n  include: rec.yaml\n  training.focal.gamma: 3.0\n"
                                      "plain:\n  training.code_entropy_weight: 0.1\n")
-    v = AB.load_variants(tmp_path / "v.yaml")
+    v = V.load_variants(tmp_path / "v.yaml")
     assert v["combo"] == {"training.focal.enabled": True, "training.focal.gamma": 3.0}
     # variant overrides first, then the common --set
-    cfg = AB.resolve(None, v["combo"], {"training.focal.gamma": 0.5})
+    cfg = V.resolve(None, v["combo"], {"training.focal.gamma": 0.5})
     assert cfg.training.focal.enabled and cfg.training.focal.gamma == 0.5
     (tmp_path / "bad.yaml").write_text("baseline:\n  training.epochs: 2\n")
     with pytest.raises(ConfigError, match="reserved"):
-        AB.load_variants(tmp_path / "bad.yaml")
+        V.load_variants(tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="training.focal.gama"):
-        AB.resolve(None, {"training.focal.gama": 1.0})
+        V.resolve(None, {"training.focal.gama": 1.0})
 
 
 def test_ablate_writes_table_and_does_not_rerun(tiny_build, tmp_path, capsys):
@@ -93,8 +94,8 @@ def test_ablate_writes_table_and_does_not_rerun(tiny_build, tmp_path, capsys):
         assert (out / png).stat().st_size > 1000
     # the plots of this 1-epoch ablation again, warnings as errors: one validation point per run shows
     import warnings
-    from tokenizer_train import ablate_plots as AP
-    from tokenizer_train import check as C
+    from tokenizer_train.experiments import ablate_plots as AP
+    from tokenizer_train.evaluate import check as C
 
     rows_by_run = {(v, 0): C.read_metrics(out / "runs" / v / "seed0") for v in ("baseline", "entropy", "ring")}
     with warnings.catch_warnings():
@@ -113,7 +114,7 @@ def test_ablate_writes_table_and_does_not_rerun(tiny_build, tmp_path, capsys):
     def boom(*a, **k):
         raise AssertionError("a finished run was trained again")
 
-    variants = AB.load_variants(tmp_path / "v.yaml")
+    variants = V.load_variants(tmp_path / "v.yaml")
     table = AB.ablate(None, tiny_build, out, variants, [0], TINY, 1, progress=False, plots=False, train_fn=boom)
     assert [r["variant"] for r in table] == ["baseline", "entropy", "ring"]
     assert table[1]["acc"] == pytest.approx(float(rows[1]["acc"]), rel=1e-5)
@@ -175,7 +176,7 @@ def test_summarize_reads_a_null_last_value_as_nan():
 def test_run_that_died_before_its_first_checkpoint_restarts_through_the_run_folder_rule(tiny_build, tmp_path):
     """No checkpoint: the run starts afresh; its stale rows go, a file that is not the run's stays
     (the run folder's rule, run_folder.check_fresh, instead of wiping the folder)."""
-    from tokenizer_train.run_folder import RunFolderError
+    from tokenizer_train.train.run_folder import RunFolderError
 
     spec = AB.plan(None, {}, tmp_path, [0], TINY, 1)[0]
     spec.dir.mkdir(parents=True)

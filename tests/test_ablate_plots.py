@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 
-from tokenizer_train import ablate_plots as P
+from tokenizer_train.experiments import ablate_plots as P
 
 VARIANTS = ("baseline", "recommended", "entropy")
 

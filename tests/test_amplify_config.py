@@ -3,8 +3,8 @@ from pathlib import Path
 
 import torch
 
-from tokenizer_train.config import load_config, to_dict
-from tokenizer_train.model import MotionTokenizer
+from tokenizer_train.common.config import load_config, to_dict
+from tokenizer_train.model.model import MotionTokenizer
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SIZE_KEYS = ("hidden_dim", "num_heads", "num_layers", "decoder_layers", "dropout", "mlp_ratio", "fsq_levels",

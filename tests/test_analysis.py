@@ -12,12 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 import zarr
 
-from motion_data import analysis as A
-from motion_data.builddir import BuildDir
-from motion_data import labels as L
-from motion_data import shards
-from motion_data import stats as S
-from motion_data.store import store_attrs
+from motion_data.inspect import analysis as A
+from motion_data.build.folder import BuildDir
+from motion_data.common import labels as L
+from motion_data.build import shards
+from motion_data.build import stats as S
+from motion_data.common import static_filter as SF
+from motion_data.build.store import store_attrs
 from preprocess.__main__ import main
 
 W = 15
@@ -53,7 +54,7 @@ def make_build(root: Path, C=30, N=24, T=16, seed=0, shard_sizes=None, rule="amp
     i0 = 0
     for k, n in enumerate(shard_sizes):
         rel = f"shards/{shards.shard_name(k)}"
-        samples = [shards.encode_sample(ids[i], pos[i], vis[i], np.stack([st[m][i] for m in S.METRICS]),
+        samples = [shards.encode_sample(ids[i], pos[i], vis[i], np.stack([st[m][i] for m in SF.METRICS]),
                                         {"source": src, "sequence": 0, "start_frame": i * 8})
                    for i in range(i0, i0 + n)]
         for _, off, size in shards.write_shard(root / rel, samples):
@@ -63,9 +64,9 @@ def make_build(root: Path, C=30, N=24, T=16, seed=0, shard_sizes=None, rule="amp
         man["checksum"] += [shards.sample_checksum(x) for x in samples]
         i0 += n
     g = zarr.open_group(str(root / "stats.zarr"), mode="w", zarr_format=3)
-    for name in (*S.METRICS, "center_count", "valid_count"):
+    for name in (*SF.METRICS, "center_count", "valid_count"):
         g.create_array(f"stats/{name}", data=st[name], chunks=(7, N))  # chunks not aligned to the pass
-    for m in S.METRICS:
+    for m in SF.METRICS:
         points, topk = S.class_histograms(pos, vis, st[m], st["valid_count"], W, 128, rule)
         g.create_array(f"hist/{m}/points", data=points)
         g.create_array(f"hist/{m}/topk", data=topk)
@@ -130,12 +131,12 @@ def test_sweep_counts_equal_filtered_counts_from_hist(build, k):
 def test_exact_sweep_equals_brute_force(build, k):
     _, pos, vis, st = build
     ts = [0.05, 0.0, 0.0137, 0.05, 0.3, 1.5, 0.004]  # unsorted, repeated, above every score
-    acc = A.ExactSweep(S.METRICS, ts, k, W)
+    acc = A.ExactSweep(SF.METRICS, ts, k, W)
     for lo in range(0, len(pos), 11):  # chunks need not align with anything
         sl = slice(lo, lo + 11)
-        acc.add({m: st[m][sl] for m in S.METRICS}, st["valid_count"][sl], L.labels_from_positions(pos[sl], W),
+        acc.add({m: st[m][sl] for m in SF.METRICS}, st["valid_count"][sl], L.labels_from_positions(pos[sl], W),
                 L.step_valid(vis[sl]))
-    for m in S.METRICS:
+    for m in SF.METRICS:
         c = acc.counts(m)
         for j, t in enumerate(ts):
             np.testing.assert_array_equal(c[j], brute(pos, vis, st, m, t, k), err_msg=f"{m}@{t} k={k}")
@@ -186,12 +187,12 @@ def test_recommend_rule():
 # ---------------------------------------------------------------- exact pass vs fast answer
 def test_exact_pass_agrees_with_histograms_within_one_bin(build):
     root, pos, vis, st = build
-    hists = BuildDir(root).histograms(S.METRICS)
+    hists = BuildDir(root).histograms(SF.METRICS)
     edges = [b * BW for b in (0, 2, 4, 9, 16, 23, 40, 80)]
     between = [0.0101, 0.04 + 0.4 * BW, 0.0555, 0.1337]
     for k in (0, 16):
-        acc = A.exact_from_build(root, S.METRICS, edges + between, k, chunk=8, progress=False)
-        for m in S.METRICS:
+        acc = A.exact_from_build(root, SF.METRICS, edges + between, k, chunk=8, progress=False)
+        for m in SF.METRICS:
             exact = acc.counts(m)
             points, topk = hists[m]
             fast = A.sweep_counts_from_hist(points, topk, edges, k)

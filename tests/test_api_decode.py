@@ -1,4 +1,4 @@
-"""The Python API (tokenizer_train.api) and the ``decode`` command on tiny trained runs."""
+"""The Python API (tokenizer_train.use.api) and the ``decode`` command on tiny trained runs."""
 import sys
 from pathlib import Path
 
@@ -7,14 +7,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from motion_data.builddir import BuildDir
-from motion_data.errors import UserError
-from motion_data.labels import class_offsets, normalize, velocities
+from motion_data.build.folder import BuildDir
+from motion_data.common.errors import UserError
+from motion_data.common.labels import class_offsets, normalize, velocities
 from tokenizer_train.__main__ import main
-from tokenizer_train.api import load_tokenizer
-from tokenizer_train.checkpoint import CheckpointError
-from tokenizer_train.config import from_dict
-from tokenizer_train.train import train
+from tokenizer_train.use.api import load_tokenizer
+from tokenizer_train.model.checkpoint import CheckpointError
+from tokenizer_train.common.config import from_dict
+from tokenizer_train.train.trainer import train
+from motion_data.read.clips import read_clips
 
 sys.path.insert(0, str(Path(__file__).parent))
 from loader_fixtures import write_build  # noqa: E402
@@ -46,7 +47,7 @@ def runs(tmp_path_factory):
 def _all_clips(build):
     b = BuildDir(build)
     ids = pq.read_table(build / "manifest.parquet").to_pydict()["clip_id"]
-    pos, vis, _ = b.read_clips(np.arange(b.n_clips))
+    pos, vis, _ = read_clips(b, np.arange(b.n_clips))
     return ids, pos, vis
 
 
@@ -142,8 +143,8 @@ def test_decode_command_errors_are_one_line(runs, tmp_path, capsys):
 
 
 def test_load_clips_gives_a_splits_positions_and_a_wrong_point_count_names_the_positions_shape(runs):
-    from motion_data.split import split_manifest
-    from tokenizer_train.api import load_clips, load_tokenizer
+    from motion_data.read.split import split_manifest
+    from tokenizer_train.use.api import load_clips, load_tokenizer
 
     build, out, _ = runs
     tok = load_tokenizer(out["plain"], device="cpu")

@@ -1,9 +1,9 @@
-"""motion_data.atomic: a write either lands whole under the final name or not at all."""
+"""motion_data.common.atomic: a write either lands whole under the final name or not at all."""
 import os
 
 import pytest
 
-from motion_data.atomic import atomic_open, atomic_path, atomic_write_text, temp_path
+from motion_data.common.atomic import atomic_open, atomic_path, atomic_write_text, temp_path
 
 
 def test_success_writes_and_leaves_no_temp(tmp_path):

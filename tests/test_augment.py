@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from motion_data.augment import AugmentConfig, augment_batch
-from motion_data.labels import center_class, half_window, labels_from_positions, normalize, velocities
-from motion_data.batch import make_batch
-from motion_data.stats import StaticFilter
+from motion_data.read.augment import AugmentConfig, augment_batch
+from motion_data.common.labels import center_class, half_window, labels_from_positions, normalize, velocities
+from motion_data.read.batch import make_batch
+from motion_data.common.static_filter import StaticFilter
 
 
 def _batch(B=32, T=16, N=40, seed=0):

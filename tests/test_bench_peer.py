@@ -2,13 +2,12 @@
 part of this repository, so its rows are run by hand: docs/results.md), and its refusal of a
 folder that is not an AMPLIFY checkout."""
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
 
-from tokenizer_train.config import from_dict
-from tokenizer_train.train import train
+from tokenizer_train.common.config import from_dict
+from tokenizer_train.train.trainer import train
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_peer.py"
 TINY = ["model.hidden_dim=16", "model.num_layers=1", "model.num_heads=2", "training.batch_size=8",

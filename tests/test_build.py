@@ -17,16 +17,17 @@ import webdataset as wds
 import zarr
 
 from conftest import TINY_FILES, TINY_MAXCOUNT, TINY_T, make_track_file, make_tracks
-from motion_data import build as bld
-from motion_data.build_pool import window_starts
-from motion_data.clips import Sequence, cut_windows
-from motion_data.labels import labels_from_positions, normalize, ring_map, step_valid, velocities
-from motion_data.manifest import COLUMNS, SCHEMA, read_manifest
-from motion_data.shard_reader import read_sample
-from motion_data.shards import array_checksum, encode_sample, index_shard, sample_checksum, write_shard
-from motion_data.builddir import BuildDir
-from motion_data.store import FORMAT_VERSION
-from motion_data.stats import METRICS, class_histograms, point_stats
+from motion_data.build import build_shards as bld
+from motion_data.common.clips import window_starts
+from motion_data.common.clips import Sequence, cut_windows
+from motion_data.common.labels import labels_from_positions, normalize, ring_map, step_valid, velocities
+from motion_data.build.manifest import COLUMNS, SCHEMA, read_manifest
+from motion_data.read.shard_reader import read_sample
+from motion_data.build.shards import array_checksum, encode_sample, index_shard, sample_checksum, write_shard
+from motion_data.build.folder import BuildDir
+from motion_data.build.store import FORMAT_VERSION
+from motion_data.common.static_filter import METRICS
+from motion_data.build.stats import class_histograms, point_stats
 from preprocess.__main__ import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -409,7 +410,7 @@ def test_resume_after_sigkill_and_a_lost_shard(tmp_path, capsys):
     for i in range(6):
         make_track_file(inp / f"v{i}.npz", B=2, T=40, seed=10 + i)
     args = ["--input", str(inp), "--maxcount", "5", "--no-progress"]
-    slow = ("import sys, time; from motion_data import build as b; real = b.write_shard_and_record\n"
+    slow = ("import sys, time; from motion_data.build import build_shards as b; real = b.write_shard_and_record\n"
             "def slow(*a, **k):\n    n = real(*a, **k); time.sleep(0.3); return n\n"
             "b.write_shard_and_record = slow\nfrom preprocess.__main__ import main\nsys.exit(main(sys.argv[1:]))")
     out = tmp_path / "killed"

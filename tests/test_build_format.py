@@ -13,14 +13,15 @@ import torch
 import zarr
 
 from conftest import make_track_file
-from motion_data import shards
-from motion_data.labels import center_class, labels_from_positions
-from motion_data.loader import make_loader
-from motion_data.manifest import ManifestError, verify_build
-from motion_data.sampler import SamplerConfig
-from motion_data.stats import StaticFilter
-from motion_data.builddir import BuildDir
-from motion_data.store import read_stats
+from motion_data.build import shards
+from motion_data.common.labels import center_class, labels_from_positions
+from motion_data.read.loader import make_loader
+from motion_data.build.manifest import ManifestError
+from motion_data.read.verify import verify_build
+from motion_data.read.sampler import SamplerConfig
+from motion_data.common.static_filter import StaticFilter
+from motion_data.build.folder import BuildDir
+from motion_data.build.store import read_stats
 from preprocess.__main__ import main as preprocess_main
 from test_build import run_cli
 from tokenizer_train.__main__ import main as train_main

@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 import zarr
 
-from motion_data.builddir import BuildDir, BuildDirError
-from motion_data.stats import SEED_FILTER, StaticFilter
+from motion_data.build.folder import BuildDir, BuildDirError
+from motion_data.common.static_filter import DEFAULT_FILTER, StaticFilter
 
 sys.path.insert(0, str(Path(__file__).parent))
 from loader_fixtures import write_build  # noqa: E402
@@ -23,9 +23,9 @@ def build(tmp_path_factory):
 def test_attributes_and_manifest(build):
     b = BuildDir(build)
     assert (b.W, b.N, b.T, b.S, b.n_clips, b.ref_size) == (15, 16, 16, 15, 8, 128)
-    assert b.label_rule == "amplify" and b.build_filter == SEED_FILTER
+    assert b.label_rule == "amplify" and b.build_filter == DEFAULT_FILTER
     assert b.info() == {"W": 15, "T": 16, "N": 16, "n_clips": 8, "ref_size": 128, "label_rule": "amplify",
-                        "build_filter": SEED_FILTER}
+                        "build_filter": DEFAULT_FILTER}
     man = b.manifest(["clip_id", "shard"])
     assert set(man) == {"clip_id", "shard"} and man["clip_id"] == pq.read_table(build / "manifest.parquet").column(
         "clip_id").to_pylist()

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tokenizer_train import check
+from tokenizer_train.evaluate import check
 
 
 def _run(tmp_path, name, unique, ent, ppl, acc, nc, epochs=30, steps_per_epoch=5, usage=None, info=None, ce=None):
@@ -319,12 +319,12 @@ def test_a_baseline_code_information_below_zero_is_clamped_in_the_target(tmp_pat
 
 
 def test_the_filtered_baseline_variant_is_base_with_recommendeds_filter():
-    from tokenizer_train import ablate as AB
-    from tokenizer_train.config import load_config
+    from tokenizer_train.experiments import variants as V
+    from tokenizer_train.common.config import load_config
 
-    v = AB.load_variants(AB.DEFAULT_VARIANTS)[AB.FILTERED]
-    cfg = AB.resolve(AB.CONFIG_DIR / "base.yaml", v)
-    rec = load_config(AB.CONFIG_DIR / "recommended.yaml")
+    v = V.load_variants(V.DEFAULT_VARIANTS)[V.FILTERED]
+    cfg = V.resolve(V.CONFIG_DIR / "base.yaml", v)
+    rec = load_config(V.CONFIG_DIR / "recommended.yaml")
     assert cfg.data.static_filter == rec.data.static_filter and cfg.data.static_filter.enable
-    base = load_config(AB.CONFIG_DIR / "base.yaml")
+    base = load_config(V.CONFIG_DIR / "base.yaml")
     assert cfg.training == base.training and cfg.model == base.model  # nothing else changes

@@ -9,9 +9,9 @@ import torch.multiprocessing as mp
 from torch import nn
 from vector_quantize_pytorch import FSQ
 
-from tokenizer_train.code_usage import MAX_EXACT_CODES, code_usage_loss, entropy_weight, soft_code_distribution
-from tokenizer_train.fsq_geometry import fsq_levels_grid, fsq_prerounding, fsq_prerounding_from_module
-from tokenizer_train.metrics import code_counts, entropy
+from tokenizer_train.evaluate.code_usage import MAX_EXACT_CODES, code_usage_loss, entropy_weight, soft_code_distribution
+from tokenizer_train.model.fsq_geometry import fsq_levels_grid, fsq_prerounding, fsq_prerounding_from_module
+from tokenizer_train.evaluate.metrics import code_counts, entropy
 
 
 def hard_code_entropy(indices, K: int) -> float:

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from tokenizer_train import auc as A
-from tokenizer_train import code_info as CI
-from tokenizer_train import metrics as M
-from tokenizer_train.quality import Quality
+from tokenizer_train.evaluate import auc as A
+from tokenizer_train.evaluate import code_info as CI
+from tokenizer_train.evaluate import metrics as M
+from tokenizer_train.evaluate.quality import Quality
 
 K = 9  # a 3x3 window: centre class 4
 
@@ -193,7 +193,7 @@ def test_quality_scalars_by_hand():
 
 
 def test_train_code_info_scores_the_first_m_plus_1_clips_in_eval_mode():
-    from tokenizer_train.validate import train_code_info
+    from tokenizer_train.evaluate.validate import train_code_info
 
     class Toy(torch.nn.Module):  # logits a fixed function of the codes; records its mode
         def __init__(self):
@@ -222,13 +222,13 @@ def test_validation_code_info_does_not_change_with_batch_size_or_order(tiny_buil
     """The figure pairs clips by other_clips over the whole split, never by batch neighbours."""
     import contextlib
 
-    from motion_data.builddir import BuildDir
-    from motion_data.loader import make_loader
-    from tokenizer_train.config import from_dict
-    from tokenizer_train.distributed import Dist
-    from tokenizer_train.losses import Criterion
-    from tokenizer_train.model import MotionTokenizer
-    from tokenizer_train.validate import clip_places, evaluate
+    from motion_data.build.folder import BuildDir
+    from motion_data.read.loader import make_loader
+    from tokenizer_train.common.config import from_dict
+    from tokenizer_train.common.distributed import Dist
+    from tokenizer_train.train.losses import Criterion
+    from tokenizer_train.model.model import MotionTokenizer
+    from tokenizer_train.evaluate.validate import clip_places, evaluate
 
     cfg = from_dict({"model": {"hidden_dim": 16, "num_layers": 1, "num_heads": 2}})
     where = clip_places(BuildDir(tiny_build))

@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from tokenizer_train.code_usage import (CodeUsageRegulariser, RunningCodeAverage, avg_tokens_for, code_usage_loss,
+from tokenizer_train.evaluate.code_usage import (CodeUsageRegulariser, RunningCodeAverage, avg_tokens_for, code_usage_loss,
                                         soft_code_distribution, token_code_entropy)
-from tokenizer_train.config import TrainingConfig
-from tokenizer_train.fsq_geometry import fsq_levels_grid, fsq_prerounding
+from tokenizer_train.common.config import TrainingConfig
+from tokenizer_train.model.fsq_geometry import fsq_levels_grid, fsq_prerounding
 
 LEVELS = [8, 6, 5]
 K = math.prod(LEVELS)

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tokenizer_train.config import Config, ConfigError, from_dict, load_config
+from tokenizer_train.common.config import Config, ConfigError, from_dict, load_config
 
 BASE = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
 
@@ -87,7 +87,7 @@ def test_yaml_no_is_mixed_precision_no():
 
 
 def test_override_takes_values_and_returns_a_new_validated_config():
-    from tokenizer_train.config import override, override_all
+    from tokenizer_train.common.config import override, override_all
 
     base = from_dict({})
     c = override(base, "training.epochs", 5)

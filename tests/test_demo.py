@@ -1,7 +1,7 @@
 """The one-command demo, in its quick mode on synthetic data only."""
 import json
 
-from tokenizer_train import check
+from tokenizer_train.evaluate import check
 from tokenizer_train.__main__ import main
 
 
@@ -50,7 +50,7 @@ def test_quick_demo_on_a_libero_sample_ends_with_the_side_by_side_picture(tmp_pa
 
     from PIL import Image
 
-    from motion_data import libero_sample as LS
+    from motion_data.sources.libero import sample as LS
 
     rendered = sorted((Path(__file__).parent / "data" / "libero").glob("*.npz"))
     sample = tmp_path / "sample" / "libero_sample.npz"

@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from motion_data.split import split_manifest
+from motion_data.read.split import split_manifest
 from tokenizer_train.__main__ import main
-from tokenizer_train.config import from_dict
-from tokenizer_train.draw import BAND, draw_clip
-from tokenizer_train.train import train
+from tokenizer_train.common.config import from_dict
+from tokenizer_train.use.draw import BAND, draw_clip
+from tokenizer_train.train.trainer import train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from loader_fixtures import write_build  # noqa: E402

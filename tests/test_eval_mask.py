@@ -7,14 +7,14 @@ import pytest
 import torch
 import zarr
 
-from motion_data import shards
-from motion_data.augment import AugmentConfig
-from motion_data.labels import step_valid
-from motion_data.batch import make_batch
-from motion_data.builddir import BuildDir
-from motion_data.loader import make_loader
-from motion_data.shard_reader import read_sample
-from motion_data.stats import METRICS, SEED_FILTER, StaticFilter, keep_mask, recorded_filter
+from motion_data.read.augment import AugmentConfig
+from motion_data.common.labels import step_valid
+from motion_data.read.batch import make_batch
+from motion_data.build.folder import BuildDir
+from motion_data.read.loader import make_loader
+from motion_data.read.shard_reader import read_sample
+from motion_data.common.static_filter import METRICS, DEFAULT_FILTER, StaticFilter, recorded_filter
+from motion_data.build.stats import keep_mask
 
 import pyarrow.parquet as pq
 
@@ -68,11 +68,11 @@ def test_eval_mask_is_the_build_filter_whatever_the_training_filter(tiny_build, 
 
 def test_store_without_recorded_filter_uses_the_seed_filter(tiny_build, tmp_path):
     root = _with_filter(tiny_build, tmp_path / "b", None)
-    assert BuildDir(root).build_filter == SEED_FILTER
-    assert recorded_filter({}) == SEED_FILTER == StaticFilter(True, "p95", 0.04, 16)
+    assert BuildDir(root).build_filter == DEFAULT_FILTER
+    assert recorded_filter({}) == DEFAULT_FILTER == StaticFilter(True, "p95", 0.04, 16)
     b = next(iter(make_loader(root, split="all", batch_size=4)))
     for j, cid in enumerate(b["clip_id"]):
-        np.testing.assert_array_equal(b["eval_mask"][j].numpy(), _expected_eval(root, cid, SEED_FILTER))
+        np.testing.assert_array_equal(b["eval_mask"][j].numpy(), _expected_eval(root, cid, DEFAULT_FILTER))
 
 
 def test_make_batch_eval_mask_by_hand():
@@ -89,7 +89,7 @@ def test_make_batch_eval_mask_by_hand():
 
 
 def test_streaming_mode_carries_the_eval_mask(tiny_build, tmp_path):
-    from motion_data.sampler import SamplerConfig
+    from motion_data.read.sampler import SamplerConfig
 
     root = _with_filter(tiny_build, tmp_path / "b", {"metric": "mean", "threshold": 0.02, "min_keep": 5})
     ld = make_loader(root, split="train", static_filter=StaticFilter(enable=False), batch_size=4,

@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from motion_data.labels import center_class
-from tokenizer_train import frontier as F
+from motion_data.common.labels import center_class
+from tokenizer_train.evaluate import frontier as F
 from tokenizer_train.__main__ import main
-from tokenizer_train.config import from_dict
-from tokenizer_train.metrics import accuracy_counts, epe_px_counts, noncenter_counts
-from tokenizer_train.train import train
+from tokenizer_train.common.config import from_dict
+from tokenizer_train.evaluate.metrics import accuracy_counts, epe_px_counts, noncenter_counts
+from tokenizer_train.train.trainer import train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from loader_fixtures import write_build  # noqa: E402
@@ -148,9 +148,9 @@ def test_cli_errors_name_the_problem(trained, tmp_path, capsys):
 
 def test_one_pass_frontier_equals_the_reference_on_a_run(trained):
     """The frontier of a trained run equals shifting the logits per offset, batch by batch."""
-    from motion_data.loader import make_loader
-    from tokenizer_train.checkpoint import load_model
-    from tokenizer_train.model_inputs import model_kwargs
+    from motion_data.read.loader import make_loader
+    from tokenizer_train.model.checkpoint import load_model
+    from tokenizer_train.model.model_inputs import model_kwargs
 
     build, run = trained
     offsets = [-2.0, -0.5, 0.0, 0.5, 3.0]

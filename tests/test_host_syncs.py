@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenizer_train import train as T
-from tokenizer_train.config import from_dict
+from tokenizer_train.train import trainer as T
+from tokenizer_train.common.config import from_dict
 
 sys.path.insert(0, str(Path(__file__).parent))
 from loader_fixtures import write_build  # noqa: E402

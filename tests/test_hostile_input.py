@@ -16,12 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_track_file, make_tracks
-from motion_data.clips import InputError
-from motion_data.importers import iter_sequences
-from motion_data.loader import make_loader
-from motion_data.manifest import ManifestError, verify_build
-from motion_data.shard_reader import read_sample
-from motion_data.shards import ShardError
+from motion_data.common.clips import InputError
+from motion_data.sources.importers import iter_sequences
+from motion_data.read.loader import make_loader
+from motion_data.build.manifest import ManifestError
+from motion_data.read.verify import verify_build
+from motion_data.read.shard_reader import read_sample
+from motion_data.build.shards import ShardError
 from preprocess.__main__ import main
 from test_build import assert_same_content
 

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from motion_data.clips import InputError
-from motion_data.importers import detect_format, iter_sequences, list_inputs, read_sequences
+from motion_data.common.clips import InputError
+from motion_data.sources.importers import detect_format, iter_sequences, list_inputs, read_sequences
 
 h5py = pytest.importorskip("h5py")
 torch = pytest.importorskip("torch")

@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from motion_data import libero_sample as LS
-from motion_data.labels import labels_from_positions, step_valid
+from motion_data.sources.libero import sample as LS
+from motion_data.common.labels import labels_from_positions, step_valid
 
 RENDERED = sorted((Path(__file__).parent / "data" / "libero").glob("*.npz"))
 

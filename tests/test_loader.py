@@ -8,15 +8,16 @@ import pytest
 import torch
 
 from loader_fixtures import write_build
-from motion_data import shards
-from motion_data.augment import AugmentConfig
-from motion_data.labels import labels_from_positions, normalize, step_valid, velocities
-from motion_data.batch import _batch_kernel, _derive_kernel, _label_kernel
-from motion_data.loader import ClipDataset, _identity, _worker_context, make_loader
-from motion_data.shard_reader import FdCache, read_batch, read_sample
-from motion_data.sampler import IndexBatch, SamplerConfig, SequentialBatchSampler, load_dynamic_ratio
-from motion_data.split import split_manifest
-from motion_data.stats import StaticFilter, keep_mask
+from motion_data.build import shards
+from motion_data.read.augment import AugmentConfig
+from motion_data.common.labels import labels_from_positions, normalize, step_valid, velocities
+from motion_data.read.batch import _batch_kernel, _derive_kernel, _label_kernel
+from motion_data.read.loader import ClipDataset, _identity, _worker_context, make_loader
+from motion_data.read.shard_reader import FdCache, read_batch, read_sample
+from motion_data.read.sampler import IndexBatch, SamplerConfig, SequentialBatchSampler, load_dynamic_ratio
+from motion_data.read.split import split_manifest
+from motion_data.common.static_filter import StaticFilter
+from motion_data.build.stats import keep_mask
 
 FLT = StaticFilter(enable=True, metric="p95", threshold=0.04, min_keep=16)
 WEIGHTED = SamplerConfig(method="dynamic_ratio", power=1.0, min_weight=0.05)
@@ -292,7 +293,7 @@ def test_corrupt_shard_fails_naming_it_or_is_skipped(tmp_path, how, caplog):
         for _ in make_loader(root, **kw):
             pass
     ld = make_loader(root, on_error="skip", **kw)
-    with caplog.at_level(logging.WARNING, logger="motion_data.loader"):
+    with caplog.at_level(logging.WARNING, logger="motion_data.read.loader"):
         n = sum(len(b["clip_id"]) for b in ld)
     lost = 2 if how == "truncate" else 1  # the second half of a 4-clip shard / one sample
     assert ld.skipped == lost and n == 12 - lost

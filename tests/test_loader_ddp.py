@@ -24,9 +24,9 @@ def _worker(rank, world, port, root, out):
     import torch
     import torch.distributed as dist
 
-    from motion_data.loader import make_loader
-    from motion_data.sampler import SamplerConfig
-    from motion_data.stats import StaticFilter
+    from motion_data.read.loader import make_loader
+    from motion_data.read.sampler import SamplerConfig
+    from motion_data.common.static_filter import StaticFilter
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))

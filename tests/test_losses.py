@@ -6,13 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from motion_data.labels import center_class, labels_from_positions, ring_map, step_valid
-from motion_data.stats import METRICS, StaticFilter, class_histograms, keep_mask, point_stats
-from motion_data.store import store_attrs, write_store
-from tokenizer_train.config import ConfigError, from_dict
-from motion_data.builddir import BuildDir
-from tokenizer_train.class_weights import balanced_weights, class_weights_image, ring_decay_weights, save_class_weights
-from tokenizer_train.losses import Criterion
+from motion_data.common.labels import center_class, labels_from_positions, ring_map, step_valid
+from motion_data.common.static_filter import METRICS, StaticFilter
+from motion_data.build.stats import class_histograms, keep_mask, point_stats
+from motion_data.build.store import store_attrs, write_store
+from tokenizer_train.common.config import ConfigError, from_dict
+from motion_data.build.folder import BuildDir
+from tokenizer_train.train.class_weights import balanced_weights, class_weights_image, ring_decay_weights, save_class_weights
+from tokenizer_train.train.losses import Criterion
 
 W = 5
 K = W * W

@@ -8,20 +8,19 @@ materialises every entry's logits, within float tolerance.
 """
 import itertools
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenizer_train import train as T
-from tokenizer_train.config import from_dict
-from tokenizer_train.fused_ce import IGNORE, linear_ce
-from tokenizer_train.model import MotionTokenizer
-from tokenizer_train.model_inputs import flat_index, model_kwargs, take, with_index
-from tokenizer_train.stop import StopSignals
-from tokenizer_train import distributed as D
-from motion_data.builddir import BuildDir
+from tokenizer_train.train import trainer as T
+from tokenizer_train.common.config import from_dict
+from tokenizer_train.train.fused_ce import IGNORE, linear_ce
+from tokenizer_train.model.model import MotionTokenizer
+from tokenizer_train.model.model_inputs import flat_index, take, with_index
+from tokenizer_train.train.stop import StopSignals
+from tokenizer_train.common import distributed as D
+from motion_data.build.folder import BuildDir
 
 HEADS = ["additive", "code_query", "amplify"]
 LOSS_SIDE = {"code_entropy_weight": 0.1, "class_weighting": {"method": "ring_decay", "center_gamma": 0.2},

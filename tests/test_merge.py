@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from motion_data import build as bld
-from motion_data.manifest import read_manifest
-from motion_data.shard_reader import read_sample
+from motion_data.build import build_shards as bld
+from motion_data.build.manifest import read_manifest
+from motion_data.read.shard_reader import read_sample
 from preprocess.__main__ import main
 from test_build import assert_same_content, run_cli
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from motion_data.labels import center_class
-from tokenizer_train import metrics as M
+from motion_data.common.labels import center_class
+from tokenizer_train.evaluate import metrics as M
 
 
 def test_code_stats_hand_computed():

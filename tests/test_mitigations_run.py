@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from tokenizer_train.config import from_dict
-from tokenizer_train.model import MotionTokenizer
-from tokenizer_train.train import train
+from tokenizer_train.common.config import from_dict
+from tokenizer_train.model.model import MotionTokenizer
+from tokenizer_train.train.trainer import train
 
 EPOCHS = 3
 TINY = ["model.hidden_dim=32", "model.num_layers=1", "model.num_heads=2", "training.batch_size=8",

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from tokenizer_train.config import ModelConfig
-from tokenizer_train.metrics import level_indices
-from tokenizer_train.model import MotionTokenizer
+from tokenizer_train.common.config import ModelConfig
+from tokenizer_train.evaluate.metrics import level_indices
+from tokenizer_train.model.model import MotionTokenizer
 
 S, N, W = 5, 6, 5
 

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenizer_train.config import from_dict
-from tokenizer_train.model import MotionTokenizer
-from tokenizer_train.model_inputs import model_kwargs
-from tokenizer_train.point_features import fourier_features, group_of_points
+from tokenizer_train.common.config import from_dict
+from tokenizer_train.model.model import MotionTokenizer
+from tokenizer_train.model.model_inputs import model_kwargs
+from tokenizer_train.model.point_features import fourier_features, group_of_points
 
 S, N, W = 5, 12, 5
 TINY = {"hidden_dim": 32, "num_layers": 1, "num_heads": 4, "max_steps": 8}
@@ -172,7 +172,7 @@ def test_model_kwargs_start_pos():
 
 
 def test_bad_switch_values_are_config_errors():
-    from tokenizer_train.config import ConfigError
+    from tokenizer_train.common.config import ConfigError
     with pytest.raises(ConfigError, match="model.decoder"):
         from_dict({}, ["model.decoder=mlp"])
     with pytest.raises(ConfigError, match="model.groups"):
@@ -182,7 +182,7 @@ def test_bad_switch_values_are_config_errors():
 
 
 def test_training_runs_with_the_switches_that_need_no_positions(tiny_build, tmp_path):
-    from tokenizer_train.train import train
+    from tokenizer_train.train.trainer import train
 
     sets = ["model.hidden_dim=32", "model.num_layers=1", "model.num_heads=2", "training.batch_size=4",
             "training.epochs=1", "data.sampler.epoch_size=8", "training.log_interval=1",

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from motion_data.manifest import verify_build
+from motion_data.read.verify import verify_build
 from preprocess.__main__ import main as preprocess_main
 from test_build import assert_same_content
-from tokenizer_train import checkpoint as C
-from tokenizer_train.metrics import code_stats
+from tokenizer_train.model import checkpoint as C
+from tokenizer_train.evaluate.metrics import code_stats
 
 sys.path.insert(0, str(Path(__file__).parent))
 from loader_fixtures import write_build  # noqa: E402
@@ -40,7 +40,7 @@ KILL_STEP = 7  # 5 steps per epoch: mid-epoch 1
 # E_PHASE=none for a plain run
 WRAPPER = """
 import os, sys, time
-from tokenizer_train import checkpoint as C
+from tokenizer_train.model import checkpoint as C
 phase, marker, at = os.environ.get("E_PHASE", "none"), os.environ.get("E_MARKER", ""), int(os.environ.get("E_AT", 0))
 real_save = C.save
 def save(path, state):

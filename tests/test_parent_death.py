@@ -94,7 +94,7 @@ def test_loader_workers_die_with_a_killed_trainer(tmp_path):
     root = write_build(tmp_path / "b", shard_sizes=(6, 6))
     script = textwrap.dedent(f"""
         import sys, time
-        from motion_data.loader import make_loader
+        from motion_data.read.loader import make_loader
         if __name__ == "__main__":
             dl = make_loader({str(root)!r}, split="all", batch_size=2, num_workers=2, persistent_workers=True,
                              epoch_size=8, device="cpu")
@@ -115,7 +115,7 @@ def test_loader_workers_die_with_a_killed_trainer(tmp_path):
 
 
 def test_exit_with_parent_kills_a_child_of_a_killed_process():
-    child = "from motion_data.parent_death import exit_with_parent; import time; exit_with_parent(); time.sleep(120)"
+    child = "from motion_data.common.parent_death import exit_with_parent; import time; exit_with_parent(); time.sleep(120)"
     parent = textwrap.dedent(f"""
         import subprocess, sys, time
         c = subprocess.Popen([sys.executable, "-c", {child!r}])
@@ -140,7 +140,7 @@ def test_exit_with_parent_when_the_main_process_is_already_gone(pdeathsig):
     # the race: the main process died before the worker armed itself -> exit at once
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    code = ("import time, motion_data.parent_death as pd\n"
+    code = ("import time, motion_data.common.parent_death as pd\n"
             + ("" if pdeathsig else "pd._set_pdeathsig = lambda s: False\n")
             + f"pd.exit_with_parent({dead.pid}); time.sleep(30)")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -150,7 +150,7 @@ def test_exit_with_parent_when_the_main_process_is_already_gone(pdeathsig):
 
 def test_fallback_watcher_exits_when_the_parent_goes():
     # where prctl is unavailable a thread polls the parent id
-    child = ("import time, motion_data.parent_death as pd; pd._set_pdeathsig = lambda s: False; pd.POLL_S = 0.05; "
+    child = ("import time, motion_data.common.parent_death as pd; pd._set_pdeathsig = lambda s: False; pd.POLL_S = 0.05; "
              "pd.exit_with_parent(); time.sleep(120)")
     parent = textwrap.dedent(f"""
         import subprocess, sys, time
@@ -173,7 +173,7 @@ def test_fallback_watcher_exits_when_the_parent_goes():
 def test_far_worker_outlives_its_middle_parent_but_not_the_main_process():
     # a DataLoader worker's parent is the fork server, which a group SIGTERM (torchrun, a
     # scheduler) ends while the trainer is still saving: the worker must follow the trainer only
-    worker = ("import os, sys, time; from motion_data.parent_death import exit_with_parent; "
+    worker = ("import os, sys, time; from motion_data.common.parent_death import exit_with_parent; "
               "exit_with_parent(int(sys.argv[1])); print('armed', os.getpid(), flush=True); time.sleep(120)")
     middle = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {worker!r}, sys.argv[1]]); time.sleep(120)"
     main = textwrap.dedent(f"""

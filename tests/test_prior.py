@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from motion_data.labels import center_class
-from tokenizer_train import prior
-from tokenizer_train.config import from_dict
-from tokenizer_train.losses import Criterion
+from motion_data.common.labels import center_class
+from tokenizer_train.train import prior
+from tokenizer_train.common.config import from_dict
+from tokenizer_train.train.losses import Criterion
 
 W = 3  # 9 classes keep the optimisation tests instant
 
@@ -86,8 +86,8 @@ def test_needs_class_weights():
 
 
 def test_trains_end_to_end(tiny_build, tmp_path):
-    from tokenizer_train.check import read_metrics
-    from tokenizer_train.train import train
+    from tokenizer_train.evaluate.check import read_metrics
+    from tokenizer_train.train.trainer import train
 
     torch.set_num_threads(1)
     cfg = from_dict({}, ["model.hidden_dim=16", "model.num_layers=1", "model.num_heads=2", "training.batch_size=8",

@@ -9,9 +9,10 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from motion_data import labels as L
-from motion_data import stats as S
-from motion_data.sampler import (SamplerConfig, SequentialBatchSampler, WeightedBatchSampler, clip_weights,
+from motion_data.common import labels as L
+from motion_data.build import stats as S
+from motion_data.common import static_filter as SF
+from motion_data.read.sampler import (SamplerConfig, SequentialBatchSampler, WeightedBatchSampler, clip_weights,
                                  systematic_draw)
 
 ratios = hnp.arrays(np.float64, st.integers(1, 40), elements=st.floats(0, 1))
@@ -145,10 +146,10 @@ def test_kept_set_grows_with_min_keep(scores, thr, k1, k2, seed):
 
 
 @settings(max_examples=80, deadline=None)
-@given(scores=scores_st, thr=st.floats(0, 0.6), k=st.integers(0, 30), metric=st.sampled_from(S.METRICS))
+@given(scores=scores_st, thr=st.floats(0, 0.6), k=st.integers(0, 30), metric=st.sampled_from(SF.METRICS))
 def test_dynamic_ratio_is_the_kept_share(scores, thr, k, metric):
     vc = np.ones(scores.shape, np.uint8)
-    flt = S.StaticFilter(True, metric, thr, k)
+    flt = SF.StaticFilter(True, metric, thr, k)
     r = S.dynamic_ratio(scores, vc, flt)
     keep = S.keep_mask(scores, vc, thr, k)
     np.testing.assert_allclose(r, keep.mean(1), rtol=1e-6)

@@ -6,7 +6,7 @@ under a final name is partial (every final shard is byte-identical to an uninter
 build's, a present stats.zarr / manifest.parquet is whole and equal to the uninterrupted
 one's, no build.json). After the re-run: identical content (clip ids, a hash of every
 sample, manifest, store), byte-identical shards, no temporary leftovers, and manifest,
-store and shards agree (``manifest.verify_build``).
+store and shards agree (``read.verify.verify_build``).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_track_file
-from motion_data.manifest import verify_build
+from motion_data.read.verify import verify_build
 from preprocess.__main__ import main
 from test_build import assert_same_content, content_hashes, zarr_arrays
 
@@ -36,7 +36,8 @@ phase, marker = os.environ["E_PHASE"], os.environ["E_MARKER"]
 def pause():
     open(marker, "w").close()
     time.sleep(600)
-from motion_data import build as b, manifest as mf
+from motion_data.build import build_shards as b
+from motion_data.build import manifest as mf
 if phase == "mid_shard":  # shard 1's third sample being written (its tar is half done)
     import tarfile  # every tar writer ends in TarFile.addfile, once per member (4 per sample)
     real_add, calls = tarfile.TarFile.addfile, [0]
@@ -191,7 +192,7 @@ def test_killed_twice_then_finished(inputs, reference, tmp_path):
 def test_build_json_write_removes_a_temp_left_by_a_killed_writer(tmp_path):
     import json
 
-    from motion_data.build import write_json
+    from motion_data.build.build_shards import write_json
 
     stale = tmp_path / ".build.json.tmp12345"
     stale.write_text('{"half": ')

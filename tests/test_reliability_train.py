@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenizer_train import checkpoint as C
+from tokenizer_train.model import checkpoint as C
 from tokenizer_train.__main__ import main
-from tokenizer_train.config import from_dict
-from tokenizer_train.train import train
+from tokenizer_train.common.config import from_dict
+from tokenizer_train.train.trainer import train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from loader_fixtures import write_build  # noqa: E402
@@ -36,7 +36,7 @@ KILL_STEP = 6  # epoch 1, mid-epoch
 WRAPPER = """
 import io, os, sys, time, torch
 torch.set_num_threads(1)
-from tokenizer_train import checkpoint as C
+from tokenizer_train.model import checkpoint as C
 phase, marker, at = os.environ["E_PHASE"], os.environ["E_MARKER"], int(os.environ["E_AT"])
 def pause():
     open(marker, "w").close()
@@ -228,8 +228,8 @@ def test_resume_with_every_checkpoint_unreadable_is_a_clear_error(build, tmp_pat
 
 
 def test_rank_state_needs_the_same_world_size_mid_epoch():
-    from tokenizer_train.distributed import Dist
-    from tokenizer_train.checkpoint import rank_state
+    from tokenizer_train.common.distributed import Dist
+    from tokenizer_train.model.checkpoint import rank_state
 
     ranks = [{"rng": r, "epoch_sums": {}, "seen": torch.zeros(2, dtype=torch.bool), "skipped": r} for r in range(2)]
     st = {"ranks": ranks, "rng": 0, "epoch_sums": {}, "seen": None, "loader": {}}
@@ -245,7 +245,7 @@ def test_rank_state_needs_the_same_world_size_mid_epoch():
 SIGNAL_WRAPPER = """
 import os, sys, time, torch
 torch.set_num_threads(1)
-import tokenizer_train.train as T
+import tokenizer_train.train.trainer as T
 marker, at = os.environ["E_MARKER"], int(os.environ["E_AT"])
 real_step = T.Trainer.optimizer_step
 def optimizer_step(self):
@@ -297,7 +297,7 @@ def test_signal_saves_prints_resume_line_and_resume_equals_uninterrupted(build, 
 
 
 def test_stop_signals_flag_and_second_ctrl_c():
-    from tokenizer_train.stop import StopSignals
+    from tokenizer_train.train.stop import StopSignals
 
     before = signal.getsignal(signal.SIGTERM)
     with StopSignals() as stop:
@@ -319,7 +319,7 @@ def test_stop_signals_flag_and_second_ctrl_c():
 VAL_WRAPPER = """
 import os, sys, time, torch
 torch.set_num_threads(1)
-import tokenizer_train.validate as V
+import tokenizer_train.evaluate.validate as V
 marker, last_epoch = os.environ["E_MARKER"], int(os.environ["E_LAST"])
 real_pool = V.code_pool
 calls = []

@@ -7,12 +7,13 @@ import sys
 import numpy as np
 import pytest
 
-from motion_data import sim_tracks as st
-from motion_data.atomic import temp_path
-from motion_data.importers import iter_sequences
-from motion_data.render_jobs import parse_tasks, pending
-from motion_data.scripted_policy import CLOSED, OPEN, PHASES, PickPlace, draw_motion
-from motion_data.video import grid_points, write_track_file
+from motion_data.common.clips import window_starts
+from motion_data.sources.libero import sim_tracks as st
+from motion_data.common.atomic import temp_path
+from motion_data.sources.importers import iter_sequences
+from motion_data.sources.libero.jobs import parse_tasks, pending
+from motion_data.sources.libero.policy import CLOSED, OPEN, PHASES, PickPlace, draw_motion
+from motion_data.sources.video import grid_points, write_track_file
 from preprocess.__main__ import main
 
 SIZE = (48, 64)  # (H, W): non-square, so x/y mix-ups show
@@ -56,11 +57,11 @@ def test_pixel_of_and_frame_border():
 
 
 def test_window_starts():
-    assert st.window_starts(200, 16, 4).tolist() == list(range(0, 185, 4))  # 47 windows
-    assert len(st.window_starts(132, 16, 4)) == 30
-    assert st.window_starts(15, 16, 4).tolist() == []
+    assert window_starts(200, 16, 4).tolist() == list(range(0, 185, 4))  # 47 windows
+    assert len(window_starts(132, 16, 4)) == 30
+    assert window_starts(15, 16, 4).tolist() == []
     with pytest.raises(ValueError):
-        st.window_starts(100, 16, 0)
+        window_starts(100, 16, 0)
 
 
 # ---------------------------------------------------------------- tracks from a synthetic recording
@@ -229,7 +230,7 @@ def test_missing_extra_gives_one_line_with_the_install_command(tmp_path, monkeyp
 def test_broken_gl_backend_gives_one_line_with_the_way_out(tmp_path, monkeypatch, capsys):
     import importlib.abc
 
-    from motion_data import libero_render
+    from motion_data.sources.libero import render as libero_render
 
     class BrokenGL(importlib.abc.MetaPathFinder):  # mujoco's import fails inside its GL backend, as without libEGL
         def find_spec(self, name, path=None, target=None):
@@ -292,9 +293,9 @@ def test_render_one_libero_rollout(tmp_path, capsys):
 
 def test_render_folder_refuses_other_settings_and_overwrite_keeps_other_files(tmp_path):
     # no simulator needed: the settings guard of render-libero's output folder
-    from motion_data.errors import UserError
-    from motion_data.libero_render import RenderConfig
-    from motion_data.render_jobs import SETTINGS_FILE, claim_folder
+    from motion_data.common.errors import UserError
+    from motion_data.sources.libero.render import RenderConfig
+    from motion_data.sources.libero.jobs import SETTINGS_FILE, claim_folder
 
     out = tmp_path / "libero"
     claim_folder(out, RenderConfig(seed=0))

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenizer_train import run_folder as RF
+from tokenizer_train.train import run_folder as RF
 from tokenizer_train.__main__ import main
-from tokenizer_train.config import from_dict
-from tokenizer_train.train import train
+from tokenizer_train.common.config import from_dict
+from tokenizer_train.train.trainer import train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from loader_fixtures import write_build  # noqa: E402
@@ -56,7 +56,7 @@ def test_a_second_start_is_refused_and_overwrite_replaces_only_the_run(build, tm
     first = _steps(out)
     assert first == list(range(1, len(first) + 1))
     (out / "notes.txt").write_text("mine")
-    (out / "frontier.json").write_text("{}")  # the frontier's cache of this run (tokenizer_train.frontier)
+    (out / "frontier.json").write_text("{}")  # the frontier's cache of this run (tokenizer_train.evaluate.frontier)
     capsys.readouterr()
     assert main(_cli(build, out)) == 2  # the same command again: refused, nothing appended
     line = _one_error_line(capsys)
@@ -133,7 +133,7 @@ def test_resume_needs_a_run(tmp_path, capsys):
 def test_set_takes_several_pairs_and_repeats(build, tmp_path):
     import argparse
 
-    from tokenizer_train import train as T
+    from tokenizer_train.train import trainer as T
 
     p = argparse.ArgumentParser()
     T.add_arguments(p)
@@ -188,8 +188,8 @@ def test_old_tensorboard_folder_is_adopted_and_counts_as_the_run(tmp_path):
 
 
 def test_ctrl_c_in_demo_is_one_line_saying_rerun_resumes(tmp_path, capsys, monkeypatch):
-    from tokenizer_train import demo as DM
-    from tokenizer_train.stop import Stopped
+    from tokenizer_train.experiments import demo as DM
+    from tokenizer_train.train.stop import Stopped
 
     for exc in (KeyboardInterrupt(), Stopped(2, 3, tmp_path / "run")):
         def interrupted(*a, **k):
@@ -213,7 +213,7 @@ def test_help_has_no_rst_markup(cmd, capsys):
 def test_a_bug_while_training_keeps_its_traceback(build, tmp_path, monkeypatch):
     # only the user's errors (UserError) become one line; a ValueError from the code itself
     # must surface with its traceback, not be passed off as the user's mistake
-    from tokenizer_train import train as T
+    from tokenizer_train.train import trainer as T
 
     def bug(self, *a, **k):
         raise ValueError("an internal shape bug")

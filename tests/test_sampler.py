@@ -5,9 +5,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from loader_fixtures import write_build
-from motion_data.sampler import (SamplerConfig, SequentialBatchSampler, WeightedBatchSampler, clip_weights,
+from motion_data.read.sampler import (SamplerConfig, SequentialBatchSampler, WeightedBatchSampler, clip_weights,
                                  epoch_rng, load_dynamic_ratio, systematic_draw)
-from motion_data.stats import StaticFilter
+from motion_data.common.static_filter import StaticFilter
 
 
 def _chi2_upper(df: int, z: float = 3.09) -> float:
@@ -139,7 +139,7 @@ def test_dynamic_ratio_weighs_by_the_filters_definition_with_the_filter_on_or_of
     """data.sampler.method dynamic_ratio never falls back to uniform weights in silence: with the
     static filter off for the loss, clips are still weighed by the share of points the
     configured metric, threshold and min_keep call dynamic."""
-    from motion_data.sampler import sampling_weights
+    from motion_data.read.sampler import sampling_weights
 
     root = write_build(tmp_path / "b", shard_sizes=(6, 6, 6), n_points=16)
     rows = np.arange(18)

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from tokenizer_train.config import ConfigError, from_dict
-from tokenizer_train.schedule import build_scheduler, clip_gradients, lr_factor
+from tokenizer_train.common.config import ConfigError, from_dict
+from tokenizer_train.train.schedule import build_scheduler, clip_gradients, lr_factor
 
 BASE = 1e-3
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenizer_train.config import ConfigError, from_dict
-from tokenizer_train.shaping import QuantInputShaping
+from tokenizer_train.common.config import ConfigError, from_dict
+from tokenizer_train.model.shaping import QuantInputShaping
 
 
 def mcfg(**model):

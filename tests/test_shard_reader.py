@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from loader_fixtures import write_build
-from motion_data.loader import make_loader
-from motion_data.shard_reader import FdCache, read_batch, read_sample
-from motion_data.shards import ShardError, array_checksum
+from motion_data.read.loader import make_loader
+from motion_data.read.shard_reader import FdCache, read_batch, read_sample
+from motion_data.build.shards import ShardError, array_checksum
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,7 +117,7 @@ def test_descriptor_cache_is_bounded_and_least_recently_used(tmp_path):
 
 _EMFILE = textwrap.dedent("""
     import os, sys
-    from motion_data.loader import make_loader
+    from motion_data.read.loader import make_loader
     root, mode = sys.argv[1], sys.argv[2]
     ld = make_loader(root, split="all", batch_size=4, on_error=mode)
     held = []
@@ -170,7 +170,7 @@ def test_training_on_120_shards_under_ulimit_64(tmp_path):
     assert (tmp_path / "run" / "metrics.jsonl").stat().st_size > 0
     shutil.rmtree(tmp_path / "run")
     # two loader workers (each with its own bounded descriptor cache) under the same limit
-    code = ("import sys\nfrom motion_data.loader import make_loader\n"
+    code = ("import sys\nfrom motion_data.read.loader import make_loader\n"
             "if __name__ == '__main__':\n"
             "    ld = make_loader(sys.argv[1], split='all', batch_size=20, num_workers=2)\n"
             "    print(sum(len(b['clip_id']) for b in ld), ld.skipped)\n")

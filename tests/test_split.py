@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from motion_data.split import MIN_SOURCES_FOR_FILE_SPLIT, split_clips
+from motion_data.read.split import MIN_SOURCES_FOR_FILE_SPLIT, split_clips
 
 
 def _frames_overlap(train, val, source, start, T):
@@ -69,9 +69,9 @@ def test_moving_the_input_folder_keeps_split_and_clip_ids(tmp_path, n_files):
     import shutil
 
     from conftest import make_track_file
-    from motion_data.build import build
-    from motion_data.builddir import BuildDir
-    from motion_data.split import split_manifest
+    from motion_data.build.build_shards import build
+    from motion_data.build.folder import BuildDir
+    from motion_data.read.split import split_manifest
 
     a = tmp_path / "here" / "tracks"
     for i in range(n_files):
@@ -102,7 +102,7 @@ def test_the_same_files_named_from_another_root_are_another_build(tmp_path):
     import pytest
 
     from conftest import make_track_file
-    from motion_data.build import BuildError, build
+    from motion_data.build.build_shards import BuildError, build
 
     a = tmp_path / "a"
     make_track_file(a / "sub" / "x.npz", B=1, T=40, seed=1)
@@ -119,7 +119,7 @@ def test_a_build_of_the_older_naming_is_refused_saying_so(tmp_path):
     import pytest
 
     from conftest import make_track_file
-    from motion_data.build import BuildError, build
+    from motion_data.build.build_shards import BuildError, build
 
     make_track_file(tmp_path / "in" / "a.npz", B=1, T=40, seed=1)
     out = tmp_path / "out"

@@ -1,4 +1,4 @@
-"""numba kernels of motion_data/stats.py against plain numpy references, plus properties."""
+"""numba kernels of motion_data/build/stats.py against plain numpy references, plus properties."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,9 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from motion_data import labels as L
-from motion_data import label_kernels as LK
-from motion_data import stats as S
+from motion_data.common import labels as L
+from motion_data.common import label_kernels as LK
+from motion_data.build import stats as S
+from motion_data.common import static_filter as SF
 
 W = 15
 K = W * W
@@ -25,7 +26,7 @@ def ref_point_stats(pos, vis, rule, W=W):
     lab, valid = ref_labels_valid(pos, vis, rule, W)
     C, T, N = valid.shape
     speed = np.linalg.norm(L.normalize(L.velocities(pos).astype(np.float64), W), axis=-1)
-    out = {m: np.zeros((C, N), np.float64) for m in S.METRICS}
+    out = {m: np.zeros((C, N), np.float64) for m in SF.METRICS}
     out["center_count"] = ((lab == L.center_class(W)) & valid).sum(axis=1)
     out["valid_count"] = valid.sum(axis=1)
     for c in range(C):
@@ -111,13 +112,13 @@ def data(request):
 def test_point_stats_matches_numpy(data):
     pos, vis, rule, got = data
     ref = ref_point_stats(pos, vis, rule)
-    for m in S.METRICS:
+    for m in SF.METRICS:
         assert got[m].dtype == np.float32
         np.testing.assert_allclose(got[m], ref[m], atol=1e-5, rtol=1e-5, err_msg=m)
     np.testing.assert_array_equal(got["center_count"], ref["center_count"])
     np.testing.assert_array_equal(got["valid_count"], ref["valid_count"])
     # all-invisible points score 0 on every metric
-    for m in S.METRICS:
+    for m in SF.METRICS:
         assert (got[m][:, :3] == 0).all() and (got[m][1] == 0).all()
 
 
@@ -128,7 +129,7 @@ def test_point_stats_any_step_count(steps, rule):
     rng = np.random.default_rng(steps)
     pos, vis = random_clips(rng, C=4, T=steps, N=30, p_valid=0.9)
     got, ref = S.point_stats(pos, vis, W, 128, rule), ref_point_stats(pos, vis, rule)
-    for m in S.METRICS:
+    for m in SF.METRICS:
         np.testing.assert_allclose(got[m], ref[m], atol=1e-5, rtol=1e-5, err_msg=m)
     np.testing.assert_array_equal(got["center_count"], ref["center_count"])
 
@@ -142,7 +143,7 @@ def test_point_stats_rejects_bad_shapes():
         S.point_stats(np.zeros((2, 3, 4, 2)), np.zeros((2, 3, 4), bool), rule="rounded")
 
 
-@pytest.mark.parametrize("metric", S.METRICS)
+@pytest.mark.parametrize("metric", SF.METRICS)
 @pytest.mark.parametrize("threshold,min_keep", [(0.0, 16), (0.04, 16), (0.1, 5), (0.3, 0), (0.05, 50), (9.0, 16)])
 def test_keep_mask_matches_numpy(data, metric, threshold, min_keep):
     *_, st_ = data
@@ -150,7 +151,7 @@ def test_keep_mask_matches_numpy(data, metric, threshold, min_keep):
     ref = ref_keep_mask(st_[metric], st_["valid_count"], threshold, min_keep)
     np.testing.assert_array_equal(got, ref)
     np.testing.assert_array_equal(S.kept_counts(st_[metric], st_["valid_count"], threshold, min_keep), ref.sum(1))
-    flt = S.StaticFilter(enable=True, metric=metric, threshold=threshold, min_keep=min_keep)
+    flt = SF.StaticFilter(enable=True, metric=metric, threshold=threshold, min_keep=min_keep)
     np.testing.assert_allclose(S.dynamic_ratio(st_[metric], st_["valid_count"], flt), ref.mean(1), rtol=1e-6)
 
 
@@ -165,7 +166,7 @@ def test_keep_mask_ties_prefer_lower_index():
 
 def test_class_histograms_match_numpy(data):
     pos, vis, rule, st_ = data
-    for m in S.METRICS:
+    for m in SF.METRICS:
         points, topk = S.class_histograms(pos, vis, st_[m], st_["valid_count"], W, 128, rule)
         rp, rt = ref_class_histograms(pos, vis, rule, st_[m], st_["valid_count"])
         np.testing.assert_array_equal(points, rp)
@@ -189,8 +190,8 @@ def test_shard_stats_equals_stats_and_histograms_of_each_metric(steps, rule):
     for k in ref:
         assert st_[k].dtype == ref[k].dtype
         np.testing.assert_array_equal(st_[k], ref[k], err_msg=k)
-    assert list(hists) == list(S.METRICS)
-    for m in S.METRICS:
+    assert list(hists) == list(SF.METRICS)
+    for m in SF.METRICS:
         points, topk = S.class_histograms(pos, vis, ref[m], ref["valid_count"], W, 128, rule)
         np.testing.assert_array_equal(hists[m][0], points, err_msg=m)
         np.testing.assert_array_equal(hists[m][1], topk, err_msg=m)
@@ -200,7 +201,7 @@ def test_shard_stats_equals_stats_and_histograms_of_each_metric(steps, rule):
         S.shard_stats(np.zeros((2, 3, 4, 3)), np.zeros((2, 3, 4), bool))
 
 
-@pytest.mark.parametrize("metric", S.METRICS)
+@pytest.mark.parametrize("metric", SF.METRICS)
 def test_filtered_counts_from_hist_exact_at_bin_edges(data, metric):
     pos, vis, rule, st_ = data
     points, topk = S.class_histograms(pos, vis, st_[metric], st_["valid_count"], W, 128, rule)
@@ -385,7 +386,7 @@ def test_the_builds_shard_kernel_equals_the_vectorised_numpy_form_of_the_benchma
     pos, vis = bench.make_chunk(np.random.default_rng(3), 40)
     ks, kh = S.shard_stats(pos, vis)
     ns, nh = bench.numpy_shard_stats(pos, vis)
-    for m in S.METRICS:
+    for m in SF.METRICS:
         assert np.allclose(ks[m], ns[m], atol=1e-6)
         assert np.array_equal(kh[m][0], nh[m][0]) and np.array_equal(kh[m][1], nh[m][1])
     assert np.array_equal(ks["center_count"], ns["center_count"])

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from motion_data.importers import iter_sequences, list_inputs
-from motion_data.synth import SynthConfig, clips_from_sequences, synth_clips, write_synth
+from motion_data.sources.importers import iter_sequences, list_inputs
+from motion_data.sources.synth import SynthConfig, clips_from_sequences, synth_clips, write_synth
 from synth_figures import label_summary
 from preprocess.__main__ import main
 

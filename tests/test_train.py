@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from motion_data.labels import center_class, labels_from_norm
-from tokenizer_train import checkpoint
+from motion_data.common.labels import center_class, labels_from_norm
+from tokenizer_train.model import checkpoint
 from tokenizer_train.__main__ import main
-from tokenizer_train.config import ModelConfig, TrainingConfig, from_dict
-from tokenizer_train.losses import Criterion
-from tokenizer_train.metrics import noncenter_counts
-from tokenizer_train.model import MotionTokenizer
-from tokenizer_train.train import train
+from tokenizer_train.common.config import ModelConfig, TrainingConfig, from_dict
+from tokenizer_train.train.losses import Criterion
+from tokenizer_train.evaluate.metrics import noncenter_counts
+from tokenizer_train.model.model import MotionTokenizer
+from tokenizer_train.train.trainer import train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from loader_fixtures import write_build  # noqa: E402
@@ -98,7 +98,7 @@ def test_mid_epoch_resume(build, tmp_path):
     train(cfg, build, tmp_path / "a")
     assert checkpoint.load(tmp_path / "a" / "last.pt")["step"] == 4  # 18 clips / batch 4
     # an interrupted run: stop right after the first mid-epoch checkpoint (after step 1)
-    import tokenizer_train.train as T
+    import tokenizer_train.train.trainer as T
     orig = T.ckpt.save
     saved = []
 
@@ -181,8 +181,8 @@ def test_bf16_on_cpu(build, tmp_path):
 def test_tokenize_writes_every_clip(build, tmp_path):
     import pyarrow.parquet as pq
 
-    from motion_data.loader import make_loader
-    from tokenizer_train.checkpoint import load_model
+    from motion_data.read.loader import make_loader
+    from tokenizer_train.model.checkpoint import load_model
 
     run = tmp_path / "run"
     train(from_dict({}, TINY + ["training.epochs=1"]), build, run)

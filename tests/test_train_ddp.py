@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tokenizer_train import checkpoint
-from tokenizer_train.metrics import code_stats
+from tokenizer_train.model import checkpoint
+from tokenizer_train.evaluate.metrics import code_stats
 
 sys.path.insert(0, str(Path(__file__).parent))
 from loader_fixtures import write_build  # noqa: E402
@@ -68,7 +68,7 @@ def test_torchrun_two_ranks_global_code_stats(tmp_path):
 # rank 0 not at all (it never gets a signal and must stop at the same step)
 DDP_WRAPPER = """
 import os, sys, time
-import tokenizer_train.train as T
+import tokenizer_train.train.trainer as T
 marker, at = os.environ["E_MARKER"], int(os.environ["E_AT"])
 real_step = T.Trainer.optimizer_step
 def optimizer_step(self):

@@ -9,14 +9,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from motion_data.builddir import BuildDir
-from motion_data.labels import labels_from_positions, step_valid
-from motion_data.split import split_manifest
-from motion_data.stats import StaticFilter, shard_stats
-from motion_data.store import write_store
-from tokenizer_train.class_weights import balanced_weights, training_class_counts
-from tokenizer_train.config import from_dict
-from tokenizer_train.train import train
+from motion_data.build.folder import BuildDir
+from motion_data.common.labels import labels_from_positions, step_valid
+from motion_data.read.split import split_manifest
+from motion_data.common.static_filter import StaticFilter
+from motion_data.build.stats import shard_stats
+from motion_data.build.store import write_store
+from tokenizer_train.train.class_weights import balanced_weights, training_class_counts
+from tokenizer_train.common.config import from_dict
+from tokenizer_train.train.trainer import train
+from motion_data.read.clips import class_counts
 
 sys.path.insert(0, str(Path(__file__).parent))
 import loader_fixtures  # noqa: E402
@@ -100,9 +102,9 @@ def test_class_counts_of_training_rows_equal_numpy(skewed, flt):
     ref_val = _ref_counts(build, pos, vis, val_rows, flt)
     # the premise: validation labels are distributed very differently
     assert np.argmax(ref_train) != np.argmax(ref_val)
-    got = BuildDir(build).class_counts(flt, rows=train_rows)
+    got = class_counts(BuildDir(build), flt, rows=train_rows)
     assert got.dtype == np.int64 and np.array_equal(got, ref_train)
-    assert np.array_equal(BuildDir(build).class_counts(flt, rows=val_rows), ref_val)
+    assert np.array_equal(class_counts(BuildDir(build), flt, rows=val_rows), ref_val)
     if flt.min_keep <= 32:  # the histograms (every clip) hold both splits
         assert np.array_equal(BuildDir(build).class_counts(flt), ref_train + ref_val)
 

@@ -2,12 +2,12 @@
 import numpy as np
 import pytest
 
-from motion_data.clips import InputError
-from motion_data.importers import iter_sequences
-from motion_data.labels import step_valid, velocities
-from motion_data.synth import clips_from_sequences
+from motion_data.common.clips import InputError
+from motion_data.sources.importers import iter_sequences
+from motion_data.common.labels import step_valid, velocities
+from motion_data.sources.synth import clips_from_sequences
 from synth_figures import label_summary
-from motion_data.video import TrackConfig, find_sample_video, grid_points, track_video
+from motion_data.sources.video import TrackConfig, find_sample_video, grid_points, track_video
 from preprocess.__main__ import main
 
 cv2 = pytest.importorskip("cv2")

@@ -2,9 +2,9 @@
 import pytest
 
 from loader_fixtures import write_build
-from motion_data.loader import make_loader
-from motion_data.workers import MAX_AUTO, auto_workers, resolve_workers
-from tokenizer_train.config import ConfigError, from_dict
+from motion_data.read.loader import make_loader
+from motion_data.common.workers import MAX_AUTO, auto_workers, resolve_workers
+from tokenizer_train.common.config import ConfigError, from_dict
 
 
 def test_auto_rule():
@@ -52,7 +52,7 @@ def test_make_loader_resolves_auto(tmp_path):
 def test_worker_ring_only_when_shared_memory_has_room(monkeypatch):
     import os
 
-    from motion_data import worker_ring
+    from motion_data.common import worker_ring
 
     class Small:
         f_bavail, f_frsize = 10, 4096  # 40 KiB free

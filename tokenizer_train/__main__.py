@@ -7,17 +7,17 @@ import sys
 # and faults in those pages anew; on the 2-core machine that was ~40% system time in training.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from motion_data.cli import dispatch  # noqa: E402
+from motion_data.common.cli import dispatch  # noqa: E402
 
 COMMANDS = {
-    "train": ("tokenizer_train.train", "train a motion tokenizer (also under torchrun)"),
-    "tokenize": ("tokenizer_train.export_codes", "write each clip's code ids to Parquet"),
-    "ablate": ("tokenizer_train.ablate", "train the baseline and each mitigation; results table"),
-    "check": ("tokenizer_train.check", "evaluate the original plan's acceptance gates (and this project's) on a run"),
-    "frontier": ("tokenizer_train.frontier", "accuracy vs non-centre accuracy as the centre logit is shifted"),
-    "demo": ("tokenizer_train.demo", "end-to-end demo: data, filter tuning, baseline vs recommended"),
-    "decode": ("tokenizer_train.decode", "code ids back to predicted per-point displacements (npz)"),
-    "draw": ("tokenizer_train.draw", "picture of a clip: tracks, labels and predicted motion (PNG or GIF)"),
+    "train": ("tokenizer_train.train.trainer", "train a motion tokenizer (also under torchrun)"),
+    "tokenize": ("tokenizer_train.use.export_codes", "write each clip's code ids to Parquet"),
+    "ablate": ("tokenizer_train.experiments.ablate", "train the baseline and each mitigation; results table"),
+    "check": ("tokenizer_train.evaluate.check", "evaluate the original plan's acceptance gates (and this project's) on a run"),
+    "frontier": ("tokenizer_train.evaluate.frontier", "accuracy vs non-centre accuracy as the centre logit is shifted"),
+    "demo": ("tokenizer_train.experiments.demo", "end-to-end demo: data, filter tuning, baseline vs recommended"),
+    "decode": ("tokenizer_train.use.decode", "code ids back to predicted per-point displacements (npz)"),
+    "draw": ("tokenizer_train.use.draw", "picture of a clip: tracks, labels and predicted motion (PNG or GIF)"),
 }
 
 

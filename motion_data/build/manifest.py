@@ -1,0 +1,122 @@
+"""``BUILD/manifest.parquet``: one row per clip, in the row order of ``stats.zarr``.
+
+Columns (docs/DESIGN.md, binding): clip_id, source (the input file's path relative to the
+input root, ``importers.source_name``), sequence, start_frame, shard (relative to
+the build folder), offset, size (byte range of the sample in its tar), dynamic_ratio and
+center_share under the build filter, mean_speed, visible_fraction; checksum
+(``shards.array_checksum`` of the sample's arrays, compared by the readers); split_group
+(the unit the train/validation split keeps together: the source file, or ``file#b`` for
+the b-th independent sequence of a file without ``start_frame``, docs/DESIGN.md).
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from motion_data.common.atomic import atomic_path, remove_stale
+from motion_data.common.errors import UserError
+
+MANIFEST_NAME = "manifest.parquet"
+SCHEMA = pa.schema([
+    ("clip_id", pa.string()),
+    ("source", pa.string()),
+    ("sequence", pa.int64()),
+    ("start_frame", pa.int64()),
+    ("shard", pa.string()),
+    ("offset", pa.int64()),
+    ("size", pa.int64()),
+    ("dynamic_ratio", pa.float32()),
+    ("center_share", pa.float32()),
+    ("mean_speed", pa.float32()),
+    ("visible_fraction", pa.float32()),
+    ("checksum", pa.int64()),
+    ("split_group", pa.string()),
+])
+COLUMNS = tuple(SCHEMA.names)
+
+
+class ManifestError(UserError, RuntimeError):
+    """A manifest is missing, malformed or inconsistent; the message names the file."""
+
+
+def source_hash8(source: str) -> str:
+    return hashlib.sha1(source.encode("utf-8")).hexdigest()[:8]
+
+
+def clip_prefix(source: str) -> str:
+    """``{stem}-{hash8}``: the part of a clip id shared by all clips of one source."""
+    return f"{Path(source).stem}-{source_hash8(source)}"
+
+
+def clip_id(source: str, sequence: int, start_frame: int, prefix: str | None = None) -> str:
+    """``{stem}-{hash8}-s{sequence:04d}-f{start_frame:06d}``; hash8 = first 8 hex digits of
+    the sha1 of ``source`` (the name relative to the input root, so moving the input folder
+    keeps the ids). ``prefix`` (from ``clip_prefix``) skips recomputing it."""
+    return f"{prefix or clip_prefix(source)}-s{int(sequence):04d}-f{int(start_frame):06d}"
+
+
+def to_table(columns: dict) -> pa.Table:
+    """Column dict (lists or arrays) -> a table with the binding schema."""
+    missing = [c for c in COLUMNS if c not in columns]
+    if missing:
+        raise ManifestError(f"manifest columns missing: {missing}")
+    return pa.table({c: pa.array(np.asarray(columns[c]) if c not in ("clip_id", "source", "shard", "split_group")
+                                 else list(columns[c]), type=SCHEMA.field(c).type) for c in COLUMNS},
+                    schema=SCHEMA)
+
+
+def write_manifest(path, table_or_columns) -> Path:
+    """Validate and write atomically (temporary name, then rename)."""
+    table = table_or_columns if isinstance(table_or_columns, pa.Table) else to_table(table_or_columns)
+    validate(table, where=str(path))
+    path = Path(path)
+    remove_stale(path)  # left by a killed writer
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return path
+
+
+def validate(table: pa.Table, where: str = "manifest", build_dir=None) -> pa.Table:
+    """Check schema, unique clip ids and byte ranges; with ``build_dir`` also shard presence."""
+    if not table.schema.equals(SCHEMA):
+        names = table.schema.names
+        missing = [c for c in COLUMNS if c not in names]
+        if missing:
+            old = " (an older build format; rebuild it with `python -m preprocess build-shards`)" \
+                if "checksum" in missing else ""
+            raise ManifestError(f"{where}: missing columns {missing}{old}")
+        try:
+            table = table.select(list(COLUMNS)).cast(SCHEMA)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise ManifestError(f"{where}: column types do not match the manifest schema ({e})") from None
+    ids = table.column("clip_id")
+    if ids.null_count or len(pc.unique(ids)) != len(ids):
+        raise ManifestError(f"{where}: clip_id values must be unique and non-null")
+    off = table.column("offset").to_numpy()
+    size = table.column("size").to_numpy()
+    if len(off) and ((off < 0).any() or (size <= 0).any() or (off % 512).any()):
+        raise ManifestError(f"{where}: invalid byte ranges (offsets must be >= 0 multiples of 512, sizes > 0)")
+    if build_dir is not None:
+        for s in pc.unique(table.column("shard")).to_pylist():
+            p = Path(build_dir) / s
+            if not p.is_file():
+                raise ManifestError(f"{where}: shard {s} does not exist under {build_dir}")
+    return table
+
+
+def read_manifest(path, build_dir=None) -> pa.Table:
+    """Read and validate; ``path`` may be the build folder."""
+    path = Path(path)
+    if path.is_dir():
+        build_dir = path if build_dir is None else build_dir
+        path = path / MANIFEST_NAME
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise ManifestError(f"{path}: cannot read manifest ({e})") from None
+    return validate(table, where=str(path), build_dir=build_dir)

@@ -1,0 +1,171 @@
+"""``merge``: join finished ``build-shards --part i/n`` outputs into one build folder, equal
+in content to a single run over all inputs (the same clips in the same order, the same
+statistics and histograms)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from motion_data.build import manifest as mf
+from motion_data.build.build_shards import BUILD_FORMAT, BUILD_JSON, BuildError, diff_keys, inputs_digest, write_json
+from motion_data.build.folder import BuildDir
+from motion_data.build.shards import shard_name
+from motion_data.common.static_filter import METRICS
+from motion_data.build.store import PER_CLIP, REBUILD_HINT, STORE_NAME, StoreWriter, empty_hists
+
+
+def _read_build_json(d: Path) -> dict:
+    p = d / BUILD_JSON
+    if not p.is_file():
+        raise BuildError(f"{d}: not a finished build (no {BUILD_JSON}; finish it by re-running its command)")
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BuildError(f"{p}: unreadable ({e})") from None
+    if doc.get("build_format") != BUILD_FORMAT:
+        raise BuildError(f"{d}: a build of format {doc.get('build_format')!r}, this code reads format {BUILD_FORMAT}; "
+                         f"{REBUILD_HINT}")
+    return doc
+
+
+def merge(parts, out, *, progress: bool = False) -> dict:
+    """Join finished ``--part i/n`` builds into one build equal in content to a single run.
+
+    Rows come in the order of the full sorted input list (as one run would write them);
+    shards are hard-linked (or copied) under new consecutive numbers; statistics rows follow
+    the rows, histograms are summed. ``out`` is assembled in a temporary folder and renamed.
+    """
+    import pyarrow as pa
+
+    t0 = time.perf_counter()
+    dirs = [Path(p) for p in parts]
+    if not dirs:
+        raise BuildError("merge needs at least one part")
+    docs = [_read_build_json(d) for d in dirs]
+    n_set = {tuple(d["part"])[1] if d.get("part") else None for d in docs}
+    if None in n_set:
+        bad = next(str(dd) for dd, d in zip(dirs, docs) if not d.get("part"))
+        raise BuildError(f"{bad}: not a --part build; merge joins the outputs of --part i/n builds")
+    if len(n_set) != 1:
+        raise BuildError(f"parts come from different splits (n = {sorted(n_set)})")
+    n = n_set.pop()
+    base = {k: v for k, v in docs[0]["config"].items() if k != "part"}
+    for dd, d in zip(dirs[1:], docs[1:]):
+        other = {k: v for k, v in d["config"].items() if k != "part"}
+        if other != base or d["n_inputs_all"] != docs[0]["n_inputs_all"]:
+            keys = diff_keys(base, other) or ["input list"]
+            raise BuildError(f"{dd}: built with different arguments than {dirs[0]} ({', '.join(keys)})")
+    idx = [d["part"][0] for d in docs]
+    if len(set(idx)) != len(idx):
+        raise BuildError(f"part given twice: {sorted(i for i in idx if idx.count(i) > 1)}")
+    missing = sorted(set(range(n)) - set(idx))
+    if missing:
+        raise BuildError(f"parts missing: {', '.join(f'{i}/{n}' for i in missing)}")
+    order = np.argsort(idx)
+    inputs_all = sorted((i for d in docs for i in d["inputs"]), key=lambda i: i["global_index"])
+    if [i["global_index"] for i in inputs_all] != list(range(docs[0]["n_inputs_all"])) or \
+            [i.get("name", i["path"]) for i in inputs_all] != sorted(i.get("name", i["path"]) for i in inputs_all):
+        raise BuildError("the parts were not built from the same input list")
+    dirs, docs = [dirs[i] for i in order], [docs[i] for i in order]
+    builds = [BuildDir(d) for d in dirs]
+    stores = [b.store for b in builds]
+    tables = [b.manifest_table() for b in builds]
+    a0 = dict(stores[0].attrs)
+    for dd, st in zip(dirs, stores):
+        if (st.attrs["N"], st.attrs["T"]) != (a0["N"], a0["T"]):
+            raise BuildError(f"{dd}: N={st.attrs['N']}, T={st.attrs['T']} differs from {dirs[0]} "
+                             f"(N={a0['N']}, T={a0['T']})")
+
+    # global row order: by global input index; a part keeps its own row order within an input
+    g_rows, p_rows, r_rows = [], [], []
+    for p, d in enumerate(docs):
+        g = np.repeat([i["global_index"] for i in d["inputs"]], [i["clips"] for i in d["inputs"]]).astype(np.int64)
+        if len(g) != tables[p].num_rows:
+            raise BuildError(f"{dirs[p]}: build.json counts {len(g)} clips, manifest has {tables[p].num_rows}")
+        g_rows.append(g)
+        p_rows.append(np.full(len(g), p, np.int64))
+        r_rows.append(np.arange(len(g), dtype=np.int64))
+    g_all, p_all, r_all = (np.concatenate(x) for x in (g_rows, p_rows, r_rows))
+    perm = np.lexsort((r_all, g_all))
+    C = len(perm)
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise BuildError(f"{out} exists and is not empty; merge writes a new folder")
+    tmp = out.with_name(f".{out.name}.merge-tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "shards").mkdir(parents=True)
+    try:
+        # shards: part order, consecutive numbers
+        shard_map, k = [], 0
+        for p, d in enumerate(dirs):
+            names = sorted(set(tables[p].column("shard").to_pylist()))
+            m = {}
+            for s in names:
+                dst = tmp / "shards" / shard_name(k)
+                try:
+                    os.link(d / s, dst)
+                except OSError:
+                    shutil.copy2(d / s, dst)
+                m[s] = f"shards/{shard_name(k)}"
+                k += 1
+            shard_map.append(m)
+        tabs = []
+        for p, t in enumerate(tables):
+            new = pa.array([shard_map[p][s] for s in t.column("shard").to_pylist()], pa.string())
+            tabs.append(t.set_column(t.schema.get_field_index("shard"), "shard", new))
+        table = pa.concat_tables(tabs).take(pa.array(perm))
+        mf.write_manifest(tmp / mf.MANIFEST_NAME, table)
+
+        hists = empty_hists(a0["W"])
+        for st in stores:
+            for m in METRICS:
+                hists[m][0][...] += st[f"hist/{m}/points"][:]
+                hists[m][1][...] += st[f"hist/{m}/topk"][:]
+        sw = StoreWriter(tmp / STORE_NAME, C, a0["N"], {**a0, "n_clips": C})
+        # rows of each part appear in output order, so every output block reads one
+        # contiguous range per part
+        src_p, src_r = p_all[perm], r_all[perm]
+        block = 8192
+        for a in range(0, C, block):
+            bp, br = src_p[a:a + block], src_r[a:a + block]
+            rows = {name: np.empty((len(bp), a0["N"]), stores[0][f"stats/{name}"].dtype) for name in PER_CLIP}
+            for p in np.unique(bp):
+                sel = bp == p
+                lo, hi = int(br[sel].min()), int(br[sel].max()) + 1
+                for name in PER_CLIP:
+                    rows[name][sel] = stores[p][f"stats/{name}"][lo:hi][br[sel] - lo]
+            sw.append(rows)
+        sw.close(hists, a0["W"])
+
+        inputs = inputs_all
+        skipped = [{"path": i["path"], "reason": i["error"]} for i in inputs if i["error"]]
+        config = {**docs[0]["config"], "part": None}
+        total = time.perf_counter() - t0
+        summary = {"status": "merged", "out": str(out), "inputs": len(inputs),
+                   "inputs_used": len(inputs) - len(skipped), "skipped": skipped,
+                   "sequences": sum(i["sequences"] for i in inputs),
+                   "sequences_skipped": [m for i in inputs for m in i.get("bad_sequences", [])],
+                   "clips": C, "shards": k, "N": a0["N"],
+                   "T": a0["T"], "resumed_shards": 0, "clips_this_run": C, "seconds": round(total, 3),
+                   "clips_per_s": round(C / total, 1) if total > 0 else None}
+        doc = {"build_format": BUILD_FORMAT, "command": None, "config": config,
+               "inputs_digest": inputs_digest([[i["path"], i["size"], i["mtime_ns"], i.get("name", i["path"])] for i in inputs]),
+               "options": docs[0].get("options"), "part": None, "n_inputs_all": docs[0]["n_inputs_all"],
+               "inputs": inputs, "summary": summary, "merged_from": [str(d) for d in dirs],
+               "parts": [{"dir": str(dd), "command": d.get("command"), "summary": d.get("summary")}
+                         for dd, d in zip(dirs, docs)],
+               "timings": {"total_s": round(total, 3)}, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        write_json(tmp / BUILD_JSON, doc)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary

@@ -1,0 +1,404 @@
+"""The training/validation data loader over a build folder (one entry point: ``make_loader``).
+
+Batches follow the binding contract (docs/DESIGN.md): ``positions`` ``(B, T, N, 2)``
+float32 reference pixels, ``velocities`` ``(B, S, N, 2)`` float32 normalised
+``normalize(diff(positions))``, ``labels`` ``(B, S, N)`` int64 (the build's label rule on
+``positions``), ``mask`` ``(B, S, N)`` bool (static filter AND valid), ``valid``,
+``eval_mask`` ``(B, S, N)`` bool (the build's recorded filter AND valid, whatever the run's
+filter: every validation figure is scored on it), ``clip_id`` list and ``dynamic_ratio`` ``(B,)``.
+
+Per sample only raw arrays are read (``pos``, ``vis``, the stored per-point ``stats``) and
+checked against the manifest's ``checksum``; the static-filter mask (``stats.keep_mask`` on
+the batch rows, current filter config), velocities, augmentation and labels are computed
+once per batch, vectorised, in ``make_batch``.
+
+Exact mode (default) reads each batch's samples by the byte ranges recorded in the
+manifest, streaming mode reads whole shards picked by webdataset's resampler; both through
+``shard_reader.read_batch``, the one reader (every sample checked: tar layout, array
+headers, finite values, the manifest's CRC-32). Batch assembly is ``batch.make_batch``.
+
+Errors: ``on_error="fail"`` raises ``ShardError`` naming the shard; ``"skip"`` drops the
+sample from its batch (so the batch is smaller), counts it in ``loader.skipped`` and logs
+one warning per sample.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import multiprocessing
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from motion_data.build import shards
+from motion_data.read.augment import AugmentConfig
+from motion_data.read.batch import make_batch, packed_bytes, unpack_batch
+from motion_data.read.sampler import (IndexBatch, SamplerConfig, SequentialBatchSampler, WeightedBatchSampler, sampling_weights,
+                      epoch_rng)
+from motion_data.read.shard_reader import FdCache, read_batch
+from motion_data.read.split import split_manifest
+from motion_data.common.static_filter import DEFAULT_FILTER, StaticFilter
+from motion_data.build.folder import BuildDir
+from motion_data.common.parent_death import exit_with_parent
+from motion_data.common.worker_ring import make_ring
+from motion_data.common.workers import resolve_workers
+from motion_data.common.errors import SettingError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "all")
+ON_ERROR = ("fail", "skip")
+# manifest columns the loader (and tokenize) read
+MANIFEST_COLUMNS = ["clip_id", "source", "split_group", "start_frame", "shard", "offset", "size", "checksum"]
+
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Map-style dataset over manifest rows; ``__getitems__`` returns a whole batch dict."""
+
+    def __init__(self, build_dir, manifest: dict, flt: StaticFilter, W: int, S: int, N: int,
+                 augment: AugmentConfig | None = None, seed: int = 0, on_error: str = "fail",
+                 eval_filter: StaticFilter = DEFAULT_FILTER):
+        """``manifest``: columns ``MANIFEST_COLUMNS`` of the build's manifest; S = T - 1 steps."""
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        self.root = Path(build_dir)
+        b = BuildDir(self.root)
+        self.ref_size, self.label_rule = b.ref_size, b.label_rule
+        self.checksum = np.asarray(manifest["checksum"], np.int64)
+        self.shard_paths = sorted(set(manifest["shard"]))
+        self._paths = [str(self.root / p) for p in self.shard_paths]
+        code = {s: i for i, s in enumerate(self.shard_paths)}
+        self.shard_of = np.fromiter((code[s] for s in manifest["shard"]), np.int32, len(manifest["shard"]))
+        self.offset = np.asarray(manifest["offset"], np.int64)
+        self.size = np.asarray(manifest["size"], np.int64)
+        self.clip_id = list(manifest["clip_id"])
+        self.flt, self.W, self.S, self.N = flt, W, S, N
+        self.augment, self.seed, self.on_error = augment, seed, on_error
+        self.eval_filter = eval_filter
+        # workers send packed batches only to a MotionLoader, which unpacks them; any other
+        # DataLoader over this dataset gets contract dicts
+        self.packed = False
+        self.ring = None  # worker_ring.WorkerRing the workers pack into (make_loader sets it)
+        self.fds = FdCache()  # bounded: a 120-shard build trains under `ulimit -n 64`
+
+    def __len__(self):
+        return len(self.clip_id)
+
+    def read_rows(self, rows):
+        """``shard_reader.read_batch`` of manifest rows, in file order (sequential access
+        within each shard); returns (pos, vis, stats, ok, errors) in ``rows`` order."""
+        rows = np.asarray(rows, np.int64)
+        order = np.lexsort((self.offset[rows], self.shard_of[rows]))
+        r = rows[order]
+        return read_batch(self.fds, [self._paths[s] for s in self.shard_of[r]], self.offset[r], self.size[r],
+                          [self.clip_id[i] for i in r], self.checksum[r], self.S + 1, self.N, dest=order)
+
+    def read(self, row: int) -> dict:
+        """Raw arrays of one clip; ``ShardError`` naming the shard when it cannot be read."""
+        pos, vis, st, ok, err = self.read_rows([int(row)])
+        if not ok[0]:
+            raise shards.ShardError(err[0])
+        return {"pos": pos[0], "vis": vis[0], "stats": st[0], "checksum": int(self.checksum[int(row)])}
+
+    def __getitem__(self, row):
+        return self.read(row)
+
+    def __getitems__(self, rows) -> dict:
+        key = getattr(rows, "key", (0, 0, 0))  # IndexBatch: seeds this batch's augmentation
+        rows = list(rows)
+        pos, vis, st, ok, err = self.read_rows(rows)
+        errors = [e for e in err if e is not None]
+        if errors and self.on_error == "fail":
+            raise shards.ShardError(errors[0])
+        ids = [self.clip_id[r] for r, g in zip(rows, ok) if g]
+        if not ok.all():
+            pos, vis, st = pos[ok], vis[ok], st[ok]
+        rng = epoch_rng(self.seed, *key, 1)
+        packed = self.packed and torch.utils.data.get_worker_info() is not None
+        slot, into = self.ring.next_slot() if packed and self.ring is not None else (None, None)
+        batch = make_batch(pos, vis, st, ids, self.flt, self.W, self.augment, rng, ref_size=self.ref_size,
+                           label_rule=self.label_rule, packed=packed, eval_filter=self.eval_filter, into=into)
+        if slot is not None:
+            batch["_packed"] = slot  # the main process reads the slot (MotionLoader.ring)
+        batch["skipped"] = errors
+        return batch
+
+
+def _identity(batch):
+    return batch
+
+
+# ----------------------------------------------------------------------------- streaming
+
+class _StreamState:
+    """Streaming-mode stages and their shared epoch (a shared-memory tensor, so persistent
+    workers see ``set_epoch``); per-worker errors are carried out inside the batches.
+
+    ``shard_rows``: per shard path, the split's manifest rows in it, in file order
+    (``offset``, ``size``, ``clip_id``, ``checksum``, ``weight`` = w / mean(w) arrays)."""
+
+    CHUNK = 64  # samples per read_batch call
+
+    def __init__(self, root, shard_rows: dict, flt, W, S, N, augment, seed, rank, on_error, eval_filter=DEFAULT_FILTER):
+        self.root, self.shard_rows, self.flt, self.W, self.S, self.N = root, shard_rows, flt, W, S, N
+        self.eval_filter = eval_filter
+        b = BuildDir(root)
+        self.ref_size, self.label_rule = b.ref_size, b.label_rule
+        self.augment, self.seed, self.rank, self.on_error = augment, seed, rank, on_error
+        self.epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.errors: list = []
+        self.fds = FdCache()
+        self._rng = None
+
+    def worker_seed(self):
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info is not None else 0
+        return int(epoch_rng(self.seed, int(self.epoch[0]), self.rank, wid).integers(2 ** 62))
+
+    def weighted(self, src):
+        """Read each resampled shard's samples (``shard_reader.read_batch``) and emit each
+        ``floor(m) + Bernoulli(frac(m))`` times, ``m = w / mean(w)``.
+
+        Shards are resampled uniformly, so every clip is visited at the same rate whatever
+        its shard's size; the repetition makes its expected frequency proportional to w.
+        """
+        rng = np.random.default_rng(self.worker_seed())
+        self._rng = None  # the augmentation stream restarts with each epoch too
+        for item in src:
+            url = item["url"]
+            r = self.shard_rows[url]
+            for lo in range(0, len(r["clip_id"]), self.CHUNK):
+                sl = slice(lo, lo + self.CHUNK)
+                keys = r["clip_id"][sl]
+                pos, vis, st, ok, err = read_batch(self.fds, [url] * len(keys), r["offset"][sl], r["size"][sl], keys,
+                                                   r["checksum"][sl], self.S + 1, self.N)
+                for j, m in enumerate(r["weight"][sl]):
+                    reps = int(m) + (rng.random() < m - int(m))
+                    if reps == 0:
+                        continue
+                    if not ok[j]:
+                        if self.on_error == "fail":
+                            raise shards.ShardError(err[j])
+                        self.errors.append(err[j])
+                        continue
+                    d = {"pos": pos[j], "vis": vis[j], "stats": st[j]}
+                    for _ in range(reps):
+                        yield keys[j], d
+
+    def collate(self, items):
+        pos = np.stack([d["pos"] for _, d in items])
+        vis = np.stack([d["vis"] for _, d in items])
+        st = np.stack([d["stats"] for _, d in items])
+        if self._rng is None:
+            self._rng = np.random.default_rng(self.worker_seed() + 1)
+        batch = make_batch(pos, vis, st, [k for k, _ in items], self.flt, self.W, self.augment, self._rng,
+                           ref_size=self.ref_size, label_rule=self.label_rule,
+                           packed=torch.utils.data.get_worker_info() is not None, eval_filter=self.eval_filter)
+        batch["skipped"], self.errors = self.errors, []
+        return batch
+
+
+def _streaming_pipeline(state: _StreamState, batch_size: int, shuffle_buffer: int):
+    import webdataset as wds
+
+    return wds.DataPipeline(
+        wds.ResampledShards(sorted(state.shard_rows), seed=state.seed, worker_seed=state.worker_seed,
+                            deterministic=True),
+        state.weighted,
+        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 4 * batch_size)),
+        wds.batched(batch_size, collation_fn=state.collate, partial=False),
+    )
+
+
+def _shard_rows(root, man: dict, rows, weights) -> dict:
+    """``_StreamState.shard_rows`` of the split's ``rows`` (weights relative to their mean)."""
+    rel = weights / weights.mean()
+    out: dict = {}
+    for r, w in sorted(zip(rows, rel), key=lambda x: (man["shard"][x[0]], man["offset"][x[0]])):
+        d = out.setdefault(str(root / man["shard"][r]), {k: [] for k in ("offset", "size", "clip_id", "checksum",
+                                                                          "weight")})
+        for k in ("offset", "size", "clip_id", "checksum"):
+            d[k].append(man[k][r])
+        d["weight"].append(float(w))
+    # every shard of the build stays in the resampled list (a clip-less one yields nothing),
+    # so the shard draw is the same whatever the split
+    for s in set(man["shard"]):
+        out.setdefault(str(root / s), {k: [] for k in ("offset", "size", "clip_id", "checksum", "weight")})
+    return out
+
+
+# ----------------------------------------------------------------------------- the loader
+
+class MotionLoader:
+    """Iterable of batches; ``len`` = batches per epoch on this rank.
+
+    Call ``set_epoch(e)`` before each epoch: a different or finished epoch starts at batch
+    0, the current unfinished one keeps its (resumed) position. Iterating again after a
+    finished epoch without ``set_epoch`` moves on to the next epoch.
+
+    ``state_dict()`` records the epoch and the batches already *delivered* (not merely
+    prefetched by workers); after ``load_state_dict()`` the next iteration continues with the
+    identical remaining batches (exact mode and validation; streaming mode resumes with the
+    right number of remaining batches but a fresh random stream). ``skipped`` counts samples
+    dropped by ``on_error="skip"``.
+
+    ``generator`` is the DataLoader's: reseeded from (seed, epoch, rank) before each epoch,
+    it gives the workers' base seed, which torch otherwise draws from the global RNG when
+    an iteration starts; so starting (or resuming) an epoch leaves the trainer's RNG stream
+    (dropout, noise) untouched and a mid-epoch resume replays it exactly.
+    """
+
+    def __init__(self, dataloader, batch_sampler=None, stream_state=None, n_batches: int = 0, *,
+                 generator: torch.Generator | None = None, seed: int = 0, rank: int = 0, pin: bool = False):
+        self.dataloader = dataloader
+        self.batch_sampler = batch_sampler
+        self.stream_state = stream_state
+        self._n_batches = n_batches
+        self.generator, self.seed, self.rank, self.pin = generator, seed, rank, pin
+        self.epoch = 0
+        self.batches_done = 0
+        self.skipped = 0
+        self.skipped_messages: list[str] = []
+
+    @property
+    def dataset(self):
+        return self.dataloader.dataset
+
+    def __len__(self):
+        return len(self.batch_sampler) if self.batch_sampler is not None else self._n_batches
+
+    def set_epoch(self, epoch: int):
+        if int(epoch) != self.epoch or self.batches_done >= len(self):
+            self.epoch, self.batches_done = int(epoch), 0
+        self._sync_epoch()
+
+    def _sync_epoch(self):
+        if self.batch_sampler is not None:
+            self.batch_sampler.set_epoch(self.epoch)
+        if self.stream_state is not None:
+            self.stream_state.epoch[0] = self.epoch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict):
+        self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
+        self.skipped = int(state.get("skipped", 0))
+        self._sync_epoch()
+
+    def __iter__(self):
+        if self.batches_done >= len(self):  # the last epoch was finished: go on with the next
+            self.set_epoch(self.epoch + 1)
+        if self.batch_sampler is not None:
+            self.batch_sampler.start_batch = self.batches_done
+        if self.generator is not None:
+            self.generator.manual_seed(int(epoch_rng(self.seed, self.epoch, self.rank, 2 ** 31 - 1).integers(2 ** 62)))
+        ring = getattr(getattr(self.dataloader, "dataset", None), "ring", None)
+        for batch in self.dataloader:
+            batch = unpack_batch(batch, self.pin, ring)
+            errors = batch.pop("skipped", [])
+            if errors:
+                self.skipped += len(errors)
+                self.skipped_messages.extend(errors[:100])
+                for e in errors:
+                    log.warning("skipped unreadable sample: %s", e)
+            self.batches_done += 1
+            yield batch
+            if self.batches_done >= len(self):
+                break
+
+
+def _worker_init(main_pid: int, worker_id: int):
+    """A loader worker dies with the trainer (exit_with_parent) but ignores Ctrl-C and SIGTERM:
+    those reach the workers too, and the trainer finishes its step and saves first
+    (tokenizer_train.train.stop), then ends them itself; a worker that died would fail it."""
+    import signal
+
+    exit_with_parent(main_pid, worker_id)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _worker_context():
+    """Workers come from a forkserver that has imported this module: forking the trainer
+    itself is unsafe once numba's OpenMP threads have run in it (the stats kernels do), and
+    spawning re-imports torch for every worker of every epoch."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["motion_data.read.loader"])
+    return ctx
+
+
+def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter | None = None,
+                sampler: SamplerConfig | None = None, augment: AugmentConfig | None = None, batch_size: int = 32,
+                num_workers: int | str = 0, seed: int = 0, rank: int = 0, world_size: int = 1,
+                epoch_size: int | None = None, val_split: float = 0.1, pin_memory: bool = False,
+                persistent_workers: bool = False, on_error: str = "fail", shuffle_buffer: int = 1000,
+                prefetch_factor: int | None = None, device: str | None = None) -> MotionLoader:
+    """The data loader of a build folder.
+
+    split: ``train`` (weighted sampler, augmentation), ``val`` (every held-out clip once, in
+    order, no weighting or augmentation) or ``all`` (every clip, weighted like train).
+    ``epoch_size`` (clips per epoch over all ranks; default ``sampler.epoch_size``, else the
+    split's clip count) sets ``len(loader) = max(1, epoch_size // (batch_size * world_size))``.
+    ``num_workers``: a count or ``"auto"`` (``workers.auto_workers`` for ``device``, the
+    device type the batches go to; default cuda when available).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    num_workers = resolve_workers(num_workers, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    flt = static_filter or StaticFilter()
+    sampler = sampler or SamplerConfig()
+    root = Path(build_dir)
+    build = BuildDir(root)
+    info = build.info()
+    W, T, N = info["W"], info["T"], info["N"]
+    man = build.manifest(MANIFEST_COLUMNS)  # checked against the store's clip count
+    train_rows, val_rows = split_manifest(man, val_split, T)
+    rows = {"train": train_rows, "val": val_rows, "all": np.arange(len(man["clip_id"]))}[split]
+    if len(rows) == 0:
+        raise SettingError(f"{root}: the {split!r} split is empty (val_split={val_split})")
+    training = split != "val"
+    aug = augment if (training and augment is not None and augment.enabled) else None
+    epoch_size = epoch_size if epoch_size is not None else sampler.epoch_size
+    gen = torch.Generator()
+    loader_kw = {"generator": gen, "seed": seed, "rank": rank, "pin": bool(pin_memory and torch.cuda.is_available())}
+    worker_kw = {}
+    if num_workers > 0:
+        # exit_with_parent: workers die at once with the trainer (torch's own check polls every 5 s);
+        # they ignore Ctrl-C/SIGTERM so that the trainer can save a checkpoint first
+        worker_kw = {"persistent_workers": persistent_workers, "multiprocessing_context": _worker_context(),
+                     "worker_init_fn": functools.partial(_worker_init, os.getpid())}
+        if prefetch_factor is not None:
+            worker_kw["prefetch_factor"] = prefetch_factor
+
+    if training and sampler.mode == "streaming":
+        weights = sampling_weights(root, flt, sampler, rows)
+        state = _StreamState(root, _shard_rows(root, man, rows, weights), flt, W, T - 1, N, aug, seed, rank, on_error,
+                             info["build_filter"])
+        pipe = _streaming_pipeline(state, batch_size, shuffle_buffer)
+        n_batches = max(1, (epoch_size or len(rows)) // (batch_size * world_size))
+        import webdataset as wds
+
+        dl = wds.WebLoader(pipe, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                           generator=gen, **worker_kw)
+        dl = dl.with_epoch(n_batches)
+        return MotionLoader(dl, stream_state=state, n_batches=n_batches, **loader_kw)
+
+    dataset = ClipDataset(root, man, flt, W, T - 1, N, aug, seed, on_error, info["build_filter"])
+    dataset.packed = True
+    if num_workers > 0:
+        dataset.ring = make_ring(num_workers, prefetch_factor, packed_bytes(batch_size, T - 1, N, W))
+    if training:
+        weights = sampling_weights(root, flt, sampler, rows)
+        bs = WeightedBatchSampler(rows, weights, batch_size, epoch_size, seed, rank, world_size)
+    else:
+        bs = SequentialBatchSampler(rows, batch_size, rank, world_size)
+    dl = torch.utils.data.DataLoader(dataset, batch_sampler=bs, collate_fn=_identity, num_workers=num_workers,
+                                     pin_memory=pin_memory, generator=gen, **worker_kw)
+    return MotionLoader(dl, batch_sampler=bs, **loader_kw)
+
+
+__all__ = ["make_loader", "MotionLoader", "ClipDataset", "IndexBatch"]

@@ -1,0 +1,469 @@
+"""The one reader of shard samples: byte ranges from the manifest, parsed and checked.
+
+Every path that reads a sample (the loader's batches, streaming mode, ``verify_build``,
+the exact sweep, the tests) goes through ``read_batch`` / ``read_sample``:
+  1. ``os.preadv`` of each sample's byte range (DESIGN.md "Artifacts": the manifest's
+     ``offset``/``size``) into one buffer, descriptors from a bounded LRU (``FdCache``);
+     a range past the end of its file is refused before anything is allocated;
+  2. one numba pass (``_scan_kernel``) over the tar headers: exactly the four plain ustar
+     members ``<key>.json``, ``.pos.npy``, ``.stats.npy``, ``.vis.npy`` (the writer's order),
+     header checksums valid, nothing outside the range;
+  3. one numba pass (``_copy_kernel``) that compares each ``.npy`` header with the one the
+     build's shape gives (dtype and shape, no pickles) and copies the data out;
+  4. ``check_arrays``: finite values and the manifest's CRC-32 (``shards.array_checksum``).
+Any failure is a ``ShardError`` naming the shard, offset and clip, so skip mode counts it;
+running out of descriptors is an ``OSError`` (the process limit), never blamed on a shard.
+"""
+from __future__ import annotations
+
+import ast
+import errno
+import json
+import math
+import os
+import zlib
+from collections import OrderedDict
+
+import numba
+import numpy as np
+
+from motion_data.build.shards import ShardError, _npy_bytes
+
+# member order inside a sample (webdataset sorts by extension); the copy kernel reads 1..3
+MEMBER_EXTS = ("json", "pos.npy", "stats.npy", "vis.npy")
+_ARRAYS = ("pos", "stats", "vis")  # members 1..3
+_REBUILD = "rebuild it with `python -m preprocess build-shards`"
+
+
+# ----------------------------------------------------------------------------- descriptors
+
+def default_max_open() -> int:
+    """Descriptors one process keeps: an eighth of its soft ``RLIMIT_NOFILE`` (DataLoader
+    workers, shared-memory batches and the trainer need the rest), between 2 and 64."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        soft = 1024 if soft == resource.RLIM_INFINITY else soft
+    except (ImportError, ValueError, OSError):
+        soft = 1024
+    return int(min(64, max(2, soft // 8)))
+
+
+class FdCache:
+    """Read-only descriptors of shard files, the ``max_open`` most recently used kept open.
+
+    ``get`` raises ``ShardError`` when the file is missing or unreadable, and ``OSError``
+    (EMFILE/ENFILE) when the process has no descriptor left even after closing its own
+    cached ones: that is the process limit, not the shard's fault.
+    """
+
+    def __init__(self, max_open: int | None = None):
+        self.max_open = max(1, int(max_open or default_max_open()))
+        self._fds: OrderedDict = OrderedDict()  # path -> (fd, file size)
+        self._sizes: dict = {}  # path -> file size (shards do not change while read)
+
+    def __getstate__(self):
+        return {"max_open": self.max_open, "_fds": OrderedDict(), "_sizes": {}}  # descriptors are per process
+
+    def __len__(self):
+        return len(self._fds)
+
+    def get(self, path) -> tuple[int, int]:
+        """(descriptor, file size) of ``path``."""
+        path = str(path)
+        hit = self._fds.get(path)
+        if hit is not None:
+            self._fds.move_to_end(path)
+            return hit
+        while len(self._fds) >= self.max_open:
+            os.close(self._fds.popitem(last=False)[1][0])
+        try:
+            fd = self._open(path)
+        except OSError as e:
+            raise ShardError(f"{path}: cannot open shard ({e.strerror or e}); {_REBUILD}") from None
+        try:
+            size = os.fstat(fd).st_size
+        except OSError as e:
+            os.close(fd)
+            raise ShardError(f"{path}: cannot stat shard ({e})") from None
+        self._fds[path] = (fd, size)
+        self._sizes[path] = size
+        return fd, size
+
+    def file_size(self, path) -> int:
+        size = self._sizes.get(str(path))
+        return self.get(path)[1] if size is None else size
+
+    def _open(self, path: str) -> int:
+        try:
+            return os.open(path, os.O_RDONLY)
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+        self.close()  # free ours and try once more
+        try:
+            return os.open(path, os.O_RDONLY)
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            raise OSError(e.errno, f"too many open files in this process while opening {path}: raise the limit "
+                                   f"(`ulimit -n`) or use fewer loader workers") from None
+
+    def close(self):
+        while self._fds:
+            try:
+                os.close(self._fds.popitem()[1][0])
+            except (OSError, TypeError):  # TypeError: os already torn down at interpreter exit
+                pass
+
+    def __del__(self):
+        self.close()
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@numba.njit(cache=True, inline="always")
+def _octal(buf, a, n):
+    """Value of a NUL/space-terminated octal field, -1 when malformed."""
+    i = a
+    while i < a + n and buf[i] == 32:
+        i += 1
+    v = 0
+    digits = 0
+    while i < a + n and 48 <= buf[i] <= 55:
+        v = v * 8 + (buf[i] - 48)
+        i += 1
+        digits += 1
+    if digits == 0 or (i < a + n and buf[i] != 0 and buf[i] != 32):
+        return -1
+    return v
+
+
+# scan outcome codes (``_CODE_TEXT`` says what each means)
+OK, BAD_HEADER, BAD_NAME, BAD_LAYOUT, BAD_NPY, BAD_BOOL = 0, 1, 2, 3, 4, 5
+
+
+@numba.njit(cache=True)
+def _scan_kernel(buf, starts, sizes, keys, key_len, exts, ext_len, data_at, data_len, code, where):
+    """Tar structure of each sample range ``buf[starts[j]:starts[j] + sizes[j]]``: exactly
+    the four plain ustar members ``<key>.<ext>`` in ``exts`` order, valid header checksums,
+    data inside the range. Fills ``data_at``/``data_len`` ``(B, 4)``; ``code[j]`` is OK or
+    the failure, ``where[j]`` the header offset (in ``buf``) where it was found."""
+    B = starts.shape[0]
+    for j in range(B):
+        code[j] = OK
+        pos = starts[j]
+        end = pos + sizes[j]
+        m = 0
+        while pos < end:
+            where[j] = pos
+            if m >= 4 or pos + 512 > end:
+                code[j] = BAD_LAYOUT
+                break
+            chk = _octal(buf, pos + 148, 8)
+            tot = 256  # the checksum field counted as 8 spaces
+            for i in range(512):
+                if i < 148 or i >= 156:
+                    tot += buf[pos + i]
+            size = _octal(buf, pos + 124, 12)
+            typ = buf[pos + 156]
+            if chk != tot or size < 0 or (typ != 48 and typ != 0) or buf[pos + 345] != 0:
+                code[j] = BAD_HEADER  # also: PAX/GNU headers, links, directories, name prefixes
+                break
+            kl = key_len[j]
+            el = ext_len[m]
+            nl = kl + 1 + el
+            ok = nl < 100 and buf[pos + nl] == 0 and buf[pos + kl] == 46
+            for i in range(kl):
+                ok = ok and buf[pos + i] == keys[j, i]
+            for i in range(el):
+                ok = ok and buf[pos + kl + 1 + i] == exts[m, i]
+            if not ok:
+                code[j] = BAD_NAME
+                break
+            data = pos + 512
+            if data + size > end:
+                code[j] = BAD_LAYOUT
+                break
+            data_at[j, m] = data
+            data_len[j, m] = size
+            pos = data + (size + 511) // 512 * 512
+            m += 1
+        if code[j] == OK and (m != 4 or pos != end):
+            where[j] = starts[j]
+            code[j] = BAD_LAYOUT
+
+
+@numba.njit(cache=True)
+def _copy_kernel(buf, buf32, data_at, data_len, heads, head_len, nbytes, code, dest, pos_out, st_out, vis_out):
+    """For each OK sample j: its three ``.npy`` members (pos, stats, vis) must be exactly the
+    expected header plus ``nbytes`` of data; copy the data into row ``dest[j]`` of the flat
+    outputs (float members as float32 words: ``buf32`` is ``buf`` viewed as float32, and
+    npy data starts 64-byte aligned inside 512-byte aligned ranges; vis bytes must be 0/1).
+    Failures set ``code[j]``."""
+    B = data_at.shape[0]
+    for j in range(B):
+        if code[j] != OK:
+            continue
+        for q in range(3):
+            a = data_at[j, q + 1]
+            hl = head_len[q]
+            if data_len[j, q + 1] != hl + nbytes[q] or (q < 2 and (a + hl) % 4 != 0):
+                code[j] = BAD_NPY
+                break
+            for i in range(hl):
+                if buf[a + i] != heads[q, i]:
+                    code[j] = BAD_NPY
+                    break
+        if code[j] != OK:
+            continue
+        d = dest[j]
+        a = (data_at[j, 1] + head_len[0]) // 4
+        pos_out[d, :] = buf32[a:a + nbytes[0] // 4]
+        a = (data_at[j, 2] + head_len[1]) // 4
+        st_out[d, :] = buf32[a:a + nbytes[1] // 4]
+        a = data_at[j, 3] + head_len[2]
+        bad = 0
+        for i in range(nbytes[2]):
+            v = buf[a + i]
+            vis_out[d, i] = v
+            bad |= v
+        if bad > 1:
+            code[j] = BAD_BOOL
+
+
+# ----------------------------------------------------------------------------- layout
+
+def array_specs(T: int, N: int):
+    """(dtype, shape) of the sample's arrays in member order 1..3 (pos, stats, vis)."""
+    return [(np.dtype(np.float32), (T, N, 2)), (np.dtype(np.float32), (3, N)), (np.dtype(np.bool_), (T, N))]
+
+
+_EXPECTED: dict = {}
+
+
+def _expected(T: int, N: int):
+    """Per-shape constants of the copy kernel: the exact ``.npy`` headers and data sizes."""
+    got = _EXPECTED.get((T, N))
+    if got is None:
+        specs = array_specs(T, N)
+        heads = [_npy_bytes(np.zeros(sh, dt))[:-(math.prod(sh) * dt.itemsize) or None] for dt, sh in specs]
+        H = np.zeros((3, max(map(len, heads))), np.uint8)
+        for q, h in enumerate(heads):
+            H[q, :len(h)] = np.frombuffer(h, np.uint8)
+        got = (H, np.array([len(h) for h in heads], np.int64),
+               np.array([math.prod(sh) * dt.itemsize for dt, sh in specs], np.int64))
+        if len(_EXPECTED) < 16:
+            _EXPECTED[(T, N)] = got
+    return got
+
+
+_EXTS = np.zeros((4, 16), np.uint8)
+for _m, _e in enumerate(MEMBER_EXTS):
+    _EXTS[_m, :len(_e)] = np.frombuffer(_e.encode(), np.uint8)
+_EXT_LEN = np.array([len(e) for e in MEMBER_EXTS], np.int64)
+
+
+def _key_matrix(keys: list[str]):
+    enc = [k.encode() for k in keys]
+    K = np.zeros((len(enc), max(1, max(map(len, enc), default=1))), np.uint8)
+    for j, k in enumerate(enc):
+        K[j, :len(k)] = np.frombuffer(k, np.uint8)
+    return K, np.array([len(k) for k in enc], np.int64)
+
+
+def _name_at(buf, at: int) -> str:
+    raw = bytes(buf[at:at + 100]).split(b"\0", 1)[0]
+    return raw.decode("utf-8", "replace")
+
+
+def _describe(code: int, buf, at: int, key: str) -> str:
+    if code == BAD_NAME:
+        name = _name_at(buf, at)
+        if name.startswith("/") or ".." in name.split("/"):
+            return f"unsafe member name {name!r}"
+        if name.partition(".")[0] != key:
+            return f"member {name!r} does not belong to sample {key!r}"
+        return f"member {name!r} is not the expected {key}.<{'|'.join(MEMBER_EXTS)}> in order"
+    return {BAD_HEADER: "corrupt tar header (bad checksum, size or member type)",
+            BAD_LAYOUT: f"the byte range is not exactly the four members {', '.join(MEMBER_EXTS)}",
+            BAD_NPY: "an array member has another dtype or shape than the build's",
+            BAD_BOOL: "visibility bytes other than 0/1"}[code]
+
+
+# ----------------------------------------------------------------------------- checks
+
+def crc32_rows(pos: np.ndarray, vis: np.ndarray, st: np.ndarray) -> np.ndarray:
+    """``shards.array_checksum`` of each row of contiguous batch arrays (CRC-32 of the bytes
+    of pos, vis, stats in that order), as int64."""
+    out = np.empty(pos.shape[0], np.int64)
+    for j in range(pos.shape[0]):
+        out[j] = zlib.crc32(st[j], zlib.crc32(vis[j], zlib.crc32(pos[j])))
+    return out
+
+
+def check_arrays(pos, vis, st, checksum, where: list[str], ok: np.ndarray, errors: list) -> None:
+    """Refuse rows with non-finite values or a CRC-32 other than the manifest's ``checksum``
+    (``None``: not checked): ``ok[j] = False`` and ``errors[j]`` the ShardError's text."""
+    B = pos.shape[0]
+    fin = np.isfinite(pos.reshape(B, -1)).all(1) & np.isfinite(st.reshape(B, -1)).all(1)
+    crc = crc32_rows(pos, vis, st) if checksum is not None else None
+    for j in np.flatnonzero(ok):
+        if not fin[j]:
+            ok[j] = False
+            errors[j] = f"{where[j]}: non-finite values in the sample; {_REBUILD}"
+        elif crc is not None and crc[j] != int(checksum[j]):
+            ok[j] = False
+            errors[j] = (f"{where[j]}: checksum mismatch (manifest {int(checksum[j]):#010x}, data {int(crc[j]):#010x}): "
+                         f"the shard is damaged; {_REBUILD}")
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_ranges(fds: FdCache, paths: list, offsets, sizes, where: list[str], ok: np.ndarray, errors: list):
+    """One buffer holding each sample's byte range (file order is the caller's ``paths``
+    order), and ``starts``; a range that cannot be read marks its row failed."""
+    B = len(paths)
+    sizes = np.asarray(sizes, np.int64)
+    offsets = np.asarray(offsets, np.int64)
+    for j in range(B):
+        if not ok[j]:
+            continue
+        try:
+            fsize = fds.file_size(paths[j])
+        except ShardError as e:
+            ok[j], errors[j] = False, f"{e} ({where[j]})"
+            continue
+        # bound by the file: a damaged manifest never makes us allocate its size
+        if offsets[j] < 0 or sizes[j] < 0 or offsets[j] + sizes[j] > fsize:
+            ok[j] = False
+            errors[j] = (f"{where[j]}: byte range {offsets[j]}+{sizes[j]} lies outside the shard "
+                         f"({fsize} bytes): truncated shard or damaged manifest; {_REBUILD}")
+    used = np.where(ok, sizes, 0)
+    starts = np.zeros(B, np.int64)
+    starts[1:] = np.cumsum(used)[:-1]
+    buf = np.empty((int(used.sum()) + 3) // 4 * 4, np.uint8)  # whole float32 words
+    mv = memoryview(buf)
+    todo = np.flatnonzero(ok)
+    k = 0
+    while k < len(todo):
+        # a run of ranges adjacent in the same file (consecutive samples): one call
+        e = k + 1
+        while (e < len(todo) and paths[todo[e]] == paths[todo[k]]
+               and offsets[todo[e]] == offsets[todo[e - 1]] + sizes[todo[e - 1]]):
+            e += 1
+        run = todo[k:e]
+        a, n = int(starts[run[0]]), int(used[run].sum())
+        try:
+            # the descriptor is used at once: a later get() may evict and close it
+            got, msg = os.preadv(fds.get(paths[run[0]])[0], [mv[a:a + n]], int(offsets[run[0]])), None
+        except ShardError as err:
+            got, msg = -1, str(err)
+        except OSError as err:
+            if err.errno in (errno.EMFILE, errno.ENFILE):
+                raise
+            got, msg = -1, str(err)
+        if got != n:
+            for j in run:
+                ok[j] = False
+                errors[j] = (f"{where[j]}: {msg}" if msg else
+                             f"{where[j]}: truncated shard (wanted {n} bytes from offset {int(offsets[run[0]])}, "
+                             f"got {got})")
+        k = e
+    return buf, starts, np.where(ok, sizes, 0)
+
+
+def read_batch(fds: FdCache, paths: list, offsets, sizes, keys: list[str], checksum, T: int, N: int, *,
+               dest=None, out=None):
+    """Read and check B samples (requests in file order read fastest). Returns ``(pos
+    (B,T,N,2) float32, vis (B,T,N) bool, stats (B,3,N) float32, ok (B,) bool, errors)``;
+    request j lands in row ``dest[j]`` (default j) of all of them. Rows with ``ok`` False
+    hold garbage and their ``errors`` entry the ShardError text naming the shard;
+    ``checksum=None`` skips the CRC (only ``read_sample`` without a manifest). ``out`` =
+    (pos, vis, stats) to fill."""
+    B = len(paths)
+    where = [f"{p}@{int(o)} ({k})" for p, o, k in zip(paths, offsets, keys)]
+    ok = np.ones(B, bool)
+    errors: list = [None] * B
+    if out is None:
+        out = (np.empty((B, T, N, 2), np.float32), np.empty((B, T, N), np.bool_), np.empty((B, 3, N), np.float32))
+    pos, vis, st = out
+    if B == 0:
+        return pos, vis, st, ok, errors
+    dest = np.arange(B, dtype=np.int64) if dest is None else np.asarray(dest, np.int64)
+    buf, starts, sizes = read_ranges(fds, paths, offsets, sizes, where, ok, errors)
+    K, kl = _key_matrix(keys)
+    data_at = np.zeros((B, 4), np.int64)
+    data_len = np.zeros((B, 4), np.int64)
+    code = np.zeros(B, np.int64)
+    at = np.zeros(B, np.int64)
+    _scan_kernel(buf, starts, sizes, K, kl, _EXTS, _EXT_LEN, data_at, data_len, code, at)
+    code[~ok] = -1
+    H, hl, nb = _expected(T, N)
+    _copy_kernel(buf, buf.view(np.float32), data_at, data_len, H, hl, nb, code, dest, pos.reshape(B, -1),
+                 st.reshape(B, -1), vis.reshape(B, -1).view(np.uint8))
+    for j in np.flatnonzero(ok & (code != OK)):
+        ok[j] = False
+        errors[j] = f"{where[j]}: {_describe(int(code[j]), buf, int(at[j]), keys[j])}; {_REBUILD}"
+    # from here on, output row order
+    ok_out = np.empty(B, bool)
+    ok_out[dest] = ok
+    err_out, where_out, ck_out = [None] * B, [None] * B, None if checksum is None else [0] * B
+    for j, d in enumerate(dest):
+        err_out[d], where_out[d] = errors[j], where[j]
+        if ck_out is not None:
+            ck_out[d] = int(checksum[j])
+    check_arrays(pos, vis, st, ck_out, where_out, ok_out, err_out)
+    return pos, vis, st, ok_out, err_out
+
+
+def _npy_shape(blob, start: int, end: int):
+    """(dtype, shape) from a ``.npy`` header (never unpickles); None when malformed."""
+    b = bytes(blob[start:min(end, start + 4096)])
+    if b[:6] != b"\x93NUMPY" or len(b) < 10:
+        return None
+    hlen, h0 = (int.from_bytes(b[8:10], "little"), 10) if b[6] == 1 else (int.from_bytes(b[8:12], "little"), 12)
+    try:
+        d = ast.literal_eval(b[h0:h0 + hlen].decode("latin1"))
+        return np.dtype(d["descr"]), tuple(int(x) for x in d["shape"])
+    except (ValueError, SyntaxError, KeyError, TypeError):
+        return None
+
+
+def read_sample(shard, offset: int, size: int, key: str | None = None, checksum: int | None = None,
+                fds: FdCache | None = None) -> dict:
+    """One sample by its byte range, through ``read_batch``: ``pos``, ``vis``, ``stats``,
+    ``meta`` (the json member), ``checksum`` (CRC-32 of the arrays), ``key``. The shape
+    is read from the ``pos.npy`` header (T, N) when no build is at hand; with ``checksum``
+    (the manifest's) the arrays must match it. ShardError naming the shard otherwise."""
+    fds = fds or FdCache(2)
+    where = f"{shard}@{int(offset)}" + (f" ({key})" if key else "")
+    ok = np.ones(1, bool)
+    errors: list = [None]
+    buf, starts, sizes = read_ranges(fds, [shard], [offset], [size], [where], ok, errors)
+    if not ok[0]:
+        raise ShardError(errors[0])
+    if key is None:  # the key the first member names
+        key = _name_at(buf, 0).partition(".")[0]
+    K, kl = _key_matrix([key])
+    data_at, data_len = np.zeros((1, 4), np.int64), np.zeros((1, 4), np.int64)
+    code, at = np.zeros(1, np.int64), np.zeros(1, np.int64)
+    _scan_kernel(buf, starts, sizes, K, kl, _EXTS, _EXT_LEN, data_at, data_len, code, at)
+    if code[0] != OK:
+        raise ShardError(f"{where}: {_describe(int(code[0]), buf, int(at[0]), key)}; {_REBUILD}")
+    spec = _npy_shape(buf, int(data_at[0, 1]), int(data_at[0, 1] + data_len[0, 1]))
+    if spec is None or spec[0] != np.float32 or len(spec[1]) != 3 or spec[1][2] != 2:
+        raise ShardError(f"{where}: pos.npy is not a (T, N, 2) float32 array; {_REBUILD}")
+    T, N = spec[1][:2]
+    pos, vis, st, ok2, err2 = read_batch(fds, [shard], [offset], [size], [key],
+                                         None if checksum is None else [checksum], T, N)
+    if not ok2[0]:
+        raise ShardError(err2[0].replace(f"{shard}@{int(offset)} ({key})", where, 1))
+    a, n = int(data_at[0, 0]), int(data_len[0, 0])
+    try:
+        meta = json.loads(bytes(buf[a:a + n]))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ShardError(f"{where}: malformed json member ({e}); {_REBUILD}") from None
+    return {"pos": pos[0], "vis": vis[0], "stats": st[0], "meta": meta, "key": key,
+            "checksum": int(crc32_rows(pos, vis, st)[0])}
