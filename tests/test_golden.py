@@ -1,5 +1,5 @@
-"""Golden regression: a tiny recommended-config training on LIBERO tracks, fixed seed, one
-thread, a few dozen steps, must log the figures stored in tests/data/golden_metrics.json
+"""Golden regression: a tiny recommended-config training on three rollouts of the shipped
+LIBERO sample (one per suite), fixed seed, one thread, a few dozen steps, must log the figures stored in tests/data/golden_metrics.json
 (within float tolerance). A change that claims "results unchanged" is held to it; a change
 that means to change results regenerates the file and says so in its commit:
 
@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from motion_data.build import build
-from tokenizer_train.config import load_config
-from tokenizer_train.train import train
+from motion_data.build.build_shards import build
+from motion_data.sources.libero import sample as LS
+from tokenizer_train.common.config import load_config
+from tokenizer_train.train.trainer import train
 
 DATA = Path(__file__).parent / "data"
 GOLDEN = DATA / "golden_metrics.json"
@@ -29,11 +30,19 @@ KEYS = ("train/loss_step", "train/acc_step", "train/acc_noncenter_step", "train/
         "val/acc_epoch", "val/acc_noncenter_epoch", "val/epe_px_epoch", "val/auc_moving_epoch")
 
 
+ROLLOUTS = ("libero_90_0_0", "libero_object_0_0", "libero_spatial_0_0")
+
+
 def test_a_tiny_recommended_run_on_libero_logs_the_stored_figures(tmp_path):
+    files = LS.unpack(tmp_path / "sample")
+    for f in files:
+        if f.stem not in ROLLOUTS:
+            f.unlink()
+    assert sorted(f.stem for f in (tmp_path / "sample").glob("*.npz")) == sorted(ROLLOUTS)
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        build([str(DATA / "libero")], tmp_path / "build", progress=False)
+        build([str(tmp_path / "sample")], tmp_path / "build", progress=False)
         cfg = load_config(REPO / "configs" / "recommended.yaml", SETS)
         train(cfg, tmp_path / "build", tmp_path / "run", progress=False)
     finally:
