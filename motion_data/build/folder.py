@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from motion_data.build.manifest import MANIFEST_NAME, read_manifest
+from motion_data.build.manifest import MANIFEST_NAME, ManifestError, read_manifest
 from motion_data.common.static_filter import StaticFilter, recorded_filter
 from motion_data.build.stats import HIST_BIN_WIDTH, HIST_EDGES, HIST_NBINS, HIST_RANK_MAX, filtered_counts_from_hist, threshold_bin
 from motion_data.build.store import REBUILD_HINT, STORE_NAME, StoreError, open_store
@@ -159,15 +159,12 @@ class BuildDir:
     # ---------------------------------------------------------------- the manifest
     def manifest(self, columns=None) -> dict:
         """``{column: list}`` of ``manifest.parquet`` (all columns, or ``columns``), one row per
-        clip in the store's row order."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
+        clip in the store's row order (``manifest.read_manifest``: schema and ranges checked)."""
         try:
-            man = pq.read_table(self.manifest_path, columns=None if columns is None else list(columns)).to_pydict()
-        except (OSError, pa.ArrowInvalid, KeyError) as e:
-            raise BuildDirError(f"{self.manifest_path}: cannot read ({one_line(e)}); "
-                                f"{REBUILD_HINT}") from None
+            man = read_manifest(self.manifest_path, columns=columns).to_pydict()
+        except ManifestError as e:
+            msg = one_line(e)
+            raise BuildDirError(msg if "build-shards" in msg else f"{msg}; {REBUILD_HINT}") from None
         n = len(next(iter(man.values()))) if man else 0
         if n != self.n_clips:
             raise BuildDirError(f"{self.manifest_path}: {n} rows but {self.store_path} holds {self.n_clips} clips; "

@@ -82,26 +82,26 @@ def write_manifest(path, table_or_columns) -> Path:
 
 
 def validate(table: pa.Table, where: str = "manifest", build_dir=None) -> pa.Table:
-    """Check schema, unique clip ids and byte ranges; with ``build_dir`` also shard presence."""
-    if not table.schema.equals(SCHEMA):
-        names = table.schema.names
-        missing = [c for c in COLUMNS if c not in names]
-        if missing:
-            old = " (an older build format; rebuild it with `python -m preprocess build-shards`)" \
-                if "checksum" in missing else ""
-            raise ManifestError(f"{where}: missing columns {missing}{old}")
+    """Check the schema of the table's columns (all of ``COLUMNS``, or a subset read with
+    ``read_manifest(columns=)``), unique clip ids and byte ranges; with ``build_dir`` also
+    that the shards exist."""
+    names = table.schema.names
+    want = pa.schema([SCHEMA.field(c) for c in names if c in COLUMNS])
+    if not table.schema.equals(want) or len(names) != len(want):
         try:
-            table = table.select(list(COLUMNS)).cast(SCHEMA)
+            table = table.select([c for c in names if c in COLUMNS]).cast(want)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
             raise ManifestError(f"{where}: column types do not match the manifest schema ({e})") from None
-    ids = table.column("clip_id")
-    if ids.null_count or len(pc.unique(ids)) != len(ids):
-        raise ManifestError(f"{where}: clip_id values must be unique and non-null")
-    off = table.column("offset").to_numpy()
-    size = table.column("size").to_numpy()
-    if len(off) and ((off < 0).any() or (size <= 0).any() or (off % 512).any()):
-        raise ManifestError(f"{where}: invalid byte ranges (offsets must be >= 0 multiples of 512, sizes > 0)")
-    if build_dir is not None:
+    if "clip_id" in names:
+        ids = table.column("clip_id")
+        if ids.null_count or len(pc.unique(ids)) != len(ids):
+            raise ManifestError(f"{where}: clip_id values must be unique and non-null")
+    if "offset" in names and "size" in names:
+        off = table.column("offset").to_numpy()
+        size = table.column("size").to_numpy()
+        if len(off) and ((off < 0).any() or (size <= 0).any() or (off % 512).any()):
+            raise ManifestError(f"{where}: invalid byte ranges (offsets must be >= 0 multiples of 512, sizes > 0)")
+    if build_dir is not None and "shard" in names:
         for s in pc.unique(table.column("shard")).to_pylist():
             p = Path(build_dir) / s
             if not p.is_file():
@@ -109,14 +109,25 @@ def validate(table: pa.Table, where: str = "manifest", build_dir=None) -> pa.Tab
     return table
 
 
-def read_manifest(path, build_dir=None) -> pa.Table:
-    """Read and validate; ``path`` may be the build folder."""
+def read_manifest(path, build_dir=None, columns=None) -> pa.Table:
+    """The one manifest reader: read (all columns, or ``columns``) and validate; ``path`` may
+    be the build folder. ManifestError names the file."""
     path = Path(path)
     if path.is_dir():
         build_dir = path if build_dir is None else build_dir
         path = path / MANIFEST_NAME
+    cols = list(COLUMNS if columns is None else columns)
+    unknown = [c for c in cols if c not in COLUMNS]
+    if unknown:
+        raise ValueError(f"no manifest columns {unknown}; the manifest has {list(COLUMNS)}")
     try:
-        table = pq.read_table(path)
+        have = pq.read_schema(path).names
+        missing = [c for c in cols if c not in have]
+        if missing:
+            old = " (an older build format; rebuild it with `python -m preprocess build-shards`)" \
+                if "checksum" in missing else ""
+            raise ManifestError(f"{path}: missing columns {missing}{old}")
+        table = pq.read_table(path, columns=cols)
     except (OSError, pa.ArrowInvalid) as e:
         raise ManifestError(f"{path}: cannot read manifest ({e})") from None
     return validate(table, where=str(path), build_dir=build_dir)

@@ -56,7 +56,7 @@ class DemoSize:
     model: dict  # config overrides (dotted key -> value) of the model and optimisation, common to both runs
 
 
-FULL = DemoSize(synth_clips=200, grid=20, video_stride=8, epochs=8, libero_tasks=3,
+FULL = DemoSize(synth_clips=200, grid=20, video_stride=8, epochs=4, libero_tasks=3,
                 model={"model.hidden_dim": 64, "model.num_layers": 1, "model.num_heads": 4, "training.batch_size": 16,
                        "training.learning_rate": 1e-3, "training.log_interval": 4})
 QUICK = DemoSize(synth_clips=48, grid=6, video_stride=8, epochs=2, libero_tasks=1,
@@ -237,8 +237,9 @@ def demo(out, epochs: int | None = None, quick: bool = False, video: bool = True
 
 
 def compare_picture(build_dir: Path, abl: Path, inputs: list[str]) -> Path:
-    """draw --compare of the baseline and recommended on a validation clip, over its start frame
-    when the data has one (the LIBERO sample's frames/<rollout>_f<start>.png)."""
+    """draw --compare of the baseline and recommended on the validation clip with the most moving
+    points, among those whose start frame the data has (the LIBERO sample's
+    frames/<rollout>_f<start>.png) when there are any."""
     from motion_data.build.folder import BuildDir
     from motion_data.read.split import split_manifest
 
@@ -246,16 +247,20 @@ def compare_picture(build_dir: Path, abl: Path, inputs: list[str]) -> Path:
 
     runs = {"base.yaml": abl / "runs" / V.BASELINE / "seed0", "recommended": abl / "runs" / "recommended" / "seed0"}
     b = BuildDir(build_dir)
-    man = b.manifest(["clip_id", "source", "split_group", "start_frame"])
+    man = b.manifest(["clip_id", "source", "split_group", "start_frame", "dynamic_ratio"])
     _, val = split_manifest(man, _val_split(runs["recommended"]), b.T)
-    clip, frame = (man["clip_id"][val[0]] if len(val) else None), None
-    for r in val:  # the first held-out clip whose start frame was kept
+    frames = {}
+    for r in val:  # held-out clips whose start frame was kept
         stem = Path(man["source"][r]).stem
         f = [Path(d) / "frames" / f"{stem}_f{int(man['start_frame'][r]):04d}.png" for d in inputs]
         f = next((x for x in f if x.exists()), None)
         if f is not None:
-            clip, frame = man["clip_id"][r], f
-            break
+            frames[int(r)] = f
+    # the clip with the most moving points, so that the picture shows motion (or its absence)
+    pool = list(frames) or [int(r) for r in val]
+    best = max(pool, key=lambda r: man["dynamic_ratio"][r]) if pool else None
+    clip = man["clip_id"][best] if best is not None else None
+    frame = frames.get(best)
     out, _ = draw_compare(build_dir, runs, abl / "compare.png", clip, frame, size=320, device="cpu")
     return out
 
