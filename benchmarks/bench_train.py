@@ -69,7 +69,7 @@ def child(args) -> dict:
     from tokenizer_train.train import trainer as T
     from tokenizer_train.common.config import load_config
     from tokenizer_train.model.model_inputs import with_index
-    from tokenizer_train.train.stop import StopSignals
+    from tokenizer_train.common.stop import StopSignals
 
     cfg = load_config(args.config, args.set)
     out = Path(args.out)

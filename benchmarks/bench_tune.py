@@ -31,6 +31,7 @@ from motion_data.common import static_filter as SF
 from motion_data.build.folder import BuildDir
 from motion_data.build import store as ST
 from motion_data.build.stats import _top_ranks
+from motion_data.common.errors import DataError
 
 N = 400
 W = L.DEFAULT_W
@@ -135,7 +136,7 @@ def main():
     try:
         attrs = ST.read_attrs(out / ST.STORE_NAME)
         reuse = attrs["n_clips"] == a.clips
-    except (ST.StoreError, KeyError, FileNotFoundError):
+    except (DataError, KeyError, FileNotFoundError):
         reuse = False
     if not reuse:
         shutil.rmtree(out, ignore_errors=True)

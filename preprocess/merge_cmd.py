@@ -5,14 +5,7 @@ same clips in the same order, the same statistics and histograms. Shards are har
 """
 from __future__ import annotations
 
-from motion_data.common.errors import UserError
-
-
-from motion_data.build.build_shards import BuildError
-from motion_data.build.folder import BuildDirError
-from motion_data.build.manifest import ManifestError
 from motion_data.build.merge import merge
-from motion_data.build.store import StoreError
 
 from .summary import format_summary
 
@@ -23,9 +16,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    try:
-        summary = merge(args.parts, args.out)
-    except (BuildError, BuildDirError, ManifestError, StoreError) as e:
-        raise UserError(str(e)) from None  # one line from the dispatcher (exit 2)
+    summary = merge(args.parts, args.out)  # a DataError is one line from the dispatcher (exit 2)
     print(format_summary(summary))
     return 0

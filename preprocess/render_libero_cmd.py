@@ -22,12 +22,11 @@ Example: python -m preprocess render-libero --out libero_tracks/ --suites libero
 """
 from __future__ import annotations
 
-from motion_data.common.errors import UserError
+from motion_data.common.errors import SettingError, UserError
 
 import time
 
-from motion_data.sources.file_readers import MissingDependency
-from motion_data.sources.libero.render import DEFAULT_SUITES, RenderConfig, RenderUnavailable, require_sim, suite_size
+from motion_data.sources.libero.render import DEFAULT_SUITES, RenderConfig, require_sim, suite_size
 from motion_data.sources.libero.jobs import claim_folder, parse_tasks, pending, run_jobs
 
 
@@ -69,7 +68,7 @@ def run(args) -> int:
         tasks = {suite: parse_tasks(args.tasks, suite_size(suite), suite) for suite in suites}
         claim_folder(args.out, cfg, args.overwrite)
         jobs = [j for suite in suites for j in pending(args.out, suite, tasks[suite], args.episodes_per_task)]
-    except (MissingDependency, RenderUnavailable, ValueError) as e:
+    except ValueError as e:  # SettingError included
         raise UserError(str(e)) from None  # one line from the dispatcher (exit 2)
     from tqdm import tqdm
 
@@ -83,7 +82,7 @@ def run(args) -> int:
         t0 = time.perf_counter()
         try:
             summaries = run_jobs(jobs, cfg, args.out, args.workers, on_done=done)
-        except RenderUnavailable as e:
+        except SettingError as e:
             raise UserError(str(e)) from None  # one line from the dispatcher (exit 2)
         wall = time.perf_counter() - t0
     if summaries:

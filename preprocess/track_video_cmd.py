@@ -16,8 +16,7 @@ import hashlib
 import sys
 from pathlib import Path
 
-from motion_data.common.clips import InputError
-from motion_data.common.errors import SettingError
+from motion_data.common.errors import DataError, SettingError
 from motion_data.sources.video import TrackConfig, track_video, write_track_file
 
 
@@ -64,7 +63,7 @@ def run(args) -> int:
                             disable=args.no_progress or len(videos) < 2):
         try:
             d = track_video(video, cfg, progress=not args.no_progress)
-        except InputError as e:
+        except DataError as e:
             if args.on_error == "fail":
                 raise  # a UserError: one line from the dispatcher (exit 2)
             skipped.append(str(e))

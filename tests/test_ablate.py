@@ -7,7 +7,7 @@ import pytest
 from tokenizer_train.experiments import ablate as AB
 from tokenizer_train.experiments import variants as V
 from tokenizer_train.__main__ import main
-from tokenizer_train.common.config import ConfigError
+from motion_data.common.errors import SettingError
 
 TINY = {"model.hidden_dim": 16, "model.num_layers": 1, "model.num_heads": 2, "training.batch_size": 8,
         "training.log_interval": 1, "data.val_split": 0.25, "training.device": "cpu"}
@@ -52,9 +52,9 @@ def test_variants_file_include_order_and_errors(tmp_path):
     cfg = V.resolve(None, v["combo"], {"training.focal.gamma": 0.5})
     assert cfg.training.focal.enabled and cfg.training.focal.gamma == 0.5
     (tmp_path / "bad.yaml").write_text("baseline:\n  training.epochs: 2\n")
-    with pytest.raises(ConfigError, match="reserved"):
+    with pytest.raises(SettingError, match="reserved"):
         V.load_variants(tmp_path / "bad.yaml")
-    with pytest.raises(ConfigError, match="training.focal.gama"):
+    with pytest.raises(SettingError, match="training.focal.gama"):
         V.resolve(None, {"training.focal.gama": 1.0})
 
 
@@ -176,7 +176,7 @@ def test_summarize_reads_a_null_last_value_as_nan():
 def test_run_that_died_before_its_first_checkpoint_restarts_through_the_run_folder_rule(tiny_build, tmp_path):
     """No checkpoint: the run starts afresh; its stale rows go, a file that is not the run's stays
     (the run folder's rule, run_folder.check_fresh, instead of wiping the folder)."""
-    from tokenizer_train.train.run_folder import RunFolderError
+    from motion_data.common.errors import DataError
 
     spec = AB.plan(None, {}, tmp_path, [0], TINY, 1)[0]
     spec.dir.mkdir(parents=True)
@@ -195,7 +195,7 @@ def test_run_that_died_before_its_first_checkpoint_restarts_through_the_run_fold
     other = AB.plan(None, {}, tmp_path / "o", [0], TINY, 1)[0]
     other.dir.mkdir(parents=True)
     (other.dir / "notes.txt").write_text("mine")
-    with pytest.raises(RunFolderError):
+    with pytest.raises(DataError):
         AB.run_one(other, tiny_build, progress=False)
     assert (other.dir / "notes.txt").read_text() == "mine"
 

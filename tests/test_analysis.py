@@ -20,6 +20,7 @@ from motion_data.build import stats as S
 from motion_data.common import static_filter as SF
 from motion_data.build.store import store_attrs
 from preprocess.__main__ import main
+from motion_data.common.errors import DataError
 
 W = 15
 BW = S.HIST_BIN_WIDTH
@@ -212,7 +213,7 @@ def test_exact_pass_names_a_damaged_shard(build, tmp_path):
     root = make_build(tmp_path / "b", C=6, N=8, shard_sizes=(6,))[0]
     p = root / "shards" / shards.shard_name(0)
     p.write_bytes(p.read_bytes()[:3000])
-    with pytest.raises(shards.ShardError, match="shard-000000.tar"):
+    with pytest.raises(DataError, match="shard-000000.tar"):
         A.exact_from_build(root, ["p95"], [0.04], 4, progress=False)
 
 

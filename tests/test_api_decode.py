@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from motion_data.build.folder import BuildDir
-from motion_data.common.errors import UserError
+from motion_data.common.errors import DataError, UserError
 from motion_data.common.labels import class_offsets, normalize, velocities
 from tokenizer_train.__main__ import main
 from tokenizer_train.use.api import load_tokenizer
-from tokenizer_train.model.checkpoint import CheckpointError
 from tokenizer_train.common.config import from_dict
 from tokenizer_train.train.trainer import train
 from motion_data.read.clips import read_clips
@@ -85,7 +84,7 @@ def test_encode_equals_tokenize_and_decode_equals_forward_argmax(runs, kind):
 
 def test_api_errors_name_the_problem(runs, tmp_path):
     build, run, _ = runs
-    with pytest.raises(CheckpointError, match=str(tmp_path / "nowhere" / "best.pt")):
+    with pytest.raises(DataError, match=str(tmp_path / "nowhere" / "best.pt")):
         load_tokenizer(tmp_path / "nowhere", device="cpu")
     tok = load_tokenizer(run["pos"], device="cpu")
     _, pos, _ = _all_clips(build)

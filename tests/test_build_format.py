@@ -13,10 +13,9 @@ import torch
 import zarr
 
 from conftest import make_track_file
-from motion_data.build import shards
 from motion_data.common.labels import center_class, labels_from_positions
 from motion_data.read.loader import make_loader
-from motion_data.build.manifest import ManifestError
+from motion_data.common.errors import DataError
 from motion_data.read.verify import verify_build
 from motion_data.read.sampler import SamplerConfig
 from motion_data.common.static_filter import StaticFilter
@@ -67,7 +66,7 @@ def test_old_format_build_is_refused_everywhere_with_one_line(tiny_build, tmp_pa
     # merge reads build.json first: an old part is refused by name too
     assert preprocess_main(["merge", str(old), "--out", str(tmp_path / "m")]) == 2
     _one_line_naming(capsys.readouterr().err, old)
-    with pytest.raises(ManifestError, match="rebuild it with"):
+    with pytest.raises(DataError, match="rebuild it with"):
         verify_build(old)
 
 
@@ -88,7 +87,7 @@ def test_checksum_mismatch_is_refused_naming_the_shard(tiny_build, tmp_path, cap
     shutil.copytree(tiny_build, root)
     name, cid = _flip_pos_byte(root, 30)
     kw = dict(split="all", batch_size=6, epoch_size=60)
-    with pytest.raises(shards.ShardError, match=f"{name}.*checksum mismatch"):
+    with pytest.raises(DataError, match=f"{name}.*checksum mismatch"):
         for _ in make_loader(root, **kw):
             pass
     ld = make_loader(root, on_error="skip", **kw)
@@ -101,7 +100,7 @@ def test_checksum_mismatch_is_refused_naming_the_shard(tiny_build, tmp_path, cap
     with pytest.raises(Exception, match="checksum mismatch"):
         for _ in stream:
             pass
-    with pytest.raises(ManifestError, match=f"{name}.*checksum mismatch"):
+    with pytest.raises(DataError, match=f"{name}.*checksum mismatch"):
         verify_build(root)
     assert preprocess_main(["analyze", str(root), "--exact", "--no-progress"]) == 2
     err = capsys.readouterr().err

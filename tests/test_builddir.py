@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 import zarr
 
-from motion_data.build.folder import BuildDir, BuildDirError
+from motion_data.build.folder import BuildDir
+from motion_data.common.errors import DataError
 from motion_data.common.static_filter import DEFAULT_FILTER, StaticFilter
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -37,14 +38,14 @@ def test_check_compatible_names_what_differs(build):
     b = BuildDir(build)
     b.check_compatible(W=15, N=16, T=16, what="the run R")  # equal: no error
     b.check_compatible()  # nothing asked: nothing checked
-    with pytest.raises(BuildDirError, match=r"build has N=16 but the run R has N=400"):
+    with pytest.raises(DataError, match=r"build has N=16 but the run R has N=400"):
         b.check_compatible(W=15, N=400, what="the run R")
     with pytest.raises(ValueError, match=str(build)):  # a ValueError, naming the folder
         b.check_compatible(W=13)
 
 
 def test_missing_folder_is_one_line_with_the_way_out(tmp_path):
-    with pytest.raises(BuildDirError) as e:
+    with pytest.raises(DataError) as e:
         BuildDir(tmp_path / "nothing").W
     msg = str(e.value)
     assert "stats.zarr: not found" in msg and "build-shards" in msg and "\n" not in msg
@@ -57,17 +58,17 @@ def test_old_format_and_short_manifest_are_refused(build, tmp_path):
     shutil.copytree(build, old)
     g = zarr.open_group(str(old / "stats.zarr"), mode="a")
     g.attrs["format_version"] = 1
-    with pytest.raises(BuildDirError, match="rebuild it with `python -m preprocess build-shards`"):
+    with pytest.raises(DataError, match="rebuild it with `python -m preprocess build-shards`"):
         BuildDir(old).N
     short = tmp_path / "short"
     shutil.copytree(build, short)
     t = pq.read_table(short / "manifest.parquet")
     pq.write_table(t.slice(0, 5), short / "manifest.parquet")
-    with pytest.raises(BuildDirError, match=r"manifest\.parquet: 5 rows but .*stats\.zarr holds 8 clips"):
+    with pytest.raises(DataError, match=r"manifest\.parquet: 5 rows but .*stats\.zarr holds 8 clips"):
         BuildDir(short).manifest()
 
 
 def test_histograms_missing_is_named(build):
     # this fixture's store has no class histograms: class counts say so, naming the store
-    with pytest.raises(BuildDirError, match=r"stats\.zarr: no class histograms for metric 'p95'"):
+    with pytest.raises(DataError, match=r"stats\.zarr: no class histograms for metric 'p95'"):
         BuildDir(build).class_counts(StaticFilter(enable=True))

@@ -6,7 +6,7 @@ import pytest
 from motion_data.common.errors import UserError
 from tokenizer_train.experiments import ablate
 from tokenizer_train.__main__ import main
-from tokenizer_train.train.stop import Stopped
+from tokenizer_train.common.stop import Stopped
 
 
 def _run(monkeypatch, capsys, exc):

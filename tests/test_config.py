@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tokenizer_train.common.config import Config, ConfigError, from_dict, load_config
+from tokenizer_train.common.config import Config, from_dict, load_config
+from motion_data.common.errors import SettingError
 
 BASE = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
 
@@ -41,14 +42,14 @@ def test_base_yaml_lists_every_field():
     ({"optim": {}}, "optim"),
 ])
 def test_unknown_key_names_full_path(tree, path):
-    with pytest.raises(ConfigError, match=f"'{path}'"):
+    with pytest.raises(SettingError, match=f"'{path}'"):
         from_dict(tree)
 
 
 def test_unknown_key_in_file_names_file(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("training:\n  lr_schedule:\n    typ: cosine\n")
-    with pytest.raises(ConfigError, match=r"c\.yaml.*training\.lr_schedule\.typ"):
+    with pytest.raises(SettingError, match=r"c\.yaml.*training\.lr_schedule\.typ"):
         load_config(p)
 
 
@@ -67,17 +68,17 @@ def test_set_overrides_and_types():
 
 
 def test_set_unknown_key_and_bad_values():
-    with pytest.raises(ConfigError, match="training.focal.gama"):
+    with pytest.raises(SettingError, match="training.focal.gama"):
         from_dict({}, ["training.focal.gama=1"])
-    with pytest.raises(ConfigError, match="not a section"):
+    with pytest.raises(SettingError, match="not a section"):
         from_dict({}, ["training.epochs.x=1"])
-    with pytest.raises(ConfigError, match="KEY=VALUE"):
+    with pytest.raises(SettingError, match="KEY=VALUE"):
         from_dict({}, ["training.epochs"])
-    with pytest.raises(ConfigError, match="integer"):
+    with pytest.raises(SettingError, match="integer"):
         from_dict({}, ["training.batch_size=2.5"])
-    with pytest.raises(ConfigError, match="mixed_precision"):
+    with pytest.raises(SettingError, match="mixed_precision"):
         from_dict({}, ["training.mixed_precision=fp8"])
-    with pytest.raises(ConfigError, match="metric"):
+    with pytest.raises(SettingError, match="metric"):
         from_dict({}, ["data.static_filter.metric=median"])
 
 
@@ -94,7 +95,7 @@ def test_override_takes_values_and_returns_a_new_validated_config():
     assert c.training.epochs == 5 and base.training.epochs != 5  # the original is untouched
     c = override_all({"model": {"hidden_dim": 32}}, [("model.fsq_levels", [8, 5]), ("data.static_filter.enable", True)])
     assert c.model.hidden_dim == 32 and c.model.fsq_levels == [8, 5] and c.data.static_filter.enable
-    with pytest.raises(ConfigError, match="unknown config key 'training.epoch'"):
+    with pytest.raises(SettingError, match="unknown config key 'training.epoch'"):
         override(base, "training.epoch", 5)
-    with pytest.raises(ConfigError, match="window_size"):  # validated like a YAML file
+    with pytest.raises(SettingError, match="window_size"):  # validated like a YAML file
         override(base, "data.window_size", 4)

@@ -16,13 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_track_file, make_tracks
-from motion_data.common.clips import InputError
+from motion_data.common.errors import DataError
 from motion_data.sources.importers import iter_sequences
 from motion_data.read.loader import make_loader
-from motion_data.build.manifest import ManifestError
 from motion_data.read.verify import verify_build
 from motion_data.read.shard_reader import read_sample
-from motion_data.build.shards import ShardError
 from preprocess.__main__ import main
 from test_build import assert_same_content
 
@@ -165,7 +163,7 @@ def test_pickle_payloads_are_live_but_never_run(corpus, tmp_path):
     """The proof is not vacuous: unpickling the same files on purpose does run the payload."""
     root, marker, good, bad = corpus
     for case in ("pickle_npy", "pickle_npz", "pickle_pt"):
-        with pytest.raises(InputError, match="pickled"):
+        with pytest.raises(DataError, match="pickled"):
             list(iter_sequences(bad[case], image_size=(96, 128)))
     assert not marker.exists()
     np.load(bad["pickle_npy"], allow_pickle=True)  # what allow_pickle=True would have done
@@ -189,7 +187,7 @@ def test_every_truncation_is_an_input_error(corpus, tmp_path, name):
             continue
         p = tmp_path / f"cut{cut}{src.suffix}"
         p.write_bytes(data[:cut])
-        with pytest.raises(InputError) as e:
+        with pytest.raises(DataError) as e:
             list(iter_sequences(p, image_size=(96, 128)))
         msg = str(e.value)
         assert msg.startswith(str(p)) and "\n" not in msg, (cut, msg)
@@ -224,11 +222,11 @@ def test_unsafe_member_names_are_refused(build_copy, tmp_path, prefix):
     bad_id = man[1]["clip_id"]
     shard = build_copy / man[1]["shard"]
     _rewrite_members(shard, lambda n: prefix + n if n.startswith(bad_id) else n)
-    with pytest.raises(ShardError, match="unsafe member name") as e:
+    with pytest.raises(DataError, match="unsafe member name") as e:
         read_sample(shard, man[1]["offset"], man[1]["size"], bad_id)
     assert str(shard) in str(e.value)
     # the loader refuses it too (fail), or drops just that clip (skip)
-    with pytest.raises(ShardError) as e:
+    with pytest.raises(DataError) as e:
         for _ in make_loader(build_copy, split="all", batch_size=60):
             pass
     assert str(shard) in str(e.value) and "\n" not in str(e.value)
@@ -236,17 +234,17 @@ def test_unsafe_member_names_are_refused(build_copy, tmp_path, prefix):
     ids = [c for b in loader for c in b["clip_id"]]
     assert bad_id not in ids and len(ids) == 59 and loader.skipped == 1
     assert not list(Path("/tmp").glob(f"{bad_id}*")) and not (tmp_path.parent / f"{bad_id}.pos.npy").exists()
-    with pytest.raises(ManifestError, match=r"manifest\.parquet"):
+    with pytest.raises(DataError, match=r"manifest\.parquet"):
         verify_build(build_copy)
 
 
 def test_truncated_shard_is_named(build_copy):
     shard = build_copy / "shards" / "shard-000001.tar"
     shard.write_bytes(shard.read_bytes()[:20000])
-    with pytest.raises(ManifestError) as e:
+    with pytest.raises(DataError) as e:
         verify_build(build_copy)
     assert "shard-000001.tar" in str(e.value) and "manifest.parquet" in str(e.value)
-    with pytest.raises(ShardError, match="shard-000001.tar"):
+    with pytest.raises(DataError, match="shard-000001.tar"):
         for _ in make_loader(build_copy, split="all", batch_size=60):
             pass
 
@@ -263,11 +261,11 @@ def test_manifest_with_swapped_offsets_is_refused(build_copy):
         return t.set_column(t.schema.get_field_index("offset"), "offset", pa.array(off, pa.int64()))
 
     _edit_manifest(build_copy, swap)
-    with pytest.raises(ManifestError) as e:
+    with pytest.raises(DataError) as e:
         verify_build(build_copy)
     msg = str(e.value)
     assert str(build_copy / "manifest.parquet") in msg and "shard-000000.tar" in msg and "\n" not in msg
-    with pytest.raises(ShardError) as e:
+    with pytest.raises(DataError) as e:
         for _ in make_loader(build_copy, split="all", batch_size=8):
             pass
     assert "shard-000000.tar" in str(e.value) and "does not belong" in str(e.value)
@@ -277,10 +275,10 @@ def test_manifest_missing_rows_or_shard_is_refused(build_copy):
     _edit_manifest(build_copy, lambda t: t.slice(0, 59))
     with pytest.raises(ValueError, match=r"manifest\.parquet: 59 rows but .*stats\.zarr holds 60 clips"):
         make_loader(build_copy, split="all", batch_size=8)
-    with pytest.raises(ManifestError, match=r"shard-000002\.tar holds 10 samples, the manifest lists 9"):
+    with pytest.raises(DataError, match=r"shard-000002\.tar holds 10 samples, the manifest lists 9"):
         verify_build(build_copy)
     (build_copy / "shards" / "shard-000002.tar").unlink()
-    with pytest.raises(ManifestError, match=r"manifest\.parquet: shard shards/shard-000002\.tar does not exist"):
+    with pytest.raises(DataError, match=r"manifest\.parquet: shard shards/shard-000002\.tar does not exist"):
         verify_build(build_copy)
 
 
@@ -291,8 +289,8 @@ def test_manifest_range_past_the_shard_end_is_named(build_copy):
         return t.set_column(t.schema.get_field_index("size"), "size", pa.array(size, pa.int64()))
 
     _edit_manifest(build_copy, grow)
-    with pytest.raises(ShardError, match=r"shard-000002\.tar.*truncated"):
+    with pytest.raises(DataError, match=r"shard-000002\.tar.*truncated"):
         for _ in make_loader(build_copy, split="all", batch_size=60):
             pass
-    with pytest.raises(ManifestError, match="manifest.parquet"):
+    with pytest.raises(DataError, match="manifest.parquet"):
         verify_build(build_copy)

@@ -1,8 +1,8 @@
-"""Importers: every format round-trips to reference-pixel velocities; bad input -> InputError naming the file."""
+"""Importers: every format round-trips to reference-pixel velocities; bad input -> DataError naming the file."""
 import numpy as np
 import pytest
 
-from motion_data.common.clips import InputError
+from motion_data.common.errors import DataError
 from motion_data.sources.importers import detect_format, iter_sequences, list_inputs, read_sequences
 
 h5py = pytest.importorskip("h5py")
@@ -55,7 +55,7 @@ def test_npy_needs_image_size_argument(tmp_path):
     tr = _tracks(6)
     p = tmp_path / "d.npy"
     np.save(p, tr)
-    with pytest.raises(InputError, match=r"d\.npy.*image.size"):
+    with pytest.raises(DataError, match=r"d\.npy.*image.size"):
         list(iter_sequences(p))
     (seq,) = iter_sequences(p, image_size=(64, 32))
     np.testing.assert_allclose(seq.vel, np.diff(tr, axis=0) * np.array([4, 2]), rtol=1e-5, atol=1e-4)
@@ -92,7 +92,7 @@ def test_laps_pt_scale(tmp_path):
     assert seq.valid.all() and seq.valid.shape == (15, 6)
     # forced format on a file with out-of-range values is refused
     torch.save(torch.tensor(v * 3), d / "bad.pt")
-    with pytest.raises(InputError, match=r"bad\.pt.*\[-1, 1\]"):
+    with pytest.raises(DataError, match=r"bad\.pt.*\[-1, 1\]"):
         list(iter_sequences(d / "bad.pt", fmt="laps-pt"))
 
 
@@ -121,7 +121,7 @@ def test_amplify_h5_views_and_ref_size(tmp_path):
     only = list(iter_sequences(p, views=["eye_in_hand"]))
     assert len(only) == 4
     np.testing.assert_allclose(only[1].vel, np.diff(tr[1], axis=0), rtol=1e-5, atol=1e-4)
-    with pytest.raises(InputError, match=r"demo\.hdf5.*wrist"):
+    with pytest.raises(DataError, match=r"demo\.hdf5.*wrist"):
         list(iter_sequences(p, views=["wrist"]))
 
 
@@ -159,7 +159,7 @@ def test_atm_h5_without_video_needs_image_size(tmp_path):
     tr = RNG.uniform(0, 1, size=(1, 6, 4, 2))
     with h5py.File(p, "w") as f:
         f.create_dataset("agentview/tracks", data=tr)
-    with pytest.raises(InputError, match=r"atm2\.h5.*image.size"):
+    with pytest.raises(DataError, match=r"atm2\.h5.*image.size"):
         list(iter_sequences(p, fmt="atm-h5"))
     (seq,) = iter_sequences(p, fmt="atm-h5", image_size=(100, 100))
     np.testing.assert_allclose(seq.vel, np.diff(tr[0], axis=0) * 128, rtol=1e-5, atol=1e-4)
@@ -171,7 +171,7 @@ def test_list_inputs(tmp_path):
         (tmp_path / name).write_bytes(b"1")
     got = list_inputs([tmp_path / "x", tmp_path / "c.npy", tmp_path / "x"])
     assert got == sorted({str(tmp_path / "x/b.npz"), str(tmp_path / "x/y/a.h5"), str(tmp_path / "c.npy")})
-    with pytest.raises(InputError, match="missing"):
+    with pytest.raises(DataError, match="missing"):
         list_inputs([tmp_path / "missing"])
 
 
@@ -264,7 +264,7 @@ class _Evil:
 def test_every_bad_input_raises_input_error_naming_the_file(tmp_path, capsys):
     for name, path in _bad_cases(tmp_path).items():
         fmt = "amplify-h5" if name in ("h5_nan", "h5_rank_forced") else "auto"
-        with pytest.raises(InputError) as ei:
+        with pytest.raises(DataError) as ei:
             list(iter_sequences(path, fmt=fmt))
         msg = str(ei.value)
         assert msg.startswith(str(path)), (name, msg)
@@ -275,7 +275,7 @@ def test_every_bad_input_raises_input_error_naming_the_file(tmp_path, capsys):
 def test_pickled_pt_refused_without_running_code(tmp_path, capsys):
     p = tmp_path / "evil.pt"
     torch.save({"tracks": torch.zeros(3, 2, 2), "obj": _Evil()}, p)
-    with pytest.raises(InputError, match=r"evil\.pt: .*pickled object"):
+    with pytest.raises(DataError, match=r"evil\.pt: .*pickled object"):
         list(iter_sequences(p, image_size=(8, 8)))
     assert "unpickled!" not in capsys.readouterr().out
 
@@ -283,7 +283,7 @@ def test_pickled_pt_refused_without_running_code(tmp_path, capsys):
 def test_pickled_npy_message(tmp_path):
     p = tmp_path / "pickled.npy"
     np.save(p, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(InputError, match=r"pickled\.npy: .*pickled"):
+    with pytest.raises(DataError, match=r"pickled\.npy: .*pickled"):
         list(iter_sequences(p, image_size=(64, 64)))
 
 
@@ -293,7 +293,7 @@ def test_bad_file_yields_nothing(tmp_path):
     p = tmp_path / "late.npz"
     np.savez(p, tracks=tr, image_size=np.array([64, 64]))
     it = iter_sequences(p)
-    with pytest.raises(InputError, match=r"late\.npz"):
+    with pytest.raises(DataError, match=r"late\.npz"):
         next(it)
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from motion_data.sources.libero import sample as LS
 from motion_data.common.labels import labels_from_positions, step_valid
+from motion_data.common.errors import DataError
 
 RENDERED = sorted((Path(__file__).parent / "data" / "libero").glob("*.npz"))
 
@@ -49,7 +50,7 @@ def test_pack_and_unpack_keep_labels_visibility_and_windows(tmp_path):
 def test_a_damaged_sample_is_one_line_naming_it(tmp_path):
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not a zip")
-    with pytest.raises(LS.SampleError, match="bad.npz"):
+    with pytest.raises(DataError, match="bad.npz"):
         list(LS.read(bad))
 
 
@@ -70,7 +71,7 @@ def test_a_truncated_sample_is_one_line_too(tmp_path):
     LS.pack(RENDERED[:1], good, {"command": "test"})
     bad = tmp_path / "cut.npz"
     bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(LS.SampleError, match="cut.npz"):
+    with pytest.raises(DataError, match="cut.npz"):
         LS.index(bad)
-    with pytest.raises(LS.SampleError, match="cut.npz"):
+    with pytest.raises(DataError, match="cut.npz"):
         list(LS.read(bad))

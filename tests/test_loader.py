@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from loader_fixtures import write_build
-from motion_data.build import shards
 from motion_data.read.augment import AugmentConfig
 from motion_data.common.labels import labels_from_positions, normalize, step_valid, velocities
 from motion_data.read.batch import _batch_kernel, _derive_kernel, _label_kernel
@@ -18,6 +17,7 @@ from motion_data.read.sampler import IndexBatch, SamplerConfig, SequentialBatchS
 from motion_data.read.split import split_manifest
 from motion_data.common.static_filter import StaticFilter
 from motion_data.build.stats import keep_mask
+from motion_data.common.errors import DataError
 
 FLT = StaticFilter(enable=True, metric="p95", threshold=0.04, min_keep=16)
 WEIGHTED = SamplerConfig(method="dynamic_ratio", power=1.0, min_weight=0.05)
@@ -289,7 +289,7 @@ def test_corrupt_shard_fails_naming_it_or_is_skipped(tmp_path, how, caplog):
     src = write_build(tmp_path / "src", shard_sizes=(5, 3, 4))
     root, bad = _corrupt(src, tmp_path, how)
     kw = dict(split="all", static_filter=FLT, batch_size=4, sampler=SamplerConfig(), epoch_size=12)
-    with pytest.raises(shards.ShardError, match=bad.split("/")[-1]):
+    with pytest.raises(DataError, match=bad.split("/")[-1]):
         for _ in make_loader(root, **kw):
             pass
     ld = make_loader(root, on_error="skip", **kw)
@@ -305,7 +305,7 @@ def test_corrupt_shard_fails_naming_it_or_is_skipped(tmp_path, how, caplog):
 def test_missing_shard_is_named(tmp_path):
     root = write_build(tmp_path / "b", shard_sizes=(3, 3))
     (root / "shards" / "shard-000001.tar").unlink()
-    with pytest.raises(shards.ShardError, match="shard-000001.tar"):
+    with pytest.raises(DataError, match="shard-000001.tar"):
         for _ in make_loader(root, split="all", batch_size=6, epoch_size=6):
             pass
 

@@ -10,7 +10,8 @@ from motion_data.common.labels import center_class, labels_from_positions, ring_
 from motion_data.common.static_filter import METRICS, StaticFilter
 from motion_data.build.stats import class_histograms, keep_mask, point_stats
 from motion_data.build.store import store_attrs, write_store
-from tokenizer_train.common.config import ConfigError, from_dict
+from tokenizer_train.common.config import from_dict
+from motion_data.common.errors import SettingError
 from motion_data.build.folder import BuildDir
 from tokenizer_train.train.class_weights import balanced_weights, class_weights_image, ring_decay_weights, save_class_weights
 from tokenizer_train.train.losses import Criterion
@@ -126,7 +127,7 @@ def test_per_class_alpha_uses_the_class_weights_once():
     assert torch.equal(plain_w, per_cls)
     with pytest.raises(ValueError, match="per_class"):
         Criterion(tcfg(focal={"enabled": True, "alpha": "per_class"}), counts, W)
-    with pytest.raises(ConfigError):
+    with pytest.raises(SettingError):
         tcfg(focal={"enabled": True, "alpha": "per_klass"})
 
 

@@ -18,7 +18,7 @@ from tokenizer_train.common.config import from_dict
 from tokenizer_train.train.fused_ce import IGNORE, linear_ce
 from tokenizer_train.model.model import MotionTokenizer
 from tokenizer_train.model.model_inputs import flat_index, take, with_index
-from tokenizer_train.train.stop import StopSignals
+from tokenizer_train.common.stop import StopSignals
 from tokenizer_train.common import distributed as D
 from motion_data.build.folder import BuildDir
 

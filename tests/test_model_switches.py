@@ -172,10 +172,10 @@ def test_model_kwargs_start_pos():
 
 
 def test_bad_switch_values_are_config_errors():
-    from tokenizer_train.common.config import ConfigError
-    with pytest.raises(ConfigError, match="model.decoder"):
+    from motion_data.common.errors import SettingError
+    with pytest.raises(SettingError, match="model.decoder"):
         from_dict({}, ["model.decoder=mlp"])
-    with pytest.raises(ConfigError, match="model.groups"):
+    with pytest.raises(SettingError, match="model.groups"):
         from_dict({}, ["model.groups=0"])
     with pytest.raises(ValueError, match="model.groups"):
         tiny(groups=5)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from motion_data.common.errors import DataError
 from tokenizer_train.model import checkpoint as C
 from tokenizer_train.__main__ import main
 from tokenizer_train.common.config import from_dict
@@ -134,7 +135,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(build, reference, tm
     if phase == "truncated_last":
         data = (out / "last.pt").read_bytes()
         (out / "last.pt").write_bytes(data[: len(data) * 2 // 3])
-        with pytest.raises(C.CheckpointError, match=r"last\.pt: cannot read checkpoint"):
+        with pytest.raises(DataError, match=r"last\.pt: cannot read checkpoint"):
             C.load(out / "last.pt")
     # TensorBoard reads event files in name order, and the name carries the creation second:
     # a resume within the same second as the kill could sort before the killed run's file
@@ -180,19 +181,19 @@ def test_save_last_keeps_the_previous_and_load_latest_falls_back(tmp_path):
     whole = p.read_bytes()
     for cut in (0, 1, 100, len(whole) // 2, len(whole) - 1):
         p.write_bytes(whole[:cut])
-        with pytest.raises(C.CheckpointError) as e:
+        with pytest.raises(DataError) as e:
             C.load(p)
         assert str(e.value).startswith(str(p)) and "\n" not in str(e.value)
         st, used, problems = C.load_latest(p)
         assert st["step"] == 2 and used == C.prev_path(p)
         assert len(problems) == 1 and problems[0].startswith(str(p))
     C.prev_path(p).write_bytes(b"garbage")
-    with pytest.raises(C.CheckpointError) as e:
+    with pytest.raises(DataError) as e:
         C.load_latest(p)
     assert str(p) in str(e.value) and str(C.prev_path(p)) in str(e.value)
     # a readable file that is no training checkpoint is not taken for one
     torch.save({"hello": torch.zeros(1)}, p)
-    with pytest.raises(C.CheckpointError, match="not a training checkpoint"):
+    with pytest.raises(DataError, match="not a training checkpoint"):
         C.load_latest(p)
 
 
@@ -200,7 +201,7 @@ def test_checkpoint_with_a_pickled_object_is_refused_without_running_it(tmp_path
     marker = tmp_path / "pwned"
     p = tmp_path / "last.pt"
     torch.save({"model": {}, "optimizer": {}, "step": 1, "epoch": 0, "x": _Evil(str(marker))}, p)
-    with pytest.raises(C.CheckpointError, match=r"last\.pt: cannot read checkpoint"):
+    with pytest.raises(DataError, match=r"last\.pt: cannot read checkpoint"):
         C.load(p)
     assert not marker.exists()
 
@@ -297,7 +298,7 @@ def test_signal_saves_prints_resume_line_and_resume_equals_uninterrupted(build, 
 
 
 def test_stop_signals_flag_and_second_ctrl_c():
-    from tokenizer_train.train.stop import StopSignals
+    from tokenizer_train.common.stop import StopSignals
 
     before = signal.getsignal(signal.SIGTERM)
     with StopSignals() as stop:

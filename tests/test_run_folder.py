@@ -189,7 +189,7 @@ def test_old_tensorboard_folder_is_adopted_and_counts_as_the_run(tmp_path):
 
 def test_ctrl_c_in_demo_is_one_line_saying_rerun_resumes(tmp_path, capsys, monkeypatch):
     from tokenizer_train.experiments import demo as DM
-    from tokenizer_train.train.stop import Stopped
+    from tokenizer_train.common.stop import Stopped
 
     for exc in (KeyboardInterrupt(), Stopped(2, 3, tmp_path / "run")):
         def interrupted(*a, **k):

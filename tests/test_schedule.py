@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from tokenizer_train.common.config import ConfigError, from_dict
+from tokenizer_train.common.config import from_dict
+from motion_data.common.errors import SettingError
 from tokenizer_train.train.schedule import build_scheduler, clip_gradients, lr_factor
 
 BASE = 1e-3
@@ -75,7 +76,7 @@ def test_scheduler_state_resumes():
 
 
 def test_bad_schedule_config():
-    with pytest.raises(ConfigError):
+    with pytest.raises(SettingError):
         lcfg(type="exponential")
     p = torch.nn.Parameter(torch.zeros(1))
     with pytest.raises(ValueError, match="step_size"):

@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenizer_train.common.config import ConfigError, from_dict
+from tokenizer_train.common.config import from_dict
+from motion_data.common.errors import SettingError
 from tokenizer_train.model.shaping import QuantInputShaping
 
 
@@ -68,7 +69,7 @@ def test_tanh_scale_trainable_switch():
     assert not list(frozen.parameters())
     assert "scale" in frozen.state_dict()  # saved with checkpoints all the same
     assert torch.equal(frozen(x), trainable(x))
-    with pytest.raises(ConfigError):
+    with pytest.raises(SettingError):
         mcfg(quant_input_tanh_scale={"enabled": True, "init": 5.0, "s_max": 3.0})
 
 

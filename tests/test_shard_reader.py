@@ -17,7 +17,8 @@ import pytest
 from loader_fixtures import write_build
 from motion_data.read.loader import make_loader
 from motion_data.read.shard_reader import FdCache, read_batch, read_sample
-from motion_data.build.shards import ShardError, array_checksum
+from motion_data.build.shards import array_checksum
+from motion_data.common.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,10 +69,10 @@ def test_nan_in_array_bytes_is_refused_by_name(tmp_path, fix_checksum):
         ck[i] = array_checksum(pos, vis, st)
         _set_column(root, "checksum", ck)
     why = "non-finite"  # checked before the checksum, so whatever the manifest says
-    with pytest.raises(ShardError, match=why) as e:
+    with pytest.raises(DataError, match=why) as e:
         read_sample(shard, off, m["size"][i], m["clip_id"][i], _man(root)["checksum"][i])
     assert str(shard) in str(e.value) and "\n" not in str(e.value)
-    with pytest.raises(ShardError, match=why):
+    with pytest.raises(DataError, match=why):
         for _ in make_loader(root, split="all", batch_size=8):
             pass
     ld = make_loader(root, split="all", batch_size=8, on_error="skip")
@@ -88,11 +89,11 @@ def test_huge_manifest_size_is_a_shard_error_not_memory_error(tmp_path):
     sizes = list(m["size"])
     sizes[4] = 1 << 40
     _set_column(root, "size", sizes)
-    with pytest.raises(ShardError, match="outside the shard") as e:
+    with pytest.raises(DataError, match="outside the shard") as e:
         for _ in make_loader(root, split="all", batch_size=6):
             pass
     assert m["shard"][4].split("/")[-1] in str(e.value)
-    with pytest.raises(ShardError, match="outside the shard"):
+    with pytest.raises(DataError, match="outside the shard"):
         read_sample(root / m["shard"][4], m["offset"][4], 1 << 40, m["clip_id"][4])
     ld = make_loader(root, split="all", batch_size=6, on_error="skip")
     assert sum(len(b["clip_id"]) for b in ld) == 5 and ld.skipped == 1
@@ -151,7 +152,7 @@ def test_running_out_of_descriptors_is_never_blamed_on_a_shard(tmp_path):
                            env=env, cwd=REPO, timeout=240, preexec_fn=_limited(256))
         assert r.returncode == 0, r.stderr[-2000:]
         out = r.stdout.strip().splitlines()[-1]
-        # an OSError about the process limit, not a ShardError, and nothing counted as skipped
+        # an OSError about the process limit, not a DataError, and nothing counted as skipped
         assert out.startswith("OSError") and "too many open files" in out.lower() and out.endswith("skipped 0"), out
 
 

@@ -102,14 +102,15 @@ def test_the_same_files_named_from_another_root_are_another_build(tmp_path):
     import pytest
 
     from conftest import make_track_file
-    from motion_data.build.build_shards import BuildError, build
+    from motion_data.build.build_shards import build
+    from motion_data.common.errors import DataError
 
     a = tmp_path / "a"
     make_track_file(a / "sub" / "x.npz", B=1, T=40, seed=1)
     out = tmp_path / "out"
     build([str(a)], out, maxcount=7, progress=False)
     assert build([str(a)], out, maxcount=7, progress=False)["status"] == "up-to-date"
-    with pytest.raises(BuildError, match="names relative to the input root"):
+    with pytest.raises(DataError, match="names relative to the input root"):
         build([str(a / "sub")], out, maxcount=7, progress=False)
 
 
@@ -119,7 +120,8 @@ def test_a_build_of_the_older_naming_is_refused_saying_so(tmp_path):
     import pytest
 
     from conftest import make_track_file
-    from motion_data.build.build_shards import BuildError, build
+    from motion_data.build.build_shards import build
+    from motion_data.common.errors import DataError
 
     make_track_file(tmp_path / "in" / "a.npz", B=1, T=40, seed=1)
     out = tmp_path / "out"
@@ -127,6 +129,6 @@ def test_a_build_of_the_older_naming_is_refused_saying_so(tmp_path):
     doc = json.loads((out / "build.json").read_text())
     del doc["config"]["source_names"]  # what the previous version recorded
     (out / "build.json").write_text(json.dumps(doc))
-    with pytest.raises(BuildError, match="older build-shards.*--overwrite"):
+    with pytest.raises(DataError, match="older build-shards.*--overwrite"):
         build([str(tmp_path / "in")], out, maxcount=7, progress=False)
     assert build([str(tmp_path / "in")], out, maxcount=7, progress=False, overwrite=True)["status"] != "up-to-date"

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from motion_data.common.clips import InputError
+from motion_data.common.errors import DataError
 from motion_data.sources.importers import iter_sequences
 from motion_data.common.labels import step_valid, velocities
 from motion_data.sources.synth import clips_from_sequences
@@ -86,11 +86,11 @@ def test_track_video_command_and_importer(square_video, tmp_path):
 def test_bad_videos(tmp_path, square_video, capsys):
     junk = tmp_path / "junk.avi"
     junk.write_bytes(b"this is not a video")
-    with pytest.raises(InputError, match=r"junk\.avi"):
+    with pytest.raises(DataError, match=r"junk\.avi"):
         track_video(junk)
-    with pytest.raises(InputError, match=r"square\.avi.*shorter than one window"):
+    with pytest.raises(DataError, match=r"square\.avi.*shorter than one window"):
         track_video(square_video, TrackConfig(window=30))
-    with pytest.raises(InputError, match=r"missing\.avi"):
+    with pytest.raises(DataError, match=r"missing\.avi"):
         track_video(tmp_path / "missing.avi")
     out = tmp_path / "o"
     assert main(["track-video", str(junk), "--out", str(out), "--no-progress"]) == 2

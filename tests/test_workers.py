@@ -4,7 +4,8 @@ import pytest
 from loader_fixtures import write_build
 from motion_data.read.loader import make_loader
 from motion_data.common.workers import MAX_AUTO, auto_workers, resolve_workers
-from tokenizer_train.common.config import ConfigError, from_dict
+from tokenizer_train.common.config import from_dict
+from motion_data.common.errors import SettingError
 
 
 def test_auto_rule():
@@ -37,7 +38,7 @@ def test_resolve_and_config():
     assert from_dict({}, ["data.num_workers=2"]).data.num_workers == 2
     assert from_dict({"data": {"num_workers": "auto"}}).data.num_workers == "auto"
     for bad in ("data.num_workers=-1", "data.num_workers=many"):
-        with pytest.raises(ConfigError, match="num_workers"):
+        with pytest.raises(SettingError, match="num_workers"):
             from_dict({}, [bad])
 
 

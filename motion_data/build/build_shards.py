@@ -27,24 +27,18 @@ import numpy as np
 from motion_data.build import manifest as mf
 from motion_data.common.atomic import atomic_write_json, remove_stale
 from motion_data.build.pool import Runner, SpoolRef
-from motion_data.common.clips import InputError
+from motion_data.common.errors import DataError, SettingError
 from motion_data.sources.importers import FORMATS, SUPPORTED_EXTS, input_root, list_inputs, source_name
 from motion_data.common.labels import DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, DEFAULT_W, LABEL_RULES
 from motion_data.build.records import ShardContext, add_sparse, load_records, write_shard_and_record
 from motion_data.build.shards import shard_name
 from motion_data.common.static_filter import METRICS, DEFAULT_FILTER, StaticFilter
 from motion_data.build.store import PER_CLIP, STORE_NAME, StoreWriter, empty_hists, store_attrs
-from motion_data.common.errors import UserError
 
 BUILD_JSON = "build.json"
 WORK = ".work"
 BUILD_FORMAT = 2  # 2: positions + visibility in the shards, checksums, label rule (store.FORMAT_VERSION)
 DEFAULT_MAXCOUNT = 1000
-
-
-class BuildError(UserError, RuntimeError):
-    """A build cannot go on; the message is one line (names the file where there is one)."""
-
 
 # ------------------------------------------------------------------ config and inputs
 
@@ -56,11 +50,11 @@ def _parse_part(part):
         try:
             i, n = (int(x) for x in part.split("/"))
         except ValueError:
-            raise BuildError(f"--part must look like i/n (e.g. 0/4), got {part!r}") from None
+            raise SettingError(f"--part must look like i/n (e.g. 0/4), got {part!r}") from None
     else:
         i, n = (int(x) for x in part)
     if not (n >= 1 and 0 <= i < n):
-        raise BuildError(f"--part i/n needs 0 <= i < n, got {i}/{n}")
+        raise SettingError(f"--part i/n needs 0 <= i < n, got {i}/{n}")
     return (i, n)
 
 
@@ -79,17 +73,17 @@ def make_config(*, fmt, window, stride, ref_size, W, maxcount, part, image_size,
                 label_rule=DEFAULT_LABEL_RULE) -> dict:
     """Everything that determines the output (not workers, progress or on_error)."""
     if fmt != "auto" and fmt not in FORMATS:
-        raise BuildError(f"--format must be auto or one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise SettingError(f"--format must be auto or one of {', '.join(FORMATS)}, got {fmt!r}")
     if window < 2 or stride < 1 or maxcount < 1:
-        raise BuildError(f"need window >= 2, stride >= 1, maxcount >= 1 (got {window}, {stride}, {maxcount})")
+        raise DataError(f"need window >= 2, stride >= 1, maxcount >= 1 (got {window}, {stride}, {maxcount})")
     if window - 1 > 255:
-        raise BuildError(f"window {window} too long (at most 256 frames)")
+        raise DataError(f"window {window} too long (at most 256 frames)")
     if W < 3 or W % 2 == 0:
-        raise BuildError(f"--window-size must be odd and >= 3, got {W}")
+        raise SettingError(f"--window-size must be odd and >= 3, got {W}")
     if not build_filter.enable:
-        raise BuildError("the build filter must be enabled (e.g. p95@0.04)")
+        raise DataError("the build filter must be enabled (e.g. p95@0.04)")
     if label_rule not in LABEL_RULES:
-        raise BuildError(f"--label-rule must be one of {', '.join(LABEL_RULES)}, got {label_rule!r}")
+        raise SettingError(f"--label-rule must be one of {', '.join(LABEL_RULES)}, got {label_rule!r}")
     return {
         "format": fmt, "window": int(window), "stride": int(stride), "ref_size": int(ref_size), "W": int(W),
         "maxcount": int(maxcount), "part": list(part) if part else None,
@@ -140,21 +134,21 @@ def _prepare_out(out: Path, fingerprint: dict, force_msg, overwrite: bool = Fals
         try:
             old = json.loads(bj.read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise BuildError(f"{bj}: unreadable ({e})") from None
+            raise DataError(f"{bj}: unreadable ({e})") from None
         prev = {"config": old.get("config"), "inputs_digest": old.get("inputs_digest")}
         if prev == fingerprint:
             return "done"
-        raise BuildError(f"{out} holds a finished build made with different {force_msg(prev)}; use another --out "
+        raise DataError(f"{out} holds a finished build made with different {force_msg(prev)}; use another --out "
                          f"or {OVERWRITE_HINT}")
     cfg = out / WORK / "config.json"
     if cfg.exists():
         prev = json.loads(cfg.read_text())
         if prev != fingerprint:
-            raise BuildError(f"{out} holds an unfinished build made with different {force_msg(prev)}; "
+            raise DataError(f"{out} holds an unfinished build made with different {force_msg(prev)}; "
                              f"re-run that command to finish it, use another --out, or {OVERWRITE_HINT}")
         return "resume"
     if out.exists() and any(out.iterdir()):
-        raise BuildError(f"{out} is not empty and holds no build; use a new or empty --out (--overwrite replaces "
+        raise DataError(f"{out} is not empty and holds no build; use a new or empty --out (--overwrite replaces "
                          f"only a build)")
     return "fresh"
 
@@ -247,29 +241,26 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
           command=None, label_rule: str = DEFAULT_LABEL_RULE, overwrite: bool = False) -> dict:
     """Build (or resume, or confirm) ``out``; returns the summary dict (also in build.json).
 
-    Raises BuildError with a one-line message on bad input (``on_error="fail"``) or an
+    Raises DataError with a one-line message on bad input (``on_error="fail"``) or an
     ``out`` that holds a different build. ``overwrite``: discard a build found in ``out``
     (finished or not, same arguments or not) and build afresh; without it an interrupted
     build of the same arguments resumes.
     """
     t0 = time.perf_counter()
     if on_error not in ("fail", "skip"):
-        raise BuildError(f"--on-error must be fail or skip, got {on_error!r}")
+        raise SettingError(f"--on-error must be fail or skip, got {on_error!r}")
     part = _parse_part(part)
     config = make_config(fmt=fmt, window=window, stride=stride, ref_size=ref_size, W=W, maxcount=maxcount,
                          part=part, image_size=image_size, views=views, build_filter=build_filter,
                          label_rule=label_rule)
-    try:
-        all_inputs = list_inputs(inputs)
-    except InputError as e:
-        raise BuildError(str(e)) from None
+    all_inputs = list_inputs(inputs)
     if not all_inputs:
-        raise BuildError(f"no input files found in {', '.join(map(str, inputs))} (looked for "
+        raise DataError(f"no input files found in {', '.join(map(str, inputs))} (looked for "
                          f"{', '.join(SUPPORTED_EXTS)}; point --input at track files or folders of them)")
     i_part, n_part = part or (0, 1)
     globals_ = list(range(i_part, len(all_inputs), n_part))
     if not globals_:
-        raise BuildError(f"--part {i_part}/{n_part} gets no input: there are only {len(all_inputs)} input files")
+        raise SettingError(f"--part {i_part}/{n_part} gets no input: there are only {len(all_inputs)} input files")
     sources = [all_inputs[g] for g in globals_]
     # what the build records (manifest source, clip ids, split): paths relative to the input
     # root, so moving the input folder leaves them unchanged
@@ -324,9 +315,9 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
                 err = f"{sources[j]}: N={res['N']} points per frame, earlier inputs have N={packer.N}"
             if err is not None:
                 if res.get("fatal"):
-                    raise BuildError(err)
+                    raise DataError(err)
                 if on_error == "fail":
-                    raise BuildError(f"{err} (--on-error skip leaves it out and resumes this build; after fixing "
+                    raise DataError(f"{err} (--on-error skip leaves it out and resumes this build; after fixing "
                                      f"the file, re-run with --overwrite)")
                 packer.skip(j, err)
                 if progress:
@@ -383,9 +374,9 @@ def finalize(run: BuildRun) -> dict:
     work = ctx.work
     recs = load_records(work, out)
     if len(recs) != n_shards:
-        raise BuildError(f"{work}: expected {n_shards} shard records, found {len(recs)} (disk full or concurrent build?)")
+        raise DataError(f"{work}: expected {n_shards} shard records, found {len(recs)} (disk full or concurrent build?)")
     if not recs:
-        raise BuildError("no clips from any input" + (" (all inputs skipped)" if infos else ""))
+        raise DataError("no clips from any input" + (" (all inputs skipped)" if infos else ""))
     N, S = int(recs[0]["N"]), int(recs[0]["S"])
     C = sum(len(r["input"]) for r in recs)
     attrs = store_attrs(W=ctx.W, ref_size=ctx.ref_size, T=S + 1, N=N, build_filter=config["build_filter"], n_clips=C,

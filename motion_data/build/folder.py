@@ -12,7 +12,7 @@ label rule, the class counts under a filter and the W/N/T compatibility check.
 
 Reading clips from the shards is ``read.clips`` (the reading side builds on this).
 
-Every failure is a :class:`BuildDirError` (a ValueError) whose one line names the file
+Every failure is a :class:`DataError` (a ValueError) whose one line names the file
 and the way out.
 """
 from __future__ import annotations
@@ -22,16 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from motion_data.build.manifest import MANIFEST_NAME, ManifestError, read_manifest
+from motion_data.build.manifest import MANIFEST_NAME, read_manifest
+from motion_data.common.errors import DataError, one_line
 from motion_data.common.static_filter import StaticFilter, recorded_filter
 from motion_data.build.stats import HIST_BIN_WIDTH, HIST_EDGES, HIST_NBINS, HIST_RANK_MAX, filtered_counts_from_hist, threshold_bin
-from motion_data.build.store import REBUILD_HINT, STORE_NAME, StoreError, open_store
-from motion_data.common.errors import UserError, one_line
-
-
-class BuildDirError(UserError, ValueError):
-    """A build folder is missing, of another format or inconsistent; names the file."""
-
+from motion_data.build.store import REBUILD_HINT, STORE_NAME, open_store
 
 class BuildDir:
     """A ``python -m preprocess build-shards`` output folder, read lazily (each part once)."""
@@ -51,12 +46,9 @@ class BuildDir:
     def store(self):
         """The ``stats.zarr`` group, read-only (format version, label rule and shapes checked)."""
         if not self.store_path.exists():
-            raise BuildDirError(f"{self.store_path}: not found (is {self.root} a build-shards output folder? "
+            raise DataError(f"{self.store_path}: not found (is {self.root} a build-shards output folder? "
                                 f"{REBUILD_HINT})")
-        try:
-            return open_store(self.store_path)
-        except StoreError as e:
-            raise BuildDirError(str(e)) from None  # names the folder and the rebuild command
+        return open_store(self.store_path)  # its errors name the folder and the rebuild command
 
     @cached_property
     def attrs(self) -> dict:
@@ -66,7 +58,7 @@ class BuildDir:
         try:
             return int(self.attrs[key])
         except KeyError:
-            raise BuildDirError(f"{self.store_path}: attribute {key!r} missing; {REBUILD_HINT}") from None
+            raise DataError(f"{self.store_path}: attribute {key!r} missing; {REBUILD_HINT}") from None
 
     W = property(lambda self: self._int("W"), doc="window size (labels are W*W classes)")
     N = property(lambda self: self._int("N"), doc="points per clip")
@@ -92,13 +84,13 @@ class BuildDir:
 
     def check_compatible(self, *, W: int | None = None, N: int | None = None, T: int | None = None,
                          what: str = "the model"):
-        """A one-line BuildDirError when the build's W/N/T differ from ``what``'s (None: not checked)."""
+        """A one-line DataError when the build's W/N/T differ from ``what``'s (None: not checked)."""
         want = {"W": W, "N": N, "T": T}
         bad = [k for k, v in want.items() if v is not None and int(v) != getattr(self, k)]
         if bad:
             have = ", ".join(f"{k}={getattr(self, k)}" for k in bad)
             need = ", ".join(f"{k}={want[k]}" for k in bad)
-            raise BuildDirError(f"{self.root}: the build has {have} but {what} has {need}; use a build made "
+            raise DataError(f"{self.root}: the build has {have} but {what} has {need}; use a build made "
                                 f"with the same window and grid, or retrain")
 
     def per_clip(self, name: str, rows=slice(None)) -> np.ndarray:
@@ -110,7 +102,7 @@ class BuildDir:
         """``{metric: (points, topk)}`` int64 class histograms binned by point score."""
         a = self.attrs
         if abs(float(a.get("hist_bin_width", -1)) - HIST_BIN_WIDTH) > 1e-12 or int(a.get("hist_nbins", -1)) != HIST_NBINS:
-            raise BuildDirError(f"{self.store_path}: histogram bins (width {a.get('hist_bin_width')}, "
+            raise DataError(f"{self.store_path}: histogram bins (width {a.get('hist_bin_width')}, "
                                 f"{a.get('hist_nbins')} bins) differ from this version's ({HIST_BIN_WIDTH}, "
                                 f"{HIST_NBINS}); {REBUILD_HINT}")
         out = {}
@@ -118,7 +110,7 @@ class BuildDir:
             try:
                 out[m] = (np.asarray(self.store[f"hist/{m}/points"][:]), np.asarray(self.store[f"hist/{m}/topk"][:]))
             except KeyError:
-                raise BuildDirError(f"{self.store_path}: no class histograms for metric {m!r}") from None
+                raise DataError(f"{self.store_path}: no class histograms for metric {m!r}") from None
         return out
 
     def class_counts(self, static_filter: StaticFilter) -> np.ndarray:
@@ -127,7 +119,7 @@ class BuildDir:
         clips: ``read.clips.class_counts``."""
         (points, topk), = self.histograms([static_filter.metric]).values()
         if points.shape[-1] != self.W * self.W + 1:
-            raise BuildDirError(f"{self.store_path}: histograms are for {points.shape[-1] - 1} classes, "
+            raise DataError(f"{self.store_path}: histograms are for {points.shape[-1] - 1} classes, "
                                 f"expected W*W={self.W * self.W}")
         if static_filter.enable:
             counts, _ = filtered_counts_from_hist(points, topk, static_filter.threshold, static_filter.min_keep)
@@ -144,11 +136,11 @@ class BuildDir:
         return flt.min_keep <= HIST_RANK_MAX and (np.float32(flt.threshold) == edge or flt.threshold <= 0)
 
     def rows_of(self, clip_ids) -> np.ndarray:
-        """Manifest rows of ``clip_ids``; BuildDirError naming the first one the build lacks."""
+        """Manifest rows of ``clip_ids``; DataError naming the first one the build lacks."""
         row = {c: i for i, c in enumerate(self.read_columns["clip_id"])}
         missing = [c for c in clip_ids if c not in row]
         if missing:
-            raise BuildDirError(f"{self.manifest_path}: no clip {missing[0]!r} ({len(missing)} of {len(clip_ids)} "
+            raise DataError(f"{self.manifest_path}: no clip {missing[0]!r} ({len(missing)} of {len(clip_ids)} "
                                 f"missing); pass the build those clips come from")
         return np.fromiter((row[c] for c in clip_ids), np.int64, len(clip_ids))
 
@@ -162,16 +154,16 @@ class BuildDir:
         clip in the store's row order (``manifest.read_manifest``: schema and ranges checked)."""
         try:
             man = read_manifest(self.manifest_path, columns=columns).to_pydict()
-        except ManifestError as e:
+        except DataError as e:
             msg = one_line(e)
-            raise BuildDirError(msg if "build-shards" in msg else f"{msg}; {REBUILD_HINT}") from None
+            raise DataError(msg if "build-shards" in msg else f"{msg}; {REBUILD_HINT}") from None
         n = len(next(iter(man.values()))) if man else 0
         if n != self.n_clips:
-            raise BuildDirError(f"{self.manifest_path}: {n} rows but {self.store_path} holds {self.n_clips} clips; "
+            raise DataError(f"{self.manifest_path}: {n} rows but {self.store_path} holds {self.n_clips} clips; "
                                 f"{REBUILD_HINT}")
         return man
 
     def manifest_table(self):
-        """The validated manifest as a pyarrow table (ManifestError names the file)."""
+        """The validated manifest as a pyarrow table (DataError names the file)."""
         return read_manifest(self.root, build_dir=self.root)
 

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from motion_data.common.atomic import atomic_path, remove_stale
-from motion_data.common.errors import UserError
+from motion_data.common.errors import DataError
 
 MANIFEST_NAME = "manifest.parquet"
 SCHEMA = pa.schema([
@@ -38,11 +38,6 @@ SCHEMA = pa.schema([
     ("split_group", pa.string()),
 ])
 COLUMNS = tuple(SCHEMA.names)
-
-
-class ManifestError(UserError, RuntimeError):
-    """A manifest is missing, malformed or inconsistent; the message names the file."""
-
 
 def source_hash8(source: str) -> str:
     return hashlib.sha1(source.encode("utf-8")).hexdigest()[:8]
@@ -64,7 +59,7 @@ def to_table(columns: dict) -> pa.Table:
     """Column dict (lists or arrays) -> a table with the binding schema."""
     missing = [c for c in COLUMNS if c not in columns]
     if missing:
-        raise ManifestError(f"manifest columns missing: {missing}")
+        raise DataError(f"manifest columns missing: {missing}")
     return pa.table({c: pa.array(np.asarray(columns[c]) if c not in ("clip_id", "source", "shard", "split_group")
                                  else list(columns[c]), type=SCHEMA.field(c).type) for c in COLUMNS},
                     schema=SCHEMA)
@@ -91,27 +86,27 @@ def validate(table: pa.Table, where: str = "manifest", build_dir=None) -> pa.Tab
         try:
             table = table.select([c for c in names if c in COLUMNS]).cast(want)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-            raise ManifestError(f"{where}: column types do not match the manifest schema ({e})") from None
+            raise DataError(f"{where}: column types do not match the manifest schema ({e})") from None
     if "clip_id" in names:
         ids = table.column("clip_id")
         if ids.null_count or len(pc.unique(ids)) != len(ids):
-            raise ManifestError(f"{where}: clip_id values must be unique and non-null")
+            raise DataError(f"{where}: clip_id values must be unique and non-null")
     if "offset" in names and "size" in names:
         off = table.column("offset").to_numpy()
         size = table.column("size").to_numpy()
         if len(off) and ((off < 0).any() or (size <= 0).any() or (off % 512).any()):
-            raise ManifestError(f"{where}: invalid byte ranges (offsets must be >= 0 multiples of 512, sizes > 0)")
+            raise DataError(f"{where}: invalid byte ranges (offsets must be >= 0 multiples of 512, sizes > 0)")
     if build_dir is not None and "shard" in names:
         for s in pc.unique(table.column("shard")).to_pylist():
             p = Path(build_dir) / s
             if not p.is_file():
-                raise ManifestError(f"{where}: shard {s} does not exist under {build_dir}")
+                raise DataError(f"{where}: shard {s} does not exist under {build_dir}")
     return table
 
 
 def read_manifest(path, build_dir=None, columns=None) -> pa.Table:
     """The one manifest reader: read (all columns, or ``columns``) and validate; ``path`` may
-    be the build folder. ManifestError names the file."""
+    be the build folder. DataError names the file."""
     path = Path(path)
     if path.is_dir():
         build_dir = path if build_dir is None else build_dir
@@ -126,8 +121,8 @@ def read_manifest(path, build_dir=None, columns=None) -> pa.Table:
         if missing:
             old = " (an older build format; rebuild it with `python -m preprocess build-shards`)" \
                 if "checksum" in missing else ""
-            raise ManifestError(f"{path}: missing columns {missing}{old}")
+            raise DataError(f"{path}: missing columns {missing}{old}")
         table = pq.read_table(path, columns=cols)
     except (OSError, pa.ArrowInvalid) as e:
-        raise ManifestError(f"{path}: cannot read manifest ({e})") from None
+        raise DataError(f"{path}: cannot read manifest ({e})") from None
     return validate(table, where=str(path), build_dir=build_dir)

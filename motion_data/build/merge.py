@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from motion_data.build import manifest as mf
-from motion_data.build.build_shards import BUILD_FORMAT, BUILD_JSON, BuildError, diff_keys, inputs_digest, write_json
+from motion_data.build.build_shards import BUILD_FORMAT, BUILD_JSON, diff_keys, inputs_digest, write_json
+from motion_data.common.errors import DataError
 from motion_data.build.folder import BuildDir
 from motion_data.build.shards import shard_name
 from motion_data.common.static_filter import METRICS
@@ -22,13 +23,13 @@ from motion_data.build.store import PER_CLIP, REBUILD_HINT, STORE_NAME, StoreWri
 def _read_build_json(d: Path) -> dict:
     p = d / BUILD_JSON
     if not p.is_file():
-        raise BuildError(f"{d}: not a finished build (no {BUILD_JSON}; finish it by re-running its command)")
+        raise DataError(f"{d}: not a finished build (no {BUILD_JSON}; finish it by re-running its command)")
     try:
         doc = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise BuildError(f"{p}: unreadable ({e})") from None
+        raise DataError(f"{p}: unreadable ({e})") from None
     if doc.get("build_format") != BUILD_FORMAT:
-        raise BuildError(f"{d}: a build of format {doc.get('build_format')!r}, this code reads format {BUILD_FORMAT}; "
+        raise DataError(f"{d}: a build of format {doc.get('build_format')!r}, this code reads format {BUILD_FORMAT}; "
                          f"{REBUILD_HINT}")
     return doc
 
@@ -45,32 +46,32 @@ def merge(parts, out, *, progress: bool = False) -> dict:
     t0 = time.perf_counter()
     dirs = [Path(p) for p in parts]
     if not dirs:
-        raise BuildError("merge needs at least one part")
+        raise DataError("merge needs at least one part")
     docs = [_read_build_json(d) for d in dirs]
     n_set = {tuple(d["part"])[1] if d.get("part") else None for d in docs}
     if None in n_set:
         bad = next(str(dd) for dd, d in zip(dirs, docs) if not d.get("part"))
-        raise BuildError(f"{bad}: not a --part build; merge joins the outputs of --part i/n builds")
+        raise DataError(f"{bad}: not a --part build; merge joins the outputs of --part i/n builds")
     if len(n_set) != 1:
-        raise BuildError(f"parts come from different splits (n = {sorted(n_set)})")
+        raise DataError(f"parts come from different splits (n = {sorted(n_set)})")
     n = n_set.pop()
     base = {k: v for k, v in docs[0]["config"].items() if k != "part"}
     for dd, d in zip(dirs[1:], docs[1:]):
         other = {k: v for k, v in d["config"].items() if k != "part"}
         if other != base or d["n_inputs_all"] != docs[0]["n_inputs_all"]:
             keys = diff_keys(base, other) or ["input list"]
-            raise BuildError(f"{dd}: built with different arguments than {dirs[0]} ({', '.join(keys)})")
+            raise DataError(f"{dd}: built with different arguments than {dirs[0]} ({', '.join(keys)})")
     idx = [d["part"][0] for d in docs]
     if len(set(idx)) != len(idx):
-        raise BuildError(f"part given twice: {sorted(i for i in idx if idx.count(i) > 1)}")
+        raise DataError(f"part given twice: {sorted(i for i in idx if idx.count(i) > 1)}")
     missing = sorted(set(range(n)) - set(idx))
     if missing:
-        raise BuildError(f"parts missing: {', '.join(f'{i}/{n}' for i in missing)}")
+        raise DataError(f"parts missing: {', '.join(f'{i}/{n}' for i in missing)}")
     order = np.argsort(idx)
     inputs_all = sorted((i for d in docs for i in d["inputs"]), key=lambda i: i["global_index"])
     if [i["global_index"] for i in inputs_all] != list(range(docs[0]["n_inputs_all"])) or \
             [i.get("name", i["path"]) for i in inputs_all] != sorted(i.get("name", i["path"]) for i in inputs_all):
-        raise BuildError("the parts were not built from the same input list")
+        raise DataError("the parts were not built from the same input list")
     dirs, docs = [dirs[i] for i in order], [docs[i] for i in order]
     builds = [BuildDir(d) for d in dirs]
     stores = [b.store for b in builds]
@@ -78,7 +79,7 @@ def merge(parts, out, *, progress: bool = False) -> dict:
     a0 = dict(stores[0].attrs)
     for dd, st in zip(dirs, stores):
         if (st.attrs["N"], st.attrs["T"]) != (a0["N"], a0["T"]):
-            raise BuildError(f"{dd}: N={st.attrs['N']}, T={st.attrs['T']} differs from {dirs[0]} "
+            raise DataError(f"{dd}: N={st.attrs['N']}, T={st.attrs['T']} differs from {dirs[0]} "
                              f"(N={a0['N']}, T={a0['T']})")
 
     # global row order: by global input index; a part keeps its own row order within an input
@@ -86,7 +87,7 @@ def merge(parts, out, *, progress: bool = False) -> dict:
     for p, d in enumerate(docs):
         g = np.repeat([i["global_index"] for i in d["inputs"]], [i["clips"] for i in d["inputs"]]).astype(np.int64)
         if len(g) != tables[p].num_rows:
-            raise BuildError(f"{dirs[p]}: build.json counts {len(g)} clips, manifest has {tables[p].num_rows}")
+            raise DataError(f"{dirs[p]}: build.json counts {len(g)} clips, manifest has {tables[p].num_rows}")
         g_rows.append(g)
         p_rows.append(np.full(len(g), p, np.int64))
         r_rows.append(np.arange(len(g), dtype=np.int64))
@@ -96,7 +97,7 @@ def merge(parts, out, *, progress: bool = False) -> dict:
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
-        raise BuildError(f"{out} exists and is not empty; merge writes a new folder")
+        raise DataError(f"{out} exists and is not empty; merge writes a new folder")
     tmp = out.with_name(f".{out.name}.merge-tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "shards").mkdir(parents=True)

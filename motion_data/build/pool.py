@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from motion_data.common.clips import InputError, window_starts
-from motion_data.common.errors import one_line
+from motion_data.common.clips import window_starts
+from motion_data.common.errors import DataError, SettingError, one_line
 from motion_data.sources.importers import iter_sequences
 from motion_data.common.parent_death import exit_with_parent
 
@@ -64,7 +64,7 @@ def load_input(task) -> dict:
             if N is None:
                 N = n
             elif n != N:
-                raise InputError(f"{path}: sequence {s.index} has N={n} points, earlier ones N={N}")
+                raise DataError(f"{path}: sequence {s.index} has N={n} points, earlier ones N={N}")
             st = window_starts(T, window, stride)
             if not len(st):
                 continue
@@ -74,9 +74,9 @@ def load_input(task) -> dict:
             seq.append(np.full(len(st), s.index, np.int64))
             start.append(s.start_frame + st)
             indep.append(np.full(len(st), s.group != s.source))
-    except InputError as e:
+    except DataError as e:
         return {"j": j, "error": one_line(e, path)}
-    except ImportError as e:  # a missing optional dependency is no property of the file: always fatal
+    except (SettingError, ImportError) as e:  # a missing optional dependency is no property of the file: always fatal
         return {"j": j, "error": one_line(e, path), "fatal": True}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
         return {"j": j, "error": one_line(f"{type(e).__name__}: {e}", path)}

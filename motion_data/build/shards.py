@@ -23,14 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from motion_data.common.atomic import atomic_open
-from motion_data.common.errors import UserError
+from motion_data.common.errors import DataError
 
 SAMPLE_EXTS = ("pos.npy", "vis.npy", "stats.npy", "json")
-
-
-class ShardError(UserError, RuntimeError):
-    """A shard (or a sample in it) is missing, truncated or malformed; the message names it."""
-
 
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
@@ -121,7 +116,7 @@ def write_shard(path: str | os.PathLike, samples: list[dict], mtime: int | None 
     path = Path(path)
     keys = [s["__key__"] for s in samples]
     if len(set(keys)) != len(keys):
-        raise ShardError(f"{path}: duplicate clip id among the samples")
+        raise DataError(f"{path}: duplicate clip id among the samples")
     mtime = int(time.time()) if mtime is None else int(mtime)
     index = []
     with atomic_open(path, "wb") as f:  # the temp is removed if writing fails
@@ -153,5 +148,5 @@ def index_shard(path: str | os.PathLike) -> list[tuple[str, int, int]]:
                 else:
                     out.append([key, m.offset, end - m.offset])
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise ShardError(f"{path}: cannot read shard ({e})") from None
+        raise DataError(f"{path}: cannot read shard ({e})") from None
     return [tuple(x) for x in out]

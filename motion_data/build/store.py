@@ -24,7 +24,7 @@ from motion_data.common.atomic import remove_stale, temp_path
 from motion_data.common.labels import LABEL_RULES, ring_map
 from motion_data.common.static_filter import METRICS
 from motion_data.build.stats import HIST_BIN_WIDTH, HIST_NBINS, HIST_RANK_MAX
-from motion_data.common.errors import UserError
+from motion_data.common.errors import DataError
 
 # 2: shards hold positions + visibility, manifest checksums, label_rule attribute
 FORMAT_VERSION = 2
@@ -35,11 +35,6 @@ COUNT_ARRAYS = ("center_count", "valid_count")
 PER_CLIP = FLOAT_ARRAYS + COUNT_ARRAYS
 # rows per chunk of the per-clip arrays: ~1.6 MB per float chunk at N=400
 CHUNK_ROWS = 1024
-
-
-class StoreError(UserError, RuntimeError):
-    """A stats store is missing, of another format version or inconsistent; names the path."""
-
 
 def empty_hists(W: int) -> dict:
     """Zeroed ``{metric: (points, topk)}`` histograms, to sum batches into."""
@@ -78,7 +73,7 @@ class StoreWriter:
         for k in PER_CLIP:
             a = np.asarray(rows[k])
             if a.shape != (c, self.N):
-                raise StoreError(f"{self.path}: rows of {k} have shape {a.shape}, expected {(c, self.N)}")
+                raise DataError(f"{self.path}: rows of {k} have shape {a.shape}, expected {(c, self.N)}")
             self._buf[k].append(a)
         self._buffered += c
         if self._buffered >= self._chunk:
@@ -90,7 +85,7 @@ class StoreWriter:
         joined = {k: np.concatenate(v) for k, v in self._buf.items()}
         n = self._buffered if final else (self._buffered // self._chunk) * self._chunk
         if self._written + self._buffered > self.n_clips:
-            raise StoreError(f"{self.path}: more rows than the {self.n_clips} clips announced")
+            raise DataError(f"{self.path}: more rows than the {self.n_clips} clips announced")
         for k, a in joined.items():
             self.arrays[k][self._written:self._written + n] = a[:n]
             self._buf[k] = [a[n:]] if n < len(a) else []
@@ -101,7 +96,7 @@ class StoreWriter:
         """Write histograms, ring map and attrs, then rename the store into place."""
         self._flush(final=True)
         if self._written != self.n_clips:
-            raise StoreError(f"{self.path}: {self._written} rows written, {self.n_clips} announced")
+            raise DataError(f"{self.path}: {self._written} rows written, {self.n_clips} announced")
         for m in METRICS:
             points, topk = hists[m]
             self.group.create_array(f"hist/{m}/points", data=np.asarray(points, np.int64))
@@ -158,17 +153,17 @@ def open_store(path) -> zarr.Group:
     try:
         g = zarr.open_group(str(path), mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as e:
-        raise StoreError(f"{path}: not a stats store ({e})") from None
+        raise DataError(f"{path}: not a stats store ({e})") from None
     v = g.attrs.get("format_version")
     if v != FORMAT_VERSION:
-        raise StoreError(f"{path.parent}: a build of store format {v!r}, this code reads format {FORMAT_VERSION}; "
+        raise DataError(f"{path.parent}: a build of store format {v!r}, this code reads format {FORMAT_VERSION}; "
                          f"{REBUILD_HINT}")
     if g.attrs.get("label_rule") not in LABEL_RULES:
-        raise StoreError(f"{path}: attribute label_rule {g.attrs.get('label_rule')!r} is not one of {LABEL_RULES}")
+        raise DataError(f"{path}: attribute label_rule {g.attrs.get('label_rule')!r} is not one of {LABEL_RULES}")
     C, N = g.attrs["n_clips"], g.attrs["N"]
     for k in PER_CLIP:
         if tuple(g[f"stats/{k}"].shape) != (C, N):
-            raise StoreError(f"{path}: stats/{k} has shape {g[f'stats/{k}'].shape}, attrs say {(C, N)}")
+            raise DataError(f"{path}: stats/{k} has shape {g[f'stats/{k}'].shape}, attrs say {(C, N)}")
     return g
 
 

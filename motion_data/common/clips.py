@@ -6,11 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from motion_data.common.labels import step_valid, velocities
-from motion_data.common.errors import UserError
-
-
-class InputError(UserError, ValueError):
-    """Bad input: the message names the file and the problem (one line)."""
+from motion_data.common.errors import DataError
 
 
 @dataclass
@@ -49,42 +45,42 @@ def tracks_to_sequence(source: str, index: int, tracks, vis, image_size, ref_siz
                        start_frame: int = 0, group: str = "") -> Sequence:
     """Pixel tracks ``(T, N, 2)`` (x, y) of an ``image_size = (H, W)`` frame -> Sequence.
 
-    Raises InputError naming ``source`` for NaN/inf coordinates of visible points, wrong
+    Raises DataError naming ``source`` for NaN/inf coordinates of visible points, wrong
     shapes or a bad image size.
     """
     tracks = np.asarray(tracks, dtype=np.float64)
     where = f"{source}[{index}]"
     if tracks.ndim != 3 or tracks.shape[-1] != 2:
-        raise InputError(f"{where}: tracks must be (T, N, 2), got {tracks.shape}")
+        raise DataError(f"{where}: tracks must be (T, N, 2), got {tracks.shape}")
     T, N, _ = tracks.shape
     if T < 2 or N < 1:
-        raise InputError(f"{where}: need at least 2 frames and 1 point, got T={T}, N={N}")
+        raise DataError(f"{where}: need at least 2 frames and 1 point, got T={T}, N={N}")
     if vis is None:
         vis = np.ones((T, N), bool)
     else:
         vis = np.asarray(vis)
         if vis.shape != (T, N):
-            raise InputError(f"{where}: visibility shape {vis.shape} does not match tracks {tracks.shape[:2]}")
+            raise DataError(f"{where}: visibility shape {vis.shape} does not match tracks {tracks.shape[:2]}")
         vis = vis > 0.5 if vis.dtype != np.bool_ else vis
     try:
         H, W = (float(x) for x in np.asarray(image_size).reshape(-1)[:2])
     except (TypeError, ValueError):
-        raise InputError(f"{where}: bad image_size {image_size!r}") from None
+        raise DataError(f"{where}: bad image_size {image_size!r}") from None
     if not (np.isfinite(H) and np.isfinite(W) and H > 0 and W > 0):
-        raise InputError(f"{where}: image_size must be positive (H, W), got {image_size!r}")
+        raise DataError(f"{where}: image_size must be positive (H, W), got {image_size!r}")
     finite = np.isfinite(tracks)
     if not finite.all():  # (one flat check first: the per-point test and the copy are slow)
         bad = ~(finite[..., 0] & finite[..., 1])
         if (bad & vis).any():
             t, n = np.argwhere(bad & vis)[0]
-            raise InputError(f"{where}: non-finite coordinate at frame {t}, point {n}")
+            raise DataError(f"{where}: non-finite coordinate at frame {t}, point {n}")
         # invisible points may carry garbage; they never form a valid step
         tracks = np.where(bad[..., None], 0.0, tracks)
     scale = np.array([ref_size / W, ref_size / H])
     pos = (tracks * scale).astype(np.float32)
     if not np.isfinite(pos).all():  # finite pixels can still overflow float32
         t, n = np.argwhere(~np.isfinite(pos).all(-1))[0]
-        raise InputError(f"{where}: coordinate out of range at frame {t}, point {n}")
+        raise DataError(f"{where}: coordinate out of range at frame {t}, point {n}")
     return Sequence(source, index, pos, np.ascontiguousarray(vis, bool), int(start_frame), group)
 
 

@@ -10,9 +10,15 @@ class UserError(Exception):
     and the way out, in one line."""
 
 
+class DataError(UserError, ValueError):
+    """An input that cannot be used as it is: a track file, a build folder, a shard, a
+    manifest, a checkpoint, a run folder, a metrics log; the message names the path."""
+
+
 class SettingError(UserError, ValueError):
     """A setting (a config key, a flag) whose value cannot work here, e.g. fp16 without CUDA
-    or a validation split that leaves no clips; the message names the setting."""
+    or a validation split that leaves no clips, or an optional package or simulator that the
+    setting needs and this machine lacks; the message names the setting and the way out."""
 
 
 def one_line(e, path: str | None = None) -> str:

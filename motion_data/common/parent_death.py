@@ -82,7 +82,7 @@ def exit_with_parent(main_pid: int | None = None, *_ignored) -> None:
     far = main_pid is not None and main_pid != ppid
     # A far parent (a fork server) is in the trainer's process group and dies of the SIGTERM
     # that torchrun or a scheduler sends the group, while the trainer saves first
-    # (tokenizer_train/train/stop.py): tie a far worker to main_pid only, not to that parent.
+    # (tokenizer_train/common/stop.py): tie a far worker to main_pid only, not to that parent.
     armed = False if far else _set_pdeathsig(signal.SIGKILL)
     pidfd = _pidfd(main_pid) if far else None  # opened before the check: no pid-reuse race after it
     # the parent may have died before prctl: then we are already someone else's child

@@ -288,7 +288,7 @@ def exact_from_build(build: str | Path, metrics, thresholds, min_keep: int, chun
 
     from motion_data.build.folder import BuildDir
     from motion_data.read.shard_reader import read_sample
-    from motion_data.build.shards import ShardError
+    from motion_data.common.errors import DataError
 
     b = BuildDir(build)
     g, W, N, C = b.store, b.W, b.N, b.n_clips
@@ -306,7 +306,7 @@ def exact_from_build(build: str | Path, metrics, thresholds, min_keep: int, chun
             shard = build / man["shard"][i]
             smp = read_sample(shard, man["offset"][i], man["size"][i], man["clip_id"][i], man["checksum"][i])
             if smp["pos"].shape[1] != N:
-                raise ShardError(f"{shard} ({man['clip_id'][i]}): {smp['pos'].shape[1]} points, stats.zarr says {N}")
+                raise DataError(f"{shard} ({man['clip_id'][i]}): {smp['pos'].shape[1]} points, stats.zarr says {N}")
             labs.append(L.labels_from_positions(smp["pos"], W, ref_size, rule))
             valids.append(L.step_valid(smp["vis"]))
         acc.add(scores, vc, np.stack(labs), np.stack(valids))

@@ -9,7 +9,7 @@ import numpy as np
 from tqdm import tqdm
 
 from motion_data.build.folder import BuildDir
-from motion_data.build.shards import ShardError
+from motion_data.common.errors import DataError
 from motion_data.common.static_filter import StaticFilter
 from motion_data.read.batch import make_batch
 from motion_data.read.shard_reader import FdCache, read_batch
@@ -18,7 +18,7 @@ from motion_data.read.shard_reader import FdCache, read_batch
 def read_clips(build: BuildDir, rows, fds: FdCache | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(positions (B, T, N, 2) reference px, visibility (B, T, N), stats (B, 3, N))`` of
     manifest rows, read from the shards and checked (``shard_reader.read_batch``);
-    ShardError names the shard. ``fds``: a caller's ``FdCache`` kept open across calls."""
+    DataError names the shard. ``fds``: a caller's ``FdCache`` kept open across calls."""
     rows = np.asarray(rows, np.int64)
     if rows.size and (rows.min() < 0 or rows.max() >= build.n_clips):
         raise ValueError(f"clip rows must be in [0, {build.n_clips}), got {rows.min()}..{rows.max()}")
@@ -34,7 +34,7 @@ def read_clips(build: BuildDir, rows, fds: FdCache | None = None) -> tuple[np.nd
         if own:
             fds.close()
     if not ok.all():
-        raise ShardError(next(e for e in err if e is not None))
+        raise DataError(next(e for e in err if e is not None))
     return pos, vis, st
 
 

@@ -17,7 +17,7 @@ manifest, streaming mode reads whole shards picked by webdataset's resampler; bo
 ``shard_reader.read_batch``, the one reader (every sample checked: tar layout, array
 headers, finite values, the manifest's CRC-32). Batch assembly is ``batch.make_batch``.
 
-Errors: ``on_error="fail"`` raises ``ShardError`` naming the shard; ``"skip"`` drops the
+Errors: ``on_error="fail"`` raises ``DataError`` naming the shard; ``"skip"`` drops the
 sample from its batch (so the batch is smaller), counts it in ``loader.skipped`` and logs
 one warning per sample.
 """
@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from motion_data.build import shards
 from motion_data.read.augment import AugmentConfig
 from motion_data.read.batch import make_batch, packed_bytes, unpack_batch
 from motion_data.read.sampler import (IndexBatch, SamplerConfig, SequentialBatchSampler, WeightedBatchSampler, sampling_weights,
@@ -44,7 +43,7 @@ from motion_data.build.folder import BuildDir
 from motion_data.common.parent_death import exit_with_parent
 from motion_data.common.worker_ring import make_ring
 from motion_data.common.workers import resolve_workers
-from motion_data.common.errors import SettingError
+from motion_data.common.errors import DataError, SettingError
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +96,10 @@ class ClipDataset(torch.utils.data.Dataset):
                           [self.clip_id[i] for i in r], self.checksum[r], self.S + 1, self.N, dest=order)
 
     def read(self, row: int) -> dict:
-        """Raw arrays of one clip; ``ShardError`` naming the shard when it cannot be read."""
+        """Raw arrays of one clip; ``DataError`` naming the shard when it cannot be read."""
         pos, vis, st, ok, err = self.read_rows([int(row)])
         if not ok[0]:
-            raise shards.ShardError(err[0])
+            raise DataError(err[0])
         return {"pos": pos[0], "vis": vis[0], "stats": st[0], "checksum": int(self.checksum[int(row)])}
 
     def __getitem__(self, row):
@@ -112,7 +111,7 @@ class ClipDataset(torch.utils.data.Dataset):
         pos, vis, st, ok, err = self.read_rows(rows)
         errors = [e for e in err if e is not None]
         if errors and self.on_error == "fail":
-            raise shards.ShardError(errors[0])
+            raise DataError(errors[0])
         ids = [self.clip_id[r] for r, g in zip(rows, ok) if g]
         if not ok.all():
             pos, vis, st = pos[ok], vis[ok], st[ok]
@@ -181,7 +180,7 @@ class _StreamState:
                         continue
                     if not ok[j]:
                         if self.on_error == "fail":
-                            raise shards.ShardError(err[j])
+                            raise DataError(err[j])
                         self.errors.append(err[j])
                         continue
                     d = {"pos": pos[j], "vis": vis[j], "stats": st[j]}
@@ -314,7 +313,7 @@ class MotionLoader:
 def _worker_init(main_pid: int, worker_id: int):
     """A loader worker dies with the trainer (exit_with_parent) but ignores Ctrl-C and SIGTERM:
     those reach the workers too, and the trainer finishes its step and saves first
-    (tokenizer_train.train.stop), then ends them itself; a worker that died would fail it."""
+    (tokenizer_train.common.stop), then ends them itself; a worker that died would fail it."""
     import signal
 
     exit_with_parent(main_pid, worker_id)

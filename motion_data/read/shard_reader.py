@@ -11,7 +11,7 @@ the exact sweep, the tests) goes through ``read_batch`` / ``read_sample``:
   3. one numba pass (``_copy_kernel``) that compares each ``.npy`` header with the one the
      build's shape gives (dtype and shape, no pickles) and copies the data out;
   4. ``check_arrays``: finite values and the manifest's CRC-32 (``shards.array_checksum``).
-Any failure is a ``ShardError`` naming the shard, offset and clip, so skip mode counts it;
+Any failure is a ``DataError`` naming the shard, offset and clip, so skip mode counts it;
 running out of descriptors is an ``OSError`` (the process limit), never blamed on a shard.
 """
 from __future__ import annotations
@@ -27,7 +27,8 @@ from collections import OrderedDict
 import numba
 import numpy as np
 
-from motion_data.build.shards import ShardError, _npy_bytes
+from motion_data.build.shards import _npy_bytes
+from motion_data.common.errors import DataError
 
 # member order inside a sample (webdataset sorts by extension); the copy kernel reads 1..3
 MEMBER_EXTS = ("json", "pos.npy", "stats.npy", "vis.npy")
@@ -53,7 +54,7 @@ def default_max_open() -> int:
 class FdCache:
     """Read-only descriptors of shard files, the ``max_open`` most recently used kept open.
 
-    ``get`` raises ``ShardError`` when the file is missing or unreadable, and ``OSError``
+    ``get`` raises ``DataError`` when the file is missing or unreadable, and ``OSError``
     (EMFILE/ENFILE) when the process has no descriptor left even after closing its own
     cached ones: that is the process limit, not the shard's fault.
     """
@@ -81,12 +82,12 @@ class FdCache:
         try:
             fd = self._open(path)
         except OSError as e:
-            raise ShardError(f"{path}: cannot open shard ({e.strerror or e}); {_REBUILD}") from None
+            raise DataError(f"{path}: cannot open shard ({e.strerror or e}); {_REBUILD}") from None
         try:
             size = os.fstat(fd).st_size
         except OSError as e:
             os.close(fd)
-            raise ShardError(f"{path}: cannot stat shard ({e})") from None
+            raise DataError(f"{path}: cannot stat shard ({e})") from None
         self._fds[path] = (fd, size)
         self._sizes[path] = size
         return fd, size
@@ -305,7 +306,7 @@ def crc32_rows(pos: np.ndarray, vis: np.ndarray, st: np.ndarray) -> np.ndarray:
 
 def check_arrays(pos, vis, st, checksum, where: list[str], ok: np.ndarray, errors: list) -> None:
     """Refuse rows with non-finite values or a CRC-32 other than the manifest's ``checksum``
-    (``None``: not checked): ``ok[j] = False`` and ``errors[j]`` the ShardError's text."""
+    (``None``: not checked): ``ok[j] = False`` and ``errors[j]`` the DataError's text."""
     B = pos.shape[0]
     fin = np.isfinite(pos.reshape(B, -1)).all(1) & np.isfinite(st.reshape(B, -1)).all(1)
     crc = crc32_rows(pos, vis, st) if checksum is not None else None
@@ -332,7 +333,7 @@ def read_ranges(fds: FdCache, paths: list, offsets, sizes, where: list[str], ok:
             continue
         try:
             fsize = fds.file_size(paths[j])
-        except ShardError as e:
+        except DataError as e:
             ok[j], errors[j] = False, f"{e} ({where[j]})"
             continue
         # bound by the file: a damaged manifest never makes us allocate its size
@@ -358,7 +359,7 @@ def read_ranges(fds: FdCache, paths: list, offsets, sizes, where: list[str], ok:
         try:
             # the descriptor is used at once: a later get() may evict and close it
             got, msg = os.preadv(fds.get(paths[run[0]])[0], [mv[a:a + n]], int(offsets[run[0]])), None
-        except ShardError as err:
+        except DataError as err:
             got, msg = -1, str(err)
         except OSError as err:
             if err.errno in (errno.EMFILE, errno.ENFILE):
@@ -379,7 +380,7 @@ def read_batch(fds: FdCache, paths: list, offsets, sizes, keys: list[str], check
     """Read and check B samples (requests in file order read fastest). Returns ``(pos
     (B,T,N,2) float32, vis (B,T,N) bool, stats (B,3,N) float32, ok (B,) bool, errors)``;
     request j lands in row ``dest[j]`` (default j) of all of them. Rows with ``ok`` False
-    hold garbage and their ``errors`` entry the ShardError text naming the shard;
+    hold garbage and their ``errors`` entry the DataError text naming the shard;
     ``checksum=None`` skips the CRC (only ``read_sample`` without a manifest). ``out`` =
     (pos, vis, stats) to fill."""
     B = len(paths)
@@ -436,14 +437,14 @@ def read_sample(shard, offset: int, size: int, key: str | None = None, checksum:
     """One sample by its byte range, through ``read_batch``: ``pos``, ``vis``, ``stats``,
     ``meta`` (the json member), ``checksum`` (CRC-32 of the arrays), ``key``. The shape
     is read from the ``pos.npy`` header (T, N) when no build is at hand; with ``checksum``
-    (the manifest's) the arrays must match it. ShardError naming the shard otherwise."""
+    (the manifest's) the arrays must match it. DataError naming the shard otherwise."""
     fds = fds or FdCache(2)
     where = f"{shard}@{int(offset)}" + (f" ({key})" if key else "")
     ok = np.ones(1, bool)
     errors: list = [None]
     buf, starts, sizes = read_ranges(fds, [shard], [offset], [size], [where], ok, errors)
     if not ok[0]:
-        raise ShardError(errors[0])
+        raise DataError(errors[0])
     if key is None:  # the key the first member names
         key = _name_at(buf, 0).partition(".")[0]
     K, kl = _key_matrix([key])
@@ -451,19 +452,19 @@ def read_sample(shard, offset: int, size: int, key: str | None = None, checksum:
     code, at = np.zeros(1, np.int64), np.zeros(1, np.int64)
     _scan_kernel(buf, starts, sizes, K, kl, _EXTS, _EXT_LEN, data_at, data_len, code, at)
     if code[0] != OK:
-        raise ShardError(f"{where}: {_describe(int(code[0]), buf, int(at[0]), key)}; {_REBUILD}")
+        raise DataError(f"{where}: {_describe(int(code[0]), buf, int(at[0]), key)}; {_REBUILD}")
     spec = _npy_shape(buf, int(data_at[0, 1]), int(data_at[0, 1] + data_len[0, 1]))
     if spec is None or spec[0] != np.float32 or len(spec[1]) != 3 or spec[1][2] != 2:
-        raise ShardError(f"{where}: pos.npy is not a (T, N, 2) float32 array; {_REBUILD}")
+        raise DataError(f"{where}: pos.npy is not a (T, N, 2) float32 array; {_REBUILD}")
     T, N = spec[1][:2]
     pos, vis, st, ok2, err2 = read_batch(fds, [shard], [offset], [size], [key],
                                          None if checksum is None else [checksum], T, N)
     if not ok2[0]:
-        raise ShardError(err2[0].replace(f"{shard}@{int(offset)} ({key})", where, 1))
+        raise DataError(err2[0].replace(f"{shard}@{int(offset)} ({key})", where, 1))
     a, n = int(data_at[0, 0]), int(data_len[0, 0])
     try:
         meta = json.loads(bytes(buf[a:a + n]))
     except (ValueError, UnicodeDecodeError) as e:
-        raise ShardError(f"{where}: malformed json member ({e}); {_REBUILD}") from None
+        raise DataError(f"{where}: malformed json member ({e}); {_REBUILD}") from None
     return {"pos": pos[0], "vis": vis[0], "stats": st[0], "meta": meta, "key": key,
             "checksum": int(crc32_rows(pos, vis, st)[0])}

@@ -5,9 +5,10 @@ from pathlib import Path
 
 import numpy as np
 
-from motion_data.build.folder import BuildDir, BuildDirError
-from motion_data.build.manifest import MANIFEST_NAME, ManifestError, read_manifest
-from motion_data.build.shards import ShardError, index_shard
+from motion_data.build.folder import BuildDir
+from motion_data.common.errors import DataError
+from motion_data.build.manifest import MANIFEST_NAME, read_manifest
+from motion_data.build.shards import index_shard
 from motion_data.build.store import PER_CLIP
 from motion_data.common.labels import step_valid
 from motion_data.common.static_filter import METRICS
@@ -20,7 +21,7 @@ def verify_build(build_dir, samples: bool = True) -> int:
     Every manifest row's byte range must be exactly one sample of that key in its shard
     (from the tar headers), every shard under ``shards/`` must hold only the manifest's
     samples, and the store must have one row per clip; with ``samples`` each sample's stored
-    per-point statistics must also equal its store row. Raises ManifestError naming the
+    per-point statistics must also equal its store row. Raises DataError naming the
     manifest and the shard at the first disagreement; returns the number of clips.
     """
     build_dir = Path(build_dir)
@@ -37,38 +38,38 @@ def verify_build(build_dir, samples: bool = True) -> int:
     for s, rows in rows_of.items():
         try:
             index = {k: (o, n) for k, o, n in index_shard(build_dir / s)}
-        except ShardError as e:
-            raise ManifestError(f"{where}: disagrees with the shards: {e}") from None
+        except DataError as e:
+            raise DataError(f"{where}: disagrees with the shards: {e}") from None
         for i in rows:
             got = index.get(ids[i])
             if got != (int(off[i]), int(size[i])):
                 has = f"has it at offset {got[0]}, size {got[1]}" if got else "has no such sample"
-                raise ManifestError(f"{where}: row {i} ({ids[i]}) says {s} offset {off[i]}, size {size[i]}; "
+                raise DataError(f"{where}: row {i} ({ids[i]}) says {s} offset {off[i]}, size {size[i]}; "
                                     f"the shard {has}")
         if len(index) != len(rows):
             extra = sorted(set(index) - {ids[i] for i in rows})[:3]
-            raise ManifestError(f"{where}: {s} holds {len(index)} samples, the manifest lists {len(rows)} "
+            raise DataError(f"{where}: {s} holds {len(index)} samples, the manifest lists {len(rows)} "
                                 f"(not listed: {extra})")
     listed = {Path(s).name for s in rows_of}
     for p in sorted((build_dir / "shards").glob("*.tar")):
         if p.name not in listed:
-            raise ManifestError(f"{where}: shards/{p.name} is not in the manifest")
+            raise DataError(f"{where}: shards/{p.name} is not in the manifest")
     try:
         g = BuildDir(build_dir).store
-    except BuildDirError as e:
-        raise ManifestError(f"{where}: disagrees with the store: {e}") from None
+    except DataError as e:
+        raise DataError(f"{where}: disagrees with the store: {e}") from None
     if int(g.attrs["n_clips"]) != len(ids):
-        raise ManifestError(f"{where}: {len(ids)} rows, {build_dir / 'stats.zarr'} has {g.attrs['n_clips']} clips")
+        raise DataError(f"{where}: {len(ids)} rows, {build_dir / 'stats.zarr'} has {g.attrs['n_clips']} clips")
     if samples and ids:
         st = {k: np.asarray(g[f"stats/{k}"][:]) for k in PER_CLIP}
         for i in range(len(ids)):
             try:
                 smp = read_sample(build_dir / shard[i], int(off[i]), int(size[i]), ids[i], int(checksum[i]))
-            except ShardError as e:
-                raise ManifestError(f"{where}: row {i}: {e}") from None
+            except DataError as e:
+                raise DataError(f"{where}: row {i}: {e}") from None
             mine = np.stack([st[m][i] for m in METRICS])
             if not (np.array_equal(smp["stats"], mine)
                     and np.array_equal(step_valid(smp["vis"]).sum(0), st["valid_count"][i])):
-                raise ManifestError(f"{where}: row {i} ({ids[i]}): statistics in {shard[i]} differ from "
+                raise DataError(f"{where}: row {i} ({ids[i]}): statistics in {shard[i]} differ from "
                                     f"{build_dir / 'stats.zarr'} row {i}")
     return len(ids)

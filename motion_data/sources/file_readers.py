@@ -1,6 +1,6 @@
 """Low-level readers of track files for the importers: ``.npy``/``.npz`` (header and
 size checks before reading, no pickles), ``.pt`` (``torch.load(weights_only=True)``) and
-HDF5 (h5py, optional). Every problem is an InputError whose one line starts with the path.
+HDF5 (h5py, optional). Every problem is a DataError whose one line starts with the path.
 """
 from __future__ import annotations
 
@@ -10,19 +10,14 @@ import zipfile
 
 import numpy as np
 
-from motion_data.common.clips import InputError
-from motion_data.common.errors import UserError, one_line
-
-
-class MissingDependency(UserError, ImportError):
-    """An optional package needed for a format is not installed."""
+from motion_data.common.errors import DataError, SettingError, one_line
 
 
 def _h5py():
     try:
         import h5py
     except ImportError:
-        raise MissingDependency("reading HDF5 (.h5/.hdf5) inputs needs h5py: pip install h5py") from None
+        raise SettingError("reading HDF5 (.h5/.hdf5) inputs needs h5py: pip install h5py") from None
     return h5py
 
 
@@ -30,7 +25,7 @@ def _torch():
     try:
         import torch
     except ImportError:
-        raise MissingDependency("reading .pt inputs needs torch: pip install torch") from None
+        raise SettingError("reading .pt inputs needs torch: pip install torch") from None
     return torch
 
 
@@ -40,9 +35,9 @@ def check_nonempty(path):
     try:
         size = os.path.getsize(path)
     except OSError as e:
-        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
     if size == 0:
-        raise InputError(f"{path}: empty file")
+        raise DataError(f"{path}: empty file")
 
 
 def np_array(path, key, value) -> np.ndarray:
@@ -50,8 +45,8 @@ def np_array(path, key, value) -> np.ndarray:
         return np.asarray(value)
     except ValueError as e:
         if "allow_pickle" in str(e) or "pickle" in str(e).lower():
-            raise InputError(f"{path}: {key} is a pickled object array; refused (save plain numeric arrays)") from None
-        raise InputError(f"{path}: cannot read {key}: {e}") from None
+            raise DataError(f"{path}: {key} is a pickled object array; refused (save plain numeric arrays)") from None
+        raise DataError(f"{path}: cannot read {key}: {e}") from None
 
 
 # deflate cannot expand data more than ~1032:1: a larger claim is a lying archive
@@ -77,12 +72,12 @@ def check_npy_header(path, f, available: int, what: str):
             return  # let np.load report the unsupported version
         header = f.tell() - start
     except (ValueError, OSError, EOFError, SyntaxError, TypeError) as e:
-        raise InputError(f"{path}: {what} is not a valid .npy array ({one_line(e)})") from None
+        raise DataError(f"{path}: {what} is not a valid .npy array ({one_line(e)})") from None
     if dtype.hasobject:
-        raise InputError(f"{path}: {what} is a pickled object array; refused (save plain numeric arrays)")
+        raise DataError(f"{path}: {what} is a pickled object array; refused (save plain numeric arrays)")
     declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
     if declared > available - header:
-        raise InputError(f"{path}: {what} is truncated or forged: its header declares shape {tuple(shape)} "
+        raise DataError(f"{path}: {what} is truncated or forged: its header declares shape {tuple(shape)} "
                          f"({declared} bytes), the file holds {max(0, available - header)}")
 
 
@@ -92,14 +87,14 @@ def load_npy(path) -> dict:
         with open(path, "rb") as f:
             check_npy_header(path, f, os.path.getsize(path), "the array")
         arr = np.load(path, allow_pickle=False)
-    except InputError:
+    except DataError:
         raise
     except ValueError as e:
         if "pickle" in str(e).lower():
-            raise InputError(f"{path}: holds a pickled object array; refused (save plain numeric arrays)") from None
-        raise InputError(f"{path}: not a valid .npy file ({e})") from None
+            raise DataError(f"{path}: holds a pickled object array; refused (save plain numeric arrays)") from None
+        raise DataError(f"{path}: not a valid .npy file ({e})") from None
     except (OSError, EOFError) as e:
-        raise InputError(f"{path}: not a valid .npy file ({e})") from None
+        raise DataError(f"{path}: not a valid .npy file ({e})") from None
     return {"tracks": arr}
 
 
@@ -113,24 +108,24 @@ def load_npz(path) -> dict:
                     continue
                 what = zi.filename[:-4]
                 if zi.compress_type != zipfile.ZIP_STORED and zi.file_size > _MAX_DEFLATE_RATIO * max(zi.compress_size, 1):
-                    raise InputError(f"{path}: {what} claims {zi.file_size} bytes from {zi.compress_size} compressed; "
+                    raise DataError(f"{path}: {what} claims {zi.file_size} bytes from {zi.compress_size} compressed; "
                                      f"refused (not a plausible archive)")
                 with zf.open(zi) as f:
                     check_npy_header(path, f, zi.file_size, what)
         with np.load(path, allow_pickle=False) as z:
             if not isinstance(z, np.lib.npyio.NpzFile):
-                raise InputError(f"{path}: not an .npz archive")
+                raise DataError(f"{path}: not an .npz archive")
             for k in z.files:
                 try:
                     out[k] = z[k]
                 except ValueError as e:
                     if "pickle" in str(e).lower():
-                        raise InputError(f"{path}: {k} is a pickled object array; refused (save plain numeric arrays)") from None
-                    raise InputError(f"{path}: cannot read {k} ({e})") from None
-    except InputError:
+                        raise DataError(f"{path}: {k} is a pickled object array; refused (save plain numeric arrays)") from None
+                    raise DataError(f"{path}: cannot read {k} ({e})") from None
+    except DataError:
         raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
-        raise InputError(f"{path}: truncated or not a valid .npz archive ({type(e).__name__}: {e})".replace("\n", " ")) from None
+        raise DataError(f"{path}: truncated or not a valid .npz archive ({type(e).__name__}: {e})".replace("\n", " ")) from None
     return out
 
 
@@ -140,7 +135,7 @@ def torch_load(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types (UnpicklingError, RuntimeError, EOFError)
-        raise InputError(f"{path}: {torch_load_problem(e, path)}") from None
+        raise DataError(f"{path}: {torch_load_problem(e, path)}") from None
 
 
 def torch_load_problem(e: Exception, path=None) -> str:
@@ -165,7 +160,7 @@ def to_numpy(path, key, value) -> np.ndarray:
         value = value.detach().cpu().numpy()
     arr = np_array(path, key, value)
     if arr.dtype == object:
-        raise InputError(f"{path}: {key} is not a numeric array")
+        raise DataError(f"{path}: {key} is not a numeric array")
     return arr
 
 
@@ -182,7 +177,7 @@ def open_h5(path):
     try:
         return h5py.File(path, "r")
     except OSError as e:
-        raise InputError(f"{path}: truncated or not a valid HDF5 file ({str(e).splitlines()[0]})") from None
+        raise DataError(f"{path}: truncated or not a valid HDF5 file ({str(e).splitlines()[0]})") from None
 
 
 def h5_root(f):
@@ -195,10 +190,10 @@ def h5_views(path, root, views) -> list[str]:
     if views:
         missing = [v for v in views if v not in avail]
         if missing:
-            raise InputError(f"{path}: view(s) {missing} not found (available: {avail})")
+            raise DataError(f"{path}: view(s) {missing} not found (available: {avail})")
         return list(views)
     if not avail:
-        raise InputError(f"{path}: no view group with a 'tracks' dataset")
+        raise DataError(f"{path}: no view group with a 'tracks' dataset")
     return avail
 
 
@@ -206,9 +201,9 @@ def h5_read(path, group, name):
     try:
         return np.asarray(group[name][()])
     except KeyError:
-        raise InputError(f"{path}: missing dataset {group.name}/{name}") from None
+        raise DataError(f"{path}: missing dataset {group.name}/{name}") from None
     except (OSError, ValueError) as e:
-        raise InputError(f"{path}: cannot read {group.name}/{name} ({str(e).splitlines()[0]})") from None
+        raise DataError(f"{path}: cannot read {group.name}/{name} ({str(e).splitlines()[0]})") from None
 
 
 def h5_vis(path, group):
@@ -222,5 +217,5 @@ def h5_vis(path, group):
 def finite_or_raise(path, key, arr):
     arr = np.asarray(arr)
     if not np.issubdtype(arr.dtype, np.number):
-        raise InputError(f"{path}: {key} must be numeric, got dtype {arr.dtype}")
+        raise DataError(f"{path}: {key} must be numeric, got dtype {arr.dtype}")
     return arr

@@ -41,13 +41,13 @@ Auto-detection (``fmt="auto"``, :func:`detect_format`):
 - ``.npz`` / ``.npy`` -> ``tracks``.
 - ``.h5`` / ``.hdf5``: the first view's ``tracks``. Rank 4 with ``n > 1``, or
   ``shape[1] == 16`` and some coordinate > 1 -> ``amplify-h5``; else coordinates all within
-  [0, 1] -> ``atm-h5``; anything else cannot be detected (InputError).
+  [0, 1] -> ``atm-h5``; anything else cannot be detected (DataError).
 - ``.pt``: a dict with ``tracks`` -> ``tracks``; a rank-3 ``(T-1, N, 2)`` tensor with all
   values in [-1, 1] -> ``laps-pt``; another rank-3/4 tensor -> ``tracks``.
 
 Safety: nothing is unpickled (``np.load(allow_pickle=False)``,
 ``torch.load(weights_only=True)``). Every problem (empty or truncated file, wrong ranks or
-keys, NaN/inf, zero points) raises :class:`InputError` with a one-line message starting with
+keys, NaN/inf, zero points) raises :class:`DataError` with a one-line message starting with
 the path. A whole file is read and checked before its first Sequence is yielded, so a bad
 file yields nothing. With ``bad_sequences`` (build-shards ``--on-error skip``) a sequence
 that fails its own checks is left out and reported, and the rest of the file is kept.
@@ -60,11 +60,11 @@ from typing import Iterator
 
 import numpy as np
 
-from motion_data.common.clips import InputError, Sequence, tracks_to_sequence
+from motion_data.common.clips import Sequence, tracks_to_sequence
+from motion_data.common.errors import DataError, one_line
 from motion_data.sources.file_readers import (finite_or_raise, h5_read, h5_root, h5_views, h5_vis, load_npy, load_npz, load_pt_tracks,
                            open_h5, to_numpy, torch_load)
 from motion_data.common.labels import DEFAULT_REF_SIZE, half_window
-from motion_data.common.errors import one_line
 
 FORMATS = ("tracks", "amplify-h5", "atm-h5", "laps-pt")
 TRACK_EXTS = (".npz", ".npy", ".pt")
@@ -100,7 +100,7 @@ def list_inputs(paths) -> list[str]:
     (``.npz .npy .pt .h5 .hdf5``; a laps-pt folder is just a folder of ``.pt`` files, one
     input each); files are taken as given. Returns a de-duplicated list of str sorted by
     :func:`source_name` (so the order does not depend on where the inputs lie).
-    A missing path raises InputError; a folder with no supported file gives no inputs.
+    A missing path raises DataError; a folder with no supported file gives no inputs.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -115,7 +115,7 @@ def list_inputs(paths) -> list[str]:
         elif p.is_file():
             out.setdefault(os.path.abspath(p), str(p))
         else:
-            raise InputError(f"{p}: no such file or folder")
+            raise DataError(f"{p}: no such file or folder")
     root = input_root(paths) if out else None
     return sorted(out.values(), key=lambda f: (source_name(f, root), f))
 
@@ -137,28 +137,28 @@ def detect_format(path) -> str:
             ds = root[views[0]]["tracks"]
             shape = ds.shape
             if len(shape) != 4 or shape[-1] != 2:
-                raise InputError(f"{path}: cannot detect format: {views[0]}/tracks has shape {shape}, expected (n,T,N,2)")
+                raise DataError(f"{path}: cannot detect format: {views[0]}/tracks has shape {shape}, expected (n,T,N,2)")
             data = finite_or_raise(path, f"{views[0]}/tracks", ds[: min(shape[0], 4)])
             big = data.size > 0 and float(np.abs(data).max()) > 1.0
             if shape[0] > 1 or (shape[1] == 16 and big):
                 return "amplify-h5"
             if not big and data.size > 0 and float(data.min()) >= 0.0:
                 return "atm-h5"
-            raise InputError(f"{path}: cannot detect format: {views[0]}/tracks {shape} is neither AMPLIFY "
+            raise DataError(f"{path}: cannot detect format: {views[0]}/tracks {shape} is neither AMPLIFY "
                              "pixels (n,16,N,2) nor ATM [0,1] coordinates (1,T,N,2); pass --format")
     if ext == ".pt":
         obj = torch_load(path)
         if isinstance(obj, dict):
             if "tracks" in obj or "pred_tracks" in obj:
                 return "tracks"
-            raise InputError(f"{path}: cannot detect format: dict without 'tracks' (keys {sorted(map(str, obj))})")
+            raise DataError(f"{path}: cannot detect format: dict without 'tracks' (keys {sorted(map(str, obj))})")
         arr = to_numpy(path, "tensor", obj)
         if arr.ndim == 3 and arr.shape[-1] == 2 and arr.size and np.isfinite(arr).all() and np.abs(arr).max() <= 1.0:
             return "laps-pt"
         if arr.ndim in (3, 4):
             return "tracks"
-        raise InputError(f"{path}: cannot detect format: tensor of shape {arr.shape}")
-    raise InputError(f"{path}: cannot detect format from extension {ext!r} (supported: {' '.join(SUPPORTED_EXTS)})")
+        raise DataError(f"{path}: cannot detect format: tensor of shape {arr.shape}")
+    raise DataError(f"{path}: cannot detect format from extension {ext!r} (supported: {' '.join(SUPPORTED_EXTS)})")
 
 
 # ---------------------------------------------------------------- format readers
@@ -168,10 +168,10 @@ def _image_size(path, value, fallback):
     if value is None:
         value = fallback
     if value is None:
-        raise InputError(f"{path}: no image_size in the file; pass its frame size as --image-size H,W (e.g. 480,640)")
+        raise DataError(f"{path}: no image_size in the file; pass its frame size as --image-size H,W (e.g. 480,640)")
     arr = np.asarray(value, dtype=np.float64).reshape(-1)
     if arr.size != 2 or not np.isfinite(arr).all() or (arr <= 0).any():
-        raise InputError(f"{path}: image_size must be two positive numbers (H, W), got {np.asarray(value).tolist()}")
+        raise DataError(f"{path}: image_size must be two positive numbers (H, W), got {np.asarray(value).tolist()}")
     return (float(arr[0]), float(arr[1]))
 
 
@@ -183,33 +183,33 @@ def _batched(path, tracks, vis, start_frame, kind="tracks"):
         if vis is not None:
             vis = np.asarray(vis)[None]
     if tracks.ndim != 4 or tracks.shape[-1] != 2:
-        raise InputError(f"{path}: {kind} must be (T, N, 2) or (B, T, N, 2), got shape {tracks.shape}")
+        raise DataError(f"{path}: {kind} must be (T, N, 2) or (B, T, N, 2), got shape {tracks.shape}")
     B, T, N, _ = tracks.shape
     if B == 0 or T == 0 or N == 0:
-        raise InputError(f"{path}: {kind} is empty (shape {tracks.shape}: zero sequences, frames or points)")
+        raise DataError(f"{path}: {kind} is empty (shape {tracks.shape}: zero sequences, frames or points)")
     if vis is not None:
         vis = np.asarray(vis)
         if vis.dtype != np.bool_ and not np.issubdtype(vis.dtype, np.number):
-            raise InputError(f"{path}: visibility must be bool or numeric, got dtype {vis.dtype}")
+            raise DataError(f"{path}: visibility must be bool or numeric, got dtype {vis.dtype}")
         if vis.shape != (B, T, N):
-            raise InputError(f"{path}: visibility shape {vis.shape} does not match tracks {tracks.shape[:-1]}")
+            raise DataError(f"{path}: visibility shape {vis.shape} does not match tracks {tracks.shape[:-1]}")
     if start_frame is None:
         sf = np.zeros(B, np.int64)
     else:
         sf = np.asarray(start_frame)
         if not np.issubdtype(sf.dtype, np.number) or not np.isfinite(sf).all():
-            raise InputError(f"{path}: start_frame must be integers, got {sf!r}")
+            raise DataError(f"{path}: start_frame must be integers, got {sf!r}")
         if sf.ndim == 0:
             sf = np.full(B, int(sf), np.int64)
         elif sf.shape != (B,):
-            raise InputError(f"{path}: start_frame must be a scalar or ({B},), got shape {sf.shape}")
+            raise DataError(f"{path}: start_frame must be a scalar or ({B},), got shape {sf.shape}")
         sf = sf.astype(np.int64)
     return tracks, vis, sf
 
 
 def _sequences(path, tracks, vis, sf, image_size, ref_size, index0=0, independent=False, bad=None):
     """Sequences of a batched file; ``independent``: each is its own split group (docs/DESIGN.md).
-    ``bad``: a list to collect the InputError of each sequence that fails its own checks
+    ``bad``: a list to collect the DataError of each sequence that fails its own checks
     (it is left out); None: the first such error fails the file."""
     out = []
     for b in range(tracks.shape[0]):
@@ -217,9 +217,9 @@ def _sequences(path, tracks, vis, sf, image_size, ref_size, index0=0, independen
         try:
             out.append(tracks_to_sequence(path, index0 + b, tracks[b], None if vis is None else vis[b],
                                           image_size, ref_size, int(sf[b]), group))
-        except InputError as e:
+        except DataError as e:
             # tracks_to_sequence names "path[i]"; keep the path first, one line
-            e = InputError(one_line(e))
+            e = DataError(one_line(e))
             if bad is None:
                 raise e from None
             bad.append(e)
@@ -235,10 +235,10 @@ def _read_tracks(path, ref_size, image_size, bad=None) -> list[Sequence]:
     elif ext == ".pt":
         d = load_pt_tracks(path)
     else:
-        raise InputError(f"{path}: track files must be .npz, .npy or .pt, got {ext!r}")
+        raise DataError(f"{path}: track files must be .npz, .npy or .pt, got {ext!r}")
     key = next((k for k in ("tracks", "pred_tracks") if k in d), None)  # ours, CoTracker's
     if key is None:
-        raise InputError(f"{path}: missing key 'tracks' or 'pred_tracks' (keys: {sorted(d)})")
+        raise DataError(f"{path}: missing key 'tracks' or 'pred_tracks' (keys: {sorted(d)})")
     vis = next((d[k] for k in ("visibility", "vis", "pred_visibility") if k in d), None)
     tracks, vis, sf = _batched(path, d[key], vis, d.get("start_frame"))
     size = _image_size(path, d.get("image_size"), image_size)
@@ -255,7 +255,7 @@ def _h5_view_tracks(path, views, expected: str):
             tracks = h5_read(path, g, "tracks")
             vis = h5_vis(path, g)
             if tracks.ndim != 4:
-                raise InputError(f"{path}: {view}/tracks must be {expected}, got shape {tracks.shape}")
+                raise DataError(f"{path}: {view}/tracks must be {expected}, got shape {tracks.shape}")
             yield view, g, tracks, vis
 
 
@@ -294,18 +294,18 @@ def _read_laps(path, ref_size) -> list[Sequence]:
     if isinstance(obj, dict):
         keys = [k for k in ("velocities", "vel", "velocity") if k in obj]
         if not keys:
-            raise InputError(f"{path}: laps-pt file holds a dict without a velocity tensor (keys {sorted(map(str, obj))})")
+            raise DataError(f"{path}: laps-pt file holds a dict without a velocity tensor (keys {sorted(map(str, obj))})")
         obj = obj[keys[0]]
     v = finite_or_raise(path, "velocities", to_numpy(path, "velocities", obj)).astype(np.float64)
     if v.ndim != 3 or v.shape[-1] != 2:
-        raise InputError(f"{path}: laps-pt velocities must be (T-1, N, 2), got shape {v.shape}")
+        raise DataError(f"{path}: laps-pt velocities must be (T-1, N, 2), got shape {v.shape}")
     if v.shape[0] < 1 or v.shape[1] < 1:
-        raise InputError(f"{path}: laps-pt velocities are empty (shape {v.shape})")
+        raise DataError(f"{path}: laps-pt velocities are empty (shape {v.shape})")
     if not np.isfinite(v).all():
         t, n = np.argwhere(~np.isfinite(v).all(-1))[0]
-        raise InputError(f"{path}: non-finite velocity at step {t}, point {n}")
+        raise DataError(f"{path}: non-finite velocity at step {t}, point {n}")
     if np.abs(v).max() > 1.0 + 1e-6:
-        raise InputError(f"{path}: laps-pt velocities must be normalised to [-1, 1], max |v| = {np.abs(v).max():.3g}")
+        raise DataError(f"{path}: laps-pt velocities must be normalised to [-1, 1], max |v| = {np.abs(v).max():.3g}")
     # positions by a cumulative sum from the frame centre (module docstring)
     start = np.full((1, v.shape[1], 2), LAPS_ORIGIN * ref_size)
     pos = np.concatenate([start, start + np.cumsum(v * LAPS_SCALE, axis=0)]).astype(np.float32)
@@ -317,7 +317,7 @@ def read_sequences(path, fmt: str = "auto", *, ref_size: int = DEFAULT_REF_SIZE,
     """All sequences of one input file, fully checked (see :func:`iter_sequences`).
 
     ``bad_sequences``: when a list, a sequence that fails its own checks (e.g. a non-finite
-    coordinate of a visible point) is left out and its InputError appended there, and the
+    coordinate of a visible point) is left out and its DataError appended there, and the
     file's other sequences are returned; otherwise it fails the whole file.
     """
     path = str(path)
@@ -333,7 +333,7 @@ def read_sequences(path, fmt: str = "auto", *, ref_size: int = DEFAULT_REF_SIZE,
     try:
         return readers[fmt]()
     except MemoryError as e:  # e.g. an HDF5 dataset declaring an enormous shape
-        raise InputError(f"{path}: too large to load ({one_line(e)})") from None
+        raise DataError(f"{path}: too large to load ({one_line(e)})") from None
 
 
 def iter_sequences(path, fmt: str = "auto", *, ref_size: int = DEFAULT_REF_SIZE, image_size=None,
@@ -342,7 +342,7 @@ def iter_sequences(path, fmt: str = "auto", *, ref_size: int = DEFAULT_REF_SIZE,
 
     ``fmt``: ``auto`` or one of :data:`FORMATS`; ``ref_size``: side of the reference frame
     velocities are expressed in; ``image_size``: fallback ``(H, W)`` for files without one;
-    ``views``: HDF5 views to read (all when None). Raises InputError ("<path>: <problem>")
+    ``views``: HDF5 views to read (all when None). Raises DataError ("<path>: <problem>")
     before yielding anything when the file is bad; ``bad_sequences`` as in :func:`read_sequences`.
     """
     yield from read_sequences(path, fmt, ref_size=ref_size, image_size=image_size, views=views,

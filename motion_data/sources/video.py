@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from motion_data.common.atomic import atomic_open
-from motion_data.common.clips import InputError
+from motion_data.common.errors import DataError
 from motion_data.common.labels import DEFAULT_GRID, DEFAULT_T
 
 VTEST_PATH = "/usr/share/doc/opencv-doc/examples/data/vtest.avi"
@@ -36,9 +36,9 @@ def _cv2():
     try:
         import cv2
     except ImportError:
-        from motion_data.sources.file_readers import MissingDependency
+        from motion_data.common.errors import SettingError
 
-        raise MissingDependency("tracking videos needs OpenCV: pip install opencv-python-headless") from None
+        raise SettingError("tracking videos needs OpenCV: pip install opencv-python-headless") from None
     return cv2
 
 
@@ -72,17 +72,17 @@ def track_video(path, cfg: TrackConfig | None = None, progress: bool = False) ->
     """Track a re-initialised point grid through the video at ``path``.
 
     Returns ``tracks`` ``(B, window, N, 2)`` float32, ``visibility`` ``(B, window, N)`` bool,
-    ``image_size`` ``[H, W]`` int64 and ``start_frame`` ``(B,)`` int64. Raises InputError
+    ``image_size`` ``[H, W]`` int64 and ``start_frame`` ``(B,)`` int64. Raises DataError
     ("<path>: <problem>") when the video cannot be read or is shorter than one window.
     """
     cv2 = _cv2()
     cfg = cfg or TrackConfig()
     path = str(path)
     if not os.path.isfile(path):
-        raise InputError(f"{path}: no such file")
+        raise DataError(f"{path}: no such file")
     cap = cv2.VideoCapture(path)
     if not cap.isOpened():
-        raise InputError(f"{path}: cannot open as a video")
+        raise DataError(f"{path}: cannot open as a video")
     total = max(int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), 0)
     if cfg.max_frames:
         total = min(total, cfg.max_frames) if total else cfg.max_frames
@@ -144,9 +144,9 @@ def track_video(path, cfg: TrackConfig | None = None, progress: bool = False) ->
         bar.close()
         cap.release()
     if H is None:
-        raise InputError(f"{path}: no frame could be decoded")
+        raise DataError(f"{path}: no frame could be decoded")
     if not done_tracks:
-        raise InputError(f"{path}: only {f} frames, shorter than one window of {cfg.window}")
+        raise DataError(f"{path}: only {f} frames, shorter than one window of {cfg.window}")
     order = np.argsort(done_start)
     return {
         "tracks": np.stack(done_tracks)[order],

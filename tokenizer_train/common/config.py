@@ -17,16 +17,12 @@ import yaml
 from motion_data.read.augment import AugmentConfig
 from motion_data.read.sampler import SamplerConfig
 from motion_data.common.static_filter import StaticFilter
-from motion_data.common.errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A config file or override that does not match the schema."""
+from motion_data.common.errors import SettingError
 
 
 def _one_of(name: str, value, allowed):
     if value not in allowed:
-        raise ConfigError(f"{name} must be one of {list(allowed)}, got {value!r}")
+        raise SettingError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------- data
@@ -41,11 +37,11 @@ class DataConfig:
 
     def __post_init__(self):
         if self.num_workers != "auto" and (isinstance(self.num_workers, (bool, str)) or self.num_workers < 0):
-            raise ConfigError(f"data.num_workers must be an integer >= 0 or auto, got {self.num_workers!r}")
+            raise SettingError(f"data.num_workers must be an integer >= 0 or auto, got {self.num_workers!r}")
         if not 0.0 <= self.val_split < 1.0:
-            raise ConfigError(f"data.val_split must be in [0, 1), got {self.val_split}")
+            raise SettingError(f"data.val_split must be in [0, 1), got {self.val_split}")
         if self.window_size < 3 or self.window_size % 2 == 0:
-            raise ConfigError(f"data.window_size must be an odd number >= 3, got {self.window_size}")
+            raise SettingError(f"data.window_size must be an odd number >= 3, got {self.window_size}")
 
 
 # ---------------------------------------------------------------------------- model
@@ -61,7 +57,7 @@ class TanhScaleConfig:
 
     def __post_init__(self):
         if not 0 < self.s_min <= self.init <= self.s_max:
-            raise ConfigError(f"model.quant_input_tanh_scale needs 0 < s_min <= init <= s_max, "
+            raise SettingError(f"model.quant_input_tanh_scale needs 0 < s_min <= init <= s_max, "
                               f"got s_min={self.s_min} init={self.init} s_max={self.s_max}")
 
 
@@ -74,7 +70,7 @@ class PointPosEncConfig:
 
     def __post_init__(self):
         if self.num_freqs < 1:
-            raise ConfigError(f"model.point_pos_enc.num_freqs must be >= 1, got {self.num_freqs}")
+            raise SettingError(f"model.point_pos_enc.num_freqs must be >= 1, got {self.num_freqs}")
 
 
 @dataclass
@@ -86,7 +82,7 @@ class PointEncoderConfig:
 
     def __post_init__(self):
         if self.dim < 1:
-            raise ConfigError(f"model.point_encoder.dim must be >= 1, got {self.dim}")
+            raise SettingError(f"model.point_encoder.dim must be >= 1, got {self.dim}")
 
 
 @dataclass
@@ -112,16 +108,16 @@ class ModelConfig:
         _one_of("model.quant_input_norm", self.quant_input_norm, ("none", "layernorm", "rmsnorm"))
         _one_of("model.decoder", self.decoder, ("additive", "code_query", "amplify"))
         if self.groups < 1:
-            raise ConfigError(f"model.groups must be >= 1, got {self.groups}")
+            raise SettingError(f"model.groups must be >= 1, got {self.groups}")
         if self.amplify_mlp_dim < 1:
-            raise ConfigError(f"model.amplify_mlp_dim must be >= 1, got {self.amplify_mlp_dim}")
+            raise SettingError(f"model.amplify_mlp_dim must be >= 1, got {self.amplify_mlp_dim}")
         if self.hidden_dim % self.num_heads:
-            raise ConfigError(f"model.hidden_dim ({self.hidden_dim}) must be divisible by model.num_heads ({self.num_heads})")
+            raise SettingError(f"model.hidden_dim ({self.hidden_dim}) must be divisible by model.num_heads ({self.num_heads})")
         if not self.fsq_levels or any(int(v) < 2 for v in self.fsq_levels):
-            raise ConfigError(f"model.fsq_levels must be a non-empty list of ints >= 2, got {self.fsq_levels}")
+            raise SettingError(f"model.fsq_levels must be a non-empty list of ints >= 2, got {self.fsq_levels}")
         self.fsq_levels = [int(v) for v in self.fsq_levels]
         if self.quant_input_noise_std < 0:
-            raise ConfigError("model.quant_input_noise_std must be >= 0")
+            raise SettingError("model.quant_input_noise_std must be >= 0")
 
     @property
     def n_decoder_layers(self) -> int:
@@ -152,9 +148,9 @@ class FocalConfig:
 
     def __post_init__(self):
         if isinstance(self.alpha, str) and self.alpha != "per_class":
-            raise ConfigError(f"training.focal.alpha must be null, a number or 'per_class', got {self.alpha!r}")
+            raise SettingError(f"training.focal.alpha must be null, a number or 'per_class', got {self.alpha!r}")
         if self.gamma < 0:
-            raise ConfigError("training.focal.gamma must be >= 0")
+            raise SettingError("training.focal.gamma must be >= 0")
 
 
 @dataclass
@@ -168,7 +164,7 @@ class LRScheduleConfig:
     def __post_init__(self):
         _one_of("training.lr_schedule.type", self.type, ("none", "cosine", "step"))
         if self.type == "step" and int(self.step_size) < 1:
-            raise ConfigError(f"training.lr_schedule.step_size must be >= 1, got {self.step_size}")
+            raise SettingError(f"training.lr_schedule.step_size must be >= 1, got {self.step_size}")
 
 
 @dataclass
@@ -214,15 +210,15 @@ class TrainingConfig:
         _one_of("training.decode_points", self.decode_points, ("masked", "all"))
         for k in ("batch_size", "epochs", "gradient_accumulation_steps", "log_interval"):
             if getattr(self, k) < 1:
-                raise ConfigError(f"training.{k} must be >= 1, got {getattr(self, k)}")
+                raise SettingError(f"training.{k} must be >= 1, got {getattr(self, k)}")
         if self.code_log_interval is not None and self.code_log_interval < 1:
-            raise ConfigError("training.code_log_interval must be >= 1 or null")
+            raise SettingError("training.code_log_interval must be >= 1 or null")
         if self.code_entropy_temperature <= 0:
-            raise ConfigError("training.code_entropy_temperature must be > 0")
+            raise SettingError("training.code_entropy_temperature must be > 0")
         if self.code_entropy_token_weight < 0:
-            raise ConfigError("training.code_entropy_token_weight must be >= 0")
+            raise SettingError("training.code_entropy_token_weight must be >= 0")
         if self.code_entropy_avg_tokens is not None and self.code_entropy_avg_tokens < 0:
-            raise ConfigError("training.code_entropy_avg_tokens must be >= 0 or null")
+            raise SettingError("training.code_entropy_avg_tokens must be >= 0 or null")
 
     @property
     def code_interval(self) -> int:
@@ -250,9 +246,9 @@ def _check_scalar(path: str, hint, value):
                 continue
             try:
                 return _check_scalar(path, a, value)
-            except ConfigError as e:
+            except SettingError as e:
                 errs.append(str(e))
-        raise ConfigError(f"{path}: {value!r} does not match {hint}")
+        raise SettingError(f"{path}: {value!r} does not match {hint}")
     if hint is float:
         if isinstance(value, str):
             # YAML 1.1 reads "1e-3" (no dot, no sign) as a string
@@ -261,25 +257,25 @@ def _check_scalar(path: str, hint, value):
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path} must be a number, got {value!r}")
+            raise SettingError(f"{path} must be a number, got {value!r}")
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path} must be an integer, got {value!r}")
+            raise SettingError(f"{path} must be an integer, got {value!r}")
         return value
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{path} must be true or false, got {value!r}")
+            raise SettingError(f"{path} must be true or false, got {value!r}")
         return value
     if hint is str:
         if value is False and path.endswith("mixed_precision"):
             return "no"
         if not isinstance(value, str):
-            raise ConfigError(f"{path} must be a string, got {value!r}")
+            raise SettingError(f"{path} must be a string, got {value!r}")
         return value
     if hint is list or origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path} must be a list, got {value!r}")
+            raise SettingError(f"{path} must be a list, got {value!r}")
         return list(value)
     return value
 
@@ -288,14 +284,14 @@ def _build(cls, data: dict, path: str):
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'} must be a mapping, got {data!r}")
+        raise SettingError(f"{path or 'config'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         full = f"{path}.{key}" if path else str(key)
         if key not in names:
-            raise ConfigError(f"unknown config key {full!r}")
+            raise SettingError(f"unknown config key {full!r}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, full)
@@ -303,10 +299,10 @@ def _build(cls, data: dict, path: str):
             kwargs[key] = _check_scalar(full, hint, value)
     try:
         return cls(**kwargs)
-    except ConfigError:
+    except SettingError:
         raise
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise SettingError(f"{path}: {e}") from None
 
 
 def to_dict(cfg) -> dict:
@@ -320,13 +316,13 @@ def _set_path(tree: dict, dotted: str, value):
     for i, p in enumerate(parts):
         names = {f.name: f for f in dataclasses.fields(cls)} if cls is not None else {}
         if p not in names:
-            raise ConfigError(f"unknown config key {'.'.join(parts[:i + 1])!r} in --set {dotted}=...")
+            raise SettingError(f"unknown config key {'.'.join(parts[:i + 1])!r} in --set {dotted}=...")
         hint = typing.get_type_hints(cls)[p]
         if i == len(parts) - 1:
             node[p] = value
             return
         if not dataclasses.is_dataclass(hint):
-            raise ConfigError(f"config key {'.'.join(parts[:i + 1])!r} is not a section (in --set {dotted}=...)")
+            raise SettingError(f"config key {'.'.join(parts[:i + 1])!r} is not a section (in --set {dotted}=...)")
         node = node.setdefault(p, {}) if isinstance(node.get(p, {}), dict) else node[p]
         cls = hint
 
@@ -334,18 +330,18 @@ def _set_path(tree: dict, dotted: str, value):
 def parse_override(text: str) -> tuple[str, object]:
     """``"a.b=value"`` -> ("a.b", YAML-parsed value)."""
     if "=" not in text:
-        raise ConfigError(f"--set expects KEY=VALUE, got {text!r}")
+        raise SettingError(f"--set expects KEY=VALUE, got {text!r}")
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {key}: cannot parse value {raw!r} ({e})") from None
+        raise SettingError(f"--set {key}: cannot parse value {raw!r} ({e})") from None
     return key.strip(), value
 
 
 def override(cfg, dotted_key: str, value) -> Config:
     """A new validated Config: ``cfg`` (a Config or its YAML mapping) with one key set, e.g.
-    ``override(cfg, "training.epochs", 5)``; an unknown key is a ConfigError."""
+    ``override(cfg, "training.epochs", 5)``; an unknown key is a SettingError."""
     return override_all(cfg, [(dotted_key, value)])
 
 
@@ -373,15 +369,15 @@ def _deep_copy(d):
 
 def read_yaml(path: str | Path) -> dict:
     """A YAML mapping from ``path``; unreadable, invalid or non-mapping files are a
-    ConfigError naming the file."""
+    SettingError naming the file."""
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+        raise SettingError(f"{path}: cannot read ({e.strerror})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+        raise SettingError(f"{path}: invalid YAML ({e})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+        raise SettingError(f"{path}: expected a mapping at the top level")
     return data
 
 
@@ -390,8 +386,8 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
     data = read_yaml(path) if path is not None else {}
     try:
         return from_dict(data, overrides)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    except SettingError as e:
+        raise SettingError(f"{path}: {e}" if path else str(e)) from None
 
 
 def add_set_argument(p, help: str = "override a config key"):

@@ -64,7 +64,7 @@ from pathlib import Path
 import numpy as np
 
 from motion_data.common.atomic import atomic_write_json
-from motion_data.common.errors import UserError
+from motion_data.common.errors import DataError
 
 MODE_COUNT = 3  # effective number of codes (exp of the usage entropy) a multi-modal histogram needs
 MAX_TOP_SHARE = 0.5
@@ -78,11 +78,6 @@ FILTERED_GOAL_BITS = 0.2  # the project's goal over the filtered baseline (repor
 # per-code counts of a code-log step, first found wins: all ranks (the trainer's *_global), this rank
 USAGE_TAGS = ("train/code_usage_hist_global", "train/code_usage_hist")
 TRAIN_ACC_TAGS = ("train/acc_evalmask_epoch", "train/acc_epoch")  # evaluation mask first
-
-
-class MetricsError(UserError, ValueError):
-    """A run's metrics.jsonl is missing or damaged."""
-
 
 @dataclass
 class Gate:
@@ -106,18 +101,18 @@ def _run_hint(run_dir: Path) -> str:
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The rows of RUN/metrics.jsonl. A last line cut mid-write (no newline: a killed run) is
-    dropped with a one-line warning on stderr; any other damage is a MetricsError."""
+    dropped with a one-line warning on stderr; any other damage is a DataError."""
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl"
     if not run_dir.is_dir():
         what = "not a folder" if run_dir.exists() else "no such folder"
-        raise MetricsError(f"{run_dir}: {what}; {_run_hint(run_dir)}")
+        raise DataError(f"{run_dir}: {what}; {_run_hint(run_dir)}")
     if not path.is_file():
-        raise MetricsError(f"{path}: not found, so {run_dir} is not a training run folder; {_run_hint(run_dir)}")
+        raise DataError(f"{path}: not found, so {run_dir} is not a training run folder; {_run_hint(run_dir)}")
     try:
         lines = path.read_text().split("\n")
     except (OSError, UnicodeDecodeError) as e:
-        raise MetricsError(f"{path}: cannot read ({type(e).__name__}); rerun the training into a new --out") from None
+        raise DataError(f"{path}: cannot read ({type(e).__name__}); rerun the training into a new --out") from None
     rows = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -131,10 +126,10 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         elif i == len(lines):  # no newline after it: the write was cut by a kill
             print(f"warning: {path}:{i}: ignored a torn last line (the run was stopped mid-write)", file=sys.stderr)
         else:
-            raise MetricsError(f"{path}:{i}: not a JSON object (the file is damaged); delete that line or "
+            raise DataError(f"{path}:{i}: not a JSON object (the file is damaged); delete that line or "
                                f"rerun the training")
     if not rows:
-        raise MetricsError(f"{path}: no metrics logged yet; check the run after its first logged step")
+        raise DataError(f"{path}: no metrics logged yet; check the run after its first logged step")
     return rows
 
 

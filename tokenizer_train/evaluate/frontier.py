@@ -41,7 +41,7 @@ from motion_data.inspect.analysis import threshold_range
 from motion_data.common.atomic import atomic_write_json
 from motion_data.common.labels import center_class, class_offsets, half_window
 from motion_data.build.folder import BuildDir
-from motion_data.common.errors import UserError
+from motion_data.common.errors import DataError, SettingError
 from motion_data.read.loader import make_loader
 
 from tokenizer_train.evaluate.check import ACC_TOL
@@ -77,9 +77,9 @@ def parse_offsets(spec: str) -> list[float]:
             return threshold_range(start, stop, step)
         vals = [float(x) for x in spec.split(",") if x.strip()]
     except ValueError as e:
-        raise FrontierError(f"--offsets: offset range {spec!r} must look like -3:3:0.5 or -1,0,1 ({e})") from None
+        raise SettingError(f"--offsets: offset range {spec!r} must look like -3:3:0.5 or -1,0,1 ({e})") from None
     if not vals:
-        raise FrontierError(f"--offsets {spec!r}: no offsets; give e.g. -1,0,1")
+        raise SettingError(f"--offsets {spec!r}: no offsets; give e.g. -1,0,1")
     return [round(v, 10) for v in vals]  # as threshold_range rounds
 
 
@@ -138,21 +138,16 @@ def summarize(table: list[dict], centre_share: float, tol: float = ACC_TOL) -> d
             "best_noncenter_within_tol": best["acc_noncenter"] if best else None,
             "best_offset": best["offset"] if best else None}
 
-
-class FrontierError(UserError, ValueError):
-    """A frontier the user's input cannot give (bad offsets, a split without labels)."""
-
-
 def check_inputs(run_dir, data_dir, which: str) -> BuildDir:
     """The build of ``data_dir``, once RUN/<which>.pt and the build folder are known to exist
     (each a one-line error naming the path and what to pass instead)."""
     run_dir, data_dir = Path(run_dir), Path(data_dir)
     if not (run_dir / f"{which}.pt").is_file():
         what = "no such folder" if not run_dir.exists() else f"no {which}.pt in it"
-        raise FrontierError(f"{run_dir}: {what}; pass --run the --out folder of python -m tokenizer_train train"
+        raise DataError(f"{run_dir}: {what}; pass --run the --out folder of python -m tokenizer_train train"
                             f" (it holds {which}.pt)")
     if not data_dir.is_dir():
-        raise FrontierError(f"{data_dir}: no such build folder; pass --data the build the run was trained on "
+        raise DataError(f"{data_dir}: no such build folder; pass --data the build the run was trained on "
                             f"(the --out of python -m preprocess build-shards)")
     return BuildDir(data_dir)
 
@@ -192,7 +187,7 @@ def frontier(run_dir, data_dir, offsets, which="last", batch_size=64, device="cp
     sums, n_nc = sums.cpu().numpy(), float(n_nc)  # the one host read of the sweep
     n = sums[0, 4]
     if n == 0:
-        raise FrontierError(f"{data_dir}: the {split} split has no labelled (kept, valid) point steps; "
+        raise DataError(f"{data_dir}: the {split} split has no labelled (kept, valid) point steps; "
                             f"train with data.val_split > 0 on a build with more clips")
     table = table_from_counts(offsets, sums, n_nc)
     # at an offset that predicts the centre everywhere the accuracy is the centre share; from the counts:

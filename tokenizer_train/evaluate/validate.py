@@ -10,6 +10,7 @@ import torch
 from tqdm import tqdm
 
 from tokenizer_train.common import distributed as D
+from tokenizer_train.common.stop import Stopped
 from tokenizer_train.evaluate import metrics as M
 from tokenizer_train.evaluate.code_info import CODE_INFO_SEED, M_OTHERS, code_info_counts, other_clips
 from tokenizer_train.model.model_inputs import entry_clip, flat_index, model_kwargs, take, with_index
@@ -30,14 +31,6 @@ def decoder_at(model, kw: dict, sel, autocast=None):
     return decode
 
 
-class ValidationStopped(Exception):
-    """A stop signal arrived during validation (``evaluate``'s ``should_stop``)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
 @torch.no_grad()
 def evaluate(model, loader, criterion, cfg, dist, W: int, zero_codes, autocast,
              progress: bool = False, where: dict | None = None, should_stop=None) -> tuple[dict, dict]:
@@ -48,7 +41,7 @@ def evaluate(model, loader, criterion, cfg, dist, W: int, zero_codes, autocast,
     Every figure (loss, CE, accuracies, code information, AUC, EPE) is on ``eval_mask``;
     ``val/dynamic_point_ratio_epoch`` describes the run's own filter (``mask``).
     ``should_stop()`` (collective: every rank calls it once a batch) returning a signal number
-    ends the pass with ``ValidationStopped``.
+    ends the pass with ``Stopped`` (no step: the caller saves).
     """
     model.eval()
     t0 = time.perf_counter()
@@ -98,7 +91,7 @@ def evaluate(model, loader, criterion, cfg, dist, W: int, zero_codes, autocast,
 @torch.no_grad()
 def _check(should_stop):
     if should_stop is not None and (signum := should_stop()):
-        raise ValidationStopped(signum)
+        raise Stopped(signum)
 
 
 def code_pool(model, loader, where: dict | None, dist, autocast, should_stop=None) -> tuple[torch.Tensor, dict, np.ndarray]:

@@ -38,7 +38,7 @@ predicted displacement, px)
 """
 from __future__ import annotations
 
-from motion_data.common.errors import UserError
+from motion_data.common.errors import SettingError, UserError
 
 import argparse
 import csv
@@ -55,8 +55,8 @@ from tqdm import tqdm
 from motion_data.common.atomic import atomic_open, atomic_write_json, atomic_write_text
 
 from tokenizer_train.evaluate import check as C
-from tokenizer_train.common.config import Config, ConfigError, add_set_argument, parse_override, to_dict
-from tokenizer_train.train.stop import Stopped
+from tokenizer_train.common.config import Config, add_set_argument, parse_override, to_dict
+from tokenizer_train.common.stop import Stopped
 from tokenizer_train.experiments.variants import BASELINE, CONFIG_DIR, DEFAULT_VARIANTS, FILTERED, load_variants, resolve
 
 DONE = "done.json"
@@ -105,7 +105,7 @@ def run_one(spec: RunSpec, data_dir: Path, train_fn=None, progress: bool = True)
     if spec.done.exists():
         have = json.loads(spec.done.read_text()).get("config")
         if have != want:
-            raise ConfigError(f"{spec.dir}: finished with a different config; delete it or use another --out")
+            raise SettingError(f"{spec.dir}: finished with a different config; delete it or use another --out")
         return "done"
     resume = ckpt.has_last(spec.dir)  # last.prev.pt alone (a torn last.pt) is resumable too
     t0 = time.perf_counter()
@@ -331,7 +331,7 @@ def run(args) -> int:
             keep = [x.strip() for x in args.only.split(",") if x.strip()]
             unknown = [x for x in keep if x not in variants and x != BASELINE]
             if unknown:
-                raise ConfigError(f"--only: unknown variant(s) {', '.join(unknown)} "
+                raise SettingError(f"--only: unknown variant(s) {', '.join(unknown)} "
                                   f"(have {', '.join([BASELINE, *variants])})")
             variants = {k: variants[k] for k in keep if k != BASELINE}  # the baseline always runs
         if args.epochs is not None and args.epochs < 1:
@@ -339,7 +339,7 @@ def run(args) -> int:
         if not Path(args.data).is_dir():
             raise FileNotFoundError(f"{args.data}: no such build folder")
         overrides = [parse_override(t) for t in args.set]
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (SettingError, ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from None  # one line from the dispatcher (exit 2)
     # the user's errors while training (UserError) are one line from the dispatcher; a bug keeps its traceback
     try:

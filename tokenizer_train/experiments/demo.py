@@ -72,13 +72,13 @@ def libero_data(out: Path, size: DemoSize, progress: bool) -> list[str] | None:
     """Rendered LIBERO rollouts (resumable) when the simulator extra is installed, else None."""
     from tqdm import tqdm
 
-    from motion_data.sources.file_readers import MissingDependency
-    from motion_data.sources.libero.render import RenderConfig, RenderUnavailable, require_sim
+    from motion_data.common.errors import SettingError
+    from motion_data.sources.libero.render import RenderConfig, require_sim
     from motion_data.sources.libero.jobs import claim_folder, pending, run_jobs
 
     try:
         require_sim()
-    except (MissingDependency, RenderUnavailable) as e:
+    except SettingError as e:
         print(f"LIBERO: not used ({e})")
         return None
     folder = out / "data" / "libero"
@@ -120,7 +120,6 @@ def make_data(out: Path, size: DemoSize, video: bool, progress: bool, libero: bo
     from tqdm import tqdm
 
     from motion_data.sources.libero import sample as LS
-    from motion_data.common.errors import UserError
     from motion_data.sources.synth import SynthConfig, write_synth
     from motion_data.sources.video import TrackConfig, find_sample_video, track_video, write_track_file
 
@@ -299,7 +298,7 @@ def run(args) -> int:
     except Exception as e:  # noqa: BLE001 -- any failed step: one line, non-zero exit
         print(f"demo: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM; training saved a checkpoint first (tokenizer_train.train.stop)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM; training saved a checkpoint first (tokenizer_train.common.stop)
         print(f"python -m tokenizer_train demo: interrupted; run the same command again to resume "
               f"(finished steps are kept, training continues from its last checkpoint in {args.out})",
               file=sys.stderr)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokenizer_train.common.config import Config, ConfigError, flatten, override_all, read_yaml
+from tokenizer_train.common.config import Config, flatten, override_all, read_yaml
+from motion_data.common.errors import SettingError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_VARIANTS = CONFIG_DIR / "variants.yaml"
@@ -24,9 +25,9 @@ def load_variants(path: str | Path) -> dict[str, dict]:
     for name, spec in raw.items():
         name = str(name)
         if name == BASELINE:
-            raise ConfigError(f"{path}: '{BASELINE}' is reserved (it is --config without overrides)")
+            raise SettingError(f"{path}: '{BASELINE}' is reserved (it is --config without overrides)")
         if not name.replace("_", "").replace("-", "").isalnum():
-            raise ConfigError(f"{path}: variant name {name!r} must be letters, digits, '-' or '_'")
+            raise SettingError(f"{path}: variant name {name!r} must be letters, digits, '-' or '_'")
         spec = dict(spec or {})
         ov = {}
         inc = spec.pop("include", None)
@@ -49,5 +50,5 @@ def resolve(base_cfg: str | Path | None, overrides: dict, sets=(), epochs: int |
         pairs.append(("training.seed", int(seed)))
     try:
         return override_all(tree, pairs)
-    except ConfigError as e:
-        raise ConfigError(f"{base_cfg or 'defaults'}: {e}") from None
+    except SettingError as e:
+        raise SettingError(f"{base_cfg or 'defaults'}: {e}") from None

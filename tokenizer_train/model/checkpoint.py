@@ -22,14 +22,9 @@ from motion_data.common.atomic import atomic_open
 
 from tokenizer_train.common.config import from_dict
 from tokenizer_train.model.model import MotionTokenizer
-from motion_data.common.errors import SettingError, UserError, one_line
+from motion_data.common.errors import DataError, SettingError, one_line
 
 REQUIRED_KEYS = ("model", "optimizer", "step", "epoch")
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint cannot be read; the one-line message names the file."""
-
 
 def rng_state() -> dict:
     """torch (CPU and CUDA), numpy legacy global and python ``random`` states."""
@@ -127,20 +122,20 @@ def remove_stale_temps(run_dir) -> list[Path]:
 
 
 def load(path, map_location="cpu") -> dict:
-    """Read a checkpoint; FileNotFoundError if absent, CheckpointError if unreadable."""
+    """Read a checkpoint; FileNotFoundError if absent, DataError if unreadable."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no checkpoint")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: cannot read checkpoint (empty file)")
+        raise DataError(f"{path}: cannot read checkpoint (empty file)")
     try:
         st = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for a torn or foreign file
         msg = one_line(e).split(". This is an internal")[0][:160]
-        raise CheckpointError(f"{path}: cannot read checkpoint (truncated or not a checkpoint: "
+        raise DataError(f"{path}: cannot read checkpoint (truncated or not a checkpoint: "
                               f"{type(e).__name__}: {msg})") from None
     if not isinstance(st, dict):
-        raise CheckpointError(f"{path}: not a checkpoint (holds a {type(st).__name__}, not a dict)")
+        raise DataError(f"{path}: not a checkpoint (holds a {type(st).__name__}, not a dict)")
     return st
 
 
@@ -149,7 +144,7 @@ def load_latest(path, map_location="cpu", required=REQUIRED_KEYS) -> tuple[dict,
 
     Returns ``(state, the file read, problems)``: ``problems`` holds one line per file that
     was skipped (empty when ``path`` itself was fine). Raises FileNotFoundError when neither
-    exists and CheckpointError naming both when neither can be read.
+    exists and DataError naming both when neither can be read.
     """
     path = Path(path)
     candidates = [p for p in (path, prev_path(path)) if p.exists()]
@@ -159,7 +154,7 @@ def load_latest(path, map_location="cpu", required=REQUIRED_KEYS) -> tuple[dict,
     for p in candidates:
         try:
             st = load(p, map_location)
-        except CheckpointError as e:
+        except DataError as e:
             problems.append(str(e))
             continue
         missing = [k for k in required if k not in st]
@@ -167,7 +162,7 @@ def load_latest(path, map_location="cpu", required=REQUIRED_KEYS) -> tuple[dict,
             problems.append(f"{p}: not a training checkpoint (lacks {', '.join(missing)})")
             continue
         return st, p, problems
-    raise CheckpointError(" ; ".join(problems))
+    raise DataError(" ; ".join(problems))
 
 
 # ------------------------------------------------------------------ the trainer's state

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from motion_data.common.errors import UserError, some_names
+from motion_data.common.errors import DataError, some_names
 
 # the files train writes in RUN (docs/DESIGN.md, Trainer); done.json is ablate's mark of a finished
 # run, frontier.json the frontier's cache of it
@@ -20,11 +20,6 @@ OWN_NAMES = ("config.yaml", "run.json", "metrics.jsonl", "last.pt", "last.prev.p
 OWN_GLOBS = ("events.out.tfevents.*", "debug_codes_rank*.jsonl", ".*.pt.*.link",
              *(f".{n}.tmp*" for n in OWN_NAMES))
 OLD_EVENTS_DIR = "tensorboard"  # where event files were written before they moved into RUN itself
-
-
-class RunFolderError(UserError, ValueError):
-    """A run folder that cannot be started, resumed or overwritten as asked."""
-
 
 def own_files(run_dir) -> list[Path]:
     """The files (and the old event folder) of the run in ``run_dir`` that exist."""
@@ -62,20 +57,20 @@ def check_fresh(out_dir, overwrite: bool, has_checkpoint: bool) -> bool:
     if not d.exists():
         return False
     if not d.is_dir():
-        raise RunFolderError(f"{d}: not a folder; choose another --out")
+        raise DataError(f"{d}: not a folder; choose another --out")
     ours = own_files(d)
     if not ours:
         others = sorted(d.iterdir())
         if others:
-            raise RunFolderError(f"{d}: not empty and not a run folder (holds {some_names(p.name for p in others)}); "
+            raise DataError(f"{d}: not empty and not a run folder (holds {some_names(p.name for p in others)}); "
                                  f"choose another --out (--overwrite only replaces a run)")
         return False
     if overwrite:
         return True
     if has_checkpoint:
-        raise RunFolderError(f"{d}: already holds a run (last.pt); continue it with --resume {d}, "
+        raise DataError(f"{d}: already holds a run (last.pt); continue it with --resume {d}, "
                              f"or start afresh with --overwrite (removes that run's files)")
-    raise RunFolderError(f"{d}: holds a run that stopped before its first checkpoint ({some_names(p.name for p in ours)}); "
+    raise DataError(f"{d}: holds a run that stopped before its first checkpoint ({some_names(p.name for p in ours)}); "
                          f"start it again with --resume {d} (its recorded config) or --overwrite")
 
 

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from motion_data.common.atomic import atomic_write_json, atomic_write_text
 from motion_data.build.folder import BuildDir
-from motion_data.common.errors import SettingError, UserError, one_line
+from motion_data.common.errors import DataError, SettingError, UserError, one_line
 from motion_data.read.loader import make_loader
 from motion_data.common.workers import resolve_workers
 
@@ -63,8 +63,8 @@ from tokenizer_train.evaluate.metrics import Sums
 from tokenizer_train.model.model import MotionTokenizer
 from tokenizer_train.model.model_inputs import model_kwargs, take, with_index
 from tokenizer_train.train.schedule import build_scheduler, clip_gradients
-from tokenizer_train.train.stop import StopSignals, Stopped
-from tokenizer_train.evaluate.validate import ValidationStopped, clip_places, evaluate, to_device, train_code_info
+from tokenizer_train.common.stop import StopSignals, Stopped
+from tokenizer_train.evaluate.validate import clip_places, evaluate, to_device, train_code_info
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -427,7 +427,7 @@ class Trainer:
                 vs, hists = evaluate(self.model, self.val_loader, self.criterion, self.cfg, self.dist, self.W, zc,
                                      self.autocast, progress=self.dist.is_main and self.progress, where=self.places,
                                      should_stop=self.stop.agreed)
-            except ValidationStopped as e:
+            except Stopped as e:  # from the validation pass: save, then stop with the step
                 self.model.train()
                 self.save(pg, epoch + 1, 0, val_due={"epoch": epoch, "scalars": scalars})
                 D.barrier()
@@ -475,7 +475,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, dist
     out_dir = Path(out_dir)
     if resume:
         if not ckpt.has_last(out_dir):
-            raise RF.RunFolderError(f"{out_dir}: nothing to resume (no last.pt)")
+            raise DataError(f"{out_dir}: nothing to resume (no last.pt)")
         clear = False
     else:
         clear = RF.check_fresh(out_dir, overwrite, ckpt.has_last(out_dir))

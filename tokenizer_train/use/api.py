@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from motion_data.common.errors import UserError
+from motion_data.common.errors import DataError, UserError
 from motion_data.common.labels import class_offsets, normalize, velocities
 
-from tokenizer_train.model.checkpoint import CheckpointError, load_model
+from tokenizer_train.model.checkpoint import load_model
 from tokenizer_train.common.distributed import pick_device
 from motion_data.read.clips import read_clips
 
@@ -176,7 +176,7 @@ def load_tokenizer(run_dir, checkpoint: str = "best", device: str | torch.device
 
     ``checkpoint``: ``best`` (RUN/best.pt) or ``last``; ``device``: ``auto`` (CUDA when
     available), ``cpu``, ``cuda`` or a ``torch.device``. A missing or unreadable checkpoint is
-    a ``CheckpointError`` naming the file.
+    a ``DataError`` naming the file.
 
         tok = load_tokenizer("runs/rec", device="cpu")
         codes = tok.encode(positions)  # (B, T, N, 2) reference px
@@ -190,6 +190,6 @@ def load_tokenizer(run_dir, checkpoint: str = "best", device: str | torch.device
     try:
         model, cfg, meta = load_model(run_dir, checkpoint, dev)
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no checkpoint (is {run_dir} a training run folder? "
+        raise DataError(f"{path}: no checkpoint (is {run_dir} a training run folder? "
                               f"train one with python -m tokenizer_train train, or use the other checkpoint)") from None
     return Tokenizer(model, cfg, meta, dev)

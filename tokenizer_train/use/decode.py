@@ -30,15 +30,10 @@ from tqdm import tqdm
 from motion_data.common.atomic import atomic_open
 from motion_data.build.folder import BuildDir
 from motion_data.read.shard_reader import FdCache
-from motion_data.common.errors import UserError, one_line
+from motion_data.common.errors import DataError, SettingError, one_line
 
 from tokenizer_train.use.api import load_tokenizer
 from motion_data.read.clips import read_clips
-
-
-class DecodeError(UserError, ValueError):
-    """Codes that do not fit the run, or clips the build does not hold."""
-
 
 def add_arguments(p):
     p.add_argument("--run", required=True, help="training run folder (holds best.pt / last.pt)")
@@ -62,13 +57,13 @@ def read_codes(path) -> tuple[list[str], np.ndarray]:
     try:
         t = pq.read_table(path, columns=["clip_id", "codes"]).to_pydict()
     except (OSError, pa.ArrowInvalid, KeyError) as e:
-        raise DecodeError(f"{path}: cannot read codes ({one_line(e)}); write it with "
+        raise DataError(f"{path}: cannot read codes ({one_line(e)}); write it with "
                           f"python -m tokenizer_train tokenize") from None
     if not t["clip_id"]:
-        raise DecodeError(f"{path}: holds no clips; tokenize a build that has clips")
+        raise DataError(f"{path}: holds no clips; tokenize a build that has clips")
     lengths = {len(c) for c in t["codes"]}
     if len(lengths) > 1:
-        raise DecodeError(f"{path}: clips have different code counts {sorted(lengths)}; tokenize one build with one run")
+        raise DataError(f"{path}: clips have different code counts {sorted(lengths)}; tokenize one build with one run")
     return list(t["clip_id"]), np.asarray(t["codes"], np.int64).reshape(len(t["clip_id"]), -1)
 
 
@@ -78,10 +73,10 @@ def decode_codes(run_dir, codes_path, out_path, data_dir=None, which="best", bat
     tok = load_tokenizer(run_dir, which, device)
     ids, codes = read_codes(codes_path)
     if codes.shape[1] % tok.tokens_per_step or (codes.size and (codes.min() < 0 or codes.max() >= tok.codebook_size)):
-        raise DecodeError(f"{codes_path}: codes do not fit the run {run_dir} ({tok.tokens_per_step} tokens per step, "
+        raise DataError(f"{codes_path}: codes do not fit the run {run_dir} ({tok.tokens_per_step} tokens per step, "
                           f"ids in [0, {tok.codebook_size})); decode with the run that tokenized them")
     if tok.needs_start_pos and data_dir is None:
-        raise DecodeError(f"{run_dir}: the run uses model.point_pos_enc, its decoder needs each point's start "
+        raise DataError(f"{run_dir}: the run uses model.point_pos_enc, its decoder needs each point's start "
                           f"position: pass --data BUILD (the build the codes were made from)")
     C, S, N = len(ids), codes.shape[1] // tok.tokens_per_step, tok.N
     build = rows = None
@@ -134,7 +129,7 @@ def decode_codes(run_dir, codes_path, out_path, data_dir=None, which="best", bat
 
 def run(args) -> int:
     if args.batch_size < 1:
-        raise DecodeError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise SettingError(f"--batch-size must be >= 1, got {args.batch_size}")
     decode_codes(args.run, args.codes, args.out, args.data, args.checkpoint, args.batch_size, args.device)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

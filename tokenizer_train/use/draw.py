@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from motion_data.common.atomic import atomic_path
 from motion_data.build.folder import BuildDir
-from motion_data.common.errors import UserError, one_line
+from motion_data.common.errors import DataError, SettingError, one_line
 from motion_data.common.labels import class_offsets, labels_from_positions, step_valid
 from motion_data.read.split import split_manifest
 
@@ -34,11 +34,6 @@ from motion_data.read.clips import read_clips
 
 ARROW_SCALE = 3.0
 DEFAULT_VAL_SPLIT = DataConfig().val_split  # the trainer's default, for builds drawn without a run
-
-
-class DrawError(UserError, ValueError):
-    """A clip, frame image or output name that cannot be drawn."""
-
 
 def add_arguments(p):
     p.add_argument("--data", required=True, help="build folder (python -m preprocess build-shards output)")
@@ -111,7 +106,7 @@ def _read_frame(path):
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
     except (OSError, UnidentifiedImageError) as e:
-        raise DrawError(f"{path}: cannot read the frame image ({one_line(e)}); pass a PNG or JPEG "
+        raise DataError(f"{path}: cannot read the frame image ({one_line(e)}); pass a PNG or JPEG "
                         f"or leave --frame out for a blank canvas") from None
 
 
@@ -236,7 +231,7 @@ def draw_compare(data, runs: dict, out, clip_id=None, frame=None, size: int = 38
 
     out = Path(out)
     if out.suffix.lower() != ".png":
-        raise DrawError(f"{out}: a comparison is a .png")
+        raise DataError(f"{out}: a comparison is a .png")
     build = BuildDir(data)
     toks = {name: load_tokenizer(r, which, device) for name, r in runs.items()}
     first = next(iter(toks.values()))
@@ -285,11 +280,11 @@ def draw_clip(data, out, clip_id=None, run=None, which="best", frame=None, size=
     out = Path(out)
     kind = out.suffix.lower()
     if kind not in (".png", ".gif"):
-        raise DrawError(f"{out}: the output must end in .png (whole clip) or .gif (one frame per step)")
+        raise DataError(f"{out}: the output must end in .png (whole clip) or .gif (one frame per step)")
     if size < 64:
-        raise DrawError(f"--size must be >= 64 px, got {size}")
+        raise SettingError(f"--size must be >= 64 px, got {size}")
     if fps <= 0:
-        raise DrawError(f"--fps must be > 0, got {fps}")
+        raise SettingError(f"--fps must be > 0, got {fps}")
     build = BuildDir(data)
     tok = None
     if run is not None:

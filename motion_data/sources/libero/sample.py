@@ -19,17 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from motion_data.common.errors import UserError
+from motion_data.common.errors import DataError
 from motion_data.common.labels import quantize_positions
 
 SCALE = 512  # fixed point: 1/512 px
 SAMPLE = Path(__file__).resolve().parent / "data" / "libero_sample.npz"
 SAMPLE_INFO = SAMPLE.with_suffix(".json")
-
-
-class SampleError(UserError, ValueError):
-    """The sample file is missing or damaged."""
-
 
 def to_fixed(p: np.ndarray, ref_size: int) -> np.ndarray:
     """int32 ``round(p * 512)``, nudged by one unit wherever that would change the label position."""
@@ -112,7 +107,7 @@ def index(path: Path | None = None) -> list[dict]:
         with np.load(path, allow_pickle=False) as z:
             return json.loads(z["index"].tobytes().decode())
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-        raise SampleError(f"{path}: cannot read the LIBERO sample ({e}); reinstall the package "
+        raise DataError(f"{path}: cannot read the LIBERO sample ({e}); reinstall the package "
                           f"(pip install -e .) or pass --data synthetic") from None
 
 
@@ -123,7 +118,7 @@ def read(path: Path | None = None):
     try:
         z = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise SampleError(f"{path}: cannot read the LIBERO sample ({e}); reinstall the package "
+        raise DataError(f"{path}: cannot read the LIBERO sample ({e}); reinstall the package "
                           f"(pip install -e .) or pass --data synthetic") from None
     with z:
         try:
@@ -135,7 +130,7 @@ def read(path: Path | None = None):
                 frames = {int(fr): z[f"{n}/frame{fr}"].tobytes() for fr in r["frames"]}
                 yield n, from_fixed(q), vis, z[f"{n}/start_frame"].astype(np.int64), r["image_size"], frames
         except (KeyError, ValueError, EOFError, json.JSONDecodeError, zipfile.BadZipFile, zlib.error) as e:
-            raise SampleError(f"{path}: damaged LIBERO sample ({e}); reinstall the package") from None
+            raise DataError(f"{path}: damaged LIBERO sample ({e}); reinstall the package") from None
 
 
 def unpack(out_dir: Path, path: Path | None = None) -> list[Path]:

@@ -15,11 +15,15 @@ from tokenizer_train.common import distributed as D
 
 
 class Stopped(KeyboardInterrupt):
-    """Training stopped by a signal after saving its checkpoint. A KeyboardInterrupt, so a
-    caller that does not know it (ablate, demo) stops as on Ctrl-C."""
+    """A stop signal honoured at a safe point. From training: after its checkpoint was saved
+    (``step``, ``run_dir``); from a validation pass (``step`` None): the trainer saves, then
+    raises its own. A KeyboardInterrupt, so a caller that does not know it (ablate, demo)
+    stops as on Ctrl-C."""
 
-    def __init__(self, signum: int, step: int, run_dir, world_size: int = 1):
-        self.signum, self.step, self.run_dir, self.world_size = int(signum), int(step), Path(run_dir), world_size
+    def __init__(self, signum: int, step: int | None = None, run_dir=None, world_size: int = 1):
+        self.signum, self.world_size = int(signum), world_size
+        self.step = None if step is None else int(step)
+        self.run_dir = None if run_dir is None else Path(run_dir)
         super().__init__(self.message())
 
     @property
@@ -32,7 +36,10 @@ class Stopped(KeyboardInterrupt):
         return f"{launcher} train --resume {self.run_dir}"
 
     def message(self) -> str:
-        return (f"stopped by {signal.Signals(self.signum).name} at step {self.step}, checkpoint saved "
+        name = signal.Signals(self.signum).name
+        if self.run_dir is None:
+            return f"stopped by {name}"
+        return (f"stopped by {name} at step {self.step}, checkpoint saved "
                 f"({self.run_dir / 'last.pt'}); resume with: {self.resume_command()}")
 
 
