@@ -13,7 +13,6 @@ points of each clip), on clips of 15 steps x 400 points with ~5% occluded frames
   bound that no pass over the data beats.
 The three run on the same chunks, interleaved in each repeat (so the machine's load hits all
 alike), best repeat reported; the numpy form's outputs are checked equal to the kernel's.
-``point_stats`` (the statistics alone, multi-threaded) is what loaders and tests use.
 """
 from __future__ import annotations
 
@@ -179,7 +178,7 @@ def main():
 
     # correctness on a few clips: kernel vs np.nanquantile reference vs torch loop vs sort form
     pos, vis = chunks[0][0][:200], chunks[0][1][:200]
-    ks, ref, srt = S.point_stats(pos, vis), numpy_reference(pos, vis), numpy_sorted(pos, vis)
+    ks, ref, srt = S.shard_stats(pos, vis)[0], numpy_reference(pos, vis), numpy_sorted(pos, vis)
     err = max(float(np.abs(ks[m] - ref[m]).max()) for m in SF.METRICS)
     err_s = max(float(np.abs(srt[m] - ref[m]).max()) for m in SF.METRICS)
     err_t = float(np.abs(ks["p95"] - torch_loop(pos, vis)).max())

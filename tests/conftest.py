@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from motion_data.common import labels as L
+
 TINY_GRID = 10            # N = 100 points
 TINY_MAXCOUNT = 25        # 60 clips -> shards of 25, 25, 10
 TINY_FILES = (("cam_a.npz", 3, 0), ("cam_b.npz", 3, 1), ("cam_c.npz", 3, 2), ("solo.npz", 1, 3))  # name, B, seed
@@ -82,3 +84,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def point_stats(pos, vis, W=L.DEFAULT_W, ref_size=L.DEFAULT_REF_SIZE, rule=L.DEFAULT_LABEL_RULE):
+    """The per-point statistics of clips, from the build's own kernel (``stats.shard_stats``)."""
+    from motion_data.build.stats import shard_stats
+
+    return shard_stats(pos, vis, W, ref_size, rule)[0]
+
+
+def class_histograms(pos, vis, metric, W=L.DEFAULT_W, ref_size=L.DEFAULT_REF_SIZE, rule=L.DEFAULT_LABEL_RULE):
+    """``(points, topk)`` of one metric, from the build's own kernel (``stats.shard_stats``)."""
+    from motion_data.build.stats import shard_stats
+
+    return shard_stats(pos, vis, W, ref_size, rule)[1][metric]

@@ -17,7 +17,8 @@ import zarr
 from motion_data.build import shards
 from motion_data.common.labels import DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, DEFAULT_W, normalize, step_valid, velocities
 from motion_data.common.static_filter import METRICS, StaticFilter
-from motion_data.build.stats import dynamic_ratio, point_stats
+from conftest import point_stats
+from motion_data.build.stats import dynamic_ratio
 from motion_data.build.store import store_attrs
 
 

@@ -4,7 +4,8 @@ import numpy as np
 
 from motion_data.common.labels import (DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, DEFAULT_W, center_class, labels_from_positions,
                                 step_valid)
-from motion_data.build.stats import keep_mask, point_stats
+from conftest import point_stats
+from motion_data.build.stats import keep_mask
 
 
 def label_summary(pos_px: np.ndarray, vis: np.ndarray, metric: str = "p95", threshold: float = 0.04,

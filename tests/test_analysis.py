@@ -16,6 +16,7 @@ from motion_data.inspect import analysis as A
 from motion_data.build.folder import BuildDir
 from motion_data.common import labels as L
 from motion_data.build import shards
+from conftest import class_histograms, point_stats
 from motion_data.build import stats as S
 from motion_data.common import static_filter as SF
 from motion_data.build.store import store_attrs
@@ -47,7 +48,7 @@ def make_build(root: Path, C=30, N=24, T=16, seed=0, shard_sizes=None, rule="amp
     (root / "shards").mkdir(exist_ok=True)
     shard_sizes = shard_sizes or (C // 2, C - C // 2)
     pos, vis = synth(C, N, T, seed)
-    st = S.point_stats(pos, vis, W, 128, rule)
+    st = point_stats(pos, vis, W, 128, rule)
     src = "tracks/demo.npz"
     h = hashlib.sha1(src.encode()).hexdigest()[:8]
     ids = [f"demo-{h}-s0000-f{i * 8:06d}" for i in range(C)]
@@ -68,7 +69,7 @@ def make_build(root: Path, C=30, N=24, T=16, seed=0, shard_sizes=None, rule="amp
     for name in (*SF.METRICS, "center_count", "valid_count"):
         g.create_array(f"stats/{name}", data=st[name], chunks=(7, N))  # chunks not aligned to the pass
     for m in SF.METRICS:
-        points, topk = S.class_histograms(pos, vis, st[m], st["valid_count"], W, 128, rule)
+        points, topk = class_histograms(pos, vis, m, W, 128, rule)
         g.create_array(f"hist/{m}/points", data=points)
         g.create_array(f"hist/{m}/topk", data=topk)
     g.create_array("label_ring", data=L.ring_map(W))
@@ -118,7 +119,7 @@ def test_parse_range_inclusive_and_on_bin_edges():
 @pytest.mark.parametrize("k", [0, 1, 16, S.HIST_RANK_MAX])
 def test_sweep_counts_equal_filtered_counts_from_hist(build, k):
     _, pos, vis, st = build
-    points, topk = S.class_histograms(pos, vis, st["mean"], st["valid_count"], W)
+    points, topk = class_histograms(pos, vis, "mean", W)
     ts = [0.0, 0.01, 0.0137, 0.04, 0.2, 0.6]
     got = A.sweep_counts_from_hist(points, topk, ts, k)
     for t, row in zip(ts, got):
@@ -145,7 +146,7 @@ def test_exact_sweep_equals_brute_force(build, k):
 
 def test_before_after_matches_brute_force(build):
     _, pos, vis, st = build
-    points, topk = S.class_histograms(pos, vis, st["p95"], st["valid_count"], W)
+    points, topk = class_histograms(pos, vis, "p95", W)
     res = A.before_after(points, topk, 0.04, 16, W)
     lab = L.labels_from_positions(pos, W)
     before = np.bincount(lab[L.step_valid(vis)], minlength=W * W)

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from motion_data.common.labels import center_class, labels_from_positions, ring_map, step_valid
 from motion_data.common.static_filter import METRICS, StaticFilter
-from motion_data.build.stats import class_histograms, keep_mask, point_stats
+from conftest import class_histograms, point_stats
+from motion_data.build.stats import keep_mask
 from motion_data.build.store import store_attrs, write_store
 from tokenizer_train.common.config import from_dict
 from motion_data.common.errors import SettingError
@@ -242,7 +243,7 @@ def test_class_counts_from_stats_match_direct_count(tmp_path):
     vis = rng.random((C, S + 1, N)) < 0.95
     valid = step_valid(vis)
     st = point_stats(pos, vis, W)
-    hists = {m: class_histograms(pos, vis, st[m], st["valid_count"], W) for m in METRICS}
+    hists = {m: class_histograms(pos, vis, m, W) for m in METRICS}
     write_store(tmp_path / "stats.zarr", st, hists,
                 store_attrs(W=W, ref_size=128, T=S + 1, N=N, build_filter=StaticFilter(), n_clips=C,
                             label_rule="amplify"))

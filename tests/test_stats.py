@@ -9,6 +9,7 @@ from hypothesis.extra import numpy as hnp
 
 from motion_data.common import labels as L
 from motion_data.common import label_kernels as LK
+from conftest import class_histograms, point_stats
 from motion_data.build import stats as S
 from motion_data.common import static_filter as SF
 
@@ -105,7 +106,7 @@ def random_clips(rng, C=12, T=15, N=40, p_valid=0.8):
 def data(request):
     rng = np.random.default_rng(0)
     pos, vis = random_clips(rng)
-    return pos, vis, request.param, S.point_stats(pos, vis, W, 128, request.param)
+    return pos, vis, request.param, point_stats(pos, vis, W, 128, request.param)
 
 
 # ---------------------------------------------------------------- kernels vs references
@@ -128,19 +129,19 @@ def test_point_stats_any_step_count(steps, rule):
     """Short clips take the two-largest p95 path, long ones (> 21 valid steps) the sort path."""
     rng = np.random.default_rng(steps)
     pos, vis = random_clips(rng, C=4, T=steps, N=30, p_valid=0.9)
-    got, ref = S.point_stats(pos, vis, W, 128, rule), ref_point_stats(pos, vis, rule)
+    got, ref = point_stats(pos, vis, W, 128, rule), ref_point_stats(pos, vis, rule)
     for m in SF.METRICS:
         np.testing.assert_allclose(got[m], ref[m], atol=1e-5, rtol=1e-5, err_msg=m)
     np.testing.assert_array_equal(got["center_count"], ref["center_count"])
 
 
-def test_point_stats_rejects_bad_shapes():
+def test_shard_stats_rejects_bad_shapes():
     with pytest.raises(ValueError, match="expected pos"):
-        S.point_stats(np.zeros((2, 3, 4, 3)), np.zeros((2, 3, 4), bool))
+        S.shard_stats(np.zeros((2, 3, 4, 3)), np.zeros((2, 3, 4), bool))
     with pytest.raises(ValueError, match="expected pos"):
-        S.point_stats(np.zeros((2, 3, 4, 2)), np.zeros((2, 3, 5), bool))
+        S.shard_stats(np.zeros((2, 3, 4, 2)), np.zeros((2, 3, 5), bool))
     with pytest.raises(ValueError, match="label rule"):
-        S.point_stats(np.zeros((2, 3, 4, 2)), np.zeros((2, 3, 4), bool), rule="rounded")
+        S.shard_stats(np.zeros((2, 3, 4, 2)), np.zeros((2, 3, 4), bool), rule="rounded")
 
 
 @pytest.mark.parametrize("metric", SF.METRICS)
@@ -167,7 +168,7 @@ def test_keep_mask_ties_prefer_lower_index():
 def test_class_histograms_match_numpy(data):
     pos, vis, rule, st_ = data
     for m in SF.METRICS:
-        points, topk = S.class_histograms(pos, vis, st_[m], st_["valid_count"], W, 128, rule)
+        points, topk = class_histograms(pos, vis, m, W, 128, rule)
         rp, rt = ref_class_histograms(pos, vis, rule, st_[m], st_["valid_count"])
         np.testing.assert_array_equal(points, rp)
         np.testing.assert_array_equal(topk, rt)
@@ -176,35 +177,32 @@ def test_class_histograms_match_numpy(data):
 
 @pytest.mark.parametrize("rule", L.LABEL_RULES)
 @pytest.mark.parametrize("steps", [15, 30])
-def test_shard_stats_equals_stats_and_histograms_of_each_metric(steps, rule):
-    """The build's fused kernel == point_stats + class_histograms (numpy-checked above);
-    many exact score ties (all-zero and integer-step points) exercise its partial rank sort
-    and more points than HIST_RANK_MAX per clip its cut-off."""
+def test_shard_stats_with_ties_and_many_points_matches_numpy(steps, rule):
+    """Many exact score ties (all-zero and integer-step points) exercise the kernel's partial
+    rank sort, and more points than HIST_RANK_MAX per clip its cut-off."""
     rng = np.random.default_rng(steps)
     pos, vis = random_clips(rng, C=9, T=steps, N=70)
     pos[:, :, 10:30] = pos[:, :1, 10:30]  # static: score 0, ties
     pos[:, :, 30:45] = np.round(pos[:, :, 30:45])  # repeated speeds
     st_, hists = S.shard_stats(pos, vis, W, 128, rule)
-    ref = S.point_stats(pos, vis, W, 128, rule)
-    assert st_.keys() == ref.keys()
-    for k in ref:
-        assert st_[k].dtype == ref[k].dtype
-        np.testing.assert_array_equal(st_[k], ref[k], err_msg=k)
-    assert list(hists) == list(SF.METRICS)
+    ref = ref_point_stats(pos, vis, rule)
+    assert st_["center_count"].dtype == st_["valid_count"].dtype == np.uint8
     for m in SF.METRICS:
-        points, topk = S.class_histograms(pos, vis, ref[m], ref["valid_count"], W, 128, rule)
-        np.testing.assert_array_equal(hists[m][0], points, err_msg=m)
-        np.testing.assert_array_equal(hists[m][1], topk, err_msg=m)
-    rp, rt = ref_class_histograms(pos, vis, rule, ref["p95"], ref["valid_count"])
-    np.testing.assert_array_equal(hists["p95"][1], rt)
-    with pytest.raises(ValueError, match="expected pos"):
-        S.shard_stats(np.zeros((2, 3, 4, 3)), np.zeros((2, 3, 4), bool))
+        assert st_[m].dtype == np.float32
+        np.testing.assert_allclose(st_[m], ref[m], atol=1e-5, rtol=1e-5, err_msg=m)
+    np.testing.assert_array_equal(st_["center_count"], ref["center_count"])
+    np.testing.assert_array_equal(st_["valid_count"], ref["valid_count"])
+    assert list(hists) == list(SF.METRICS)
+    for m in SF.METRICS:  # binned by the kernel's own scores, which equal the reference's above
+        rp, rt = ref_class_histograms(pos, vis, rule, st_[m], st_["valid_count"])
+        np.testing.assert_array_equal(hists[m][0], rp, err_msg=m)
+        np.testing.assert_array_equal(hists[m][1], rt, err_msg=m)
 
 
 @pytest.mark.parametrize("metric", SF.METRICS)
 def test_filtered_counts_from_hist_exact_at_bin_edges(data, metric):
     pos, vis, rule, st_ = data
-    points, topk = S.class_histograms(pos, vis, st_[metric], st_["valid_count"], W, 128, rule)
+    points, topk = class_histograms(pos, vis, metric, W, 128, rule)
     for k in (0, 1, 16, S.HIST_RANK_MAX):
         for b in (0, 1, 4, 16, 37, 80, S.HIST_NBINS - 1):
             t = round(b * S.HIST_BIN_WIDTH, 10)
@@ -217,7 +215,7 @@ def test_filtered_counts_from_hist_exact_at_bin_edges(data, metric):
 
 def test_filtered_counts_rejects_min_keep_above_ranks(data):
     pos, vis, rule, st_ = data
-    points, topk = S.class_histograms(pos, vis, st_["p95"], st_["valid_count"], W, 128, rule)
+    points, topk = class_histograms(pos, vis, "p95", W, 128, rule)
     with pytest.raises(ValueError, match="--exact"):
         S.filtered_counts_from_hist(points, topk, 0.04, S.HIST_RANK_MAX + 1)
 
@@ -291,8 +289,7 @@ def test_kept_count_monotone_in_threshold(scores, ts, k):
 def test_hist_kept_count_monotone_in_threshold(seed, k):
     rng = np.random.default_rng(seed)
     pos, vis = random_clips(rng, C=3, T=4, N=20)
-    st_ = S.point_stats(pos, vis, W)
-    points, topk = S.class_histograms(pos, vis, st_["max"], st_["valid_count"], W)
+    points, topk = class_histograms(pos, vis, "max", W)
     kept = [S.filtered_counts_from_hist(points, topk, b * S.HIST_BIN_WIDTH, k)[1] for b in range(S.HIST_NBINS)]
     assert all(a >= b for a, b in zip(kept, kept[1:]))
 
@@ -370,8 +367,8 @@ def test_amplify_rule_turns_steady_sub_pixel_motion_into_occasional_steps():
     assert set(amp_lab.tolist()) == {c, c + 1}
     assert (amp_lab == c + 1).sum() == int(np.rint(x[-1]) - np.rint(x[0]))
     vis = np.ones((1, 16, 1), bool)
-    assert S.point_stats(pos[None], vis, W, 128, "velocity")["center_count"][0, 0] == 15
-    assert S.point_stats(pos[None], vis, W, 128, "amplify")["center_count"][0, 0] == 15 - (amp_lab != c).sum()
+    assert point_stats(pos[None], vis, W, 128, "velocity")["center_count"][0, 0] == 15
+    assert point_stats(pos[None], vis, W, 128, "amplify")["center_count"][0, 0] == 15 - (amp_lab != c).sum()
 
 
 def test_the_builds_shard_kernel_equals_the_vectorised_numpy_form_of_the_benchmark():

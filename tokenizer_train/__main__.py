@@ -3,8 +3,8 @@ import os
 import sys
 
 # Before torch allocates anything: large CPU tensors (the (B, S, N, W*W) logits and their
-# gradients, ~90 MB a step at batch 16) on transparent huge pages. Without it every step maps
-# and faults in those pages anew; on the 2-core machine that was ~40% system time in training.
+# gradients) on transparent huge pages. Without it every step maps and faults in those pages
+# anew, which costs a large share of system time in training (docs/results.md).
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from motion_data.common.cli import dispatch  # noqa: E402

@@ -17,7 +17,7 @@ import math
 import numba
 import numpy as np
 
-from motion_data.common.label_kernels import _clip_labels, _label_step  # the numba label functions (labels.py: reference)
+from motion_data.common.label_kernels import _clip_labels  # the numba label functions (labels.py: reference)
 from motion_data.common.labels import DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, DEFAULT_W, rule_code
 from motion_data.common.static_filter import METRICS, StaticFilter
 
@@ -117,55 +117,20 @@ def _clip_stats(pos, vis, ci, W, ref_max, rule, q, sp, labs, kk, ssum, cc, top1,
     _store_clip(vis, ci, sp, kk, ssum, cc, top1, top2, buf, mean, p95, mx, center_count, valid_count)
 
 
-@numba.njit(cache=True, parallel=True)
-def _point_stats_kernel(pos, vis, W, ref_max, rule, mean, p95, mx, center_count, valid_count):
-    C, T, N = vis.shape
-    S = T - 1
-    nblk = min(C, 64)  # blocks of clips: scratch buffers allocated once per block, not per clip
-    for bi in numba.prange(nblk):
-        sp = np.empty((S, N), np.float32)
-        labs = np.empty((S, N), np.int32)
-        kk, cc = np.empty(N, np.int32), np.empty(N, np.int32)
-        ssum, top1, top2 = np.empty(N, np.float64), np.empty(N, np.float64), np.empty(N, np.float64)
-        q, buf = np.empty((T, 2 * N), np.int32), np.empty(S, np.float64)
-        for ci in range(bi * C // nblk, (bi + 1) * C // nblk):
-            _clip_stats(pos, vis, ci, W, ref_max, rule, q, sp, labs, kk, ssum, cc, top1, top2, buf,
-                        mean, p95, mx, center_count, valid_count)
-
-
-def _clips(pos, vis, who: str):
-    """Contiguous float32 positions and bool visibility checked as (C,T,N,2)/(C,T,N)."""
+def _clips_and_outputs(pos, vis, who: str):
+    """Contiguous float32 positions and bool visibility checked as (C,T,N,2)/(C,T,N), and
+    the per-point output arrays."""
     pos = np.ascontiguousarray(pos, dtype=np.float32)
     vis = np.ascontiguousarray(vis, dtype=np.bool_)
     if pos.ndim != 4 or pos.shape[-1] != 2 or vis.shape != pos.shape[:3]:
         raise ValueError(f"{who}: expected pos (C,T,N,2) and vis (C,T,N), got {pos.shape} and {vis.shape}")
     if not 2 <= pos.shape[1] <= 256:  # counts are uint8
         raise ValueError(f"{who}: need 2 to 256 frames per clip, got {pos.shape[1]}")
-    return pos, vis
-
-
-def _clips_and_outputs(pos, vis, who: str):
-    """``_clips`` and the per-point output arrays."""
-    pos, vis = _clips(pos, vis, who)
     C, N = vis.shape[0], vis.shape[2]
     out = {m: np.empty((C, N), np.float32) for m in METRICS}
     out["center_count"] = np.empty((C, N), np.uint8)
     out["valid_count"] = np.empty((C, N), np.uint8)
     return pos, vis, out
-
-
-def point_stats(pos: np.ndarray, vis: np.ndarray, W: int = DEFAULT_W, ref_size: int = DEFAULT_REF_SIZE,
-                rule: str = DEFAULT_LABEL_RULE) -> dict:
-    """Per-point statistics of clips.
-
-    pos ``(C, T, N, 2)`` positions in reference pixels, vis ``(C, T, N)`` bool; ``rule``
-    makes the labels counted in ``center_count``. Returns ``mean``, ``p95``, ``max``
-    ``(C, N)`` float32 and ``center_count``, ``valid_count`` ``(C, N)`` uint8 (T <= 256).
-    """
-    pos, vis, out = _clips_and_outputs(pos, vis, "point_stats")
-    _point_stats_kernel(pos, vis, W, float(ref_size - 1), rule_code(rule), out["mean"], out["p95"], out["max"],
-                        out["center_count"], out["valid_count"])
-    return out
 
 
 @numba.njit(cache=True, inline="always")
@@ -270,52 +235,6 @@ def _score_bin_kernel(s, edges, bw, out):
         out[i] = _edge_bin(s[i], edges, bw)
 
 
-@numba.njit(cache=True)
-def _class_hist_kernel(pos, vis, scores, valid_count, W, ref_max, rule, edges, bw, rank_max, points, topk):
-    C, T, N = vis.shape
-    S = T - 1
-    K = W * W
-    for ci in range(C):
-        order = _clip_order(scores[ci], valid_count[ci])
-        rank = np.full(N, -1, np.int64)
-        for j in range(min(rank_max, order.shape[0])):
-            rank[order[j]] = j
-        for n in range(N):
-            b = _edge_bin(scores[ci, n], edges, bw)
-            points[b, K] += 1
-            r = rank[n]
-            if r >= 0:
-                topk[b, r, K] += 1
-            for t in range(S):
-                if vis[ci, t, n] and vis[ci, t + 1, n]:
-                    ax, ay = pos[ci, t, n, 0], pos[ci, t, n, 1]
-                    bx, by = pos[ci, t + 1, n, 0], pos[ci, t + 1, n, 1]
-                    lab = _label_step(ax, ay, bx, by, bx - ax, by - ay, W, ref_max, rule)
-                    points[b, lab] += 1
-                    if r >= 0:
-                        topk[b, r, lab] += 1
-
-
-def class_histograms(pos, vis, scores, valid_count, W: int = DEFAULT_W, ref_size: int = DEFAULT_REF_SIZE,
-                     rule: str = DEFAULT_LABEL_RULE):
-    """Score-binned label counts for instant threshold tuning.
-
-    Returns ``points`` ``(HIST_NBINS, W*W+1)`` int64: per score bin, valid-step label counts
-    of all points in that bin, last column = number of points; and ``topk``
-    ``(HIST_NBINS, HIST_RANK_MAX, W*W+1)``: the same restricted to the point of each rank
-    (by score within its clip, among points with a valid step). With them, the kept labels
-    at threshold t and min_keep k are ``sum(points[b >= bt]) + sum(topk[b < bt, :k])``:
-    a clip with fewer than k dynamic points keeps its top k, whose scores below t are
-    exactly the second term.
-    """
-    pos, vis = _clips(pos, vis, "class_histograms")
-    points = np.zeros((HIST_NBINS, W * W + 1), np.int64)
-    topk = np.zeros((HIST_NBINS, HIST_RANK_MAX, W * W + 1), np.int64)
-    _class_hist_kernel(pos, vis, np.ascontiguousarray(scores, np.float32), np.ascontiguousarray(valid_count),
-                       W, float(ref_size - 1), rule_code(rule), HIST_EDGES, HIST_BIN_WIDTH, HIST_RANK_MAX, points, topk)
-    return points, topk
-
-
 @numba.njit(cache=True, inline="always")
 def _top_ranks(scores_row, vc_row, rank_max, top, rank):
     """``rank[n]`` = n's place (< rank_max) in ``_clip_order`` (score descending, ties lower
@@ -360,7 +279,7 @@ def _shard_kernel(pos, vis, W, ref_max, rule, edges, bw, rank_max, mean, p95, mx
     for ci in range(C):
         _clip_stats(pos, vis, ci, W, ref_max, rule, q, sp, labs, kk, ssum, cc, top1, top2, buf, mean, p95, mx,
                     center_count, valid_count)
-        # METRICS order: mean, p95, max; the stored float32 scores, as class_histograms bins them
+        # METRICS order: mean, p95, max; the stored float32 scores are what is binned
         for m in range(3):
             sc = mean[ci] if m == 0 else (p95[ci] if m == 1 else mx[ci])
             _top_ranks(sc, valid_count[ci], rank_max, top, rank[m])
@@ -390,10 +309,22 @@ def _shard_kernel(pos, vis, W, ref_max, rule, edges, bw, rank_max, mean, p95, mx
 
 def shard_stats(pos: np.ndarray, vis: np.ndarray, W: int = DEFAULT_W, ref_size: int = DEFAULT_REF_SIZE,
                 rule: str = DEFAULT_LABEL_RULE):
-    """``point_stats`` and ``class_histograms`` of every metric in one pass (the build's
-    per-shard work): labels are computed once per step and each clip's point ranks by a
-    partial sort. Returns (stats dict as ``point_stats``, {metric: (points, topk)}), equal
-    to the separate functions (tests/test_stats.py)."""
+    """Per-point statistics and score-binned class histograms of every metric, in one pass (the
+    build's per-shard work; labels are computed once per step, each clip's point ranks by a
+    partial sort).
+
+    pos ``(C, T, N, 2)`` positions in reference pixels, vis ``(C, T, N)`` bool; ``rule`` makes
+    the labels. Returns ``(stats, hists)``:
+    - ``stats``: ``mean``, ``p95``, ``max`` ``(C, N)`` float32 and ``center_count``,
+      ``valid_count`` ``(C, N)`` uint8 (T <= 256);
+    - ``hists[metric] = (points, topk)``: ``points`` ``(HIST_NBINS, W*W+1)`` int64, per score
+      bin the valid-step label counts of all points in that bin (last column: the number of
+      points); ``topk`` ``(HIST_NBINS, HIST_RANK_MAX, W*W+1)`` the same restricted to the point
+      of each rank (by score within its clip, among points with a valid step). The kept labels
+      at threshold t and min_keep k are then ``sum(points[b >= bt]) + sum(topk[b < bt, :k])``:
+      a clip with fewer than k dynamic points keeps its top k, whose scores below t are
+      exactly the second term (``filtered_counts_from_hist``).
+    Each equals its numpy reference in tests/test_stats.py."""
     pos, vis, st = _clips_and_outputs(pos, vis, "shard_stats")
     points = np.zeros((len(METRICS), HIST_NBINS, W * W + 1), np.int64)
     topk = np.zeros((len(METRICS), HIST_NBINS, HIST_RANK_MAX, W * W + 1), np.int64)

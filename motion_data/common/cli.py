@@ -14,7 +14,7 @@ import sys
 from motion_data.common.errors import UserError
 from motion_data.common.static_filter import DEFAULT_FILTER
 
-# the seed's filter as a --filter default (docs/DESIGN.md: p95@0.04, min_keep 16)
+# the original plan's filter as a --filter default (docs/DESIGN.md: p95@0.04, min_keep 16)
 DEFAULT_FILTER_SPEC = f"{DEFAULT_FILTER.metric}@{DEFAULT_FILTER.threshold:g}"
 
 

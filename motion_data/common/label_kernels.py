@@ -13,7 +13,7 @@ import numpy as np
 @numba.njit(cache=True, inline="always")
 def _round_half_even(x):
     # np.rint compiles to the rint intrinsic (half to even, like numpy); a floor-and-compare
-    # version was the kernels' hot spot (~6x slower labels)
+    # version was the kernels' hot spot
     return np.rint(x)
 
 
@@ -45,7 +45,7 @@ def _label_step(ax, ay, bx, by, vx, vy, W, ref_max, rule):
 def _clip_labels(pos, ci, W, ref_max, rule, q, lab_out):
     """Labels ``(S, N)`` of clip ``ci`` of ``pos`` into ``lab_out`` ``(S, N)``: ``_label_step``'s
     rule in integers, each frame's positions quantised once (rule 0, amplify), so the point
-    loops vectorise (4-5x faster); ``q`` is a ``(T, 2N)`` int32 scratch buffer.
+    loops vectorise; ``q`` is a ``(T, 2N)`` int32 scratch buffer.
     ``round(clip(p, 0, ref_max))`` equals ``clip(round(p), 0, ref_max)`` for integer bounds;
     values are clamped to a float range first only so that the int conversion is defined.
     tests/test_stats.py and tests/test_loader.py compare it with ``labels.labels_from_positions``."""

@@ -2,7 +2,7 @@
 
 A new shared segment per batch costs, per 64-clip batch, a segment creation and page faults
 in the worker plus a descriptor hand-off (a socket connection), a new mapping and page
-faults in the main process: more than the batch's own work (issue 13). The ring is made
+faults in the main process: more than the batch's own work. The ring is made
 once by the main process and inherited by the workers; worker ``w`` cycles through its
 own ``per_worker`` slots and sends only the slot number. Safe because a worker has at most
 ``prefetch_factor`` batches in flight and the main process copies a batch out of its slot

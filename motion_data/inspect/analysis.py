@@ -1,7 +1,7 @@
 """Dataset figures before/after a static filter, and the threshold sweep of ``tune-filter``.
 
 Two ways to the same numbers (docs/DESIGN.md "Dataset figures"):
-- fast: from the score-binned class histograms in ``stats.zarr`` (``stats.class_histograms``),
+- fast: from the score-binned class histograms in ``stats.zarr`` (``stats.shard_stats``),
   exact at thresholds that are multiples of ``HIST_BIN_WIDTH``; elsewhere the threshold
   acts as the lower edge of its bin;
 - exact: ``ExactSweep`` from the per-clip scores in ``stats.zarr`` plus the labels of the
@@ -24,7 +24,7 @@ from motion_data.build import stats as S
 FIGURE_KEYS = ("dynamic_point_ratio", "center_prop", "perplexity_ratio", "class_counts")
 CSV_COLUMNS = ("metric", "threshold", "min_keep", "dynamic_point_ratio", "center_prop", "perplexity_ratio",
                "meets_targets")
-# The seed's reference targets (stage 4 of the plan).
+# The original plan's reference targets (its stage 4).
 DEFAULT_TARGET_DYNAMIC = (0.45, 0.60)
 DEFAULT_MAX_CENTER = 0.55
 DEFAULT_MIN_PERPLEXITY = 0.10

@@ -207,7 +207,7 @@ def h5_read(path, group, name):
 
 
 def h5_vis(path, group):
-    """``vis`` (the issue's layout) or ``visibility`` (AMPLIFY's generic preprocessing); None if absent."""
+    """``vis`` (this project's layout) or ``visibility`` (AMPLIFY's generic preprocessing); None if absent."""
     for name in ("vis", "visibility"):
         if name in group:
             return h5_read(path, group, name)

@@ -1,7 +1,7 @@
 """Evaluate the acceptance gates on a run's metrics.jsonl.
 
 The gates come from section 7 of the original plan (the staged plan this project
-implements, called "the seed" in docs/DESIGN.md), plus this project's own gates:
+implements, docs/DESIGN.md), plus this project's own gates:
 
   codes              val/code_info_bits_epoch >= max(0.25, 4x the baseline's) bits per label
                      (without --baseline: >= 0.25)

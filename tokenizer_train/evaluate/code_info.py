@@ -1,5 +1,5 @@
 """Code information and cross-entropy in bits per label (docs/DESIGN.md, Trainer: "Quality beyond
-the seed's accuracy"), as ``(sum, count)`` pairs so that batches, epochs and DDP ranks
+the original plan's accuracy"), as ``(sum, count)`` pairs so that batches, epochs and DDP ranks
 aggregate exactly before dividing.
 
 Code information estimates the mutual information between a clip's codes and its labels:

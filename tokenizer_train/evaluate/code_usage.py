@@ -1,7 +1,7 @@
 """The code-usage regulariser (stage 1): the differentiable term, and the trainer's config,
 running average and checkpoint state.
 
-The term replaces the seed's entropy of a histogram of hard FSQ ids, which has no gradient:
+The term replaces the original plan's entropy of a histogram of hard FSQ ids, which has no gradient:
 each FSQ channel's bounded value before rounding is softly assigned to the levels that
 rounding picks from, so the batch's code distribution, and its entropy, are differentiable.
 
@@ -133,8 +133,8 @@ def _code_usage_loss_f32(z_bounded, levels, kind, temperature, distributed, toke
     log_k = math.log(K)
     p, n = soft_code_distribution(z_bounded, levels, temperature, distributed, return_count=True)
     if running is not None:
-        # the token count as a host number: the batch's own without DDP (no device sync,
-        # issue 13); under DDP the all-reduced count is read (one sync)
+        # the token count as a host number: the batch's own without DDP (no device sync);
+        # under DDP the all-reduced count is read (one sync)
         p = running.mix(p, float(n) if _dist_ready(distributed) else float(z_bounded.shape[0]))
     H = _entropy(p)
     term = -H / log_k if kind == "entropy" else log_k - H

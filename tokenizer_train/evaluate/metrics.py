@@ -80,7 +80,7 @@ def zero_code_frac(codes, zero_codes) -> float:
 
 def code_scalars(prefix: str, when: str, codes: np.ndarray, levels, zero_codes=None, seen=None,
                  tag_suffix: str = "") -> tuple[dict, dict]:
-    """The seed's code statistics of a set of code ids ``(tokens, S)``, e.g.
+    """The original plan's code statistics of a set of code ids ``(tokens, S)``, e.g.
     ``train/unique_codes_step`` (``when="step"``) or ``..._step_global`` (``tag_suffix="_global"``)."""
     s = code_stats(codes, levels)
     out = {f"{prefix}/unique_codes_{when}{tag_suffix}": s["unique_codes"],
@@ -181,7 +181,7 @@ class Sums:
     """Exact (sum, count) accumulators for a step, an epoch or a validation pass.
 
     Values are float64: 0-dim tensors on the batch's device while training (adding a batch
-    never waits for the device, issue 13), host floats once read. ``reduced`` (all ranks)
+    never waits for the device), host floats once read. ``reduced`` (all ranks)
     and ``floats`` (a checkpoint) read them: call them at the log interval only.
     """
 

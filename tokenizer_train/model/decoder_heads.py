@@ -4,7 +4,7 @@
   query (a point query plus a step query) attends to the code features of the tokens up to
   its step and reads a weighted average of values computed from the codes alone. The
   weights sum to 1, so identical codes give identical values for every point: a decoder that
-  ignores its codes cannot predict a per-point prior (issue 12: the free ``head_point``
+  ignores its codes cannot predict a per-point prior (the free ``head_point``
   path of the additive head is what let the codes go unused).
 - ``amplify``: AMPLIFY's reference head (pairlab/AMPLIFY ``VAEDecoder``): the step feature of
   a non-causal zero-query decoder plus a residual MLP of (step feature, point embedding),

@@ -33,7 +33,7 @@ def fsq_prerounding(z, levels, eps: float = 1e-3, hard_clamp: bool = False):
 
     ``round(fsq_prerounding(z)) / (L // 2)`` equals ``FSQ.quantize(z)`` (a test checks it
     against the installed vector-quantize-pytorch). ``levels``: a list, or a tensor already
-    on ``z``'s device (no host-to-device copy per step, issue 13).
+    on ``z``'s device (no host-to-device copy per step).
     """
     L = (levels.to(z.device, torch.float32) if torch.is_tensor(levels)
          else torch.as_tensor(list(levels), dtype=torch.float32, device=z.device))

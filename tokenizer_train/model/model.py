@@ -12,7 +12,7 @@ and per-point parts are gathered first), and the trainer's loss applies the last
 chunks (fused_ce), so the ``(B, S, N, W*W)`` logits exist only where a caller asks for every
 point (decode, draw, the Python API).
 
-Switches (issue 12; each off by default, the default model is the one above bit for bit):
+Switches (each off by default, the default model is the one above bit for bit):
 ``model.decoder`` (``code_query``: no free per-point prior path; ``amplify``: AMPLIFY's
 non-causal zero-query decoder, see decoder_heads.py), ``model.point_pos_enc`` (Fourier
 features of each point's start position in the encoder input and as the decoder's point

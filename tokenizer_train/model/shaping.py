@@ -9,7 +9,7 @@ returns its input object unchanged (the baseline, bit for bit).
 
 Note: FSQ bounds its input with its own ``tanh(z + shift)``; after ``tanh(s * x)`` the input
 lies in (-1, 1), so the outermost levels of channels with many levels are no longer
-reachable (e.g. with L = 8 rounding reaches -3..2 of -4..3). That is the seed's definition;
+reachable (e.g. with L = 8 rounding reaches -3..2 of -4..3). That is the original plan's definition;
 watch ``train/unique_codes_raw_step`` when enabling it.
 """
 from __future__ import annotations

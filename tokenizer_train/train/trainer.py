@@ -344,7 +344,7 @@ class Trainer:
 
     def train_epoch(self, pg: Progress, epoch: int, logger: RunLogger, last: dict):
         """The optimizer steps of one epoch from ``pg.batches_done``; no host sync on a step
-        that logs nothing (issue 13): sums and codes seen stay on the device."""
+        that logs nothing: sums and codes seen stay on the device."""
         tc, loader = self.tc, self.train_loader
         loader.set_epoch(epoch)  # keeps a resumed mid-epoch position
         if pg.batches_done == 0:

@@ -6,7 +6,7 @@ controller's largest step, 5 cm of end-effector travel per control step; gripper
 +1 closed). Every rollout draws its own ``Motion``: speed, gain, heights, a grasp offset
 that sometimes misses the object (a failed grasp), a place offset, pauses before phases,
 action noise and a wrist turn, so that the motion varies the way a policy's does rather
-than repeating one trajectory (issue 11, "Rollouts").
+than repeating one trajectory.
 """
 from __future__ import annotations
 

