@@ -24,7 +24,7 @@ from tokenizer_train.model import checkpoint as C
 from tokenizer_train.evaluate.metrics import code_stats
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loader_fixtures import write_build  # noqa: E402
+from harness import set_args, small_build, wait_for  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 240  # a hang fails the test instead of blocking the suite
@@ -95,21 +95,16 @@ def _torchrun(tmp_path, args, env_extra=None, wait=True):
     return subprocess.CompletedProcess(cmd, p.returncode, "", err.decode())
 
 
-def _sets():
-    return sum((["--set", s] for s in SETS), [])
-
-
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
-    return write_build(tmp_path_factory.mktemp("ddp_build"), shard_sizes=(7, 7, 5),
-                       sources=["v/a.h5", "v/b.h5", "v/c.h5"])
+    return small_build(tmp_path_factory.mktemp("ddp_build"), shard_sizes=(7, 7, 5))
 
 
 @pytest.fixture(scope="module")
 def ddp_run(build, tmp_path_factory):
     d = tmp_path_factory.mktemp("ddp")
     out = d / "run"
-    p = _torchrun(d, ["train", "--data", str(build), "--out", str(out), "--debug-codes", *_sets()])
+    p = _torchrun(d, ["train", "--data", str(build), "--out", str(out), "--debug-codes", *set_args(SETS)])
     assert p.returncode == 0, p.stderr[-3000:]
     return out
 
@@ -144,14 +139,9 @@ def test_uneven_shards_with_workers_equal_steps_and_global_stats(ddp_run):
 def test_ddp_sigkill_mid_epoch_then_resume_is_exact(build, ddp_run, tmp_path):
     out = tmp_path / "run"
     marker = tmp_path / "paused"
-    p = _torchrun(tmp_path, ["train", "--data", str(build), "--out", str(out), *_sets()],
+    p = _torchrun(tmp_path, ["train", "--data", str(build), "--out", str(out), *set_args(SETS)],
                   {"E_PHASE": "after_save", "E_MARKER": str(marker), "E_AT": str(KILL_STEP)}, wait=False)
-    deadline = time.time() + TIMEOUT
-    while not marker.exists():
-        if p.poll() is not None:
-            pytest.fail(f"training ended before the kill point: {p.stderr.read().decode()[-3000:]}")
-        assert time.time() < deadline, "training never reached the kill point"
-        time.sleep(0.05)
+    wait_for(marker, p, "the kill point", timeout=TIMEOUT)
     ranks = [int(f.read_text()) for f in (tmp_path / "pids").glob("rank*")]
     assert len(ranks) == 2
     _kill_all(p, tmp_path / "pids")  # the agent, both ranks and their loader workers

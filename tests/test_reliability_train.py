@@ -21,7 +21,7 @@ from tokenizer_train.common.config import from_dict
 from tokenizer_train.train.trainer import train
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loader_fixtures import write_build  # noqa: E402
+from harness import HOLD_AT_STEP, set_args, small_build, wait_for  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # 18 clips, batch 4: 4 steps per epoch, 2 epochs; a checkpoint after every step
@@ -62,18 +62,12 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the subprocess runs with one thread too: same float sums
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the subprocesses run with one thread too: same float sums
 
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
-    return write_build(tmp_path_factory.mktemp("build"), shard_sizes=(6, 6, 6),
-                       sources=["v/a.h5", "v/b.h5", "v/c.h5"])
+    return small_build(tmp_path_factory.mktemp("build"))
 
 
 @pytest.fixture(scope="module")
@@ -99,22 +93,13 @@ def _assert_same_params(a, b):
         assert torch.equal(pa[k], pb[k]), k
 
 
-def _cli_sets():
-    return sum((["--set", s] for s in SETS), [])
-
-
 def _run_and_kill(build, out, phase, tmp_path):
     marker = tmp_path / f"paused-{phase}"
     env = dict(os.environ, OMP_NUM_THREADS="1", E_PHASE=phase, E_MARKER=str(marker), E_AT=str(KILL_STEP))
     p = subprocess.Popen([sys.executable, "-c", WRAPPER, "train", "--data", str(build), "--out", str(out),
-                          *_cli_sets()], cwd=REPO, env=env, start_new_session=True,
+                          *set_args(SETS)], cwd=REPO, env=env, start_new_session=True,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not marker.exists():
-        if p.poll() is not None:
-            pytest.fail(f"training ended before the kill point: {p.stderr.read().decode()[-2000:]}")
-        assert time.time() < deadline, "training never reached the kill point"
-        time.sleep(0.02)
+    wait_for(marker, p, "the kill point")
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     p.stderr.close()
@@ -243,25 +228,6 @@ def test_rank_state_needs_the_same_world_size_mid_epoch():
 
 
 # runs the CLI, waiting after optimizer step AT until a signal has arrived (the test sends it)
-SIGNAL_WRAPPER = """
-import os, sys, time, torch
-torch.set_num_threads(1)
-import tokenizer_train.train.trainer as T
-marker, at = os.environ["E_MARKER"], int(os.environ["E_AT"])
-real_step = T.Trainer.optimizer_step
-def optimizer_step(self):
-    out = real_step(self)
-    self.steps_here = getattr(self, "steps_here", 0) + 1
-    if self.steps_here == at:
-        open(marker, "w").close()
-        t0 = time.time()
-        while not self.stop.signum and time.time() - t0 < 120:
-            time.sleep(0.01)
-    return out
-T.Trainer.optimizer_step = optimizer_step
-from tokenizer_train.__main__ import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -269,16 +235,11 @@ def test_signal_saves_prints_resume_line_and_resume_equals_uninterrupted(build, 
     out = tmp_path / "run"
     marker = tmp_path / "at-step"
     env = dict(os.environ, OMP_NUM_THREADS="1", E_MARKER=str(marker), E_AT=str(KILL_STEP))
-    p = subprocess.Popen([sys.executable, "-c", SIGNAL_WRAPPER, "train", "--data", str(build), "--out", str(out),
-                          "--no-progress", *_cli_sets(), "--set", "training.save_interval=0"],  # epoch ends only:
+    p = subprocess.Popen([sys.executable, "-c", HOLD_AT_STEP, "train", "--data", str(build), "--out", str(out),
+                          "--no-progress", *set_args(SETS), "--set", "training.save_interval=0"],  # epoch ends only:
                          cwd=REPO, env=env, start_new_session=True,  # the mid-epoch checkpoint is the signal's
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not marker.exists():
-        if p.poll() is not None:
-            pytest.fail(f"training ended before step {KILL_STEP}: {p.stderr.read()[-2000:]}")
-        assert time.time() < deadline, "training never reached the signal point"
-        time.sleep(0.02)
+    wait_for(marker, p, f"step {KILL_STEP}")
     p.send_signal(sig)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 128 + sig, err
@@ -344,15 +305,10 @@ def test_sigint_during_the_final_validation_saves_exits_130_and_resume_runs_that
     sets = [s for s in SETS if not s.startswith("data.val_split")] + ["data.val_split=0.3"]
     env = dict(os.environ, OMP_NUM_THREADS="1", E_MARKER=str(marker), E_LAST="1")
     p = subprocess.Popen([sys.executable, "-c", VAL_WRAPPER, "train", "--data", str(build), "--out", str(out),
-                          "--no-progress", *sum((["--set", s] for s in sets), [])],
+                          "--no-progress", *set_args(sets)],
                          cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not marker.exists():
-        if p.poll() is not None:
-            pytest.fail(f"training ended before its last validation: {p.stderr.read()[-2000:]}")
-        assert time.time() < deadline, "training never reached its last validation"
-        time.sleep(0.02)
+    wait_for(marker, p, "its last validation")
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err

@@ -13,25 +13,19 @@ from tokenizer_train.common.config import from_dict
 from tokenizer_train.train.trainer import train
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loader_fixtures import write_build  # noqa: E402
+from harness import small_build  # noqa: E402
 
 # 18 clips, batch 4, val 0.25: a few steps per epoch
 SETS = ["model.hidden_dim=16", "model.num_layers=1", "model.num_heads=2", "training.batch_size=4",
         "training.log_interval=1", "data.val_split=0.25", "training.epochs=1", "training.device=cpu"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
-    return write_build(tmp_path_factory.mktemp("build"), shard_sizes=(6, 6, 6),
-                       sources=["v/a.h5", "v/b.h5", "v/c.h5"])
+    return small_build(tmp_path_factory.mktemp("build"))
 
 
 def _cli(build, out, *extra):

@@ -17,7 +17,7 @@ from tokenizer_train.model.model import MotionTokenizer
 from tokenizer_train.train.trainer import train
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loader_fixtures import write_build  # noqa: E402
+from harness import small_build  # noqa: E402
 
 TINY = ["model.hidden_dim=32", "model.num_layers=1", "model.num_heads=2", "training.batch_size=4",
         "training.log_interval=1", "data.val_split=0.25"]
@@ -25,17 +25,10 @@ TINY = ["model.hidden_dim=32", "model.num_layers=1", "model.num_heads=2", "train
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
-    return write_build(tmp_path_factory.mktemp("build"), shard_sizes=(6, 6, 6),
-                       sources=["v/a.h5", "v/b.h5", "v/c.h5"])
+    return small_build(tmp_path_factory.mktemp("build"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny ops: thread hand-offs cost more than they save, badly so on a loaded machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_tiny_model_overfits_in_memory_batch():

@@ -13,7 +13,7 @@ from tokenizer_train.model import checkpoint
 from tokenizer_train.evaluate.metrics import code_stats
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loader_fixtures import write_build  # noqa: E402
+from harness import HOLD_AT_STEP, small_build, wait_for  # noqa: E402
 
 
 def _rows(path):
@@ -21,7 +21,7 @@ def _rows(path):
 
 
 def test_torchrun_two_ranks_global_code_stats(tmp_path):
-    build = write_build(tmp_path / "build", shard_sizes=(6, 6, 6), sources=["v/a.h5", "v/b.h5", "v/c.h5"])
+    build = small_build(tmp_path / "build")
     out = tmp_path / "run"
     sets = ["model.hidden_dim=32", "model.num_layers=1", "model.num_heads=2", "training.batch_size=2",
             "training.epochs=1", "training.log_interval=1", "data.val_split=0.2", "training.device=cpu",
@@ -64,50 +64,23 @@ def test_torchrun_two_ranks_global_code_stats(tmp_path):
         assert rows[step]["train/effective_codebook_size_seen_global"] == int(seen_g.sum())
 
 
-# each rank waits after optimizer step AT: rank 1 until the test's SIGTERM has reached it,
-# rank 0 not at all (it never gets a signal and must stop at the same step)
-DDP_WRAPPER = """
-import os, sys, time
-import tokenizer_train.train.trainer as T
-marker, at = os.environ["E_MARKER"], int(os.environ["E_AT"])
-real_step = T.Trainer.optimizer_step
-def optimizer_step(self):
-    out = real_step(self)
-    self.steps_here = getattr(self, "steps_here", 0) + 1
-    if self.steps_here == at and self.dist.rank == 1:
-        with open(marker + ".tmp", "w") as f:
-            f.write(str(os.getpid()))
-        os.replace(marker + ".tmp", marker)
-        t0 = time.time()
-        while not self.stop.signum and time.time() - t0 < 120:
-            time.sleep(0.01)
-    return out
-T.Trainer.optimizer_step = optimizer_step
-from tokenizer_train.__main__ import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 def test_sigterm_to_one_rank_stops_both_at_one_step_then_resume(tmp_path):
     import signal
     import time
 
-    build = write_build(tmp_path / "build", shard_sizes=(6, 6, 6), sources=["v/a.h5", "v/b.h5", "v/c.h5"])
+    build = small_build(tmp_path / "build")
     out, marker, wrapper = tmp_path / "run", tmp_path / "rank1.pid", tmp_path / "wrapper.py"
-    wrapper.write_text(DDP_WRAPPER)
+    wrapper.write_text(HOLD_AT_STEP)  # rank 1 waits for the test's SIGTERM, rank 0 never gets one
     sets = ["model.hidden_dim=16", "model.num_layers=1", "model.num_heads=2", "training.batch_size=2",
             "training.epochs=2", "training.log_interval=1", "data.val_split=0.0", "training.device=cpu"]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", E_MARKER=str(marker), E_AT="2")
+    env = dict(os.environ, OMP_NUM_THREADS="1", E_MARKER=str(marker), E_AT="2", E_RANK="1")
     p = subprocess.Popen([*launch, str(wrapper), "train", "--data", str(build), "--out", str(out), "--no-progress",
                           "--set", *sets], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
-    deadline = time.time() + 240
-    while not marker.exists():
-        if p.poll() is not None:
-            pytest.fail(f"training ended before step 2: {p.stderr.read()[-3000:]}")
-        assert time.time() < deadline, "training never reached step 2"
-        time.sleep(0.05)
+    wait_for(marker, p, "step 2", timeout=240)
     os.kill(int(marker.read_text()), signal.SIGTERM)
     _, err = p.communicate(timeout=240)  # no hang: rank 0 agrees to stop at the same step
     assert p.returncode != 0

@@ -1,26 +1,31 @@
-"""End-to-end demo: data, filter tuning, baseline vs recommended, acceptance check.
+"""End-to-end demo: LIBERO tracks, filter tuning, three trainings, acceptance check, a picture.
 
-  python -m tokenizer_train demo [--out demo_out] [--epochs N] [--quick] [--no-video] [--no-libero]
+  python -m tokenizer_train demo [--out demo_out] [--data auto|libero-sample|synthetic|vtest|DIR]
+                                 [--epochs N] [--quick] [--no-video] [--no-libero]
 
 On a fresh machine, in one folder (default demo_out/):
-  1. data/libero/     with the simulator extra installed (pip install -e ".[sim]"): LIBERO
-                      rollouts rendered with ground-truth tracks (render-libero; AMPLIFY's
-                      domain), used instead of the two below (skip with --no-libero)
-     data/synth/      otherwise: synthetic robot-like track files (motion_data.sources.synth)
-     data/tracks/     and vtest.avi tracked with OpenCV (when the sample video is installed,
-                      Debian package opencv-doc; skip with --no-video)
-  2. build/           build-shards of both
-  3. tune-filter      threshold sweep and its recommendation (printed, for reference)
-  4. ablation/        configs/base.yaml as it is (no filter: the collapsing baseline) and
-                      configs/recommended.yaml (self-contained, its p95@0.04 filter included)
-                      trained on the same data, split and seed; results.md (code information
-                      first), plots; both scored on the evaluation mask (valid AND the
-                      build's recorded filter)
-  5. check            the acceptance gates of the recommended run against the baseline
-                      (printed; also ablation/check.json)
-  6. frontier         the recommended run's validation accuracy / non-centre accuracy as
-                      the centre logit is shifted, and its code information, CE, AUC and
-                      EPE next to zero motion's (printed; also ablation/frontier.json)
+  1. data/libero_sample/  the LIBERO sample shipped with the package (36 rollouts of
+                          libero_90, libero_object and libero_spatial with ground-truth tracks
+                          and their start frames, made by render-libero), the default;
+                          --data synthetic|vtest|DIR for synthetic tracks, the street video
+                          vtest.avi tracked with OpenCV (Debian package opencv-doc), or a
+                          folder of track files
+  2. build/               build-shards of it, split by whole rollouts
+  3. tune-filter          threshold sweep and its recommendation (printed, for reference)
+  4. ablation/            three runs on the same data, split, seed and budget (model size and
+                          epochs of FULL below, smaller than the configs' own): configs/base.yaml
+                          as it is (no filter: the collapsing baseline), base.yaml with the
+                          recommended filter (the fair baseline) and configs/recommended.yaml;
+                          results.md (code information first), plots; all scored on the
+                          evaluation mask (valid AND the build's recorded filter)
+  5. check                the acceptance gates of recommended against both baselines (printed;
+                          also ablation/check.json); gates the runs are too short for are
+                          reported as not reached, never as passed
+  6. frontier             recommended's validation accuracy / non-centre accuracy as the
+                          centre logit is shifted, and its code information, CE, AUC and EPE
+                          next to zero motion's (printed; also ablation/frontier.json)
+  then ablation/compare.png: the true and the decoded motion of a held-out clip's moving
+  points over its start frame, base.yaml and recommended side by side.
 TensorBoard logs are in OUT/ablation/runs: tensorboard --logdir OUT/ablation/runs
 Rerunning resumes (also after Ctrl-C): finished steps are kept. A failing gate is reported in the table, not
 as an error; the exit code is non-zero only when a step fails.
