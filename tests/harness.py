@@ -55,3 +55,23 @@ def wait_for(marker, p, what: str, timeout: float = 120):
             pytest.fail(f"the process ended before {what}: {err[-3000:]}")
         assert time.time() < deadline, f"the process never reached {what}"
         time.sleep(0.02)
+
+
+TINY = ["model.hidden_dim=16", "model.num_layers=1", "model.num_heads=2", "training.batch_size=4",
+        "training.epochs=1", "data.val_split=0.25", "training.device=cpu"]
+
+
+def train_one_thread(sets, build, out):
+    """``train`` in this process with one torch thread (tiny ops; sums independent of the cores)."""
+    import torch
+
+    from tokenizer_train.common.config import from_dict
+    from tokenizer_train.train.trainer import train
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(from_dict({}, list(sets)), build, out)
+    finally:
+        torch.set_num_threads(n)
+    return out

@@ -17,10 +17,8 @@ from tokenizer_train.train.trainer import train
 from motion_data.read.clips import read_clips
 
 sys.path.insert(0, str(Path(__file__).parent))
+from harness import TINY  # noqa: E402
 from loader_fixtures import write_build  # noqa: E402
-
-TINY = ["model.hidden_dim=16", "model.num_layers=1", "model.num_heads=2", "training.batch_size=4",
-        "training.epochs=1", "data.val_split=0.25", "training.device=cpu"]
 POS_ENC = ["model.decoder=code_query", "model.point_pos_enc.enabled=true"]
 
 

@@ -5,31 +5,22 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
 from motion_data.read.split import split_manifest
 from tokenizer_train.__main__ import main
-from tokenizer_train.common.config import from_dict
 from tokenizer_train.use.draw import BAND, draw_clip
-from tokenizer_train.train.trainer import train
 
 sys.path.insert(0, str(Path(__file__).parent))
+from harness import TINY, train_one_thread  # noqa: E402
 from loader_fixtures import write_build  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     build = write_build(tmp_path_factory.mktemp("build"), shard_sizes=(6, 6), sources=["v/a.h5", "v/b.h5"])
-    run = tmp_path_factory.mktemp("run")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(from_dict({}, ["model.hidden_dim=16", "model.num_layers=1", "model.num_heads=2", "training.batch_size=4",
-                             "training.epochs=1", "data.val_split=0.25", "training.device=cpu",
-                             "model.decoder=code_query", "model.point_pos_enc.enabled=true"]), build, run)
-    finally:
-        torch.set_num_threads(n)
+    run = train_one_thread(TINY + ["model.decoder=code_query", "model.point_pos_enc.enabled=true"], build,
+                           tmp_path_factory.mktemp("run"))
     return build, run
 
 

@@ -9,11 +9,10 @@ import torch
 from motion_data.common.labels import center_class
 from tokenizer_train.evaluate import frontier as F
 from tokenizer_train.__main__ import main
-from tokenizer_train.common.config import from_dict
 from tokenizer_train.evaluate.metrics import accuracy_counts, epe_px_counts, noncenter_counts
-from tokenizer_train.train.trainer import train
 
 sys.path.insert(0, str(Path(__file__).parent))
+from harness import TINY, train_one_thread  # noqa: E402
 from loader_fixtures import write_build  # noqa: E402
 
 W = 15
@@ -93,15 +92,7 @@ def test_summarize_picks_best_noncentre_within_tolerance():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     build = write_build(tmp_path_factory.mktemp("build"), shard_sizes=(6, 6), sources=["v/a.h5", "v/b.h5"])
-    run = tmp_path_factory.mktemp("run")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(from_dict({}, ["model.hidden_dim=32", "model.num_layers=1", "model.num_heads=2",
-                             "training.batch_size=4", "training.epochs=1", "data.val_split=0.25",
-                             "training.device=cpu"]), build, run)
-    finally:
-        torch.set_num_threads(n)
+    run = train_one_thread(TINY + ["model.hidden_dim=32"], build, tmp_path_factory.mktemp("run"))
     return build, run
 
 
