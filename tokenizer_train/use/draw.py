@@ -221,6 +221,14 @@ def moving_points(build: BuildDir, row: int) -> np.ndarray:
     return keep_mask(st[:, METRICS.index(flt.metric)], vc, flt.threshold, flt.min_keep)[0]
 
 
+def moving_accuracy(build: BuildDir, m: dict, keep: np.ndarray) -> float:
+    """Non-centre accuracy of ``clip_motion``'s prediction over the steps of the ``keep`` points
+    whose label is not the centre class (nan when there are none)."""
+    ok = m["valid"][:, keep]
+    moving = ok & (m["labels"][:, keep] != (build.W // 2) * (build.W + 1))
+    return float((m["pred"][:, keep] == m["labels"][:, keep])[moving].mean()) if moving.any() else float("nan")
+
+
 def draw_compare(data, runs: dict, out, clip_id=None, frame=None, size: int = 384, which="best", device="auto",
                  val_split=None) -> tuple[Path, str]:
     """One PNG, one panel per run side by side: for the clip's moving points (the evaluation
@@ -255,9 +263,7 @@ def draw_compare(data, runs: dict, out, clip_id=None, frame=None, size: int = 38
             ax.plot(lab[..., 0], lab[..., 1], color="tab:green", lw=1.2, alpha=0.9)
             ax.plot(pred[..., 0], pred[..., 1], color="tab:red", lw=1.2, ls="--", alpha=0.9)
             ax.scatter(m["pos"][0, keep, 0], m["pos"][0, keep, 1], s=5, color="black", zorder=3)
-            ok = m["valid"][:, keep]
-            moving = ok & (m["labels"][:, keep] != (build.W // 2) * (build.W + 1))
-            acc = float((m["pred"][:, keep] == m["labels"][:, keep])[moving].mean()) if moving.any() else float("nan")
+            acc = moving_accuracy(build, m, keep)
             fig.text((i + 0.5) / n, 1.0 - 3 / fig.bbox.height, f"{name}: non-centre accuracy {acc:.2f}",
                      ha="center", va="top", fontsize=8)
         items = [(Line2D([], [], ls="", marker="o", ms=3, color="black"), f"start of the {int(keep.sum())} moving points"),
