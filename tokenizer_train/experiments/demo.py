@@ -61,7 +61,7 @@ class DemoSize:
     model: dict  # config overrides (dotted key -> value) of the model and optimisation, common to both runs
 
 
-FULL = DemoSize(synth_clips=200, grid=20, video_stride=8, epochs=4, libero_tasks=3,
+FULL = DemoSize(synth_clips=200, grid=20, video_stride=8, epochs=6, libero_tasks=3,
                 model={"model.hidden_dim": 64, "model.num_layers": 1, "model.num_heads": 4, "training.batch_size": 16,
                        "training.learning_rate": 1e-3, "training.log_interval": 4})
 QUICK = DemoSize(synth_clips=48, grid=6, video_stride=8, epochs=2, libero_tasks=1,
