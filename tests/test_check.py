@@ -253,6 +253,26 @@ def test_verdict_leads_with_code_information(tmp_path, capsys):
     assert last.startswith("CODES DO NOT CARRY INFORMATION (0.010 bits/label") and "SOME GATES FAIL" in last
 
 
+def test_a_baseline_that_carries_information_is_named_in_the_verdict(tmp_path, capsys):
+    """Above 0.25 bits but below 4x a baseline that itself learned: the verdict says the codes
+    carry information and that the multiple fails; a multiple above the ceiling is unreachable."""
+    from tokenizer_train.evaluate.code_info import max_bits
+
+    assert check.INFO_CEILING_BITS == max_bits()
+    base = _healthy(tmp_path, "learned_base", info=0.9)
+    run = _healthy(tmp_path, "run", info=1.7)
+    gates = check.evaluate(check.read_metrics(run), check.read_metrics(base))
+    g = {x.name: x for x in gates}[check.INFO_GATE]
+    assert g.result == "FAIL" and "unreachable" in g.note and "0.9 bits" in g.note  # 4 x 0.9 > log2(9)
+    assert not check.report(gates)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("CODES CARRY INFORMATION (1.700 bits/label >= 0.25) BUT FAIL THE BASELINE MULTIPLE")
+    assert "unreachable" in last and "SOME GATES FAIL" in last
+    base = _healthy(tmp_path, "half_base", info=0.5)  # target 2.0: reachable, no such note
+    g = {x.name: x for x in check.evaluate(check.read_metrics(run), check.read_metrics(base))}[check.INFO_GATE]
+    assert g.result == "FAIL" and g.note == ""
+
+
 def test_training_accuracy_gate_compares_on_the_evaluation_mask(tmp_path):
     """A filtered run's loss-mask accuracy is not comparable with the unfiltered baseline's;
     train/acc_evalmask_epoch of both runs is, and it wins when both have it."""

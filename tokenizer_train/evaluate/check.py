@@ -74,6 +74,7 @@ EPE_REL_TOL = 0.02
 INFO_MIN_BITS = 0.25  # code information a run's codes must carry, bits per label
 INFO_BASE_FACTOR = 4.0  # ... and at least this multiple of the baseline's
 INFO_GATE = "codes carry information"
+INFO_CEILING_BITS = math.log2(9)  # code_info.max_bits(): the most code information can be (M = 8 other clips)
 FILTERED_GOAL_BITS = 0.2  # the project's goal over the filtered baseline (reported, not gated)
 # per-code counts of a code-log step, first found wins: all ranks (the trainer's *_global), this rank
 USAGE_TAGS = ("train/code_usage_hist_global", "train/code_usage_hist")
@@ -204,7 +205,11 @@ def code_gates(rows: list[dict], base: list[dict] | None = None) -> list[Gate]:
         b_info = max(0.0, b_info)
         thr = max(INFO_MIN_BITS, INFO_BASE_FACTOR * b_info)
         target = f">= max({INFO_MIN_BITS}, {INFO_BASE_FACTOR:g} x {num(b_info)})"
-    gates = [Gate(INFO_GATE, info, target, info is not None and thr is not None and info >= thr)]
+    note = ""
+    if thr is not None and thr > INFO_CEILING_BITS:  # a baseline that itself carries information
+        note = (f"target {thr:.3g} is above the ceiling of {INFO_CEILING_BITS:.3g} bits: unreachable, as the "
+                f"baseline itself carries {b_info:.3g} bits")
+    gates = [Gate(INFO_GATE, info, target, info is not None and thr is not None and info >= thr, note)]
     if base is not None:
         b_ce = _last(base, "val/ce_bits_epoch")
         gates.append(Gate("val CE bits <= baseline", ce,
@@ -339,9 +344,12 @@ def verdict(gates: list[Gate]) -> str:
         lead = "CODE INFORMATION NOT GATED"
     elif info.value is None:
         lead = "CODE INFORMATION NOT LOGGED (no val/code_info_bits_epoch)"
-    else:
+    elif info.passed or info.value < INFO_MIN_BITS:
         lead = (f"CODES {'CARRY' if info.passed else 'DO NOT CARRY'} INFORMATION "
                 f"({info.value:.3f} bits/label, target {info.target})")
+    else:  # above the absolute floor, below the baseline multiple: say which part fails
+        lead = (f"CODES CARRY INFORMATION ({info.value:.3f} bits/label >= {INFO_MIN_BITS}) BUT FAIL THE BASELINE "
+                f"MULTIPLE (target {info.target}{'; ' + info.note if info.note else ''})")
     passed, failed, waiting = counts(gates)
     state = "SOME GATES FAIL" if failed else "ALL GATES PASS that the run reached" if waiting else "ALL GATES PASS"
     tail = f"; {waiting} not reached: the run is shorter than their horizon" if waiting else ""
