@@ -11,7 +11,8 @@ from loader_fixtures import write_build
 from motion_data.read.augment import AugmentConfig
 from motion_data.common.labels import labels_from_positions, normalize, step_valid, velocities
 from motion_data.read.batch import _batch_kernel, _derive_kernel, _label_kernel
-from motion_data.read.loader import ClipDataset, _identity, _worker_context, make_loader
+from motion_data.common.workers import loader_worker_context
+from motion_data.read.loader import ClipDataset, _identity, make_loader
 from motion_data.read.shard_reader import FdCache, read_batch, read_sample
 from motion_data.read.sampler import IndexBatch, SamplerConfig, SequentialBatchSampler, load_dynamic_ratio
 from motion_data.read.split import split_manifest
@@ -232,7 +233,7 @@ def test_workers_deliver_exactly_the_draw(tiny_build):
     # dicts from its workers too
     ds = ClipDataset(tiny_build, _manifest(tiny_build), FLT, 15, 15, 100)
     dl = torch.utils.data.DataLoader(ds, batch_sampler=SequentialBatchSampler(np.arange(10), 5),
-                                     collate_fn=_identity, num_workers=1, multiprocessing_context=_worker_context())
+                                     collate_fn=_identity, num_workers=1, multiprocessing_context=loader_worker_context("motion_data.read.loader"))
     own = list(dl)
     assert [len(x["clip_id"]) for x in own] == [5, 5] and own[0]["labels"].dtype == torch.int64
     # persistent workers + pinned memory keep working across epochs

@@ -38,3 +38,27 @@ def resolve_workers(value, device_type: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"data.num_workers must be an integer >= 0 or 'auto', got {value!r}")
     return value
+
+
+def loader_worker_init(main_pid: int, worker_id: int):
+    """A loader worker dies with the trainer (exit_with_parent) but ignores Ctrl-C and SIGTERM:
+    those reach the workers too, and the trainer finishes its step and saves first
+    (tokenizer_train.common.stop), then ends them itself; a worker that died would fail it."""
+    import signal
+
+    from motion_data.common.parent_death import exit_with_parent
+
+    exit_with_parent(main_pid, worker_id)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def loader_worker_context(preload: str):
+    """Workers come from a forkserver that has imported ``preload`` (the loader's module):
+    forking the trainer itself is unsafe once numba's OpenMP threads have run in it (the stats
+    kernels do), and spawning re-imports torch for every worker of every epoch."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([preload])
+    return ctx

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import multiprocessing
 import os
 from pathlib import Path
 
@@ -40,9 +39,8 @@ from motion_data.read.shard_reader import FdCache, read_batch
 from motion_data.read.split import split_manifest
 from motion_data.common.static_filter import DEFAULT_FILTER, StaticFilter
 from motion_data.build.folder import BuildDir
-from motion_data.common.parent_death import exit_with_parent
 from motion_data.common.worker_ring import make_ring
-from motion_data.common.workers import resolve_workers
+from motion_data.common.workers import loader_worker_context, loader_worker_init, resolve_workers
 from motion_data.common.errors import DataError, SettingError
 
 log = logging.getLogger(__name__)
@@ -310,26 +308,6 @@ class MotionLoader:
                 break
 
 
-def _worker_init(main_pid: int, worker_id: int):
-    """A loader worker dies with the trainer (exit_with_parent) but ignores Ctrl-C and SIGTERM:
-    those reach the workers too, and the trainer finishes its step and saves first
-    (tokenizer_train.common.stop), then ends them itself; a worker that died would fail it."""
-    import signal
-
-    exit_with_parent(main_pid, worker_id)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def _worker_context():
-    """Workers come from a forkserver that has imported this module: forking the trainer
-    itself is unsafe once numba's OpenMP threads have run in it (the stats kernels do), and
-    spawning re-imports torch for every worker of every epoch."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["motion_data.read.loader"])
-    return ctx
-
-
 def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter | None = None,
                 sampler: SamplerConfig | None = None, augment: AugmentConfig | None = None, batch_size: int = 32,
                 num_workers: int | str = 0, seed: int = 0, rank: int = 0, world_size: int = 1,
@@ -368,8 +346,8 @@ def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter 
     if num_workers > 0:
         # exit_with_parent: workers die at once with the trainer (torch's own check polls every 5 s);
         # they ignore Ctrl-C/SIGTERM so that the trainer can save a checkpoint first
-        worker_kw = {"persistent_workers": persistent_workers, "multiprocessing_context": _worker_context(),
-                     "worker_init_fn": functools.partial(_worker_init, os.getpid())}
+        worker_kw = {"persistent_workers": persistent_workers, "multiprocessing_context": loader_worker_context(__name__),
+                     "worker_init_fn": functools.partial(loader_worker_init, os.getpid())}
         if prefetch_factor is not None:
             worker_kw["prefetch_factor"] = prefetch_factor
 

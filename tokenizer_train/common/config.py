@@ -6,6 +6,7 @@ a plain config is the baseline (docs/DESIGN.md "Config keys").
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -305,8 +306,7 @@ def _build(cls, data: dict, path: str):
         raise SettingError(f"{path}: {e}") from None
 
 
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+to_dict = dataclasses.asdict  # a Config as its nested YAML mapping
 
 
 def _set_path(tree: dict, dotted: str, value):
@@ -348,7 +348,7 @@ def override(cfg, dotted_key: str, value) -> Config:
 def override_all(cfg, pairs) -> Config:
     """``override`` for several ``(dotted key, value)`` pairs (or a mapping), applied in order
     and validated once at the end (a later key may depend on an earlier one)."""
-    tree = to_dict(cfg) if isinstance(cfg, Config) else _deep_copy(cfg or {})
+    tree = to_dict(cfg) if isinstance(cfg, Config) else copy.deepcopy(cfg or {})
     for key, value in (pairs.items() if isinstance(pairs, dict) else pairs):
         _set_path(tree, key, value)
     return _build(Config, tree, "")
@@ -357,14 +357,6 @@ def override_all(cfg, pairs) -> Config:
 def from_dict(data: dict | None, overrides: typing.Sequence[str] = ()) -> Config:
     """A Config from a YAML mapping and ``--set KEY=VALUE`` strings (the command line's form)."""
     return override_all(data, [parse_override(text) for text in overrides])
-
-
-def _deep_copy(d):
-    if isinstance(d, dict):
-        return {k: _deep_copy(v) for k, v in d.items()}
-    if isinstance(d, list):
-        return [_deep_copy(v) for v in d]
-    return d
 
 
 def read_yaml(path: str | Path) -> dict:
