@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from motion_data.build.build_shards import DEFAULT_MAXCOUNT, build
-from motion_data.common.errors import DataError
+from motion_data.common.errors import SettingError, UserError
 from motion_data.sources.importers import FORMATS
 from motion_data.common.labels import DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, DEFAULT_W, LABEL_RULES
 from motion_data.common.cli import DEFAULT_FILTER_SPEC
@@ -99,10 +99,10 @@ def run(args) -> int:
                         part=args.part, on_error=args.on_error, image_size=args.image_size, views=args.views,
                         build_filter=flt, progress=not args.no_progress, command=command_line(args),
                         label_rule=args.label_rule, overwrite=args.overwrite)
-    except DataError:
-        raise  # a UserError: the dispatcher prints it as one line (exit 2)
+    except UserError:
+        raise  # the dispatcher prints it as one line (exit 2)
     except ValueError as e:  # a bad option value (e.g. --filter)
-        raise DataError(str(e)) from None
+        raise SettingError(str(e)) from None
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"re-run the same command to resume the build in {args.out}") from None
     print(format_summary(summary))

@@ -227,7 +227,6 @@ def test_rank_state_needs_the_same_world_size_mid_epoch():
     assert rank_state(old, Dist(), start_batch=2)["rng"] == "r0"
 
 
-# runs the CLI, waiting after optimizer step AT until a signal has arrived (the test sends it)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

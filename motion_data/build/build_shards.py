@@ -75,13 +75,13 @@ def make_config(*, fmt, window, stride, ref_size, W, maxcount, part, image_size,
     if fmt != "auto" and fmt not in FORMATS:
         raise SettingError(f"--format must be auto or one of {', '.join(FORMATS)}, got {fmt!r}")
     if window < 2 or stride < 1 or maxcount < 1:
-        raise DataError(f"need window >= 2, stride >= 1, maxcount >= 1 (got {window}, {stride}, {maxcount})")
+        raise SettingError(f"need window >= 2, stride >= 1, maxcount >= 1 (got {window}, {stride}, {maxcount})")
     if window - 1 > 255:
-        raise DataError(f"window {window} too long (at most 256 frames)")
+        raise SettingError(f"window {window} too long (at most 256 frames)")
     if W < 3 or W % 2 == 0:
         raise SettingError(f"--window-size must be odd and >= 3, got {W}")
     if not build_filter.enable:
-        raise DataError("the build filter must be enabled (e.g. p95@0.04)")
+        raise SettingError("the build filter must be enabled (e.g. p95@0.04)")
     if label_rule not in LABEL_RULES:
         raise SettingError(f"--label-rule must be one of {', '.join(LABEL_RULES)}, got {label_rule!r}")
     return {

@@ -268,7 +268,7 @@ def compare_picture(build_dir: Path, abl: Path, inputs: list[str]) -> Path:
     if pool:
         whole = series(read_metrics(runs["recommended"]), "val/acc_noncenter_epoch")
         target = whole[-1][2] if whole else 0.0
-        tok = load_tokenizer(runs["recommended"], "best", "cpu")
+        tok = load_tokenizer(runs["recommended"], "last", "cpu")  # the checkpoint of the figures printed
         acc = {}
         for r in pool:
             keep = moving_points(b, r)
@@ -277,7 +277,8 @@ def compare_picture(build_dir: Path, abl: Path, inputs: list[str]) -> Path:
         scored = [r for r in acc if acc[r] == acc[r]]  # not nan
         best = min(scored, key=lambda r: abs(acc[r] - target)) if scored else pool[0]
     clip = man["clip_id"][best] if best is not None else None
-    out, _ = draw_compare(build_dir, runs, abl / "compare.png", clip, frames.get(best), size=320, device="cpu")
+    out, _ = draw_compare(build_dir, runs, abl / "compare.png", clip, frames.get(best), size=320, which="last",
+                          device="cpu")
     return out
 
 
