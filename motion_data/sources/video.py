@@ -68,6 +68,23 @@ def grid_points(H: int, W: int, grid: int) -> np.ndarray:
     return np.stack([gx.ravel(), gy.ravel()], -1).astype(np.float32)
 
 
+def _lk_step(cv2, prev_gray, gray, p0, cfg: TrackConfig):
+    """Pyramidal Lucas-Kanade of the ``(P, 2)`` points ``p0`` from one frame to the next, with a
+    forward-backward check; returns (new positions, good). A lost point keeps its last position
+    (and is invisible), so garbage never enters the file."""
+    win = (cfg.win_size, cfg.win_size)
+    crit = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 30, 0.01)
+    H, W = gray.shape[:2]
+    p0 = np.ascontiguousarray(p0, np.float32).reshape(-1, 1, 2)
+    p1, st1, _ = cv2.calcOpticalFlowPyrLK(prev_gray, gray, p0, None, winSize=win, maxLevel=cfg.max_level, criteria=crit)
+    pb, stb, _ = cv2.calcOpticalFlowPyrLK(gray, prev_gray, p1, None, winSize=win, maxLevel=cfg.max_level, criteria=crit)
+    p0, p1, pb = p0.reshape(-1, 2), p1.reshape(-1, 2), pb.reshape(-1, 2)
+    fb = np.linalg.norm(pb - p0, axis=1)
+    good = (st1.ravel() == 1) & (stb.ravel() == 1) & (fb <= cfg.fb_threshold) & np.isfinite(p1).all(1)
+    good &= (p1[:, 0] >= 0) & (p1[:, 0] <= W - 1) & (p1[:, 1] >= 0) & (p1[:, 1] <= H - 1)
+    return np.where(good[:, None], p1, p0), good
+
+
 def track_video(path, cfg: TrackConfig | None = None, progress: bool = False) -> dict:
     """Track a re-initialised point grid through the video at ``path``.
 
@@ -86,8 +103,6 @@ def track_video(path, cfg: TrackConfig | None = None, progress: bool = False) ->
     total = max(int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), 0)
     if cfg.max_frames:
         total = min(total, cfg.max_frames) if total else cfg.max_frames
-    win = (cfg.win_size, cfg.win_size)
-    crit = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 30, 0.01)
     N = cfg.grid * cfg.grid
     active = {}  # start frame -> [tracks (window, N, 2), vis (window, N), filled frames]
     done_tracks, done_vis, done_start = [], [], []
@@ -109,17 +124,8 @@ def track_video(path, cfg: TrackConfig | None = None, progress: bool = False) ->
                 q = grid_points(H, W, cfg.grid)
             if prev_gray is not None and active:
                 starts = sorted(active)
-                p0 = np.concatenate([active[s][0][active[s][2] - 1] for s in starts]).reshape(-1, 1, 2)
-                p1, st1, _ = cv2.calcOpticalFlowPyrLK(prev_gray, gray, p0, None, winSize=win,
-                                                      maxLevel=cfg.max_level, criteria=crit)
-                pb, stb, _ = cv2.calcOpticalFlowPyrLK(gray, prev_gray, p1, None, winSize=win,
-                                                      maxLevel=cfg.max_level, criteria=crit)
-                p0, p1, pb = p0.reshape(-1, 2), p1.reshape(-1, 2), pb.reshape(-1, 2)
-                fb = np.linalg.norm(pb - p0, axis=1)
-                good = (st1.ravel() == 1) & (stb.ravel() == 1) & (fb <= cfg.fb_threshold) & np.isfinite(p1).all(1)
-                good &= (p1[:, 0] >= 0) & (p1[:, 0] <= W - 1) & (p1[:, 1] >= 0) & (p1[:, 1] <= H - 1)
-                # a lost point keeps its last position (invisible), so garbage never enters the file
-                p1 = np.where(good[:, None], p1, p0)
+                p0 = np.concatenate([active[s][0][active[s][2] - 1] for s in starts])
+                p1, good = _lk_step(cv2, prev_gray, gray, p0, cfg)
                 for i, s in enumerate(starts):
                     tr, vis, k = active[s]
                     sl = slice(i * N, (i + 1) * N)
