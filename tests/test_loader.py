@@ -13,7 +13,8 @@ from motion_data.common.labels import labels_from_positions, normalize, step_val
 from motion_data.read.batch import _batch_kernel, _derive_kernel, _label_kernel
 from motion_data.common.workers import loader_worker_context
 from motion_data.read.loader import ClipDataset, _identity, make_loader
-from motion_data.read.shard_reader import FdCache, read_batch, read_sample
+from motion_data.read.ranges import FdCache
+from motion_data.read.shard_reader import read_batch, read_sample
 from motion_data.read.sampler import IndexBatch, SamplerConfig, SequentialBatchSampler, load_dynamic_ratio
 from motion_data.read.split import split_manifest
 from motion_data.common.static_filter import StaticFilter

@@ -16,7 +16,8 @@ import pytest
 
 from loader_fixtures import write_build
 from motion_data.read.loader import make_loader
-from motion_data.read.shard_reader import FdCache, read_batch, read_sample
+from motion_data.read.ranges import FdCache
+from motion_data.read.shard_reader import read_batch, read_sample
 from motion_data.build.shards import array_checksum
 from motion_data.common.errors import DataError
 

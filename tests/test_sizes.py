@@ -33,7 +33,6 @@ OVER = {
     "motion_data/read/batch.py:make_batch (params)": 13,
     "motion_data/read/loader.py:__init__ (params)": 11,
     "motion_data/read/loader.py:make_loader (params)": 18,
-    "motion_data/read/shard_reader.py": 470,
     "motion_data/read/shard_reader.py:_copy_kernel (params)": 12,
     "motion_data/read/shard_reader.py:_scan_kernel (params)": 11,
     "motion_data/read/shard_reader.py:read_batch (params)": 10,

@@ -18,12 +18,12 @@ and the way out.
 from __future__ import annotations
 
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 
 from motion_data.build.manifest import MANIFEST_NAME, read_manifest
 from motion_data.common.errors import DataError, one_line
+from motion_data.common.storage import Url, location
 from motion_data.common.static_filter import StaticFilter, recorded_filter
 from motion_data.build.stats import HIST_BIN_WIDTH, HIST_EDGES, HIST_NBINS, HIST_RANK_MAX, filtered_counts_from_hist, threshold_bin
 from motion_data.build.store import REBUILD_HINT, STORE_NAME, open_store
@@ -32,7 +32,7 @@ class BuildDir:
     """A ``python -m preprocess build-shards`` output folder, read lazily (each part once)."""
 
     def __init__(self, root):
-        self.root = Path(root)
+        self.root = location(root)  # a Path, or a storage.Url for a remote build
         self.store_path = self.root / STORE_NAME
         self.manifest_path = self.root / MANIFEST_NAME
         self.shards_dir = self.root / "shards"
@@ -45,7 +45,7 @@ class BuildDir:
     @cached_property
     def store(self):
         """The ``stats.zarr`` group, read-only (format version, label rule and shapes checked)."""
-        if not self.store_path.exists():
+        if not (self.store_path / "zarr.json" if isinstance(self.store_path, Url) else self.store_path).exists():
             raise DataError(f"{self.store_path}: not found (is {self.root} a build-shards output folder? "
                                 f"{REBUILD_HINT})")
         return open_store(self.store_path)  # its errors name the folder and the rebuild command
@@ -156,7 +156,7 @@ class BuildDir:
             man = read_manifest(self.manifest_path, columns=columns).to_pydict()
         except DataError as e:
             msg = one_line(e)
-            raise DataError(msg if "build-shards" in msg else f"{msg}; {REBUILD_HINT}") from None
+            raise DataError(msg if "build-shards" in msg or isinstance(self.root, Url) else f"{msg}; {REBUILD_HINT}") from None
         n = len(next(iter(man.values()))) if man else 0
         if n != self.n_clips:
             raise DataError(f"{self.manifest_path}: {n} rows but {self.store_path} holds {self.n_clips} clips; "

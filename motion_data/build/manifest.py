@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from motion_data.common.atomic import atomic_path, remove_stale
 from motion_data.common.errors import DataError
+from motion_data.common.storage import Url, is_url, location
 
 MANIFEST_NAME = "manifest.parquet"
 SCHEMA = pa.schema([
@@ -96,7 +97,8 @@ def validate(table: pa.Table, where: str = "manifest", build_dir=None) -> pa.Tab
         size = table.column("size").to_numpy()
         if len(off) and ((off < 0).any() or (size <= 0).any() or (off % 512).any()):
             raise DataError(f"{where}: invalid byte ranges (offsets must be >= 0 multiples of 512, sizes > 0)")
-    if build_dir is not None and "shard" in names:
+    if build_dir is not None and "shard" in names and not is_url(build_dir):
+        # (remote builds: a missing shard is named by the first read of it, storage.Url)
         for s in pc.unique(table.column("shard")).to_pylist():
             p = Path(build_dir) / s
             if not p.is_file():
@@ -107,8 +109,8 @@ def validate(table: pa.Table, where: str = "manifest", build_dir=None) -> pa.Tab
 def read_manifest(path, build_dir=None, columns=None) -> pa.Table:
     """The one manifest reader: read (all columns, or ``columns``) and validate; ``path`` may
     be the build folder. DataError names the file."""
-    path = Path(path)
-    if path.is_dir():
+    path = location(path)
+    if path.is_dir() if isinstance(path, Path) else not path.name.endswith(".parquet"):
         build_dir = path if build_dir is None else build_dir
         path = path / MANIFEST_NAME
     cols = list(COLUMNS if columns is None else columns)
@@ -116,13 +118,17 @@ def read_manifest(path, build_dir=None, columns=None) -> pa.Table:
     if unknown:
         raise ValueError(f"no manifest columns {unknown}; the manifest has {list(COLUMNS)}")
     try:
-        have = pq.read_schema(path).names
-        missing = [c for c in cols if c not in have]
-        if missing:
-            old = " (an older build format; rebuild it with `python -m preprocess build-shards`)" \
-                if "checksum" in missing else ""
-            raise DataError(f"{path}: missing columns {missing}{old}")
-        table = pq.read_table(path, columns=cols)
-    except (OSError, pa.ArrowInvalid) as e:
-        raise DataError(f"{path}: cannot read manifest ({e})") from None
+        with (path.open("rb") if isinstance(path, Url) else open(path, "rb")) as f:
+            have = pq.read_schema(f).names
+            missing = [c for c in cols if c not in have]
+            if missing:
+                old = " (an older build format; rebuild it with `python -m preprocess build-shards`)" \
+                    if "checksum" in missing else ""
+                raise DataError(f"{path}: missing columns {missing}{old}")
+            f.seek(0)
+            table = pq.read_table(f, columns=cols)
+    except DataError:
+        raise
+    except (OSError, ValueError, pa.ArrowInvalid) as e:  # remote filesystems raise their own OSError/ValueError kinds
+        raise DataError(f"{path}: cannot read manifest ({type(e).__name__}: {e})") from None
     return validate(table, where=str(path), build_dir=build_dir)

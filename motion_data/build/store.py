@@ -25,6 +25,7 @@ from motion_data.common.labels import LABEL_RULES, ring_map
 from motion_data.common.static_filter import METRICS
 from motion_data.build.stats import HIST_BIN_WIDTH, HIST_NBINS, HIST_RANK_MAX
 from motion_data.common.errors import DataError
+from motion_data.common.storage import Url, location, storage_options
 
 # 2: shards hold positions + visibility, manifest checksums, label_rule attribute
 FORMAT_VERSION = 2
@@ -147,13 +148,24 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 def open_store(path) -> zarr.Group:
     """Open a store read-only, checking its format version and shapes."""
-    path = Path(path)
-    if path.is_dir() and path.name != STORE_NAME and (path / STORE_NAME).exists():
-        path = path / STORE_NAME
-    try:
-        g = zarr.open_group(str(path), mode="r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as e:
-        raise DataError(f"{path}: not a stats store ({e})") from None
+    path = location(path)
+    if isinstance(path, Url):
+        if path.name != STORE_NAME and (path / STORE_NAME / "zarr.json").exists():
+            path = path / STORE_NAME
+        try:
+            from zarr.storage import FsspecStore
+
+            g = zarr.open_group(store=FsspecStore.from_url(str(path), storage_options=storage_options(),
+                                                           read_only=True), mode="r")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError, OSError) as e:
+            raise DataError(f"{path}: not a stats store ({type(e).__name__}: {e})") from None
+    else:
+        if path.is_dir() and path.name != STORE_NAME and (path / STORE_NAME).exists():
+            path = path / STORE_NAME
+        try:
+            g = zarr.open_group(str(path), mode="r")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as e:
+            raise DataError(f"{path}: not a stats store ({e})") from None
     v = g.attrs.get("format_version")
     if v != FORMAT_VERSION:
         raise DataError(f"{path.parent}: a build of store format {v!r}, this code reads format {FORMAT_VERSION}; "

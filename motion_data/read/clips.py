@@ -12,19 +12,20 @@ from motion_data.build.folder import BuildDir
 from motion_data.common.errors import DataError
 from motion_data.common.static_filter import StaticFilter
 from motion_data.read.batch import make_batch
-from motion_data.read.shard_reader import FdCache, read_batch
+from motion_data.read.ranges import ranges_for
+from motion_data.read.shard_reader import read_batch
 
 
-def read_clips(build: BuildDir, rows, fds: FdCache | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_clips(build: BuildDir, rows, fds=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(positions (B, T, N, 2) reference px, visibility (B, T, N), stats (B, 3, N))`` of
     manifest rows, read from the shards and checked (``shard_reader.read_batch``);
-    DataError names the shard. ``fds``: a caller's ``FdCache`` kept open across calls."""
+    DataError names the shard. ``fds``: a caller's range source (``ranges.ranges_for``) kept open across calls."""
     rows = np.asarray(rows, np.int64)
     if rows.size and (rows.min() < 0 or rows.max() >= build.n_clips):
         raise ValueError(f"clip rows must be in [0, {build.n_clips}), got {rows.min()}..{rows.max()}")
     man = build.read_columns
     own = fds is None
-    fds = FdCache() if own else fds
+    fds = ranges_for(build.root) if own else fds
     try:
         pos, vis, st, ok, err = read_batch(
             fds, [str(build.root / man["shard"][i]) for i in rows], [man["offset"][i] for i in rows],
@@ -57,7 +58,7 @@ def class_counts(build: BuildDir, flt: StaticFilter, rows=None, progress: bool =
 def _read_counts(build: BuildDir, flt: StaticFilter, rows: np.ndarray, progress: bool, chunk: int = 256):
     K = build.W * build.W
     counts = np.zeros(K, np.int64)
-    fds = FdCache()  # one descriptor per shard for the whole pass, not per chunk
+    fds = ranges_for(build.root)  # one descriptor per shard for the whole pass, not per chunk
     try:
         for lo in tqdm(range(0, len(rows), chunk), desc="class counts", unit="chunk", disable=not progress):
             r = rows[lo:lo + chunk]

@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,13 +34,15 @@ from motion_data.read.augment import AugmentConfig
 from motion_data.read.batch import make_batch, packed_bytes, unpack_batch
 from motion_data.read.sampler import (IndexBatch, SamplerConfig, SequentialBatchSampler, WeightedBatchSampler, sampling_weights,
                       epoch_rng)
-from motion_data.read.shard_reader import FdCache, read_batch
+from motion_data.read.ranges import ranges_for
+from motion_data.read.shard_reader import read_batch
 from motion_data.read.split import split_manifest
 from motion_data.common.static_filter import DEFAULT_FILTER, StaticFilter
 from motion_data.build.folder import BuildDir
 from motion_data.common.worker_ring import make_ring
 from motion_data.common.workers import loader_worker_context, loader_worker_init, resolve_workers
 from motion_data.common.errors import DataError, SettingError
+from motion_data.common.storage import location
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class ClipDataset(torch.utils.data.Dataset):
         """``manifest``: columns ``MANIFEST_COLUMNS`` of the build's manifest; S = T - 1 steps."""
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-        self.root = Path(build_dir)
+        self.root = location(build_dir)
         b = BuildDir(self.root)
         self.ref_size, self.label_rule = b.ref_size, b.label_rule
         self.checksum = np.asarray(manifest["checksum"], np.int64)
@@ -79,7 +80,7 @@ class ClipDataset(torch.utils.data.Dataset):
         # DataLoader over this dataset gets contract dicts
         self.packed = False
         self.ring = None  # worker_ring.WorkerRing the workers pack into (make_loader sets it)
-        self.fds = FdCache()  # bounded: a 120-shard build trains under `ulimit -n 64`
+        self.fds = ranges_for(self.root)  # local: bounded, a 120-shard build trains under `ulimit -n 64`
 
     def __len__(self):
         return len(self.clip_id)
@@ -147,7 +148,7 @@ class _StreamState:
         self.augment, self.seed, self.rank, self.on_error = augment, seed, rank, on_error
         self.epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.errors: list = []
-        self.fds = FdCache()
+        self.fds = ranges_for(location(root))
         self._rng = None
 
     def worker_seed(self):
@@ -328,7 +329,7 @@ def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter 
     num_workers = resolve_workers(num_workers, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     flt = static_filter or StaticFilter()
     sampler = sampler or SamplerConfig()
-    root = Path(build_dir)
+    root = location(build_dir)
     build = BuildDir(root)
     info = build.info()
     W, T, N = info["W"], info["T"], info["N"]

@@ -2,9 +2,10 @@
 
 Every path that reads a sample (the loader's batches, streaming mode, ``verify_build``,
 the exact sweep, the tests) goes through ``read_batch`` / ``read_sample``:
-  1. ``os.preadv`` of each sample's byte range (DESIGN.md "Artifacts": the manifest's
-     ``offset``/``size``) into one buffer, descriptors from a bounded LRU (``FdCache``);
-     a range past the end of its file is refused before anything is allocated;
+  1. each sample's byte range (DESIGN.md "Artifacts": the manifest's ``offset``/``size``)
+     into one buffer, from a range source (``ranges``: ``FdCache`` for a local folder,
+     ``RemoteRanges`` for object storage); a range past the end of its file is refused
+     before anything is allocated;
   2. one numba pass (``_scan_kernel``) over the tar headers: exactly the four plain ustar
      members ``<key>.json``, ``.pos.npy``, ``.stats.npy``, ``.vis.npy`` (the writer's order),
      header checksums valid, nothing outside the range;
@@ -17,109 +18,21 @@ running out of descriptors is an ``OSError`` (the process limit), never blamed o
 from __future__ import annotations
 
 import ast
-import errno
 import json
 import math
-import os
 import zlib
-from collections import OrderedDict
 
 import numba
 import numpy as np
 
 from motion_data.build.shards import _npy_bytes
 from motion_data.common.errors import DataError
+from motion_data.read.ranges import FdCache
 
 # member order inside a sample (webdataset sorts by extension); the copy kernel reads 1..3
 MEMBER_EXTS = ("json", "pos.npy", "stats.npy", "vis.npy")
 _ARRAYS = ("pos", "stats", "vis")  # members 1..3
 _REBUILD = "rebuild it with `python -m preprocess build-shards`"
-
-
-# ----------------------------------------------------------------------------- descriptors
-
-def default_max_open() -> int:
-    """Descriptors one process keeps: an eighth of its soft ``RLIMIT_NOFILE`` (DataLoader
-    workers, shared-memory batches and the trainer need the rest), between 2 and 64."""
-    try:
-        import resource
-
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        soft = 1024 if soft == resource.RLIM_INFINITY else soft
-    except (ImportError, ValueError, OSError):
-        soft = 1024
-    return int(min(64, max(2, soft // 8)))
-
-
-class FdCache:
-    """Read-only descriptors of shard files, the ``max_open`` most recently used kept open.
-
-    ``get`` raises ``DataError`` when the file is missing or unreadable, and ``OSError``
-    (EMFILE/ENFILE) when the process has no descriptor left even after closing its own
-    cached ones: that is the process limit, not the shard's fault.
-    """
-
-    def __init__(self, max_open: int | None = None):
-        self.max_open = max(1, int(max_open or default_max_open()))
-        self._fds: OrderedDict = OrderedDict()  # path -> (fd, file size)
-        self._sizes: dict = {}  # path -> file size (shards do not change while read)
-
-    def __getstate__(self):
-        return {"max_open": self.max_open, "_fds": OrderedDict(), "_sizes": {}}  # descriptors are per process
-
-    def __len__(self):
-        return len(self._fds)
-
-    def get(self, path) -> tuple[int, int]:
-        """(descriptor, file size) of ``path``."""
-        path = str(path)
-        hit = self._fds.get(path)
-        if hit is not None:
-            self._fds.move_to_end(path)
-            return hit
-        while len(self._fds) >= self.max_open:
-            os.close(self._fds.popitem(last=False)[1][0])
-        try:
-            fd = self._open(path)
-        except OSError as e:
-            raise DataError(f"{path}: cannot open shard ({e.strerror or e}); {_REBUILD}") from None
-        try:
-            size = os.fstat(fd).st_size
-        except OSError as e:
-            os.close(fd)
-            raise DataError(f"{path}: cannot stat shard ({e})") from None
-        self._fds[path] = (fd, size)
-        self._sizes[path] = size
-        return fd, size
-
-    def file_size(self, path) -> int:
-        size = self._sizes.get(str(path))
-        return self.get(path)[1] if size is None else size
-
-    def _open(self, path: str) -> int:
-        try:
-            return os.open(path, os.O_RDONLY)
-        except OSError as e:
-            if e.errno not in (errno.EMFILE, errno.ENFILE):
-                raise
-        self.close()  # free ours and try once more
-        try:
-            return os.open(path, os.O_RDONLY)
-        except OSError as e:
-            if e.errno not in (errno.EMFILE, errno.ENFILE):
-                raise
-            raise OSError(e.errno, f"too many open files in this process while opening {path}: raise the limit "
-                                   f"(`ulimit -n`) or use fewer loader workers") from None
-
-    def close(self):
-        while self._fds:
-            try:
-                os.close(self._fds.popitem()[1][0])
-            except (OSError, TypeError):  # TypeError: os already torn down at interpreter exit
-                pass
-
-    def __del__(self):
-        self.close()
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -322,7 +235,7 @@ def check_arrays(pos, vis, st, checksum, where: list[str], ok: np.ndarray, error
 
 # ----------------------------------------------------------------------------- reading
 
-def read_ranges(fds: FdCache, paths: list, offsets, sizes, where: list[str], ok: np.ndarray, errors: list):
+def read_ranges(fds, paths: list, offsets, sizes, where: list[str], ok: np.ndarray, errors: list):
     """One buffer holding each sample's byte range (file order is the caller's ``paths``
     order), and ``starts``; a range that cannot be read marks its row failed."""
     B = len(paths)
@@ -347,35 +260,28 @@ def read_ranges(fds: FdCache, paths: list, offsets, sizes, where: list[str], ok:
     buf = np.empty((int(used.sum()) + 3) // 4 * 4, np.uint8)  # whole float32 words
     mv = memoryview(buf)
     todo = np.flatnonzero(ok)
+    runs, members = [], []
     k = 0
     while k < len(todo):
-        # a run of ranges adjacent in the same file (consecutive samples): one call
+        # a run of ranges adjacent in the same file (consecutive samples): one read
         e = k + 1
         while (e < len(todo) and paths[todo[e]] == paths[todo[k]]
                and offsets[todo[e]] == offsets[todo[e - 1]] + sizes[todo[e - 1]]):
             e += 1
         run = todo[k:e]
-        a, n = int(starts[run[0]]), int(used[run].sum())
-        try:
-            # the descriptor is used at once: a later get() may evict and close it
-            got, msg = os.preadv(fds.get(paths[run[0]])[0], [mv[a:a + n]], int(offsets[run[0]])), None
-        except DataError as err:
-            got, msg = -1, str(err)
-        except OSError as err:
-            if err.errno in (errno.EMFILE, errno.ENFILE):
-                raise
-            got, msg = -1, str(err)
+        runs.append((paths[run[0]], int(offsets[run[0]]), int(starts[run[0]]), int(used[run].sum())))
+        members.append(run)
+        k = e
+    for (path, off, _, n), run, (got, msg) in zip(runs, members, fds.read_runs(runs, mv)):
         if got != n:
             for j in run:
                 ok[j] = False
                 errors[j] = (f"{where[j]}: {msg}" if msg else
-                             f"{where[j]}: truncated shard (wanted {n} bytes from offset {int(offsets[run[0]])}, "
-                             f"got {got})")
-        k = e
+                             f"{where[j]}: truncated shard (wanted {n} bytes from offset {off}, got {got})")
     return buf, starts, np.where(ok, sizes, 0)
 
 
-def read_batch(fds: FdCache, paths: list, offsets, sizes, keys: list[str], checksum, T: int, N: int, *,
+def read_batch(fds, paths: list, offsets, sizes, keys: list[str], checksum, T: int, N: int, *,
                dest=None, out=None):
     """Read and check B samples (requests in file order read fastest). Returns ``(pos
     (B,T,N,2) float32, vis (B,T,N) bool, stats (B,3,N) float32, ok (B,) bool, errors)``;

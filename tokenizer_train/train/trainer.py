@@ -22,6 +22,7 @@ What the killed run logged after that checkpoint (metrics.jsonl rows, TensorBoar
 is dropped on resume and logged again. A run killed before its first checkpoint starts
 again from step 0 with --resume RUN (the config and build it recorded), its old logs removed.
 Override any config key with --set KEY=VALUE ...; an unknown key is an error.
+BUILD may be a URL (s3://, gs://, https://; the cloud extra): shards are read by byte range.
 """
 from __future__ import annotations
 
@@ -44,15 +45,14 @@ from tqdm import tqdm
 from motion_data.common.atomic import atomic_write_json, atomic_write_text
 from motion_data.build.folder import BuildDir
 from motion_data.common.errors import DataError, SettingError, UserError, one_line
+from motion_data.common.storage import location
 from motion_data.read.loader import make_loader
 from motion_data.common.workers import resolve_workers
 
 from tokenizer_train.model import checkpoint as ckpt
-from tokenizer_train.train import heap
 from tokenizer_train.common import distributed as D
 from tokenizer_train.evaluate import metrics as M
-from tokenizer_train.train import prior
-from tokenizer_train.train import run_folder as RF
+from tokenizer_train.train import heap, prior, run_folder as RF
 from tokenizer_train.train.class_weights import class_weights_image, save_class_weights, training_class_counts
 from tokenizer_train.evaluate.code_info import CODE_INFO_SEED, M_OTHERS
 from tokenizer_train.evaluate.code_usage import CodeUsageRegulariser, entropy_weight
@@ -123,10 +123,10 @@ def _resolve(args):
         cfg = load_config(args.config or run_dir / "config.yaml", args.set)
         if not started and int(os.environ.get("RANK", "0")) == 0:
             print(f"{run_dir}: stopped before its first checkpoint; starting it again from step 0", file=sys.stderr)
-        return cfg, Path(args.data or recorded["data"]), run_dir, started, not started
+        return cfg, location(args.data or recorded["data"]), run_dir, started, not started
     if not args.data or not args.out:
         raise UserError("--data and --out are required (or --resume RUN)")
-    return load_config(args.config, args.set), Path(args.data), Path(args.out), False, args.overwrite
+    return load_config(args.config, args.set), location(args.data), Path(args.out), False, args.overwrite
 
 
 def autocast_for(mode: str, device: torch.device):

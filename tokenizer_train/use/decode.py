@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from motion_data.common.atomic import atomic_open
 from motion_data.build.folder import BuildDir
-from motion_data.read.shard_reader import FdCache
+from motion_data.read.ranges import ranges_for
 from motion_data.common.errors import DataError, SettingError, one_line
 
 from tokenizer_train.use.api import load_tokenizer
@@ -97,7 +97,7 @@ def decode_codes(run_dir, codes_path, out_path, data_dir=None, which="best", bat
         if build is not None:
             big["start_pos"] = ((C, N, 2), np.float32)
         arr = {k: np.lib.format.open_memmap(Path(tmp) / f"{k}.npy", "w+", dt, shape) for k, (shape, dt) in big.items()}
-        fds = FdCache()  # one descriptor per shard for the whole pass
+        fds = ranges_for(build.root if build is not None else Path("."))  # one descriptor per local shard
         try:
             for lo in tqdm(range(0, C, batch_size), desc="decode", unit="batch", dynamic_ncols=True,
                            disable=not progress):

@@ -1,0 +1,137 @@
+"""Where a build or an input lives: a local folder (a ``pathlib.Path``) or an fsspec URL.
+
+``location(x)`` gives a ``Path`` for a local path or ``file://`` URL, else a :class:`Url`
+(``s3://``, ``gs://``, ``https://``, ``memory://``, ...) with the few ``Path`` methods the
+readers use (``/``, ``name``, ``exists``, ``read_bytes``, ``open``). Remote access needs the
+``[cloud]`` extra (fsspec, s3fs).
+
+Credentials and endpoints come from where each filesystem looks (for S3 the environment:
+``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, and ``~/.aws``), plus
+the JSON object in ``MOTION_STORAGE_OPTIONS`` (what ``--storage-options`` sets), passed to the
+filesystem as keyword arguments. Nothing here ever puts them in a message.
+
+Fork safety: a ``Url`` makes its filesystem object lazily, once per process (an fsspec or
+s3fs object is not fork-safe), and never pickles one.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from motion_data.common.errors import SettingError
+
+OPTIONS_ENV = "MOTION_STORAGE_OPTIONS"
+
+
+def is_url(x) -> bool:
+    """Whether ``x`` names a non-local location (a URL whose scheme is not ``file``)."""
+    if isinstance(x, Url):
+        return True
+    s = str(x)
+    return "://" in s and not s.startswith("file://")
+
+
+def storage_options() -> dict:
+    """The JSON object in ``MOTION_STORAGE_OPTIONS`` (empty when unset)."""
+    raw = os.environ.get(OPTIONS_ENV, "").strip()
+    if not raw:
+        return {}
+    try:
+        opts = json.loads(raw)
+    except ValueError:
+        opts = None
+    if not isinstance(opts, dict):
+        raise SettingError(f"{OPTIONS_ENV} (or --storage-options) must be a JSON object of filesystem options")
+    return opts
+
+
+def set_storage_options(text: str | None) -> None:
+    """What ``--storage-options JSON`` does: checked, then put in the environment so that
+    loader workers and child processes see it too."""
+    if text:
+        os.environ[OPTIONS_ENV] = text
+        storage_options()
+
+
+def location(x):
+    """``Path`` for a local path (or ``file://`` URL), :class:`Url` for anything remote."""
+    if isinstance(x, (Path, Url)):
+        return x
+    s = os.fspath(x)
+    if s.startswith("file://"):
+        return Path(s[len("file://"):])
+    return Url(s) if is_url(s) else Path(s)
+
+
+class Url:
+    """A remote object or prefix, e.g. ``s3://bucket/build``; joins with ``/`` like a Path."""
+
+    def __init__(self, url: str):
+        self.url = str(url).rstrip("/")
+        self.protocol = self.url.split("://", 1)[0]
+        self._fs = None
+        self._pid = None
+
+    def __getstate__(self):
+        return {"url": self.url, "protocol": self.protocol, "_fs": None, "_pid": None}
+
+    @property
+    def fs(self):
+        """This process's filesystem object for the URL's protocol (made on first use)."""
+        if self._fs is None or self._pid != os.getpid():
+            try:
+                import fsspec
+            except ImportError:
+                raise SettingError(f"{self.url}: remote locations need the cloud extra: "
+                                   f"pip install -e '.[cloud]'") from None
+            try:
+                self._fs = fsspec.filesystem(self.protocol, skip_instance_cache=True, **storage_options())
+            except (ImportError, ValueError) as e:
+                raise SettingError(f"{self.url}: no filesystem for {self.protocol}:// ({e}); "
+                                   f"pip install -e '.[cloud]' or the fsspec package for it") from None
+            self._pid = os.getpid()
+        return self._fs
+
+    @property
+    def path(self) -> str:
+        """The filesystem's own name of the object (``bucket/key`` for s3, the URL for http)."""
+        return self.fs._strip_protocol(self.url)
+
+    def __truediv__(self, part) -> "Url":
+        return Url(f"{self.url}/{str(part).strip('/')}")
+
+    def __str__(self):
+        return self.url
+
+    def __repr__(self):
+        return f"Url({self.url!r})"
+
+    def __eq__(self, other):
+        return isinstance(other, Url) and other.url == self.url
+
+    def __hash__(self):
+        return hash(self.url)
+
+    @property
+    def name(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> "Url":
+        return Url(self.url.rsplit("/", 1)[0])
+
+    def exists(self) -> bool:
+        return bool(self.fs.exists(self.path))
+
+    def read_bytes(self) -> bytes:
+        return self.fs.cat_file(self.path)
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        return self.read_bytes().decode(encoding)
+
+    def open(self, mode: str = "rb"):
+        return self.fs.open(self.path, mode)
+
+    def size(self) -> int:
+        return int(self.fs.size(self.path))

@@ -1,0 +1,243 @@
+"""Where shard bytes come from: the range sources of the shard reader.
+
+The shard reader asks a range source for ``file_size(path)`` and ``read_runs(runs, buf)``.
+``FdCache`` is the local one: ``os.preadv`` on descriptors from a bounded LRU.
+``RemoteRanges`` is the one for object storage (s3://, gs://, https://). Per batch it merges
+runs of one shard that lie within ``MERGE_GAP`` bytes of each other into one request,
+fetches all requests concurrently (fsspec ``cat_ranges``), checks each response's length
+(a server that ignores ``Range`` answers with the whole object: refused, naming the shard
+and the server, never used), and retries transient failures (5xx, resets, timeouts) with
+backoff. The sample checks (tar layout, CRC-32) follow in the shard reader as for local
+shards. The filesystem object is made per process (``storage.Url``).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections import OrderedDict
+from urllib.parse import urlsplit
+
+from motion_data.common.errors import DataError
+from motion_data.common.storage import Url
+
+MERGE_GAP = 1 << 16  # bytes between two runs of one shard that one request still spans
+RETRIES = 4  # tries of a failing request, with BACKOFF_S * 2**k between them
+BACKOFF_S = 0.25
+_REBUILD = "rebuild it with `python -m preprocess build-shards`"
+
+
+def default_max_open() -> int:
+    """Descriptors one process keeps: an eighth of its soft ``RLIMIT_NOFILE`` (DataLoader
+    workers, shared-memory batches and the trainer need the rest), between 2 and 64."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        soft = 1024 if soft == resource.RLIM_INFINITY else soft
+    except (ImportError, ValueError, OSError):
+        soft = 1024
+    return int(min(64, max(2, soft // 8)))
+
+
+def _open_readonly(path: str, free) -> int:
+    """``os.open`` read-only; out of descriptors, ``free()`` (the cache's own) and once more."""
+    try:
+        return os.open(path, os.O_RDONLY)
+    except OSError as e:
+        if e.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+    free()
+    try:
+        return os.open(path, os.O_RDONLY)
+    except OSError as e:
+        if e.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        raise OSError(e.errno, f"too many open files in this process while opening {path}: raise the limit "
+                               f"(`ulimit -n`) or use fewer loader workers") from None
+
+
+class FdCache:
+    """Read-only descriptors of shard files, the ``max_open`` most recently used kept open.
+
+    ``get`` raises ``DataError`` when the file is missing or unreadable, and ``OSError``
+    (EMFILE/ENFILE) when the process has no descriptor left even after closing its own
+    cached ones: that is the process limit, not the shard's fault.
+    """
+
+    def __init__(self, max_open: int | None = None):
+        self.max_open = max(1, int(max_open or default_max_open()))
+        self._fds: OrderedDict = OrderedDict()  # path -> (fd, file size)
+        self._sizes: dict = {}  # path -> file size (shards do not change while read)
+
+    def __getstate__(self):
+        return {"max_open": self.max_open, "_fds": OrderedDict(), "_sizes": {}}  # descriptors are per process
+
+    def __len__(self):
+        return len(self._fds)
+
+    def get(self, path) -> tuple[int, int]:
+        """(descriptor, file size) of ``path``."""
+        path = str(path)
+        hit = self._fds.get(path)
+        if hit is not None:
+            self._fds.move_to_end(path)
+            return hit
+        while len(self._fds) >= self.max_open:
+            os.close(self._fds.popitem(last=False)[1][0])
+        try:
+            fd = _open_readonly(path, self.close)
+        except OSError as e:
+            raise DataError(f"{path}: cannot open shard ({e.strerror or e}); {_REBUILD}") from None
+        try:
+            size = os.fstat(fd).st_size
+        except OSError as e:
+            os.close(fd)
+            raise DataError(f"{path}: cannot stat shard ({e})") from None
+        self._fds[path] = (fd, size)
+        self._sizes[path] = size
+        return fd, size
+
+    def file_size(self, path) -> int:
+        size = self._sizes.get(str(path))
+        return self.get(path)[1] if size is None else size
+
+    def read_runs(self, runs, buf) -> list:
+        """The range-source interface (``RemoteRanges`` is the remote one): fill
+        ``buf[at:at + n]`` from ``path`` at ``offset`` per run ``(path, offset, at, n)``;
+        ``(got, message)`` per run. Out of descriptors is raised: the process limit."""
+        out = []
+        for path, off, at, n in runs:
+            try:
+                # the descriptor is used at once: a later get() may evict and close it
+                out.append((os.preadv(self.get(path)[0], [buf[at:at + n]], off), None))
+            except DataError as err:
+                out.append((-1, str(err)))
+            except OSError as err:
+                if err.errno in (errno.EMFILE, errno.ENFILE):
+                    raise
+                out.append((-1, str(err)))
+        return out
+
+    def close(self):
+        while self._fds:
+            try:
+                os.close(self._fds.popitem()[1][0])
+            except (OSError, TypeError):  # TypeError: os already torn down at interpreter exit
+                pass
+
+    def __del__(self):
+        self.close()
+
+
+
+
+def transient(e: BaseException) -> bool:
+    """Worth another try: not a missing object, a refusal or a client error (4xx)."""
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return False
+    status = getattr(e, "status", None) or getattr(e, "code", None)
+    return not (isinstance(status, int) and 400 <= status < 500)
+
+
+def _server(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+
+
+def merge_runs(runs, gap: int = MERGE_GAP) -> list:
+    """Requests ``[path, start, end, [run indices]]`` covering ``runs`` ``(path, offset, at,
+    n)``: runs of one shard at most ``gap`` bytes apart share one request."""
+    reqs: list = []
+    for i in sorted(range(len(runs)), key=lambda i: (runs[i][0], runs[i][1])):
+        path, off, _, n = runs[i]
+        last = reqs[-1] if reqs else None
+        if last is not None and last[0] == path and off - last[2] <= gap:
+            last[2] = max(last[2], off + n)
+            last[3].append(i)
+        else:
+            reqs.append([path, off, off + n, [i]])
+    return reqs
+
+
+class RemoteRanges:
+    """The range source of a remote build (``root``: its ``storage.Url``)."""
+
+    def __init__(self, root: Url):
+        self.root = root
+        self._sizes: dict = {}
+        self.requests = 0  # requests sent, and bytes received: what bench_remote reports
+        self.bytes = 0
+
+    def _path(self, url: str) -> str:
+        return self.root.fs._strip_protocol(url)
+
+    def file_size(self, url) -> int:
+        url = str(url)
+        size = self._sizes.get(url)
+        if size is None:
+            err = None
+            for k in range(RETRIES):
+                try:
+                    size = int(self.root.fs.size(self._path(url)))
+                    break
+                except Exception as e:  # noqa: BLE001 (fsspec backends raise their own types)
+                    err = e
+                    if not transient(e) or k == RETRIES - 1:
+                        raise DataError(f"{url}: cannot stat shard on {_server(url)} ({type(e).__name__}: {e}); "
+                                        f"check the URL and credentials, or {_REBUILD}") from None
+                    time.sleep(BACKOFF_S * 2 ** k)
+            if size is None:  # pragma: no cover
+                raise DataError(f"{url}: cannot stat shard ({err})")
+            self._sizes[url] = size
+        return size
+
+    def read_runs(self, runs, buf) -> list:
+        """Fill ``buf[at:at + n]`` from ``path`` at ``offset`` for each run ``(path, offset,
+        at, n)``; returns ``(got, message)`` per run (got == n when read)."""
+        out = [(-1, None)] * len(runs)
+        reqs = merge_runs(runs)
+        todo = list(range(len(reqs)))
+        for k in range(RETRIES):
+            if not todo:
+                break
+            got = self.root.fs.cat_ranges([self._path(reqs[r][0]) for r in todo], [reqs[r][1] for r in todo],
+                                          [reqs[r][2] for r in todo], on_error="return")
+            self.requests += len(todo)
+            retry = []
+            for r, data in zip(todo, got):
+                path, a, b, members = reqs[r]
+                if isinstance(data, BaseException):
+                    if transient(data) and k < RETRIES - 1:
+                        retry.append(r)
+                        continue
+                    msg = (f"cannot read bytes {a}-{b} from {_server(path)} after {k + 1} tries "
+                           f"({type(data).__name__}: {data})")
+                    for i in members:
+                        out[i] = (-1, msg)
+                    continue
+                self.bytes += len(data)
+                if len(data) != b - a:
+                    msg = (f"{_server(path)} answered {len(data)} bytes for the byte range {a}-{b} ({b - a} bytes): "
+                           f"the server ignores Range requests, or the object changed; serve the build from a "
+                           f"server that honours Range (S3, GCS, nginx), or copy it to a local folder")
+                    for i in members:
+                        out[i] = (-1, msg)
+                    continue
+                for i in members:
+                    _, off, at, n = runs[i]
+                    buf[at:at + n] = data[off - a:off - a + n]
+                    out[i] = (n, None)
+            todo = retry
+            if todo:
+                time.sleep(BACKOFF_S * 2 ** k)
+        return out
+
+    def close(self):
+        pass
+
+
+def ranges_for(root):
+    """The range source of a build root: ``FdCache`` for a local folder, ``RemoteRanges``
+    for a ``storage.Url``."""
+    return RemoteRanges(root) if isinstance(root, Url) else FdCache()
