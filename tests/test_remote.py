@@ -3,6 +3,7 @@ ignores ``Range`` (Python's http.server), altered bytes, transient failures and 
 loader workers (fork safety), and S3 (the seaweedfs ``weed`` server, when it can run here)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -230,3 +231,23 @@ def test_s3_build_trains_like_the_local_one(s3, tiny_build):
     # credentials (test_http_build_with_loader_workers covers workers)
     _same(_batches(make_loader(url, **kw)), _batches(make_loader(tiny_build, **kw)))
     np.testing.assert_array_equal(BuildDir(url).per_clip("p95"), BuildDir(tiny_build).per_clip("p95"))
+
+
+def test_training_from_s3_equals_training_from_the_local_copy(s3, tiny_build, tmp_path):
+    """Two epochs from the S3 build end with bit-identical parameters (CPU, one thread)."""
+    import torch
+
+    from harness import TINY, train_one_thread
+    from motion_data.common.storage import location as loc
+
+    if not s3.exists("bucket/build2/build.json"):
+        s3.put(str(tiny_build), "bucket/build2", recursive=True)
+    sets = TINY + ["training.epochs=2", "data.static_filter.enable=true"]
+    a = train_one_thread(sets, tiny_build, tmp_path / "local")
+    b = train_one_thread(sets, loc("s3://bucket/build2"), tmp_path / "s3")
+    wa = torch.load(a / "last.pt", map_location="cpu", weights_only=False)["model"]
+    wb = torch.load(b / "last.pt", map_location="cpu", weights_only=False)["model"]
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert json.loads((b / "run.json").read_text())["data"] == "s3://bucket/build2"

@@ -13,6 +13,7 @@ import sys
 
 from motion_data.common.errors import UserError
 from motion_data.common.static_filter import DEFAULT_FILTER
+from motion_data.common.storage import set_storage_options
 
 # the original plan's filter as a --filter default (docs/DESIGN.md: p95@0.04, min_keep 16)
 DEFAULT_FILTER_SPEC = f"{DEFAULT_FILTER.metric}@{DEFAULT_FILTER.threshold:g}"
@@ -34,11 +35,16 @@ def dispatch(prog: str, description: str, commands: dict[str, tuple[str, str]], 
         p = sub.add_parser(name, help=help_, description=(modules[name].__doc__ or help_).strip(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         modules[name].add_arguments(p)
+        p.add_argument("--storage-options", metavar="JSON", default=None,
+                       help="filesystem options for s3:// gs:// https:// paths, a JSON object passed to fsspec "
+                            "(e.g. '{\"endpoint_url\": \"http://host:8333\"}'); credentials otherwise come from the "
+                            "environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) or ~/.aws; never printed")
         parsers[name] = p
     args, extra = parser.parse_known_args(argv)
     if extra:  # the command's own usage, not the top-level one (e.g. train --epochs 1)
         parsers[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        set_storage_options(args.storage_options)
         return int(modules[args.command].run(args) or 0)
     except UserError as e:  # the user's to fix: one line naming the path, no traceback
         print(f"{prog} {args.command}: error: {e}", file=sys.stderr)
