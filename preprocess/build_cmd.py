@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import argparse
 
+from pathlib import Path
+
+from motion_data.build import remote as R
 from motion_data.build.build_shards import DEFAULT_MAXCOUNT, build
+from motion_data.common.storage import is_url, location
 from motion_data.common.errors import SettingError, UserError
 from motion_data.sources.importers import FORMATS
 from motion_data.common.labels import DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, DEFAULT_W, LABEL_RULES
@@ -33,8 +37,13 @@ def _image_size(s: str):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                   help="track files or folders (searched recursively for .npz .npy .pt .h5 .hdf5)")
-    p.add_argument("--out", required=True, help="output build folder")
+                   help="track files or folders (searched recursively for .npz .npy .pt .h5 .hdf5); URLs "
+                        "(s3://, gs://, https://) are copied to --stage first")
+    p.add_argument("--out", required=True, help="output build folder, or a URL (s3://bucket/build; built in --stage, "
+                                                "then published one object per file, build.json last)")
+    p.add_argument("--stage", default=None, metavar="DIR",
+                   help="local staging folder for remote --input/--out (needs their size on disk; default: the "
+                        "system's temporary folder)")
     p.add_argument("--format", default="auto", choices=("auto",) + tuple(FORMATS),
                    help="input format (default: auto-detect per file)")
     p.add_argument("--window", type=int, default=16, help="frames per clip (default %(default)s)")
@@ -92,9 +101,15 @@ def command_line(args) -> list[str]:
 
 
 def run(args) -> int:
+    remote_out = is_url(args.out)
+    inputs, out = args.input, args.out
+    if remote_out or any(is_url(i) for i in inputs):  # stage, build, publish (build.remote)
+        stage = R.stage_root(args.out, args.input, args.stage)
+        inputs = R.fetch_inputs(args.input, stage / "inputs", progress=not args.no_progress)
+        out = stage / "build" if remote_out else args.out
     try:
         flt = StaticFilter.parse(args.filter, min_keep=args.min_keep)
-        summary = build(args.input, args.out, fmt=args.format, window=args.window, stride=args.stride,
+        summary = build(inputs, out, fmt=args.format, window=args.window, stride=args.stride,
                         ref_size=args.ref_size, W=args.W, workers=args.workers, maxcount=args.maxcount,
                         part=args.part, on_error=args.on_error, image_size=args.image_size, views=args.views,
                         build_filter=flt, progress=not args.no_progress, command=command_line(args),
@@ -105,5 +120,11 @@ def run(args) -> int:
         raise SettingError(str(e)) from None
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"re-run the same command to resume the build in {args.out}") from None
+    if remote_out:
+        if R.check_out(location(args.out), Path(out), args.overwrite):
+            summary = dict(summary, status="up-to-date")
+        else:
+            R.publish(Path(out), location(args.out), progress=not args.no_progress)
+        summary = dict(summary, out=args.out)
     print(format_summary(summary))
     return 0

@@ -251,3 +251,27 @@ def test_training_from_s3_equals_training_from_the_local_copy(s3, tiny_build, tm
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
     assert json.loads((b / "run.json").read_text())["data"] == "s3://bucket/build2"
+
+
+def test_build_from_s3_to_s3_equals_the_local_build(s3, tiny_tracks, tiny_build, tmp_path, capsys):
+    """build-shards --input s3://... --out s3://...: the same shard bytes, manifest and stats
+    arrays as the local build of the same files; a re-run does nothing; analyze reads it."""
+    from conftest import TINY_MAXCOUNT
+    from preprocess.__main__ import main as pre
+
+    s3.put(str(tiny_tracks), "bucket/tracks", recursive=True)
+    argv = ["build-shards", "--input", "s3://bucket/tracks", "--out", "s3://bucket/b3", "--stage", str(tmp_path / "st"),
+            "--maxcount", str(TINY_MAXCOUNT), "--no-progress"]
+    assert pre(argv) == 0
+    local = BuildDir(tiny_build)
+    for s in sorted(set(local.manifest(["shard"])["shard"])):
+        assert s3.cat(f"bucket/b3/{s}") == (tiny_build / s).read_bytes(), s
+    remote = BuildDir("s3://bucket/b3")
+    assert remote.manifest() == local.manifest()
+    for name in ("p95", "center_count"):
+        np.testing.assert_array_equal(remote.per_clip(name), local.per_clip(name))
+    capsys.readouterr()
+    assert pre(argv) == 0 and "nothing to do" in capsys.readouterr().out
+    other = argv[:-3] + ["--maxcount", "7", "--no-progress"]
+    assert pre(other) == 2 and "--overwrite" in capsys.readouterr().err
+    assert pre(["analyze", "s3://bucket/b3", "--no-progress"]) == 0

@@ -64,34 +64,39 @@ def location(x):
     return Url(s) if is_url(s) else Path(s)
 
 
+_FS: dict = {}  # (pid, protocol, options) -> filesystem: one per process, never inherited
+
+
+def filesystem(protocol: str):
+    """The filesystem object of ``protocol`` for this process and the current options."""
+    opts = storage_options()
+    key = (os.getpid(), protocol, json.dumps(opts, sort_keys=True))
+    fs = _FS.get(key)
+    if fs is None:
+        try:
+            import fsspec
+        except ImportError:
+            raise SettingError(f"{protocol}:// locations need the cloud extra: pip install -e '.[cloud]'") from None
+        try:
+            fs = fsspec.filesystem(protocol, skip_instance_cache=True, **opts)
+        except (ImportError, ValueError, TypeError) as e:
+            raise SettingError(f"no filesystem for {protocol}:// ({type(e).__name__}: {e}); "
+                               f"pip install -e '.[cloud]' or the fsspec package for it") from None
+        _FS[key] = fs
+    return fs
+
+
 class Url:
     """A remote object or prefix, e.g. ``s3://bucket/build``; joins with ``/`` like a Path."""
 
     def __init__(self, url: str):
         self.url = str(url).rstrip("/")
         self.protocol = self.url.split("://", 1)[0]
-        self._fs = None
-        self._pid = None
-
-    def __getstate__(self):
-        return {"url": self.url, "protocol": self.protocol, "_fs": None, "_pid": None}
 
     @property
     def fs(self):
         """This process's filesystem object for the URL's protocol (made on first use)."""
-        if self._fs is None or self._pid != os.getpid():
-            try:
-                import fsspec
-            except ImportError:
-                raise SettingError(f"{self.url}: remote locations need the cloud extra: "
-                                   f"pip install -e '.[cloud]'") from None
-            try:
-                self._fs = fsspec.filesystem(self.protocol, skip_instance_cache=True, **storage_options())
-            except (ImportError, ValueError) as e:
-                raise SettingError(f"{self.url}: no filesystem for {self.protocol}:// ({e}); "
-                                   f"pip install -e '.[cloud]' or the fsspec package for it") from None
-            self._pid = os.getpid()
-        return self._fs
+        return filesystem(self.protocol)
 
     @property
     def path(self) -> str:
