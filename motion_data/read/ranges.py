@@ -22,8 +22,9 @@ from motion_data.common.errors import DataError
 from motion_data.common.storage import Url
 
 MERGE_GAP = 1 << 16  # bytes between two runs of one shard that one request still spans
-RETRIES = 4  # tries of a failing request, with BACKOFF_S * 2**k between them
-BACKOFF_S = 0.25
+RETRIES = 9  # tries of a failing request, min(BACKOFF_MAX_S, BACKOFF_S * 2**k) apart: about 32 s in all,
+BACKOFF_S = 0.25  # long enough for a server restart
+BACKOFF_MAX_S = 8.0
 _REBUILD = "rebuild it with `python -m preprocess build-shards`"
 
 
@@ -166,8 +167,9 @@ class RemoteRanges:
     def __init__(self, root: Url):
         self.root = root
         self._sizes: dict = {}
-        self.requests = 0  # requests sent, and bytes received: what bench_remote reports
+        self.requests = 0  # requests sent, bytes received and requests retried (bench_remote, tests)
         self.bytes = 0
+        self.retries = 0
 
     def _path(self, url: str) -> str:
         return self.root.fs._strip_protocol(url)
@@ -186,7 +188,7 @@ class RemoteRanges:
                     if not transient(e) or k == RETRIES - 1:
                         raise DataError(f"{url}: cannot stat shard on {_server(url)} ({type(e).__name__}: {e}); "
                                         f"check the URL and credentials, or {_REBUILD}") from None
-                    time.sleep(BACKOFF_S * 2 ** k)
+                    time.sleep(min(BACKOFF_MAX_S, BACKOFF_S * 2 ** k))
             if size is None:  # pragma: no cover
                 raise DataError(f"{url}: cannot stat shard ({err})")
             self._sizes[url] = size
@@ -209,6 +211,7 @@ class RemoteRanges:
                 path, a, b, members = reqs[r]
                 if isinstance(data, BaseException):
                     if transient(data) and k < RETRIES - 1:
+                        self.retries += 1
                         retry.append(r)
                         continue
                     msg = (f"cannot read bytes {a}-{b} from {_server(path)} after {k + 1} tries "
@@ -230,7 +233,7 @@ class RemoteRanges:
                     out[i] = (n, None)
             todo = retry
             if todo:
-                time.sleep(BACKOFF_S * 2 ** k)
+                time.sleep(min(BACKOFF_MAX_S, BACKOFF_S * 2 ** k))
         return out
 
     def close(self):
