@@ -298,8 +298,8 @@ def test_build_from_s3_to_s3_equals_the_local_build(s3, tiny_tracks, tiny_build,
 
 
 def test_a_server_restart_in_mid_epoch_is_retried_and_nothing_is_lost(weed, tiny_build):
-    """The S3 server is stopped after the first batch and started again 2 s later: retries (s3fs's or the range source's)
-    retries bridge the gap and the epoch's batches equal the local ones."""
+    """The S3 server is stopped after the first batch and started again 2 s later: retries (s3fs's or the range
+    source's) bridge the gap and the epoch's batches equal the local ones."""
     import threading
 
     if not weed.fs.exists("bucket/build4/build.json"):
