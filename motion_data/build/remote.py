@@ -45,7 +45,8 @@ def fetch_inputs(inputs, dest: Path, progress: bool = True) -> list[str]:
         u = location(raw)
         fs = u.fs
         try:
-            if fs.isdir(u.path):
+            is_dir = fs.isdir(u.path)
+            if is_dir:
                 files = sorted(f for f in fs.find(u.path) if f.lower().endswith(SUPPORTED_EXTS))
                 base, root = u.path.rstrip("/"), dest / f"in{i}" / u.name
             elif fs.isfile(u.path):
@@ -61,7 +62,7 @@ def fetch_inputs(inputs, dest: Path, progress: bool = True) -> list[str]:
                     tmp.replace(local)
         except (OSError, ValueError) as e:
             raise DataError(f"{u}: cannot fetch the inputs ({type(e).__name__}: {e})") from None
-        out.append(str(root if fs.isdir(u.path) else root / u.name))
+        out.append(str(root if is_dir else root / u.name))
     return out
 
 

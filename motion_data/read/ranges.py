@@ -18,6 +18,7 @@ import time
 from collections import OrderedDict
 from urllib.parse import urlsplit
 
+from motion_data.build.store import REBUILD_HINT
 from motion_data.common.errors import DataError
 from motion_data.common.storage import Url
 
@@ -25,7 +26,6 @@ MERGE_GAP = 1 << 16  # bytes between two runs of one shard that one request stil
 RETRIES = 9  # tries of a failing request, min(BACKOFF_MAX_S, BACKOFF_S * 2**k) apart: about 32 s in all,
 BACKOFF_S = 0.25  # long enough for a server restart
 BACKOFF_MAX_S = 8.0
-_REBUILD = "rebuild it with `python -m preprocess build-shards`"
 
 
 def default_max_open() -> int:
@@ -89,7 +89,7 @@ class FdCache:
         try:
             fd = _open_readonly(path, self.close)
         except OSError as e:
-            raise DataError(f"{path}: cannot open shard ({e.strerror or e}); {_REBUILD}") from None
+            raise DataError(f"{path}: cannot open shard ({e.strerror or e}); {REBUILD_HINT}") from None
         try:
             size = os.fstat(fd).st_size
         except OSError as e:
@@ -131,6 +131,10 @@ class FdCache:
         self.close()
 
 
+
+
+def _backoff(k: int) -> float:
+    return min(BACKOFF_MAX_S, BACKOFF_S * 2 ** k)
 
 
 def transient(e: BaseException) -> bool:
@@ -187,8 +191,8 @@ class RemoteRanges:
                     err = e
                     if not transient(e) or k == RETRIES - 1:
                         raise DataError(f"{url}: cannot stat shard on {_server(url)} ({type(e).__name__}: {e}); "
-                                        f"check the URL and credentials, or {_REBUILD}") from None
-                    time.sleep(min(BACKOFF_MAX_S, BACKOFF_S * 2 ** k))
+                                        f"check the URL and credentials, or {REBUILD_HINT}") from None
+                    time.sleep(_backoff(k))
             if size is None:  # pragma: no cover
                 raise DataError(f"{url}: cannot stat shard ({err})")
             self._sizes[url] = size
@@ -233,7 +237,7 @@ class RemoteRanges:
                     out[i] = (n, None)
             todo = retry
             if todo:
-                time.sleep(min(BACKOFF_MAX_S, BACKOFF_S * 2 ** k))
+                time.sleep(_backoff(k))
         return out
 
     def close(self):
