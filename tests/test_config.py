@@ -88,14 +88,14 @@ def test_yaml_no_is_mixed_precision_no():
 
 
 def test_override_takes_values_and_returns_a_new_validated_config():
-    from tokenizer_train.common.config import override, override_all
+    from tokenizer_train.common.config import override_all
 
     base = from_dict({})
-    c = override(base, "training.epochs", 5)
+    c = override_all(base, [("training.epochs", 5)])
     assert c.training.epochs == 5 and base.training.epochs != 5  # the original is untouched
     c = override_all({"model": {"hidden_dim": 32}}, [("model.fsq_levels", [8, 5]), ("data.static_filter.enable", True)])
     assert c.model.hidden_dim == 32 and c.model.fsq_levels == [8, 5] and c.data.static_filter.enable
     with pytest.raises(SettingError, match="unknown config key 'training.epoch'"):
-        override(base, "training.epoch", 5)
+        override_all(base, [("training.epoch", 5)])
     with pytest.raises(SettingError, match="window_size"):  # validated like a YAML file
-        override(base, "data.window_size", 4)
+        override_all(base, [("data.window_size", 4)])

@@ -177,6 +177,52 @@ def test_transient_failures_are_retried_then_named(served, tiny_build, monkeypat
     assert man["shard"][0] in err[0] and f"after {RR.RETRIES} tries" in err[0] and "ConnectionResetError" in err[0]
 
 
+def _cached_loader(url, cache, bound, **kw):
+    from motion_data.common.storage import with_cache
+
+    return make_loader(with_cache(url, cache, bound), **kw)
+
+
+def test_the_shard_cache_is_reused_bounded_and_checked(served, tiny_build, tmp_path):
+    """Whole shards are fetched once, then a second loader (a second run) fetches nothing; a
+    bound of two shards holds; a cached file altered on disk is dropped and fetched again."""
+    from motion_data.read.shard_cache import held_bytes
+
+    kw = dict(split="train", batch_size=8, val_split=0.2, seed=4)
+    want = _batches(make_loader(tiny_build, **kw))
+    shards = sorted((tiny_build / "shards").glob("*.tar"))
+    total = sum(p.stat().st_size for p in shards)
+    first = _cached_loader(served["good"], tmp_path / "c", 1 << 40, **kw)
+    _same(_batches(first), want)
+    src = first.dataset.fds
+    assert src.cache.fetches == len(shards) and src.bytes == total  # every shard once, whole
+    again = _cached_loader(served["good"], tmp_path / "c", 1 << 40, **kw)
+    _same(_batches(again), want)
+    assert again.dataset.fds.bytes == 0 and again.dataset.fds.cache.fetches == 0
+    victim = sorted((tmp_path / "c").glob("*.tar"))[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 1
+    victim.write_bytes(bytes(data))
+    third = _cached_loader(served["good"], tmp_path / "c", 1 << 40, **kw)
+    _same(_batches(third), want)
+    assert third.dataset.fds.cache.dropped == 1 and third.dataset.fds.cache.fetches == 1
+    bound = 2 * max(p.stat().st_size for p in shards)
+    small = _cached_loader(served["good"], tmp_path / "small", bound, **kw)
+    _same(_batches(small), want)
+    assert held_bytes(tmp_path / "small") <= bound and small.dataset.fds.cache.evicted > 0
+
+
+def test_the_shard_cache_with_loader_workers(served, tiny_build, tmp_path):
+    """Two workers share one cache folder: each shard fetched once (per-key lock), no
+    temporary file left, the batches those of the local build."""
+    kw = dict(split="train", batch_size=8, val_split=0.2, seed=6)
+    want = _batches(make_loader(tiny_build, **kw))
+    _same(_batches(_cached_loader(served["good"], tmp_path / "c", 1 << 40, num_workers=2, **kw)), want)
+    names = sorted(p.name for p in (tmp_path / "c").iterdir() if not p.name.endswith(".lock"))
+    assert len(names) == len(list((tiny_build / "shards").glob("*.tar")))
+    assert all(n.endswith(".tar") and not n.startswith(".") for n in names)
+
+
 # ----------------------------------------------------------------------------- S3
 
 class Weed:

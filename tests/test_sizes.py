@@ -38,7 +38,6 @@ OVER = {
     "motion_data/read/shard_reader.py:read_batch (params)": 10,
     "motion_data/sources/importers.py:_sequences (params)": 9,
     "motion_data/sources/synth.py:synth_clips": 113,
-    "tokenizer_train/common/config.py": 402,
     "tokenizer_train/evaluate/validate.py:evaluate (params)": 11,
     "tokenizer_train/experiments/ablate.py:ablate (params)": 10,
     "tokenizer_train/model/model.py:MotionTokenizer": 209,

@@ -17,11 +17,31 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from motion_data.common.errors import SettingError
 
 OPTIONS_ENV = "MOTION_STORAGE_OPTIONS"
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """A node-local cache of whole remote shards: its folder and its bound in bytes
+    (``data.cache_dir``, ``data.cache_bytes``; ``motion_data.read.shard_cache``)."""
+    dir: str
+    bytes: int
+
+
+def with_cache(root, cache_dir, cache_bytes):
+    """``root`` as a location whose shards go through the cache (remote builds only: a local
+    folder is returned as it is, and so is everything when ``cache_dir`` is unset)."""
+    root = location(root)
+    if not cache_dir or not isinstance(root, Url):
+        return root
+    if not cache_bytes or int(cache_bytes) <= 0:
+        raise SettingError(f"data.cache_bytes must be a positive number of bytes with data.cache_dir, got {cache_bytes!r}")
+    return Url(root.url, CacheSpec(os.path.abspath(os.path.expanduser(str(cache_dir))), int(cache_bytes)))
 
 
 def is_url(x) -> bool:
@@ -89,9 +109,10 @@ def filesystem(protocol: str):
 class Url:
     """A remote object or prefix, e.g. ``s3://bucket/build``; joins with ``/`` like a Path."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, cache: CacheSpec | None = None):
         self.url = str(url).rstrip("/")
         self.protocol = self.url.split("://", 1)[0]
+        self.cache = cache  # shards read through a node-local cache (``with_cache``)
 
     @property
     def fs(self):
@@ -104,7 +125,7 @@ class Url:
         return self.fs._strip_protocol(self.url)
 
     def __truediv__(self, part) -> "Url":
-        return Url(f"{self.url}/{str(part).strip('/')}")
+        return Url(f"{self.url}/{str(part).strip('/')}", self.cache)
 
     def __str__(self):
         return self.url
@@ -124,7 +145,7 @@ class Url:
 
     @property
     def parent(self) -> "Url":
-        return Url(self.url.rsplit("/", 1)[0])
+        return Url(self.url.rsplit("/", 1)[0], self.cache)
 
     def exists(self) -> bool:
         return bool(self.fs.exists(self.path))

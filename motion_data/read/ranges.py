@@ -8,7 +8,8 @@ fetches all requests concurrently (fsspec ``cat_ranges``), checks each response'
 (a server that ignores ``Range`` answers with the whole object: refused, naming the shard
 and the server, never used), and retries transient failures (5xx, resets, timeouts) with
 backoff. The sample checks (tar layout, CRC-32) follow in the shard reader as for local
-shards. The filesystem object is made per process (``storage.Url``).
+shards. The filesystem object is made per process (``storage.Url``). A ``Url`` with a
+cache (``storage.with_cache``) reads whole shards into ``shard_cache`` and from there.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ MERGE_GAP = 1 << 16  # bytes between two runs of one shard that one request stil
 RETRIES = 9  # tries of a failing request, min(BACKOFF_MAX_S, BACKOFF_S * 2**k) apart: about 32 s in all,
 BACKOFF_S = 0.25  # long enough for a server restart
 BACKOFF_MAX_S = 8.0
+CHUNK = 8 << 20  # bytes per read while copying a whole shard into the cache
 
 
 def default_max_open() -> int:
@@ -166,82 +168,154 @@ def merge_runs(runs, gap: int = MERGE_GAP) -> list:
 
 
 class RemoteRanges:
-    """The range source of a remote build (``root``: its ``storage.Url``)."""
+    """The range source of a remote build (``root``: its ``storage.Url``). With ``root.cache``
+    set, whole shards are copied into that node-local cache (``shard_cache``) and read there."""
 
     def __init__(self, root: Url):
         self.root = root
-        self._sizes: dict = {}
+        self._info: dict = {}  # url -> (size, etag)
         self.requests = 0  # requests sent, bytes received and requests retried (bench_remote, tests)
         self.bytes = 0
         self.retries = 0
+        self.cache = None
+        if root.cache is not None:
+            from motion_data.read.shard_cache import ShardCache
+
+            self.cache, self._local = ShardCache(root.cache), FdCache()
+
+    def __getstate__(self):
+        return {"root": self.root}  # counters, sizes and descriptors are per process
+
+    def __setstate__(self, state):
+        self.__init__(state["root"])
 
     def _path(self, url: str) -> str:
         return self.root.fs._strip_protocol(url)
 
+    def _stat(self, url: str) -> tuple:
+        hit = self._info.get(url)
+        if hit is None:
+            info = retried(self, url, "stat shard", lambda: self.root.fs.info(self._path(url)))
+            etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+            hit = self._info[url] = (int(info["size"]), None if etag is None else str(etag))
+        return hit
+
     def file_size(self, url) -> int:
-        url = str(url)
-        size = self._sizes.get(url)
-        if size is None:
-            err = None
-            for k in range(RETRIES):
-                try:
-                    size = int(self.root.fs.size(self._path(url)))
-                    break
-                except Exception as e:  # noqa: BLE001 (fsspec backends raise their own types)
-                    err = e
-                    if not transient(e) or k == RETRIES - 1:
-                        raise DataError(f"{url}: cannot stat shard on {_server(url)} ({type(e).__name__}: {e}); "
-                                        f"check the URL and credentials, or {REBUILD_HINT}") from None
-                    time.sleep(_backoff(k))
-            if size is None:  # pragma: no cover
-                raise DataError(f"{url}: cannot stat shard ({err})")
-            self._sizes[url] = size
-        return size
+        return self._stat(str(url))[0]
+
+    def _cached(self, url: str):
+        """The local copy of shard ``url``, or None when it does not fit the cache."""
+        size, etag = self._stat(url)
+        if not self.cache.fits(size):
+            return None
+        return str(self.cache.get(self.cache.key(url, size, etag), size, lambda f: copy_whole(self, url, f)))
 
     def read_runs(self, runs, buf) -> list:
         """Fill ``buf[at:at + n]`` from ``path`` at ``offset`` for each run ``(path, offset,
         at, n)``; returns ``(got, message)`` per run (got == n when read)."""
         out = [(-1, None)] * len(runs)
-        reqs = merge_runs(runs)
-        todo = list(range(len(reqs)))
-        for k in range(RETRIES):
-            if not todo:
-                break
-            got = self.root.fs.cat_ranges([self._path(reqs[r][0]) for r in todo], [reqs[r][1] for r in todo],
-                                          [reqs[r][2] for r in todo], on_error="return")
-            self.requests += len(todo)
-            retry = []
-            for r, data in zip(todo, got):
-                path, a, b, members = reqs[r]
-                if isinstance(data, BaseException):
-                    if transient(data) and k < RETRIES - 1:
-                        self.retries += 1
-                        retry.append(r)
-                        continue
-                    msg = (f"cannot read bytes {a}-{b} from {_server(path)} after {k + 1} tries "
-                           f"({type(data).__name__}: {data})")
-                    for i in members:
-                        out[i] = (-1, msg)
+        remote = list(range(len(runs)))
+        if self.cache is not None:
+            remote, by_path = [], {}
+            for i, run in enumerate(runs):
+                by_path.setdefault(run[0], []).append(i)
+            for path, idx in by_path.items():  # each shard read as soon as it is here (later fetches may evict it)
+                try:
+                    local = self._cached(path)
+                except (DataError, OSError) as e:
+                    out = _failed(out, idx, str(e))
                     continue
-                self.bytes += len(data)
-                if len(data) != b - a:
-                    msg = (f"{_server(path)} answered {len(data)} bytes for the byte range {a}-{b} ({b - a} bytes): "
-                           f"the server ignores Range requests, or the object changed; serve the build from a "
-                           f"server that honours Range (S3, GCS, nginx), or copy it to a local folder")
-                    for i in members:
-                        out[i] = (-1, msg)
+                if local is None:
+                    remote.extend(idx)
                     continue
-                for i in members:
-                    _, off, at, n = runs[i]
-                    buf[at:at + n] = data[off - a:off - a + n]
-                    out[i] = (n, None)
-            todo = retry
-            if todo:
-                time.sleep(_backoff(k))
+                for i, res in zip(idx, self._local.read_runs([(local, *runs[i][1:]) for i in idx], buf)):
+                    out[i] = res
+        if remote:
+            for i, res in zip(remote, fetch_ranges(self, [runs[i] for i in remote], buf)):
+                out[i] = res
         return out
 
     def close(self):
-        pass
+        if self.cache is not None:
+            self._local.close()
+
+
+def _failed(out: list, idx, msg: str) -> list:
+    for i in idx:
+        out[i] = (-1, msg)
+    return out
+
+
+def retried(src: "RemoteRanges", url: str, what: str, call):
+    """``call()``, tried again after transient failures (counted on ``src``); one ``DataError``
+    naming ``url`` and its server after the last try."""
+    for k in range(RETRIES):
+        try:
+            return call()
+        except Exception as e:  # noqa: BLE001 (fsspec backends raise their own types)
+            if not transient(e) or k == RETRIES - 1:
+                raise DataError(f"{url}: cannot {what} on {_server(url)} after {k + 1} tries "
+                                f"({type(e).__name__}: {e}); check the URL and credentials, or "
+                                f"{REBUILD_HINT}") from None
+            src.retries += 1
+            time.sleep(_backoff(k))
+
+
+def copy_whole(src: "RemoteRanges", url: str, f):
+    """The whole object ``url`` into the open file ``f``, started over after a transient failure."""
+    def once():
+        f.seek(0)
+        f.truncate()
+        src.requests += 1
+        with src.root.fs.open(src._path(url), "rb", block_size=CHUNK) as obj:
+            while chunk := obj.read(CHUNK):
+                f.write(chunk)
+                src.bytes += len(chunk)
+
+    retried(src, url, "fetch shard", once)
+
+
+def fetch_ranges(src: "RemoteRanges", runs, buf) -> list:
+    """``RemoteRanges.read_runs`` by merged byte-range requests, retried; counted on ``src``."""
+    out = [(-1, None)] * len(runs)
+    reqs = merge_runs(runs)
+    todo = list(range(len(reqs)))
+    for k in range(RETRIES):
+        if not todo:
+            break
+        got = src.root.fs.cat_ranges([src._path(reqs[r][0]) for r in todo], [reqs[r][1] for r in todo],
+                                      [reqs[r][2] for r in todo], on_error="return")
+        src.requests += len(todo)
+        retry = []
+        for r, data in zip(todo, got):
+            path, a, b, members = reqs[r]
+            if isinstance(data, BaseException):
+                if transient(data) and k < RETRIES - 1:
+                    src.retries += 1
+                    retry.append(r)
+                    continue
+                msg = (f"cannot read bytes {a}-{b} from {_server(path)} after {k + 1} tries "
+                       f"({type(data).__name__}: {data})")
+                for i in members:
+                    out[i] = (-1, msg)
+                continue
+            src.bytes += len(data)
+            if len(data) != b - a:
+                msg = (f"{_server(path)} answered {len(data)} bytes for the byte range {a}-{b} ({b - a} bytes): "
+                       f"the server ignores Range requests, or the object changed; serve the build from a "
+                       f"server that honours Range (S3, GCS, nginx), or copy it to a local folder")
+                for i in members:
+                    out[i] = (-1, msg)
+                continue
+            for i in members:
+                _, off, at, n = runs[i]
+                buf[at:at + n] = data[off - a:off - a + n]
+                out[i] = (n, None)
+        todo = retry
+        if todo:
+            time.sleep(_backoff(k))
+    return out
+
 
 
 def ranges_for(root):

@@ -35,6 +35,8 @@ class DataConfig:
     val_split: float = 0.1  # share of clips held out (whole sources, else time blocks)
     window_size: int = 15  # W; must match the build's stats.zarr attribute
     num_workers: int | str = "auto"  # loader worker processes, or auto (motion_data.common.workers)
+    cache_dir: str | None = None  # node-local cache of whole remote shards (motion_data.read.shard_cache)
+    cache_bytes: int | None = None  # its bound
 
     def __post_init__(self):
         if self.num_workers != "auto" and (isinstance(self.num_workers, (bool, str)) or self.num_workers < 0):
@@ -339,15 +341,10 @@ def parse_override(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
-def override(cfg, dotted_key: str, value) -> Config:
-    """A new validated Config: ``cfg`` (a Config or its YAML mapping) with one key set, e.g.
-    ``override(cfg, "training.epochs", 5)``; an unknown key is a SettingError."""
-    return override_all(cfg, [(dotted_key, value)])
-
-
 def override_all(cfg, pairs) -> Config:
-    """``override`` for several ``(dotted key, value)`` pairs (or a mapping), applied in order
-    and validated once at the end (a later key may depend on an earlier one)."""
+    """A new validated Config: ``cfg`` (a Config or its YAML mapping) with ``(dotted key,
+    value)`` pairs (or a mapping) set in order, e.g. ``override_all(cfg, {"training.epochs":
+    5})``, validated once at the end; an unknown key is a SettingError."""
     tree = to_dict(cfg) if isinstance(cfg, Config) else copy.deepcopy(cfg or {})
     for key, value in (pairs.items() if isinstance(pairs, dict) else pairs):
         _set_path(tree, key, value)

@@ -45,7 +45,7 @@ from tqdm import tqdm
 from motion_data.common.atomic import atomic_write_json, atomic_write_text
 from motion_data.build.folder import BuildDir
 from motion_data.common.errors import DataError, SettingError, UserError, one_line
-from motion_data.common.storage import location
+from motion_data.common.storage import location, with_cache
 from motion_data.read.loader import make_loader
 from motion_data.common.workers import resolve_workers
 
@@ -139,7 +139,7 @@ def autocast_for(mode: str, device: torch.device):
 
 def make_loaders(data_dir, cfg: Config, rank: int, world_size: int, device: torch.device = torch.device("cpu")):
     """(train loader, val loader or None) of the build under the config's data section."""
-    dc, tc = cfg.data, cfg.training
+    dc, tc, data_dir = cfg.data, cfg.training, with_cache(data_dir, cfg.data.cache_dir, cfg.data.cache_bytes)
     workers = resolve_workers(dc.num_workers, device.type)  # "auto" depends on the device
     common = dict(static_filter=dc.static_filter, batch_size=tc.batch_size, num_workers=workers,
                   seed=tc.seed, rank=rank, world_size=world_size, val_split=dc.val_split,
