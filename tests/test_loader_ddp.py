@@ -83,3 +83,72 @@ def test_two_rank_ddp_equal_batches_uneven_shards(tmp_path):
     # validation: the ranks split the held-out clips without overlap
     assert set(r[0]["val"]["ids"]).isdisjoint(r[1]["val"]["ids"])
     assert r[0]["val"]["ids"] and r[1]["val"]["ids"]
+
+
+def _weights_worker(rank, world, port, root, out):
+    """Rank 1 would compute the clip weights in another float order (one ulp apart); the
+    loader's weights and draws still agree bit for bit (rank 0's are broadcast)."""
+    import datetime
+
+    import numpy as np
+    import torch.distributed as dist
+
+    import motion_data.read.loader as L
+    from motion_data.read.sampler import SamplerConfig
+    from motion_data.common.static_filter import StaticFilter
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    real = L.sampling_weights
+    mine = {}
+
+    def other_order(*a):
+        w = real(*a)
+        if rank == 1:  # one ulp off, as another summation order gives
+            w = np.nextafter(w, 2.0)
+        mine["w"] = w
+        return w
+
+    L.sampling_weights = other_order
+    sampler = SamplerConfig(method="dynamic_ratio", shard_affinity=True, affinity_window=2)
+    ld = L.make_loader(root, static_filter=StaticFilter(enable=True, min_keep=4), sampler=sampler, batch_size=2,
+                       seed=4, rank=rank, world_size=world, val_split=0.3)
+    got = ld.batch_sampler.weights
+    res = {"computed": mine.get("w", np.zeros(0)).tobytes().hex(), "used": got.tobytes().hex(),
+           "draw": ld.batch_sampler.epoch_draw(3).tolist(), "ids": [i for b in ld for i in b["clip_id"]]}
+    dist.barrier()
+    dist.destroy_process_group()
+    with open(os.path.join(out, f"w{rank}.json"), "w") as f:
+        json.dump(res, f)
+
+
+def test_clip_weights_are_rank_zeros_on_every_rank(tmp_path):
+    root = write_build(tmp_path / "b", shard_sizes=(7, 2, 5, 6), sources=["x.h5", "y.h5", "z.h5"], stride=20)
+    ctx = mp.start_processes(_weights_worker, args=(2, _free_port(), str(root), str(tmp_path)), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.time() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.time() > deadline:
+                pytest.fail(f"DDP loader run did not finish within {TIMEOUT_S}s (hang?)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+    r = [json.load(open(tmp_path / f"w{k}.json")) for k in range(2)]
+    assert r[1]["computed"] == ""  # only rank 0 computes
+    assert r[0]["used"] == r[1]["used"] == r[0]["computed"]  # bit-identical: rank 0's
+    assert r[0]["draw"] == r[1]["draw"]
+    assert len(r[0]["ids"]) == len(r[1]["ids"]) > 0
+    # the control: the other float order does change the weights' bits
+    import numpy as np
+
+    from motion_data.common.static_filter import StaticFilter
+    from motion_data.read.loader import MANIFEST_COLUMNS, sampling_weights
+    from motion_data.read.sampler import SamplerConfig
+    from motion_data.build.folder import BuildDir
+
+    n = len(BuildDir(root).manifest(MANIFEST_COLUMNS)["clip_id"])
+    w = sampling_weights(root, StaticFilter(enable=True, min_keep=4), SamplerConfig(method="dynamic_ratio"),
+                         np.arange(n))
+    assert (np.nextafter(w, 2.0) != w).all()

@@ -7,6 +7,7 @@ import pytest
 from loader_fixtures import write_build
 from motion_data.read.sampler import (SamplerConfig, SequentialBatchSampler, WeightedBatchSampler, clip_weights,
                                  epoch_rng, load_dynamic_ratio, systematic_draw)
+from motion_data.common.errors import SettingError
 from motion_data.common.static_filter import StaticFilter
 
 
@@ -150,3 +151,40 @@ def test_dynamic_ratio_weighs_by_the_filters_definition_with_the_filter_on_or_of
                       cfg)
     assert np.allclose(w, on) and w.std() > 0  # the clips' dynamic shares differ: not uniform
     assert (sampling_weights(root, flt, SamplerConfig(method="uniform"), rows) == 1).all()
+
+
+def test_shard_affinity_keeps_the_draw_and_splits_the_shards_between_ranks():
+    """The same multiset of clips and batch counts as without affinity; each rank reads about
+    half of the shards in an epoch, and a window of batches touches only a few shards."""
+    from motion_data.read.sampler import Affinity
+
+    C, per_shard, bs, world = 4000, 50, 16, 2
+    shard_of = np.arange(C) // per_shard  # 80 shards
+    w = np.random.default_rng(3).random(C) + 0.2
+    kw = dict(epoch_size=C, seed=9, world_size=world)
+    plain = [WeightedBatchSampler(np.arange(C), w, bs, rank=k, **kw) for k in range(world)]
+    grouped = [WeightedBatchSampler(np.arange(C), w, bs, rank=k, affinity=Affinity(shard_of, window=4), **kw)
+               for k in range(world)]
+    per_epoch = []
+    for e in (0, 1):
+        for s in plain + grouped:
+            s.set_epoch(e)
+        a = [[list(b) for b in s] for s in plain]
+        g = [[list(b) for b in s] for s in grouped]
+        assert [len(x) for x in a] == [len(x) for x in g] and all(len(b) == bs for x in g for b in x)
+        assert sorted(sum(sum(a, []), [])) == sorted(sum(sum(g, []), []))  # the same multiset
+        shards = [set(shard_of[sum(x, [])]) for x in g]
+        assert all(len(s) <= 80 // world + 1 for s in shards)  # about 1/world of the shards each
+        assert len(shards[0] & shards[1]) <= 1
+        assert all(len(set(shard_of[sum(x, [])])) > 60 for x in a)  # without: nearly all shards per rank
+        windows = [set(shard_of[sum(x[i:i + 4], [])]) for x in g for i in range(0, len(x), 4)]
+        assert max(len(s) for s in windows) <= 3  # 64 draws of 50-clip shards: 2-3 shards
+        batches = [set(shard_of[b]) for x in g for b in x]
+        assert np.mean([len(s) for s in batches]) > 1  # the window is shuffled, not shard after shard
+        per_epoch.append(shards[0])
+    assert per_epoch[0] != per_epoch[1]  # a new shard permutation each epoch
+
+
+def test_shard_affinity_needs_exact_mode():
+    with pytest.raises(SettingError, match="shard_affinity"):
+        SamplerConfig(shard_affinity=True, mode="streaming")

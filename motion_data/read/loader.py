@@ -32,8 +32,8 @@ import torch
 
 from motion_data.read.augment import AugmentConfig
 from motion_data.read.batch import make_batch, packed_bytes, unpack_batch
-from motion_data.read.sampler import (IndexBatch, SamplerConfig, SequentialBatchSampler, WeightedBatchSampler, sampling_weights,
-                      epoch_rng)
+from motion_data.read.sampler import (Affinity, IndexBatch, SamplerConfig, SequentialBatchSampler, WeightedBatchSampler,
+                                     epoch_rng, sampling_weights)
 from motion_data.read.ranges import ranges_for
 from motion_data.read.shard_reader import read_batch
 from motion_data.read.split import split_manifest
@@ -127,6 +127,21 @@ class ClipDataset(torch.utils.data.Dataset):
 
 def _identity(batch):
     return batch
+
+
+def rank0_weights(compute, n: int, world_size: int) -> np.ndarray:
+    """Clip weights bit-identical on every rank: ``compute()`` on rank 0 only, broadcast to the
+    others when a process group is up (a rank computing in another float order would
+    otherwise draw other clips)."""
+    import torch.distributed as dist
+
+    if world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return compute()
+    mine = compute() if dist.get_rank() == 0 else np.empty(n, np.float64)
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.as_tensor(np.ascontiguousarray(mine, np.float64)).to(dev)
+    dist.broadcast(t, 0)
+    return t.cpu().numpy()
 
 
 # ----------------------------------------------------------------------------- streaming
@@ -352,8 +367,9 @@ def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter 
         if prefetch_factor is not None:
             worker_kw["prefetch_factor"] = prefetch_factor
 
+    weigh = functools.partial(sampling_weights, root, flt, sampler, rows)
     if training and sampler.mode == "streaming":
-        weights = sampling_weights(root, flt, sampler, rows)
+        weights = rank0_weights(weigh, len(rows), world_size)
         state = _StreamState(root, _shard_rows(root, man, rows, weights), flt, W, T - 1, N, aug, seed, rank, on_error,
                              info["build_filter"])
         pipe = _streaming_pipeline(state, batch_size, shuffle_buffer)
@@ -370,8 +386,9 @@ def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter 
     if num_workers > 0:
         dataset.ring = make_ring(num_workers, prefetch_factor, packed_bytes(batch_size, T - 1, N, W))
     if training:
-        weights = sampling_weights(root, flt, sampler, rows)
-        bs = WeightedBatchSampler(rows, weights, batch_size, epoch_size, seed, rank, world_size)
+        aff = Affinity(dataset.shard_of[rows], sampler.affinity_window) if sampler.shard_affinity else None
+        bs = WeightedBatchSampler(rows, rank0_weights(weigh, len(rows), world_size), batch_size, epoch_size, seed,
+                                  rank, world_size, aff)
     else:
         bs = SequentialBatchSampler(rows, batch_size, rank, world_size)
     dl = torch.utils.data.DataLoader(dataset, batch_sampler=bs, collate_fn=_identity, num_workers=num_workers,

@@ -10,6 +10,12 @@ points with one random offset pick the clips. Each clip is drawn ``floor(M p_i)`
 far less variance than independent draws; with uniform weights and ``M`` = number of clips
 it is an ordinary shuffled epoch with every clip once. The draw is then shuffled, cut into
 equal per-rank slices and batches.
+
+With ``shard_affinity`` the same draw (the same multiset of clips, the same batch counts) is
+ordered by a per-epoch permutation of the shards before it is cut, and then shuffled only
+within windows of ``affinity_window`` batches of each rank: a rank reads about 1/world of
+the shards in an epoch, and a few shards at a time, which is what a whole-shard cache of
+remote builds needs (``shard_cache``). Batches then mix the clips of a few shards only.
 """
 from __future__ import annotations
 
@@ -39,8 +45,15 @@ class SamplerConfig:
     min_weight: float = 0.05
     mode: str = "exact"  # exact | streaming
     epoch_size: int | None = None
+    shard_affinity: bool = False  # group each rank's draws by shard (exact mode)
+    affinity_window: int = 16  # batches of a rank shuffled together under shard_affinity
 
     def __post_init__(self):
+        if self.shard_affinity and self.mode != "exact":
+            raise SettingError("sampler.shard_affinity groups exact-mode draws; streaming mode reads whole shards "
+                               "already: set sampler.mode=exact or shard_affinity=false")
+        if self.affinity_window < 1:
+            raise SettingError(f"sampler.affinity_window must be >= 1, got {self.affinity_window}")
         if self.method not in METHODS:
             raise SettingError(f"sampler.method must be one of {METHODS}, got {self.method!r}")
         if self.mode not in MODES:
@@ -100,6 +113,26 @@ def systematic_draw(weights: np.ndarray, m: int, rng: np.random.Generator) -> np
     return picked[rng.permutation(m)]
 
 
+def group_by_shard(picked: np.ndarray, shard_of: np.ndarray, parts: int, window: int,
+                   rng: np.random.Generator) -> np.ndarray:
+    """``picked`` (indices into ``shard_of``) reordered: by a random permutation of the shards,
+    then shuffled within consecutive windows of ``window`` draws of each of ``parts`` equal
+    parts. The multiset is unchanged."""
+    rank_of_shard = rng.permutation(int(shard_of.max()) + 1)
+    out = picked[np.argsort(rank_of_shard[shard_of[picked]], kind="stable")]
+    per = len(out) // parts
+    place = np.arange(len(out))
+    block = (place // per) * (per // window + 1) + (place % per) // window
+    return out[np.lexsort((rng.random(len(out)), block))]
+
+
+@dataclass(frozen=True)
+class Affinity:
+    """``shard_affinity``: the shard of each row (codes 0..S-1) and the window in batches."""
+    shard_of: np.ndarray
+    window: int = 16
+
+
 class IndexBatch(list):
     """A batch of row indices that also carries its place ``(epoch, rank, batch)``.
 
@@ -124,10 +157,11 @@ class WeightedBatchSampler:
     whole batches), identical on every rank given (seed, epoch); rank r takes the r-th
     contiguous slice, so ranks never share a draw. Each batch goes to exactly one
     DataLoader worker. ``start_batch`` skips already consumed batches on resume.
+    ``affinity`` groups the draw by shard (``group_by_shard``).
     """
 
     def __init__(self, rows, weights, batch_size: int, epoch_size: int | None = None, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, affinity: Affinity | None = None):
         self.rows = np.asarray(rows, np.int64)
         self.weights = np.asarray(weights, np.float64)
         if len(self.rows) != len(self.weights):
@@ -138,6 +172,9 @@ class WeightedBatchSampler:
         self.epoch_size = int(epoch_size) if epoch_size is not None else len(self.rows)
         self.epoch = 0
         self.start_batch = 0
+        self.affinity = affinity
+        if affinity is not None and len(affinity.shard_of) != len(self.rows):
+            raise ValueError("affinity.shard_of and rows differ in length")
 
     def __len__(self) -> int:
         return max(1, self.epoch_size // (self.batch_size * self.world_size))
@@ -150,6 +187,9 @@ class WeightedBatchSampler:
         nb = len(self)
         m = self.world_size * nb * self.batch_size
         picked = systematic_draw(self.weights, m, epoch_rng(self.seed, epoch))
+        if self.affinity is not None:
+            picked = group_by_shard(picked, self.affinity.shard_of, self.world_size,
+                                    self.affinity.window * self.batch_size, epoch_rng(self.seed, epoch, 3))
         return self.rows[picked].reshape(self.world_size, nb, self.batch_size)
 
     def __iter__(self):
