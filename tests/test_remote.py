@@ -363,3 +363,38 @@ def test_a_server_restart_in_mid_epoch_is_retried_and_nothing_is_lost(weed, tiny
     _same(got, want)
     assert weed.p is not first or len(got) == 1  # the server was restarted within the epoch
     # (the gap is bridged by s3fs's own retries or by the range source's: either may answer)
+
+
+def _torchrun(data, out, sets, env_extra=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "tokenizer_train", "train", "--data", str(data), "--out", str(out), "--no-progress",
+           *sum((["--set", s] for s in sets), [])]
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+
+
+def test_two_ranks_train_from_s3_with_shard_affinity_and_a_cache(weed, tiny_build, tmp_path):
+    """torchrun, 2 ranks (gloo), from S3 with shard_affinity and a node cache a quarter of the
+    build: exit 0, the same parameters as the same run from the local copy, the cache bounded."""
+    import torch
+
+    from harness import TINY
+    from motion_data.read.shard_cache import held_bytes
+
+    if not weed.fs.exists("bucket/build5/build.json"):
+        weed.fs.put(str(tiny_build), "bucket/build5", recursive=True)
+    quarter = sum(p.stat().st_size for p in (tiny_build / "shards").glob("*.tar")) // 4
+    biggest = max(p.stat().st_size for p in (tiny_build / "shards").glob("*.tar"))
+    bound = max(quarter, biggest)  # a shard larger than the bound would be read by ranges instead
+    sets = TINY + ["training.epochs=2", "data.num_workers=0", "data.sampler.shard_affinity=true",
+                   "data.sampler.affinity_window=2"]
+    local = _torchrun(tiny_build, tmp_path / "local", sets)
+    assert local.returncode == 0, local.stderr[-3000:]
+    remote = _torchrun("s3://bucket/build5", tmp_path / "s3",
+                       sets + [f"data.cache_dir={tmp_path / 'cache'}", f"data.cache_bytes={bound}"])
+    assert remote.returncode == 0, remote.stderr[-3000:]
+    wa = torch.load(tmp_path / "local" / "last.pt", map_location="cpu", weights_only=False)["model"]
+    wb = torch.load(tmp_path / "s3" / "last.pt", map_location="cpu", weights_only=False)["model"]
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert 0 < held_bytes(tmp_path / "cache") <= bound
