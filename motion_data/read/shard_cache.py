@@ -8,8 +8,8 @@ would fetch far more bytes than the range reads it replaces; leave it off then.
 Files: ``<key>.<sha256 prefix>.tar``, where ``key`` hashes the shard's URL, size and ETag (a
 rebuilt shard is a new key, never a stale hit) and the sha256 prefix is that of the bytes as
 downloaded. Each process re-hashes a cached file the first time it uses it, so a file
-altered on disk is dropped and fetched again, never read. Writes are atomic (temporary name,
-fsync, rename), and a per-key ``flock`` makes the loader workers and ranks of one node fetch
+altered on disk (or torn by a crash) is dropped and fetched again, never read. Writes are
+atomic (temporary name, then rename), and a per-key ``flock`` makes the loader workers and ranks of one node fetch
 each shard once. Use order is the files' mtime (touched on use); after a fetch the oldest
 files go until the total is within ``cache_bytes``. A file evicted while another process
 reads it stays readable through its open descriptor.
@@ -36,19 +36,37 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+class _Hashed:
+    """A file being written and the sha256 of what was written; ``truncate()`` starts both over."""
+
+    def __init__(self, f):
+        self.f, self.h = f, hashlib.sha256()
+
+    def write(self, b):
+        self.h.update(b)
+        return self.f.write(b)
+
+    def seek(self, pos: int):
+        return self.f.seek(pos)
+
+    def truncate(self):
+        self.h = hashlib.sha256()
+        return self.f.truncate()
+
+
 def fetch_into(folder: Path, key: str, size: int, fetch) -> Path:
     """``fetch(f)`` into a temporary file, checked for ``size`` bytes, then renamed to
-    ``<key>.<sha256 prefix>.tar`` (fsynced first: a crash leaves no partial file)."""
+    ``<key>.<sha256 prefix>.tar``. No fsync: a file torn by a crash fails the hash check of
+    the next process that uses it and is fetched again."""
     tmp = folder / f".{key}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            fetch(f)
-            f.flush()
-            os.fsync(f.fileno())
+            out = _Hashed(f)
+            fetch(out)
         got = tmp.stat().st_size
         if got != size:
             raise OSError(f"fetched {got} bytes of a {size}-byte shard")
-        p = folder / f"{key}.{_sha256_file(tmp)[:16]}.tar"
+        p = folder / f"{key}.{out.h.hexdigest()[:16]}.tar"
         os.replace(tmp, p)
     finally:
         tmp.unlink(missing_ok=True)
