@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -221,6 +222,26 @@ def test_cli_build_rerun_is_noop_and_other_args_are_refused(tmp_path, tiny_track
     assert run_cli("--input", tiny_tracks, "--out", out, "--maxcount", 25, "--stride", 4, "--no-progress") == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "stride" in err and str(out) in err
+
+
+def test_the_same_inputs_copied_elsewhere_are_the_same_build(tmp_path, tiny_tracks, capsys):
+    """The fingerprint holds names, sizes and content hashes, no mtime or absolute path: a copy
+    with new mtimes in another folder is up to date; one changed byte is refused."""
+    out = tmp_path / "b"
+    assert run_cli("--input", tiny_tracks, "--out", out, "--maxcount", 25, "--no-progress") == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_tracks, copy)
+    for p in copy.iterdir():
+        os.utime(p, (1, 1))
+    capsys.readouterr()
+    assert run_cli("--input", copy, "--out", out, "--maxcount", 25, "--no-progress") == 0
+    assert "nothing to do" in capsys.readouterr().out
+    victim = sorted(copy.iterdir())[0]
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 1
+    victim.write_bytes(bytes(data))
+    assert run_cli("--input", copy, "--out", out, "--maxcount", 25, "--no-progress") == 2
+    assert "inputs" in capsys.readouterr().err
 
 
 def test_overwrite_unblocks_a_failed_build_and_keeps_other_files(tmp_path, capsys):

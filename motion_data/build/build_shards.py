@@ -59,13 +59,18 @@ def _parse_part(part):
 
 
 def _input_stat(path: str) -> list:
-    st = os.stat(path)
-    return [path, int(st.st_size), int(st.st_mtime_ns)]
+    """``[path, size, sha256]``: what a file is by its content, wherever it lies and whatever its mtime."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return [path, os.path.getsize(path), h.hexdigest()]
 
 
 def inputs_digest(stats: list) -> str:
-    """Digest of (path, size, mtime, name) of the inputs: a build never mixes changed inputs,
-    nor the same files named from another input root (the names are in the clip ids)."""
+    """Digest of (name, size, sha256) of the inputs, names relative to the input root: a
+    build never mixes changed inputs nor names from another root (the names are in the clip
+    ids), and the same files copied to another machine or folder are the same build."""
     return hashlib.sha1(json.dumps(stats).encode()).hexdigest()
 
 
@@ -267,7 +272,7 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
     root = input_root(inputs)
     names = [source_name(p, root) for p in sources]
     in_stats = [_input_stat(p) for p in sources]
-    fingerprint = {"config": config, "inputs_digest": inputs_digest([[*st, n] for st, n in zip(in_stats, names)])}
+    fingerprint = {"config": config, "inputs_digest": inputs_digest([[n, *st[1:]] for st, n in zip(in_stats, names)])}
     out = Path(out)
 
     def what_differs(prev):
@@ -275,7 +280,7 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
             return "arguments (an older build-shards, which named sources by their full path)"
         keys = diff_keys(prev.get("config") or {}, config)
         if prev.get("inputs_digest") != fingerprint["inputs_digest"]:
-            keys.append("inputs (files, their size/mtime, or their names relative to the input root)")
+            keys.append("inputs (files, their size or content, or their names relative to the input root)")
         return "arguments: " + ", ".join(keys or ["?"])
 
     state = _prepare_out(out, fingerprint, what_differs, overwrite)
@@ -353,7 +358,7 @@ class BuildRun:
     prefixes: list          # their clip id prefixes
     config: dict            # make_config's output
     fingerprint: dict       # config + inputs digest
-    in_stats: list          # [path, size, mtime_ns] per input
+    in_stats: list          # [path, size, sha256] per input
     global_index: list      # each input's index in the full sorted input list
     n_all: int              # inputs in the full list (all parts)
     infos: dict             # input -> {clips, sequences, error}
@@ -414,9 +419,9 @@ def finalize(run: BuildRun) -> dict:
         if p.name not in keep:
             p.unlink()
     inputs = []
-    for j, (path, size, mtime) in enumerate(run.in_stats):
+    for j, (path, size, sha) in enumerate(run.in_stats):
         info = infos.get(j, {"clips": 0, "sequences": 0, "error": "not processed"})
-        inputs.append({"path": path, "name": names[j], "global_index": run.global_index[j], "size": size, "mtime_ns": mtime,
+        inputs.append({"path": path, "name": names[j], "global_index": run.global_index[j], "size": size, "sha256": sha,
                        "clips": int(info["clips"]), "sequences": int(info["sequences"]), "error": info["error"],
                        "bad_sequences": list(info.get("bad_sequences", []))})
     skipped = [{"path": i["path"], "reason": i["error"]} for i in inputs if i["error"]]

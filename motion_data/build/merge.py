@@ -156,7 +156,8 @@ def merge(parts, out, *, progress: bool = False) -> dict:
                    "T": a0["T"], "resumed_shards": 0, "clips_this_run": C, "seconds": round(total, 3),
                    "clips_per_s": round(C / total, 1) if total > 0 else None}
         doc = {"build_format": BUILD_FORMAT, "command": None, "config": config,
-               "inputs_digest": inputs_digest([[i["path"], i["size"], i["mtime_ns"], i.get("name", i["path"])] for i in inputs]),
+               "inputs_digest": inputs_digest([[i.get("name", i["path"]), i["size"], i.get("sha256", i.get("mtime_ns"))]
+                                               for i in inputs]),
                "options": docs[0].get("options"), "part": None, "n_inputs_all": docs[0]["n_inputs_all"],
                "inputs": inputs, "summary": summary, "merged_from": [str(d) for d in dirs],
                "parts": [{"dir": str(dd), "command": d.get("command"), "summary": d.get("summary")}
