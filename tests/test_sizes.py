@@ -16,10 +16,7 @@ EXCEPTION_BASES = {"Exception", "BaseException", "KeyboardInterrupt", "ValueErro
 # part -> its size today (lines, or parameters for "(params)"); numba kernels take their arrays
 # one by one (no dataclasses in nopython mode)
 OVER = {
-    "motion_data/build/build_shards.py": 443,
-    "motion_data/build/build_shards.py:build": 105,
     "motion_data/build/build_shards.py:build (params)": 18,
-    "motion_data/build/build_shards.py:make_config (params)": 11,
     "motion_data/build/folder.py:BuildDir": 138,
     "motion_data/build/merge.py:merge": 136,
     "motion_data/build/stats.py:_clip_pass (params)": 16,

@@ -11,10 +11,7 @@ its presence marks a finished build.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import re
-import os
 import shutil
 import sys
 import time
@@ -25,138 +22,16 @@ from pathlib import Path
 import numpy as np
 
 from motion_data.build import manifest as mf
+from motion_data.build.setup import (BUILD_FORMAT, BUILD_JSON, DEFAULT_MAXCOUNT, WORK, Options,  # noqa: F401
+                                     prepare)
 from motion_data.common.atomic import atomic_write_json, remove_stale
 from motion_data.build.pool import Runner, SpoolRef
-from motion_data.common.errors import DataError, SettingError
-from motion_data.sources.importers import FORMATS, SUPPORTED_EXTS, input_root, list_inputs, source_name
-from motion_data.common.labels import DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, DEFAULT_W, LABEL_RULES
+from motion_data.common.errors import DataError
+from motion_data.common.labels import DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, DEFAULT_W
 from motion_data.build.records import ShardContext, add_sparse, load_records, write_shard_and_record
 from motion_data.build.shards import shard_name
 from motion_data.common.static_filter import METRICS, DEFAULT_FILTER, StaticFilter
 from motion_data.build.store import PER_CLIP, STORE_NAME, StoreWriter, empty_hists, store_attrs
-
-BUILD_JSON = "build.json"
-WORK = ".work"
-BUILD_FORMAT = 2  # 2: positions + visibility in the shards, checksums, label rule (store.FORMAT_VERSION)
-DEFAULT_MAXCOUNT = 1000
-
-# ------------------------------------------------------------------ config and inputs
-
-
-def _parse_part(part):
-    if part is None:
-        return None
-    if isinstance(part, str):
-        try:
-            i, n = (int(x) for x in part.split("/"))
-        except ValueError:
-            raise SettingError(f"--part must look like i/n (e.g. 0/4), got {part!r}") from None
-    else:
-        i, n = (int(x) for x in part)
-    if not (n >= 1 and 0 <= i < n):
-        raise SettingError(f"--part i/n needs 0 <= i < n, got {i}/{n}")
-    return (i, n)
-
-
-def _input_stat(path: str) -> list:
-    """``[path, size, sha256]``: what a file is by its content, wherever it lies and whatever its mtime."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return [path, os.path.getsize(path), h.hexdigest()]
-
-
-def inputs_digest(stats: list) -> str:
-    """Digest of (name, size, sha256) of the inputs, names relative to the input root: a
-    build never mixes changed inputs nor names from another root (the names are in the clip
-    ids), and the same files copied to another machine or folder are the same build."""
-    return hashlib.sha1(json.dumps(stats).encode()).hexdigest()
-
-
-def make_config(*, fmt, window, stride, ref_size, W, maxcount, part, image_size, views, build_filter,
-                label_rule=DEFAULT_LABEL_RULE) -> dict:
-    """Everything that determines the output (not workers, progress or on_error)."""
-    if fmt != "auto" and fmt not in FORMATS:
-        raise SettingError(f"--format must be auto or one of {', '.join(FORMATS)}, got {fmt!r}")
-    if window < 2 or stride < 1 or maxcount < 1:
-        raise SettingError(f"need window >= 2, stride >= 1, maxcount >= 1 (got {window}, {stride}, {maxcount})")
-    if window - 1 > 255:
-        raise SettingError(f"window {window} too long (at most 256 frames)")
-    if W < 3 or W % 2 == 0:
-        raise SettingError(f"--window-size must be odd and >= 3, got {W}")
-    if not build_filter.enable:
-        raise SettingError("the build filter must be enabled (e.g. p95@0.04)")
-    if label_rule not in LABEL_RULES:
-        raise SettingError(f"--label-rule must be one of {', '.join(LABEL_RULES)}, got {label_rule!r}")
-    return {
-        "format": fmt, "window": int(window), "stride": int(stride), "ref_size": int(ref_size), "W": int(W),
-        "maxcount": int(maxcount), "part": list(part) if part else None,
-        "image_size": [int(x) for x in image_size] if image_size is not None else None,
-        "views": list(views) if views else None,
-        "build_filter": {"metric": build_filter.metric, "threshold": float(build_filter.threshold),
-                         "min_keep": int(build_filter.min_keep)},
-        "label_rule": label_rule,
-        # manifest source / clip ids are paths relative to the input root (importers.source_name);
-        # recorded so an unfinished build of the earlier absolute naming is never resumed into a mix
-        "source_names": "relative",
-    }
-
-
-def diff_keys(a: dict, b: dict) -> list[str]:
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-
-
-# ------------------------------------------------------------------ the pipeline
-# what a build writes into its folder (and the temporaries of those: ``.NAME.tmp*``/``.NAME.old*``)
-BUILD_ENTRIES = (BUILD_JSON, WORK, "shards", STORE_NAME, mf.MANIFEST_NAME)
-OVERWRITE_HINT = "pass --overwrite to discard it and start afresh"
-
-
-def holds_build(out: Path) -> bool:
-    return (out / BUILD_JSON).exists() or (out / WORK / "config.json").exists()
-
-
-def remove_build(out: Path) -> None:
-    """Remove a build's own entries from ``out``; other files there are left alone."""
-    temp = re.compile(r"\.(%s)\.(tmp|old)\d*" % "|".join(map(re.escape, BUILD_ENTRIES)))  # atomic.temp_path
-    for p in out.iterdir():
-        if p.name in BUILD_ENTRIES or temp.fullmatch(p.name):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-
-
-def _prepare_out(out: Path, fingerprint: dict, force_msg, overwrite: bool = False) -> str:
-    """'done' (finished, same args), 'resume' or 'fresh'; raises on a different build.
-    ``overwrite``: a build found in ``out`` (finished or not) is removed: 'fresh'."""
-    if overwrite and out.is_dir() and holds_build(out):
-        remove_build(out)
-        return "fresh"
-    bj = out / BUILD_JSON
-    if bj.exists():
-        try:
-            old = json.loads(bj.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise DataError(f"{bj}: unreadable ({e})") from None
-        prev = {"config": old.get("config"), "inputs_digest": old.get("inputs_digest")}
-        if prev == fingerprint:
-            return "done"
-        raise DataError(f"{out} holds a finished build made with different {force_msg(prev)}; use another --out "
-                         f"or {OVERWRITE_HINT}")
-    cfg = out / WORK / "config.json"
-    if cfg.exists():
-        prev = json.loads(cfg.read_text())
-        if prev != fingerprint:
-            raise DataError(f"{out} holds an unfinished build made with different {force_msg(prev)}; "
-                             f"re-run that command to finish it, use another --out, or {OVERWRITE_HINT}")
-        return "resume"
-    if out.exists() and any(out.iterdir()):
-        raise DataError(f"{out} is not empty and holds no build; use a new or empty --out (--overwrite replaces "
-                         f"only a build)")
-    return "fresh"
-
 
 class ShardPacker:
     """Packs the clips of consecutive inputs, in input order, into shards of ``maxcount``
@@ -252,38 +127,13 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
     build of the same arguments resumes.
     """
     t0 = time.perf_counter()
-    if on_error not in ("fail", "skip"):
-        raise SettingError(f"--on-error must be fail or skip, got {on_error!r}")
-    part = _parse_part(part)
-    config = make_config(fmt=fmt, window=window, stride=stride, ref_size=ref_size, W=W, maxcount=maxcount,
-                         part=part, image_size=image_size, views=views, build_filter=build_filter,
-                         label_rule=label_rule)
-    all_inputs = list_inputs(inputs)
-    if not all_inputs:
-        raise DataError(f"no input files found in {', '.join(map(str, inputs))} (looked for "
-                         f"{', '.join(SUPPORTED_EXTS)}; point --input at track files or folders of them)")
-    i_part, n_part = part or (0, 1)
-    globals_ = list(range(i_part, len(all_inputs), n_part))
-    if not globals_:
-        raise SettingError(f"--part {i_part}/{n_part} gets no input: there are only {len(all_inputs)} input files")
-    sources = [all_inputs[g] for g in globals_]
-    # what the build records (manifest source, clip ids, split): paths relative to the input
-    # root, so moving the input folder leaves them unchanged
-    root = input_root(inputs)
-    names = [source_name(p, root) for p in sources]
-    in_stats = [_input_stat(p) for p in sources]
-    fingerprint = {"config": config, "inputs_digest": inputs_digest([[n, *st[1:]] for st, n in zip(in_stats, names)])}
-    out = Path(out)
-
-    def what_differs(prev):
-        if "source_names" not in (prev.get("config") or {}):
-            return "arguments (an older build-shards, which named sources by their full path)"
-        keys = diff_keys(prev.get("config") or {}, config)
-        if prev.get("inputs_digest") != fingerprint["inputs_digest"]:
-            keys.append("inputs (files, their size or content, or their names relative to the input root)")
-        return "arguments: " + ", ".join(keys or ["?"])
-
-    state = _prepare_out(out, fingerprint, what_differs, overwrite)
+    opts = Options(fmt=fmt, window=window, stride=stride, ref_size=ref_size, W=W, maxcount=maxcount, part=part,
+                   on_error=on_error, image_size=image_size, views=views, build_filter=build_filter,
+                   label_rule=label_rule)
+    pre = prepare(inputs, out, opts, overwrite)
+    out, state, sources, names, root, config, fingerprint = (pre.out, pre.state, pre.sources, pre.names, pre.root,
+                                                              pre.config, pre.fingerprint)
+    in_stats, globals_ = pre.in_stats, pre.global_index
     if state == "done":
         summary = json.loads((out / BUILD_JSON).read_text())["summary"]
         return {**summary, "status": "up-to-date"}
@@ -341,7 +191,7 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
         runner.close()
         bar.close()
     run = BuildRun(out=out, ctx=ctx, sources=sources, names=names, root=root, prefixes=prefixes, config=config, fingerprint=fingerprint,
-                   in_stats=in_stats, global_index=globals_, n_all=len(all_inputs), infos=infos, n_shards=packer.k,
+                   in_stats=in_stats, global_index=globals_, n_all=pre.n_all, infos=infos, n_shards=packer.k,
                    command=command, on_error=on_error, workers=workers, resumed=len(recs),
                    new_clips=packer.new_clips, t0=t0, t_stream=time.perf_counter() - t0)
     return finalize(run)

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from motion_data.build import manifest as mf
-from motion_data.build.build_shards import BUILD_FORMAT, BUILD_JSON, diff_keys, inputs_digest, write_json
+from motion_data.build.build_shards import write_json
+from motion_data.build.setup import BUILD_FORMAT, BUILD_JSON, diff_keys, inputs_digest
 from motion_data.common.errors import DataError
 from motion_data.build.folder import BuildDir
 from motion_data.build.shards import shard_name
@@ -156,8 +157,7 @@ def merge(parts, out, *, progress: bool = False) -> dict:
                    "T": a0["T"], "resumed_shards": 0, "clips_this_run": C, "seconds": round(total, 3),
                    "clips_per_s": round(C / total, 1) if total > 0 else None}
         doc = {"build_format": BUILD_FORMAT, "command": None, "config": config,
-               "inputs_digest": inputs_digest([[i.get("name", i["path"]), i["size"], i.get("sha256", i.get("mtime_ns"))]
-                                               for i in inputs]),
+               "inputs_digest": inputs_digest([[i.get("name", i["path"]), i["size"], i.get("sha256")] for i in inputs]),
                "options": docs[0].get("options"), "part": None, "n_inputs_all": docs[0]["n_inputs_all"],
                "inputs": inputs, "summary": summary, "merged_from": [str(d) for d in dirs],
                "parts": [{"dir": str(dd), "command": d.get("command"), "summary": d.get("summary")}
