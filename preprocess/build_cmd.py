@@ -6,6 +6,10 @@ Re-running the same command after an interruption resumes where it stopped; re-r
 on a finished build does nothing. Another command on an existing OUT is an error unless
 --overwrite is given, which discards the build there (finished or not) and starts afresh;
 files in OUT that a build does not write are never removed.
+
+Array jobs (Slurm and the like; every node sees OUT): --plan-only once, then --task i/n on
+each node, in any order (each reads the plan), then --finalize once. The result equals the
+one-process build byte for byte.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from pathlib import Path
 
 from motion_data.build import remote as R
 from motion_data.build.build_shards import DEFAULT_MAXCOUNT, build
+from motion_data.build.setup import Options
 from motion_data.common.storage import is_url, location
 from motion_data.common.errors import SettingError, UserError
 from motion_data.sources.importers import FORMATS
@@ -36,9 +41,10 @@ def _image_size(s: str):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+    p.add_argument("--input", nargs="+", default=None, metavar="PATH",
                    help="track files or folders (searched recursively for .npz .npy .pt .h5 .hdf5); URLs "
-                        "(s3://, gs://, https://) are copied to --stage first")
+                        "(s3://, gs://, https://) are copied to --stage first; required except with --task and "
+                        "--finalize, which read the plan")
     p.add_argument("--out", required=True, help="output build folder, or a URL (s3://bucket/build; built in --stage, "
                                                 "then published one object per file, build.json last)")
     p.add_argument("--stage", default=None, metavar="DIR",
@@ -78,12 +84,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="discard the build in OUT (finished or not, e.g. one that failed or was made with other "
                         "arguments) and build afresh; only the build's own files are removed. Without it an "
                         "interrupted build of the same command resumes")
+    steps = p.add_mutually_exclusive_group()
+    steps.add_argument("--plan-only", action="store_true",
+                       help="array builds, step 1: count every input's clips (in --workers processes) and write "
+                            "OUT/.work/plan.json, which fixes the clips of every shard")
+    steps.add_argument("--task", default=None, metavar="I/N",
+                       help="array builds, step 2: write the I-th of N contiguous ranges of the planned shards "
+                            "(0-based; any order, on any node; shards already written are kept)")
+    steps.add_argument("--finalize", action="store_true",
+                       help="array builds, step 3: once every task is done, write stats.zarr, the manifest and "
+                            "build.json")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar and the lines naming skipped inputs as they happen (the summary at the end lists them)")
 
 
 def command_line(args) -> list[str]:
     """The command with every option spelled out (defaults included), for build.json."""
-    cmd = ["python", "-m", "preprocess", "build-shards", "--input", *map(str, args.input), "--out", str(args.out),
+    cmd = ["python", "-m", "preprocess", "build-shards", "--input", *map(str, args.input or ()), "--out", str(args.out),
            "--format", args.format, "--window", str(args.window), "--stride", str(args.stride),
            "--ref-size", str(args.ref_size), "--window-size", str(args.W), "--workers", str(args.workers),
            "--maxcount", str(args.maxcount), "--on-error", args.on_error, "--filter", args.filter,
@@ -100,7 +116,40 @@ def command_line(args) -> list[str]:
     return cmd
 
 
+def _array_step(args) -> int:
+    from motion_data.build import plan as P
+
+    if is_url(args.out) or any(is_url(i) for i in args.input or ()):
+        raise SettingError("--plan-only, --task and --finalize need --out and --input on a folder every node sees "
+                           "(a shared file system); for object storage build without them")
+    if args.plan_only:
+        if not args.input:
+            raise SettingError("--plan-only needs --input")
+        flt = StaticFilter.parse(args.filter, min_keep=args.min_keep)
+        opts = Options(fmt=args.format, window=args.window, stride=args.stride, ref_size=args.ref_size, W=args.W,
+                       maxcount=args.maxcount, part=args.part, on_error=args.on_error, image_size=args.image_size,
+                       views=args.views, build_filter=flt, label_rule=args.label_rule)
+        plan = P.make_plan(args.input, args.out, opts, args.workers, args.overwrite)
+        print(f"{args.out}: planned {sum(i['clips'] for i in plan['inputs'])} clips in {len(plan['shards'])} shards "
+              f"from {len(plan['inputs'])} inputs; next: --task i/n, then --finalize")
+    elif args.task:
+        try:
+            i, n = (int(x) for x in args.task.split("/"))
+        except ValueError:
+            raise SettingError(f"--task must look like i/n (e.g. 0/4), got {args.task!r}") from None
+        r = P.run_task(args.out, i, n)
+        print(f"{args.out}: task {r['task']}: {r['shards_written']} shards written, {r['shards_already_done']} "
+              f"already there")
+    else:
+        print(format_summary(P.finalize_plan(args.out, command_line(args))))
+    return 0
+
+
 def run(args) -> int:
+    if args.plan_only or args.task or args.finalize:
+        return _array_step(args)
+    if not args.input:
+        raise SettingError("build-shards needs --input (track files or folders)")
     remote_out = is_url(args.out)
     inputs, out = args.input, args.out
     if remote_out or any(is_url(i) for i in inputs):  # stage, build, publish (build.remote)

@@ -111,24 +111,26 @@ def write_shard_and_record(ctx: ShardContext, k: int, clips: dict, names: dict, 
     return C
 
 
+def load_record(work: Path, out: Path, k: int) -> dict | None:
+    """Record k, or None when it is missing, unreadable, or its shard is missing or of another size."""
+    p = work / f"rec-{k:06d}.npz"
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            r = {key: z[key] for key in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+        return None
+    shard = out / "shards" / shard_name(k)
+    if not shard.is_file() or shard.stat().st_size != int(r["shard_bytes"]):
+        return None
+    return r
+
+
 def load_records(work: Path, out: Path) -> list[dict]:
     """Consecutive valid records from 0; the first broken one (or missing shard) ends the list."""
     recs = []
-    k = 0
-    while True:
-        p = work / f"rec-{k:06d}.npz"
-        if not p.exists():
-            break
-        try:
-            with np.load(p, allow_pickle=False) as z:
-                r = {key: z[key] for key in z.files}
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError):
-            break
-        shard = out / "shards" / shard_name(k)
-        if not shard.is_file() or shard.stat().st_size != int(r["shard_bytes"]):
-            break
+    while (r := load_record(work, out, len(recs))) is not None:
         recs.append(r)
-        k += 1
+    k = len(recs)
     # later records are not trusted once one is missing: their shards are rewritten
     for p in work.glob("rec-*.npz"):
         if int(p.stem.split("-")[1]) >= k:

@@ -1,0 +1,88 @@
+"""Array builds (--plan-only, --task i/n in any order, --finalize) equal the one-process build
+byte for byte: every shard, manifest.parquet and every stats.zarr array."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from conftest import TINY_MAXCOUNT
+from preprocess.__main__ import main as pre
+
+
+def _arrays(root: Path) -> dict:
+    g = zarr.open_group(str(root / "stats.zarr"), mode="r")
+    out = {}
+
+    def walk(grp, prefix=""):
+        for name, a in grp.arrays():
+            out[prefix + name] = a[...]
+        for name, sub in grp.groups():
+            walk(sub, prefix + name + "/")
+
+    walk(g)
+    return out
+
+
+def assert_same_build(a: Path, b: Path):
+    sa = sorted(p.name for p in (a / "shards").iterdir())
+    assert sa == sorted(p.name for p in (b / "shards").iterdir()) and sa
+    for name in sa:
+        assert (a / "shards" / name).read_bytes() == (b / "shards" / name).read_bytes(), name
+    assert (a / "manifest.parquet").read_bytes() == (b / "manifest.parquet").read_bytes()
+    xa, xb = _arrays(a), _arrays(b)
+    assert xa.keys() == xb.keys() and xa
+    for k in xa:
+        np.testing.assert_array_equal(xa[k], xb[k], err_msg=k)
+
+
+def test_array_build_out_of_order_equals_the_one_process_build(tiny_tracks, tiny_build, tmp_path, capsys):
+    out = tmp_path / "arr"
+    common = ["build-shards", "--out", str(out), "--no-progress"]
+    assert pre(common + ["--input", str(tiny_tracks), "--maxcount", str(TINY_MAXCOUNT), "--plan-only",
+                         "--workers", "2"]) == 0
+    assert "3 shards" in capsys.readouterr().out
+    assert pre(common + ["--task", "2/3"]) == 0
+    assert pre(common + ["--finalize"]) == 2  # shards 0 and 1 are missing: refused, naming the way on
+    err = capsys.readouterr().err
+    assert "2 of 3 shards are not written" in err and "--task" in err
+    assert pre(common + ["--task", "0/3"]) == 0
+    assert pre(common + ["--task", "0/3"]) == 0  # again: nothing to write
+    assert "0 shards written, 1 already there" in capsys.readouterr().out
+    assert pre(common + ["--task", "1/3"]) == 0
+    assert pre(common + ["--finalize"]) == 0
+    assert_same_build(out, tiny_build)
+    assert pre(["build-shards", "--input", str(tiny_tracks), "--out", str(out), "--maxcount", str(TINY_MAXCOUNT),
+                "--no-progress"]) == 0  # the one-process command sees the finished build as its own
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_a_task_killed_mid_range_is_rerun_to_the_same_bytes(tiny_tracks, tiny_build, tmp_path, monkeypatch):
+    import motion_data.build.plan as P
+
+    out = tmp_path / "arr"
+    assert pre(["build-shards", "--input", str(tiny_tracks), "--out", str(out), "--maxcount", str(TINY_MAXCOUNT),
+                "--plan-only", "--no-progress"]) == 0
+    real, calls = P.write_shard_and_record, []
+
+    def dies_on_the_second(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*a)
+
+    monkeypatch.setattr(P, "write_shard_and_record", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        P.run_task(out, 0, 1)
+    monkeypatch.setattr(P, "write_shard_and_record", real)
+    assert P.run_task(out, 0, 1) == {"task": "0/1", "shards_written": 2, "shards_already_done": 1}
+    P.finalize_plan(out)
+    assert_same_build(out, tiny_build)
+
+
+def test_task_steps_need_a_plan(tmp_path, capsys):
+    assert pre(["build-shards", "--out", str(tmp_path / "none"), "--task", "0/2", "--no-progress"]) == 2
+    assert "--plan-only" in capsys.readouterr().err
+    assert pre(["build-shards", "--out", str(tmp_path / "none"), "--task", "2/2", "--no-progress"]) == 2
