@@ -84,6 +84,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="discard the build in OUT (finished or not, e.g. one that failed or was made with other "
                         "arguments) and build afresh; only the build's own files are removed. Without it an "
                         "interrupted build of the same command resumes")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: this machine's process pool (default); ray: plan, shard tasks and finalize as Ray "
+                        "tasks spread over the cluster's nodes (the [ray] extra; every node must see --input and "
+                        "--out). The output is the same bytes either way")
+    p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                   help="the Ray cluster to use with --executor ray (default: start a local Ray on this machine)")
     steps = p.add_mutually_exclusive_group()
     steps.add_argument("--plan-only", action="store_true",
                        help="array builds, step 1: count every input's clips (in --workers processes) and write "
@@ -110,26 +116,34 @@ def command_line(args) -> list[str]:
         cmd += ["--image-size", f"{args.image_size[0]},{args.image_size[1]}"]
     if args.views:
         cmd += ["--views", *args.views]
+    if args.executor != "local":
+        cmd += ["--executor", args.executor]
     if args.no_progress:
         cmd.append("--no-progress")
     # --overwrite is not recorded: re-running the recorded command must resume, not start afresh
     return cmd
 
 
+def _options(args) -> Options:
+    try:
+        flt = StaticFilter.parse(args.filter, min_keep=args.min_keep)
+    except ValueError as e:
+        raise SettingError(str(e)) from None
+    return Options(fmt=args.format, window=args.window, stride=args.stride, ref_size=args.ref_size, W=args.W,
+                   maxcount=args.maxcount, part=args.part, on_error=args.on_error, image_size=args.image_size,
+                   views=args.views, build_filter=flt, label_rule=args.label_rule)
+
+
 def _array_step(args) -> int:
     from motion_data.build import plan as P
 
     if is_url(args.out) or any(is_url(i) for i in args.input or ()):
-        raise SettingError("--plan-only, --task and --finalize need --out and --input on a folder every node sees "
-                           "(a shared file system); for object storage build without them")
+        raise SettingError("--plan-only, --task, --finalize and --executor ray need --out and --input on a folder "
+                           "every node sees (a shared file system); for object storage build without them")
     if args.plan_only:
         if not args.input:
             raise SettingError("--plan-only needs --input")
-        flt = StaticFilter.parse(args.filter, min_keep=args.min_keep)
-        opts = Options(fmt=args.format, window=args.window, stride=args.stride, ref_size=args.ref_size, W=args.W,
-                       maxcount=args.maxcount, part=args.part, on_error=args.on_error, image_size=args.image_size,
-                       views=args.views, build_filter=flt, label_rule=args.label_rule)
-        plan = P.make_plan(args.input, args.out, opts, args.workers, args.overwrite)
+        plan = P.make_plan(args.input, args.out, _options(args), args.workers, args.overwrite)
         print(f"{args.out}: planned {sum(i['clips'] for i in plan['inputs'])} clips in {len(plan['shards'])} shards "
               f"from {len(plan['inputs'])} inputs; next: --task i/n, then --finalize")
     elif args.task:
@@ -140,13 +154,21 @@ def _array_step(args) -> int:
         r = P.run_task(args.out, i, n)
         print(f"{args.out}: task {r['task']}: {r['shards_written']} shards written, {r['shards_already_done']} "
               f"already there")
-    else:
+    elif args.finalize:
         print(format_summary(P.finalize_plan(args.out, command_line(args))))
+    else:
+        from motion_data.build.ray_exec import ray_build
+
+        if not args.input:
+            raise SettingError("--executor ray needs --input")
+        print(format_summary(ray_build(args.input, args.out, _options(args), address=args.ray_address,
+                                       overwrite=args.overwrite, progress=not args.no_progress,
+                                       command=command_line(args))))
     return 0
 
 
 def run(args) -> int:
-    if args.plan_only or args.task or args.finalize:
+    if args.plan_only or args.task or args.finalize or args.executor == "ray":
         return _array_step(args)
     if not args.input:
         raise SettingError("build-shards needs --input (track files or folders)")

@@ -33,7 +33,7 @@ from motion_data.common.static_filter import StaticFilter
 PLAN = "plan.json"
 
 
-def _count(task) -> dict:
+def count_input(task) -> dict:
     """An input's clip count, N and errors (its arrays are dropped)."""
     r = load_input((*task, None))
     return {k: r.get(k) for k in ("j", "error", "fatal", "N", "sequences", "bad_sequences")} | \
@@ -42,14 +42,14 @@ def _count(task) -> dict:
 
 def _counts(tasks, workers: int):
     if workers <= 1:
-        yield from map(_count, tasks)
+        yield from map(count_input, tasks)
         return
     from concurrent.futures import ProcessPoolExecutor
 
     from motion_data.build.pool import _mp_context
 
     with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context()) as ex:
-        yield from ex.map(_count, tasks, chunksize=4)
+        yield from ex.map(count_input, tasks, chunksize=4)
 
 
 def shard_ranges(counts: list, maxcount: int) -> list:
@@ -69,8 +69,10 @@ def shard_ranges(counts: list, maxcount: int) -> list:
     return shards
 
 
-def make_plan(inputs, out, opts: Options, workers: int = 1, overwrite: bool = False) -> dict:
-    """Count every input and write ``.work/plan.json`` (an existing plan of the same build is kept)."""
+def make_plan(inputs, out, opts: Options, workers: int = 1, overwrite: bool = False, counter=None) -> dict:
+    """Count every input and write ``.work/plan.json`` (an existing plan of the same build is
+    kept). ``counter(tasks)``: the counts of the load tasks, in order (default: a local pool
+    of ``workers`` processes; ``ray_exec`` passes Ray tasks)."""
     pre = prepare(inputs, out, opts, overwrite)
     work = pre.out / WORK
     if pre.state == "done":
@@ -84,7 +86,7 @@ def make_plan(inputs, out, opts: Options, workers: int = 1, overwrite: bool = Fa
               tuple(opts.views) if opts.views else None, opts.window, opts.stride, opts.on_error == "skip")
              for j, p in enumerate(pre.sources)]
     infos, N = [], None
-    for r in _counts(tasks, workers):
+    for r in (counter(tasks) if counter is not None else _counts(tasks, workers)):
         err = r["error"]
         if err is None and N is not None and r["N"] != N:
             err = f"{pre.sources[r['j']]}: N={r['N']} points per frame, earlier inputs have N={N}"
@@ -165,9 +167,10 @@ def run_task(out, i: int, n: int) -> dict:
     return {"task": f"{i}/{n}", "shards_written": written, "shards_already_done": done}
 
 
-def finalize_plan(out, command=None) -> dict:
-    """``build_shards.finalize`` once every planned shard has its record."""
-    out, t0 = Path(out), time.perf_counter()
+def finalize_plan(out, command=None, t0: float | None = None) -> dict:
+    """``build_shards.finalize`` once every planned shard has its record (``t0``: when the
+    build started, for its timings; default now)."""
+    out, t0 = Path(out), time.perf_counter() if t0 is None else t0
     plan = read_plan(out)
     K = len(plan["shards"])
     missing = [k for k in range(K) if load_record(out / WORK, out, k) is None]
