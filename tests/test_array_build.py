@@ -86,3 +86,25 @@ def test_task_steps_need_a_plan(tmp_path, capsys):
     assert pre(["build-shards", "--out", str(tmp_path / "none"), "--task", "0/2", "--no-progress"]) == 2
     assert "--plan-only" in capsys.readouterr().err
     assert pre(["build-shards", "--out", str(tmp_path / "none"), "--task", "2/2", "--no-progress"]) == 2
+
+
+def test_on_error_skip_array_build_skips_and_lists_what_one_build_does(tmp_path, capsys):
+    """Bad files under --on-error skip: the array build leaves out the same inputs, lists the
+    same reasons and writes the same bytes as the one-process build."""
+    import json
+
+    from test_build import make_bad_inputs
+
+    d = make_bad_inputs(tmp_path)
+    one, arr = tmp_path / "one", tmp_path / "arr"
+    base = ["build-shards", "--input", str(d), "--on-error", "skip", "--maxcount", "2", "--no-progress"]
+    assert pre(base + ["--out", str(one)]) == 0
+    assert pre(base + ["--out", str(arr), "--plan-only"]) == 0
+    assert pre(["build-shards", "--out", str(arr), "--task", "1/2", "--no-progress"]) == 0
+    assert pre(["build-shards", "--out", str(arr), "--task", "0/2", "--no-progress"]) == 0
+    assert pre(["build-shards", "--out", str(arr), "--finalize", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert_same_build(arr, one)
+    docs = [json.loads((x / "build.json").read_text())["summary"] for x in (one, arr)]
+    assert docs[0]["skipped"] == docs[1]["skipped"] and len(docs[0]["skipped"]) == 4
+    assert docs[0]["sequences_skipped"] == docs[1]["sequences_skipped"]

@@ -310,6 +310,11 @@ def test_cli_help_documents_every_option(capsys):
 
 @pytest.fixture
 def bad_inputs(tmp_path):
+    return make_bad_inputs(tmp_path)
+
+
+def make_bad_inputs(tmp_path):
+    """Two good track files and four bad ones (corrupt, empty, NaN, too short)."""
     d = tmp_path / "in"
     make_track_file(d / "a_good.npz", B=1, T=32, seed=1)
     (d / "b_corrupt.npz").write_bytes(b"PK\x03\x04 this is not a zip file at all")

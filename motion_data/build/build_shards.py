@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from motion_data.build import manifest as mf
 from motion_data.build.setup import (BUILD_FORMAT, BUILD_JSON, DEFAULT_MAXCOUNT, WORK, Options,  # noqa: F401
@@ -28,7 +29,8 @@ from motion_data.common.atomic import atomic_write_json, remove_stale
 from motion_data.build.pool import Runner, SpoolRef
 from motion_data.common.errors import DataError
 from motion_data.common.labels import DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, DEFAULT_W
-from motion_data.build.records import ShardContext, add_sparse, load_records, write_shard_and_record
+from motion_data.build.records import (ShardContext, add_sparse, load_record, load_records, record_clips,
+                                       write_shard_and_record)
 from motion_data.build.shards import shard_name
 from motion_data.common.static_filter import METRICS, DEFAULT_FILTER, StaticFilter
 from motion_data.build.store import PER_CLIP, STORE_NAME, StoreWriter, empty_hists, store_attrs
@@ -227,41 +229,33 @@ def finalize(run: BuildRun) -> dict:
     out, ctx, names, prefixes, config, infos = run.out, run.ctx, run.names, run.prefixes, run.config, run.infos
     n_shards, t0, resumed = run.n_shards, run.t0, run.resumed
     work = ctx.work
-    recs = load_records(work, out)
-    if len(recs) != n_shards:
-        raise DataError(f"{work}: expected {n_shards} shard records, found {len(recs)} (disk full or concurrent build?)")
-    if not recs:
+    # records are streamed, one in memory at a time: their per-point arrays add up to the store's size
+    first = load_record(work, out, 0) if n_shards else None
+    if first is None:
         raise DataError("no clips from any input" + (" (all inputs skipped)" if infos else ""))
-    N, S = int(recs[0]["N"]), int(recs[0]["S"])
-    C = sum(len(r["input"]) for r in recs)
+    N, S = int(first["N"]), int(first["S"])
+    C = sum(record_clips(work, k) for k in range(n_shards))
     attrs = store_attrs(W=ctx.W, ref_size=ctx.ref_size, T=S + 1, N=N, build_filter=config["build_filter"], n_clips=C,
                         label_rule=config["label_rule"])
     hists = empty_hists(ctx.W)
     sw = StoreWriter(out / STORE_NAME, C, N, attrs)
-    cols = {c: [] for c in mf.COLUMNS}
+    tables = []
     try:
-        for kk, r in enumerate(recs):
+        for kk in range(n_shards):
+            r = first if kk == 0 else load_record(work, out, kk)
+            if r is None:
+                raise DataError(f"{work}: shard record {kk} is missing or broken (disk full or concurrent build?); "
+                                f"re-run the build to rewrite it")
             sw.append({n: r[f"stat_{n}"] for n in PER_CLIP})
             for m in METRICS:
                 add_sparse(hists[m][0], r[f"{m}_points_idx"], r[f"{m}_points_val"])
                 add_sparse(hists[m][1], r[f"{m}_topk_idx"], r[f"{m}_topk_val"])
-            src = [names[j] for j in r["input"]]
-            cols["source"] += src
-            cols["clip_id"] += [mf.clip_id(s, q, f, prefixes[j])
-                                for s, j, q, f in zip(src, r["input"], r["sequence"], r["start_frame"])]
-            cols["shard"] += [f"shards/{shard_name(kk)}"] * len(src)
-            cols["split_group"] += [f"{s}#{q}" if ind else s for s, q, ind in zip(src, r["sequence"], r["independent"])]
-            for c in ("sequence", "start_frame", "offset", "size", "checksum"):
-                cols[c].append(r[c])
-            for c in ("dynamic_ratio", "center_share", "mean_speed", "visible_fraction"):
-                cols[c].append(r[f"m_{c}"])
-        for c in ("sequence", "start_frame", "offset", "size", "checksum", "dynamic_ratio", "center_share",
-                  "mean_speed", "visible_fraction"):
-            cols[c] = np.concatenate(cols[c])
+            tables.append(mf.to_table(_manifest_rows(r, kk, names, prefixes)))
         sw.close(hists, ctx.W)
     except BaseException:
         sw.abort()
         raise
+    cols = pa.concat_tables(tables)
     mf.write_manifest(out / mf.MANIFEST_NAME, cols)
     # leftovers of interrupted runs: shards past the end, temporary files
     keep = {shard_name(i) for i in range(n_shards)}
@@ -291,6 +285,19 @@ def finalize(run: BuildRun) -> dict:
     write_json(out / BUILD_JSON, doc)
     shutil.rmtree(work, ignore_errors=True)
     return summary
+
+
+def _manifest_rows(r: dict, k: int, names: list, prefixes: list) -> dict:
+    """The manifest columns of record ``r`` (shard ``k``)."""
+    src = [names[j] for j in r["input"]]
+    cols = {c: r[c] for c in ("sequence", "start_frame", "offset", "size", "checksum")}
+    cols.update({c: r[f"m_{c}"] for c in ("dynamic_ratio", "center_share", "mean_speed", "visible_fraction")})
+    cols["source"] = src
+    cols["clip_id"] = [mf.clip_id(s, q, f, prefixes[j]) for s, j, q, f in zip(src, r["input"], r["sequence"],
+                                                                               r["start_frame"])]
+    cols["shard"] = [f"shards/{shard_name(k)}"] * len(src)
+    cols["split_group"] = [f"{s}#{q}" if ind else s for s, q, ind in zip(src, r["sequence"], r["independent"])]
+    return cols
 
 
 def write_json(path: Path, doc: dict) -> None:

@@ -125,6 +125,12 @@ def load_record(work: Path, out: Path, k: int) -> dict | None:
     return r
 
 
+def record_clips(work: Path, k: int) -> int:
+    """Clips in record k (reads that one member only)."""
+    with np.load(work / f"rec-{k:06d}.npz", allow_pickle=False) as z:
+        return len(z["input"])
+
+
 def load_records(work: Path, out: Path) -> list[dict]:
     """Consecutive valid records from 0; the first broken one (or missing shard) ends the list."""
     recs = []
