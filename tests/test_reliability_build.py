@@ -66,11 +66,11 @@ elif phase == "zarr_write":  # statistics rows written, histograms half written
         return real_create(self, name, *a, **kw)
     zarr.Group.create_array = create_array
 elif phase == "manifest_write":  # stats.zarr in place, manifest written under its temporary name
-    real_table = mf.pq.write_table
-    def write_table(table, where, *a, **kw):
-        real_table(table, where, *a, **kw)
+    real_flush = mf.ManifestWriter._flush
+    def _flush(self):
+        real_flush(self)
         pause()
-    mf.pq.write_table = write_table
+    mf.ManifestWriter._flush = _flush
 elif phase == "before_build_json":
     real_json = b.write_json
     def write_json(path, doc):

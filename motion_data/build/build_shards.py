@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 from motion_data.build import manifest as mf
 from motion_data.build.setup import (BUILD_FORMAT, BUILD_JSON, DEFAULT_MAXCOUNT, WORK, Options,  # noqa: F401
@@ -239,7 +238,7 @@ def finalize(run: BuildRun) -> dict:
                         label_rule=config["label_rule"])
     hists = empty_hists(ctx.W)
     sw = StoreWriter(out / STORE_NAME, C, N, attrs)
-    tables = []
+    man = mf.ManifestWriter(out / mf.MANIFEST_NAME)
     try:
         for kk in range(n_shards):
             r = first if kk == 0 else load_record(work, out, kk)
@@ -250,13 +249,13 @@ def finalize(run: BuildRun) -> dict:
             for m in METRICS:
                 add_sparse(hists[m][0], r[f"{m}_points_idx"], r[f"{m}_points_val"])
                 add_sparse(hists[m][1], r[f"{m}_topk_idx"], r[f"{m}_topk_val"])
-            tables.append(mf.to_table(_manifest_rows(r, kk, names, prefixes)))
+            man.write(_manifest_rows(r, kk, names, prefixes))
         sw.close(hists, ctx.W)
+        man.close()
     except BaseException:
         sw.abort()
+        man.abort()
         raise
-    cols = pa.concat_tables(tables)
-    mf.write_manifest(out / mf.MANIFEST_NAME, cols)
     # leftovers of interrupted runs: shards past the end, temporary files
     keep = {shard_name(i) for i in range(n_shards)}
     for p in (out / "shards").iterdir():

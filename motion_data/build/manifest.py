@@ -11,6 +11,7 @@ the b-th independent sequence of a file without ``start_frame``, docs/DESIGN.md)
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from motion_data.common.atomic import atomic_path, remove_stale
+from motion_data.common.atomic import atomic_path, remove_stale, temp_path
 from motion_data.common.errors import DataError
 from motion_data.common.storage import Url, is_url, location
 
@@ -75,6 +76,59 @@ def write_manifest(path, table_or_columns) -> Path:
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return path
+
+
+ROW_GROUP = 1 << 17  # rows a streamed manifest gathers before it writes a row group
+
+
+class ManifestWriter:
+    """The manifest written piece by piece (``write(columns)``, then ``close()``), so a build's
+    finalize never holds it whole: each piece is validated as it comes, clip ids are checked
+    unique over all pieces by a 64-bit hash per id (read back and compared exactly only if
+    two hashes meet), and the file appears under its name only when closed."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        remove_stale(self.path)
+        self.tmp = temp_path(self.path)
+        self.writer = pq.ParquetWriter(self.tmp, SCHEMA)
+        self.buf, self.n, self.hashes = [], 0, []
+
+    def write(self, columns: dict) -> None:
+        t = validate(to_table(columns), where=str(self.path))
+        self.hashes.append(np.fromiter(map(hash, t.column("clip_id").to_pylist()), np.int64, len(t)))
+        self.buf.append(t)
+        self.n += len(t)
+        if self.n >= ROW_GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.buf:
+            t = pa.concat_tables(self.buf)
+            self.writer.write_table(t, row_group_size=len(t))
+            self.buf, self.n = [], 0
+
+    def close(self) -> Path:
+        try:
+            self._flush()
+            self.writer.close()
+            h = np.concatenate(self.hashes) if self.hashes else np.zeros(0, np.int64)
+            if len(np.unique(h)) != len(h):
+                validate(pq.read_table(self.tmp, columns=["clip_id"]), where=str(self.path))
+            with open(self.tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self.writer.close()
+        except Exception:  # noqa: BLE001 (already closed or broken: the temp goes anyway)
+            pass
+        self.tmp.unlink(missing_ok=True)
 
 
 def validate(table: pa.Table, where: str = "manifest", build_dir=None) -> pa.Table:
