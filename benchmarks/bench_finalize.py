@@ -66,11 +66,15 @@ def fabricate(root: Path, shards: int, per_shard: int) -> Path:
 def _finalize(out: str) -> None:
     import resource
 
-    from motion_data.build.plan import finalize_plan
+    from motion_data.build.plan import finalize_plan, read_plan
 
     t = time.perf_counter()
+    plan = read_plan(out)  # what every task reads first
+    plan_s, n_inputs = time.perf_counter() - t, len(plan["inputs"])
+    del plan
+    t = time.perf_counter()
     s = finalize_plan(out)
-    print(json.dumps({"seconds": time.perf_counter() - t, "clips": s["clips"],
+    print(json.dumps({"seconds": time.perf_counter() - t, "clips": s["clips"], "plan_s": plan_s, "inputs": n_inputs,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
@@ -84,6 +88,7 @@ def main(argv=None):
         t = time.perf_counter()
         out = fabricate(root, args.shards, args.per_shard)
         made = time.perf_counter() - t
+        plan_mb = (out / ".work" / "plan.json").stat().st_size / 1e6
         code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import bench_finalize as b; b._finalize({str(out)!r})"
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         if r.returncode:
@@ -94,7 +99,8 @@ def main(argv=None):
         print(f"finalize of {d['clips']:,} clips ({args.shards} records of {args.per_shard}, N=400): "
               f"{d['seconds']:.1f} s, {d['clips'] / d['seconds']:,.0f} clips/s, peak RSS {d['peak_rss_mb']:.0f} MB; "
               f"stats.zarr {store / 1e6:.0f} MB, manifest {man / 1e6:.1f} MB; {os.cpu_count()} cores, load "
-              f"{os.getloadavg()[0]:.1f} (records made in {made:.0f} s)")
+              f"{os.getloadavg()[0]:.1f} (records made in {made:.0f} s); the plan ({plan_mb:.1f} MB, {d['inputs']:,} inputs, "
+              f"{args.shards} shards) read in {d['plan_s']:.2f} s")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
