@@ -90,6 +90,10 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_then_resume(tmp_path):
     st = checkpoint.load(out / "last.pt")
     assert (st["step"], st["epoch"], st["batches_done"], len(st["ranks"])) == (2, 0, 2, 2)
     assert max(r["step"] for r in _rows(out / "metrics.jsonl")) == 2
+    one = subprocess.run([sys.executable, "-m", "tokenizer_train", "train", "--resume", str(out), "--no-progress"],
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert one.returncode == 2 and "mid-epoch by 2 processes; resume it with 2 (now 1)" in one.stderr, one.stderr[-2000:]
+    assert len(one.stderr.strip().splitlines()) == 1  # one line, no traceback
     time.sleep(1.1)  # the resumed event file sorts after the first
     p = subprocess.run([*launch, "-m", "tokenizer_train", "train", "--resume", str(out), "--no-progress"],
                        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -97,3 +101,26 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_then_resume(tmp_path):
     per_epoch = json.loads((out / "run.json").read_text())["steps_per_epoch"]
     steps = [r["step"] for r in _rows(out / "metrics.jsonl") if "train/loss_step" in r]
     assert steps == list(range(1, 2 * per_epoch + 1))  # each step once: none stale, none missing
+
+
+def test_two_ranks_then_one_process_at_an_epoch_boundary(tmp_path):
+    """A run of 2 ranks stopped at an epoch boundary continues in one process (the sampler
+    draws the same epochs; per-rank RNG states start afresh, as the warning says)."""
+    build = small_build(tmp_path / "build")
+    out = tmp_path / "run"
+    sets = ["model.hidden_dim=16", "model.num_layers=1", "model.num_heads=2", "training.batch_size=2",
+            "training.epochs=1", "data.val_split=0.2", "training.device=cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                        "tokenizer_train", "train", "--data", str(build), "--out", str(out), "--no-progress",
+                        *sum((["--set", s] for s in sets), [])], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = subprocess.run([sys.executable, "-m", "tokenizer_train", "train", "--resume", str(out), "--no-progress",
+                        "--set", "training.epochs=2"], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "comes from another world size" in p.stderr
+    st = checkpoint.load(out / "last.pt")
+    assert (st["epoch"], st["batches_done"], len(st["ranks"])) == (2, 0, 1)  # epoch 1 ran in one process
+    val = [r["epoch"] for r in _rows(out / "metrics.jsonl") if any(k.startswith("val/") for k in r)]
+    assert val == [0, 1]  # each epoch validated once
+    assert json.loads((out / "run.json").read_text())["world_size"] == 1
