@@ -18,6 +18,21 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _run_two_ranks(fn, root, out):
+    """``fn(rank, 2, port, root, out)`` in two spawned processes; a hang fails after TIMEOUT_S."""
+    ctx = mp.start_processes(fn, args=(2, _free_port(), str(root), str(out)), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.time() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.time() > deadline:
+                pytest.fail(f"DDP loader run did not finish within {TIMEOUT_S}s (hang?)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+
+
 def _worker(rank, world, port, root, out):
     import datetime
 
@@ -63,17 +78,7 @@ def _worker(rank, world, port, root, out):
 def test_two_rank_ddp_equal_batches_uneven_shards(tmp_path):
     # shards of 7, 2 and 5 clips, 14 clips, 3 sources -> uneven everything
     root = write_build(tmp_path / "b", shard_sizes=(7, 2, 5), sources=["x.h5", "y.h5", "z.h5"], stride=20)
-    ctx = mp.start_processes(_worker, args=(2, _free_port(), str(root), str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.time() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.time() > deadline:
-                pytest.fail(f"DDP loader run did not finish within {TIMEOUT_S}s (hang?)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
+    _run_two_ranks(_worker, root, tmp_path)
     r = [json.load(open(tmp_path / f"rank{k}.json")) for k in range(2)]
     for name in ("exact", "streaming", "val"):
         assert r[0][name]["counts"] == r[1][name]["counts"] == [r[0][name]["len"]] * 2, name
@@ -124,17 +129,7 @@ def _weights_worker(rank, world, port, root, out):
 
 def test_clip_weights_are_rank_zeros_on_every_rank(tmp_path):
     root = write_build(tmp_path / "b", shard_sizes=(7, 2, 5, 6), sources=["x.h5", "y.h5", "z.h5"], stride=20)
-    ctx = mp.start_processes(_weights_worker, args=(2, _free_port(), str(root), str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.time() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.time() > deadline:
-                pytest.fail(f"DDP loader run did not finish within {TIMEOUT_S}s (hang?)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
+    _run_two_ranks(_weights_worker, root, tmp_path)
     r = [json.load(open(tmp_path / f"w{k}.json")) for k in range(2)]
     assert r[1]["computed"] == ""  # only rank 0 computes
     assert r[0]["used"] == r[1]["used"] == r[0]["computed"]  # bit-identical: rank 0's
