@@ -105,3 +105,54 @@ def test_the_driver_killed_then_run_again_ends_in_the_same_bytes(cluster, tiny_t
     assert again.returncode == 0, again.stderr[-2000:]
     assert killed_before_the_end  # the first driver died mid-build
     assert_same_build(out, local6)
+
+
+def confined(leak_dir=None):
+    """A task: ``run_task``, refusing any file it opens outside the shared folder (the build's
+    parent's parent, which holds the inputs too) other than code and the interpreter's own
+    files. ``leak_dir``: the control, task 0 first opens a file there."""
+
+    def task(out, i, n):
+        import os
+        import sys
+        from pathlib import Path
+
+        from motion_data.build import plan as P
+
+        shared = str(Path(out).resolve().parent.parent)
+        code = tuple({sys.prefix, sys.base_prefix, str(Path(P.__file__).resolve().parents[2]), "/proc", "/dev",
+                      "/sys", "/etc", "/usr"})
+        seen = []
+
+        def hook(event, args):
+            if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+                seen.append(os.path.abspath(os.fsdecode(args[0])))
+
+        sys.addaudithook(hook)  # (stays for the worker's life; only this task's list is checked)
+        if leak_dir and i == 0:
+            open(os.path.join(leak_dir, f"leak-{os.getpid()}"), "w").close()
+        r = P.run_task(out, i, n)
+        outside = [p for p in seen if not p.startswith(shared) and not p.startswith(code)]
+        if outside:
+            raise RuntimeError(f"task {i}/{n} opened files outside {shared}: {sorted(set(outside))[:5]}")
+        return r
+
+    return task
+
+
+def test_tasks_open_nothing_outside_the_shared_folder(cluster, tiny_tracks, local6, tmp_path_factory):
+    """Inputs and the build in one shared folder: every file a task opens is under it (and a
+    task that opens one elsewhere fails the build: the check can fail)."""
+    import shutil
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    shared = tmp_path_factory.mktemp("shared")
+    shutil.copytree(tiny_tracks, shared / "tracks")
+    out = shared / "builds" / "b"
+    s = ray_build([str(shared / "tracks")], out, Options(maxcount=MAXCOUNT), progress=False, task_fn=confined())
+    assert s["shards"] == 10
+    assert_same_build(out, local6)
+    leak = tmp_path_factory.mktemp("elsewhere")
+    with pytest.raises(Exception, match="opened files outside"):
+        ray_build([str(shared / "tracks")], shared / "builds" / "c", Options(maxcount=MAXCOUNT), progress=False,
+                  task_fn=confined(str(leak)))
