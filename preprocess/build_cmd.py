@@ -138,12 +138,14 @@ def _array_step(args) -> int:
     from motion_data.build import plan as P
 
     if is_url(args.out) or any(is_url(i) for i in args.input or ()):
-        raise SettingError("--plan-only, --task, --finalize and --executor ray need --out and --input on a folder "
-                           "every node sees (a shared file system); for object storage build without them")
+        raise SettingError("--plan-only, --task and --finalize need --out and --input on a folder every node sees "
+                           "(a shared file system); for object storage use --executor ray with a shared --stage")
     if args.plan_only:
         if not args.input:
             raise SettingError("--plan-only needs --input")
         plan = P.make_plan(args.input, args.out, _options(args), args.workers, args.overwrite)
+        if "done" in plan:
+            raise SettingError(f"{args.out} holds a finished build of these inputs and arguments: nothing to plan")
         print(f"{args.out}: planned {sum(i['clips'] for i in plan['inputs'])} clips in {len(plan['shards'])} shards "
               f"from {len(plan['inputs'])} inputs; next: --task i/n, then --finalize")
     elif args.task:
@@ -154,37 +156,41 @@ def _array_step(args) -> int:
         r = P.run_task(args.out, i, n)
         print(f"{args.out}: task {r['task']}: {r['shards_written']} shards written, {r['shards_already_done']} "
               f"already there")
-    elif args.finalize:
-        print(format_summary(P.finalize_plan(args.out, command_line(args))))
     else:
-        from motion_data.build.ray_exec import ray_build
-
-        if not args.input:
-            raise SettingError("--executor ray needs --input")
-        print(format_summary(ray_build(args.input, args.out, _options(args), address=args.ray_address,
-                                       overwrite=args.overwrite, progress=not args.no_progress,
-                                       command=command_line(args))))
+        print(format_summary(P.finalize_plan(args.out, command_line(args))))
     return 0
 
 
+def _execute(args, inputs, out) -> dict:
+    """The build of ``inputs`` into the folder ``out`` by the chosen executor."""
+    if args.executor == "ray":
+        from motion_data.build.ray_exec import ray_build
+
+        return ray_build(inputs, out, _options(args), address=args.ray_address, overwrite=args.overwrite,
+                         progress=not args.no_progress, command=command_line(args))
+    o = _options(args)
+    return build(inputs, out, fmt=o.fmt, window=o.window, stride=o.stride, ref_size=o.ref_size, W=o.W,
+                 workers=args.workers, maxcount=o.maxcount, part=o.part, on_error=o.on_error, image_size=o.image_size,
+                 views=o.views, build_filter=o.build_filter, progress=not args.no_progress,
+                 command=command_line(args), label_rule=o.label_rule, overwrite=args.overwrite)
+
+
 def run(args) -> int:
-    if args.plan_only or args.task or args.finalize or args.executor == "ray":
+    if args.plan_only or args.task or args.finalize:
         return _array_step(args)
     if not args.input:
         raise SettingError("build-shards needs --input (track files or folders)")
     remote_out = is_url(args.out)
     inputs, out = args.input, args.out
     if remote_out or any(is_url(i) for i in inputs):  # stage, build, publish (build.remote)
+        if args.executor == "ray" and not args.stage:
+            raise SettingError("--executor ray with URLs needs --stage DIR on a folder every node of the cluster sees: "
+                               "the inputs are copied there and the build made there, then published")
         stage = R.stage_root(args.out, args.input, args.stage)
         inputs = R.fetch_inputs(args.input, stage / "inputs", progress=not args.no_progress)
         out = stage / "build" if remote_out else args.out
     try:
-        flt = StaticFilter.parse(args.filter, min_keep=args.min_keep)
-        summary = build(inputs, out, fmt=args.format, window=args.window, stride=args.stride,
-                        ref_size=args.ref_size, W=args.W, workers=args.workers, maxcount=args.maxcount,
-                        part=args.part, on_error=args.on_error, image_size=args.image_size, views=args.views,
-                        build_filter=flt, progress=not args.no_progress, command=command_line(args),
-                        label_rule=args.label_rule, overwrite=args.overwrite)
+        summary = _execute(args, inputs, out)
     except UserError:
         raise  # the dispatcher prints it as one line (exit 2)
     except ValueError as e:  # a bad option value (e.g. --filter)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -156,3 +157,31 @@ def test_tasks_open_nothing_outside_the_shared_folder(cluster, tiny_tracks, loca
     with pytest.raises(Exception, match="opened files outside"):
         ray_build([str(shared / "tracks")], shared / "builds" / "c", Options(maxcount=MAXCOUNT), progress=False,
                   task_fn=confined(str(leak)))
+
+
+from test_remote import weed  # noqa: E402,F401 (the S3 test server fixture)
+
+
+def test_ray_build_from_s3_to_s3_through_a_shared_stage(cluster, weed, tiny_tracks, local6, tmp_path):
+    """Inputs and the build in S3 (seaweedfs): the inputs are staged in a folder every node
+    sees, built there by the cluster, then published; the objects equal the local build."""
+    from motion_data.build.folder import BuildDir
+    from preprocess.__main__ import main as pre
+
+    weed.fs.put(str(tiny_tracks), "bucket/rtracks", recursive=True)
+    argv = ["build-shards", "--input", "s3://bucket/rtracks", "--out", "s3://bucket/rb", "--stage",
+            str(tmp_path / "shared"), "--maxcount", str(MAXCOUNT), "--executor", "ray", "--ray-address",
+            cluster.address, "--no-progress"]
+    assert pre(argv) == 0
+    local = BuildDir(local6)
+    shards = sorted(set(local.manifest(["shard"])["shard"]))
+    assert len(shards) == 10
+    for s in shards:
+        assert weed.fs.cat(f"bucket/rb/{s}") == (local6 / s).read_bytes(), s
+    remote = BuildDir("s3://bucket/rb")
+    assert remote.manifest() == local.manifest()
+    for name in ("p95", "valid_count"):
+        np.testing.assert_array_equal(remote.per_clip(name), local.per_clip(name))
+    assert pre(argv) == 0  # again: the published build is this one, nothing is uploaded
+    no_stage = argv[:5] + argv[7:]
+    assert "--stage" not in no_stage and pre(no_stage) == 2  # --executor ray without a shared --stage: refused

@@ -25,7 +25,7 @@ from motion_data.build import manifest as mf
 from motion_data.build.build_shards import BuildRun, finalize
 from motion_data.build.pool import load_input
 from motion_data.build.records import ShardContext, load_record, write_shard_and_record
-from motion_data.build.setup import WORK, Options, prepare
+from motion_data.build.setup import BUILD_JSON, WORK, Options, prepare
 from motion_data.common.atomic import atomic_write_json
 from motion_data.common.errors import DataError, SettingError
 from motion_data.common.static_filter import StaticFilter
@@ -71,12 +71,13 @@ def shard_ranges(counts: list, maxcount: int) -> list:
 
 def make_plan(inputs, out, opts: Options, workers: int = 1, overwrite: bool = False, counter=None) -> dict:
     """Count every input and write ``.work/plan.json`` (an existing plan of the same build is
-    kept). ``counter(tasks)``: the counts of the load tasks, in order (default: a local pool
-    of ``workers`` processes; ``ray_exec`` passes Ray tasks)."""
+    kept); ``{"done": summary}`` when ``out`` holds this build finished already.
+    ``counter(tasks)``: the counts of the load tasks, in order (default: a local pool of
+    ``workers`` processes; ``ray_exec`` passes Ray tasks)."""
     pre = prepare(inputs, out, opts, overwrite)
     work = pre.out / WORK
     if pre.state == "done":
-        raise SettingError(f"{pre.out} holds a finished build of these inputs and arguments: nothing to plan")
+        return {"done": json.loads((pre.out / BUILD_JSON).read_text())["summary"]}
     if pre.state == "resume" and (work / PLAN).exists():
         return read_plan(pre.out)
     (pre.out / "shards").mkdir(parents=True, exist_ok=True)

@@ -63,6 +63,8 @@ def ray_build(inputs, out, opts: Options, *, address=None, overwrite=False, prog
         try:
             plan = P.make_plan(inputs, out, opts, overwrite=overwrite,
                                counter=lambda tasks: ray.get([count.remote(t) for t in tasks]))
+            if "done" in plan:
+                return {**plan["done"], "status": "up-to-date"}
             nodes = _cpu_nodes(ray)
             n = max(1, min(len(plan["shards"]), 2 * int(ray.cluster_resources().get("CPU", 1))))
             fn = ray.remote(max_retries=TASK_RETRIES)(_on_node)
