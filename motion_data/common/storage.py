@@ -23,6 +23,7 @@ from pathlib import Path
 from motion_data.common.errors import SettingError
 
 OPTIONS_ENV = "MOTION_STORAGE_OPTIONS"
+ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS", "FSSPEC_", "AZURE_")  # where filesystems read endpoints and credentials
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,9 @@ _FS: dict = {}  # (pid, protocol, options) -> filesystem: one per process, never
 def filesystem(protocol: str):
     """The filesystem object of ``protocol`` for this process and the current options."""
     opts = storage_options()
-    key = (os.getpid(), protocol, json.dumps(opts, sort_keys=True))
+    # the environment's endpoint and credentials are part of the key: a changed one gets a new object
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith(ENV_PREFIXES))
+    key = (os.getpid(), protocol, json.dumps(opts, sort_keys=True), tuple(env))
     fs = _FS.get(key)
     if fs is None:
         try:
