@@ -155,10 +155,8 @@ def open_store(path) -> zarr.Group:
         try:
             from zarr.storage import FsspecStore
 
-            # a fresh filesystem object, never fsspec's cached one (which another process or an
-            # earlier endpoint may have made)
-            opts = {**storage_options(), "skip_instance_cache": True}
-            g = zarr.open_group(store=FsspecStore.from_url(str(path), storage_options=opts, read_only=True), mode="r")
+            g = zarr.open_group(store=FsspecStore.from_url(str(path), storage_options=storage_options(),
+                                                           read_only=True), mode="r")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError, OSError) as e:
             raise DataError(f"{path}: not a stats store ({type(e).__name__}: {e})") from None
     else:
