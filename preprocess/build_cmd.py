@@ -143,7 +143,8 @@ def _array_step(args) -> int:
     if args.plan_only:
         if not args.input:
             raise SettingError("--plan-only needs --input")
-        plan = P.make_plan(args.input, args.out, _options(args), args.workers, args.overwrite)
+        plan = P.make_plan(args.input, args.out, _options(args), args.workers, args.overwrite,
+                           command=command_line(args))
         if "done" in plan:
             raise SettingError(f"{args.out} holds a finished build of these inputs and arguments: nothing to plan")
         print(f"{args.out}: planned {sum(i['clips'] for i in plan['inputs'])} clips in {len(plan['shards'])} shards "
@@ -157,7 +158,7 @@ def _array_step(args) -> int:
         print(f"{args.out}: task {r['task']}: {r['shards_written']} shards written, {r['shards_already_done']} "
               f"already there")
     else:
-        print(format_summary(P.finalize_plan(args.out, command_line(args))))
+        print(format_summary(P.finalize_plan(args.out)))
     return 0
 
 

@@ -108,3 +108,41 @@ def test_on_error_skip_array_build_skips_and_lists_what_one_build_does(tmp_path,
     docs = [json.loads((x / "build.json").read_text())["summary"] for x in (one, arr)]
     assert docs[0]["skipped"] == docs[1]["skipped"] and len(docs[0]["skipped"]) == 4
     assert docs[0]["sequences_skipped"] == docs[1]["sequences_skipped"]
+
+
+def test_the_plain_command_finishes_a_planned_build_and_finalize_records_it(tiny_tracks, tiny_build, tmp_path,
+                                                                            capsys):
+    """After --plan-only and one task, the one-process command finishes the build (same bytes);
+    build.json records that command; --finalize again reports the build up to date."""
+    import json
+
+    out = tmp_path / "arr"
+    plain = ["build-shards", "--input", str(tiny_tracks), "--out", str(out), "--maxcount", str(TINY_MAXCOUNT),
+             "--no-progress"]
+    assert pre(plain + ["--plan-only"]) == 0
+    assert pre(["build-shards", "--out", str(out), "--task", "0/3", "--no-progress"]) == 0
+    assert pre(plain) == 0
+    assert_same_build(out, tiny_build)
+    cmd = json.loads((out / "build.json").read_text())["command"]
+    assert cmd[cmd.index("--input") + 1] == str(tiny_tracks) and cmd[cmd.index("--maxcount") + 1] == str(TINY_MAXCOUNT)
+    capsys.readouterr()
+    assert pre(["build-shards", "--out", str(out), "--finalize", "--no-progress"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_a_task_refuses_an_input_changed_since_the_plan(tiny_tracks, tmp_path, capsys):
+    import shutil
+
+    tracks = tmp_path / "tracks"
+    shutil.copytree(tiny_tracks, tracks)
+    out = tmp_path / "arr"
+    assert pre(["build-shards", "--input", str(tracks), "--out", str(out), "--maxcount", str(TINY_MAXCOUNT),
+                "--plan-only", "--no-progress"]) == 0
+    victim = sorted(tracks.iterdir())[0]
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 1  # same size, other content
+    victim.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert pre(["build-shards", "--out", str(out), "--task", "0/1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert victim.name in err and "changed since the plan" in err

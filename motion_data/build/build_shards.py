@@ -139,6 +139,11 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
         summary = json.loads((out / BUILD_JSON).read_text())["summary"]
         return {**summary, "status": "up-to-date"}
     work = out / WORK
+    if state == "resume" and (work / "plan.json").exists():  # an array build: finish its tasks here
+        from motion_data.build import plan as P
+
+        P.run_task(out, 0, 1)
+        return P.finalize_plan(out, command, t0)
     (out / "shards").mkdir(parents=True, exist_ok=True)
     work.mkdir(exist_ok=True)
     if state == "fresh":

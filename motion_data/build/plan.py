@@ -25,7 +25,7 @@ from motion_data.build import manifest as mf
 from motion_data.build.build_shards import BuildRun, finalize
 from motion_data.build.pool import load_input
 from motion_data.build.records import ShardContext, load_record, write_shard_and_record
-from motion_data.build.setup import BUILD_JSON, WORK, Options, prepare
+from motion_data.build.setup import BUILD_JSON, WORK, Options, input_stat, prepare
 from motion_data.common.atomic import atomic_write_json
 from motion_data.common.errors import DataError, SettingError
 from motion_data.common.static_filter import StaticFilter
@@ -69,17 +69,23 @@ def shard_ranges(counts: list, maxcount: int) -> list:
     return shards
 
 
-def make_plan(inputs, out, opts: Options, workers: int = 1, overwrite: bool = False, counter=None) -> dict:
+def make_plan(inputs, out, opts: Options, workers: int = 1, overwrite: bool = False, counter=None,
+              command=None) -> dict:
     """Count every input and write ``.work/plan.json`` (an existing plan of the same build is
     kept); ``{"done": summary}`` when ``out`` holds this build finished already.
     ``counter(tasks)``: the counts of the load tasks, in order (default: a local pool of
-    ``workers`` processes; ``ray_exec`` passes Ray tasks)."""
+    ``workers`` processes; ``ray_exec`` passes Ray tasks). ``command``: the one-process
+    command of this build, recorded in ``build.json`` by finalize."""
     pre = prepare(inputs, out, opts, overwrite)
     work = pre.out / WORK
     if pre.state == "done":
         return {"done": json.loads((pre.out / BUILD_JSON).read_text())["summary"]}
     if pre.state == "resume" and (work / PLAN).exists():
-        return read_plan(pre.out)
+        plan = read_plan(pre.out)
+        if plan["options"]["on_error"] != opts.on_error:
+            raise SettingError(f"{pre.out} holds a plan made with --on-error {plan['options']['on_error']}; re-run "
+                               f"with it, or plan again with --overwrite")
+        return plan
     (pre.out / "shards").mkdir(parents=True, exist_ok=True)
     work.mkdir(exist_ok=True)
     atomic_write_json(work / "config.json", pre.fingerprint)
@@ -100,7 +106,7 @@ def make_plan(inputs, out, opts: Options, workers: int = 1, overwrite: bool = Fa
     plan = {"fingerprint": pre.fingerprint, "options": {**opts.__dict__, "build_filter": opts.build_filter.__dict__},
             "sources": pre.sources, "names": pre.names, "root": str(pre.root), "in_stats": pre.in_stats,
             "global_index": pre.global_index, "n_all": pre.n_all, "N": N, "inputs": infos,
-            "shards": shard_ranges([i["clips"] for i in infos], opts.maxcount)}
+            "shards": shard_ranges([i["clips"] for i in infos], opts.maxcount), "command": command}
     if not plan["shards"]:
         raise DataError("no clips from any input" + (" (all inputs skipped)" if infos else ""))
     atomic_write_json(work / PLAN, plan)
@@ -150,6 +156,9 @@ def run_task(out, i: int, n: int) -> dict:
         parts = []
         for j, lo, hi in plan["shards"][k]:
             if j not in loaded:
+                if input_stat(plan["sources"][j])[1:] != plan["in_stats"][j][1:]:
+                    raise DataError(f"{plan['sources'][j]}: changed since the plan (size or sha256); plan again "
+                                    f"with --overwrite")
                 r = load_input((j, plan["sources"][j], o.fmt, o.ref_size,
                                 tuple(o.image_size) if o.image_size is not None else None,
                                 tuple(o.views) if o.views else None, o.window, o.stride, o.on_error == "skip", None))
@@ -169,10 +178,13 @@ def run_task(out, i: int, n: int) -> dict:
 
 
 def finalize_plan(out, command=None, t0: float | None = None) -> dict:
-    """``build_shards.finalize`` once every planned shard has its record (``t0``: when the
-    build started, for its timings; default now)."""
+    """``build_shards.finalize`` once every planned shard has its record (``command``:
+    default the plan's; ``t0``: when the build started, for its timings; default now)."""
     out, t0 = Path(out), time.perf_counter() if t0 is None else t0
+    if (out / BUILD_JSON).exists() and not (out / WORK / PLAN).exists():
+        return {**json.loads((out / BUILD_JSON).read_text())["summary"], "status": "up-to-date"}
     plan = read_plan(out)
+    command = command or plan.get("command")
     K = len(plan["shards"])
     missing = [k for k in range(K) if load_record(out / WORK, out, k) is None]
     if missing:

@@ -62,7 +62,7 @@ def ray_build(inputs, out, opts: Options, *, address=None, overwrite=False, prog
         count = ray.remote(max_retries=TASK_RETRIES)(P.count_input)
         try:
             plan = P.make_plan(inputs, out, opts, overwrite=overwrite,
-                               counter=lambda tasks: ray.get([count.remote(t) for t in tasks]))
+                               counter=lambda tasks: ray.get([count.remote(t) for t in tasks]), command=command)
             if "done" in plan:
                 return {**plan["done"], "status": "up-to-date"}
             nodes = _cpu_nodes(ray)

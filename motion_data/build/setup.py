@@ -44,7 +44,7 @@ def _parse_part(part):
     return (i, n)
 
 
-def _input_stat(path: str) -> list:
+def input_stat(path: str) -> list:
     """``[path, size, sha256]``: what a file is by its content, wherever it lies and whatever its mtime."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -194,7 +194,7 @@ def prepare(inputs, out, opts: Options, overwrite: bool = False) -> Prepared:
     # moving the input folder leaves them unchanged
     root = input_root(inputs)
     names = [source_name(p, root) for p in sources]
-    in_stats = [_input_stat(p) for p in sources]
+    in_stats = [input_stat(p) for p in sources]
     fingerprint = {"config": config, "inputs_digest": inputs_digest([[n, *st[1:]] for st, n in zip(in_stats, names)])}
 
     def what_differs(prev):
