@@ -213,8 +213,8 @@ def test_the_shard_cache_is_reused_bounded_and_checked(served, tiny_build, tmp_p
 
 
 def test_the_shard_cache_with_loader_workers(served, tiny_build, tmp_path):
-    """Two workers share one cache folder: each shard fetched once (per-key lock), no
-    temporary file left, the batches those of the local build."""
+    """Two loader workers share one cache folder: one file per shard, no temporary file left,
+    the batches those of the local build (one fetch per shard: the test after the next)."""
     kw = dict(split="train", batch_size=8, val_split=0.2, seed=6)
     want = _batches(make_loader(tiny_build, **kw))
     _same(_batches(_cached_loader(served["good"], tmp_path / "c", 1 << 40, num_workers=2, **kw)), want)
@@ -399,3 +399,32 @@ def test_two_ranks_train_from_s3_with_shard_affinity_and_a_cache(weed, tiny_buil
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
     assert 0 < held_bytes(tmp_path / "cache") <= bound
+
+
+def _get_slowly(spec, log, barrier):
+    from motion_data.read.shard_cache import ShardCache
+
+    def fetch(f):
+        with open(log, "a") as g:
+            g.write(f"{os.getpid()}\n")
+        time.sleep(0.5)
+        f.write(b"x" * 1000)
+
+    barrier.wait()
+    return str(ShardCache(spec).get("k" * 32, 1000, fetch))
+
+
+def test_the_shard_cache_fetches_a_shard_once_for_processes_asking_at_once(tmp_path):
+    """Three processes ask for the same missing shard at the same moment: one fetches it (a
+    lock per shard), the others wait and read its file."""
+    import multiprocessing as mp
+
+    from motion_data.common.storage import CacheSpec
+
+    spec, log = CacheSpec(str(tmp_path / "c"), 1 << 20), tmp_path / "fetches"
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Manager().Barrier(3)
+    with ctx.Pool(3) as pool:
+        paths = pool.starmap(_get_slowly, [(spec, str(log), barrier)] * 3)
+    assert len(set(paths)) == 1 and Path(paths[0]).read_bytes() == b"x" * 1000
+    assert len(log.read_text().split()) == 1

@@ -120,13 +120,10 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
           W: int = DEFAULT_W, workers: int = 1, maxcount: int = DEFAULT_MAXCOUNT, part=None, on_error: str = "fail",
           image_size=None, views=None, build_filter: StaticFilter = DEFAULT_FILTER, progress: bool = True,
           command=None, label_rule: str = DEFAULT_LABEL_RULE, overwrite: bool = False) -> dict:
-    """Build (or resume, or confirm) ``out``; returns the summary dict (also in build.json).
-
-    Raises DataError with a one-line message on bad input (``on_error="fail"``) or an
-    ``out`` that holds a different build. ``overwrite``: discard a build found in ``out``
-    (finished or not, same arguments or not) and build afresh; without it an interrupted
-    build of the same arguments resumes.
-    """
+    """Build (or resume, or confirm) ``out``; the summary (also in build.json). DataError (one
+    line) on bad input with ``on_error="fail"`` or an ``out`` holding another build.
+    ``overwrite``: discard a build in ``out`` and start afresh; else an interrupted one resumes
+    (an array build's plan included: its missing tasks run here)."""
     t0 = time.perf_counter()
     opts = Options(fmt=fmt, window=window, stride=stride, ref_size=ref_size, W=W, maxcount=maxcount, part=part,
                    on_error=on_error, image_size=image_size, views=views, build_filter=build_filter,
@@ -139,11 +136,9 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
         summary = json.loads((out / BUILD_JSON).read_text())["summary"]
         return {**summary, "status": "up-to-date"}
     work = out / WORK
-    if state == "resume" and (work / "plan.json").exists():  # an array build: finish its tasks here
-        from motion_data.build import plan as P
-
-        P.run_task(out, 0, 1)
-        return P.finalize_plan(out, command, t0)
+    if state == "resume" and (work / "plan.json").exists():
+        from motion_data.build.plan import finish_here
+        return finish_here(out, command, t0)
     (out / "shards").mkdir(parents=True, exist_ok=True)
     work.mkdir(exist_ok=True)
     if state == "fresh":
@@ -234,9 +229,11 @@ def finalize(run: BuildRun) -> dict:
     n_shards, t0, resumed = run.n_shards, run.t0, run.resumed
     work = ctx.work
     # records are streamed, one in memory at a time: their per-point arrays add up to the store's size
-    first = load_record(work, out, 0) if n_shards else None
-    if first is None:
+    if not n_shards:
         raise DataError("no clips from any input" + (" (all inputs skipped)" if infos else ""))
+    first = load_record(work, out, 0)
+    if first is None:
+        raise DataError(f"{work}: shard record 0 is missing or broken; re-run the build to rewrite it")
     N, S = int(first["N"]), int(first["S"])
     C = sum(record_clips(work, k) for k in range(n_shards))
     attrs = store_attrs(W=ctx.W, ref_size=ctx.ref_size, T=S + 1, N=N, build_filter=config["build_filter"], n_clips=C,

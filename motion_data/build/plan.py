@@ -177,6 +177,13 @@ def run_task(out, i: int, n: int) -> dict:
     return {"task": f"{i}/{n}", "shards_written": written, "shards_already_done": done}
 
 
+def finish_here(out, command=None, t0: float | None = None) -> dict:
+    """An array build's missing tasks in this process, then finalize (what the one-process
+    command does on a planned folder)."""
+    run_task(out, 0, 1)
+    return finalize_plan(out, command, t0)
+
+
 def finalize_plan(out, command=None, t0: float | None = None) -> dict:
     """``build_shards.finalize`` once every planned shard has its record (``command``:
     default the plan's; ``t0``: when the build started, for its timings; default now)."""

@@ -15,7 +15,7 @@ import time
 
 from motion_data.build import plan as P
 from motion_data.build.setup import Options
-from motion_data.common.errors import SettingError, UserError
+from motion_data.common.errors import DataError, SettingError, UserError
 
 TASK_RETRIES = 5  # tries of a task whose worker process or node died
 
@@ -57,7 +57,11 @@ def ray_build(inputs, out, opts: Options, *, address=None, overwrite=False, prog
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise SettingError(f"--ray-address {address or '(local)'}: cannot start or reach Ray "
+                               f"({type(e).__name__}: {e})") from None
     try:
         count = ray.remote(max_retries=TASK_RETRIES)(P.count_input)
         try:
@@ -78,6 +82,9 @@ def ray_build(inputs, out, opts: Options, *, address=None, overwrite=False, prog
                     bar.update(len(done))
         except ray.exceptions.RayTaskError as e:
             raise _unwrap(e) from None
+        except ray.exceptions.RayError as e:  # a worker or node lost more often than the retries allow
+            raise DataError(f"{out}: the Ray build stopped ({type(e).__name__}: {e}); re-run the same command to "
+                            f"resume from the shards already written") from None
         summary = P.finalize_plan(out, command, t0)
         return {**summary, "ray_tasks": n, "ray_nodes": len({r["node"] for r in ran})}
     finally:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from motion_data.common.errors import DataError
+
 from motion_data.build import manifest as mf
 from motion_data.common.atomic import atomic_open
 from motion_data.build.pool import resolve_refs
@@ -127,8 +129,13 @@ def load_record(work: Path, out: Path, k: int) -> dict | None:
 
 def record_clips(work: Path, k: int) -> int:
     """Clips in record k (reads that one member only)."""
-    with np.load(work / f"rec-{k:06d}.npz", allow_pickle=False) as z:
-        return len(z["input"])
+    p = work / f"rec-{k:06d}.npz"
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return len(z["input"])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"{p}: shard record missing or broken ({type(e).__name__}); re-run the build to rewrite "
+                        f"it") from None
 
 
 def load_records(work: Path, out: Path) -> list[dict]:

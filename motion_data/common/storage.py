@@ -40,8 +40,9 @@ def with_cache(root, cache_dir, cache_bytes):
     root = location(root)
     if not cache_dir or not isinstance(root, Url):
         return root
-    if not cache_bytes or int(cache_bytes) <= 0:
-        raise SettingError(f"data.cache_bytes must be a positive number of bytes with data.cache_dir, got {cache_bytes!r}")
+    if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes <= 0:
+        raise SettingError(f"data.cache_bytes must be a positive whole number of bytes with data.cache_dir (e.g. "
+                           f"200000000000), got {cache_bytes!r}")
     return Url(root.url, CacheSpec(os.path.abspath(os.path.expanduser(str(cache_dir))), int(cache_bytes)))
 
 
@@ -85,7 +86,7 @@ def location(x):
     return Url(s) if is_url(s) else Path(s)
 
 
-_FS: dict = {}  # (pid, protocol, options) -> filesystem: one per process, never inherited
+_FS: dict = {}  # (pid, protocol, options, credential variables) -> filesystem: one per process, never inherited
 
 
 def filesystem(protocol: str):

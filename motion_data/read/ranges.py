@@ -22,12 +22,12 @@ from urllib.parse import urlsplit
 from motion_data.build.store import REBUILD_HINT
 from motion_data.common.errors import DataError
 from motion_data.common.storage import Url
+from motion_data.read.shard_cache import CHUNK, ShardCache
 
 MERGE_GAP = 1 << 16  # bytes between two runs of one shard that one request still spans
 RETRIES = 9  # tries of a failing request, min(BACKOFF_MAX_S, BACKOFF_S * 2**k) apart: about 32 s in all,
 BACKOFF_S = 0.25  # long enough for a server restart
 BACKOFF_MAX_S = 8.0
-CHUNK = 8 << 20  # bytes per read while copying a whole shard into the cache
 
 
 def default_max_open() -> int:
@@ -174,14 +174,9 @@ class RemoteRanges:
     def __init__(self, root: Url):
         self.root = root
         self._info: dict = {}  # url -> (size, etag)
-        self.requests = 0  # requests sent, bytes received and requests retried (bench_remote, tests)
-        self.bytes = 0
-        self.retries = 0
-        self.cache = None
-        if root.cache is not None:
-            from motion_data.read.shard_cache import ShardCache
-
-            self.cache, self._local = ShardCache(root.cache), FdCache()
+        self.requests = self.bytes = self.retries = 0  # requests sent, bytes received, retries (benchmarks, tests)
+        self.cache = ShardCache(root.cache) if root.cache is not None else None
+        self._local = FdCache() if root.cache is not None else None
 
     def __getstate__(self):
         return {"root": self.root}  # counters, sizes and descriptors are per process
@@ -204,11 +199,21 @@ class RemoteRanges:
         return self._stat(str(url))[0]
 
     def _cached(self, url: str):
-        """The local copy of shard ``url``, or None when it does not fit the cache."""
+        """The local copy of shard ``url``, opened (another process's eviction cannot take it
+        away before it is read); None when it does not fit the cache."""
         size, etag = self._stat(url)
         if not self.cache.fits(size):
             return None
-        return str(self.cache.get(self.cache.key(url, size, etag), size, lambda f: copy_whole(self, url, f)))
+        key = self.cache.key(url, size, etag)
+        for attempt in range(2):
+            p = str(self.cache.get(key, size, lambda f: copy_whole(self, url, f)))
+            try:
+                self._local.get(p)
+                return p
+            except DataError:  # evicted between the two: fetched again once
+                if attempt:
+                    raise
+                self.cache.forget(key)
 
     def read_runs(self, runs, buf) -> list:
         """Fill ``buf[at:at + n]`` from ``path`` at ``offset`` for each run ``(path, offset,

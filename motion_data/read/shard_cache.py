@@ -12,7 +12,8 @@ altered on disk (or torn by a crash) is dropped and fetched again, never read. W
 atomic (temporary name, then rename), and a per-key ``flock`` makes the loader workers and ranks of one node fetch
 each shard once. Use order is the files' mtime (touched on use); after a fetch the oldest
 files go until the total is within ``cache_bytes``. A file evicted while another process
-reads it stays readable through its open descriptor.
+reads it stays readable through its open descriptor; such files (at most each process's open
+descriptors) and the small ``.lock`` files are not counted in the bound.
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ from pathlib import Path
 
 from motion_data.common.storage import CacheSpec
 
-CHUNK = 8 << 20  # bytes per read while copying a shard in
+CHUNK = 8 << 20  # bytes per read while copying a shard in (and per hash read)
 TOUCH_S = 10.0  # a process re-touches a file it uses at most this often
+STALE_TMP_S = 3600.0  # a temporary file this old belongs to a fetch that was killed
 
 
 def _sha256_file(path: Path) -> str:
@@ -76,6 +78,12 @@ def fetch_into(folder: Path, key: str, size: int, fetch) -> Path:
 def evict(folder: Path, bound: int, keep: Path) -> list:
     """Remove the least recently used shards until the folder holds at most ``bound`` bytes
     (``keep`` stays); the paths removed."""
+    for p in folder.glob(".*.tmp*"):  # left by a killed fetch
+        try:
+            if p.stat().st_mtime < time.time() - STALE_TMP_S:
+                p.unlink()
+        except FileNotFoundError:
+            pass
     files = []
     for p in folder.glob("*.tar"):
         try:
@@ -92,6 +100,17 @@ def evict(folder: Path, bound: int, keep: Path) -> list:
             gone.append(p)
             total -= n
     return gone
+
+
+def touch(p: Path, touched: dict) -> None:
+    """Mark ``p`` used (its mtime: the LRU order), at most every ``TOUCH_S`` per process."""
+    now = time.time()
+    if now - touched.get(p, 0.0) >= TOUCH_S:
+        try:
+            os.utime(p)
+        except FileNotFoundError:
+            pass
+        touched[p] = now
 
 
 class ShardCache:
@@ -126,21 +145,20 @@ class ShardCache:
     def _verified(self, key: str, p: Path) -> bool:
         if self._checked.get(key) == p:
             return True
-        if _sha256_file(p).startswith(p.name.split(".")[1]):
+        try:
+            good = _sha256_file(p).startswith(p.name.split(".")[1])
+        except FileNotFoundError:  # evicted by another process meanwhile
+            return False
+        if good:
             self._checked[key] = p
             return True
         p.unlink(missing_ok=True)  # altered on disk: fetched again
         self.dropped += 1
         return False
 
-    def _touch(self, p: Path):
-        now = time.time()
-        if now - self._touched.get(p, 0.0) >= TOUCH_S:
-            try:
-                os.utime(p)
-            except FileNotFoundError:
-                pass
-            self._touched[p] = now
+    def forget(self, key: str) -> None:
+        """Drop what this process knows of ``key`` (its file went)."""
+        self._checked.pop(key, None)
 
     def get(self, key: str, size: int, fetch) -> Path:
         """The local copy of shard ``key`` (``size`` bytes); ``fetch(f)`` writes the whole
@@ -150,7 +168,7 @@ class ShardCache:
             p = self._find(key)
         if p is not None and self._verified(key, p):
             self.hits += 1
-            self._touch(p)
+            touch(p, self._touched)
             return p
         with open(self.dir / f".{key}.lock", "a+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one fetch per shard and node; others wait for it
