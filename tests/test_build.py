@@ -19,6 +19,7 @@ import zarr
 
 from conftest import TINY_FILES, TINY_MAXCOUNT, TINY_T, make_track_file, make_tracks
 from motion_data.build import build_shards as bld
+from motion_data.build.setup import BUILD_FORMAT
 from motion_data.common.clips import window_starts
 from motion_data.common.clips import Sequence, cut_windows
 from motion_data.common.labels import labels_from_positions, normalize, ring_map, step_valid, velocities
@@ -104,7 +105,7 @@ def test_tiny_build_layout(tiny_build):
     assert doc["summary"]["clips"] == 60 and doc["summary"]["shards"] == 3 and doc["summary"]["skipped"] == []
     assert [i["clips"] for i in doc["inputs"]] == [18, 18, 18, 6]
     assert doc["config"]["maxcount"] == TINY_MAXCOUNT and "total_s" in doc["timings"]
-    assert doc["build_format"] == bld.BUILD_FORMAT == 2 and doc["config"]["label_rule"] == "amplify"
+    assert doc["build_format"] == BUILD_FORMAT == 2 and doc["config"]["label_rule"] == "amplify"
 
 
 def test_plain_webdataset_reads_the_shards_in_manifest_order(tiny_build):

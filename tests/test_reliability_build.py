@@ -37,6 +37,7 @@ def pause():
     open(marker, "w").close()
     time.sleep(600)
 from motion_data.build import build_shards as b
+from motion_data.build import finalize as fin
 from motion_data.build import manifest as mf
 if phase == "mid_shard":  # shard 1's third sample being written (its tar is half done)
     import tarfile  # every tar writer ends in TarFile.addfile, once per member (4 per sample)
@@ -72,10 +73,10 @@ elif phase == "manifest_write":  # stats.zarr in place, manifest written under i
         pause()
     mf.ManifestWriter._flush = _flush
 elif phase == "before_build_json":
-    real_json = b.write_json
+    real_json = fin.write_json
     def write_json(path, doc):
         pause()
-    b.write_json = write_json
+    fin.write_json = write_json
 from preprocess.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -192,7 +193,7 @@ def test_killed_twice_then_finished(inputs, reference, tmp_path):
 def test_build_json_write_removes_a_temp_left_by_a_killed_writer(tmp_path):
     import json
 
-    from motion_data.build.build_shards import write_json
+    from motion_data.build.finalize import write_json
 
     stale = tmp_path / ".build.json.tmp12345"
     stale.write_text('{"half": ')

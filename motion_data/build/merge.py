@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from motion_data.build import manifest as mf
-from motion_data.build.build_shards import write_json
+from motion_data.build.finalize import write_json
 from motion_data.build.setup import BUILD_FORMAT, BUILD_JSON, diff_keys, inputs_digest
 from motion_data.common.errors import DataError
 from motion_data.build.folder import BuildDir

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from motion_data.build import manifest as mf
-from motion_data.build.build_shards import BuildRun, finalize
+from motion_data.build.finalize import BuildRun, finalize
 from motion_data.build.pool import load_input
 from motion_data.build.records import ShardContext, load_record, write_shard_and_record
 from motion_data.build.setup import BUILD_JSON, WORK, Options, input_stat, prepare
