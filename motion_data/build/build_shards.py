@@ -20,9 +20,9 @@ import numpy as np
 
 from motion_data.build import manifest as mf
 from motion_data.build.finalize import BuildRun, finalize
-from motion_data.build.setup import BUILD_JSON, DEFAULT_MAXCOUNT, WORK, Options, prepare  # noqa: F401
+from motion_data.build.setup import BUILD_JSON, DEFAULT_MAXCOUNT, PLAN_JSON, WORK, Options, prepare  # noqa: F401
 from motion_data.common.atomic import atomic_write_json
-from motion_data.build.pool import Runner, SpoolRef
+from motion_data.build.pool import Runner, SpoolRef, load_task, points_error
 from motion_data.common.errors import DataError
 from motion_data.common.labels import DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, DEFAULT_W
 from motion_data.build.records import ShardContext, load_records, write_shard_and_record
@@ -130,7 +130,7 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
         summary = json.loads((out / BUILD_JSON).read_text())["summary"]
         return {**summary, "status": "up-to-date"}
     work = out / WORK
-    if state == "resume" and (work / "plan.json").exists():
+    if state == "resume" and (work / PLAN_JSON).exists():
         from motion_data.build.plan import finish_here
         return finish_here(out, command, t0)
     (out / "shards").mkdir(parents=True, exist_ok=True)
@@ -148,8 +148,7 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
     j0, c0 = (int(x) for x in recs[-1]["cursor"]) if recs else (0, 0)
     M = len(sources)
 
-    tasks = ((j, sources[j], fmt, ref_size, tuple(image_size) if image_size is not None else None,
-              tuple(views) if views else None, window, stride, on_error == "skip") for j in range(j0, M))
+    tasks = (load_task(j, sources[j], opts) for j in range(j0, M))
     from tqdm import tqdm
     runner = Runner(workers, work / "spool", write_shard_and_record)
     packer = ShardPacker(runner, ctx, names, prefixes, infos, k=len(recs), N=int(recs[-1]["N"]) if recs else None,
@@ -161,8 +160,7 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
             j = res["j"]
             packer.last_j = j
             err = res["error"]
-            if err is None and packer.N is not None and res["N"] != packer.N:
-                err = f"{sources[j]}: N={res['N']} points per frame, earlier inputs have N={packer.N}"
+            err = err or points_error(sources[j], res["N"], packer.N)
             if err is not None:
                 if res.get("fatal"):
                     raise DataError(err)

@@ -23,14 +23,14 @@ import numpy as np
 
 from motion_data.build import manifest as mf
 from motion_data.build.finalize import BuildRun, finalize
-from motion_data.build.pool import load_input
+from motion_data.build.pool import load_input, load_task, points_error, process_map
 from motion_data.build.records import ShardContext, load_record, write_shard_and_record
-from motion_data.build.setup import BUILD_JSON, WORK, Options, input_stat, prepare
+from motion_data.build.setup import BUILD_JSON, PLAN_JSON, WORK, Options, input_stat, prepare
 from motion_data.common.atomic import atomic_write_json
 from motion_data.common.errors import DataError, SettingError
 from motion_data.common.static_filter import StaticFilter
 
-PLAN = "plan.json"
+PLAN = PLAN_JSON
 
 
 def count_input(task) -> dict:
@@ -38,18 +38,6 @@ def count_input(task) -> dict:
     r = load_input((*task, None))
     return {k: r.get(k) for k in ("j", "error", "fatal", "N", "sequences", "bad_sequences")} | \
         {"clips": len(r["sequence"]) if r.get("error") is None else 0}
-
-
-def _counts(tasks, workers: int):
-    if workers <= 1:
-        yield from map(count_input, tasks)
-        return
-    from concurrent.futures import ProcessPoolExecutor
-
-    from motion_data.build.pool import _mp_context
-
-    with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context()) as ex:
-        yield from ex.map(count_input, tasks, chunksize=4)
 
 
 def shard_ranges(counts: list, maxcount: int) -> list:
@@ -89,14 +77,10 @@ def make_plan(inputs, out, opts: Options, workers: int = 1, overwrite: bool = Fa
     (pre.out / "shards").mkdir(parents=True, exist_ok=True)
     work.mkdir(exist_ok=True)
     atomic_write_json(work / "config.json", pre.fingerprint)
-    tasks = [(j, p, opts.fmt, opts.ref_size, tuple(opts.image_size) if opts.image_size is not None else None,
-              tuple(opts.views) if opts.views else None, opts.window, opts.stride, opts.on_error == "skip")
-             for j, p in enumerate(pre.sources)]
+    tasks = [load_task(j, p, opts) for j, p in enumerate(pre.sources)]
     infos, N = [], None
-    for r in (counter(tasks) if counter is not None else _counts(tasks, workers)):
-        err = r["error"]
-        if err is None and N is not None and r["N"] != N:
-            err = f"{pre.sources[r['j']]}: N={r['N']} points per frame, earlier inputs have N={N}"
+    for r in (counter(tasks) if counter is not None else process_map(count_input, tasks, workers)):
+        err = r["error"] or points_error(pre.sources[r["j"]], r["N"], N)
         if err is not None and (r.get("fatal") or opts.on_error == "fail"):
             raise DataError(err if r.get("fatal") else f"{err} (--on-error skip leaves it out)")
         if err is None:
@@ -159,9 +143,7 @@ def run_task(out, i: int, n: int) -> dict:
                 if input_stat(plan["sources"][j])[1:] != plan["in_stats"][j][1:]:
                     raise DataError(f"{plan['sources'][j]}: changed since the plan (size or sha256); plan again "
                                     f"with --overwrite")
-                r = load_input((j, plan["sources"][j], o.fmt, o.ref_size,
-                                tuple(o.image_size) if o.image_size is not None else None,
-                                tuple(o.views) if o.views else None, o.window, o.stride, o.on_error == "skip", None))
+                r = load_input((*load_task(j, plan["sources"][j], o), None))
                 if r["error"] is not None or len(r["sequence"]) != plan["inputs"][j]["clips"]:
                     raise DataError(f"{plan['sources'][j]}: changed since the plan ({r['error'] or 'clip count'}); "
                                     f"plan again with --overwrite")

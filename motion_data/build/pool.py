@@ -127,6 +127,28 @@ def _mp_context():
     return mp.get_context("spawn")
 
 
+def load_task(j: int, path: str, o) -> tuple:
+    """``load_input``'s task for input ``j`` under build options ``o`` (``setup.Options``),
+    without the spool folder (the caller appends it, or None)."""
+    return (j, path, o.fmt, o.ref_size, tuple(o.image_size) if o.image_size is not None else None,
+            tuple(o.views) if o.views else None, o.window, o.stride, o.on_error == "skip")
+
+
+def points_error(path: str, n: int, N: int | None) -> str | None:
+    """The error of an input with ``n`` points per frame after inputs with ``N`` (None: first)."""
+    return None if N is None or n == N else f"{path}: N={n} points per frame, earlier inputs have N={N}"
+
+
+def process_map(fn, items, workers: int):
+    """``map(fn, items)`` in order, in ``workers`` build worker processes (inline for one)."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context(), initializer=_worker_init,
+                             initargs=(os.getpid(),)) as ex:
+        yield from ex.map(fn, items, chunksize=4)
+
+
 class Runner:
     """Runs file loads (results in task order) and shard writes, inline or in a pool.
 

@@ -19,10 +19,12 @@ from motion_data.build.store import STORE_NAME
 from motion_data.common.errors import DataError, SettingError
 from motion_data.common.labels import DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, DEFAULT_W, LABEL_RULES
 from motion_data.common.static_filter import DEFAULT_FILTER, StaticFilter
+from motion_data.common.storage import sha256_file
 from motion_data.sources.importers import FORMATS, SUPPORTED_EXTS, input_root, list_inputs, source_name
 
 BUILD_JSON = "build.json"
 WORK = ".work"
+PLAN_JSON = "plan.json"  # in WORK: an array build's plan (build.plan)
 BUILD_FORMAT = 2  # 2: positions + visibility in the shards, checksums, label rule (store.FORMAT_VERSION)
 DEFAULT_MAXCOUNT = 1000
 
@@ -46,11 +48,7 @@ def _parse_part(part):
 
 def input_stat(path: str) -> list:
     """``[path, size, sha256]``: what a file is by its content, wherever it lies and whatever its mtime."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return [path, os.path.getsize(path), h.hexdigest()]
+    return [path, os.path.getsize(path), sha256_file(path)]
 
 
 def inputs_digest(stats: list) -> str:

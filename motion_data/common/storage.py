@@ -15,6 +15,7 @@ s3fs object is not fork-safe), and never pickles one.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -44,6 +45,15 @@ def with_cache(root, cache_dir, cache_bytes):
         raise SettingError(f"data.cache_bytes must be a positive whole number of bytes with data.cache_dir (e.g. "
                            f"200000000000), got {cache_bytes!r}")
     return Url(root.url, CacheSpec(os.path.abspath(os.path.expanduser(str(cache_dir))), int(cache_bytes)))
+
+
+def sha256_file(path, chunk: int = 8 << 20) -> str:
+    """The sha256 hex digest of a local file's bytes (read ``chunk`` bytes at a time)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def is_url(x) -> bool:

@@ -299,18 +299,15 @@ def fetch_ranges(src: "RemoteRanges", runs, buf) -> list:
                     src.retries += 1
                     retry.append(r)
                     continue
-                msg = (f"cannot read bytes {a}-{b} from {_server(path)} after {k + 1} tries "
-                       f"({type(data).__name__}: {data})")
-                for i in members:
-                    out[i] = (-1, msg)
+                out = _failed(out, members, f"cannot read bytes {a}-{b} from {_server(path)} after {k + 1} tries "
+                                            f"({type(data).__name__}: {data})")
                 continue
             src.bytes += len(data)
             if len(data) != b - a:
-                msg = (f"{_server(path)} answered {len(data)} bytes for the byte range {a}-{b} ({b - a} bytes): "
-                       f"the server ignores Range requests, or the object changed; serve the build from a "
-                       f"server that honours Range (S3, GCS, nginx), or copy it to a local folder")
-                for i in members:
-                    out[i] = (-1, msg)
+                out = _failed(out, members, f"{_server(path)} answered {len(data)} bytes for the byte range {a}-{b} "
+                                            f"({b - a} bytes): the server ignores Range requests, or the object "
+                                            f"changed; serve the build from a server that honours Range (S3, GCS, "
+                                            f"nginx), or copy it to a local folder")
                 continue
             for i in members:
                 _, off, at, n = runs[i]

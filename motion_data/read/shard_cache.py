@@ -23,19 +23,11 @@ import os
 import time
 from pathlib import Path
 
-from motion_data.common.storage import CacheSpec
+from motion_data.common.storage import CacheSpec, sha256_file
 
 CHUNK = 8 << 20  # bytes per read while copying a shard in (and per hash read)
 TOUCH_S = 10.0  # a process re-touches a file it uses at most this often
 STALE_TMP_S = 3600.0  # a temporary file this old belongs to a fetch that was killed
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class _Hashed:
@@ -146,7 +138,7 @@ class ShardCache:
         if self._checked.get(key) == p:
             return True
         try:
-            good = _sha256_file(p).startswith(p.name.split(".")[1])
+            good = sha256_file(p, CHUNK).startswith(p.name.split(".")[1])
         except FileNotFoundError:  # evicted by another process meanwhile
             return False
         if good:
