@@ -24,7 +24,7 @@ import numpy as np
 from motion_data.build import manifest as mf
 from motion_data.build.finalize import BuildRun, finalize
 from motion_data.build.pool import load_input, load_task, points_error, process_map
-from motion_data.build.records import ShardContext, load_record, write_shard_and_record
+from motion_data.build.records import ShardContext, record_ok, write_shard_and_record
 from motion_data.build.setup import BUILD_JSON, PLAN_JSON, WORK, Options, input_stat, prepare
 from motion_data.common.atomic import atomic_write_json
 from motion_data.common.errors import DataError, SettingError
@@ -134,7 +134,7 @@ def run_task(out, i: int, n: int) -> dict:
     loaded: dict = {}  # the last input loaded: neighbouring shards share it
     done = written = 0
     for k in task_shards(len(plan["shards"]), i, n):
-        if load_record(ctx.work, out, k) is not None:
+        if record_ok(ctx.work, out, k):
             done += 1
             continue
         parts = []
@@ -175,7 +175,7 @@ def finalize_plan(out, command=None, t0: float | None = None) -> dict:
     plan = read_plan(out)
     command = command or plan.get("command")
     K = len(plan["shards"])
-    missing = [k for k in range(K) if load_record(out / WORK, out, k) is None]
+    missing = [k for k in range(K) if not record_ok(out / WORK, out, k)]
     if missing:
         raise DataError(f"{out}: {len(missing)} of {K} shards are not written yet (first: {missing[0]}); run the "
                         f"missing --task i/n steps, then --finalize again")

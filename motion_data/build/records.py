@@ -113,18 +113,29 @@ def write_shard_and_record(ctx: ShardContext, k: int, clips: dict, names: dict, 
     return C
 
 
+def _shard_matches(out: Path, k: int, z) -> bool:
+    shard = out / "shards" / shard_name(k)
+    return shard.is_file() and shard.stat().st_size == int(z["shard_bytes"])
+
+
+def record_ok(work: Path, out: Path, k: int) -> bool:
+    """Whether record k is readable and its shard is there with the recorded size (reads the
+    record's size member only, not its arrays)."""
+    try:
+        with np.load(work / f"rec-{k:06d}.npz", allow_pickle=False) as z:
+            return _shard_matches(out, k, z)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+        return False
+
+
 def load_record(work: Path, out: Path, k: int) -> dict | None:
     """Record k, or None when it is missing, unreadable, or its shard is missing or of another size."""
-    p = work / f"rec-{k:06d}.npz"
     try:
-        with np.load(p, allow_pickle=False) as z:
+        with np.load(work / f"rec-{k:06d}.npz", allow_pickle=False) as z:
             r = {key: z[key] for key in z.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError):
         return None
-    shard = out / "shards" / shard_name(k)
-    if not shard.is_file() or shard.stat().st_size != int(r["shard_bytes"]):
-        return None
-    return r
+    return r if _shard_matches(out, k, r) else None
 
 
 def record_clips(work: Path, k: int) -> int:
