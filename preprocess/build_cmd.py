@@ -19,7 +19,7 @@ from pathlib import Path
 
 from motion_data.build import remote as R
 from motion_data.build.build_shards import DEFAULT_MAXCOUNT, build
-from motion_data.build.setup import Options
+from motion_data.build.setup import Options, parse_i_of_n
 from motion_data.common.storage import is_url, location
 from motion_data.common.errors import SettingError, UserError
 from motion_data.sources.importers import FORMATS
@@ -150,11 +150,7 @@ def _array_step(args) -> int:
         print(f"{args.out}: planned {sum(i['clips'] for i in plan['inputs'])} clips in {len(plan['shards'])} shards "
               f"from {len(plan['inputs'])} inputs; next: --task i/n, then --finalize")
     elif args.task:
-        try:
-            i, n = (int(x) for x in args.task.split("/"))
-        except ValueError:
-            raise SettingError(f"--task must look like i/n (e.g. 0/4), got {args.task!r}") from None
-        r = P.run_task(args.out, i, n)
+        r = P.run_task(args.out, *parse_i_of_n(args.task, "--task"))
         print(f"{args.out}: task {r['task']}: {r['shards_written']} shards written, {r['shards_already_done']} "
               f"already there")
     else:

@@ -31,18 +31,20 @@ DEFAULT_MAXCOUNT = 1000
 # ------------------------------------------------------------------ config and inputs
 
 
-def _parse_part(part):
-    if part is None:
+def parse_i_of_n(value, flag: str = "--part"):
+    """``(i, n)`` from ``"i/n"`` or a pair, with 0 <= i < n (None stays None); ``flag`` names
+    the option in the one-line error."""
+    if value is None:
         return None
-    if isinstance(part, str):
+    if isinstance(value, str):
         try:
-            i, n = (int(x) for x in part.split("/"))
+            i, n = (int(x) for x in value.split("/"))
         except ValueError:
-            raise SettingError(f"--part must look like i/n (e.g. 0/4), got {part!r}") from None
+            raise SettingError(f"{flag} must look like i/n (e.g. 0/4), got {value!r}") from None
     else:
-        i, n = (int(x) for x in part)
+        i, n = (int(x) for x in value)
     if not (n >= 1 and 0 <= i < n):
-        raise SettingError(f"--part i/n needs 0 <= i < n, got {i}/{n}")
+        raise SettingError(f"{flag} i/n needs 0 <= i < n, got {i}/{n}")
     return (i, n)
 
 
@@ -177,7 +179,7 @@ def prepare(inputs, out, opts: Options, overwrite: bool = False) -> Prepared:
     """List and fingerprint the inputs and check ``out`` (``_prepare_out``)."""
     if opts.on_error not in ("fail", "skip"):
         raise SettingError(f"--on-error must be fail or skip, got {opts.on_error!r}")
-    part = _parse_part(opts.part)
+    part = parse_i_of_n(opts.part)
     config = make_config(opts, part)
     all_inputs = list_inputs(inputs)
     if not all_inputs:
