@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenizer_train.train import trainer as T
+from tokenizer_train.train import setup as S
 from tokenizer_train.common.config import from_dict
 from tokenizer_train.train.fused_ce import IGNORE, linear_ce
 from tokenizer_train.model.model import MotionTokenizer
@@ -100,7 +101,7 @@ def test_one_step_loss_and_gradients_equal_the_full_logits_path(build, tmp_path,
     got = {}
     for mode in ("all", "masked"):
         cfg = _cfg(decoder, filtered, mode, **LOSS_SIDE)
-        T.seed_everything(0)
+        S.seed_everything(0)
         with StopSignals() as stop:
             tr = T.Trainer(cfg, BuildDir(build), tmp_path / mode, D.Dist(), False, False, stop)
         tr.train_loader.set_epoch(0)

@@ -99,6 +99,7 @@ def run_one(spec: RunSpec, data_dir: Path, train_fn=None, progress: bool = True)
     """Train one run unless finished; returns "done" (skipped), "resumed" or "trained"."""
     from tokenizer_train.model import checkpoint as ckpt
     from tokenizer_train.train import trainer as T
+    from tokenizer_train.train import setup as S
 
     train_fn = train_fn or T.train
     want = to_dict(spec.cfg)
@@ -109,7 +110,7 @@ def run_one(spec: RunSpec, data_dir: Path, train_fn=None, progress: bool = True)
         return "done"
     resume = ckpt.has_last(spec.dir)  # last.prev.pt alone (a torn last.pt) is resumable too
     t0 = time.perf_counter()
-    T.seed_everything(spec.cfg.training.seed)
+    S.seed_everything(spec.cfg.training.seed)
     # a run that died before its first checkpoint starts afresh: the run folder's own rule
     # (run_folder.check_fresh) removes its stale files, and only those
     train_fn(spec.cfg, data_dir, spec.dir, resume=resume, progress=progress, overwrite=not resume)

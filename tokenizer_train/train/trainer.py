@@ -31,7 +31,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,10 +43,8 @@ from tqdm import tqdm
 
 from motion_data.common.atomic import atomic_write_json, atomic_write_text
 from motion_data.build.folder import BuildDir
-from motion_data.common.errors import DataError, SettingError, UserError, one_line
-from motion_data.common.storage import location, with_cache
-from motion_data.read.loader import make_loader
-from motion_data.common.workers import resolve_workers
+from motion_data.common.errors import DataError, UserError, one_line
+from motion_data.common.storage import location
 
 from tokenizer_train.model import checkpoint as ckpt
 from tokenizer_train.common import distributed as D
@@ -57,6 +54,7 @@ from tokenizer_train.train.class_weights import class_weights_image, save_class_
 from tokenizer_train.evaluate.code_info import CODE_INFO_SEED, M_OTHERS
 from tokenizer_train.evaluate.code_usage import CodeUsageRegulariser, entropy_weight
 from tokenizer_train.common.config import Config, add_set_argument, flatten, load_config, to_dict
+from tokenizer_train.train.setup import autocast_for, make_loaders, seed_everything
 from tokenizer_train.train.logger import RunLogger
 from tokenizer_train.train.losses import Criterion
 from tokenizer_train.evaluate.metrics import Sums
@@ -127,33 +125,6 @@ def _resolve(args):
     if not args.data or not args.out:
         raise UserError("--data and --out are required (or --resume RUN)")
     return load_config(args.config, args.set), location(args.data), Path(args.out), False, args.overwrite
-
-
-def autocast_for(mode: str, device: torch.device):
-    if mode == "no":
-        return contextlib.nullcontext()
-    if mode == "fp16" and device.type != "cuda":
-        raise SettingError("training.mixed_precision fp16 needs CUDA (its GradScaler is CUDA-only); use bf16 on CPU")
-    return torch.autocast(device.type, dtype=torch.float16 if mode == "fp16" else torch.bfloat16)
-
-
-def make_loaders(data_dir, cfg: Config, rank: int, world_size: int, device: torch.device = torch.device("cpu")):
-    """(train loader, val loader or None) of the build under the config's data section."""
-    dc, tc, data_dir = cfg.data, cfg.training, with_cache(data_dir, cfg.data.cache_dir, cfg.data.cache_bytes)
-    workers = resolve_workers(dc.num_workers, device.type)  # "auto" depends on the device
-    common = dict(static_filter=dc.static_filter, batch_size=tc.batch_size, num_workers=workers,
-                  seed=tc.seed, rank=rank, world_size=world_size, val_split=dc.val_split,
-                  persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
-    train = make_loader(data_dir, split="train", sampler=dc.sampler, augment=dc.augment, **common)
-    val = make_loader(data_dir, split="val", **common) if dc.val_split > 0 else None
-    return train, val
-
-
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
 
 
 @dataclass
