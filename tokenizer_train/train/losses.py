@@ -17,7 +17,40 @@ from motion_data.common.errors import SettingError
 
 
 
-# ====================================================================== the criterion
+def focal_alpha(training_cfg) -> float | None:
+    """The loss scale of ``training.focal.alpha``: a number, or None (off, or ``per_class``:
+    the class weights, which need a ``class_weighting.method``)."""
+    focal = training_cfg.focal
+    alpha = focal.alpha if focal.enabled else None
+    if alpha == "per_class" and training_cfg.class_weighting.method == "none":
+        raise SettingError("training.focal.alpha 'per_class' needs training.class_weighting.method "
+                           "balanced or ring_decay (the per-class alphas are the class weights)")
+    return float(alpha) if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) else None
+
+
+def masked_target(labels, mask):
+    """Flat labels with ``IGNORE`` where ``mask`` is false, and the flat mask."""
+    m = mask.reshape(-1)
+    return labels.reshape(-1).masked_fill(~m, IGNORE), m
+
+
+def weighted_loss(ce, target, count, gamma: float, weights=None, alpha: float | None = None):
+    """``(loss, info)`` from the per-entry CE (0 where ``target`` is ``IGNORE``): the sum of
+    ``alpha * w[y] * (1 - p_y) ** gamma * ce`` over ``count`` (each factor 1 when off)."""
+    denom = count.clamp_min(1).to(torch.float32)
+    per = ce
+    if gamma != 0.0:
+        # 1 - p = -expm1(-ce) is exact near p = 1; the floor keeps (.)**gamma finite in
+        # the backward pass for gamma < 1 (ignored entries have p = 1 exactly)
+        per = (-torch.expm1(-ce)).clamp_min(1e-12).pow(gamma) * per
+    if weights is not None:
+        per = per * weights[target.clamp_min(0)]
+    if alpha is not None:
+        per = per * alpha
+    loss = per.sum() / denom
+    return loss, {"ce": ce.detach().sum() / denom, "count": count.detach()}
+
+
 class Criterion:
     """Masked CE with optional class weights and focal loss: ``criterion(logits, labels, mask)``.
 
@@ -39,16 +72,12 @@ class Criterion:
         self.num_classes = W * W
         self.cw_cfg = training_cfg.class_weighting
         self.focal_cfg = training_cfg.focal
-        alpha = self.focal_cfg.alpha if self.focal_cfg.enabled else None
-        if alpha == "per_class" and self.cw_cfg.method == "none":
-            raise SettingError("training.focal.alpha 'per_class' needs training.class_weighting.method "
-                             "balanced or ring_decay (the per-class alphas are the class weights)")
-        self.alpha = float(alpha) if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) else None
+        self.alpha = focal_alpha(training_cfg)
         self.gamma = float(self.focal_cfg.gamma) if self.focal_cfg.enabled else 0.0
         self._counts = None if class_counts is None else np.asarray(class_counts, np.int64).copy()
+        w = class_weights_for(self.cw_cfg, self._counts, self.W)
+        self.class_weights = None if w is None else torch.from_numpy(w)
         self._weights_dev = None
-        self.class_weights = None
-        self._refresh()
 
     @property
     def class_counts(self):
@@ -59,12 +88,9 @@ class Criterion:
         """True while the configured weighting still waits for class counts."""
         return self.cw_cfg.method == "balanced" and self.class_weights is None
 
-    def _refresh(self):
-        w = class_weights_for(self.cw_cfg, self._counts, self.W)
-        self.class_weights = None if w is None else torch.from_numpy(w)
-        self._weights_dev = None
-
     def _weights_on(self, device):
+        if self.class_weights is None:
+            return None
         if self._weights_dev is None or self._weights_dev.device != device:
             self._weights_dev = self.class_weights.to(device)
         return self._weights_dev
@@ -76,17 +102,13 @@ class Criterion:
             raise RuntimeError("class_weighting.method balanced has no class counts: pass class_counts "
                                "(BuildDir.class_counts of the build under the run's filter)")
 
-    def _plain(self) -> bool:
-        return self.gamma == 0.0 and self.class_weights is None and self.alpha is None
-
     def __call__(self, logits, labels, mask):
         K = logits.shape[-1]
         self._check(K)
         flat = logits.reshape(-1, K)
-        m = mask.reshape(-1)
-        target = labels.reshape(-1).masked_fill(~m, IGNORE)
+        target, m = masked_target(labels, mask)
         count = m.sum()
-        if self._plain():
+        if self.gamma == 0.0 and self.class_weights is None and self.alpha is None:
             # the baseline: bitwise F.cross_entropy(..., ignore_index) mean, but 0 (with a
             # gradient) instead of NaN for an empty mask
             loss = F.cross_entropy(flat, target, ignore_index=IGNORE, reduction="sum") / count.clamp_min(1).float()
@@ -98,23 +120,11 @@ class Criterion:
         (fused_ce): ``features (P, H)`` of the decoded entries, ``labels``/``mask`` ``(P,)``.
         Returns ``(loss, info, pred)``, ``pred`` the argmax of ``layer(features)``."""
         self._check(layer.out_features)
-        m = mask.reshape(-1)
-        target = labels.reshape(-1).masked_fill(~m, IGNORE)
+        target, m = masked_target(labels, mask)
         ce, pred = linear_ce(features, layer, target, offset)
         loss, info = self.from_ce(ce, target, m.sum())
         return loss, info, pred
 
     def from_ce(self, ce, target, count):
         """``(loss, info)`` from the per-entry CE (0 where ``target`` is ``IGNORE``)."""
-        denom = count.clamp_min(1).to(torch.float32)
-        per = ce
-        if self.gamma != 0.0:
-            # 1 - p = -expm1(-ce) is exact near p = 1; the floor keeps (.)**gamma finite in
-            # the backward pass for gamma < 1 (ignored entries have p = 1 exactly)
-            per = (-torch.expm1(-ce)).clamp_min(1e-12).pow(self.gamma) * per
-        if self.class_weights is not None:
-            per = per * self._weights_on(per.device)[target.clamp_min(0)]
-        if self.alpha is not None:
-            per = per * self.alpha
-        loss = per.sum() / denom
-        return loss, {"ce": ce.detach().sum() / denom, "count": count.detach()}
+        return weighted_loss(ce, target, count, self.gamma, self._weights_on(ce.device), self.alpha)
