@@ -44,10 +44,47 @@ class Decoded:
     confidence: torch.Tensor
     logits: torch.Tensor
 
+    @classmethod
+    def of_logits(cls, z: torch.Tensor, offsets: torch.Tensor, logits: bool = True) -> Decoded:
+        """The prediction of float32 logits ``z``; ``offsets`` ``(W*W, 2)``: each class's (dx, dy)."""
+        top, classes = z.max(-1)
+        prob = torch.exp(top - torch.logsumexp(z, -1))  # the softmax probability of the argmax class
+        return cls(classes, offsets[classes], prob, z if logits else None)
+
+    def first(self) -> Decoded:
+        """The first clip's prediction, without the batch axis."""
+        return Decoded(*(None if x is None else x[0] for x in (self.classes, self.displacement, self.confidence,
+                                                               self.logits)))
+
 
 def _tensor(x, device, dtype) -> torch.Tensor:
     t = x if torch.is_tensor(x) else torch.from_numpy(np.asarray(x))
     return t.to(device=device, dtype=dtype)
+
+
+def _batched(x, device, dtype, clip_ndim: int) -> tuple[torch.Tensor, bool]:
+    """``x`` as a tensor with a batch axis, and whether it came as one clip (``clip_ndim`` axes)."""
+    t = _tensor(x, device, dtype)
+    one = t.ndim == clip_ndim
+    return (t[None] if one else t), one
+
+
+def _positions_in(x, N: int, device) -> tuple[torch.Tensor, bool]:
+    """``encode``'s ``positions`` as ``(B, T, N, 2)`` float32, and whether they were one clip."""
+    p, one = _batched(x, device, torch.float32, 3)
+    if p.ndim != 4 or p.shape[-2:] != (N, 2) or p.shape[1] < 2:
+        raise ValueError(f"positions must be (B, T, N, 2) or (T, N, 2) reference px with N = {N} "
+                         f"points (this run's) and T >= 2 frames, got {tuple(p.shape)}")
+    return p, one
+
+
+def _velocities_in(x, N: int, device) -> tuple[torch.Tensor, bool]:
+    """``encode``'s ``velocities_norm`` as ``(B, S, N, 2)`` float32, and whether they were one clip."""
+    v, one = _batched(x, device, torch.float32, 3)
+    if v.ndim != 4 or v.shape[-2:] != (N, 2):
+        raise ValueError(f"velocities_norm must be (B, T-1, N, 2) or (T-1, N, 2) with N = {N} points "
+                         f"(this run's), got {tuple(v.shape)}")
+    return v, one
 
 
 class Tokenizer:
@@ -95,24 +132,14 @@ class Tokenizer:
         if (positions is None) == (velocities_norm is None):
             raise ValueError("pass exactly one of positions or velocities_norm")
         if positions is not None:
-            p = _tensor(positions, self.device, torch.float32)
-            one = p.ndim == 3
-            p = p[None] if one else p
-            if p.ndim != 4 or p.shape[-2:] != (self.N, 2) or p.shape[1] < 2:
-                raise ValueError(f"positions must be (B, T, N, 2) or (T, N, 2) reference px with N = {self.N} "
-                                 f"points (this run's) and T >= 2 frames, got {tuple(p.shape)}")
+            p, one = _positions_in(positions, self.N, self.device)
             v = normalize(velocities(p), self.W)
             start = p[:, 0] if start_pos is None else self._start(start_pos, len(p), one)
             if not self.needs_start_pos:
                 start = None
         else:
-            v = _tensor(velocities_norm, self.device, torch.float32)
-            one = v.ndim == 3
-            v = v[None] if one else v
+            v, one = _velocities_in(velocities_norm, self.N, self.device)
             start = self._start(start_pos, len(v), one)
-        if v.ndim != 4 or v.shape[-2:] != (self.N, 2):
-            raise ValueError(f"velocities_norm must be (B, T-1, N, 2) or (T-1, N, 2) with N = {self.N} points "
-                             f"(this run's), got {tuple(v.shape)}")
         codes = self.model.encode(v, start)["codes"]
         return codes[0] if one else codes
 
@@ -133,20 +160,13 @@ class Tokenizer:
         came from. Example: ``tok.decode(tok.encode(pos), pos[:, 0]).displacement``.
         ``logits=False`` leaves ``logits`` None and holds one ``(B, T-1, N, W*W)`` tensor fewer.
         """
-        c = _tensor(codes, self.device, torch.long)
-        one = c.ndim == 1
-        c = c[None] if one else c
+        c, one = _batched(codes, self.device, torch.long, 1)
         if c.ndim != 2 or c.shape[1] % self.tokens_per_step:
             raise ValueError(f"codes must be (B, L) with L a multiple of {self.tokens_per_step} tokens per step, "
                              f"got {tuple(c.shape)}")
         z = self.model.decode(self.codes_to_quantized(c), self._start(start_pos, len(c), one)).float()
-        top, classes = z.max(-1)
-        prob = torch.exp(top - torch.logsumexp(z, -1))  # the softmax probability of the argmax class
-        out = Decoded(classes, self._offsets[classes], prob, z if logits else None)
-        if one:
-            out = Decoded(*(None if x is None else x[0] for x in (out.classes, out.displacement, out.confidence,
-                                                                   out.logits)))
-        return out
+        out = Decoded.of_logits(z, self._offsets, logits)
+        return out.first() if one else out
 
 
 def load_clips(build_dir, split: str = "val", val_split: float | None = 0.1, limit: int | None = None) -> dict:
