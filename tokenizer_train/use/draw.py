@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,24 @@ from motion_data.read.clips import read_clips
 
 ARROW_SCALE = 3.0
 DEFAULT_VAL_SPLIT = DataConfig().val_split  # the trainer's default, for builds drawn without a run
+
+
+@dataclass(frozen=True)
+class Picture:
+    """How a clip is drawn: over ``frame`` (an image path, or an RGB array for a comparison;
+    None: a blank canvas), ``size`` px wide and high, a GIF at ``fps`` frames per second."""
+    frame: object = None
+    size: int = 512
+    fps: float = 4.0
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Which checkpoint of a run to draw with (``best`` or ``last``) and where to run it
+    (``auto``: CUDA when available, ``cpu`` or ``cuda``)."""
+    which: str = "best"
+    device: str = "auto"
+
 
 def add_arguments(p):
     p.add_argument("--data", required=True, help="build folder (python -m preprocess build-shards output)")
@@ -229,8 +248,8 @@ def moving_accuracy(build: BuildDir, m: dict, keep: np.ndarray) -> float:
     return float((m["pred"][:, keep] == m["labels"][:, keep])[moving].mean()) if moving.any() else float("nan")
 
 
-def draw_compare(data, runs: dict, out, clip_id=None, frame=None, size: int = 384, which="best", device="auto",
-                 val_split=None) -> tuple[Path, str]:
+def draw_compare(data, runs: dict, out, clip_id=None, picture: Picture = Picture(size=384),
+                 checkpoint: Checkpoint = Checkpoint(), val_split=None) -> tuple[Path, str]:
     """One PNG, one panel per run side by side: for the clip's moving points (the evaluation
     mask's), the true motion (green: start plus the label displacements) and the motion the
     run decodes from the clip's codes (red, dashed), over ``frame``. Collapse shows as red paths
@@ -241,16 +260,16 @@ def draw_compare(data, runs: dict, out, clip_id=None, frame=None, size: int = 38
     if out.suffix.lower() != ".png":
         raise DataError(f"{out}: a comparison is a .png")
     build = BuildDir(data)
-    toks = {name: load_tokenizer(r, which, device) for name, r in runs.items()}
+    toks = {name: load_tokenizer(r, checkpoint.which, checkpoint.device) for name, r in runs.items()}
     first = next(iter(toks.values()))
     row = pick_clip(build, clip_id, first.config.data.val_split if val_split is None else val_split)
     cid = build.manifest(["clip_id"])["clip_id"][row]
-    img = _read_frame(frame) if isinstance(frame, (str, Path)) else frame
+    img = _read_frame(picture.frame) if isinstance(picture.frame, (str, Path)) else picture.frame
     keep = moving_points(build, row)
     from matplotlib.lines import Line2D
 
     n = len(toks)
-    fig, axes, plt = _figure(size, panels=n)
+    fig, axes, plt = _figure(picture.size, panels=n)
     axes = axes if n > 1 else [axes]
     moved = False
     try:
@@ -280,29 +299,29 @@ def draw_compare(data, runs: dict, out, clip_id=None, frame=None, size: int = 38
     return out, cid
 
 
-def draw_clip(data, out, clip_id=None, run=None, which="best", frame=None, size=512, fps=4.0, val_split=None,
-              device="auto", progress=True) -> tuple[Path, str]:
+def draw_clip(data, out, clip_id=None, run=None, picture: Picture = Picture(), checkpoint: Checkpoint = Checkpoint(),
+              val_split=None, progress=True) -> tuple[Path, str]:
     """Draw one clip to ``out`` (.png or .gif); returns (out, the clip id drawn)."""
     out = Path(out)
     kind = out.suffix.lower()
     if kind not in (".png", ".gif"):
         raise DataError(f"{out}: the output must end in .png (whole clip) or .gif (one frame per step)")
-    if size < 64:
-        raise SettingError(f"--size must be >= 64 px, got {size}")
-    if fps <= 0:
-        raise SettingError(f"--fps must be > 0, got {fps}")
+    if picture.size < 64:
+        raise SettingError(f"--size must be >= 64 px, got {picture.size}")
+    if picture.fps <= 0:
+        raise SettingError(f"--fps must be > 0, got {picture.fps}")
     build = BuildDir(data)
     tok = None
     if run is not None:
         from tokenizer_train.use.api import load_tokenizer
 
-        tok = load_tokenizer(run, which, device)
+        tok = load_tokenizer(run, checkpoint.which, checkpoint.device)
         build.check_compatible(W=tok.W, N=tok.N, what=f"the run {run}")
     if val_split is None:
         val_split = DEFAULT_VAL_SPLIT if tok is None else tok.config.data.val_split
     row = pick_clip(build, clip_id, val_split)
     cid = build.manifest(["clip_id"])["clip_id"][row]
-    img = _read_frame(frame) if frame is not None else None
+    img = _read_frame(picture.frame) if picture.frame is not None else None
     m = clip_motion(build, row, tok)
     title = cid
     if "pred" in m:
@@ -310,20 +329,20 @@ def draw_clip(data, out, clip_id=None, run=None, which="best", frame=None, size=
         title += f"  (acc {float((m['pred'] == m['labels'])[ok].mean()) if ok.any() else 0.0:.2f})"
     out.parent.mkdir(parents=True, exist_ok=True)
     if kind == ".png":
-        draw_png(m, out, build.ref_size, title, img, size)
+        draw_png(m, out, build.ref_size, title, img, picture.size)
     else:
-        draw_gif(m, out, build.ref_size, title, img, size, fps, progress)
+        draw_gif(m, out, build.ref_size, title, img, picture.size, picture.fps, progress)
     return out, cid
 
 
 def run(args) -> int:
     if args.compare:
         runs = dict(x.split("=", 1) if "=" in x else (Path(x).name, x) for x in args.compare)
-        out, cid = draw_compare(args.data, runs, args.out, args.clip, args.frame, min(args.size, 512),
-                                args.checkpoint, args.device, args.val_split)
+        out, cid = draw_compare(args.data, runs, args.out, args.clip, Picture(args.frame, min(args.size, 512)),
+                                Checkpoint(args.checkpoint, args.device), args.val_split)
         print(f"wrote {out} (clip {cid})", file=sys.stderr)
         return 0
-    out, cid = draw_clip(args.data, args.out, args.clip, args.run, args.checkpoint, args.frame, args.size, args.fps,
-                         args.val_split, args.device)
+    out, cid = draw_clip(args.data, args.out, args.clip, args.run, Picture(args.frame, args.size, args.fps),
+                         Checkpoint(args.checkpoint, args.device), args.val_split)
     print(f"wrote {out} (clip {cid})", file=sys.stderr)
     return 0
