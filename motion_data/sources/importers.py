@@ -55,6 +55,7 @@ that fails its own checks is left out and reported, and the rest of the file is 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -175,7 +176,15 @@ def _image_size(path, value, fallback):
     return (float(arr[0]), float(arr[1]))
 
 
-def _batched(path, tracks, vis, start_frame, kind="tracks"):
+@dataclass(frozen=True)
+class _Batch:
+    """A file's sequences as arrays: tracks (B, T, N, 2), vis (B, T, N) or None, start_frame (B,) int."""
+    tracks: np.ndarray
+    vis: np.ndarray | None
+    start_frame: np.ndarray
+
+
+def _batched(path, tracks, vis, start_frame, kind="tracks") -> _Batch:
     """Bring tracks to (B, T, N, 2), vis to (B, T, N) or None, start_frame to (B,) int."""
     tracks = finite_or_raise(path, kind, tracks)
     if tracks.ndim == 3:
@@ -204,14 +213,15 @@ def _batched(path, tracks, vis, start_frame, kind="tracks"):
         elif sf.shape != (B,):
             raise DataError(f"{path}: start_frame must be a scalar or ({B},), got shape {sf.shape}")
         sf = sf.astype(np.int64)
-    return tracks, vis, sf
+    return _Batch(tracks, vis, sf)
 
 
-def _sequences(path, tracks, vis, sf, image_size, ref_size, index0=0, independent=False, bad=None):
+def _sequences(path, batch: _Batch, image_size, ref_size, index0=0, independent=False, bad=None):
     """Sequences of a batched file; ``independent``: each is its own split group (docs/DESIGN.md).
     ``bad``: a list to collect the DataError of each sequence that fails its own checks
     (it is left out); None: the first such error fails the file."""
     out = []
+    tracks, vis, sf = batch.tracks, batch.vis, batch.start_frame
     for b in range(tracks.shape[0]):
         group = f"{path}#{index0 + b}" if independent and tracks.shape[0] > 1 else path
         try:
@@ -240,9 +250,9 @@ def _read_tracks(path, ref_size, image_size, bad=None) -> list[Sequence]:
     if key is None:
         raise DataError(f"{path}: missing key 'tracks' or 'pred_tracks' (keys: {sorted(d)})")
     vis = next((d[k] for k in ("visibility", "vis", "pred_visibility") if k in d), None)
-    tracks, vis, sf = _batched(path, d[key], vis, d.get("start_frame"))
+    batch = _batched(path, d[key], vis, d.get("start_frame"))
     size = _image_size(path, d.get("image_size"), image_size)
-    return _sequences(path, tracks, vis, sf, size, ref_size, independent="start_frame" not in d, bad=bad)
+    return _sequences(path, batch, size, ref_size, independent="start_frame" not in d, bad=bad)
 
 
 def _h5_view_tracks(path, views, expected: str):
@@ -262,9 +272,9 @@ def _h5_view_tracks(path, views, expected: str):
 def _read_amplify(path, ref_size, views, bad=None) -> list[Sequence]:
     out, n = [], 0  # n: sequences so far, skipped ones included (indices stay those of the file)
     for view, _, tracks, vis in _h5_view_tracks(path, views, "(n, T, N, 2)"):
-        tracks, vis, sf = _batched(path, tracks, vis, np.arange(tracks.shape[0]), f"{view}/tracks")
-        out += _sequences(path, tracks, vis, sf, (AMPLIFY_FRAME, AMPLIFY_FRAME), ref_size, n, bad=bad)
-        n += tracks.shape[0]
+        batch = _batched(path, tracks, vis, np.arange(tracks.shape[0]), f"{view}/tracks")
+        out += _sequences(path, batch, (AMPLIFY_FRAME, AMPLIFY_FRAME), ref_size, n, bad=bad)
+        n += batch.tracks.shape[0]
     return out
 
 
@@ -280,11 +290,11 @@ def _video_size(video_shape):
 def _read_atm(path, ref_size, image_size, views, bad=None) -> list[Sequence]:
     out, n = [], 0
     for view, g, tracks, vis in _h5_view_tracks(path, views, "(1, T, N, 2)"):
-        tracks, vis, sf = _batched(path, tracks, vis, None, f"{view}/tracks")
+        batch = _batched(path, tracks, vis, None, f"{view}/tracks")
         size = _image_size(path, _video_size(g["video"].shape) if "video" in g else None, image_size)
         # normalised [0, 1] -> pixels of the frame (x by W, y by H)
-        px = tracks.astype(np.float64) * np.array([size[1], size[0]])
-        out += _sequences(path, px, vis, sf, size, ref_size, n, bad=bad)
+        px = batch.tracks.astype(np.float64) * np.array([size[1], size[0]])
+        out += _sequences(path, _Batch(px, batch.vis, batch.start_frame), size, ref_size, n, bad=bad)
         n += px.shape[0]
     return out
 
