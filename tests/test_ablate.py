@@ -115,14 +115,15 @@ def test_ablate_writes_table_and_does_not_rerun(tiny_build, tmp_path, capsys):
         raise AssertionError("a finished run was trained again")
 
     variants = V.load_variants(tmp_path / "v.yaml")
-    table = AB.ablate(None, tiny_build, out, variants, [0], TINY, 1, progress=False, plots=False, train_fn=boom)
+    table = AB.ablate(AB.RunGrid(None, variants, [0], TINY, 1), tiny_build, out, progress=False, plots=False,
+                      train_fn=boom)
     assert [r["variant"] for r in table] == ["baseline", "entropy", "ring"]
     assert table[1]["acc"] == pytest.approx(float(rows[1]["acc"]), rel=1e-5)
     assert json.loads((out / "status.json").read_text()) == {f"{v}/seed0": "done" for v in ("baseline", "entropy", "ring")}
 
     # a finished run with a different config is refused, not silently reused
     with pytest.raises(ValueError, match="different config"):
-        AB.ablate(None, tiny_build, out, variants, [0], TINY, 2, progress=False, plots=False, train_fn=boom)
+        AB.ablate(AB.RunGrid(None, variants, [0], TINY, 2), tiny_build, out, progress=False, plots=False, train_fn=boom)
 
 
 def test_aggregate_mean_spread_and_deltas():
@@ -144,7 +145,7 @@ def test_cli_errors(tiny_build, tmp_path, capsys):
 
 def test_only_baseline_is_a_valid_selection(tiny_build, tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr(AB, "ablate", lambda cfg, data, out, variants, *a, **k: seen.setdefault("v", variants))
+    monkeypatch.setattr(AB, "ablate", lambda grid, data, out, *a, **k: seen.setdefault("v", grid.variants))
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "results.md").write_text("table\n")
     argv = ["ablate", "--data", str(tiny_build), "--out", str(tmp_path / "o"), "--no-progress"]

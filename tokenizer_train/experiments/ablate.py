@@ -262,12 +262,23 @@ def plan(base_cfg, variants: dict[str, dict], out: Path, seeds: list[int], sets=
     return specs
 
 
-def ablate(base_cfg, data_dir, out, variants: dict[str, dict], seeds=(0,), sets=(), epochs=None,
-           progress: bool = True, plots: bool = True, train_fn=None) -> list[dict]:
+@dataclass(frozen=True)
+class RunGrid:
+    """The runs of an ablation: the baseline config ``base_cfg`` (a YAML path, or None for the
+    defaults) and each of ``variants``' overrides on it, then the common ``sets`` overrides and
+    ``epochs``, each with every training seed of ``seeds``."""
+    base_cfg: object
+    variants: dict[str, dict]
+    seeds: tuple = (0,)
+    sets: tuple = ()
+    epochs: int | None = None
+
+
+def ablate(grid: RunGrid, data_dir, out, progress: bool = True, plots: bool = True, train_fn=None) -> list[dict]:
     """Train (or skip, or resume) every run, then write results.csv/md and the plots."""
     out, data_dir = Path(out), Path(data_dir)
-    seeds = [int(s) for s in seeds]
-    specs = plan(base_cfg, variants, out, seeds, sets, epochs)  # every config is checked before training
+    variants, seeds = grid.variants, [int(s) for s in grid.seeds]
+    specs = plan(grid.base_cfg, variants, out, seeds, grid.sets, grid.epochs)  # every config is checked before training
     out.mkdir(parents=True, exist_ok=True)
     status = {}
     bar = tqdm(specs, desc="ablate", unit="run", disable=not progress, dynamic_ncols=True)
@@ -344,7 +355,7 @@ def run(args) -> int:
         raise UserError(str(e)) from None  # one line from the dispatcher (exit 2)
     # the user's errors while training (UserError) are one line from the dispatcher; a bug keeps its traceback
     try:
-        ablate(args.config, args.data, args.out, variants, seeds, overrides, args.epochs,
+        ablate(RunGrid(args.config, variants, seeds, overrides, args.epochs), args.data, args.out,
                progress=not args.no_progress, plots=not args.no_plots)
     except Stopped as e:  # Ctrl-C or SIGTERM: the run in progress saved its checkpoint
         print(f"python -m tokenizer_train ablate: {e.message().split('; resume with')[0]}; run the same ablate "

@@ -215,8 +215,8 @@ def demo(out, epochs: int | None = None, quick: bool = False, video: bool = True
     every = V.load_variants(V.DEFAULT_VARIANTS)
     variants = {V.FILTERED: every[V.FILTERED], "recommended": every["recommended"]}
     abl = out / "ablation"
-    table = AB.ablate(V.CONFIG_DIR / "base.yaml", build_dir, abl, variants, seeds=[0], sets=size.model,
-                      epochs=epochs or size.epochs, progress=progress)
+    grid = AB.RunGrid(V.CONFIG_DIR / "base.yaml", variants, seeds=(0,), sets=size.model, epochs=epochs or size.epochs)
+    table = AB.ablate(grid, build_dir, abl, progress=progress)
     print()
     print((abl / "results.md").read_text())
 
