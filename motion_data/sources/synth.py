@@ -110,56 +110,73 @@ def _seg_dist(p, a, b):
     return np.linalg.norm(ap - u[..., None] * ab, axis=-1)
 
 
-def synth_clips(n_clips: int, seed=0, cfg: SynthConfig | None = None, with_layers: bool = False) -> dict:
-    """``n_clips`` synthetic clips.
+@dataclass(frozen=True)
+class _Grid:
+    """The clips' shape: ``B`` clips of ``T`` frames tracking ``N`` query points ``q0`` (B, N, 2)
+    in an ``S`` x ``S`` frame; ``px`` image pixels per reference pixel."""
+    B: int
+    T: int
+    N: int
+    S: float
+    px: float
+    q0: np.ndarray
 
-    Returns ``tracks`` ``(B, T, N, 2)`` float32 (x, y) pixels of the ``image_size`` square,
-    ``visibility`` ``(B, T, N)`` bool, ``image_size`` ``[H, W]`` int64 and ``start_frame``
-    ``(B,)`` int64 (clip b starts at ``b * frames``, as if cut from one long recording).
-    ``seed`` is an int or a ``numpy.random.Generator``. ``with_layers`` adds ``layer``
-    ``(B, N)`` int64: 0 background, 1..3 objects, 4 arm (the layer each point is on).
-    """
-    cfg = cfg or SynthConfig()
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    B, T, G, S = int(n_clips), cfg.frames, cfg.grid, float(cfg.image_size)
-    N = G * G
-    px = S / DEFAULT_REF_SIZE  # image px per reference px
 
-    # CoTracker-style grid of queries at frame 0
+def _query_grid(n_clips: int, cfg: SynthConfig) -> _Grid:
+    """CoTracker-style grid of queries at frame 0, the same in every clip."""
+    B, G, S = int(n_clips), cfg.grid, float(cfg.image_size)
     c = (np.arange(G) + 0.5) * S / G
     gx, gy = np.meshgrid(c, c)
     q = np.stack([gx.ravel(), gy.ravel()], -1)  # (N, 2)
-    q0 = np.broadcast_to(q, (B, N, 2))
-    pos = np.broadcast_to(q, (B, T, N, 2)).copy()
-    layer = np.zeros((B, N), np.int64)  # 0 background, 1..K objects, K+1 arm
-    silhouettes = []  # (layer id, inside (B,T,N) bool)
+    return _Grid(B, cfg.frames, G * G, S, S / DEFAULT_REF_SIZE, np.broadcast_to(q, (B, G * G, 2)))
 
-    # ---- rigid objects
+
+def _rigid_objects(rng, cfg: SynthConfig, g: _Grid, pos, layer):
+    """Move the points on 0-3 ellipses with them; later objects lie in front. Returns the
+    positions, the layers (1..K on object k) and each object's silhouette ``(layer id,
+    active (B,), centre (B, T, 2), axes (B, 2), angle (B, T))``."""
+    B, T, S, q0 = g.B, g.T, g.S, g.q0
+    layer, silhouettes = layer.copy(), []
     K = len(cfg.object_count_p) - 1
     n_obj = rng.choice(K + 1, size=B, p=np.asarray(cfg.object_count_p, float))
-    if K > 0:
-        centre0 = rng.uniform(0.1 * S, 0.9 * S, size=(B, K, 2))
-        axes = rng.uniform(*cfg.object_radius, size=(B, K, 2)) * S
-        ang0 = rng.uniform(0, np.pi, size=(B, K))
-        heading = rng.uniform(0, 2 * np.pi, size=(B, K))
-        speed = np.exp(rng.uniform(*np.log(cfg.object_speed), size=(B, K))) * px
-        vel = speed[..., None] * np.stack([np.cos(heading), np.sin(heading)], -1)
-        spin = rng.uniform(-cfg.object_spin, cfg.object_spin, size=(B, K))
-        g = _active_profile(rng, B, K, T)  # (B, K, T)
-        for k in range(K):
-            active = n_obj > k
-            centre = centre0[:, k, None] + vel[:, k, None] * g[:, k, :, None]  # (B, T, 2)
-            ang = ang0[:, k, None] + spin[:, k, None] * g[:, k]
-            own = active[:, None] & _in_ellipse(q0[:, None], centre[:, :1], axes[:, k], ang[:, :1])[:, 0]
-            layer[own] = k + 1
-            moved = centre[:, :, None] + _rot(q0[:, None] - centre0[:, None, None, k],
-                                               (ang - ang0[:, k, None])[:, :, None])
-            pos = np.where(own[:, None, :, None], moved, pos)
-            silhouettes.append((k + 1, active, centre, axes[:, k], ang))
-    # ---- articulated arm
-    arm_layer = K + 1
+    if K == 0:
+        return pos, layer, silhouettes
+    centre0 = rng.uniform(0.1 * S, 0.9 * S, size=(B, K, 2))
+    axes = rng.uniform(*cfg.object_radius, size=(B, K, 2)) * S
+    ang0 = rng.uniform(0, np.pi, size=(B, K))
+    heading = rng.uniform(0, 2 * np.pi, size=(B, K))
+    speed = np.exp(rng.uniform(*np.log(cfg.object_speed), size=(B, K))) * g.px
+    vel = speed[..., None] * np.stack([np.cos(heading), np.sin(heading)], -1)
+    spin = rng.uniform(-cfg.object_spin, cfg.object_spin, size=(B, K))
+    prof = _active_profile(rng, B, K, T)  # (B, K, T)
+    for k in range(K):
+        active = n_obj > k
+        centre = centre0[:, k, None] + vel[:, k, None] * prof[:, k, :, None]  # (B, T, 2)
+        ang = ang0[:, k, None] + spin[:, k, None] * prof[:, k]
+        own = active[:, None] & _in_ellipse(q0[:, None], centre[:, :1], axes[:, k], ang[:, :1])[:, 0]
+        layer[own] = k + 1
+        moved = centre[:, :, None] + _rot(q0[:, None] - centre0[:, None, None, k],
+                                           (ang - ang0[:, k, None])[:, :, None])
+        pos = np.where(own[:, None, :, None], moved, pos)
+        silhouettes.append((k + 1, active, centre, axes[:, k], ang))
+    return pos, layer, silhouettes
+
+
+@dataclass(frozen=True)
+class _Arm:
+    """An articulated arm per clip: link i of clip b (when ``on[:, i]``) is a capsule of
+    ``radius[:, i]`` from ``joints[i]`` to ``joints[i + 1]`` (each (B, T, 2))."""
+    layer: int
+    on: np.ndarray
+    joints: list
+    radius: np.ndarray
+
+
+def _arm(rng, cfg: SynthConfig, g: _Grid, layer_id: int) -> tuple[_Arm, np.ndarray]:
+    """Draw the arms (2-3 links hinged near the bottom edge, in ``arm_prob`` of the clips)
+    and their motion; also the absolute link angles (B, L, T)."""
+    B, T, S, L = g.B, g.T, g.S, 3
     has_arm = rng.uniform(size=B) < cfg.arm_prob
-    L = 3
     n_links = rng.integers(2, L + 1, size=B)
     base = np.stack([rng.uniform(0.15 * S, 0.85 * S, size=B), np.full(B, 1.02 * S)], -1)
     length = rng.uniform(*cfg.arm_link_length, size=(B, L)) * S
@@ -174,51 +191,95 @@ def synth_clips(n_clips: int, seed=0, cfg: SynthConfig | None = None, with_layer
     for i in range(L):
         d = length[:, i, None, None] * np.stack([np.cos(alpha[:, i]), np.sin(alpha[:, i])], -1)
         joints.append(joints[-1] + d)
-    best = np.full((B, N), np.inf)
-    arm_link = np.full((B, N), -1)
-    arm_inside = np.zeros((B, T, N), bool)
+    on = has_arm[:, None] & (n_links[:, None] > np.arange(L))
+    return _Arm(layer_id, on, joints, radius), alpha
+
+
+def _move_with_arm(arm: _Arm, alpha, g: _Grid, pos, layer):
+    """Points on a link at frame 0 (the nearest link's) turn with it; returns positions and layers."""
+    q0, L = g.q0, arm.radius.shape[1]
+    best = np.full((g.B, g.N), np.inf)
+    arm_link = np.full((g.B, g.N), -1)
     for i in range(L):
-        link_on = has_arm & (n_links > i)
-        dist0 = _seg_dist(q0[:, None], joints[i][:, :1], joints[i + 1][:, :1])[:, 0]
-        mine = link_on[:, None] & (dist0 <= radius[:, i, None]) & (dist0 < best)
+        dist0 = _seg_dist(q0[:, None], arm.joints[i][:, :1], arm.joints[i + 1][:, :1])[:, 0]
+        mine = arm.on[:, i, None] & (dist0 <= arm.radius[:, i, None]) & (dist0 < best)
         best = np.where(mine, dist0, best)
         arm_link = np.where(mine, i, arm_link)
     for i in range(L):
         own = arm_link == i
-        local = _rot(q0 - joints[i][:, 0, None], -alpha[:, i, 0, None])  # (B, N, 2)
-        moved = joints[i][:, :, None] + _rot(local[:, None], alpha[:, i, :, None])
+        local = _rot(q0 - arm.joints[i][:, 0, None], -alpha[:, i, 0, None])  # (B, N, 2)
+        moved = arm.joints[i][:, :, None] + _rot(local[:, None], alpha[:, i, :, None])
         pos = np.where(own[:, None, :, None], moved, pos)
-    layer[arm_link >= 0] = arm_layer
+    layer = layer.copy()
+    layer[arm_link >= 0] = arm.layer
+    return pos, layer
 
-    # ---- visibility: occlusion by nearer layers, frame border, dropouts
-    vis = np.ones((B, T, N), bool)
+
+def _unoccluded(pos, layer, silhouettes, arm: _Arm) -> np.ndarray:
+    """(B, T, N) bool: the point is not behind a shape of a nearer layer."""
+    vis = np.ones(pos.shape[:-1], bool)
     for lay, active, centre, ax, ang in silhouettes:
         inside = active[:, None, None] & _in_ellipse(pos, centre, ax, ang)
         vis &= ~(inside & (layer[:, None, :] < lay))
-    for i in range(L):
-        link_on = has_arm & (n_links > i)
-        inside = link_on[:, None, None] & (_seg_dist(pos, joints[i], joints[i + 1]) <= radius[:, i, None, None])
-        arm_inside |= inside
-    vis &= ~(arm_inside & (layer[:, None, :] < arm_layer))
-    # ---- camera shake moves everything together
-    shaky = rng.uniform(size=B) < cfg.shake_prob
-    steps = rng.normal(0, cfg.camera_shake * px, size=(B, T, 2)) * shaky[:, None, None]
+    arm_inside = np.zeros(pos.shape[:-1], bool)
+    for i in range(arm.radius.shape[1]):
+        dist = _seg_dist(pos, arm.joints[i], arm.joints[i + 1])
+        arm_inside |= arm.on[:, i, None, None] & (dist <= arm.radius[:, i, None, None])
+    return vis & ~(arm_inside & (layer[:, None, :] < arm.layer))
+
+
+def _camera_shake(rng, cfg: SynthConfig, g: _Grid) -> np.ndarray:
+    """(B, T, 2) offset of the whole frame: a random walk in ``shake_prob`` of the clips."""
+    shaky = rng.uniform(size=g.B) < cfg.shake_prob
+    steps = rng.normal(0, cfg.camera_shake * g.px, size=(g.B, g.T, 2)) * shaky[:, None, None]
     steps[:, 0] = 0
-    pos = pos + np.cumsum(steps, axis=1)[:, :, None]
-    vis &= (pos >= 0).all(-1) & (pos[..., 0] < S) & (pos[..., 1] < S)
+    return np.cumsum(steps, axis=1)
+
+
+def _dropouts(rng, cfg: SynthConfig, g: _Grid) -> np.ndarray:
+    """(B, T, N) bool: the tracker lost the point (a few frames, ``dropout_fraction`` of points)."""
+    B, T, N = g.B, g.T, g.N
     drop = rng.uniform(size=(B, N)) < cfg.dropout_fraction
     d0 = rng.integers(0, T, size=(B, N))
     dlen = rng.integers(1, max(2, T // 3), size=(B, N))
     t = np.arange(T)[None, :, None]
-    vis &= ~(drop[:, None] & (t >= d0[:, None]) & (t < (d0 + dlen)[:, None]))
-    # ---- tracker noise (heavier on a few textureless points)
-    std = np.where(rng.uniform(size=(B, N)) < cfg.noisy_fraction, cfg.noisy_std, cfg.noise_std) * px
-    pos = pos + rng.normal(size=(B, T, N, 2)) * std[:, None, :, None]
+    return drop[:, None] & (t >= d0[:, None]) & (t < (d0 + dlen)[:, None])
+
+
+def _tracker_noise(rng, cfg: SynthConfig, g: _Grid) -> np.ndarray:
+    """(B, T, N, 2) noise, heavier on a few (textureless) points."""
+    std = np.where(rng.uniform(size=(g.B, g.N)) < cfg.noisy_fraction, cfg.noisy_std, cfg.noise_std) * g.px
+    return rng.normal(size=(g.B, g.T, g.N, 2)) * std[:, None, :, None]
+
+
+def synth_clips(n_clips: int, seed=0, cfg: SynthConfig | None = None, with_layers: bool = False) -> dict:
+    """``n_clips`` synthetic clips.
+
+    Returns ``tracks`` ``(B, T, N, 2)`` float32 (x, y) pixels of the ``image_size`` square,
+    ``visibility`` ``(B, T, N)`` bool, ``image_size`` ``[H, W]`` int64 and ``start_frame``
+    ``(B,)`` int64 (clip b starts at ``b * frames``, as if cut from one long recording).
+    ``seed`` is an int or a ``numpy.random.Generator``. ``with_layers`` adds ``layer``
+    ``(B, N)`` int64: 0 background, 1..3 objects, 4 arm (the layer each point is on).
+    """
+    cfg = cfg or SynthConfig()
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    g = _query_grid(n_clips, cfg)
+    pos = np.broadcast_to(g.q0[:, None], (g.B, g.T, g.N, 2)).copy()
+    layer = np.zeros((g.B, g.N), np.int64)  # 0 background, 1..K objects, K+1 arm
+    # the draws keep this order (objects, arm, shake, dropouts, noise): the output is fixed by the seed
+    pos, layer, silhouettes = _rigid_objects(rng, cfg, g, pos, layer)
+    arm, alpha = _arm(rng, cfg, g, len(cfg.object_count_p))
+    pos, layer = _move_with_arm(arm, alpha, g, pos, layer)
+    vis = _unoccluded(pos, layer, silhouettes, arm)
+    pos = pos + _camera_shake(rng, cfg, g)[:, :, None]
+    vis &= (pos >= 0).all(-1) & (pos[..., 0] < g.S) & (pos[..., 1] < g.S)
+    vis &= ~_dropouts(rng, cfg, g)
+    pos = pos + _tracker_noise(rng, cfg, g)
     out = {
         "tracks": pos.astype(np.float32),
         "visibility": vis,
         "image_size": np.array([cfg.image_size, cfg.image_size], np.int64),
-        "start_frame": np.arange(B, dtype=np.int64) * T,
+        "start_frame": np.arange(g.B, dtype=np.int64) * g.T,
     }
     if with_layers:
         out["layer"] = layer
