@@ -228,7 +228,7 @@ def test_validation_code_info_does_not_change_with_batch_size_or_order(tiny_buil
     from tokenizer_train.common.distributed import Dist
     from tokenizer_train.train.losses import Criterion
     from tokenizer_train.model.model import MotionTokenizer
-    from tokenizer_train.evaluate.validate import clip_places, evaluate
+    from tokenizer_train.evaluate.validate import Evaluator, clip_places, evaluate
 
     cfg = from_dict({"model": {"hidden_dim": 16, "num_layers": 1, "num_heads": 2}})
     where = clip_places(BuildDir(tiny_build))
@@ -245,8 +245,9 @@ def test_validation_code_info_does_not_change_with_batch_size_or_order(tiny_buil
             yield {k: (v[idx] if torch.is_tensor(v) else [v[i] for i in idx]) for k, v in whole.items()}
 
     def info(order, bs):
-        s, _ = evaluate(model, list(batches(order, bs)), Criterion(cfg.training, None, 15), cfg, Dist(), 15,
-                        np.zeros(15, np.int64), contextlib.nullcontext, where=where)
+        ev = Evaluator(model, Criterion(cfg.training, None, 15), cfg, Dist(), 15, np.zeros(15, np.int64),
+                       contextlib.nullcontext, where)
+        s, _ = evaluate(ev, list(batches(order, bs)))
         return s["val/code_info_bits_epoch"]
 
     ref = info(list(range(C)), 8)

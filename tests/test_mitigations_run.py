@@ -9,7 +9,7 @@ import torch
 
 from tokenizer_train.common.config import from_dict
 from tokenizer_train.model.model import MotionTokenizer
-from tokenizer_train.train.trainer import train
+from tokenizer_train.train.trainer import Hooks, train
 
 EPOCHS = 3
 TINY = ["model.hidden_dim=32", "model.num_layers=1", "model.num_heads=2", "training.batch_size=8",
@@ -61,7 +61,7 @@ def baseline(runs):
 
 
 def test_present_but_off_is_the_baseline_bit_for_bit(runs, baseline):
-    off = runs("off", PRESENT_BUT_OFF, stop_after_epochs=1)
+    off = runs("off", PRESENT_BUT_OFF, hooks=Hooks(stop_after_epochs=1))
     a = [r for r in rows(baseline) if r["epoch"] == 0]
     b = rows(off)
     assert len(a) == len(b) > 1

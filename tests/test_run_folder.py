@@ -127,7 +127,7 @@ def test_resume_needs_a_run(tmp_path, capsys):
 def test_set_takes_several_pairs_and_repeats(build, tmp_path):
     import argparse
 
-    from tokenizer_train.train import trainer as T
+    from tokenizer_train.train import command as T
 
     p = argparse.ArgumentParser()
     T.add_arguments(p)
@@ -211,7 +211,7 @@ def test_a_bug_while_training_keeps_its_traceback(build, tmp_path, monkeypatch):
 
     def bug(self, *a, **k):
         raise ValueError("an internal shape bug")
-    monkeypatch.setattr(T.Trainer, "train_epoch", bug)
+    monkeypatch.setattr(T, "train_epoch", bug)
     with pytest.raises(ValueError, match="internal shape bug"):
         main(_cli(build, tmp_path / "run"))
 

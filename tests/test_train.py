@@ -14,7 +14,7 @@ from tokenizer_train.common.config import ModelConfig, TrainingConfig, from_dict
 from tokenizer_train.train.losses import Criterion
 from tokenizer_train.evaluate.metrics import noncenter_counts
 from tokenizer_train.model.model import MotionTokenizer
-from tokenizer_train.train.trainer import train
+from tokenizer_train.train.trainer import Hooks, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import small_build  # noqa: E402
@@ -72,7 +72,7 @@ def test_resume_equals_uninterrupted(build, tmp_path):
                    "model.quant_input_noise_std=0.05", "training.code_entropy_weight=0.1"]
     cfg = from_dict({}, sets)
     train(cfg, build, tmp_path / "a")
-    train(cfg, build, tmp_path / "b", stop_after_epochs=1)
+    train(cfg, build, tmp_path / "b", hooks=Hooks(stop_after_epochs=1))
     first = checkpoint.load(tmp_path / "b" / "last.pt")
     assert first["epoch"] == 1 and first["step"] > 0
     train(cfg, build, tmp_path / "b", resume=True)

@@ -10,7 +10,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 from motion_data.common.cli import dispatch  # noqa: E402
 
 COMMANDS = {
-    "train": ("tokenizer_train.train.trainer", "train a motion tokenizer (also under torchrun)"),
+    "train": ("tokenizer_train.train.command", "train a motion tokenizer (also under torchrun)"),
     "tokenize": ("tokenizer_train.use.export_codes", "write each clip's code ids to Parquet"),
     "ablate": ("tokenizer_train.experiments.ablate", "train the baseline and each mitigation; results table"),
     "check": ("tokenizer_train.evaluate.check", "evaluate the original plan's acceptance gates (and this project's) on a run"),

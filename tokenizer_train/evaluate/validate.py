@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,24 +32,39 @@ def decoder_at(model, kw: dict, sel, autocast=None):
     return decode
 
 
+@dataclass(frozen=True)
+class Evaluator:
+    """What a validation pass scores with: the (unwrapped) model, the training criterion, the
+    run config, the process group, W, the model's zero codes (a clip's ``L`` code ids), the
+    autocast context factory and ``where``: ``clip_places`` of the build."""
+    model: torch.nn.Module
+    criterion: object
+    cfg: object
+    dist: object
+    W: int
+    zero_codes: np.ndarray
+    autocast: object
+    where: dict | None = None
+
+
 @torch.no_grad()
-def evaluate(model, loader, criterion, cfg, dist, W: int, zero_codes, autocast,
-             progress: bool = False, where: dict | None = None, should_stop=None) -> tuple[dict, dict]:
+def evaluate(ev: Evaluator, loader, progress: bool = False, should_stop=None) -> tuple[dict, dict]:
     """``val/*_epoch`` scalars and code-usage histograms of one pass over ``loader`` (a
     progress bar on stderr with ``progress``), after an encoder pass that gives code
-    information every clip's codes (``code_pool``; ``where``: ``clip_places`` of the build).
+    information every clip's codes (``code_pool``).
 
     Every figure (loss, CE, accuracies, code information, AUC, EPE) is on ``eval_mask``;
     ``val/dynamic_point_ratio_epoch`` describes the run's own filter (``mask``).
     ``should_stop()`` (collective: every rank calls it once a batch) returning a signal number
     ends the pass with ``Stopped`` (no step: the caller saves).
     """
+    model, criterion, dist, autocast = ev.model, ev.criterion, ev.dist, ev.autocast
     model.eval()
     t0 = time.perf_counter()
-    q, codes = Quality(W), []
+    q, codes = Quality(ev.W), []
     loss_sum = n_sum = kept = points = clips = 0.0
-    masked = cfg.training.decode_points == "masked"
-    pool, row, others = code_pool(model, loader, where, dist, autocast, should_stop)
+    masked = ev.cfg.training.decode_points == "masked"
+    pool, row, others = code_pool(model, loader, ev.where, dist, autocast, should_stop)
     for batch in tqdm(loader, desc="validation", unit="batch", disable=not progress, leave=False,
                       dynamic_ncols=True):
         _check(should_stop)
@@ -81,8 +97,8 @@ def evaluate(model, loader, criterion, cfg, dist, W: int, zero_codes, autocast,
     all_codes = D.gather_codes(torch.cat(codes) if codes else torch.zeros(0, dtype=torch.int64, device=dist.device))
     hists = {}
     if all_codes.size:
-        S = len(zero_codes)
-        cs, hists = M.code_scalars("val", "epoch", all_codes.reshape(-1, S), cfg.model.fsq_levels, zero_codes)
+        L = len(ev.zero_codes)
+        cs, hists = M.code_scalars("val", "epoch", all_codes.reshape(-1, L), ev.cfg.model.fsq_levels, ev.zero_codes)
         scalars.update(cs)
     model.train()
     return scalars, hists
