@@ -1,5 +1,7 @@
-"""Per-point output heads of the decoder other than the default additive one (``model.decoder``).
+"""Per-point output heads of the decoder (``model.decoder``).
 
+- ``additive`` (the default): the step feature of a point's group plus a per-point feature,
+  through a GELU (``additive_features``).
 - ``code_query``: a point's term acts only through the code features. Each (step, point)
   query (a point query plus a step query) attends to the code features of the tokens up to
   its step and reads a weighted average of values computed from the codes alone. The
@@ -56,6 +58,28 @@ class CodeQueryHead(nn.Module):
         scores = (gather_rows(by_step, b, s) + gather_rows(by_point, b, n)) * self.scale  # (P, L)
         scores = scores.masked_fill(step_of_token[None, :] > s[:, None], float("-inf"))
         return _RowsMix.apply(torch.softmax(scores, dim=-1), v, b)
+
+    def features(self, a, code_feat, point_query, step_of_token, sel=None):
+        """What the decoder's last layer reads: ``(B, S, N, H)``, or ``(P, H)`` at the entries
+        ``sel = (b, s, n)``. ``a (B, S, G, H)``: the step features of the G tokens of a step,
+        averaged into one feature for all points (no per-group prior either): what differs
+        between points comes only through the codes."""
+        a = a if a.shape[2] == 1 else a.mean(2, keepdim=True)  # (B, S, 1, H)
+        S = a.shape[1]
+        if sel is None:
+            return F.gelu(a + self(code_feat, point_query, S, step_of_token))
+        b, s, n = sel
+        return F.gelu(gather_rows(a[:, :, 0], b, s) + self.select(code_feat, point_query, S, step_of_token, b, s, n))
+
+
+def additive_features(a, p, group, sel=None):
+    """The default head before its last layer: ``gelu(step feature of the point's group +
+    point feature)``. ``a (B, S, G, H)``, ``p (B or 1, N, H)``, ``group (N,)`` -> ``(B, S, N, H)``,
+    or ``(P, H)`` at the entries ``sel = (b, s, n)``."""
+    if sel is None:
+        return F.gelu((a if a.shape[2] == 1 else a[:, :, group]) + p[:, None])
+    b, s, n = sel
+    return F.gelu(gather_rows(a, b, s, group[n]) + point_rows(p, b, n))
 
 
 class _RowsMix(torch.autograd.Function):

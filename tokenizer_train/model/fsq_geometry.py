@@ -1,6 +1,6 @@
 """FSQ's geometry (vector-quantize-pytorch ``FSQ``): the level grid each channel rounds to,
-and the bounded value before rounding. Used by the model (its ``z_bounded`` output) and by
-the code-usage regulariser."""
+and the bounded value before rounding. Used by the model (``quantise``: its ``z_bounded``
+output) and by the code-usage regulariser."""
 from __future__ import annotations
 
 import functools
@@ -53,3 +53,15 @@ def fsq_prerounding_from_module(fsq, z):
                          "or several codebooks")
     # the module's level buffer, on the device already (``.tolist()`` would sync every step)
     return fsq_prerounding(fsq.project_in(z), fsq._levels, hard_clamp=fsq.bound_hard_clamp)
+
+
+def quantise(fsq, quant_in: torch.Tensor) -> dict:
+    """The model's quantiser outputs for its shaped encoder output ``quant_in (B, L, d)``:
+    ``quant_in``, ``z_bounded`` (float32, on FSQ's integer level grid: the regulariser's
+    input), ``quantized`` and ``codes`` ``(B, L)`` int64."""
+    # FSQ quantises in float32 anyway; keep the bounded value (regulariser input) in f32
+    with torch.autocast(device_type=quant_in.device.type, enabled=False):
+        zf = quant_in.float()
+        z_bounded = fsq_prerounding_from_module(fsq, zf)
+        quantized, codes = fsq(zf)
+    return {"quant_in": quant_in, "z_bounded": z_bounded, "quantized": quantized, "codes": codes.long()}

@@ -23,6 +23,19 @@ def fourier_features(start_pos: torch.Tensor, num_freqs: int) -> torch.Tensor:
     return torch.cat([x.sin(), x.cos()], dim=-1).flatten(-2)
 
 
+def start_features(start_pos: torch.Tensor | None, pos_enc, B: int, N: int) -> torch.Tensor | None:
+    """Fourier features ``(B, N, 4F)`` of the start positions for ``model.point_pos_enc``
+    (``pos_enc``), or None when it is off."""
+    if not pos_enc.enabled:
+        return None
+    if start_pos is None:
+        raise ValueError("model.point_pos_enc.enabled needs start_pos (B, N, 2) reference px: pass "
+                         "batch['positions'][:, 0], or set model.point_pos_enc.enabled=false")
+    if tuple(start_pos.shape) != (B, N, 2):
+        raise ValueError(f"start_pos must be ({B}, {N}, 2), got {tuple(start_pos.shape)}")
+    return fourier_features(start_pos, pos_enc.num_freqs)
+
+
 def group_of_points(num_points: int, groups: int) -> torch.Tensor:
     """``(N,)`` group of each point: contiguous index blocks (rows of a row-major grid)."""
     if num_points % groups:
