@@ -44,12 +44,12 @@ def _one_build(inp: str, out: str, maxcount: int, workers: int, executor: str = 
     import resource
 
     from motion_data.build.build_shards import build
+    from motion_data.build.setup import Options
 
     if executor == "ray":
         import ray
 
         from motion_data.build.ray_exec import ray_build
-        from motion_data.build.setup import Options
 
         t = time.perf_counter()
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -66,7 +66,7 @@ def _one_build(inp: str, out: str, maxcount: int, workers: int, executor: str = 
         return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
     t, c = time.perf_counter(), cpu()
-    s = build([inp], out, maxcount=maxcount, workers=workers, progress=False)
+    s = build([inp], out, Options(maxcount=maxcount), workers=workers, progress=False)
     print(json.dumps({"seconds": time.perf_counter() - t, "cpu": cpu() - c, "clips": s["clips"],
                       "shards": s["shards"]}))
 

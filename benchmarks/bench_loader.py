@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from motion_data.build.build_shards import build
+from motion_data.build.setup import Options
 from motion_data.common.labels import labels_from_norm
 from motion_data.read.loader import make_loader
 from motion_data.common.static_filter import StaticFilter
@@ -188,7 +189,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_loader_"))
     try:
         write_tracks(tmp / "in", args.clips)
-        build([str(tmp / "in")], tmp / "build", workers=1, maxcount=256, progress=False)
+        build([str(tmp / "in")], tmp / "build", Options(maxcount=256), workers=1, progress=False)
         files = write_pt(tmp / "build", tmp / "pt")
         print(f"{len(files)} clips of 16 frames x 400 points, batch {args.batch}, filter {FLT}")
         print(f"{'':>7} | {'clips per wall second':^48} | {'clips per CPU second (main + workers)':^48}")

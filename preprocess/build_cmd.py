@@ -18,8 +18,8 @@ import argparse
 from pathlib import Path
 
 from motion_data.build import remote as R
-from motion_data.build.build_shards import DEFAULT_MAXCOUNT, build
-from motion_data.build.setup import Options, parse_i_of_n
+from motion_data.build.build_shards import build
+from motion_data.build.setup import DEFAULT_MAXCOUNT, Options, parse_i_of_n
 from motion_data.common.storage import is_url, location
 from motion_data.common.errors import SettingError, UserError
 from motion_data.sources.importers import FORMATS
@@ -165,11 +165,8 @@ def _execute(args, inputs, out) -> dict:
 
         return ray_build(inputs, out, _options(args), address=args.ray_address, overwrite=args.overwrite,
                          progress=not args.no_progress, command=command_line(args))
-    o = _options(args)
-    return build(inputs, out, fmt=o.fmt, window=o.window, stride=o.stride, ref_size=o.ref_size, W=o.W,
-                 workers=args.workers, maxcount=o.maxcount, part=o.part, on_error=o.on_error, image_size=o.image_size,
-                 views=o.views, build_filter=o.build_filter, progress=not args.no_progress,
-                 command=command_line(args), label_rule=o.label_rule, overwrite=args.overwrite)
+    return build(inputs, out, _options(args), workers=args.workers, progress=not args.no_progress,
+                 command=command_line(args), overwrite=args.overwrite)
 
 
 def run(args) -> int:

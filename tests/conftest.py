@@ -68,9 +68,10 @@ def tiny_tracks(tmp_path_factory) -> Path:
 def tiny_build(tmp_path_factory, tiny_tracks) -> Path:
     """A finished build folder: 60 clips, N=100, T=16, shards of 25/25/10 clips."""
     from motion_data.build.build_shards import build
+    from motion_data.build.setup import Options
 
     out = tmp_path_factory.mktemp("tiny_build") / "build"
-    build([str(tiny_tracks)], out, maxcount=TINY_MAXCOUNT, progress=False)
+    build([str(tiny_tracks)], out, Options(maxcount=TINY_MAXCOUNT), progress=False)
     return out
 
 

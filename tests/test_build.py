@@ -19,7 +19,7 @@ import zarr
 
 from conftest import TINY_FILES, TINY_MAXCOUNT, TINY_T, make_track_file, make_tracks
 from motion_data.build import build_shards as bld
-from motion_data.build.setup import BUILD_FORMAT
+from motion_data.build.setup import BUILD_FORMAT, Options
 from motion_data.common.clips import window_starts
 from motion_data.common.clips import Sequence, cut_windows
 from motion_data.common.labels import labels_from_positions, normalize, ring_map, step_valid, velocities
@@ -400,7 +400,7 @@ def test_point_count_mismatch_is_an_error_naming_the_file(tmp_path, capsys):
 
 def test_workers_do_not_change_the_output(tiny_tracks, tiny_build, tmp_path):
     out = tmp_path / "w2"
-    s = bld.build([str(tiny_tracks)], out, maxcount=TINY_MAXCOUNT, workers=2, progress=False)
+    s = bld.build([str(tiny_tracks)], out, Options(maxcount=TINY_MAXCOUNT), workers=2, progress=False)
     assert s["clips"] == 60
     assert_same_content(out, tiny_build)
     for i in range(3):  # byte-identical, not just equal content
@@ -421,10 +421,10 @@ def test_resume_after_an_exception_mid_build(tiny_tracks, tiny_build, tmp_path, 
 
     monkeypatch.setattr(bld, "write_shard_and_record", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
-        bld.build([str(tiny_tracks)], out, maxcount=TINY_MAXCOUNT, progress=False)
+        bld.build([str(tiny_tracks)], out, Options(maxcount=TINY_MAXCOUNT), progress=False)
     monkeypatch.setattr(bld, "write_shard_and_record", lambda ctx, k, *a, **kw: calls.append(k) or real(ctx, k, *a, **kw))
     assert not (out / "build.json").exists() and (out / ".work" / "rec-000000.npz").exists()
-    s = bld.build([str(tiny_tracks)], out, maxcount=TINY_MAXCOUNT, progress=False)
+    s = bld.build([str(tiny_tracks)], out, Options(maxcount=TINY_MAXCOUNT), progress=False)
     assert calls == [0, 1, 1, 2]  # shard 0 was not redone
     assert s["status"] == "resumed" and s["resumed_shards"] == 1 and s["clips_this_run"] == 35
     assert_same_content(out, tiny_build)

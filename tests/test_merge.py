@@ -7,6 +7,7 @@ import pytest
 
 from motion_data.build import build_shards as bld
 from motion_data.build.manifest import read_manifest
+from motion_data.build.setup import Options
 from motion_data.read.shard_reader import read_sample
 from preprocess.__main__ import main
 from test_build import assert_same_content, run_cli
@@ -45,7 +46,7 @@ def test_merge_equals_a_single_run(parts, tiny_tracks, tmp_path, capsys):
     assert doc["config"]["part"] is None and doc["summary"]["clips"] == 60
     assert [i["global_index"] for i in doc["inputs"]] == [0, 1, 2, 3]
     # the merged folder counts as the finished single build of the same arguments
-    s = bld.build([str(tiny_tracks)], out, maxcount=7, progress=False)
+    s = bld.build([str(tiny_tracks)], out, Options(maxcount=7), progress=False)
     assert s["status"] == "up-to-date"
 
 

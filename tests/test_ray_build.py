@@ -41,7 +41,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def local6(tiny_tracks, tmp_path_factory):
     out = tmp_path_factory.mktemp("local6") / "build"
-    build([str(tiny_tracks)], out, maxcount=MAXCOUNT, progress=False)
+    build([str(tiny_tracks)], out, Options(maxcount=MAXCOUNT), progress=False)
     return out
 
 

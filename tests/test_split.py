@@ -70,6 +70,7 @@ def test_moving_the_input_folder_keeps_split_and_clip_ids(tmp_path, n_files):
 
     from conftest import make_track_file
     from motion_data.build.build_shards import build
+    from motion_data.build.setup import Options
     from motion_data.build.folder import BuildDir
     from motion_data.read.split import split_manifest
 
@@ -81,7 +82,7 @@ def test_moving_the_input_folder_keeps_split_and_clip_ids(tmp_path, n_files):
     shutil.copytree(a, b)
     results = []
     for src, out in ((a, tmp_path / "out_a"), (b, tmp_path / "out_b")):
-        build([str(src)], out, maxcount=7, progress=False)
+        build([str(src)], out, Options(maxcount=7), progress=False)
         man = BuildDir(out).manifest(["clip_id", "source", "split_group", "start_frame"])
         tr, va = split_manifest(man, 0.25, 16)
         results.append((man, tr, va))
@@ -103,15 +104,16 @@ def test_the_same_files_named_from_another_root_are_another_build(tmp_path):
 
     from conftest import make_track_file
     from motion_data.build.build_shards import build
+    from motion_data.build.setup import Options
     from motion_data.common.errors import DataError
 
     a = tmp_path / "a"
     make_track_file(a / "sub" / "x.npz", B=1, T=40, seed=1)
     out = tmp_path / "out"
-    build([str(a)], out, maxcount=7, progress=False)
-    assert build([str(a)], out, maxcount=7, progress=False)["status"] == "up-to-date"
+    build([str(a)], out, Options(maxcount=7), progress=False)
+    assert build([str(a)], out, Options(maxcount=7), progress=False)["status"] == "up-to-date"
     with pytest.raises(DataError, match="names relative to the input root"):
-        build([str(a / "sub")], out, maxcount=7, progress=False)
+        build([str(a / "sub")], out, Options(maxcount=7), progress=False)
 
 
 def test_a_build_of_the_older_naming_is_refused_saying_so(tmp_path):
@@ -121,14 +123,15 @@ def test_a_build_of_the_older_naming_is_refused_saying_so(tmp_path):
 
     from conftest import make_track_file
     from motion_data.build.build_shards import build
+    from motion_data.build.setup import Options
     from motion_data.common.errors import DataError
 
     make_track_file(tmp_path / "in" / "a.npz", B=1, T=40, seed=1)
     out = tmp_path / "out"
-    build([str(tmp_path / "in")], out, maxcount=7, progress=False)
+    build([str(tmp_path / "in")], out, Options(maxcount=7), progress=False)
     doc = json.loads((out / "build.json").read_text())
     del doc["config"]["source_names"]  # what the previous version recorded
     (out / "build.json").write_text(json.dumps(doc))
     with pytest.raises(DataError, match="older build-shards.*--overwrite"):
-        build([str(tmp_path / "in")], out, maxcount=7, progress=False)
-    assert build([str(tmp_path / "in")], out, maxcount=7, progress=False, overwrite=True)["status"] != "up-to-date"
+        build([str(tmp_path / "in")], out, Options(maxcount=7), progress=False)
+    assert build([str(tmp_path / "in")], out, Options(maxcount=7), progress=False, overwrite=True)["status"] != "up-to-date"

@@ -20,13 +20,11 @@ import numpy as np
 
 from motion_data.build import manifest as mf
 from motion_data.build.finalize import BuildRun, finalize
-from motion_data.build.setup import BUILD_JSON, DEFAULT_MAXCOUNT, PLAN_JSON, WORK, Options, prepare  # noqa: F401
+from motion_data.build.setup import BUILD_JSON, PLAN_JSON, WORK, Options, prepare
 from motion_data.common.atomic import atomic_write_json
 from motion_data.build.pool import Runner, SpoolRef, load_task, points_error
 from motion_data.common.errors import DataError
-from motion_data.common.labels import DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, DEFAULT_W
 from motion_data.build.records import ShardContext, load_records, write_shard_and_record
-from motion_data.common.static_filter import DEFAULT_FILTER, StaticFilter
 
 class ShardPacker:
     """Packs the clips of consecutive inputs, in input order, into shards of ``maxcount``
@@ -110,18 +108,13 @@ class ShardPacker:
         self.new_clips += n_take
 
 
-def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, ref_size: int = DEFAULT_REF_SIZE,
-          W: int = DEFAULT_W, workers: int = 1, maxcount: int = DEFAULT_MAXCOUNT, part=None, on_error: str = "fail",
-          image_size=None, views=None, build_filter: StaticFilter = DEFAULT_FILTER, progress: bool = True,
-          command=None, label_rule: str = DEFAULT_LABEL_RULE, overwrite: bool = False) -> dict:
-    """Build (or resume, or confirm) ``out``; the summary (also in build.json). DataError (one
-    line) on bad input with ``on_error="fail"`` or an ``out`` holding another build.
-    ``overwrite``: discard a build in ``out`` and start afresh; else an interrupted one resumes
-    (an array build's plan included: its missing tasks run here)."""
+def build(inputs, out, opts: Options = Options(), *, workers: int = 1, progress: bool = True, command=None,
+          overwrite: bool = False) -> dict:
+    """Build (or resume, or confirm) ``out`` with ``opts``; the summary (also in build.json).
+    DataError (one line) on bad input with ``opts.on_error="fail"`` or an ``out`` holding
+    another build. ``overwrite``: discard a build in ``out`` and start afresh; else an
+    interrupted one resumes (an array build's plan included: its missing tasks run here)."""
     t0 = time.perf_counter()
-    opts = Options(fmt=fmt, window=window, stride=stride, ref_size=ref_size, W=W, maxcount=maxcount, part=part,
-                   on_error=on_error, image_size=image_size, views=views, build_filter=build_filter,
-                   label_rule=label_rule)
     pre = prepare(inputs, out, opts, overwrite)
     out, state, sources, names, root, config, fingerprint = (pre.out, pre.state, pre.sources, pre.names, pre.root,
                                                               pre.config, pre.fingerprint)
@@ -138,7 +131,7 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
     if state == "fresh":
         atomic_write_json(work / "config.json", fingerprint)
 
-    ctx = ShardContext(out, work, W, ref_size, build_filter, label_rule)
+    ctx = ShardContext(out, work, opts.W, opts.ref_size, opts.build_filter, opts.label_rule)
     prefixes = [mf.clip_prefix(x) for x in names]
     recs = load_records(work, out)
     infos: dict[int, dict] = {}
@@ -164,7 +157,7 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
             if err is not None:
                 if res.get("fatal"):
                     raise DataError(err)
-                if on_error == "fail":
+                if opts.on_error == "fail":
                     raise DataError(f"{err} (--on-error skip leaves it out and resumes this build; after fixing "
                                      f"the file, re-run with --overwrite)")
                 packer.skip(j, err)
@@ -176,7 +169,7 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
             if progress:
                 for msg in res["bad_sequences"]:
                     bar.write(f"skipped sequence {msg}")
-            bar.update(packer.add(j, arr, res["sequences"], c0 if j == j0 else 0, maxcount, res["bad_sequences"]))
+            bar.update(packer.add(j, arr, res["sequences"], c0 if j == j0 else 0, opts.maxcount, res["bad_sequences"]))
             bar.set_postfix(files=f"{j + 1}/{M}", shards=packer.k)
         packer.flush()
         runner.drain()
@@ -185,6 +178,6 @@ def build(inputs, out, *, fmt: str = "auto", window: int = 16, stride: int = 8, 
         bar.close()
     run = BuildRun(out=out, ctx=ctx, sources=sources, names=names, root=root, prefixes=prefixes, config=config, fingerprint=fingerprint,
                    in_stats=in_stats, global_index=globals_, n_all=pre.n_all, infos=infos, n_shards=packer.k,
-                   command=command, on_error=on_error, workers=workers, resumed=len(recs),
+                   command=command, on_error=opts.on_error, workers=workers, resumed=len(recs),
                    new_clips=packer.new_clips, t0=t0, t_stream=time.perf_counter() - t0)
     return finalize(run)

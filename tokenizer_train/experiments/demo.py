@@ -190,6 +190,7 @@ def demo(out, epochs: int | None = None, quick: bool = False, video: bool = True
          libero: bool = True, data: str = "auto") -> dict:
     """Run every step; return {"gates": [...], "passed": bool, "table": [...], "wall_s": float}."""
     from motion_data.build.build_shards import build
+    from motion_data.build.setup import Options
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -201,7 +202,7 @@ def demo(out, epochs: int | None = None, quick: bool = False, video: bool = True
 
     _step("2/6 build-shards")
     build_dir = out / "build"
-    summary = build(inputs, build_dir, maxcount=200, progress=progress,
+    summary = build(inputs, build_dir, Options(maxcount=200), progress=progress,
                     command=["tokenizer_train", "demo", str(out)])
     print(f"{build_dir}: {summary['clips']} clips")
 
