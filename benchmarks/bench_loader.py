@@ -35,7 +35,7 @@ import torch
 from motion_data.build.build_shards import build
 from motion_data.build.setup import Options
 from motion_data.common.labels import labels_from_norm
-from motion_data.read.loader import make_loader
+from motion_data.read.loader import LoaderOptions, make_loader
 from motion_data.common.static_filter import StaticFilter
 
 FLT = StaticFilter(enable=True, metric="p95", threshold=0.04, min_keep=16)
@@ -83,7 +83,7 @@ class PtClipDataset(torch.utils.data.Dataset):
 
 def write_pt(build_dir: Path, d: Path) -> list[str]:
     """The same clips as the build, one .pt file each."""
-    ld = make_loader(build_dir, split="all", batch_size=256, sampler=None, static_filter=StaticFilter())
+    ld = make_loader(build_dir, LoaderOptions(batch_size=256), split="all", sampler=None, static_filter=StaticFilter())
     d.mkdir()
     files = []
     for b in ld:
@@ -130,10 +130,10 @@ class WidsClips(torch.utils.data.Dataset):
 
 
 def wids_collate(items):
-    from motion_data.read.batch import make_batch
+    from motion_data.read.batch import BatchRecipe, make_batch
 
     pos, vis, st, ids = zip(*items)
-    return make_batch(np.stack(pos), np.stack(vis), np.stack(st), list(ids), FLT, 15)
+    return make_batch(np.stack(pos), np.stack(vis), np.stack(st), list(ids), BatchRecipe(FLT, 15))
 
 
 def wids_loader(build_dir: Path, workers: int, batch: int):
@@ -200,8 +200,8 @@ def main() -> None:
             base, base_cpu = throughput(bl, args.epochs)
             wl = wids_loader(tmp / "build", w, args.batch)
             wd, wd_cpu = throughput(wl, args.epochs)
-            ld = make_loader(tmp / "build", split="all", static_filter=FLT, batch_size=args.batch, num_workers=w,
-                             persistent_workers=w > 0, seed=0)
+            opts = LoaderOptions(batch_size=args.batch, num_workers=w, persistent_workers=w > 0, seed=0)
+            ld = make_loader(tmp / "build", opts, split="all", static_filter=FLT)
             new, new_cpu = throughput(ld, args.epochs, ld.set_epoch, ld.dataloader)
             print(f"{w:>7} | {base:>12,.0f} {wd:>10,.0f} {new:>10,.0f} {new / wd:>9.1f}x | "
                   f"{base_cpu:>12,.0f} {wd_cpu:>10,.0f} {new_cpu:>10,.0f} {new_cpu / wd_cpu:>9.1f}x", flush=True)

@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO))
 
 from motion_data.build.folder import BuildDir  # noqa: E402
 from motion_data.common.labels import center_class, class_offsets, half_window  # noqa: E402
-from motion_data.read.loader import make_loader  # noqa: E402
+from motion_data.read.loader import LoaderOptions, make_loader  # noqa: E402
 from tokenizer_train.evaluate.code_info import code_info_counts  # noqa: E402
 from tokenizer_train.common.config import load_config  # noqa: E402
 from tokenizer_train.model.model_inputs import entry_clip, model_kwargs, take, with_index  # noqa: E402
@@ -184,8 +184,8 @@ def train_amplify(amp: Amplify, cfg, build_dir, filtered: bool, seed: int, devic
     tc = cfg.training
     # the fair peer trains on the loss mask of configs/recommended.yaml's filter; as published, on every step
     flt = load_config(REPO / "configs" / "recommended.yaml").data.static_filter if filtered else cfg.data.static_filter
-    loader = make_loader(build_dir, split="train", batch_size=tc.batch_size, seed=seed, val_split=cfg.data.val_split,
-                         static_filter=flt, num_workers=0)
+    loader = make_loader(build_dir, LoaderOptions(batch_size=tc.batch_size, seed=seed, num_workers=0), split="train",
+                         val_split=cfg.data.val_split, static_filter=flt)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
     sched = build_scheduler(opt, tc.lr_schedule, len(loader) * tc.epochs, tc.learning_rate)
     t0 = time.perf_counter()
@@ -265,8 +265,8 @@ def main(argv=None):
     cfg = load_config(args.config, args.set)
     build = BuildDir(args.data)
     where = clip_places(build)
-    val = make_loader(args.data, split="val", batch_size=cfg.training.batch_size, val_split=cfg.data.val_split,
-                      static_filter=cfg.data.static_filter, num_workers=0)
+    val = make_loader(args.data, LoaderOptions(batch_size=cfg.training.batch_size, num_workers=0), split="val",
+                      val_split=cfg.data.val_split, static_filter=cfg.data.static_filter)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     amp = Amplify(args.amplify_src) if any(r.startswith("amplify") for r in rows) else None
     results = []

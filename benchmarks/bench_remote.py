@@ -68,13 +68,14 @@ def rank_epochs(url, rank, world, batch, cache=None, window=0, epochs=2):
     import torch
 
     from motion_data.common.storage import with_cache
-    from motion_data.read.loader import make_loader
+    from motion_data.read.loader import LoaderOptions, make_loader
     from motion_data.read.sampler import SamplerConfig
 
     torch.set_num_threads(1)
     root = with_cache(url, *(cache or (None, None)))
     sampler = SamplerConfig(shard_affinity=window > 0, affinity_window=max(1, window))
-    loader = make_loader(root, split="all", batch_size=batch, seed=0, rank=rank, world_size=world, sampler=sampler)
+    loader = make_loader(root, LoaderOptions(batch_size=batch, seed=0, rank=rank, world_size=world), split="all",
+                         sampler=sampler)
     src, out = loader.dataset.fds, []
     for e in range(epochs):
         loader.set_epoch(e)

@@ -3,7 +3,7 @@ import pytest
 
 from motion_data.read.augment import AugmentConfig, augment_batch
 from motion_data.common.labels import center_class, half_window, labels_from_positions, normalize, velocities
-from motion_data.read.batch import make_batch
+from motion_data.read.batch import BatchRecipe, make_batch
 from motion_data.common.static_filter import StaticFilter
 
 
@@ -78,8 +78,8 @@ def test_batch_labels_agree_with_augmented_inputs(rule):
     vis = rng.random((8, 16, 30)) < 0.95
     stats = rng.random((8, 3, 30)).astype(np.float32) * 0.1
     cfg = AugmentConfig(enabled=True, scale_range=[0.7, 1.4], jitter_std=0.05, p=1.0)
-    b = make_batch(pos, vis, stats, [str(i) for i in range(8)], StaticFilter(enable=True, min_keep=4), 15, cfg,
-                   np.random.default_rng(0), label_rule=rule)
+    recipe = BatchRecipe(StaticFilter(enable=True, min_keep=4), 15, cfg, label_rule=rule)
+    b = make_batch(pos, vis, stats, [str(i) for i in range(8)], recipe, np.random.default_rng(0))
     p, v = b["positions"].numpy(), b["velocities"].numpy()
     np.testing.assert_array_equal(v, normalize(velocities(p)))
     assert (b["labels"].numpy() == labels_from_positions(p, 15, 128, rule)).all()

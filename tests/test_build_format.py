@@ -14,7 +14,7 @@ import zarr
 
 from conftest import make_track_file
 from motion_data.common.labels import center_class, labels_from_positions
-from motion_data.read.loader import make_loader
+from motion_data.read.loader import LoaderOptions, make_loader
 from motion_data.common.errors import DataError
 from motion_data.read.verify import verify_build
 from motion_data.read.sampler import SamplerConfig
@@ -54,7 +54,7 @@ def _one_line_naming(err: str, folder) -> None:
 def test_old_format_build_is_refused_everywhere_with_one_line(tiny_build, tmp_path, capsys):
     old = _make_old(tiny_build, tmp_path / "old")
     with pytest.raises(ValueError) as e:
-        make_loader(old, split="all", batch_size=4)
+        make_loader(old, LoaderOptions(batch_size=4), split="all")
     _one_line_naming(str(e.value), old)
     assert preprocess_main(["analyze", str(old)]) == 2
     _one_line_naming(capsys.readouterr().err, old)
@@ -86,17 +86,17 @@ def test_checksum_mismatch_is_refused_naming_the_shard(tiny_build, tmp_path, cap
     root = tmp_path / "b"
     shutil.copytree(tiny_build, root)
     name, cid = _flip_pos_byte(root, 30)
-    kw = dict(split="all", batch_size=6, epoch_size=60)
     with pytest.raises(DataError, match=f"{name}.*checksum mismatch"):
-        for _ in make_loader(root, **kw):
+        for _ in make_loader(root, LoaderOptions(batch_size=6, epoch_size=60), split="all"):
             pass
-    ld = make_loader(root, on_error="skip", **kw)
+    ld = make_loader(root, LoaderOptions(batch_size=6, epoch_size=60, on_error="skip"), split="all")
     ld.set_epoch(0)
     seen = [c for b in ld for c in b["clip_id"]]
     assert cid not in seen and ld.skipped == 1 and len(seen) == 59
     assert "checksum mismatch" in ld.skipped_messages[0] and name in ld.skipped_messages[0]
     # streaming mode and the other readers check it as well
-    stream = make_loader(root, split="all", batch_size=6, epoch_size=600, sampler=SamplerConfig(mode="streaming"))
+    stream = make_loader(root, LoaderOptions(batch_size=6, epoch_size=600), split="all",
+                         sampler=SamplerConfig(mode="streaming"))
     with pytest.raises(Exception, match="checksum mismatch"):
         for _ in stream:
             pass
@@ -120,7 +120,7 @@ def test_velocity_rule_selectable_recorded_and_followed(tiny_tracks, tiny_build,
     flt = StaticFilter(enable=False)
     got = {}
     for b in (tiny_build, vel_build):
-        ld = make_loader(b, split="all", batch_size=60, static_filter=flt)
+        ld = make_loader(b, LoaderOptions(batch_size=60), split="all", static_filter=flt)
         ld.set_epoch(0)
         got[BuildDir(b).label_rule] = next(iter(ld))
     a, v = got["amplify"], got["velocity"]
@@ -152,9 +152,9 @@ def test_four_batched_files_without_start_frame_split_per_sequence(tmp_path):
     assert run_cli("--input", d, "--out", out, "--no-progress") == 0
     groups = pq.read_table(out / "manifest.parquet", columns=["split_group"]).column("split_group").to_pylist()
     assert len(set(groups)) == 12
-    kw = dict(batch_size=2, val_split=0.25)
-    train = {c for b in make_loader(out, split="train", epoch_size=24, **kw) for c in b["clip_id"]}
-    val = {c for b in make_loader(out, split="val", **kw) for c in b["clip_id"]}
+    train = {c for b in make_loader(out, LoaderOptions(batch_size=2, epoch_size=24), split="train", val_split=0.25)
+             for c in b["clip_id"]}
+    val = {c for b in make_loader(out, LoaderOptions(batch_size=2), split="val", val_split=0.25) for c in b["clip_id"]}
     assert train and val and train.isdisjoint(val)
     # with start_frame the sequences are windows of one video: one group per file
     w = tmp_path / "windows"

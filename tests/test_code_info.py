@@ -223,7 +223,7 @@ def test_validation_code_info_does_not_change_with_batch_size_or_order(tiny_buil
     import contextlib
 
     from motion_data.build.folder import BuildDir
-    from motion_data.read.loader import make_loader
+    from motion_data.read.loader import LoaderOptions, make_loader
     from tokenizer_train.common.config import from_dict
     from tokenizer_train.common.distributed import Dist
     from tokenizer_train.train.losses import Criterion
@@ -232,7 +232,7 @@ def test_validation_code_info_does_not_change_with_batch_size_or_order(tiny_buil
 
     cfg = from_dict({"model": {"hidden_dim": 16, "num_layers": 1, "num_heads": 2}})
     where = clip_places(BuildDir(tiny_build))
-    loader = make_loader(tiny_build, split="train", batch_size=64, val_split=0.0)
+    loader = make_loader(tiny_build, LoaderOptions(batch_size=64), split="train", val_split=0.0)
     loader.set_epoch(0)
     whole = next(iter(loader))
     C = len(whole["clip_id"])

@@ -9,9 +9,9 @@ import zarr
 
 from motion_data.read.augment import AugmentConfig
 from motion_data.common.labels import step_valid
-from motion_data.read.batch import make_batch
+from motion_data.read.batch import BatchRecipe, make_batch
 from motion_data.build.folder import BuildDir
-from motion_data.read.loader import make_loader
+from motion_data.read.loader import LoaderOptions, make_loader
 from motion_data.read.shard_reader import read_sample
 from motion_data.common.static_filter import METRICS, DEFAULT_FILTER, StaticFilter, recorded_filter
 from motion_data.build.stats import keep_mask
@@ -52,8 +52,8 @@ def test_eval_mask_is_the_build_filter_whatever_the_training_filter(tiny_build, 
     assert BuildDir(root).build_filter == RECORDED
     aug = AugmentConfig(enabled=True, p=1.0)
     for split in ("val", "train"):
-        ld = make_loader(root, split=split, static_filter=train_filter, augment=aug, batch_size=4,
-                         val_split=0.3, num_workers=workers)
+        ld = make_loader(root, LoaderOptions(batch_size=4, num_workers=workers), split=split,
+                         static_filter=train_filter, augment=aug, val_split=0.3)
         ld.set_epoch(0)
         n = 0
         for b in ld:
@@ -70,7 +70,7 @@ def test_store_without_recorded_filter_uses_the_seed_filter(tiny_build, tmp_path
     root = _with_filter(tiny_build, tmp_path / "b", None)
     assert BuildDir(root).build_filter == DEFAULT_FILTER
     assert recorded_filter({}) == DEFAULT_FILTER == StaticFilter(True, "p95", 0.04, 16)
-    b = next(iter(make_loader(root, split="all", batch_size=4)))
+    b = next(iter(make_loader(root, LoaderOptions(batch_size=4), split="all")))
     for j, cid in enumerate(b["clip_id"]):
         np.testing.assert_array_equal(b["eval_mask"][j].numpy(), _expected_eval(root, cid, DEFAULT_FILTER))
 
@@ -82,8 +82,8 @@ def test_make_batch_eval_mask_by_hand():
     valid = np.array([[[True, True, True], [True, True, False]]])
     st = np.zeros((1, 3, 3), np.float32)
     st[0, METRICS.index("mean")] = [0.5, 0.0, 0.1]
-    b = make_batch(pos, vis, st, ["c"], StaticFilter(enable=False), 15,
-                   eval_filter=StaticFilter(True, "mean", 0.05, 0))
+    b = make_batch(pos, vis, st, ["c"], BatchRecipe(StaticFilter(enable=False), 15,
+                                                    eval_filter=StaticFilter(True, "mean", 0.05, 0)))
     assert torch.equal(b["mask"], torch.from_numpy(valid))  # filter off: the loss mask is valid
     assert b["eval_mask"].tolist() == [[[True, False, True], [True, False, False]]]
 
@@ -92,7 +92,7 @@ def test_streaming_mode_carries_the_eval_mask(tiny_build, tmp_path):
     from motion_data.read.sampler import SamplerConfig
 
     root = _with_filter(tiny_build, tmp_path / "b", {"metric": "mean", "threshold": 0.02, "min_keep": 5})
-    ld = make_loader(root, split="train", static_filter=StaticFilter(enable=False), batch_size=4,
+    ld = make_loader(root, LoaderOptions(batch_size=4), split="train", static_filter=StaticFilter(enable=False),
                      sampler=SamplerConfig(mode="streaming"), val_split=0.3)
     ld.set_epoch(0)
     b = next(iter(ld))
@@ -109,7 +109,8 @@ def test_make_batch_leaves_torchs_thread_count_alone():
     try:
         rng = np.random.default_rng(0)
         make_batch(rng.random((4, 16, 16, 2), np.float32) * 30, np.ones((4, 16, 16), bool),
-                   rng.random((4, 3, 16), np.float32), list("abcd"), StaticFilter(True, "p95", 0.04, 2), 15)
+                   rng.random((4, 3, 16), np.float32), list("abcd"),
+                   BatchRecipe(StaticFilter(True, "p95", 0.04, 2), 15))
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(n)

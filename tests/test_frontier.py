@@ -139,7 +139,7 @@ def test_cli_errors_name_the_problem(trained, tmp_path, capsys):
 
 def test_one_pass_frontier_equals_the_reference_on_a_run(trained):
     """The frontier of a trained run equals shifting the logits per offset, batch by batch."""
-    from motion_data.read.loader import make_loader
+    from motion_data.read.loader import LoaderOptions, make_loader
     from tokenizer_train.model.checkpoint import load_model
     from tokenizer_train.model.model_inputs import model_kwargs
 
@@ -147,8 +147,8 @@ def test_one_pass_frontier_equals_the_reference_on_a_run(trained):
     offsets = [-2.0, -0.5, 0.0, 0.5, 3.0]
     res = F.frontier(run, build, offsets, batch_size=4, progress=False)
     model, cfg, meta = load_model(run, "last")
-    loader = make_loader(build, split="val", static_filter=cfg.data.static_filter, batch_size=4,
-                         val_split=cfg.data.val_split, seed=cfg.training.seed)
+    loader = make_loader(build, LoaderOptions(batch_size=4, seed=cfg.training.seed), split="val",
+                         static_filter=cfg.data.static_filter, val_split=cfg.data.val_split)
     loader.set_epoch(0)
     ref = torch.zeros(len(offsets), 5, dtype=torch.float64)
     n_nc = 0.0

@@ -18,7 +18,7 @@ import pytest
 from conftest import make_track_file, make_tracks
 from motion_data.common.errors import DataError
 from motion_data.sources.importers import iter_sequences
-from motion_data.read.loader import make_loader
+from motion_data.read.loader import LoaderOptions, make_loader
 from motion_data.read.verify import verify_build
 from motion_data.read.shard_reader import read_sample
 from preprocess.__main__ import main
@@ -227,10 +227,10 @@ def test_unsafe_member_names_are_refused(build_copy, tmp_path, prefix):
     assert str(shard) in str(e.value)
     # the loader refuses it too (fail), or drops just that clip (skip)
     with pytest.raises(DataError) as e:
-        for _ in make_loader(build_copy, split="all", batch_size=60):
+        for _ in make_loader(build_copy, LoaderOptions(batch_size=60), split="all"):
             pass
     assert str(shard) in str(e.value) and "\n" not in str(e.value)
-    loader = make_loader(build_copy, split="all", batch_size=60, on_error="skip")
+    loader = make_loader(build_copy, LoaderOptions(batch_size=60, on_error="skip"), split="all")
     ids = [c for b in loader for c in b["clip_id"]]
     assert bad_id not in ids and len(ids) == 59 and loader.skipped == 1
     assert not list(Path("/tmp").glob(f"{bad_id}*")) and not (tmp_path.parent / f"{bad_id}.pos.npy").exists()
@@ -245,7 +245,7 @@ def test_truncated_shard_is_named(build_copy):
         verify_build(build_copy)
     assert "shard-000001.tar" in str(e.value) and "manifest.parquet" in str(e.value)
     with pytest.raises(DataError, match="shard-000001.tar"):
-        for _ in make_loader(build_copy, split="all", batch_size=60):
+        for _ in make_loader(build_copy, LoaderOptions(batch_size=60), split="all"):
             pass
 
 
@@ -266,7 +266,7 @@ def test_manifest_with_swapped_offsets_is_refused(build_copy):
     msg = str(e.value)
     assert str(build_copy / "manifest.parquet") in msg and "shard-000000.tar" in msg and "\n" not in msg
     with pytest.raises(DataError) as e:
-        for _ in make_loader(build_copy, split="all", batch_size=8):
+        for _ in make_loader(build_copy, LoaderOptions(batch_size=8), split="all"):
             pass
     assert "shard-000000.tar" in str(e.value) and "does not belong" in str(e.value)
 
@@ -274,7 +274,7 @@ def test_manifest_with_swapped_offsets_is_refused(build_copy):
 def test_manifest_missing_rows_or_shard_is_refused(build_copy):
     _edit_manifest(build_copy, lambda t: t.slice(0, 59))
     with pytest.raises(ValueError, match=r"manifest\.parquet: 59 rows but .*stats\.zarr holds 60 clips"):
-        make_loader(build_copy, split="all", batch_size=8)
+        make_loader(build_copy, LoaderOptions(batch_size=8), split="all")
     with pytest.raises(DataError, match=r"shard-000002\.tar holds 10 samples, the manifest lists 9"):
         verify_build(build_copy)
     (build_copy / "shards" / "shard-000002.tar").unlink()
@@ -290,7 +290,7 @@ def test_manifest_range_past_the_shard_end_is_named(build_copy):
 
     _edit_manifest(build_copy, grow)
     with pytest.raises(DataError, match=r"shard-000002\.tar.*truncated"):
-        for _ in make_loader(build_copy, split="all", batch_size=60):
+        for _ in make_loader(build_copy, LoaderOptions(batch_size=60), split="all"):
             pass
     with pytest.raises(DataError, match="manifest.parquet"):
         verify_build(build_copy)

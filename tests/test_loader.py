@@ -1,6 +1,7 @@
 import logging
 import shutil
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -10,11 +11,12 @@ import torch
 from loader_fixtures import write_build
 from motion_data.read.augment import AugmentConfig
 from motion_data.common.labels import labels_from_positions, normalize, step_valid, velocities
-from motion_data.read.batch import _batch_kernel, _derive_kernel, _label_kernel
+from motion_data.common.label_kernels import label_spec
+from motion_data.read.batch import ClipArrays, DerivedArrays, _batch_kernel, _derive_kernel, _label_kernel
 from motion_data.common.workers import loader_worker_context
-from motion_data.read.loader import ClipDataset, _identity, make_loader
+from motion_data.read.loader import ClipDataset, LoaderOptions, _identity, make_loader
 from motion_data.read.ranges import FdCache
-from motion_data.read.shard_reader import read_batch, read_sample
+from motion_data.read.shard_reader import SampleRefs, read_batch, read_sample
 from motion_data.read.sampler import IndexBatch, SamplerConfig, SequentialBatchSampler, load_dynamic_ratio
 from motion_data.read.split import split_manifest
 from motion_data.common.static_filter import StaticFilter
@@ -42,7 +44,7 @@ def _reference(root, m, cid, flt):
 
 def test_batch_contract_matches_reference(tiny_build):
     m = _manifest(tiny_build)
-    ld = make_loader(tiny_build, split="all", static_filter=FLT, sampler=WEIGHTED, batch_size=8, seed=1)
+    ld = make_loader(tiny_build, LoaderOptions(batch_size=8, seed=1), split="all", static_filter=FLT, sampler=WEIGHTED)
     ld.set_epoch(0)
     batches = list(ld)
     assert len(batches) == len(ld) == 60 // 8
@@ -65,7 +67,8 @@ def test_batch_contract_matches_reference(tiny_build):
             np.testing.assert_array_equal(batch["mask"][j].numpy(), keep[None] & s["valid"])
             assert batch["dynamic_ratio"][j] == pytest.approx(ratio[m["clip_id"].index(cid)])
     # filter off: mask == valid, ratio 1
-    b0 = next(iter(make_loader(tiny_build, split="all", static_filter=StaticFilter(enable=False), batch_size=4)))
+    b0 = next(iter(make_loader(tiny_build, LoaderOptions(batch_size=4), split="all",
+                               static_filter=StaticFilter(enable=False))))
     assert torch.equal(b0["mask"], b0["valid"]) and (b0["dynamic_ratio"] == 1).all()
 
 
@@ -86,8 +89,8 @@ def test_kernel_matches_label_functions(rule):
     valid = step_valid(vis)
     vo, lo, mo, va, eo = (np.empty((3, 15, 50, 2), np.float32), np.empty(valid.shape, np.int64), np.empty_like(valid),
                           np.empty_like(valid), np.empty_like(valid))
-    code = ["amplify", "velocity"].index(rule)
-    _batch_kernel(pos, vis, keep, keep_eval, 15, 127.0, code, vo, lo, mo, va, eo)
+    clips, spec = ClipArrays(pos, vis, keep, keep_eval), label_spec(15, 128, rule)
+    _batch_kernel(clips, spec, lo, DerivedArrays(vo, mo, va, eo))
     np.testing.assert_array_equal(vo, normalize(velocities(pos)))
     np.testing.assert_array_equal(lo, labels_from_positions(pos, 15, 128, rule))
     np.testing.assert_array_equal(va, valid)
@@ -95,10 +98,10 @@ def test_kernel_matches_label_functions(rule):
     np.testing.assert_array_equal(eo, keep_eval[:, None] & valid)
     # a worker's labels-only pass, and the main process's pass over a worker's batch
     narrow = np.empty(valid.shape, np.uint8)
-    _label_kernel(pos, 15, 127.0, code, narrow)
+    _label_kernel(pos, spec, narrow)
     np.testing.assert_array_equal(narrow, labels_from_positions(pos, 15, 128, rule))
     outs = [np.zeros_like(x) for x in (vo, lo, mo, va, eo)]
-    _derive_kernel(pos, vis, keep, keep_eval, narrow, 15, *outs)
+    _derive_kernel(clips, narrow, 15, outs[1], DerivedArrays(outs[0], *outs[2:]))
     for got, want in zip(outs, (vo, lo, mo, va, eo)):
         np.testing.assert_array_equal(got, want)
 
@@ -107,8 +110,9 @@ def test_batch_reader_equals_single_sample_reader(tiny_build):
     m = _manifest(tiny_build)
     fds = FdCache(2)
     for i in range(0, 60, 7):
-        pos, vis, st, ok, err = read_batch(fds, [str(tiny_build / m["shard"][i])], [m["offset"][i]], [m["size"][i]],
-                                           [m["clip_id"][i]], [m["checksum"][i]], 16, 100)
+        refs = SampleRefs([str(tiny_build / m["shard"][i])], [m["offset"][i]], [m["size"][i]], [m["clip_id"][i]],
+                          [m["checksum"][i]])
+        pos, vis, st, ok, err = read_batch(fds, refs, 16, 100)
         assert ok.all() and err == [None]
         ref = read_sample(tiny_build / m["shard"][i], m["offset"][i], m["size"][i], m["clip_id"][i])
         for a, k in zip((pos[0], vis[0], st[0]), ("pos", "vis", "stats")):
@@ -119,7 +123,7 @@ def test_batch_reader_equals_single_sample_reader(tiny_build):
 
 def test_batch_reader_equals_reference_and_names_the_unusual(tiny_build, tmp_path):
     m = _manifest(tiny_build)
-    ds = make_loader(tiny_build, split="all", batch_size=4).dataset
+    ds = make_loader(tiny_build, LoaderOptions(batch_size=4), split="all").dataset
     rows = list(range(59, -1, -3))  # not in file order
     B = len(rows)
     pos, vis, st, ok, err = ds.read_rows(rows)
@@ -136,7 +140,7 @@ def test_batch_reader_equals_reference_and_names_the_unusual(tiny_build, tmp_pat
     data = bytearray(shard.read_bytes())
     data[m["offset"][i] + 100] ^= 1  # inside the mode field of the first member header
     shard.write_bytes(data)
-    ds = make_loader(root, split="all", batch_size=4).dataset
+    ds = make_loader(root, LoaderOptions(batch_size=4), split="all").dataset
     ds.clip_id[rows[5]] = ds.clip_id[rows[5]][:-1] + "x"
     pos, vis, st, got, err = ds.read_rows(rows)
     assert not got[2] and not got[5] and got.sum() == B - 2
@@ -148,20 +152,21 @@ def test_val_loader_full_deterministic_pass(tiny_build):
     m = _manifest(tiny_build)
     _, val_rows = split_manifest(m, 0.2, 16)
     aug = AugmentConfig(enabled=True, jitter_std=0.1, p=1.0)
-    kw = dict(split="val", static_filter=FLT, sampler=WEIGHTED, augment=aug, batch_size=3, val_split=0.2)
-    ids = [[c for b in make_loader(tiny_build, **kw) for c in b["clip_id"]] for _ in range(2)]
+    kw = dict(split="val", static_filter=FLT, sampler=WEIGHTED, augment=aug, val_split=0.2)
+    opts = LoaderOptions(batch_size=3)
+    ids = [[c for b in make_loader(tiny_build, opts, **kw) for c in b["clip_id"]] for _ in range(2)]
     assert ids[0] == ids[1] == [m["clip_id"][r] for r in val_rows]
-    b = next(iter(make_loader(tiny_build, **kw)))
+    b = next(iter(make_loader(tiny_build, opts, **kw)))
     s, _ = _reference(tiny_build, m, b["clip_id"][0], FLT)
     np.testing.assert_array_equal(b["velocities"][0].numpy(), normalize(s["vel"]))  # no augmentation
     # two ranks: same batch count, disjoint, together everything
-    per = [list(make_loader(tiny_build, rank=k, world_size=2, **kw)) for k in range(2)]
+    per = [list(make_loader(tiny_build, replace(opts, rank=k, world_size=2), **kw)) for k in range(2)]
     assert len(per[0]) == len(per[1])
     got = [c for p in per for b in p for c in b["clip_id"]]
     assert sorted(got) == sorted(m["clip_id"][r] for r in val_rows)
     # train and val never share a clip
-    train = {c for b in make_loader(tiny_build, split="train", batch_size=4, val_split=0.2,
-                                    sampler=SamplerConfig(), epoch_size=400) for c in b["clip_id"]}
+    train = {c for b in make_loader(tiny_build, LoaderOptions(batch_size=4, epoch_size=400), split="train",
+                                    val_split=0.2, sampler=SamplerConfig()) for c in b["clip_id"]}
     assert train.isdisjoint(got)
 
 
@@ -178,15 +183,15 @@ def _run(ld, epoch, n=None):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_mid_epoch_identical_remaining(tiny_build, workers):
     aug = AugmentConfig(enabled=True, scale_range=[0.8, 1.25], jitter_std=0.02, p=0.5)
-    kw = dict(split="train", static_filter=FLT, sampler=WEIGHTED, augment=aug, batch_size=4, seed=5,
-              num_workers=workers, epoch_size=40, val_split=0.1)
-    full = _run(make_loader(tiny_build, **kw), epoch=3)
+    kw = dict(split="train", static_filter=FLT, sampler=WEIGHTED, augment=aug, val_split=0.1)
+    opts = LoaderOptions(batch_size=4, seed=5, num_workers=workers, epoch_size=40)
+    full = _run(make_loader(tiny_build, opts, **kw), epoch=3)
     assert len(full) == 10
-    first = make_loader(tiny_build, **kw)
+    first = make_loader(tiny_build, opts, **kw)
     head = _run(first, epoch=3, n=4)
     state = first.state_dict()
     assert state["batches_done"] == 4
-    second = make_loader(tiny_build, **kw)
+    second = make_loader(tiny_build, opts, **kw)
     second.load_state_dict(state)
     rest = _run(second, epoch=3)
     assert len(head) + len(rest) == len(full)
@@ -197,12 +202,13 @@ def test_resume_mid_epoch_identical_remaining(tiny_build, workers):
     nxt = _run(second, epoch=4)
     assert len(nxt) == 10 and [x[0] for x in nxt] != [x[0] for x in full]
     after = [b["clip_id"] for b in second]
-    assert second.epoch == 5 and after == [x[0] for x in _run(make_loader(tiny_build, **kw), epoch=5)]
+    assert second.epoch == 5 and after == [x[0] for x in _run(make_loader(tiny_build, opts, **kw), epoch=5)]
 
 
 def test_augmentation_seeded_by_batch_place(tiny_build):
     aug = AugmentConfig(enabled=True, jitter_std=0.05, p=1.0)
-    ds = make_loader(tiny_build, split="all", static_filter=FLT, augment=aug, batch_size=4, seed=9).dataset
+    ds = make_loader(tiny_build, LoaderOptions(batch_size=4, seed=9), split="all", static_filter=FLT,
+                     augment=aug).dataset
     a = ds.__getitems__(IndexBatch([0, 1], (2, 0, 0)))["velocities"]
     assert torch.equal(a, ds.__getitems__(IndexBatch([0, 1], (2, 0, 0)))["velocities"])
     assert not torch.equal(a, ds.__getitems__(IndexBatch([0, 1], (2, 0, 1)))["velocities"])
@@ -211,8 +217,9 @@ def test_augmentation_seeded_by_batch_place(tiny_build):
 
 @pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true")
 def test_workers_deliver_exactly_the_draw(tiny_build):
-    kw = dict(split="all", static_filter=FLT, sampler=WEIGHTED, batch_size=5, seed=2, epoch_size=60)
-    ld = make_loader(tiny_build, num_workers=2, **kw)
+    kw = dict(split="all", static_filter=FLT, sampler=WEIGHTED)
+    opts = LoaderOptions(batch_size=5, seed=2, epoch_size=60)
+    ld = make_loader(tiny_build, replace(opts, num_workers=2), **kw)
     # batches come through the shared slots, 4 per worker: 12 batches reuse them, and the
     # batches kept below must still equal the in-process ones
     assert ld.dataset.ring is not None and ld.dataset.ring.per_worker == 4
@@ -224,7 +231,7 @@ def test_workers_deliver_exactly_the_draw(tiny_build):
     assert sum(got.values()) == 60
     # a worker's packed batch (one shared buffer, narrow labels) unpacks to exactly the
     # in-process batch: same values, contract dtypes
-    inproc = make_loader(tiny_build, num_workers=0, **kw)
+    inproc = make_loader(tiny_build, opts, **kw)
     for a, b in zip(_batches(ld, 2), _batches(inproc, 2)):
         assert a.keys() == b.keys() and a["clip_id"] == b["clip_id"]
         for k in ("positions", "velocities", "labels", "mask", "valid", "dynamic_ratio"):
@@ -232,13 +239,13 @@ def test_workers_deliver_exactly_the_draw(tiny_build):
     assert b["labels"].dtype == torch.int64
     # a DataLoader of its own over a ClipDataset (as tokenize builds one) gets contract
     # dicts from its workers too
-    ds = ClipDataset(tiny_build, _manifest(tiny_build), FLT, 15, 15, 100)
+    ds = ClipDataset(tiny_build, _manifest(tiny_build), FLT)
     dl = torch.utils.data.DataLoader(ds, batch_sampler=SequentialBatchSampler(np.arange(10), 5),
                                      collate_fn=_identity, num_workers=1, multiprocessing_context=loader_worker_context("motion_data.read.loader"))
     own = list(dl)
     assert [len(x["clip_id"]) for x in own] == [5, 5] and own[0]["labels"].dtype == torch.int64
     # persistent workers + pinned memory keep working across epochs
-    ld = make_loader(tiny_build, num_workers=2, persistent_workers=True, pin_memory=True, **kw)
+    ld = make_loader(tiny_build, replace(opts, num_workers=2, persistent_workers=True, pin_memory=True), **kw)
     counts = [len(_run(ld, e)) for e in range(2)]
     assert counts == [len(ld)] * 2
 
@@ -251,7 +258,7 @@ def _batches(ld, epoch):
 def test_iterating_leaves_global_torch_rng_alone(tiny_build):
     """The workers' base seed comes from the loader's own generator (seed, epoch, rank), so
     starting or resuming an epoch does not shift the trainer's dropout/noise stream."""
-    ld = make_loader(tiny_build, split="all", static_filter=FLT, batch_size=4, seed=3)
+    ld = make_loader(tiny_build, LoaderOptions(batch_size=4, seed=3), split="all", static_filter=FLT)
     torch.manual_seed(0)
     ref = torch.rand(4)
     torch.manual_seed(0)
@@ -290,11 +297,12 @@ def _corrupt(src, tmp_path, how):
 def test_corrupt_shard_fails_naming_it_or_is_skipped(tmp_path, how, caplog):
     src = write_build(tmp_path / "src", shard_sizes=(5, 3, 4))
     root, bad = _corrupt(src, tmp_path, how)
-    kw = dict(split="all", static_filter=FLT, batch_size=4, sampler=SamplerConfig(), epoch_size=12)
+    kw = dict(split="all", static_filter=FLT, sampler=SamplerConfig())
+    opts = LoaderOptions(batch_size=4, epoch_size=12)
     with pytest.raises(DataError, match=bad.split("/")[-1]):
-        for _ in make_loader(root, **kw):
+        for _ in make_loader(root, opts, **kw):
             pass
-    ld = make_loader(root, on_error="skip", **kw)
+    ld = make_loader(root, replace(opts, on_error="skip"), **kw)
     with caplog.at_level(logging.WARNING, logger="motion_data.read.loader"):
         n = sum(len(b["clip_id"]) for b in ld)
     lost = 2 if how == "truncate" else 1  # the second half of a 4-clip shard / one sample
@@ -308,7 +316,7 @@ def test_missing_shard_is_named(tmp_path):
     root = write_build(tmp_path / "b", shard_sizes=(3, 3))
     (root / "shards" / "shard-000001.tar").unlink()
     with pytest.raises(DataError, match="shard-000001.tar"):
-        for _ in make_loader(root, split="all", batch_size=6, epoch_size=6):
+        for _ in make_loader(root, LoaderOptions(batch_size=6, epoch_size=6), split="all"):
             pass
 
 
@@ -316,8 +324,8 @@ def test_streaming_mode_frequencies_follow_weights(tmp_path):
     root = write_build(tmp_path / "b", shard_sizes=(6, 2, 4), n_points=16)
     flt = StaticFilter(enable=True, metric="p95", threshold=0.1, min_keep=2)
     cfg = SamplerConfig(method="dynamic_ratio", power=2.0, min_weight=0.1, mode="streaming")
-    ld = make_loader(root, split="all", static_filter=flt, sampler=cfg, batch_size=8, epoch_size=8 * 600,
-                     shuffle_buffer=50, seed=3)
+    ld = make_loader(root, LoaderOptions(batch_size=8, epoch_size=8 * 600, shuffle_buffer=50, seed=3), split="all",
+                     static_filter=flt, sampler=cfg)
     assert len(ld) == 600
     ld.set_epoch(0)
     seen = Counter()
@@ -339,10 +347,10 @@ def test_streaming_skips_corrupt_shard(tmp_path):
     src = write_build(tmp_path / "src", shard_sizes=(4, 4, 4))
     root, bad = _corrupt(src, tmp_path, "truncate")
     cfg = SamplerConfig(mode="streaming")
-    ld = make_loader(root, split="all", sampler=cfg, batch_size=4, epoch_size=40, on_error="skip")
+    ld = make_loader(root, LoaderOptions(batch_size=4, epoch_size=40, on_error="skip"), split="all", sampler=cfg)
     assert sum(1 for _ in ld) == 10
     assert ld.skipped > 0 and any(bad.split("/")[-1] in msg for msg in ld.skipped_messages)
-    ld = make_loader(root, split="all", sampler=cfg, batch_size=4, epoch_size=400)
+    ld = make_loader(root, LoaderOptions(batch_size=4, epoch_size=400), split="all", sampler=cfg)
     with pytest.raises(Exception, match=bad.split("/")[-1]):
         for _ in ld:
             pass
@@ -352,4 +360,4 @@ def test_bad_arguments(tiny_build):
     with pytest.raises(ValueError):
         make_loader(tiny_build, split="test")
     with pytest.raises(ValueError):
-        make_loader(tiny_build, on_error="ignore")
+        make_loader(tiny_build, LoaderOptions(on_error="ignore"))

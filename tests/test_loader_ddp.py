@@ -39,7 +39,7 @@ def _worker(rank, world, port, root, out):
     import torch
     import torch.distributed as dist
 
-    from motion_data.read.loader import make_loader
+    from motion_data.read.loader import LoaderOptions, make_loader
     from motion_data.read.sampler import SamplerConfig
     from motion_data.common.static_filter import StaticFilter
 
@@ -48,14 +48,13 @@ def _worker(rank, world, port, root, out):
     flt = StaticFilter(enable=True, min_keep=4)
     result = {}
     runs = {
-        "exact": dict(split="train", sampler=SamplerConfig(method="dynamic_ratio"), epoch_size=23),
-        "streaming": dict(split="train", sampler=SamplerConfig(method="dynamic_ratio", mode="streaming"),
-                          epoch_size=23),
-        "val": dict(split="val"),
+        "exact": (dict(split="train", sampler=SamplerConfig(method="dynamic_ratio")), 23),
+        "streaming": (dict(split="train", sampler=SamplerConfig(method="dynamic_ratio", mode="streaming")), 23),
+        "val": (dict(split="val"), None),
     }
-    for name, kw in runs.items():
-        ld = make_loader(root, static_filter=flt, batch_size=3, seed=4, rank=rank, world_size=world,
-                         val_split=0.3, **kw)
+    for name, (kw, epoch_size) in runs.items():
+        opts = LoaderOptions(batch_size=3, epoch_size=epoch_size, seed=4, rank=rank, world_size=world)
+        ld = make_loader(root, opts, static_filter=flt, val_split=0.3, **kw)
         counts, ids = [], []
         for epoch in range(2):
             ld.set_epoch(epoch)
@@ -116,8 +115,8 @@ def _weights_worker(rank, world, port, root, out):
 
     L.sampling_weights = other_order
     sampler = SamplerConfig(method="dynamic_ratio", shard_affinity=True, affinity_window=2)
-    ld = L.make_loader(root, static_filter=StaticFilter(enable=True, min_keep=4), sampler=sampler, batch_size=2,
-                       seed=4, rank=rank, world_size=world, val_split=0.3)
+    ld = L.make_loader(root, L.LoaderOptions(batch_size=2, seed=4, rank=rank, world_size=world),
+                       static_filter=StaticFilter(enable=True, min_keep=4), sampler=sampler, val_split=0.3)
     got = ld.batch_sampler.weights
     res = {"computed": mine.get("w", np.zeros(0)).tobytes().hex(), "used": got.tobytes().hex(),
            "draw": ld.batch_sampler.epoch_draw(3).tolist(), "ids": [i for b in ld for i in b["clip_id"]]}

@@ -94,10 +94,10 @@ def test_loader_workers_die_with_a_killed_trainer(tmp_path):
     root = write_build(tmp_path / "b", shard_sizes=(6, 6))
     script = textwrap.dedent(f"""
         import sys, time
-        from motion_data.read.loader import make_loader
+        from motion_data.read.loader import LoaderOptions, make_loader
         if __name__ == "__main__":
-            dl = make_loader({str(root)!r}, split="all", batch_size=2, num_workers=2, persistent_workers=True,
-                             epoch_size=8, device="cpu")
+            opts = LoaderOptions(batch_size=2, num_workers=2, persistent_workers=True, epoch_size=8, device="cpu")
+            dl = make_loader({str(root)!r}, opts, split="all")
             next(iter(dl))
             print("ready", flush=True)
             time.sleep(120)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +24,9 @@ from motion_data.build.folder import BuildDir  # noqa: E402
 from motion_data.build.manifest import read_manifest  # noqa: E402
 from motion_data.common.errors import DataError  # noqa: E402
 from motion_data.common.storage import Url, location  # noqa: E402
-from motion_data.read.loader import make_loader  # noqa: E402
+from motion_data.read.loader import LoaderOptions, make_loader  # noqa: E402
 from motion_data.read.ranges import RemoteRanges  # noqa: E402
-from motion_data.read.shard_reader import read_batch  # noqa: E402
+from motion_data.read.shard_reader import SampleRefs, read_batch  # noqa: E402
 
 
 def _free_port() -> int:
@@ -90,24 +91,27 @@ def test_http_build_reads_like_the_local_one(served, tiny_build):
     assert remote.info() == local.info()
     assert remote.manifest() == local.manifest()
     for split in ("val", "train"):
-        kw = dict(split=split, batch_size=8, val_split=0.2, seed=3)
-        _same(_batches(make_loader(served["good"], **kw)), _batches(make_loader(tiny_build, **kw)))
+        kw = dict(split=split, val_split=0.2)
+        opts = LoaderOptions(batch_size=8, seed=3)
+        _same(_batches(make_loader(served["good"], opts, **kw)), _batches(make_loader(tiny_build, opts, **kw)))
 
 
 def test_http_build_with_loader_workers(served, tiny_build):
     """Workers make their own filesystem object (none is inherited or pickled)."""
-    kw = dict(split="train", batch_size=8, val_split=0.2, seed=1)
-    _same(_batches(make_loader(served["good"], num_workers=2, **kw)), _batches(make_loader(tiny_build, **kw)))
+    kw = dict(split="train", val_split=0.2)
+    opts = LoaderOptions(batch_size=8, seed=1)
+    _same(_batches(make_loader(served["good"], replace(opts, num_workers=2), **kw)),
+          _batches(make_loader(tiny_build, opts, **kw)))
 
 
 def test_ranges_are_merged_and_only_the_batch_is_fetched(served, tiny_build):
     man = read_manifest(tiny_build).to_pydict()
     rows = [0, 1, 2, 7]  # 0-2 adjacent in one shard: one request; 7 a second
     src = RemoteRanges(location(served["good"]))
-    pos, vis, st, ok, err = read_batch(src, [f"{served['good']}/{man['shard'][i]}" for i in rows],
-                                       [man["offset"][i] for i in rows], [man["size"][i] for i in rows],
-                                       [man["clip_id"][i] for i in rows], [man["checksum"][i] for i in rows],
-                                       BuildDir(tiny_build).T, BuildDir(tiny_build).N)
+    refs = SampleRefs([f"{served['good']}/{man['shard'][i]}" for i in rows], [man["offset"][i] for i in rows],
+                      [man["size"][i] for i in rows], [man["clip_id"][i] for i in rows],
+                      [man["checksum"][i] for i in rows])
+    pos, vis, st, ok, err = read_batch(src, refs, BuildDir(tiny_build).T, BuildDir(tiny_build).N)
     assert ok.all(), err
     assert src.bytes <= sum(man["size"][i] for i in rows) + 2 * (1 << 16)
     assert src.requests <= 2
@@ -118,13 +122,13 @@ def test_a_server_that_ignores_range_is_refused_by_name(served, tiny_build):
     i = 3  # not the first sample: the whole object is longer than the range
     shard = f"{served['bad']}/{man['shard'][i]}"
     src = RemoteRanges(location(served["bad"]))
-    *_, ok, err = read_batch(src, [shard], [man["offset"][i]], [man["size"][i]], [man["clip_id"][i]],
-                             [man["checksum"][i]], BuildDir(tiny_build).T, BuildDir(tiny_build).N)
+    refs = SampleRefs([shard], [man["offset"][i]], [man["size"][i]], [man["clip_id"][i]], [man["checksum"][i]])
+    *_, ok, err = read_batch(src, refs, BuildDir(tiny_build).T, BuildDir(tiny_build).N)
     assert not ok[0]
     assert shard in err[0] and "ignores Range" in err[0] and served["bad"].rsplit("/", 1)[0] in err[0]
     # through the loader (a manifest larger than fsspec's first block is refused at open, naming it)
     with pytest.raises(DataError, match=r"(shards/.*ignores Range|manifest.parquet.*range)"):
-        for _ in make_loader(served["bad"], split="all", batch_size=8):
+        for _ in make_loader(served["bad"], LoaderOptions(batch_size=8), split="all"):
             pass
 
 
@@ -141,7 +145,7 @@ def test_altered_bytes_in_a_served_shard_are_refused_by_name(tiny_build, tmp_pat
     p, url = _serve(["RangeHTTPServer"], tmp_path, "build/build.json")
     try:
         with pytest.raises(DataError, match=f"{url}/build/{man['shard'][0]}@0 .*rebuild"):
-            for _ in make_loader(f"{url}/build", split="all", batch_size=8, sampler=None):
+            for _ in make_loader(f"{url}/build", LoaderOptions(batch_size=8), split="all", sampler=None):
                 pass
     finally:
         p.kill()
@@ -154,8 +158,8 @@ def test_transient_failures_are_retried_then_named(served, tiny_build, monkeypat
     monkeypatch.setattr(RR, "BACKOFF_S", 0.01)
     man = read_manifest(tiny_build).to_pydict()
     b = BuildDir(tiny_build)
-    args = ([f"{served['good']}/{man['shard'][0]}"], [man["offset"][0]], [man["size"][0]], [man["clip_id"][0]],
-            [man["checksum"][0]], b.T, b.N)
+    args = (SampleRefs([f"{served['good']}/{man['shard'][0]}"], [man["offset"][0]], [man["size"][0]],
+                       [man["clip_id"][0]], [man["checksum"][0]]), b.T, b.N)
     src = RemoteRanges(location(served["good"]))
     real = src.root.fs.cat_ranges
     calls = []
@@ -177,10 +181,10 @@ def test_transient_failures_are_retried_then_named(served, tiny_build, monkeypat
     assert man["shard"][0] in err[0] and f"after {RR.RETRIES} tries" in err[0] and "ConnectionResetError" in err[0]
 
 
-def _cached_loader(url, cache, bound, **kw):
+def _cached_loader(url, cache, bound, options, **kw):
     from motion_data.common.storage import with_cache
 
-    return make_loader(with_cache(url, cache, bound), **kw)
+    return make_loader(with_cache(url, cache, bound), options, **kw)
 
 
 def test_the_shard_cache_is_reused_bounded_and_checked(served, tiny_build, tmp_path):
@@ -188,26 +192,27 @@ def test_the_shard_cache_is_reused_bounded_and_checked(served, tiny_build, tmp_p
     bound of two shards holds; a cached file altered on disk is dropped and fetched again."""
     from motion_data.read.shard_cache import held_bytes
 
-    kw = dict(split="train", batch_size=8, val_split=0.2, seed=4)
-    want = _batches(make_loader(tiny_build, **kw))
+    kw = dict(split="train", val_split=0.2)
+    opts = LoaderOptions(batch_size=8, seed=4)
+    want = _batches(make_loader(tiny_build, opts, **kw))
     shards = sorted((tiny_build / "shards").glob("*.tar"))
     total = sum(p.stat().st_size for p in shards)
-    first = _cached_loader(served["good"], tmp_path / "c", 1 << 40, **kw)
+    first = _cached_loader(served["good"], tmp_path / "c", 1 << 40, opts, **kw)
     _same(_batches(first), want)
     src = first.dataset.fds
     assert src.cache.fetches == len(shards) and src.bytes == total  # every shard once, whole
-    again = _cached_loader(served["good"], tmp_path / "c", 1 << 40, **kw)
+    again = _cached_loader(served["good"], tmp_path / "c", 1 << 40, opts, **kw)
     _same(_batches(again), want)
     assert again.dataset.fds.bytes == 0 and again.dataset.fds.cache.fetches == 0
     victim = sorted((tmp_path / "c").glob("*.tar"))[0]
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 1
     victim.write_bytes(bytes(data))
-    third = _cached_loader(served["good"], tmp_path / "c", 1 << 40, **kw)
+    third = _cached_loader(served["good"], tmp_path / "c", 1 << 40, opts, **kw)
     _same(_batches(third), want)
     assert third.dataset.fds.cache.dropped == 1 and third.dataset.fds.cache.fetches == 1
     bound = 2 * max(p.stat().st_size for p in shards)
-    small = _cached_loader(served["good"], tmp_path / "small", bound, **kw)
+    small = _cached_loader(served["good"], tmp_path / "small", bound, opts, **kw)
     _same(_batches(small), want)
     assert held_bytes(tmp_path / "small") <= bound and small.dataset.fds.cache.evicted > 0
 
@@ -215,9 +220,10 @@ def test_the_shard_cache_is_reused_bounded_and_checked(served, tiny_build, tmp_p
 def test_the_shard_cache_with_loader_workers(served, tiny_build, tmp_path):
     """Two loader workers share one cache folder: one file per shard, no temporary file left,
     the batches those of the local build (one fetch per shard: the test after the next)."""
-    kw = dict(split="train", batch_size=8, val_split=0.2, seed=6)
-    want = _batches(make_loader(tiny_build, **kw))
-    _same(_batches(_cached_loader(served["good"], tmp_path / "c", 1 << 40, num_workers=2, **kw)), want)
+    kw = dict(split="train", val_split=0.2)
+    opts = LoaderOptions(batch_size=8, seed=6)
+    want = _batches(make_loader(tiny_build, opts, **kw))
+    _same(_batches(_cached_loader(served["good"], tmp_path / "c", 1 << 40, replace(opts, num_workers=2), **kw)), want)
     names = sorted(p.name for p in (tmp_path / "c").iterdir() if not p.name.endswith(".lock"))
     assert len(names) == len(list((tiny_build / "shards").glob("*.tar")))
     assert all(n.endswith(".tar") and not n.startswith(".") for n in names)
@@ -293,10 +299,11 @@ def test_s3_build_trains_like_the_local_one(s3, tiny_build):
     s3.put(str(tiny_build), "bucket/build", recursive=True)
     url = "s3://bucket/build"
     assert BuildDir(url).info() == BuildDir(tiny_build).info()
-    kw = dict(split="train", batch_size=8, val_split=0.2, seed=2)
+    kw = dict(split="train", val_split=0.2)
+    opts = LoaderOptions(batch_size=8, seed=2)
     # in process: loader workers come from a forkserver that may predate this fixture's
     # credentials (test_http_build_with_loader_workers covers workers)
-    _same(_batches(make_loader(url, **kw)), _batches(make_loader(tiny_build, **kw)))
+    _same(_batches(make_loader(url, opts, **kw)), _batches(make_loader(tiny_build, opts, **kw)))
     np.testing.assert_array_equal(BuildDir(url).per_clip("p95"), BuildDir(tiny_build).per_clip("p95"))
 
 
@@ -351,10 +358,11 @@ def test_a_server_restart_in_mid_epoch_is_retried_and_nothing_is_lost(weed, tiny
 
     if not weed.fs.exists("bucket/build4/build.json"):
         weed.fs.put(str(tiny_build), "bucket/build4", recursive=True)
-    kw = dict(split="train", batch_size=8, val_split=0.2, seed=5)
-    want = _batches(make_loader(tiny_build, **kw))
+    kw = dict(split="train", val_split=0.2)
+    opts = LoaderOptions(batch_size=8, seed=5)
+    want = _batches(make_loader(tiny_build, opts, **kw))
     got = []
-    loader = make_loader("s3://bucket/build4", **kw)
+    loader = make_loader("s3://bucket/build4", opts, **kw)
     for b in loader:
         got.append({k: v.clone() for k, v in b.items() if hasattr(v, "clone")})
         if len(got) == 1:

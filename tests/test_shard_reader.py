@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from loader_fixtures import write_build
-from motion_data.read.loader import make_loader
+from motion_data.read.loader import LoaderOptions, make_loader
 from motion_data.read.ranges import FdCache
-from motion_data.read.shard_reader import read_batch, read_sample
+from motion_data.read.shard_reader import SampleRefs, read_batch, read_sample
 from motion_data.build.shards import array_checksum
 from motion_data.common.errors import DataError
 
@@ -74,13 +74,13 @@ def test_nan_in_array_bytes_is_refused_by_name(tmp_path, fix_checksum):
         read_sample(shard, off, m["size"][i], m["clip_id"][i], _man(root)["checksum"][i])
     assert str(shard) in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(DataError, match=why):
-        for _ in make_loader(root, split="all", batch_size=8):
+        for _ in make_loader(root, LoaderOptions(batch_size=8), split="all"):
             pass
-    ld = make_loader(root, split="all", batch_size=8, on_error="skip")
+    ld = make_loader(root, LoaderOptions(batch_size=8, on_error="skip"), split="all")
     ids = [c for b in ld for c in b["clip_id"]]
     assert ld.skipped == 1 and m["clip_id"][i] not in ids and len(ids) == 7
     assert str(shard.name) in ld.skipped_messages[0]
-    for b in make_loader(root, split="all", batch_size=8, on_error="skip"):
+    for b in make_loader(root, LoaderOptions(batch_size=8, on_error="skip"), split="all"):
         assert np.isfinite(b["positions"].numpy()).all()
 
 
@@ -91,12 +91,12 @@ def test_huge_manifest_size_is_a_shard_error_not_memory_error(tmp_path):
     sizes[4] = 1 << 40
     _set_column(root, "size", sizes)
     with pytest.raises(DataError, match="outside the shard") as e:
-        for _ in make_loader(root, split="all", batch_size=6):
+        for _ in make_loader(root, LoaderOptions(batch_size=6), split="all"):
             pass
     assert m["shard"][4].split("/")[-1] in str(e.value)
     with pytest.raises(DataError, match="outside the shard"):
         read_sample(root / m["shard"][4], m["offset"][4], 1 << 40, m["clip_id"][4])
-    ld = make_loader(root, split="all", batch_size=6, on_error="skip")
+    ld = make_loader(root, LoaderOptions(batch_size=6, on_error="skip"), split="all")
     assert sum(len(b["clip_id"]) for b in ld) == 5 and ld.skipped == 1
 
 
@@ -106,8 +106,8 @@ def test_descriptor_cache_is_bounded_and_least_recently_used(tmp_path):
     fds = FdCache(3)
     paths = [str(root / s) for s in m["shard"]]
     for k in range(6):
-        pos, vis, st, ok, err = read_batch(fds, [paths[k]], [m["offset"][k]], [m["size"][k]], [m["clip_id"][k]],
-                                           [m["checksum"][k]], 16, 16)
+        refs = SampleRefs([paths[k]], [m["offset"][k]], [m["size"][k]], [m["clip_id"][k]], [m["checksum"][k]])
+        pos, vis, st, ok, err = read_batch(fds, refs, 16, 16)
         assert ok.all()
         assert len(fds) == min(k + 1, 3)
     fds.get(paths[3])  # most recent now; opening another evicts the oldest (paths[4])
@@ -119,9 +119,9 @@ def test_descriptor_cache_is_bounded_and_least_recently_used(tmp_path):
 
 _EMFILE = textwrap.dedent("""
     import os, sys
-    from motion_data.read.loader import make_loader
+    from motion_data.read.loader import LoaderOptions, make_loader
     root, mode = sys.argv[1], sys.argv[2]
-    ld = make_loader(root, split="all", batch_size=4, on_error=mode)
+    ld = make_loader(root, LoaderOptions(batch_size=4, on_error=mode), split="all")
     held = []
     try:  # use up every descriptor the process may have
         while True:
@@ -146,7 +146,7 @@ def _limited(n):
 
 def test_running_out_of_descriptors_is_never_blamed_on_a_shard(tmp_path):
     root = write_build(tmp_path / "b", shard_sizes=(2, 2))
-    make_loader(root, split="all", batch_size=4)  # numba kernels compiled/cached outside the limit
+    make_loader(root, LoaderOptions(batch_size=4), split="all")  # numba kernels compiled/cached outside the limit
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     for mode in ("fail", "skip"):
         r = subprocess.run([sys.executable, "-c", _EMFILE, str(root), mode], capture_output=True, text=True,
@@ -172,9 +172,9 @@ def test_training_on_120_shards_under_ulimit_64(tmp_path):
     assert (tmp_path / "run" / "metrics.jsonl").stat().st_size > 0
     shutil.rmtree(tmp_path / "run")
     # two loader workers (each with its own bounded descriptor cache) under the same limit
-    code = ("import sys\nfrom motion_data.read.loader import make_loader\n"
+    code = ("import sys\nfrom motion_data.read.loader import LoaderOptions, make_loader\n"
             "if __name__ == '__main__':\n"
-            "    ld = make_loader(sys.argv[1], split='all', batch_size=20, num_workers=2)\n"
+            "    ld = make_loader(sys.argv[1], LoaderOptions(batch_size=20, num_workers=2), split='all')\n"
             "    print(sum(len(b['clip_id']) for b in ld), ld.skipped)\n")
     r = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, env=env, cwd=REPO,
                        timeout=600, preexec_fn=_limited(64))

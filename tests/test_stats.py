@@ -345,8 +345,8 @@ def test_numba_label_step_equals_labels_py(ax, ay, bx, by, rule):
     ref = int(L.labels_from_positions(pos, W, 128, rule)[0, 0])
     assert ref == int(L.labels_from_positions(torch.from_numpy(pos), W, 128, rule)[0, 0])
     v = pos[1, 0] - pos[0, 0]
-    got = LK._label_step(pos[0, 0, 0], pos[0, 0, 1], pos[1, 0, 0], pos[1, 0, 1], v[0], v[1], W, 127.0,
-                        L.rule_code(rule))
+    got = LK._label_step(pos[0, 0, 0], pos[0, 0, 1], pos[1, 0, 0], pos[1, 0, 1], v[0], v[1],
+                         LK.label_spec(W, 128, rule))
     assert got == ref
     if rule == "amplify":  # docs/DESIGN.md: q = round(clip(p, 0, ref_size-1)), d = q[t+1] - q[t]
         q = np.rint(np.clip(pos[:, 0].astype(np.float64), 0, 127))

@@ -174,7 +174,7 @@ def test_bf16_on_cpu(build, tmp_path):
 def test_tokenize_writes_every_clip(build, tmp_path):
     import pyarrow.parquet as pq
 
-    from motion_data.read.loader import make_loader
+    from motion_data.read.loader import LoaderOptions, make_loader
     from tokenizer_train.model.checkpoint import load_model
 
     run = tmp_path / "run"
@@ -189,7 +189,7 @@ def test_tokenize_writes_every_clip(build, tmp_path):
     assert meta["codebook_size"] == 1920 and all(0 <= x < 1920 for c in t["codes"] for x in c)
     # codes equal a direct forward of the trained model on the validation clips
     model, cfg, _ = load_model(run)
-    val = make_loader(build, split="val", batch_size=4, val_split=cfg.data.val_split)
+    val = make_loader(build, LoaderOptions(batch_size=4), split="val", val_split=cfg.data.val_split)
     by_id = dict(zip(t["clip_id"], t["codes"]))
     n = 0
     for b in val:

@@ -2,7 +2,7 @@
 import pytest
 
 from loader_fixtures import write_build
-from motion_data.read.loader import make_loader
+from motion_data.read.loader import LoaderOptions, make_loader
 from motion_data.common.workers import MAX_AUTO, auto_workers, resolve_workers
 from tokenizer_train.common.config import from_dict
 from motion_data.common.errors import SettingError
@@ -44,9 +44,9 @@ def test_resolve_and_config():
 
 def test_make_loader_resolves_auto(tmp_path):
     root = write_build(tmp_path / "b", shard_sizes=(4, 4))
-    ld = make_loader(root, split="all", batch_size=4, num_workers="auto", device="cpu")
+    ld = make_loader(root, LoaderOptions(batch_size=4, num_workers="auto", device="cpu"), split="all")
     assert ld.dataloader.num_workers == 0 and sum(len(b["clip_id"]) for b in ld) == 8
-    ld = make_loader(root, split="all", batch_size=4, num_workers="auto", device="cuda")
+    ld = make_loader(root, LoaderOptions(batch_size=4, num_workers="auto", device="cuda"), split="all")
     assert ld.dataloader.num_workers == auto_workers("cuda")
 
 

@@ -13,12 +13,13 @@ valid step are kept instead (ties: lower point index first).
 from __future__ import annotations
 
 import math
+from collections import namedtuple
 
 import numba
 import numpy as np
 
-from motion_data.common.label_kernels import _clip_labels  # the numba label functions (labels.py: reference)
-from motion_data.common.labels import DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, DEFAULT_W, rule_code
+from motion_data.common.label_kernels import _clip_labels, label_spec  # numba label functions (labels.py: reference)
+from motion_data.common.labels import DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, DEFAULT_W
 from motion_data.common.static_filter import METRICS, StaticFilter
 
 # Score histograms: uniform bins of HIST_BIN_WIDTH over [0, HIST_TOP) plus one overflow
@@ -35,14 +36,38 @@ HIST_EDGES = (np.arange(HIST_NBINS) * HIST_BIN_WIDTH).astype(np.float32)
 HIST_RANK_MAX = 32
 
 
+# One clip's work arrays (the kernels' scratch, reused clip after clip): quantised positions
+# ``q`` (T, 2N), per-step speeds ``sp`` and labels ``labs`` (S, N), per point the valid-step
+# count ``kk``, speed sum ``ssum``, centre count ``cc``, two largest speeds ``top1``/``top2``,
+# and ``buf`` (S,) for the sort of a long clip.
+ClipScratch = namedtuple("ClipScratch", "q sp labs kk ssum cc top1 top2 buf")
+# The per-point outputs ``(C, N)``: the METRICS scores, then the counts.
+PointStats = namedtuple("PointStats", "mean p95 max center_count valid_count")
+# The score histograms: lower bin edges, bin width, ranks recorded, and the counts
+# ``points`` / ``topk`` they fill (``shard_stats`` says what each holds).
+Hists = namedtuple("Hists", "edges width rank_max points topk")
+
+
+@numba.njit(cache=True)
+def _clip_scratch(T, N):
+    S = T - 1
+    return ClipScratch(np.empty((T, 2 * N), np.int32), np.empty((S, N), np.float32), np.empty((S, N), np.int32),
+                       np.empty(N, np.int32), np.empty(N, np.float64), np.empty(N, np.int32),
+                       np.empty(N, np.float64), np.empty(N, np.float64), np.empty(S, np.float64))
+
+
 @numba.njit(cache=True, inline="always")
-def _clip_pass(pos, vis, ci, W, h, centre, ref_max, rule, q, sp, labs, kk, ssum, cc, top1, top2):
+def _clip_pass(pos, vis, ci, spec, w):
     """Speed ``sp`` and label ``labs`` ``(S, N)`` of every step of clip ``ci``, and per point
     its valid-step count, speed sum (in step order), centre count, largest and second
-    largest speed. Steps outer, points inner, branch-free, so the point loop vectorises."""
+    largest speed (into the ``ClipScratch`` ``w``). Steps outer, points inner, branch-free,
+    so the point loop vectorises."""
+    q, sp, labs, kk, ssum, cc, top1, top2 = w.q, w.sp, w.labs, w.kk, w.ssum, w.cc, w.top1, w.top2
     S, N = sp.shape
-    hf, one = np.float32(h), np.float32(1.0)
-    _clip_labels(pos, ci, W, ref_max, rule, q, labs)
+    W = spec.W
+    hf, one = np.float32((W - 1) / 2.0), np.float32(1.0)
+    centre = (W // 2) * W + W // 2
+    _clip_labels(pos, ci, spec, q, labs)
     for n in range(N):
         kk[n] = 0
         ssum[n] = 0.0
@@ -75,7 +100,10 @@ def _clip_pass(pos, vis, ci, W, h, centre, ref_max, rule, q, sp, labs, kk, ssum,
 
 
 @numba.njit(cache=True, inline="always")
-def _store_clip(vis, ci, sp, kk, ssum, cc, top1, top2, buf, mean, p95, mx, center_count, valid_count):
+def _store_clip(vis, ci, w, out):
+    """Clip ``ci``'s row of the ``PointStats`` ``out`` from ``_clip_pass``'s sums in ``w``."""
+    sp, kk, ssum, cc, top1, top2, buf = w.sp, w.kk, w.ssum, w.cc, w.top1, w.top2, w.buf
+    mean, p95, mx, center_count, valid_count = out
     S, N = sp.shape
     for n in range(N):
         k = kk[n]
@@ -109,12 +137,9 @@ def _store_clip(vis, ci, sp, kk, ssum, cc, top1, top2, buf, mean, p95, mx, cente
 
 
 @numba.njit(cache=True, inline="always")
-def _clip_stats(pos, vis, ci, W, ref_max, rule, q, sp, labs, kk, ssum, cc, top1, top2, buf, mean, p95, mx,
-                center_count, valid_count):
-    h = (W - 1) / 2.0
-    centre = (W // 2) * W + W // 2
-    _clip_pass(pos, vis, ci, W, h, centre, ref_max, rule, q, sp, labs, kk, ssum, cc, top1, top2)
-    _store_clip(vis, ci, sp, kk, ssum, cc, top1, top2, buf, mean, p95, mx, center_count, valid_count)
+def _clip_stats(pos, vis, ci, spec, w, out):
+    _clip_pass(pos, vis, ci, spec, w)
+    _store_clip(vis, ci, w, out)
 
 
 def _clips_and_outputs(pos, vis, who: str):
@@ -261,24 +286,23 @@ def _top_ranks(scores_row, vc_row, rank_max, top, rank):
 
 
 @numba.njit(cache=True)
-def _shard_kernel(pos, vis, W, ref_max, rule, edges, bw, rank_max, mean, p95, mx, center_count, valid_count,
-                  points, topk):
+def _shard_kernel(pos, vis, spec, out, hists):
+    """``shard_stats``' pass: each clip's ``PointStats`` row into ``out`` and its points
+    into the ``Hists`` counts."""
     C, T, N = vis.shape
     S = T - 1
+    w = _clip_scratch(T, N)
+    W = spec.W
     K = W * W
     centre = (W // 2) * W + W // 2
-    sp = np.empty((S, N), np.float32)
-    labs = np.empty((S, N), np.int32)
-    kk, cc = np.empty(N, np.int32), np.empty(N, np.int32)
-    ssum, top1, top2 = np.empty(N, np.float64), np.empty(N, np.float64), np.empty(N, np.float64)
-    buf = np.empty(S, np.float64)
-    q = np.empty((T, 2 * N), np.int32)
+    edges, bw, rank_max, points, topk = hists
+    labs, cc = w.labs, w.cc
+    mean, p95, mx, valid_count = out.mean, out.p95, out.max, out.valid_count
     top = np.empty(rank_max, np.int64)
     rank = np.empty((3, N), np.int64)
     bins = np.empty((3, N), np.int64)
     for ci in range(C):
-        _clip_stats(pos, vis, ci, W, ref_max, rule, q, sp, labs, kk, ssum, cc, top1, top2, buf, mean, p95, mx,
-                    center_count, valid_count)
+        _clip_stats(pos, vis, ci, spec, w, out)
         # METRICS order: mean, p95, max; the stored float32 scores are what is binned
         for m in range(3):
             sc = mean[ci] if m == 0 else (p95[ci] if m == 1 else mx[ci])
@@ -328,8 +352,8 @@ def shard_stats(pos: np.ndarray, vis: np.ndarray, W: int = DEFAULT_W, ref_size: 
     pos, vis, st = _clips_and_outputs(pos, vis, "shard_stats")
     points = np.zeros((len(METRICS), HIST_NBINS, W * W + 1), np.int64)
     topk = np.zeros((len(METRICS), HIST_NBINS, HIST_RANK_MAX, W * W + 1), np.int64)
-    _shard_kernel(pos, vis, W, float(ref_size - 1), rule_code(rule), HIST_EDGES, HIST_BIN_WIDTH, HIST_RANK_MAX, st["mean"], st["p95"], st["max"],
-                  st["center_count"], st["valid_count"], points, topk)
+    _shard_kernel(pos, vis, label_spec(W, ref_size, rule), PointStats(*(st[k] for k in PointStats._fields)),
+                  Hists(HIST_EDGES, HIST_BIN_WIDTH, HIST_RANK_MAX, points, topk))
     return st, {m: (points[i], topk[i]) for i, m in enumerate(METRICS)}
 
 

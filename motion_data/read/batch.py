@@ -16,15 +16,17 @@ Velocities follow from positions, not the reverse (DESIGN.md "Units and labels")
 from __future__ import annotations
 
 import math
+from collections import namedtuple
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import numba
 import numpy as np
 import torch
 
 from motion_data.read.augment import AugmentConfig, augment_batch
-from motion_data.common.labels import DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, rule_code, step_valid
-from motion_data.common.label_kernels import _clip_labels
+from motion_data.common.labels import DEFAULT_LABEL_RULE, DEFAULT_REF_SIZE, step_valid
+from motion_data.common.label_kernels import _clip_labels, label_spec
 from motion_data.common.static_filter import METRICS, DEFAULT_FILTER, StaticFilter
 from motion_data.build.stats import keep_mask
 
@@ -46,10 +48,20 @@ def _numba_threads(n: int):
 
 # ----------------------------------------------------------------------------- kernels
 
+# A batch's input arrays as the kernels take them: positions (B, T, N, 2), visibility
+# (B, T, N), kept points of the run's filter and of the evaluation filter (B, N).
+ClipArrays = namedtuple("ClipArrays", "pos vis keep keep_eval")
+# The contract arrays derived from them, but labels: velocities (B, S, N, 2) and the
+# (B, S, N) mask, valid steps and eval mask.
+DerivedArrays = namedtuple("DerivedArrays", "velocities mask valid eval_mask")
+
+
 @numba.njit(cache=True, inline="always")
-def _derive_clip(pos, vis, keep, keep_eval, b, h, v_out, mask_out, valid_out, eval_out):
-    """Normalised velocities, valid steps, mask and eval mask of clip b; contiguous rows
-    of one step at a time, so the loops vectorise."""
+def _derive_clip(clips, b, h, out):
+    """Normalised velocities, valid steps, mask and eval mask of clip b (``DerivedArrays``
+    ``out``); contiguous rows of one step at a time, so the loops vectorise."""
+    pos, vis, keep, keep_eval = clips
+    v_out, mask_out, valid_out, eval_out = out
     T, N = vis.shape[1], vis.shape[2]
     one = np.float32(1.0)
     for t in range(T - 1):
@@ -68,38 +80,39 @@ def _derive_clip(pos, vis, keep, keep_eval, b, h, v_out, mask_out, valid_out, ev
 
 
 @numba.njit(cache=True)
-def _batch_kernel(pos, vis, keep, keep_eval, W, ref_max, rule, v_out, lab_out, mask_out, valid_out, eval_out):
+def _batch_kernel(clips, spec, lab_out, out):
     """In-process batches: ``labels.normalize(velocities(pos))``,
-    ``labels.labels_from_positions`` (by ``label_kernels._clip_labels``), ``step_valid`` and both
-    masks; tests/test_loader.py checks it against those functions."""
-    B, T, N = vis.shape
-    h = np.float32((W - 1) / 2.0)
+    ``labels.labels_from_positions`` (by ``label_kernels._clip_labels`` under the
+    ``LabelSpec`` ``spec``), ``step_valid`` and both masks; tests/test_loader.py checks it
+    against those functions."""
+    B, T, N = clips.vis.shape
+    h = np.float32((spec.W - 1) / 2.0)
     q = np.empty((T, 2 * N), np.int32)
     for b in range(B):
-        _clip_labels(pos, b, W, ref_max, rule, q, lab_out[b])
-        _derive_clip(pos, vis, keep, keep_eval, b, h, v_out, mask_out, valid_out, eval_out)
+        _clip_labels(clips.pos, b, spec, q, lab_out[b])
+        _derive_clip(clips, b, h, out)
 
 
 @numba.njit(cache=True)
-def _label_kernel(pos, W, ref_max, rule, lab_out):
+def _label_kernel(pos, spec, lab_out):
     """Labels only (what a worker computes): ``labels.labels_from_positions``."""
     B, T, N, _ = pos.shape
     q = np.empty((T, 2 * N), np.int32)
     for b in range(B):
-        _clip_labels(pos, b, W, ref_max, rule, q, lab_out[b])
+        _clip_labels(pos, b, spec, q, lab_out[b])
 
 
 @numba.njit(cache=True)
-def _derive_kernel(pos, vis, keep, keep_eval, lab_in, W, v_out, lab_out, mask_out, valid_out, eval_out):
+def _derive_kernel(clips, lab_in, W, lab_out, out):
     """A worker's batch in the main process: velocities, valid, masks, and the narrow labels
     widened to int64, in one pass."""
-    B = vis.shape[0]
+    B = clips.vis.shape[0]
     h = np.float32((W - 1) / 2.0)
     flat_in, flat_out = lab_in.reshape(-1), lab_out.reshape(-1)
     for i in range(flat_in.shape[0]):
         flat_out[i] = flat_in[i]
     for b in range(B):
-        _derive_clip(pos, vis, keep, keep_eval, b, h, v_out, mask_out, valid_out, eval_out)
+        _derive_clip(clips, b, h, out)
 
 
 # ----------------------------------------------------------------------------- assembly
@@ -120,35 +133,51 @@ def _keep(stats, vc, flt: StaticFilter) -> np.ndarray:
         return keep_mask(stats[:, METRICS.index(flt.metric)], vc, flt.threshold, flt.min_keep)
 
 
-def make_batch(pos_px: np.ndarray, vis: np.ndarray, stats: np.ndarray, clip_ids: list, flt: StaticFilter,
-               W: int, augment: AugmentConfig | None = None, rng: np.random.Generator | None = None, *,
-               ref_size: int = DEFAULT_REF_SIZE, label_rule: str = DEFAULT_LABEL_RULE, packed: bool = False,
-               eval_filter: StaticFilter = DEFAULT_FILTER, into: torch.Tensor | None = None) -> dict:
-    """Raw arrays of B clips -> the batch dict.
+@dataclass(frozen=True)
+class BatchRecipe:
+    """What turns a batch's raw arrays into the contract dict: the run's static filter, the
+    label window W, the build's reference size and label rule, its recorded filter
+    (``eval_mask``, whatever ``flt`` is) and the augmentation (None: off)."""
+    flt: StaticFilter
+    W: int
+    augment: AugmentConfig | None = None
+    ref_size: int = DEFAULT_REF_SIZE
+    label_rule: str = DEFAULT_LABEL_RULE
+    eval_filter: StaticFilter = field(default_factory=lambda: DEFAULT_FILTER)  # a StaticFilter is not hashable
+
+    @classmethod
+    def of_build(cls, build, flt: StaticFilter, augment: AugmentConfig | None = None,
+                 eval_filter: StaticFilter = DEFAULT_FILTER) -> BatchRecipe:
+        """The recipe of a build's batches (``folder.BuildDir``: its W, ref_size, label_rule)."""
+        return cls(flt, build.W, augment, build.ref_size, build.label_rule, eval_filter)
+
+
+def make_batch(pos_px: np.ndarray, vis: np.ndarray, stats: np.ndarray, clip_ids: list, recipe: BatchRecipe,
+               rng: np.random.Generator | None = None, *, packed: bool = False,
+               into: torch.Tensor | None = None) -> dict:
+    """Raw arrays of B clips -> the batch dict, made as ``recipe`` says.
 
     pos_px ``(B, T, N, 2)`` reference pixels, vis ``(B, T, N)``, stats ``(B, 3, N)`` the
-    stored per-point ``METRICS`` scores; ``ref_size`` and ``label_rule`` are the build's.
-    Labels come from the positions the model's velocities come from (augmented ones when
-    ``augment`` is on). numpy/numba, not torch: torch's intra-op threads only slow small
-    element-wise work down in a loader process.
+    stored per-point ``METRICS`` scores. Labels come from the positions the model's
+    velocities come from (augmented ones, drawn from ``rng``, when the augmentation is on).
+    numpy/numba, not torch: torch's intra-op threads only slow small element-wise work down
+    in a loader process.
 
     ``packed=True`` (what DataLoader workers send): one buffer in shared memory holding
     positions, visibility, labels in ``label_dtype(W)`` and the kept-point masks, under half
     the bytes of the contract dict; ``unpack_batch`` makes the contract dict of it (same
-    values). ``eval_filter``: the build's recorded filter; ``eval_mask`` = its kept points
-    AND valid, whatever ``flt`` is. ``into``: bytes (a ``worker_ring`` slot) to pack into
-    instead of a new buffer.
+    values). ``into``: bytes (a ``worker_ring`` slot) to pack into instead of a new buffer.
     """
     B, T, N = vis.shape
-    S = T - 1
+    S, W = T - 1, recipe.W
     pos_px = np.ascontiguousarray(pos_px, np.float32)
     vis = np.ascontiguousarray(vis, np.bool_)
     vc = step_valid(vis).sum(axis=1, dtype=np.uint8)  # once for both masks
-    keep = _keep(stats, vc, flt)
-    keep_eval = keep if eval_filter == flt else _keep(stats, vc, eval_filter)
-    ref_max, rule = float(ref_size - 1), rule_code(label_rule)
-    if augment is not None and augment.enabled:
-        pos_px = augment_batch(pos_px, keep, augment, rng, W)
+    keep = _keep(stats, vc, recipe.flt)
+    keep_eval = keep if recipe.eval_filter == recipe.flt else _keep(stats, vc, recipe.eval_filter)
+    spec = label_spec(W, recipe.ref_size, recipe.label_rule)
+    if recipe.augment is not None and recipe.augment.enabled:
+        pos_px = augment_batch(pos_px, keep, recipe.augment, rng, W)
     if packed:
         buf, (p, dyn, labels, v_, k_, ke_) = _alloc(_packed_layout(B, S, N, label_dtype(W)), into)
         p[...] = pos_px
@@ -156,16 +185,20 @@ def make_batch(pos_px: np.ndarray, vis: np.ndarray, stats: np.ndarray, clip_ids:
         k_[...] = keep
         ke_[...] = keep_eval
         keep.mean(axis=1, dtype=np.float32, out=dyn)
-        _label_kernel(p, W, ref_max, rule, labels)
+        _label_kernel(p, spec, labels)
         return {"_packed": buf, "_shape": (B, S, N, W), "clip_id": list(clip_ids)}
     out = _contract_arrays(B, S, N, positions=False)
     out["positions"] = torch.from_numpy(pos_px)  # shares memory with pos_px (not copied)
     n = {k: v.numpy() for k, v in out.items()}
-    _batch_kernel(pos_px, vis, keep, keep_eval, W, ref_max, rule, n["velocities"], n["labels"], n["mask"],
-                  n["valid"], n["eval_mask"])
+    _batch_kernel(ClipArrays(pos_px, vis, keep, keep_eval), spec, n["labels"], _derived(n))
     out["dynamic_ratio"] = torch.from_numpy(keep.mean(axis=1, dtype=np.float32))
     out["clip_id"] = list(clip_ids)
     return out
+
+
+def _derived(arrays: dict) -> DerivedArrays:
+    """The kernels' outputs among the numpy views of the contract arrays."""
+    return DerivedArrays(*(arrays[k] for k in DerivedArrays._fields))
 
 
 def _contract_arrays(B, S, N, pin: bool = False, positions: bool = True) -> dict:
@@ -243,8 +276,7 @@ def unpack_batch(batch: dict, pin: bool = False, ring=None) -> dict:
         (po, pn), (do, dn) = secs[0], secs[1]
         out["positions"] = buf[po:po + pn].view(torch.float32).view(B, S + 1, N, 2)
         out["dynamic_ratio"] = buf[do:do + dn].view(torch.float32)
-    _derive_kernel(pos, vis, keep, keep_eval, lab, W, n["velocities"], n["labels"], n["mask"], n["valid"],
-                   n["eval_mask"])
+    _derive_kernel(ClipArrays(pos, vis, keep, keep_eval), lab, W, n["labels"], _derived(n))
     out["clip_id"] = batch.pop("clip_id")
     out.update(batch)
     return out

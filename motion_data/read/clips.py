@@ -11,9 +11,9 @@ from tqdm import tqdm
 from motion_data.build.folder import BuildDir
 from motion_data.common.errors import DataError
 from motion_data.common.static_filter import StaticFilter
-from motion_data.read.batch import make_batch
+from motion_data.read.batch import BatchRecipe, make_batch
 from motion_data.read.ranges import ranges_for
-from motion_data.read.shard_reader import read_batch
+from motion_data.read.shard_reader import SampleRefs, read_batch
 
 
 def read_clips(build: BuildDir, rows, fds=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -27,10 +27,10 @@ def read_clips(build: BuildDir, rows, fds=None) -> tuple[np.ndarray, np.ndarray,
     own = fds is None
     fds = ranges_for(build.root) if own else fds
     try:
-        pos, vis, st, ok, err = read_batch(
-            fds, [str(build.root / man["shard"][i]) for i in rows], [man["offset"][i] for i in rows],
-            [man["size"][i] for i in rows], [man["clip_id"][i] for i in rows],
-            [man["checksum"][i] for i in rows], build.T, build.N)
+        refs = SampleRefs([str(build.root / man["shard"][i]) for i in rows], [man["offset"][i] for i in rows],
+                          [man["size"][i] for i in rows], [man["clip_id"][i] for i in rows],
+                          [man["checksum"][i] for i in rows])
+        pos, vis, st, ok, err = read_batch(fds, refs, build.T, build.N)
     finally:
         if own:
             fds.close()
@@ -63,8 +63,7 @@ def _read_counts(build: BuildDir, flt: StaticFilter, rows: np.ndarray, progress:
         for lo in tqdm(range(0, len(rows), chunk), desc="class counts", unit="chunk", disable=not progress):
             r = rows[lo:lo + chunk]
             pos, vis, st = read_clips(build, r, fds)
-            b = make_batch(pos, vis, st, [""] * len(r), flt, build.W, ref_size=build.ref_size,
-                           label_rule=build.label_rule)
+            b = make_batch(pos, vis, st, [""] * len(r), BatchRecipe.of_build(build, flt))
             counts += np.bincount(b["labels"][b["mask"]].numpy(), minlength=K)[:K]
     finally:
         fds.close()

@@ -26,17 +26,19 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from motion_data.read.augment import AugmentConfig
-from motion_data.read.batch import make_batch, packed_bytes, unpack_batch
+from motion_data.read.batch import BatchRecipe, make_batch, packed_bytes, unpack_batch
 from motion_data.read.sampler import (Affinity, IndexBatch, SamplerConfig, SequentialBatchSampler, WeightedBatchSampler,
                                      epoch_rng, sampling_weights)
 from motion_data.read.ranges import ranges_for
-from motion_data.read.shard_reader import read_batch
+from motion_data.read.shard_reader import SampleRefs, read_batch
 from motion_data.read.split import split_manifest
+from motion_data.read.streaming import StreamState, shard_rows, stream_pipeline
 from motion_data.common.static_filter import DEFAULT_FILTER, StaticFilter
 from motion_data.build.folder import BuildDir
 from motion_data.common.worker_ring import make_ring
@@ -52,19 +54,41 @@ ON_ERROR = ("fail", "skip")
 MANIFEST_COLUMNS = ["clip_id", "source", "split_group", "start_frame", "shard", "offset", "size", "checksum"]
 
 
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How a loader delivers its batches, whatever the data: batch size, clips per epoch
+    over all ranks (None: the sampler's, else the split's clip count), the seed, this
+    process's rank among ``world_size``, what an unreadable sample does (``on_error``:
+    fail or skip), the streaming shuffle buffer, and the DataLoader workers (a count or
+    ``"auto"`` for ``device``, the device type the batches go to; default cuda when
+    available), pinned memory, persistence and prefetch."""
+    batch_size: int = 32
+    epoch_size: int | None = None
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    on_error: str = "fail"
+    shuffle_buffer: int = 1000
+    num_workers: int | str = 0
+    pin_memory: bool = False
+    persistent_workers: bool = False
+    prefetch_factor: int | None = None
+    device: str | None = None
+
 
 class ClipDataset(torch.utils.data.Dataset):
     """Map-style dataset over manifest rows; ``__getitems__`` returns a whole batch dict."""
 
-    def __init__(self, build_dir, manifest: dict, flt: StaticFilter, W: int, S: int, N: int,
-                 augment: AugmentConfig | None = None, seed: int = 0, on_error: str = "fail",
-                 eval_filter: StaticFilter = DEFAULT_FILTER):
-        """``manifest``: columns ``MANIFEST_COLUMNS`` of the build's manifest; S = T - 1 steps."""
+    def __init__(self, build_dir, manifest: dict, flt: StaticFilter, augment: AugmentConfig | None = None,
+                 seed: int = 0, on_error: str = "fail", eval_filter: StaticFilter = DEFAULT_FILTER):
+        """``manifest``: columns ``MANIFEST_COLUMNS`` of the build's manifest; ``eval_filter``
+        the build's recorded filter (``eval_mask``)."""
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         self.root = location(build_dir)
         b = BuildDir(self.root)
-        self.ref_size, self.label_rule = b.ref_size, b.label_rule
+        self.recipe = BatchRecipe.of_build(b, flt, augment, eval_filter)
+        self.S, self.N = b.S, b.N
         self.checksum = np.asarray(manifest["checksum"], np.int64)
         self.shard_paths = sorted(set(manifest["shard"]))
         self._paths = [str(self.root / p) for p in self.shard_paths]
@@ -73,9 +97,7 @@ class ClipDataset(torch.utils.data.Dataset):
         self.offset = np.asarray(manifest["offset"], np.int64)
         self.size = np.asarray(manifest["size"], np.int64)
         self.clip_id = list(manifest["clip_id"])
-        self.flt, self.W, self.S, self.N = flt, W, S, N
-        self.augment, self.seed, self.on_error = augment, seed, on_error
-        self.eval_filter = eval_filter
+        self.seed, self.on_error = seed, on_error
         # workers send packed batches only to a MotionLoader, which unpacks them; any other
         # DataLoader over this dataset gets contract dicts
         self.packed = False
@@ -91,8 +113,9 @@ class ClipDataset(torch.utils.data.Dataset):
         rows = np.asarray(rows, np.int64)
         order = np.lexsort((self.offset[rows], self.shard_of[rows]))
         r = rows[order]
-        return read_batch(self.fds, [self._paths[s] for s in self.shard_of[r]], self.offset[r], self.size[r],
-                          [self.clip_id[i] for i in r], self.checksum[r], self.S + 1, self.N, dest=order)
+        refs = SampleRefs([self._paths[s] for s in self.shard_of[r]], self.offset[r], self.size[r],
+                          [self.clip_id[i] for i in r], self.checksum[r])
+        return read_batch(self.fds, refs, self.S + 1, self.N, dest=order)
 
     def read(self, row: int) -> dict:
         """Raw arrays of one clip; ``DataError`` naming the shard when it cannot be read."""
@@ -117,8 +140,7 @@ class ClipDataset(torch.utils.data.Dataset):
         rng = epoch_rng(self.seed, *key, 1)
         packed = self.packed and torch.utils.data.get_worker_info() is not None
         slot, into = self.ring.next_slot() if packed and self.ring is not None else (None, None)
-        batch = make_batch(pos, vis, st, ids, self.flt, self.W, self.augment, rng, ref_size=self.ref_size,
-                           label_rule=self.label_rule, packed=packed, eval_filter=self.eval_filter, into=into)
+        batch = make_batch(pos, vis, st, ids, self.recipe, rng, packed=packed, into=into)
         if slot is not None:
             batch["_packed"] = slot  # the main process reads the slot (MotionLoader.ring)
         batch["skipped"] = errors
@@ -142,105 +164,6 @@ def rank0_weights(compute, n: int, world_size: int) -> np.ndarray:
     t = torch.as_tensor(np.ascontiguousarray(mine, np.float64)).to(dev)
     dist.broadcast(t, 0)
     return t.cpu().numpy()
-
-
-# ----------------------------------------------------------------------------- streaming
-
-class _StreamState:
-    """Streaming-mode stages and their shared epoch (a shared-memory tensor, so persistent
-    workers see ``set_epoch``); per-worker errors are carried out inside the batches.
-
-    ``shard_rows``: per shard path, the split's manifest rows in it, in file order
-    (``offset``, ``size``, ``clip_id``, ``checksum``, ``weight`` = w / mean(w) arrays)."""
-
-    CHUNK = 64  # samples per read_batch call
-
-    def __init__(self, root, shard_rows: dict, flt, W, S, N, augment, seed, rank, on_error, eval_filter=DEFAULT_FILTER):
-        self.root, self.shard_rows, self.flt, self.W, self.S, self.N = root, shard_rows, flt, W, S, N
-        self.eval_filter = eval_filter
-        b = BuildDir(root)
-        self.ref_size, self.label_rule = b.ref_size, b.label_rule
-        self.augment, self.seed, self.rank, self.on_error = augment, seed, rank, on_error
-        self.epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
-        self.errors: list = []
-        self.fds = ranges_for(location(root))
-        self._rng = None
-
-    def worker_seed(self):
-        info = torch.utils.data.get_worker_info()
-        wid = info.id if info is not None else 0
-        return int(epoch_rng(self.seed, int(self.epoch[0]), self.rank, wid).integers(2 ** 62))
-
-    def weighted(self, src):
-        """Read each resampled shard's samples (``shard_reader.read_batch``) and emit each
-        ``floor(m) + Bernoulli(frac(m))`` times, ``m = w / mean(w)``.
-
-        Shards are resampled uniformly, so every clip is visited at the same rate whatever
-        its shard's size; the repetition makes its expected frequency proportional to w.
-        """
-        rng = np.random.default_rng(self.worker_seed())
-        self._rng = None  # the augmentation stream restarts with each epoch too
-        for item in src:
-            url = item["url"]
-            r = self.shard_rows[url]
-            for lo in range(0, len(r["clip_id"]), self.CHUNK):
-                sl = slice(lo, lo + self.CHUNK)
-                keys = r["clip_id"][sl]
-                pos, vis, st, ok, err = read_batch(self.fds, [url] * len(keys), r["offset"][sl], r["size"][sl], keys,
-                                                   r["checksum"][sl], self.S + 1, self.N)
-                for j, m in enumerate(r["weight"][sl]):
-                    reps = int(m) + (rng.random() < m - int(m))
-                    if reps == 0:
-                        continue
-                    if not ok[j]:
-                        if self.on_error == "fail":
-                            raise DataError(err[j])
-                        self.errors.append(err[j])
-                        continue
-                    d = {"pos": pos[j], "vis": vis[j], "stats": st[j]}
-                    for _ in range(reps):
-                        yield keys[j], d
-
-    def collate(self, items):
-        pos = np.stack([d["pos"] for _, d in items])
-        vis = np.stack([d["vis"] for _, d in items])
-        st = np.stack([d["stats"] for _, d in items])
-        if self._rng is None:
-            self._rng = np.random.default_rng(self.worker_seed() + 1)
-        batch = make_batch(pos, vis, st, [k for k, _ in items], self.flt, self.W, self.augment, self._rng,
-                           ref_size=self.ref_size, label_rule=self.label_rule,
-                           packed=torch.utils.data.get_worker_info() is not None, eval_filter=self.eval_filter)
-        batch["skipped"], self.errors = self.errors, []
-        return batch
-
-
-def _streaming_pipeline(state: _StreamState, batch_size: int, shuffle_buffer: int):
-    import webdataset as wds
-
-    return wds.DataPipeline(
-        wds.ResampledShards(sorted(state.shard_rows), seed=state.seed, worker_seed=state.worker_seed,
-                            deterministic=True),
-        state.weighted,
-        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 4 * batch_size)),
-        wds.batched(batch_size, collation_fn=state.collate, partial=False),
-    )
-
-
-def _shard_rows(root, man: dict, rows, weights) -> dict:
-    """``_StreamState.shard_rows`` of the split's ``rows`` (weights relative to their mean)."""
-    rel = weights / weights.mean()
-    out: dict = {}
-    for r, w in sorted(zip(rows, rel), key=lambda x: (man["shard"][x[0]], man["offset"][x[0]])):
-        d = out.setdefault(str(root / man["shard"][r]), {k: [] for k in ("offset", "size", "clip_id", "checksum",
-                                                                          "weight")})
-        for k in ("offset", "size", "clip_id", "checksum"):
-            d[k].append(man[k][r])
-        d["weight"].append(float(w))
-    # every shard of the build stays in the resampled list (a clip-less one yields nothing),
-    # so the shard draw is the same whatever the split
-    for s in set(man["shard"]):
-        out.setdefault(str(root / s), {k: [] for k in ("offset", "size", "clip_id", "checksum", "weight")})
-    return out
 
 
 # ----------------------------------------------------------------------------- the loader
@@ -324,24 +247,22 @@ class MotionLoader:
                 break
 
 
-def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter | None = None,
-                sampler: SamplerConfig | None = None, augment: AugmentConfig | None = None, batch_size: int = 32,
-                num_workers: int | str = 0, seed: int = 0, rank: int = 0, world_size: int = 1,
-                epoch_size: int | None = None, val_split: float = 0.1, pin_memory: bool = False,
-                persistent_workers: bool = False, on_error: str = "fail", shuffle_buffer: int = 1000,
-                prefetch_factor: int | None = None, device: str | None = None) -> MotionLoader:
-    """The data loader of a build folder.
+def make_loader(build_dir, options: LoaderOptions | None = None, *, split: str = "train",
+                static_filter: StaticFilter | None = None, sampler: SamplerConfig | None = None,
+                augment: AugmentConfig | None = None, val_split: float = 0.1) -> MotionLoader:
+    """The data loader of a build folder, delivering as ``options`` say (default
+    ``LoaderOptions()``).
 
     split: ``train`` (weighted sampler, augmentation), ``val`` (every held-out clip once, in
-    order, no weighting or augmentation) or ``all`` (every clip, weighted like train).
-    ``epoch_size`` (clips per epoch over all ranks; default ``sampler.epoch_size``, else the
-    split's clip count) sets ``len(loader) = max(1, epoch_size // (batch_size * world_size))``.
-    ``num_workers``: a count or ``"auto"`` (``workers.auto_workers`` for ``device``, the
-    device type the batches go to; default cuda when available).
+    order, no weighting or augmentation) or ``all`` (every clip, weighted like train);
+    ``val_split`` the held-out share. ``options.epoch_size`` (default ``sampler.epoch_size``,
+    else the split's clip count) sets ``len(loader) = max(1, epoch_size // (batch_size *
+    world_size))``.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    num_workers = resolve_workers(num_workers, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    o = options or LoaderOptions()
+    num_workers = resolve_workers(o.num_workers, o.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     flt = static_filter or StaticFilter()
     sampler = sampler or SamplerConfig()
     root = location(build_dir)
@@ -355,45 +276,48 @@ def make_loader(build_dir, *, split: str = "train", static_filter: StaticFilter 
         raise SettingError(f"{root}: the {split!r} split is empty (val_split={val_split})")
     training = split != "val"
     aug = augment if (training and augment is not None and augment.enabled) else None
-    epoch_size = epoch_size if epoch_size is not None else sampler.epoch_size
+    epoch_size = o.epoch_size if o.epoch_size is not None else sampler.epoch_size
     gen = torch.Generator()
-    loader_kw = {"generator": gen, "seed": seed, "rank": rank, "pin": bool(pin_memory and torch.cuda.is_available())}
+    pin = bool(o.pin_memory and torch.cuda.is_available())
+    loader_kw = {"generator": gen, "seed": o.seed, "rank": o.rank, "pin": pin}
     worker_kw = {}
     if num_workers > 0:
         # exit_with_parent: workers die at once with the trainer (torch's own check polls every 5 s);
         # they ignore Ctrl-C/SIGTERM so that the trainer can save a checkpoint first
-        worker_kw = {"persistent_workers": persistent_workers, "multiprocessing_context": loader_worker_context(__name__),
+        worker_kw = {"persistent_workers": o.persistent_workers,
+                     "multiprocessing_context": loader_worker_context(__name__),
                      "worker_init_fn": functools.partial(loader_worker_init, os.getpid())}
-        if prefetch_factor is not None:
-            worker_kw["prefetch_factor"] = prefetch_factor
+        if o.prefetch_factor is not None:
+            worker_kw["prefetch_factor"] = o.prefetch_factor
 
     weigh = functools.partial(sampling_weights, root, flt, sampler, rows)
+    B, world = o.batch_size, o.world_size
     if training and sampler.mode == "streaming":
-        weights = rank0_weights(weigh, len(rows), world_size)
-        state = _StreamState(root, _shard_rows(root, man, rows, weights), flt, W, T - 1, N, aug, seed, rank, on_error,
-                             info["build_filter"])
-        pipe = _streaming_pipeline(state, batch_size, shuffle_buffer)
-        n_batches = max(1, (epoch_size or len(rows)) // (batch_size * world_size))
+        weights = rank0_weights(weigh, len(rows), world)
+        recipe = BatchRecipe.of_build(build, flt, aug, info["build_filter"])
+        state = StreamState(root, shard_rows(root, man, rows, weights), recipe, o.seed, o.rank, o.on_error)
+        pipe = stream_pipeline(state, B, o.shuffle_buffer)
+        n_batches = max(1, (epoch_size or len(rows)) // (B * world))
         import webdataset as wds
 
-        dl = wds.WebLoader(pipe, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+        dl = wds.WebLoader(pipe, batch_size=None, num_workers=num_workers, pin_memory=o.pin_memory,
                            generator=gen, **worker_kw)
         dl = dl.with_epoch(n_batches)
         return MotionLoader(dl, stream_state=state, n_batches=n_batches, **loader_kw)
 
-    dataset = ClipDataset(root, man, flt, W, T - 1, N, aug, seed, on_error, info["build_filter"])
+    dataset = ClipDataset(root, man, flt, aug, o.seed, o.on_error, info["build_filter"])
     dataset.packed = True
     if num_workers > 0:
-        dataset.ring = make_ring(num_workers, prefetch_factor, packed_bytes(batch_size, T - 1, N, W))
+        dataset.ring = make_ring(num_workers, o.prefetch_factor, packed_bytes(B, T - 1, N, W))
     if training:
         aff = Affinity(dataset.shard_of[rows], sampler.affinity_window) if sampler.shard_affinity else None
-        bs = WeightedBatchSampler(rows, rank0_weights(weigh, len(rows), world_size), batch_size, epoch_size, seed,
-                                  rank, world_size, aff)
+        bs = WeightedBatchSampler(rows, rank0_weights(weigh, len(rows), world), B, epoch_size, o.seed,
+                                  o.rank, world, aff)
     else:
-        bs = SequentialBatchSampler(rows, batch_size, rank, world_size)
+        bs = SequentialBatchSampler(rows, B, o.rank, world)
     dl = torch.utils.data.DataLoader(dataset, batch_sampler=bs, collate_fn=_identity, num_workers=num_workers,
-                                     pin_memory=pin_memory, generator=gen, **worker_kw)
+                                     pin_memory=o.pin_memory, generator=gen, **worker_kw)
     return MotionLoader(dl, batch_sampler=bs, **loader_kw)
 
 
-__all__ = ["make_loader", "MotionLoader", "ClipDataset", "IndexBatch"]
+__all__ = ["make_loader", "LoaderOptions", "MotionLoader", "ClipDataset", "IndexBatch"]

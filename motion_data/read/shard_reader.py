@@ -21,6 +21,8 @@ import ast
 import json
 import math
 import zlib
+from collections import namedtuple
+from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -31,7 +33,6 @@ from motion_data.read.ranges import FdCache
 
 # member order inside a sample (webdataset sorts by extension); the copy kernel reads 1..3
 MEMBER_EXTS = ("json", "pos.npy", "stats.npy", "vis.npy")
-_ARRAYS = ("pos", "stats", "vis")  # members 1..3
 _REBUILD = "rebuild it with `python -m preprocess build-shards`"
 
 
@@ -54,16 +55,28 @@ def _octal(buf, a, n):
     return v
 
 
-# scan outcome codes (``_CODE_TEXT`` says what each means)
+# scan outcome codes (``_describe`` says what each means)
 OK, BAD_HEADER, BAD_NAME, BAD_LAYOUT, BAD_NPY, BAD_BOOL = 0, 1, 2, 3, 4, 5
+
+# the names a scan expects: each sample's key bytes (B, L) and length, each member's extension (4, 16) and length
+MemberNames = namedtuple("MemberNames", "keys key_len exts ext_len")
+# what a scan finds: each member's data offset in the buffer and length (B, 4), each sample's outcome and where
+TarScan = namedtuple("TarScan", "data_at data_len code where")
+# the build's exact .npy headers of members 1..3 (3, L), their lengths and the data sizes after them (3,)
+NpyHeads = namedtuple("NpyHeads", "heads head_len nbytes")
+# copy destinations, a row per sample: flat float32 pos and stats, uint8 visibility
+FlatRows = namedtuple("FlatRows", "pos stats vis")
 
 
 @numba.njit(cache=True)
-def _scan_kernel(buf, starts, sizes, keys, key_len, exts, ext_len, data_at, data_len, code, where):
+def _scan_kernel(buf, starts, sizes, names, scan):
     """Tar structure of each sample range ``buf[starts[j]:starts[j] + sizes[j]]``: exactly
-    the four plain ustar members ``<key>.<ext>`` in ``exts`` order, valid header checksums,
-    data inside the range. Fills ``data_at``/``data_len`` ``(B, 4)``; ``code[j]`` is OK or
-    the failure, ``where[j]`` the header offset (in ``buf``) where it was found."""
+    the four plain ustar members ``<key>.<ext>`` of ``names`` (a ``MemberNames``) in order,
+    valid header checksums, data inside the range. Fills the ``TarScan`` ``scan``: member
+    data ``data_at``/``data_len``; ``code[j]`` OK or the failure, ``where[j]`` the header
+    offset (in ``buf``) where it was found."""
+    keys, key_len, exts, ext_len = names
+    data_at, data_len, code, where = scan
     B = starts.shape[0]
     for j in range(B):
         code[j] = OK
@@ -110,12 +123,15 @@ def _scan_kernel(buf, starts, sizes, keys, key_len, exts, ext_len, data_at, data
 
 
 @numba.njit(cache=True)
-def _copy_kernel(buf, buf32, data_at, data_len, heads, head_len, nbytes, code, dest, pos_out, st_out, vis_out):
-    """For each OK sample j: its three ``.npy`` members (pos, stats, vis) must be exactly the
-    expected header plus ``nbytes`` of data; copy the data into row ``dest[j]`` of the flat
-    outputs (float members as float32 words: ``buf32`` is ``buf`` viewed as float32, and
-    npy data starts 64-byte aligned inside 512-byte aligned ranges; vis bytes must be 0/1).
-    Failures set ``code[j]``."""
+def _copy_kernel(buf, buf32, scan, npy, dest, out):
+    """For each OK sample j of the ``TarScan`` ``scan``: its three ``.npy`` members (pos,
+    stats, vis) must be exactly the expected header plus ``nbytes`` of data (``NpyHeads``
+    ``npy``); copy the data into row ``dest[j]`` of the ``FlatRows`` ``out`` (float members
+    as float32 words: ``buf32`` is ``buf`` viewed as float32, and npy data starts 64-byte
+    aligned inside 512-byte aligned ranges; vis bytes must be 0/1). Failures set ``code[j]``."""
+    data_at, data_len, code, _ = scan
+    heads, head_len, nbytes = npy
+    pos_out, st_out, vis_out = out
     B = data_at.shape[0]
     for j in range(B):
         if code[j] != OK:
@@ -166,8 +182,8 @@ def _expected(T: int, N: int):
         H = np.zeros((3, max(map(len, heads))), np.uint8)
         for q, h in enumerate(heads):
             H[q, :len(h)] = np.frombuffer(h, np.uint8)
-        got = (H, np.array([len(h) for h in heads], np.int64),
-               np.array([math.prod(sh) * dt.itemsize for dt, sh in specs], np.int64))
+        got = NpyHeads(H, np.array([len(h) for h in heads], np.int64),
+                       np.array([math.prod(sh) * dt.itemsize for dt, sh in specs], np.int64))
         if len(_EXPECTED) < 16:
             _EXPECTED[(T, N)] = got
     return got
@@ -179,12 +195,17 @@ for _m, _e in enumerate(MEMBER_EXTS):
 _EXT_LEN = np.array([len(e) for e in MEMBER_EXTS], np.int64)
 
 
-def _key_matrix(keys: list[str]):
+def _scan(buf, starts, sizes, keys: list[str]) -> TarScan:
+    """``_scan_kernel`` over the ranges of the samples ``keys``."""
     enc = [k.encode() for k in keys]
-    K = np.zeros((len(enc), max(1, max(map(len, enc), default=1))), np.uint8)
+    B = len(enc)
+    K = np.zeros((B, max(1, max(map(len, enc), default=1))), np.uint8)
     for j, k in enumerate(enc):
         K[j, :len(k)] = np.frombuffer(k, np.uint8)
-    return K, np.array([len(k) for k in enc], np.int64)
+    names = MemberNames(K, np.array([len(k) for k in enc], np.int64), _EXTS, _EXT_LEN)
+    scan = TarScan(np.zeros((B, 4), np.int64), np.zeros((B, 4), np.int64), np.zeros(B, np.int64), np.zeros(B, np.int64))
+    _scan_kernel(buf, starts, sizes, names, scan)
+    return scan
 
 
 def _name_at(buf, at: int) -> str:
@@ -281,16 +302,26 @@ def read_ranges(fds, paths: list, offsets, sizes, where: list[str], ok: np.ndarr
     return buf, starts, np.where(ok, sizes, 0)
 
 
-def read_batch(fds, paths: list, offsets, sizes, keys: list[str], checksum, T: int, N: int, *,
-               dest=None, out=None):
-    """Read and check B samples (requests in file order read fastest). Returns ``(pos
-    (B,T,N,2) float32, vis (B,T,N) bool, stats (B,3,N) float32, ok (B,) bool, errors)``;
-    request j lands in row ``dest[j]`` (default j) of all of them. Rows with ``ok`` False
-    hold garbage and their ``errors`` entry the DataError text naming the shard;
-    ``checksum=None`` skips the CRC (only ``read_sample`` without a manifest). ``out`` =
-    (pos, vis, stats) to fill."""
+@dataclass(frozen=True)
+class SampleRefs:
+    """B samples as the manifest records them: shard ``paths``, byte ``offsets`` and
+    ``sizes``, ``keys`` (clip ids) and CRC-32s ``checksum`` (None: not checked)."""
+    paths: list
+    offsets: list | np.ndarray
+    sizes: list | np.ndarray
+    keys: list
+    checksum: list | np.ndarray | None = None
+
+
+def read_batch(fds, refs: SampleRefs, T: int, N: int, *, dest=None, out=None):
+    """Read and check the B samples ``refs`` (requests in file order read fastest): ``(pos
+    (B,T,N,2) float32, vis (B,T,N) bool, stats (B,3,N) float32, ok (B,) bool, errors)``,
+    request j in row ``dest[j]`` (default j) of each. Rows with ``ok`` False hold garbage and
+    their ``errors`` entry the DataError text naming the shard; ``refs.checksum`` None skips
+    the CRC (only ``read_sample`` without a manifest). ``out`` = (pos, vis, stats) to fill."""
+    paths, keys, checksum = refs.paths, refs.keys, refs.checksum
     B = len(paths)
-    where = [f"{p}@{int(o)} ({k})" for p, o, k in zip(paths, offsets, keys)]
+    where = [f"{p}@{int(o)} ({k})" for p, o, k in zip(paths, refs.offsets, keys)]
     ok = np.ones(B, bool)
     errors: list = [None] * B
     if out is None:
@@ -299,17 +330,12 @@ def read_batch(fds, paths: list, offsets, sizes, keys: list[str], checksum, T: i
     if B == 0:
         return pos, vis, st, ok, errors
     dest = np.arange(B, dtype=np.int64) if dest is None else np.asarray(dest, np.int64)
-    buf, starts, sizes = read_ranges(fds, paths, offsets, sizes, where, ok, errors)
-    K, kl = _key_matrix(keys)
-    data_at = np.zeros((B, 4), np.int64)
-    data_len = np.zeros((B, 4), np.int64)
-    code = np.zeros(B, np.int64)
-    at = np.zeros(B, np.int64)
-    _scan_kernel(buf, starts, sizes, K, kl, _EXTS, _EXT_LEN, data_at, data_len, code, at)
+    buf, starts, sizes = read_ranges(fds, paths, refs.offsets, refs.sizes, where, ok, errors)
+    scan = _scan(buf, starts, sizes, keys)
+    code, at = scan.code, scan.where
     code[~ok] = -1
-    H, hl, nb = _expected(T, N)
-    _copy_kernel(buf, buf.view(np.float32), data_at, data_len, H, hl, nb, code, dest, pos.reshape(B, -1),
-                 st.reshape(B, -1), vis.reshape(B, -1).view(np.uint8))
+    _copy_kernel(buf, buf.view(np.float32), scan, _expected(T, N), dest,
+                 FlatRows(pos.reshape(B, -1), st.reshape(B, -1), vis.reshape(B, -1).view(np.uint8)))
     for j in np.flatnonzero(ok & (code != OK)):
         ok[j] = False
         errors[j] = f"{where[j]}: {_describe(int(code[j]), buf, int(at[j]), keys[j])}; {_REBUILD}"
@@ -353,18 +379,16 @@ def read_sample(shard, offset: int, size: int, key: str | None = None, checksum:
         raise DataError(errors[0])
     if key is None:  # the key the first member names
         key = _name_at(buf, 0).partition(".")[0]
-    K, kl = _key_matrix([key])
-    data_at, data_len = np.zeros((1, 4), np.int64), np.zeros((1, 4), np.int64)
-    code, at = np.zeros(1, np.int64), np.zeros(1, np.int64)
-    _scan_kernel(buf, starts, sizes, K, kl, _EXTS, _EXT_LEN, data_at, data_len, code, at)
-    if code[0] != OK:
-        raise DataError(f"{where}: {_describe(int(code[0]), buf, int(at[0]), key)}; {_REBUILD}")
+    scan = _scan(buf, starts, sizes, [key])
+    if scan.code[0] != OK:
+        raise DataError(f"{where}: {_describe(int(scan.code[0]), buf, int(scan.where[0]), key)}; {_REBUILD}")
+    data_at, data_len = scan.data_at, scan.data_len
     spec = _npy_shape(buf, int(data_at[0, 1]), int(data_at[0, 1] + data_len[0, 1]))
     if spec is None or spec[0] != np.float32 or len(spec[1]) != 3 or spec[1][2] != 2:
         raise DataError(f"{where}: pos.npy is not a (T, N, 2) float32 array; {_REBUILD}")
     T, N = spec[1][:2]
-    pos, vis, st, ok2, err2 = read_batch(fds, [shard], [offset], [size], [key],
-                                         None if checksum is None else [checksum], T, N)
+    refs = SampleRefs([shard], [offset], [size], [key], None if checksum is None else [checksum])
+    pos, vis, st, ok2, err2 = read_batch(fds, refs, T, N)
     if not ok2[0]:
         raise DataError(err2[0].replace(f"{shard}@{int(offset)} ({key})", where, 1))
     a, n = int(data_at[0, 0]), int(data_len[0, 0])

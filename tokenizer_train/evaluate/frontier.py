@@ -42,7 +42,7 @@ from motion_data.common.atomic import atomic_write_json
 from motion_data.common.labels import center_class, class_offsets, half_window
 from motion_data.build.folder import BuildDir
 from motion_data.common.errors import DataError, SettingError
-from motion_data.read.loader import make_loader
+from motion_data.read.loader import LoaderOptions, make_loader
 
 from tokenizer_train.evaluate.check import ACC_TOL
 from tokenizer_train.common.distributed import Dist, pick_device
@@ -163,8 +163,8 @@ def frontier(run_dir, data_dir, offsets, which="last", batch_size=64, device="cp
     model, cfg, meta = load_model(run_dir, which, device)
     W = meta["W"]
     build.check_compatible(W=meta["W"], N=meta["N"], what=f"the run {run_dir}")
-    loader = make_loader(data_dir, split=split, static_filter=cfg.data.static_filter, batch_size=batch_size,
-                         val_split=cfg.data.val_split, seed=cfg.training.seed)
+    loader = make_loader(data_dir, LoaderOptions(batch_size=batch_size, seed=cfg.training.seed), split=split,
+                         static_filter=cfg.data.static_filter, val_split=cfg.data.val_split)
     loader.set_epoch(0)
     pool, row, others = code_pool(model, loader, clip_places(build), Dist(device=device), contextlib.nullcontext)
     loader.set_epoch(0)

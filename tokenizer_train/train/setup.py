@@ -10,7 +10,7 @@ import torch
 from motion_data.common.errors import SettingError
 from motion_data.common.storage import with_cache
 from motion_data.common.workers import resolve_workers
-from motion_data.read.loader import make_loader
+from motion_data.read.loader import LoaderOptions, make_loader
 
 from tokenizer_train.common.config import Config
 
@@ -27,11 +27,11 @@ def make_loaders(data_dir, cfg: Config, rank: int, world_size: int, device: torc
     """(train loader, val loader or None) of the build under the config's data section."""
     dc, tc, data_dir = cfg.data, cfg.training, with_cache(data_dir, cfg.data.cache_dir, cfg.data.cache_bytes)
     workers = resolve_workers(dc.num_workers, device.type)  # "auto" depends on the device
-    common = dict(static_filter=dc.static_filter, batch_size=tc.batch_size, num_workers=workers,
-                  seed=tc.seed, rank=rank, world_size=world_size, val_split=dc.val_split,
-                  persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
-    train = make_loader(data_dir, split="train", sampler=dc.sampler, augment=dc.augment, **common)
-    val = make_loader(data_dir, split="val", **common) if dc.val_split > 0 else None
+    opts = LoaderOptions(batch_size=tc.batch_size, seed=tc.seed, rank=rank, world_size=world_size,
+                         num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+    common = dict(static_filter=dc.static_filter, val_split=dc.val_split)
+    train = make_loader(data_dir, opts, split="train", sampler=dc.sampler, augment=dc.augment, **common)
+    val = make_loader(data_dir, opts, split="val", **common) if dc.val_split > 0 else None
     return train, val
 
 

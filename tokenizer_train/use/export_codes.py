@@ -56,7 +56,7 @@ def tokenize(run_dir, data_dir, out_path, which="best", batch_size=256, num_work
     _, val_rows = split_manifest(man, cfg.data.val_split, build.T)
     split = np.full(C, "train", dtype=object)
     split[val_rows] = "val"
-    ds = ClipDataset(build.root, man, cfg.data.static_filter, build.W, build.S, build.N)
+    ds = ClipDataset(build.root, man, cfg.data.static_filter)
     dl = torch.utils.data.DataLoader(ds, batch_sampler=SequentialBatchSampler(np.arange(C), batch_size),
                                      collate_fn=_whole_batch, num_workers=num_workers)
     ids, codes = [], []
