@@ -143,7 +143,8 @@ class BatchRecipe:
     augment: AugmentConfig | None = None
     ref_size: int = DEFAULT_REF_SIZE
     label_rule: str = DEFAULT_LABEL_RULE
-    eval_filter: StaticFilter = field(default_factory=lambda: DEFAULT_FILTER)  # a StaticFilter is not hashable
+    # a factory: dataclasses refuse an unhashable default such as a StaticFilter
+    eval_filter: StaticFilter = field(default_factory=lambda: DEFAULT_FILTER)
 
     @classmethod
     def of_build(cls, build, flt: StaticFilter, augment: AugmentConfig | None = None,

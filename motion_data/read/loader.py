@@ -13,9 +13,10 @@ the batch rows, current filter config), velocities, augmentation and labels are 
 once per batch, vectorised, in ``make_batch``.
 
 Exact mode (default) reads each batch's samples by the byte ranges recorded in the
-manifest, streaming mode reads whole shards picked by webdataset's resampler; both through
-``shard_reader.read_batch``, the one reader (every sample checked: tar layout, array
-headers, finite values, the manifest's CRC-32). Batch assembly is ``batch.make_batch``.
+manifest, streaming mode (``streaming.py``) reads whole shards picked by webdataset's
+resampler; both through ``shard_reader.read_batch``, the one reader (every sample checked:
+tar layout, array headers, finite values, the manifest's CRC-32). Batch assembly is
+``batch.make_batch``.
 
 Errors: ``on_error="fail"`` raises ``DataError`` naming the shard; ``"skip"`` drops the
 sample from its batch (so the batch is smaller), counts it in ``loader.skipped`` and logs
