@@ -12,6 +12,7 @@ MAX_MODULE_LINES, MAX_BODY_LINES, MAX_PARAMS, MAX_EXCEPTIONS = 400, 80, 8, 4
 EXCEPTION_BASES = {"Exception", "BaseException", "KeyboardInterrupt", "ValueError", "RuntimeError", "ImportError",
                    "OSError", "TypeError", "KeyError"}
 
+
 def files():
     return [f for pkg in PACKAGES for f in sorted((REPO / pkg).rglob("*.py"))]
 

@@ -1,7 +1,7 @@
 """The figures of a logging step: ``train/*_step`` scalars and code statistics.
 
-Both are collective under DDP (every rank calls them at the same step); they are the only
-places a training step reads device values on the host.
+Both are collective under DDP (every rank calls them at the same step); apart from checkpoint
+saves, they are the only places a training step reads device values on the host.
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ class Pace:
 def step_scalars(tr, step_sums: Sums, micro, grad_norm, pace: Pace) -> dict:
     """The ``train/*_step`` scalars of a log step (the host reads the sums here); ``micro``:
     the step's last ``Trainer.forward_backward``."""
+    elapsed = max(time.perf_counter() - pace.t0, 1e-9)  # before the reduce: it waits for the device and ranks
     r = step_sums.reduced(tr.device)
-    elapsed = max(time.perf_counter() - pace.t0, 1e-9)
     extra = {} if micro.soft is None else {"train/code_entropy_soft_step": float(micro.soft)}
     return {**M.step_scalars(r),
             "train/lr": tr.scheduler.get_last_lr()[0],

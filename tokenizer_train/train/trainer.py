@@ -3,7 +3,7 @@ checkpoints (docs/DESIGN.md, Trainer). The command line is ``command.py``.
 
 RUN receives config.yaml, run.json, metrics.jsonl, TensorBoard event files, last.pt (and
 last.prev.pt) and best.pt (lowest val/loss_epoch). A stop signal saves and raises ``Stopped``
-at any moment, a validation included (then recorded as due, and run first on resume).
+at the next step boundary, or during a validation (then recorded as due, and run first on resume).
 """
 from __future__ import annotations
 
@@ -133,11 +133,12 @@ def train_epoch(tr, pg: Progress, epoch: int, logger: RunLogger, last: dict):
     loader.set_epoch(epoch)  # keeps a resumed mid-epoch position
     if pg.batches_done == 0:
         pg.new_epoch(tr.K, tr.device)
-    step_sums, step_codes, pace = Sums(), [], Pace()
+    step_sums, step_codes = Sums(), []
     n_batches = len(loader)
     tr.net.train()
     bar = tqdm(total=n_batches, initial=pg.batches_done, desc=f"epoch {epoch}", dynamic_ncols=True, leave=False,
                disable=not (tr.dist.is_main and tr.progress))
+    pace = Pace()
     it = iter(loader)
     for i in range(pg.batches_done, n_batches):
         tw = time.perf_counter()
@@ -233,7 +234,6 @@ def end_epoch(tr, pg: Progress, epoch: int, logger: RunLogger, last: dict, scala
         print(f"epoch {epoch}: " + " ".join(f"{k}={v:.4g}" for k, v in scalars.items() if k in EPOCH_LINE),
               file=sys.stderr, flush=True)
     D.barrier()
-
 
 
 def final_line(out_dir: Path, last: dict) -> str:

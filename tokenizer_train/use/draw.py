@@ -252,7 +252,7 @@ def draw_compare(data, runs: dict, out, clip_id=None, picture: Picture = Picture
                  checkpoint: Checkpoint = Checkpoint(), val_split=None) -> tuple[Path, str]:
     """One PNG, one panel per run side by side: for the clip's moving points (the evaluation
     mask's), the true motion (green: start plus the label displacements) and the motion the
-    run decodes from the clip's codes (red, dashed), over ``frame``. Collapse shows as red paths
+    run decodes from the clip's codes (red, dashed), over ``picture.frame``. Collapse shows as red paths
     that stay on their start points."""
     from tokenizer_train.use.api import load_tokenizer
 
