@@ -9,7 +9,7 @@ from PIL import Image
 
 from motion_data.read.split import split_manifest
 from tokenizer_train.__main__ import main
-from tokenizer_train.use.draw import BAND, Checkpoint, Picture, draw_clip
+from tokenizer_train.use.draw import BAND, CheckpointChoice, Picture, draw_clip
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import TINY, train_one_thread  # noqa: E402
@@ -27,7 +27,7 @@ def tiny(tmp_path_factory):
 def test_png_default_clip_is_the_first_validation_clip(tiny, tmp_path):
     build, run = tiny
     out, cid = draw_clip(build, tmp_path / "a" / "clip.png", run=run, picture=Picture(size=200),
-                         checkpoint=Checkpoint(device="cpu"), progress=False)
+                         checkpoint=CheckpointChoice(device="cpu"), progress=False)
     man = pq.read_table(build / "manifest.parquet").to_pydict()
     _, val = split_manifest(man, 0.25, 16)  # the run's data.val_split
     assert cid == man["clip_id"][val[0]]

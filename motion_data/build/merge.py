@@ -89,9 +89,9 @@ def _all_inputs(docs) -> list:
     return inputs_all
 
 
-def _open_parts(parts) -> _Parts:
+def _open_parts(part_dirs) -> _Parts:
     """Read and cross-check the parts' build.json, then open their stores and manifests."""
-    dirs = [Path(p) for p in parts]
+    dirs = [Path(p) for p in part_dirs]
     if not dirs:
         raise DataError("merge needs at least one part")
     docs = [_read_build_json(d) for d in dirs]
@@ -218,8 +218,8 @@ def merge(parts, out, *, progress: bool = False) -> dict:
     the rows, histograms are summed. ``out`` is assembled in a temporary folder and renamed.
     """
     t0 = time.perf_counter()
-    parts = _open_parts(parts)
-    perm, src_p, src_r = _row_order(parts)
+    opened = _open_parts(parts)
+    perm, src_p, src_r = _row_order(opened)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out} exists and is not empty; merge writes a new folder")
@@ -227,10 +227,10 @@ def merge(parts, out, *, progress: bool = False) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "shards").mkdir(parents=True)
     try:
-        shard_map = _link_shards(parts, tmp / "shards")
-        _write_manifest(parts, shard_map, perm, tmp / mf.MANIFEST_NAME)
-        _write_store(parts, src_p, src_r, tmp / STORE_NAME)
-        doc = _merged_doc(parts, out, len(perm), sum(map(len, shard_map)), t0)
+        shard_map = _link_shards(opened, tmp / "shards")
+        _write_manifest(opened, shard_map, perm, tmp / mf.MANIFEST_NAME)
+        _write_store(opened, src_p, src_r, tmp / STORE_NAME)
+        doc = _merged_doc(opened, out, len(perm), sum(map(len, shard_map)), t0)
         write_json(tmp / BUILD_JSON, doc)
         if out.exists():
             out.rmdir()

@@ -47,6 +47,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -269,8 +270,8 @@ class RunGrid:
     ``epochs``, each with every training seed of ``seeds``."""
     base_cfg: object
     variants: dict[str, dict]
-    seeds: tuple = (0,)
-    sets: tuple = ()
+    seeds: Sequence[int] = (0,)
+    sets: Mapping | Sequence = ()  # a mapping or (dotted key, value) pairs, as variants.resolve takes
     epochs: int | None = None
 
 

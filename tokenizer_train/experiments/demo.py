@@ -251,7 +251,7 @@ def compare_picture(build_dir: Path, abl: Path, inputs: list[str]) -> Path:
 
     from tokenizer_train.evaluate.check import read_metrics, series
     from tokenizer_train.use.api import load_tokenizer
-    from tokenizer_train.use.draw import Checkpoint, Picture, clip_motion, draw_compare, moving_accuracy, moving_points
+    from tokenizer_train.use.draw import CheckpointChoice, Picture, clip_motion, draw_compare, moving_accuracy, moving_points
 
     runs = {"base.yaml": abl / "runs" / V.BASELINE / "seed0", "recommended": abl / "runs" / "recommended" / "seed0"}
     b = BuildDir(build_dir)
@@ -279,7 +279,7 @@ def compare_picture(build_dir: Path, abl: Path, inputs: list[str]) -> Path:
         best = min(scored, key=lambda r: abs(acc[r] - target)) if scored else pool[0]
     clip = man["clip_id"][best] if best is not None else None
     out, _ = draw_compare(build_dir, runs, abl / "compare.png", clip, Picture(frames.get(best), size=320),
-                          Checkpoint("last", "cpu"))
+                          CheckpointChoice("last", "cpu"))
     return out
 
 

@@ -47,7 +47,7 @@ class Picture:
 
 
 @dataclass(frozen=True)
-class Checkpoint:
+class CheckpointChoice:
     """Which checkpoint of a run to draw with (``best`` or ``last``) and where to run it
     (``auto``: CUDA when available, ``cpu`` or ``cuda``)."""
     which: str = "best"
@@ -249,7 +249,7 @@ def moving_accuracy(build: BuildDir, m: dict, keep: np.ndarray) -> float:
 
 
 def draw_compare(data, runs: dict, out, clip_id=None, picture: Picture = Picture(size=384),
-                 checkpoint: Checkpoint = Checkpoint(), val_split=None) -> tuple[Path, str]:
+                 checkpoint: CheckpointChoice = CheckpointChoice(), val_split=None) -> tuple[Path, str]:
     """One PNG, one panel per run side by side: for the clip's moving points (the evaluation
     mask's), the true motion (green: start plus the label displacements) and the motion the
     run decodes from the clip's codes (red, dashed), over ``picture.frame``. Collapse shows as red paths
@@ -299,7 +299,7 @@ def draw_compare(data, runs: dict, out, clip_id=None, picture: Picture = Picture
     return out, cid
 
 
-def draw_clip(data, out, clip_id=None, run=None, picture: Picture = Picture(), checkpoint: Checkpoint = Checkpoint(),
+def draw_clip(data, out, clip_id=None, run=None, picture: Picture = Picture(), checkpoint: CheckpointChoice = CheckpointChoice(),
               val_split=None, progress=True) -> tuple[Path, str]:
     """Draw one clip to ``out`` (.png or .gif); returns (out, the clip id drawn)."""
     out = Path(out)
@@ -339,10 +339,10 @@ def run(args) -> int:
     if args.compare:
         runs = dict(x.split("=", 1) if "=" in x else (Path(x).name, x) for x in args.compare)
         out, cid = draw_compare(args.data, runs, args.out, args.clip, Picture(args.frame, min(args.size, 512)),
-                                Checkpoint(args.checkpoint, args.device), args.val_split)
+                                CheckpointChoice(args.checkpoint, args.device), args.val_split)
         print(f"wrote {out} (clip {cid})", file=sys.stderr)
         return 0
     out, cid = draw_clip(args.data, args.out, args.clip, args.run, Picture(args.frame, args.size, args.fps),
-                         Checkpoint(args.checkpoint, args.device), args.val_split)
+                         CheckpointChoice(args.checkpoint, args.device), args.val_split)
     print(f"wrote {out} (clip {cid})", file=sys.stderr)
     return 0
